@@ -1,0 +1,293 @@
+"""The engine (driver process): tokenizer, scheduler and KV blocks; workers do the forward passes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError
+from .executor import Executor, WorkerOptions
+from .layout import LayoutError, ParallelLayout, shard_heads
+from .model_source import ModelSpec, resolve_model
+from .sampling_params import SamplingParams
+from .scheduler import BlockManager, ScheduledSeq, Scheduler
+from .sequence import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence
+from .tokenizer import load_tokenizer
+
+
+@dataclass
+class EngineArgs:
+    """Engine settings; names follow vLLM's where the meaning is the same."""
+
+    model: str | None = None
+    """built-in name, HF checkpoint folder, .gguf file or random:<preset> (default: smollm2-135m)"""
+    tensor_parallel_size: int = 1
+    """TP degree: ranks that split every layer"""
+    dtype: str = "auto"
+    """float32, bfloat16 or float16; auto = float32 on CPU, bfloat16 on GPU"""
+    device: str = "auto"
+    """cuda, cpu or auto (cuda when a GPU is visible)"""
+    seed: int = 0
+    """seed of random weights (random:<preset>)"""
+    max_model_len: int | None = None
+    """longest prompt + output; default: the model's context, capped by the KV cache"""
+    max_num_seqs: int = 256
+    """most sequences in one step"""
+    max_num_batched_tokens: int | None = None
+    """token budget of one step (prefill chunks + decodes); default max(max_model_len, 2048)"""
+    block_size: int = 16
+    """tokens per KV block"""
+    gpu_memory_utilization: float = 0.9
+    """fraction of each GPU's memory for weights, activations and KV cache"""
+    kv_cache_memory_bytes: int | None = None
+    """KV cache size per rank; overrides gpu_memory_utilization (default on CPU: 1 GiB)"""
+    external_workers: bool = False
+    """wait for workers started by torchrun instead of spawning them"""
+    driver_host: str = "127.0.0.1"
+    """address the driver listens on for workers"""
+    driver_port: int = 0
+    """port the driver listens on (0: any free port)"""
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - a broken CUDA install simply means no GPU
+        return 0
+
+
+def _max_cpu_workers() -> int:
+    return max(8, 2 * (os.cpu_count() or 1))
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        spec = resolve_model(args.model, seed=args.seed)
+        spec.config.validate()
+        self.spec: ModelSpec = spec
+        cfg = spec.config
+        self.layout = ParallelLayout(tp=args.tensor_parallel_size)
+        self.device = self._pick_device(args.device)
+        self.dtype = self._pick_dtype(args.dtype)
+        if self.device == "cuda":
+            self.layout.check_world(_visible_gpus(), "GPUs (one per rank)")
+        else:
+            self.layout.check_world(_max_cpu_workers(), "CPU worker processes")
+        shard_heads(cfg.num_attention_heads, cfg.num_key_value_heads, self.layout.tp, 0)  # raises if tp > heads
+        if cfg.vocab_size < self.layout.tp:
+            raise LayoutError(f"vocab_size={cfg.vocab_size} is smaller than tensor_parallel_size={self.layout.tp}")
+        model_len = cfg.max_position_embeddings
+        if args.max_model_len is not None:
+            if args.max_model_len < 1 or args.max_model_len > model_len:
+                raise ConfigError(f"max_model_len={args.max_model_len} must be in [1, {model_len}] "
+                                  f"(the model's max_position_embeddings)")
+            model_len = args.max_model_len
+        for name in ("max_num_seqs", "block_size"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
+        if not 0 < args.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+        self.tokenizer = load_tokenizer(spec)
+        kv_bytes = args.kv_cache_memory_bytes if args.kv_cache_memory_bytes is not None else 1 << 30
+        profile_tokens = min(args.max_num_batched_tokens or max(model_len, 2048), 8192)
+        opts = WorkerOptions(
+            dtype=self.dtype, device=self.device, max_model_len=model_len, block_size=args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=kv_bytes,
+            profile_tokens=profile_tokens,
+            cpu_threads=max(1, (os.cpu_count() or 1) // self.layout.world_size),
+        )
+        self.executor = Executor(self.layout, spec.to_dict(), opts, external_workers=args.external_workers,
+                                 driver_host=args.driver_host, driver_port=args.driver_port)
+        try:
+            blocks = self.executor.kv_blocks_available
+            if args.kv_cache_memory_bytes is not None and self.device == "cuda":
+                block_bytes = max(r["block_bytes"] for r in self.executor.ready.values())
+                blocks = min(blocks, args.kv_cache_memory_bytes // block_bytes)
+            capacity = blocks * args.block_size
+            if capacity < min(model_len, 16 * args.block_size) or blocks < 1:
+                raise ConfigError(
+                    f"the KV cache holds only {capacity} tokens per rank after the weights; raise "
+                    f"gpu_memory_utilization / kv_cache_memory_bytes, use more GPUs, or lower max_model_len"
+                )
+            if args.max_model_len is None:
+                model_len = min(model_len, capacity)
+            elif model_len > capacity:
+                raise ConfigError(f"max_model_len={model_len} does not fit the KV cache ({capacity} tokens per rank); "
+                                  f"lower max_model_len or give the cache more memory")
+            self.executor.allocate_kv(blocks)
+        except BaseException:
+            self.executor.shutdown(grace_s=1.0)
+            raise
+        self.max_model_len = model_len
+        self.kv_capacity_tokens = capacity
+        self.block_manager = BlockManager(blocks, args.block_size)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
+                                   args.max_num_batched_tokens or max(model_len, 2048))
+        self.requests: dict[str, list[Sequence]] = {}
+        self.request_info: dict[str, tuple[str | None, RequestMetrics]] = {}
+        self._seq_ids = itertools.count()
+        self._finished_seq_ids: list[int] = []
+        # debugging/tests: keep every sampled row's full logits, keyed by (request id, completion index)
+        self.return_logits = False
+        self.logits_log: dict[tuple[str, int], list[Any]] = {}
+
+    # ---- set-up helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _pick_device(device: str) -> str:
+        if device == "auto":
+            return "cuda" if _visible_gpus() > 0 else "cpu"
+        if device not in ("cuda", "cpu"):
+            raise ConfigError(f"device must be 'cuda', 'cpu' or 'auto', got {device!r}")
+        if device == "cuda" and _visible_gpus() == 0:
+            raise ConfigError("device='cuda' but no GPU is visible; use device='cpu'")
+        return device
+
+    def _pick_dtype(self, dtype: str) -> str:
+        if dtype == "auto":
+            return "bfloat16" if self.device == "cuda" else "float32"
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        return dtype
+
+    # ---- requests ----------------------------------------------------------------------------
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise ValueError naming the problem if these prompt tokens cannot be served."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.spec.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens but max_model_len is {self.max_model_len}: "
+                f"shorten the prompt (it must leave room for at least one new token) or raise max_model_len"
+            )
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_ids)
+        seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
+                         logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
+        self.requests[request_id] = seqs
+        self.request_info[request_id] = (prompt, RequestMetrics(arrival_time=time.monotonic()))
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort_request(self, request_id: str) -> None:
+        for s in self.requests.pop(request_id, []):
+            self.scheduler.abort(s)
+            self._finished_seq_ids.append(s.seq_id)
+        self.request_info.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batched forward over every live sequence; return outputs of requests that progressed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress: the KV cache cannot hold the next request")
+            return []
+        plan = {
+            "seqs": [self._wire(item) for item in batch],
+            "finished": self._finished_seq_ids,
+            "return_logits": self.return_logits,
+        }
+        self._finished_seq_ids = []
+        try:
+            results, arrays = self.executor.step(plan)
+        except BaseException:
+            self.shutdown(grace_s=1.0)
+            raise
+        for item in batch:
+            item.seq.num_computed = item.start + len(item.tokens)
+        by_id = {item.seq.seq_id: item.seq for item in batch}
+        now = time.monotonic()
+        touched: dict[str, None] = {}
+        for row, res in enumerate(results):
+            seq = by_id[res["id"]]
+            if self.return_logits:
+                self.logits_log.setdefault((seq.request_id, seq.index), []).append(arrays["logits"][row])
+            self._append(seq, res)
+            touched[seq.request_id] = None
+            metrics = self.request_info[seq.request_id][1]
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+        return [self._output(rid) for rid in touched]
+
+    def _wire(self, item: ScheduledSeq) -> dict[str, Any]:
+        s = item.seq
+        return {"id": s.seq_id, "tokens": item.tokens, "start": item.start, "blocks": s.blocks,
+                "sample": item.sample, "params": s.params.to_wire(s.index)}
+
+    def _append(self, seq: Sequence, res: dict[str, Any]) -> None:
+        token, p = int(res["token"]), seq.params
+        seq.output_ids.append(token)
+        seq.cumulative_logprob += res["logprob"]
+        if seq.logprobs is not None:
+            entry = {token: Logprob(res["logprob"], res["rank"], self._token_str(token))}
+            for rank, (tid, lp) in enumerate(zip(*res.get("top", [[], []])), start=1):
+                entry.setdefault(tid, Logprob(lp, rank, self._token_str(tid)))
+            seq.logprobs.append(entry)
+        seq.text = self.tokenizer.decode(seq.output_ids) if p.skip_special_tokens else self._decode_raw(seq)
+        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            self._finish(seq, "stop", None)
+        elif token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif p.stop and (hit := self._find_stop(seq)):
+            self._finish(seq, "stop", hit)
+        elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
+            self._finish(seq, "length", None)
+        elif len(seq) >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _decode_raw(self, seq: Sequence) -> str:
+        tok = getattr(self.tokenizer, "tok", None)
+        return tok.decode(seq.output_ids, skip_special_tokens=False) if tok else self.tokenizer.decode(seq.output_ids)
+
+    def _token_str(self, token: int) -> str:
+        return self.tokenizer.token_str(token)
+
+    @staticmethod
+    def _find_stop(seq: Sequence) -> str | None:
+        for stop in seq.params.stop:
+            pos = seq.text.find(stop)
+            if pos != -1:
+                seq.text = seq.text[:pos]  # vLLM leaves the stop string out of the text
+                return stop
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+        self._finished_seq_ids.append(seq.seq_id)
+
+    def _output(self, request_id: str) -> RequestOutput:
+        seqs = self.requests[request_id]
+        prompt, metrics = self.request_info[request_id]
+        finished = all(s.finished for s in seqs)
+        if finished and metrics.finished_time is None:
+            metrics.finished_time = time.monotonic()
+        outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.cumulative_logprob,
+                                 list(s.logprobs) if s.logprobs is not None else None, s.finish_reason,
+                                 s.stop_reason) for s in seqs]
+        out = RequestOutput(request_id, prompt, seqs[0].prompt_ids, outs, finished, metrics)
+        if finished:
+            del self.requests[request_id]
+            del self.request_info[request_id]
+        return out
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.shutdown(grace_s=grace_s)

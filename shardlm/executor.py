@@ -1,0 +1,202 @@
+"""Driver side of the worker processes: start them, send step plans, collect sampled tokens.
+
+Workers connect back to a TCP socket the driver listens on. Locally the driver spawns one
+process per rank; with `external_workers` it waits for workers started elsewhere (torchrun on
+several nodes). A worker that reports an error, or whose connection drops, brings the whole run
+down with its message: the remaining workers are killed, nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import wire
+from .layout import ParallelLayout
+
+
+class WorkerError(RuntimeError):
+    """A worker failed; the message says which rank and why."""
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class WorkerOptions:
+    """What every worker is told at start."""
+
+    dtype: str
+    """torch dtype name of weights, activations and KV cache"""
+    device: str
+    """'cuda' or 'cpu'"""
+    max_model_len: int
+    """longest sequence (prompt + output) the KV cache and rotary tables serve"""
+    block_size: int
+    """tokens per KV block"""
+    gpu_memory_utilization: float
+    """fraction of each GPU's memory shardlm may fill (weights + activations + KV)"""
+    cpu_kv_cache_bytes: int
+    """KV cache size per rank on CPU"""
+    profile_tokens: int
+    """tokens in the profiling forward that measures activation memory"""
+    cpu_threads: int
+    """torch threads per worker on CPU"""
+    timeout_s: float = 600.0
+    """collective timeout"""
+
+
+class Executor:
+    def __init__(self, layout: ParallelLayout, model: dict[str, Any], opts: WorkerOptions,
+                 external_workers: bool = False, driver_host: str = "127.0.0.1", driver_port: int = 0,
+                 startup_timeout_s: float = 900.0):
+        self.layout = layout
+        self.procs: list[subprocess.Popen] = []
+        self.socks: dict[int, socket.socket] = {}
+        self.ready: dict[int, dict[str, Any]] = {}
+        self._closed = False
+        self.listener = socket.create_server((driver_host, driver_port))
+        self.listener.settimeout(1.0)
+        address = f"{driver_host}:{self.listener.getsockname()[1]}"
+        try:
+            if external_workers:
+                print(f"shardlm: waiting for {layout.world_size} workers: start them with "
+                      f"SHARDLM_DRIVER={address} torchrun ... -m shardlm.worker.main", file=sys.stderr, flush=True)
+                init_method = "env://"
+            else:
+                init_method = f"tcp://127.0.0.1:{_free_port()}"
+                self._spawn(address)
+            self._accept_all(startup_timeout_s)
+            for rank, sock in self.socks.items():
+                wire.send(sock, {"layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep},
+                                 "model": model, "init_method": init_method, **opts.__dict__})
+            self.ready = self._expect_all("ready", startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- process management -------------------------------------------------------------------
+    def _spawn(self, address: str) -> None:
+        for rank in range(self.layout.world_size):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.layout.world_size),
+                       SHARDLM_DRIVER=address)
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "shardlm.worker.main"], env=env))
+
+    def _check_procs(self) -> None:
+        for rank, p in enumerate(self.procs):
+            code = p.poll()
+            if code is not None and code != 0:
+                raise WorkerError(f"worker rank {rank} exited with code {code} before reporting an error")
+
+    def _accept_all(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.socks) < self.layout.world_size:
+            self._check_procs()
+            if time.monotonic() > deadline:
+                raise WorkerError(f"only {len(self.socks)} of {self.layout.world_size} workers connected "
+                                  f"within {timeout_s:.0f} s")
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello, _ = wire.recv(sock)
+            rank = int(hello["rank"])
+            if rank in self.socks or not 0 <= rank < self.layout.world_size:
+                sock.close()
+                raise WorkerError(f"unexpected worker hello from rank {rank} (world size {self.layout.world_size})")
+            self.socks[rank] = sock
+
+    def _raise_from(self, rank: int, msg: dict[str, Any] | None) -> None:
+        if msg is None:
+            code = self.procs[rank].poll() if self.procs else None
+            raise WorkerError(f"worker rank {rank} died" + (f" (exit code {code})" if code is not None else ""))
+        raise WorkerError(f"worker rank {rank}: {msg.get('message', msg)}")
+
+    def _expect_all(self, event: str, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
+        """One `event` message from every rank."""
+        return {r: msg for r, (msg, _) in self._receive(set(self.socks), event, timeout_s).items()}
+
+    def _recv_from(self, rank: int, event: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One `event` message from `rank`, while watching every other worker for errors or death."""
+        return self._receive({rank}, event, None)[rank]
+
+    def _receive(self, ranks: set[int], event: str, timeout_s: float | None):
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        socks = {s: r for r, s in self.socks.items()}
+        got: dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+        while len(got) < len(ranks):
+            readable, _, _ = select.select(list(socks), [], [], 0.5)
+            for s in readable:
+                r = socks[s]
+                try:
+                    msg, arrays = wire.recv(s)
+                except (wire.ConnectionClosed, OSError):
+                    self._raise_from(r, None)
+                if r not in ranks or msg.get("event") != event:
+                    self._raise_from(r, msg)
+                got[r] = (msg, arrays)
+            if not readable:
+                self._check_procs()
+            if deadline is not None and time.monotonic() > deadline:
+                missing = sorted(ranks - set(got))
+                raise WorkerError(f"worker ranks {missing} did not answer within {timeout_s:.0f} s")
+        return got
+
+    # ---- commands ----------------------------------------------------------------------------
+    @property
+    def kv_blocks_available(self) -> int:
+        """KV blocks that fit on every rank (the smallest rank decides)."""
+        return min(int(r["blocks"]) for r in self.ready.values())
+
+    def allocate_kv(self, blocks: int) -> None:
+        for sock in self.socks.values():
+            wire.send(sock, {"cmd": "alloc_kv", "blocks": blocks})
+        self._expect_all("kv_ready")
+
+    def step(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+        """Send one step plan to every rank; return the output rank's sampled tokens."""
+        for sock in self.socks.values():
+            wire.send(sock, dict(plan, cmd="step"))
+        if not plan["seqs"] or not any(s["sample"] for s in plan["seqs"]):
+            return [], {}
+        msg, arrays = self._recv_from(self.layout.driver_ranks()[0], "step")
+        return msg["results"], arrays
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop every worker: ask nicely, then terminate, then kill. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self.socks.values():
+            try:
+                wire.send(sock, {"cmd": "shutdown"})
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for sock in self.socks.values():
+            sock.close()
+        self.listener.close()

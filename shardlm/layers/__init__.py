@@ -1,0 +1,1 @@
+"""Parallel building blocks; communication is written in each layer's forward."""

@@ -1,0 +1,60 @@
+"""Vocabulary-parallel embedding and LM head: each TP rank holds a contiguous run of vocab rows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import ParallelContext
+from ..layout import split_evenly
+from ..weights import Reader
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, end) of the embedding; tokens outside the run contribute zeros to the all-reduce."""
+
+    def __init__(self, name: str, vocab_size: int, hidden: int, ctx: ParallelContext, dtype: torch.dtype):
+        super().__init__()
+        self.name, self.ctx, self.vocab_size, self.hidden = name, ctx, vocab_size, hidden
+        self.shards = split_evenly(vocab_size, ctx.tp_size)
+        self.start, self.end = self.shards[ctx.tp_rank]
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden, device=ctx.device, dtype=dtype),
+                                   requires_grad=False)
+
+    def load(self, reader: Reader) -> None:
+        self.weight.data.copy_(reader.read(f"{self.name}.weight", (self.vocab_size, self.hidden), 0,
+                                           self.start, self.end, self.weight.device, self.weight.dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.ctx.all_reduce(out)  # [tokens, hidden]
+
+
+class ParallelLMHead(nn.Module):
+    """LM head split by vocab rows like the embedding; logits are gathered only where we sample."""
+
+    def __init__(self, name: str, vocab_size: int, hidden: int, ctx: ParallelContext, dtype: torch.dtype,
+                 tied: VocabParallelEmbedding | None = None):
+        super().__init__()
+        self.name, self.ctx, self.vocab_size, self.hidden = name, ctx, vocab_size, hidden
+        self.shards = split_evenly(vocab_size, ctx.tp_size)
+        self.start, self.end = self.shards[ctx.tp_rank]
+        self.tied = tied is not None
+        # a tied head reuses the embedding's shard (same vocab split), so no second copy exists
+        self.weight = tied.weight if tied is not None else nn.Parameter(
+            torch.empty(self.end - self.start, hidden, device=ctx.device, dtype=dtype), requires_grad=False)
+
+    def load(self, reader: Reader) -> None:
+        if not self.tied:
+            self.weight.data.copy_(reader.read(f"{self.name}.weight", (self.vocab_size, self.hidden), 0,
+                                               self.start, self.end, self.weight.device, self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(x, self.weight)  # [n, local vocab]
+        sizes = [e - s for s, e in self.shards]
+        return self.ctx.all_gather_last_dim(local, sizes).float()  # [n, vocab] on every TP rank

@@ -1,0 +1,124 @@
+"""Llama-family decoder (llama, mistral, qwen2, SmolLM) with Hugging Face module names.
+
+Reads like the single-GPU model; the tensor parallelism lives in the layer classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..distributed import ParallelContext
+from ..layers.attention import AttentionMetadata, PagedAttention
+from ..layers.linear import ColumnParallelLinear, RowParallelLinear, RowSlice
+from ..layers.norm_rope import RMSNorm, RotaryEmbedding
+from ..layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from ..layout import shard_heads, split_evenly
+from ..weights import Reader
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, prefix: str, cfg: ModelConfig, ctx: ParallelContext, rotary: RotaryEmbedding,
+                 dtype: torch.dtype):
+        super().__init__()
+        d, h = cfg.head_dim, cfg.hidden_size
+        shard = shard_heads(cfg.num_attention_heads, cfg.num_key_value_heads, ctx.tp_size, ctx.tp_rank)
+        self.n_q, self.n_kv, self.head_dim = shard.n_q, shard.n_kv, d
+        self.qkv_proj = ColumnParallelLinear(prefix, h, [
+            RowSlice("q_proj", cfg.num_attention_heads * d, shard.q_start * d, shard.q_end * d),
+            RowSlice("k_proj", cfg.num_key_value_heads * d, shard.kv_start * d, shard.kv_end * d),
+            RowSlice("v_proj", cfg.num_key_value_heads * d, shard.kv_start * d, shard.kv_end * d),
+        ], cfg.qkv_bias, ctx, dtype)
+        self.o_proj = RowParallelLinear(f"{prefix}.o_proj", cfg.num_attention_heads * d, h,
+                                        shard.q_start * d, shard.q_end * d, cfg.o_bias, ctx, dtype)
+        self.rotary = rotary
+        self.attn = PagedAttention(shard.n_q, shard.n_kv, d, shard.kv_index)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+        q = q.view(-1, self.n_q, self.head_dim)
+        k = k.view(-1, self.n_kv, self.head_dim)
+        v = v.view(-1, self.n_kv, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))  # all-reduce inside o_proj
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, prefix: str, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype):
+        super().__init__()
+        f, h = cfg.intermediate_size, cfg.hidden_size
+        start, end = split_evenly(f, ctx.tp_size)[ctx.tp_rank]
+        self.gate_up_proj = ColumnParallelLinear(prefix, h, [
+            RowSlice("gate_proj", f, start, end), RowSlice("up_proj", f, start, end)], cfg.mlp_bias, ctx, dtype)
+        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", f, h, start, end, cfg.mlp_bias, ctx, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # all-reduce inside down_proj
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, index: int, cfg: ModelConfig, ctx: ParallelContext, rotary: RotaryEmbedding,
+                 dtype: torch.dtype):
+        super().__init__()
+        p = f"model.layers.{index}"
+        self.index = index
+        self.input_layernorm = RMSNorm(f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)
+        self.self_attn = LlamaAttention(f"{p}.self_attn", cfg, ctx, rotary, dtype)
+        self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", cfg.hidden_size,
+                                                cfg.rms_norm_eps, ctx.device, dtype)
+        self.mlp = LlamaMLP(f"{p}.mlp", cfg, ctx, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, max_positions: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, ctx, dtype)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ctx.device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(i, cfg, ctx, rotary, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(ids)  # [tokens, hidden]
+        for layer in self.layers:
+            x = layer(positions, x, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, max_positions: int):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, ctx, dtype, max_positions)
+        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead("lm_head", cfg.vocab_size, cfg.hidden_size, ctx, dtype, tied=tied)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [tokens, hidden]; call compute_logits on the rows to sample from."""
+        return self.model(ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [n, vocab] float32, gathered over TP
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, reader: Reader, progress: Callable[[int], None] | None = None) -> None:
+        """Every layer reads its own shard; `progress(n)` is called as decoder layers finish."""
+        self.model.embed_tokens.load(reader)
+        for layer in self.model.layers:
+            for module in layer.modules():
+                if module is not layer and hasattr(module, "load"):
+                    module.load(reader)
+            if progress:
+                progress(1)
+        self.model.norm.load(reader)
+        self.lm_head.load(reader)

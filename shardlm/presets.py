@@ -1,0 +1,59 @@
+"""Architecture presets for `random:<name>` models: real shapes, random weights, for benchmarks and tests."""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+
+_LLAMA3_EOS = [128001, 128009]
+
+PRESETS: dict[str, ModelConfig] = {
+    "llama-3-8b": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+        bos_token_id=128000, eos_token_id=_LLAMA3_EOS,
+    ),
+    "llama-3.1-8b": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=_LLAMA3_EOS,
+    ),
+    "llama-3-70b": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+        bos_token_id=128000, eos_token_id=_LLAMA3_EOS,
+    ),
+    "smollm2-135m": ModelConfig(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=[2],
+    ),
+    # tiny shapes for tests and quick CLI runs; the byte tokenizer needs vocab >= 259
+    "tiny-llama": ModelConfig(
+        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=1024, eos_token_id=[2],
+    ),
+    "tiny-uneven": ModelConfig(
+        model_type="llama", vocab_size=509, hidden_size=72, intermediate_size=150,
+        num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+        max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=[2],
+    ),
+    "tiny-qwen2": ModelConfig(
+        model_type="qwen2", vocab_size=400, hidden_size=48, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=1024, qkv_bias=True, eos_token_id=[2],
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """Look up a preset by name; the error lists the known ones."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return ModelConfig.from_dict(PRESETS[name].to_dict())

@@ -1,0 +1,127 @@
+"""Step scheduler and KV block manager (driver side).
+
+Every step batches all live sequences: running ones decode one token, waiting ones prefill a
+chunk of their prompt under a token budget. Requests can join and leave between any two steps,
+which is what continuous batching needs. When KV blocks run out, the most recently arrived
+running sequence is preempted: its blocks are freed and it is recomputed later, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .sequence import Sequence, SeqStatus
+
+
+class BlockManager:
+    """Fixed-size KV blocks handed out from a free list; a sequence's blocks form its block table."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free: deque[int] = deque(range(num_blocks))
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) - len(seq.blocks) <= len(self.free)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Give `seq` enough blocks to hold `num_tokens` tokens (caller checked can_grow)."""
+        while len(seq.blocks) < self.blocks_for(num_tokens):
+            seq.blocks.append(self.free.popleft())
+
+    def release(self, seq: Sequence) -> None:
+        self.free.extend(seq.blocks)
+        seq.blocks = []
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks if self.num_blocks else 0.0
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: tokens [start, start + len(tokens)) of its ids."""
+
+    seq: Sequence
+    start: int
+    tokens: list[int]
+    sample: bool
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        # recompute preemption: drop the KV, keep the tokens; it re-prefills prompt + output later
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        # 1. decode: each running sequence needs a slot for its newest token
+        for seq in sorted(self.running, key=lambda s: s.seq_id):
+            if seq.status is not SeqStatus.RUNNING or budget <= 0:
+                continue
+            while not self.blocks.can_grow(seq, len(seq)):
+                victim = max(self.running, key=lambda s: s.seq_id)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            self.blocks.grow(seq, len(seq))
+            out.append(ScheduledSeq(seq, seq.num_computed, seq.all_ids[seq.num_computed:], True))
+            budget -= len(seq) - seq.num_computed
+        # 2. prefill waiting sequences in arrival order, chunked to the remaining token budget
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            remaining = len(seq) - seq.num_computed
+            chunk = min(remaining, budget)
+            end = seq.num_computed + chunk
+            if not self.blocks.can_grow(seq, end):
+                break
+            self.blocks.grow(seq, end)
+            self.waiting.popleft()
+            out.append(ScheduledSeq(seq, seq.num_computed, seq.all_ids[seq.num_computed:end], chunk == remaining))
+            budget -= chunk
+            if chunk == remaining:
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+            else:  # more prompt to go: stays first in line for the next step
+                self.waiting.appendleft(seq)
+                break
+        return out
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.release(seq)

@@ -1,0 +1,119 @@
+"""Tokenizers for the driver: Hugging Face's for real models, a byte tokenizer for random weights."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+from .model_source import ModelSpec, cache_dir
+
+
+class Tokenizer(Protocol):
+    eos_token_ids: list[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+
+class HFTokenizer:
+    """Wraps a transformers tokenizer: encode/decode without special tokens, chat template."""
+
+    def __init__(self, tok: Any, eos_ids: list[int]):
+        self.tok = tok
+        eos = set(eos_ids)
+        if tok.eos_token_id is not None:
+            eos.add(int(tok.eos_token_id))
+        self.eos_token_ids = sorted(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_str(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.tok.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; pass a plain prompt instead")
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 3..258 (0 pad, 1 bos, 2 eos); ids past 258 decode as <|id|>.
+
+    Random-weight models have no vocabulary; this keeps text prompts usable for benchmarks.
+    """
+
+    OFFSET = 3
+
+    def __init__(self, vocab_size: int, eos_ids: list[int]):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_ids) or [2]
+
+    def encode(self, text: str) -> list[int]:
+        return [1] + [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        out, pending = [], bytearray()
+        for i in ids:
+            if self.OFFSET <= i < 256 + self.OFFSET:
+                pending.append(i - self.OFFSET)
+                continue
+            if pending:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending.clear()
+            if i >= 256 + self.OFFSET:
+                out.append(f"<|{i}|>")
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_str(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages) + "<assistant>\n"
+        return self.encode(text)
+
+
+def load_tokenizer(spec: ModelSpec) -> Tokenizer:
+    """The tokenizer that goes with a model; GGUF tokenizers are converted once and cached."""
+    eos = spec.config.eos_token_id
+    if spec.kind == "random":
+        return ByteTokenizer(spec.config.vocab_size, eos)
+    from transformers import AutoTokenizer
+
+    if spec.kind == "hf":
+        folder = Path(spec.path)
+        if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            warnings.warn(f"{folder} has no tokenizer files; using shardlm's byte tokenizer (text in, ids out "
+                          f"still work, but the text will not match the model's own vocabulary)", stacklevel=2)
+            return ByteTokenizer(spec.config.vocab_size, eos)
+        return HFTokenizer(AutoTokenizer.from_pretrained(spec.path), eos)
+    path = Path(spec.path)
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(cached))
+    else:
+        # converting a GGUF vocabulary takes ~10 s on a slow CPU: do it once
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tmp = cached.with_name(key + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process won the race; its copy is as good
+            pass
+    return HFTokenizer(tok, eos)

@@ -1,0 +1,1 @@
+"""Code that runs inside one worker process (one per GPU rank)."""

@@ -1,0 +1,114 @@
+"""Worker process entry point: one per rank, started by the launcher or by torchrun.
+
+    python -m shardlm.worker.main            (env: SHARDLM_DRIVER=host:port, RANK, WORLD_SIZE, LOCAL_RANK)
+
+The worker connects to the driver, receives its init message (layout, model, options), joins
+the torch.distributed world, loads its shard and then executes step plans until told to stop.
+Any failure is reported to the driver as a message before the process exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from .. import wire
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL if the process that started us dies, so no worker outlives its driver."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _connect(address: str, timeout_s: float = 60.0) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
+    import torch
+
+    from ..distributed import init_distributed
+    from ..layout import ParallelLayout
+    from ..model_source import ModelSpec
+    from .runner import ModelRunner
+
+    init, _ = wire.recv(sock)
+    layout = ParallelLayout(**init["layout"])
+    if init["device"] == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        torch.set_num_threads(max(1, int(init.get("cpu_threads", 1))))
+    ctx = init_distributed(layout, rank, backend, init["init_method"], device, init.get("timeout_s", 600))
+    spec = ModelSpec.from_dict(init["model"])
+    runner = ModelRunner(spec, ctx, getattr(torch, init["dtype"]), init["max_model_len"], init["block_size"])
+    load_s = runner.load(show_progress=rank == 0)
+    cap = runner.kv_capacity(init["gpu_memory_utilization"], init["cpu_kv_cache_bytes"], init["profile_tokens"])
+    wire.send(sock, {"event": "ready", "rank": rank, "load_s": load_s, "block_bytes": runner.block_bytes(), **cap})
+
+    while True:
+        msg, _ = wire.recv(sock)
+        cmd = msg["cmd"]
+        if cmd == "step":
+            results, arrays = runner.execute(msg)
+            if ctx.is_output_rank:
+                wire.send(sock, {"event": "step", "results": results}, arrays)
+        elif cmd == "alloc_kv":
+            runner.allocate_kv(msg["blocks"])
+            wire.send(sock, {"event": "kv_ready", "rank": rank})
+        elif cmd == "shutdown":
+            break
+        else:
+            raise RuntimeError(f"unknown command {cmd!r} from driver")
+    torch.distributed.destroy_process_group()
+
+
+def main() -> int:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    sock = _connect(os.environ["SHARDLM_DRIVER"])
+    wire.send(sock, {"event": "hello", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
+    try:
+        serve(sock, rank, local_rank)
+    except wire.ConnectionClosed:
+        return 0  # the driver went away: nothing left to do
+    except Exception as exc:  # report every failure to the driver, which shows it to the user
+        expected = isinstance(exc, ValueError)
+        message = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        tb = "" if expected else traceback.format_exc()
+        try:
+            wire.send(sock, {"event": "error", "rank": rank, "message": message, "traceback": tb})
+        except OSError:
+            pass
+        if tb:
+            print(f"[shardlm worker {rank}] {tb}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

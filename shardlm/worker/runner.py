@@ -1,0 +1,117 @@
+"""Model runner: owns this rank's model shard and KV cache, turns a step plan into a forward pass."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..distributed import ParallelContext
+from ..layers.attention import build_metadata
+from ..model_source import ModelSpec
+from ..models.llama import LlamaForCausalLM
+from ..weights import open_reader
+from .sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(self, spec: ModelSpec, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
+                 block_size: int):
+        self.spec, self.ctx, self.dtype = spec, ctx, dtype
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.model = LlamaForCausalLM(spec.config, ctx, dtype, max_positions=max_model_len)
+        self.sampler = Sampler(ctx.device)
+        self.num_blocks = 0
+
+    def load(self, show_progress: bool) -> float:
+        """Read this rank's weights; returns seconds taken."""
+        t0 = time.perf_counter()
+        reader = open_reader(self.spec.kind, self.spec.path, self.spec.config, self.spec.seed)
+        from tqdm import tqdm
+
+        with tqdm(total=self.spec.config.num_hidden_layers, desc=f"loading {self.spec.name}", unit="layer",
+                  disable=not show_progress, delay=2.0) as bar:
+            self.model.load_weights(reader, progress=bar.update)
+        self._sync()
+        return time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        """Bytes one KV block takes on this rank (K and V, every layer)."""
+        layers = self.model.attention_layers()
+        per_token = sum(2 * a.n_kv * a.head_dim for a in layers) * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def kv_capacity(self, gpu_memory_utilization: float, cpu_kv_cache_bytes: int, profile_tokens: int) -> dict[str, Any]:
+        """How many KV blocks fit. On GPU: after weights and a profiling forward of `profile_tokens`."""
+        if self.ctx.device.type != "cuda":
+            return {"blocks": cpu_kv_cache_bytes // self.block_bytes(), "activation_bytes": 0}
+        dev = self.ctx.device
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        n_blocks = -(-profile_tokens // self.block_size)
+        self.allocate_kv(n_blocks)
+        kv_bytes = torch.cuda.memory_allocated(dev) - before
+        seq = {"id": -1, "tokens": [0] * profile_tokens, "start": 0, "blocks": list(range(n_blocks)),
+               "sample": True, "params": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}}
+        self.execute({"seqs": [seq]})
+        self._sync()
+        activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
+        self.free_kv()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        used_by_others = total - free  # weights, CUDA context, NCCL buffers, other processes
+        budget = int(total * gpu_memory_utilization) - used_by_others - activation
+        if budget <= 0:
+            return {"blocks": 0, "activation_bytes": activation, "total": total, "used": used_by_others}
+        return {"blocks": budget // self.block_bytes(), "activation_bytes": activation, "total": total,
+                "used": used_by_others}
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        layers = self.model.attention_layers()
+        slots = num_blocks * self.block_size
+        for a in layers:
+            a.k_cache = torch.empty(slots, a.n_kv, a.head_dim, device=self.ctx.device, dtype=self.dtype)
+            a.v_cache = torch.empty(slots, a.n_kv, a.head_dim, device=self.ctx.device, dtype=self.dtype)
+        self.num_blocks = num_blocks
+
+    def free_kv(self) -> None:
+        for a in self.model.attention_layers():
+            a.k_cache = a.v_cache = None
+        self.num_blocks = 0
+
+    # ---- one step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+        """Run one step: every scheduled sequence's new tokens; sample where the plan asks."""
+        seqs = plan["seqs"]
+        self.sampler.forget(plan.get("finished", []))
+        if not seqs:
+            return [], {}
+        dev = self.ctx.device
+        ids = torch.tensor([t for s in seqs for t in s["tokens"]], dtype=torch.long)
+        positions = torch.cat([torch.arange(s["start"], s["start"] + len(s["tokens"])) for s in seqs])
+        q_lens = [len(s["tokens"]) for s in seqs]
+        meta = build_metadata([s["start"] for s in seqs], q_lens, [s["blocks"] for s in seqs], self.block_size, dev)
+        hidden = self.model(ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), meta)
+
+        last = np.cumsum(q_lens) - 1  # flat index of each sequence's last new token
+        rows = [i for i, s in enumerate(seqs) if s["sample"]]
+        if not rows:
+            return [], {}
+        logits = self.model.compute_logits(hidden[torch.as_tensor(last[rows], device=dev)])  # [n, vocab]
+        if not self.ctx.is_output_rank:
+            return [], {}
+        chosen = [seqs[i] for i in rows]
+        results = self.sampler.sample(logits, [s["id"] for s in chosen], [s["params"] for s in chosen])
+        for res, s in zip(results, chosen):
+            res["id"] = s["id"]
+        arrays = {"logits": logits.cpu().numpy()} if plan.get("return_logits") else {}
+        return results, arrays
