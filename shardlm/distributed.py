@@ -10,6 +10,9 @@ import torch.distributed as dist
 
 from .layout import ParallelLayout
 
+# torch 2.13 renamed all_gather_into_tensor (older releases, e.g. on the GPU hosts, lack the new name)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass
 class ParallelContext:
@@ -52,7 +55,7 @@ class ParallelContext:
             x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
         x = x.contiguous()
         out = torch.empty((self.tp_size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x, group=self.tp_group)  # ranks stacked along dim 0
+        _all_gather_single(out, x, group=self.tp_group)  # ranks stacked along dim 0
         out = out.view((self.tp_size,) + tuple(x.shape))
         return torch.cat([out[i, ..., :s] for i, s in enumerate(sizes)], dim=-1)
 

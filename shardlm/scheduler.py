@@ -81,7 +81,10 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        # a partly prefilled head of the queue keeps its place (and its blocks): only the head may
+        # hold blocks while waiting, so the head can always finish once running sequences drain
+        head_busy = bool(self.waiting) and bool(self.waiting[0].blocks)
+        self.waiting.insert(1 if head_busy else 0, seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens

@@ -127,7 +127,7 @@ class GGUFReader(Reader):
             arr = arr[:, start:end]
         elif dim == 0 and len(full) == 1:
             arr = arr[start:end]
-        out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        out = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
         if self.unpermute and (name.endswith("q_proj.weight") or name.endswith("k_proj.weight")):
             out = self._unpermute_rows(out, name, start if dim == 0 else 0)
         return out.to(device=device, dtype=dtype)

@@ -1,0 +1,115 @@
+"""Command line: `shardlm generate | plan` (flag names follow vLLM's)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from .config import ConfigError
+from .executor import WorkerError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="built-in name (default smollm2-135m), HF checkpoint folder, "
+                                                 ".gguf file, or random:<preset> (e.g. random:llama-3-8b)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs / processes per layer split")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences per step")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sampling-seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate past EOS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardlm", description="Split LLMs across GPUs and serve them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one or more prompts (streams a single prompt)")
+    gen.add_argument("prompts", nargs="+", help="prompt text")
+    gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    try:
+        from .planner.cli import add_plan_parser
+    except ImportError:  # planner not installed in this build
+        pass
+    else:
+        add_plan_parser(sub)
+    return parser
+
+
+def _stream_one(llm, prompt, params) -> None:
+    # hold back enough characters that a stop string is never half printed
+    hold = max((len(s) for s in params.stop), default=1) - 1
+    shown = 0
+    for out in llm.stream(prompt, params):
+        text = out.outputs[0].text
+        end = len(text) if out.finished else max(shown, len(text) - hold)
+        if text.endswith("\ufffd") and not out.finished:  # an incomplete UTF-8 character
+            end = min(end, len(text) - 1)
+        if end > shown:
+            sys.stdout.write(text[shown:end])
+            sys.stdout.flush()
+            shown = end
+    sys.stdout.write("\n")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .llm import LLM
+    from .sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    llm = LLM(model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+              device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    try:
+        tok = llm.get_tokenizer()
+        use_chat = not args.no_chat_template and getattr(getattr(tok, "tok", None), "chat_template", None)
+        prompts = [{"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": p}])} if use_chat else p
+                   for p in args.prompts]
+        if len(prompts) == 1:
+            _stream_one(llm, prompts[0], params)
+        else:
+            for text, out in zip(args.prompts, llm.generate(prompts, params)):
+                print(f"### {text}\n{out.outputs[0].text}\n")
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "plan":
+            from .planner.cli import run_plan
+
+            return run_plan(args)
+    except KeyboardInterrupt:
+        print("\nshardlm: interrupted; workers stopped", file=sys.stderr)
+        return 130
+    except WorkerError as exc:
+        print(f"shardlm: error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError) as exc:
+        print(f"shardlm: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

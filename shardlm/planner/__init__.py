@@ -1,0 +1,29 @@
+"""Layout planner: predict memory, KV capacity, TTFT, TPOT and throughput for every (TP, PP, EP, DP)
+layout of a model on a cluster, and recommend one.
+
+Pure Python (no torch): it runs anywhere the CLI runs. Modules:
+  models   model shapes from a preset or a Hugging Face config.json
+  hardware GPU, interconnect and network presets; which link a group of ranks uses
+  profile  measured cluster numbers (written by `shardlm probe`) that replace datasheet ones
+  cost     the formulas: weights/KV per GPU, decode and prefill time, collectives, bubbles
+  plan     enumerate layouts, reject with reasons, recommend; table / JSON / PNG output
+  cli      `shardlm plan` argument parsing
+"""
+
+from __future__ import annotations
+
+
+class PlanError(ValueError):
+    """Bad planner input (unknown preset, incomplete config, malformed profile, ...) with what to change."""
+
+
+# Defined before the submodule imports below on purpose: they import PlanError from this package.
+from .models import ModelSpec, load_model  # noqa: E402
+from .hardware import Cluster, GPUSpec, make_cluster  # noqa: E402
+from .profile import Profile, load_profile  # noqa: E402
+from .plan import Plan, Workload, make_plan  # noqa: E402
+
+__all__ = [
+    "PlanError", "ModelSpec", "load_model", "Cluster", "GPUSpec", "make_cluster",
+    "Profile", "load_profile", "Plan", "Workload", "make_plan",
+]

@@ -1,0 +1,94 @@
+"""`shardlm plan`: the planner's command line.
+
+    shardlm plan MODEL --gpus N [--gpu h100-80gb] [--interconnect nvlink|pcie|pcie-cross-socket]
+                 [--gpus-per-node N] [--network ib-ndr|ib-hdr|eth-400g|eth-100g]
+                 [--max-model-len 8192] [--input-len N] [--output-len N] [--max-num-seqs 256]
+                 [--kv-dtype bf16|fp8] [--slo-tpot-ms X] [--slo-ttft-ms X] [--profile probe.json]
+                 [--json] [--plot out.png]
+
+Exit status: 0 with a recommendation, 1 when no layout meets the SLO, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import PlanError
+from .hardware import GPUS, INTERCONNECTS, NETWORKS, make_cluster
+from .models import PRESETS, load_model
+from .plan import Workload, format_table, make_plan, plan_to_dict, plot_plan
+from .profile import load_profile
+
+
+def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `plan` subcommand to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "plan", help="predict memory, latency and throughput of every TP/PP/EP/DP layout and recommend one",
+        description="Predict weights and KV per GPU, TTFT, TPOT and throughput of every (TP, PP, EP, DP) "
+                    "layout of a model on a cluster, say why layouts are rejected, and recommend one.")
+    p.add_argument("model", help=f"preset ({', '.join(sorted(PRESETS))}) or a Hugging Face config.json / folder")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in total")
+    p.add_argument("--gpu", default="h100-80gb", help=f"GPU preset ({', '.join(GPUS)}); default h100-80gb")
+    p.add_argument("--interconnect", default="nvlink", choices=list(INTERCONNECTS),
+                   help="link between the GPUs of a node; default nvlink")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: all on one node)")
+    p.add_argument("--network", default="ib-ndr", choices=list(NETWORKS),
+                   help="network between nodes when --gpus > --gpus-per-node; default ib-ndr")
+    p.add_argument("--max-model-len", type=int, default=8192, help="longest sequence served; default 8192")
+    p.add_argument("--input-len", type=int, default=0, help="prompt tokens per request (default: half)")
+    p.add_argument("--output-len", type=int, default=0, help="output tokens per request (default: the rest)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences per replica; default 256")
+    p.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="KV cache element type")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target, ms")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token target, ms")
+    p.add_argument("--profile", default=None, help="measured profile JSON (from `shardlm probe`)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write TPOT vs throughput of the layouts here")
+    p.set_defaults(func=run_plan)
+    return p
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Run the planner for parsed arguments; print the table (or JSON). Returns the exit status."""
+    try:
+        model = load_model(args.model)
+        cluster = make_cluster(args.gpu, args.gpus, args.interconnect, args.gpus_per_node, args.network)
+        profile = load_profile(args.profile) if args.profile else None
+        workload = Workload(max_model_len=args.max_model_len, input_len=args.input_len,
+                            output_len=args.output_len, max_num_seqs=args.max_num_seqs,
+                            slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
+                            kv_bytes=1 if args.kv_dtype == "fp8" else 2)
+        plan = make_plan(model, cluster, workload, profile)
+    except PlanError as exc:
+        print(f"shardlm plan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            plot_plan(plan, args.plot)
+        except ImportError:
+            print("shardlm plan: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"shardlm plan: error: cannot write {args.plot}: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(plan_to_dict(plan), indent=2))
+    else:
+        print(format_table(plan))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0 if plan.recommended else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry: `python -m shardlm.planner.cli plan ...`."""
+    parser = argparse.ArgumentParser(prog="shardlm")
+    add_plan_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Cost model: memory per GPU, KV capacity, decode step and prefill time of one layout.
+
+The formulas (h hidden, L layers, n_h / n_kv heads, d head dim, f ffn, V vocab, b bytes, t = TP,
+p = PP, e = EP; see shared/seed/CORRECTIONS.md):
+  weights/GPU   per rank: its q heads and the KV heads they need (a KV head is replicated when
+                t > n_kv or a GQA group is split), 1/t of the MLP and of the vocab rows (embedding on
+                the first stage, LM head on the last), whole norms. Uneven splits use the busiest rank.
+  KV/token/GPU  2 * (L/p) * kv_heads_on_rank * d * b_kv  (stops shrinking once t > n_kv)
+  decode step   max(HBM bytes / BW, FLOPs / peak) + collectives; 2 all-reduces of B*h*b per layer,
+                one for the vocab-parallel embedding, an all-gather of the logits; each costs
+                alpha + 2(n-1)/n * bytes / busbw.
+  pipeline      m micro-batches through p stages per step: (m+p-1) beats of the slowest stage plus
+                p-1 activation transfers; bubble (p-1)/(m+p-1). This is a synchronous engine step
+                (the driver waits for sampled tokens); an engine that overlaps steps does better.
+  MoE           distinct experts read per layer E(1-(1-k/E)^B); all-to-all dispatch + combine
+                2*k*h*b*(e-1)/e bytes per layer per token.
+  prefill       2*N*s + 2*L*n_h*d*s^2 FLOPs (causal), logits only for the sampled token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..layout import ParallelLayout, shard_heads, split_evenly
+from .hardware import Cluster
+from .models import ModelSpec
+from .profile import Profile
+
+ACT_BYTES = 2  # activations travel in bf16
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Realistic fractions of the ceilings, and runtime overheads (all stated, all tunable)."""
+
+    hbm: float = 0.85
+    """Share of datasheet HBM bandwidth that decode GEMVs and attention reach (measured copy: ~0.9)."""
+    flops: float = 0.65
+    """Share of datasheet dense bf16 peak that a model's GEMMs reach (measured 8192^3 GEMM: ~0.79)."""
+    hbm_measured: float = 0.95
+    """Share of a profile's measured copy bandwidth that decode kernels reach."""
+    flops_measured: float = 0.85
+    """Share of a profile's measured large-GEMM rate that a model's smaller GEMMs reach."""
+    layer_floor_us: float = 15.0
+    """Least time a layer takes however small (a dozen kernels inside a CUDA graph)."""
+    step_overhead_us: float = 500.0
+    """Host work per engine step: scheduling, sampling, graph launch, returning tokens."""
+    cuda_context_gb: float = 1.0
+    """CUDA context, cuBLAS workspace and CUDA-graph pool per GPU, GB."""
+    nccl_gb_per_group: float = 0.5
+    """NCCL buffers per communicator (TP, PP, EP) a rank belongs to, GB."""
+    fragmentation: float = 0.05
+    """Share of device memory left unused (allocator fragmentation, safety margin)."""
+    chunk_tokens: int = 2048
+    """Most tokens one step processes (chunked prefill); sizes the activation workspace."""
+
+
+def distinct_experts(n_experts: int, top_k: int, tokens: float) -> float:
+    """Expected distinct experts hit when `tokens` tokens each pick top_k of n_experts: E(1-(1-k/E)^B)."""
+    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
+
+
+def ring_allreduce_us(alpha_us: float, busbw_gbps: float, n: int, nbytes: float) -> float:
+    """alpha + 2(n-1)/n * bytes / busbw, in microseconds (GB/s = 1e3 bytes/us)."""
+    return alpha_us + 2 * (n - 1) / n * nbytes / (busbw_gbps * 1e3)
+
+
+def a2a_bytes_per_token(top_k: int, hidden: int, nbytes: int, ep: int) -> float:
+    """Bytes one token sends across ranks per MoE layer, dispatch + combine: 2*k*h*b*(e-1)/e."""
+    return 2 * top_k * hidden * nbytes * (ep - 1) / ep
+
+
+def pipeline_bubble(p: int, m: int) -> float:
+    """Idle share of a p-stage pipeline pushing m micro-batches: (p-1)/(m+p-1)."""
+    return (p - 1) / (m + p - 1)
+
+
+def matmul_params(model: ModelSpec) -> int:
+    """N: parameters used in matmuls per token (active experts, LM head; not the embedding lookup)."""
+    return (model.n_layers * model.attn_params() + sum(model.mlp_params(i, True) for i in range(model.n_layers))
+            + model.vocab * model.hidden)
+
+
+def prefill_flops(model: ModelSpec, s: int, logits_tokens: int | None = None) -> float:
+    """2*N*s + 2*L*n_h*d*s^2; logits_tokens < s counts the LM head only for those tokens."""
+    head = model.vocab * model.hidden
+    lt = s if logits_tokens is None else logits_tokens
+    attn = 2 * model.n_layers * model.n_heads * model.head_dim * s * s  # causal: half of QK^T and PV
+    return 2 * (matmul_params(model) - head) * s + 2 * head * lt + attn
+
+
+def decode_flops_per_token(model: ModelSpec, context: int) -> float:
+    """2*N + 4*L*n_h*d*c at context c."""
+    return 2 * matmul_params(model) + 4 * model.n_layers * model.n_heads * model.head_dim * context
+
+
+@dataclass(frozen=True)
+class StageShard:
+    """What the busiest rank of one pipeline stage holds (parameter counts; per-component maxima)."""
+
+    stage: int
+    """Pipeline stage index."""
+    n_layers: int
+    """Decoder layers in this stage."""
+    n_moe: int
+    """Of those, MoE layers."""
+    q_heads: int
+    """Most query heads on one TP rank."""
+    kv_heads: int
+    """Most KV heads on one TP rank (includes replicated ones)."""
+    attn: int
+    """Attention parameters per layer on the busiest rank."""
+    norms: int
+    """Norm parameters per layer (replicated)."""
+    mlp: int
+    """Dense MLP parameters per layer on the busiest rank."""
+    experts_local: int
+    """Routed experts a rank holds (all E, sliced 1/t, when ep == 1)."""
+    expert: int
+    """Parameters of one held expert (a 1/t slice when ep == 1)."""
+    shared_router: int
+    """Shared-expert slice + router parameters per MoE layer."""
+    head_rows: int
+    """LM head vocab rows on the busiest rank (last stage), else 0."""
+    weight_params: int
+    """Total parameters held by the busiest rank of the stage (exact, per-rank max)."""
+
+
+def stage_shards(model: ModelSpec, layout: ParallelLayout) -> list[StageShard]:
+    """Per-stage shard sizes. Heads split as evenly as possible (layout.shard_heads), MLP/vocab likewise."""
+    t, h = layout.tp, model.hidden
+    heads = [shard_heads(model.n_heads, model.n_kv_heads, t, r) for r in range(t)]
+    attn_r = [h * model.head_dim * (2 * s.n_q + 2 * s.n_kv)
+              + ((s.n_q + 2 * s.n_kv) * model.head_dim if model.attention_bias else 0) for s in heads]
+    mlp_r = [3 * h * (e - s) for s, e in split_evenly(model.ffn, t)]
+    vocab_r = [e - s for s, e in split_evenly(model.vocab, t)]
+    shared_r = [3 * h * (e - s) + h * model.n_experts for s, e in split_evenly(model.shared_ffn, t)]
+    if model.is_moe and layout.ep > 1:
+        # EP rank j = d*tp + t (layout.ep_groups order) holds whole experts split_evenly(E, ep)[j]
+        exp_count = [e - s for s, e in split_evenly(model.n_experts, layout.ep)]
+        expert_of = lambda r, d: (exp_count[d * t + r], model.expert_params())  # noqa: E731
+    else:
+        ffn_e = [e - s for s, e in split_evenly(model.expert_ffn, t)]
+        expert_of = lambda r, d: (model.n_experts, 3 * h * ffn_e[r])  # noqa: E731
+    out = []
+    for p, (lo, hi) in enumerate(split_evenly(model.n_layers, layout.pp)):
+        n, n_moe = hi - lo, model.moe_layers_in(lo, hi)
+        first, last = p == 0, p == layout.pp - 1
+        # the LM head is its own matrix unless tied and on the embedding's stage (pp == 1)
+        own_head = last and not (model.tied_embeddings and first)
+        totals = []
+        for d in range(layout.dp if layout.ep > 1 else 1):
+            for r in range(t):
+                cnt, size = expert_of(r, d) if model.is_moe else (0, 0)
+                w = n * (attn_r[r] + model.norm_params()) + (n - n_moe) * mlp_r[r]
+                w += n_moe * (shared_r[r] + cnt * size)
+                w += vocab_r[r] * h * (int(first) + int(own_head)) + (h if last else 0)
+                totals.append(w)
+        cnts = [expert_of(r, d) for d in range(layout.dp if layout.ep > 1 else 1) for r in range(t)]
+        out.append(StageShard(
+            stage=p, n_layers=n, n_moe=n_moe, q_heads=max(s.n_q for s in heads),
+            kv_heads=max(s.n_kv for s in heads), attn=max(attn_r), norms=model.norm_params(),
+            mlp=max(mlp_r) if n > n_moe else 0,
+            experts_local=max(c for c, _ in cnts) if model.is_moe else 0,
+            expert=max(s for _, s in cnts) if model.is_moe else 0,
+            shared_router=max(shared_r) if model.is_moe else 0,
+            head_rows=max(vocab_r) if last else 0, weight_params=max(totals)))
+    return out
+
+
+def weights_per_gpu(model: ModelSpec, tp: int, pp: int = 1, ep: int = 1, dp: int = 1) -> float:
+    """Bytes of weights on the fullest GPU of the layout."""
+    layout = ParallelLayout(tp=tp, pp=pp, dp=dp, ep=ep)
+    return max(s.weight_params for s in stage_shards(model, layout)) * model.bytes_per_param
+
+
+def kv_bytes_per_token_per_gpu(model: ModelSpec, tp: int, pp: int = 1, kv_bytes: int = 2) -> float:
+    """KV bytes one token costs on the fullest GPU: 2 * layers_on_stage * kv_heads_on_rank * d * b."""
+    layers = max(hi - lo for lo, hi in split_evenly(model.n_layers, pp))
+    kv = max(shard_heads(model.n_heads, model.n_kv_heads, tp, r).n_kv for r in range(tp))
+    return 2 * layers * kv * model.head_dim * kv_bytes
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Time of one stage's forward pass on its busiest rank."""
+
+    compute_s: float
+    """Roofline time: max(HBM bytes / BW, FLOPs / peak, per-layer floor)."""
+    comm_s: float
+    """Collectives on the critical path (TP all-reduces, logits gather, EP all-to-all)."""
+    hbm_bytes: float
+    """Bytes read from device memory."""
+    flops: float
+    """Floating-point operations."""
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+class CostModel:
+    """Times and memory for layouts of one model on one cluster."""
+
+    def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None = None,
+                 eff: Efficiency | None = None, kv_bytes: int = 2):
+        self.model, self.cluster, self.profile = model, cluster, profile
+        self.eff = eff or Efficiency()
+        self.kv_bytes = kv_bytes
+        if profile is not None:
+            self.hbm_bps = profile.hbm_gbps * 1e9 * self.eff.hbm_measured
+            self.flops_ps = profile.gemm_tflops * 1e12 * self.eff.flops_measured
+            self.memory_bytes = (profile.memory_gib or cluster.gpu.memory_gib) * 2**30
+        else:
+            self.hbm_bps = cluster.gpu.hbm_gbps * 1e9 * self.eff.hbm
+            self.flops_ps = cluster.gpu.bf16_tflops * 1e12 * self.eff.flops
+            self.memory_bytes = cluster.gpu.memory_bytes
+
+    # -- collectives (seconds) -------------------------------------------------------------------
+
+    def allreduce(self, ranks: list[int], nbytes: float) -> float:
+        if len(ranks) <= 1:
+            return 0.0
+        c = self.cluster
+        span = c.span(ranks)
+        local, us = span.per_node, 0.0
+        if local > 1:
+            if self.profile is not None:
+                us += self.profile.allreduce.time_us(local, nbytes)
+            else:
+                link = c.node_link(span)
+                us += ring_allreduce_us(link.allreduce_alpha_us(local), link.busbw_gbps, local, nbytes)
+        if span.nodes > 1:
+            # hierarchical: each GPU carries 1/local of the data over its share of the NICs
+            net_bw = c.network.per_gpu_gbps(c.gpus_per_node)
+            us += ring_allreduce_us(c.network.alpha_us, net_bw, span.nodes, nbytes / local)
+        return us * 1e-6
+
+    def allgather(self, ranks: list[int], total_bytes: float) -> float:
+        # a ring all-gather moves (n-1)/n of the output: the cost of an all-reduce of half the bytes
+        return self.allreduce(ranks, total_bytes / 2)
+
+    def all_to_all(self, ranks: list[int], buffer_bytes: float) -> float:
+        """Each rank sends buffer_bytes split evenly over the group (its own chunk stays)."""
+        n = len(ranks)
+        if n <= 1:
+            return 0.0
+        c = self.cluster
+        span = c.span(ranks)
+        link = c.node_link(span)
+        if span.nodes == 1 and self.profile is not None and self.profile.all_to_all is not None:
+            return self.profile.all_to_all.time_us(n, buffer_bytes) * 1e-6
+        local = span.per_node
+        intra_us = buffer_bytes * (local - 1) / n / (link.a2a_gbps * 1e3)
+        us = link.allreduce_alpha_us(max(local, 2)) + intra_us
+        if span.nodes > 1:
+            inter_us = buffer_bytes * (n - local) / n / (c.network.per_gpu_gbps(c.gpus_per_node) * 1e3)
+            us = link.allreduce_alpha_us(max(local, 2)) + c.network.alpha_us + max(intra_us, inter_us)
+        return us * 1e-6
+
+    def send_recv(self, src: int, dst: int, nbytes: float) -> float:
+        c = self.cluster
+        span = c.span([src, dst])
+        if span.nodes > 1:
+            return (c.network.p2p_alpha_us + nbytes / (c.network.per_gpu_gbps(c.gpus_per_node) * 1e3)) * 1e-6
+        if self.profile is not None and self.profile.send_recv is not None:
+            return self.profile.send_recv.time_us(nbytes) * 1e-6
+        link = c.node_link(span)
+        return (link.p2p_alpha_us + nbytes / (link.p2p_gbps * 1e3)) * 1e-6
+
+    # -- one stage, one forward pass -------------------------------------------------------------
+
+    def _roofline(self, nbytes: float, flops: float, layers: int) -> float:
+        return max(nbytes / self.hbm_bps, flops / self.flops_ps, layers * self.eff.layer_floor_us * 1e-6)
+
+    def stage_pass(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float,
+                   prefill: bool) -> StepCost:
+        """Forward pass of one stage over `tokens` tokens: decode (one token per sequence, each with
+        `context` tokens of KV) or prefill (one prompt of `tokens` tokens)."""
+        m, b = self.model, self.model.bytes_per_param
+        n_dense = sh.n_layers - sh.n_moe
+        dense_params = sh.n_layers * sh.attn + n_dense * sh.mlp + sh.n_moe * sh.shared_router
+        final_norm = m.hidden if sh.head_rows else 0
+        weight_bytes = b * (dense_params + sh.n_layers * sh.norms + sh.head_rows * m.hidden + final_norm)
+        logits_tokens = 1 if prefill else tokens  # prefill samples only the last token
+        flops = 2 * tokens * dense_params + 2 * logits_tokens * sh.head_rows * m.hidden
+        if m.is_moe and sh.n_moe:
+            ep_tokens = tokens * (layout.dp if layout.ep > 1 and not prefill else 1)
+            if layout.ep > 1:  # whole experts on this rank; each is hit with probability 1-(1-k/E)^T
+                touched = sh.experts_local * (1 - (1 - m.top_k / m.n_experts) ** ep_tokens)
+                expert_tok = ep_tokens * m.top_k * sh.experts_local / m.n_experts
+            else:  # a 1/t slice of every expert; only the distinct experts hit are read
+                touched = distinct_experts(m.n_experts, m.top_k, tokens)
+                expert_tok = tokens * m.top_k
+            weight_bytes += b * sh.n_moe * touched * sh.expert
+            flops += 2 * sh.n_moe * expert_tok * sh.expert
+        kv_per_tok = 2 * sh.n_layers * sh.kv_heads * m.head_dim * self.kv_bytes
+        if prefill:
+            kv_bytes = tokens * kv_per_tok  # written once
+            flops += 2 * sh.n_layers * sh.q_heads * m.head_dim * tokens * tokens
+        else:
+            kv_bytes = tokens * context * kv_per_tok  # every sequence reads its whole context
+            flops += 4 * sh.n_layers * sh.q_heads * m.head_dim * tokens * context
+        nbytes = weight_bytes + kv_bytes
+        compute = self._roofline(nbytes, flops, sh.n_layers)
+        comm = 0.0
+        if layout.tp > 1:
+            tp_ranks = layout.tp_groups()[sh.stage]  # dp replica 0; the others are alike
+            act = tokens * m.hidden * ACT_BYTES
+            comm += 2 * sh.n_layers * self.allreduce(tp_ranks, act)
+            if sh.stage == 0:
+                comm += self.allreduce(tp_ranks, act)  # vocab-parallel embedding
+            if sh.head_rows:
+                comm += self.allgather(tp_ranks, logits_tokens * m.vocab * ACT_BYTES)
+        if layout.ep > 1 and sh.n_moe:
+            ep_ranks = layout.ep_groups()[sh.stage]
+            # each TP rank dispatches its 1/t share of its replica's tokens, k copies each; with tp > 1
+            # the combined slices are summed back by the layer's second all-reduce (counted above)
+            buf = tokens / layout.tp * m.top_k * m.hidden * ACT_BYTES
+            comm += 2 * sh.n_moe * self.all_to_all(ep_ranks, buf)
+        return StepCost(compute, comm, nbytes, flops)
+
+    def transfer(self, layout: ParallelLayout, tokens: float) -> float:
+        """Slowest activation hand-off between consecutive stages (tokens x h in bf16)."""
+        if layout.pp == 1:
+            return 0.0
+        nbytes = tokens * self.model.hidden * ACT_BYTES
+        return max(self.send_recv(layout.rank(0, s, 0), layout.rank(0, s + 1, 0), nbytes)
+                   for s in range(layout.pp - 1))
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def reserved_bytes(self, layout: ParallelLayout, sh: StageShard, max_num_seqs: int) -> float:
+        """Runtime memory besides weights and KV: context, NCCL buffers, activation workspace, margin."""
+        m, e = self.model, self.eff
+        groups = sum(1 for g in (layout.tp, layout.pp, layout.ep) if g > 1)
+        # per token of a prefill chunk: residual/norm/attention buffers, q/k/v, gate+up of the MLP
+        # (for MoE: the k expert rows each token becomes, plus the shared experts)
+        mlp_width = 2 * sh.mlp // (3 * m.hidden)
+        if m.is_moe:
+            mlp_width = max(mlp_width, 2 * (m.top_k * m.expert_ffn + m.shared_ffn) // layout.tp)
+        width = 4 * m.hidden + (sh.q_heads + 2 * sh.kv_heads) * m.head_dim + mlp_width
+        workspace = e.chunk_tokens * width * ACT_BYTES + max_num_seqs * -(-m.vocab // layout.tp) * 4
+        return ((e.cuda_context_gb + e.nccl_gb_per_group * groups) * 1e9 + workspace
+                + e.fragmentation * self.memory_bytes)
+
+    def kv_room(self, layout: ParallelLayout, sh: StageShard, max_num_seqs: int) -> float:
+        """Bytes left for the KV cache on the stage's fullest GPU (may be negative)."""
+        weights = sh.weight_params * self.model.bytes_per_param
+        return self.memory_bytes - weights - self.reserved_bytes(layout, sh, max_num_seqs)
+
+    def kv_per_token(self, sh: StageShard) -> float:
+        return 2 * sh.n_layers * sh.kv_heads * self.model.head_dim * self.kv_bytes

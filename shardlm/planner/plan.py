@@ -1,0 +1,498 @@
+"""Enumerate every (TP, PP, EP, DP) layout for a GPU count, predict each, reject with reasons,
+recommend one; render as a table, JSON-ready dict, or a PNG of TPOT vs throughput.
+
+Workload: requests of input_len prompt tokens and output_len generated tokens (by default half
+and half of --max-model-len). KV capacity is counted for whole sequences of input+output tokens;
+decode runs at the mean context input + output/2. Throughput is output tokens/s in steady state and
+pays for each request's prefill on the busiest stage: dp * B * out / (B * prefill + out * TPOT(B)).
+The operating batch B is the most sequences the KV cache holds (capped by max_num_seqs), lowered
+until the TPOT / TTFT SLOs hold. The recommendation is the layout with the highest throughput
+among those that fit and meet the SLOs (within 3%, the lower batch-1 TPOT wins).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import PlanError
+from ..layout import ParallelLayout
+from .cost import CostModel, Efficiency, StageShard, stage_shards
+from .hardware import Cluster
+from .models import ModelSpec
+from .profile import Profile
+
+TIE = 0.03  # throughputs within 3% count as equal; then latency decides
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the deployment must serve."""
+
+    max_model_len: int = 8192
+    """Longest sequence (prompt + output) the server accepts."""
+    input_len: int = 0
+    """Prompt tokens per request (0: half of max_model_len)."""
+    output_len: int = 0
+    """Generated tokens per request (0: the rest of max_model_len)."""
+    max_num_seqs: int = 256
+    """Most sequences one replica batches (the engine's cap)."""
+    slo_tpot_ms: float | None = None
+    """Time-per-output-token target, ms."""
+    slo_ttft_ms: float | None = None
+    """Time-to-first-token target, ms."""
+    kv_bytes: int = 2
+    """Bytes per KV element (2 bf16, 1 fp8)."""
+
+    def resolved(self) -> "Workload":
+        if self.max_model_len < 2:
+            raise PlanError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        inp = self.input_len or self.max_model_len // 2
+        out = self.output_len or max(1, self.max_model_len - inp)
+        if inp + out > self.max_model_len:
+            raise PlanError(f"--input-len {inp} + --output-len {out} exceed --max-model-len {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise PlanError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        return Workload(self.max_model_len, inp, out, self.max_num_seqs, self.slo_tpot_ms, self.slo_ttft_ms,
+                        self.kv_bytes)
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_len + self.output_len
+
+    @property
+    def mean_context(self) -> float:
+        return self.input_len + self.output_len / 2
+
+
+@dataclass
+class LayoutResult:
+    """Predictions for one layout (None where the layout was rejected before they could be made)."""
+
+    tp: int
+    """Tensor-parallel degree."""
+    pp: int
+    """Pipeline stages."""
+    ep: int
+    """Expert-parallel degree (1, or tp*dp for MoE models)."""
+    dp: int
+    """Data-parallel replicas."""
+    ok: bool = False
+    """Fits, meets the constraints and the SLOs."""
+    reasons: list[str] = field(default_factory=list)
+    """Why it was rejected."""
+    weights_gb: float | None = None
+    """Weights on the fullest GPU, GB (1e9)."""
+    kv_kib_per_token: float | None = None
+    """KV bytes per token on the fullest GPU, KiB."""
+    kv_room_gb: float | None = None
+    """Memory left for KV on the tightest GPU, GB."""
+    max_seqs: int | None = None
+    """Concurrent sequences of seq_len tokens, all replicas."""
+    ttft_ms_b1: float | None = None
+    """TTFT of one request alone, ms."""
+    ttft_ms_full: float | None = None
+    """TTFT with the operating batch decoding alongside (chunked prefill), ms."""
+    tpot_ms_b1: float | None = None
+    """TPOT at batch 1, ms."""
+    tpot_ms_full: float | None = None
+    """TPOT at the most sequences the KV cache holds, ms."""
+    batch: int | None = None
+    """Operating batch per replica (max_seqs/dp, lowered to meet the SLO)."""
+    tpot_ms: float | None = None
+    """TPOT at the operating batch, ms."""
+    throughput_tok_s: float | None = None
+    """Output tokens/s of all replicas at the operating batch."""
+    comm_share: float | None = None
+    """Share of a decode step spent in collectives and stage transfers at the operating batch."""
+    bubble_share: float | None = None
+    """Pipeline bubble (p-1)/(m+p-1) at the operating batch."""
+    micro_batches: int | None = None
+    """Micro-batches per step chosen for the pipeline."""
+    curve: list[list[float]] = field(default_factory=list)
+    """[batch, TPOT ms, tokens/s] points for the plot."""
+
+    @property
+    def name(self) -> str:
+        return f"tp={self.tp} pp={self.pp} ep={self.ep} dp={self.dp}"
+
+    @property
+    def fits(self) -> bool:
+        return self.max_seqs is not None and self.max_seqs > 0
+
+
+@dataclass
+class Plan:
+    """Every layout's prediction and the recommendation."""
+
+    model: ModelSpec
+    """The model planned for."""
+    cluster: Cluster
+    """The GPUs and links."""
+    workload: Workload
+    """The resolved workload."""
+    results: list[LayoutResult]
+    """One per layout, in enumeration order."""
+    recommended: LayoutResult | None
+    """The chosen layout, or None if none meets the SLOs."""
+    reason: str
+    """One sentence on why."""
+    assumptions: dict[str, Any]
+    """Efficiency factors, overheads and the source of hardware numbers."""
+    notes: list[str] = field(default_factory=list)
+    """Remarks about the inputs."""
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_layouts(model: ModelSpec, n_gpus: int) -> list[ParallelLayout]:
+    """Every tp*pp*dp == n_gpus; MoE models also get ep = tp*dp (experts over a stage's ranks)."""
+    out = []
+    for tp in divisors(n_gpus):
+        for pp in divisors(n_gpus // tp):
+            dp = n_gpus // (tp * pp)
+            out.append(ParallelLayout(tp=tp, pp=pp, dp=dp))
+            if model.is_moe and tp * dp > 1:
+                out.append(ParallelLayout(tp=tp, pp=pp, dp=dp, ep=tp * dp))
+    return out
+
+
+def constraint_reasons(model: ModelSpec, lay: ParallelLayout) -> list[str]:
+    r = []
+    if lay.tp > model.n_heads:
+        r.append(f"heads: tp={lay.tp} > {model.n_heads} attention heads (each rank needs one)")
+    if lay.pp > model.n_layers:
+        r.append(f"layers: pp={lay.pp} > {model.n_layers} layers")
+    if lay.ep > 1 and lay.ep > model.n_experts:
+        r.append(f"experts: ep={lay.ep} > {model.n_experts} experts (each EP rank needs one)")
+    return r
+
+
+def _fit(cm: CostModel, lay: ParallelLayout, shards: list[StageShard], wl: Workload) -> tuple[int, float]:
+    """(sequences per replica the tightest stage holds, its KV room in bytes)."""
+    seqs, room_min = None, math.inf
+    for sh in shards:
+        room = cm.kv_room(lay, sh, wl.max_num_seqs)
+        room_min = min(room_min, room)
+        n = max(0, int(room // (cm.kv_per_token(sh) * wl.seq_len))) if room > 0 else 0
+        seqs = n if seqs is None else min(seqs, n)
+    return min(seqs or 0, wl.max_num_seqs), room_min
+
+
+class _Evaluator:
+    """Decode / prefill times of one layout, cached by batch."""
+
+    def __init__(self, cm: CostModel, lay: ParallelLayout, shards: list[StageShard], wl: Workload):
+        self.cm, self.lay, self.shards, self.wl = cm, lay, shards, wl
+        self._cache: dict[int, tuple[float, float, float, int]] = {}
+        over = cm.eff.step_overhead_us * 1e-6
+        s = wl.input_len
+        passes = [cm.stage_pass(lay, sh, s, 0, prefill=True) for sh in shards]
+        self.ttft_s = sum(p.total_s for p in passes) + (lay.pp - 1) * cm.transfer(lay, s) + over
+        self.prefill_cost_s = max(p.total_s for p in passes)  # prefills of many requests pipeline
+
+    def decode(self, batch: int) -> tuple[float, float, float, int]:
+        """(TPOT s, comm share, bubble share, micro-batches) at `batch` sequences per replica."""
+        if batch in self._cache:
+            return self._cache[batch]
+        p, cm = self.lay.pp, self.cm
+        cands = sorted({m for m in list(range(1, p + 1)) + [2 * p, 4 * p] if m <= batch}) or [1]
+        best = None
+        for m in cands:
+            bm = batch / m
+            passes = [cm.stage_pass(self.lay, sh, bm, self.wl.mean_context, prefill=False) for sh in self.shards]
+            slow = max(passes, key=lambda x: x.total_s)
+            xfer = cm.transfer(self.lay, bm)
+            period = (m + p - 1) * slow.total_s + (p - 1) * xfer + cm.eff.step_overhead_us * 1e-6
+            comm = ((m + p - 1) * slow.comm_s + (p - 1) * xfer) / period
+            bubble = (p - 1) / (m + p - 1)
+            if best is None or period < best[0]:
+                best = (period, comm, bubble, m)
+        self._cache[batch] = best
+        return best
+
+    def throughput(self, batch: int) -> float:
+        out = self.wl.output_len
+        tpot = self.decode(batch)[0]
+        return self.lay.dp * batch * out / (batch * self.prefill_cost_s + out * tpot)
+
+    def ttft_at(self, batch: int) -> float:
+        chunks = math.ceil(self.wl.input_len / self.cm.eff.chunk_tokens)
+        return self.ttft_s + (chunks * self.decode(batch)[0] if batch > 1 else 0.0)
+
+
+def evaluate(cm: CostModel, lay: ParallelLayout, wl: Workload) -> LayoutResult:
+    res = LayoutResult(lay.tp, lay.pp, lay.ep, lay.dp)
+    res.reasons = constraint_reasons(cm.model, lay)
+    if res.reasons:
+        return res
+    shards = stage_shards(cm.model, lay)
+    b = cm.model.bytes_per_param
+    res.weights_gb = max(sh.weight_params for sh in shards) * b / 1e9
+    res.kv_kib_per_token = max(cm.kv_per_token(sh) for sh in shards) / 1024
+    seqs, room = _fit(cm, lay, shards, wl)
+    res.kv_room_gb = room / 1e9
+    res.max_seqs = seqs * lay.dp
+    if seqs < 1:
+        need = max(cm.kv_per_token(sh) for sh in shards) * wl.seq_len / 1e9
+        res.reasons.append(f"does not fit: {res.weights_gb:.1f} GB weights + runtime leave {room / 1e9:.1f} GB "
+                           f"per GPU, one {wl.seq_len}-token sequence needs {need:.2f} GB of KV")
+        return res
+    ev = _Evaluator(cm, lay, shards, wl)
+    res.ttft_ms_b1 = ev.ttft_s * 1e3
+    res.tpot_ms_b1 = ev.decode(1)[0] * 1e3
+    res.tpot_ms_full = ev.decode(seqs)[0] * 1e3
+    res.ttft_ms_full = ev.ttft_at(seqs) * 1e3
+
+    def meets(batch: int) -> bool:
+        ok_tpot = wl.slo_tpot_ms is None or ev.decode(batch)[0] * 1e3 <= wl.slo_tpot_ms
+        ok_ttft = wl.slo_ttft_ms is None or ev.ttft_at(batch) * 1e3 <= wl.slo_ttft_ms
+        return ok_tpot and ok_ttft
+
+    if wl.slo_tpot_ms is not None and res.tpot_ms_b1 > wl.slo_tpot_ms:
+        res.reasons.append(f"misses the SLO: TPOT {res.tpot_ms_b1:.1f} ms at batch 1 > {wl.slo_tpot_ms:g} ms")
+    if wl.slo_ttft_ms is not None and res.ttft_ms_b1 > wl.slo_ttft_ms:
+        res.reasons.append(f"misses the SLO: TTFT {res.ttft_ms_b1:.0f} ms at batch 1 > {wl.slo_ttft_ms:g} ms")
+    batch = seqs
+    if not res.reasons and not meets(seqs):
+        lo, hi = 1, seqs  # largest batch that meets the SLOs (TPOT grows with the batch)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if meets(mid) else (lo, mid - 1)
+        batch = lo
+    tpot, comm, bubble, m = ev.decode(batch)
+    res.batch, res.tpot_ms, res.micro_batches = batch, tpot * 1e3, m
+    res.throughput_tok_s = ev.throughput(batch)
+    res.comm_share, res.bubble_share = comm, bubble
+    points = sorted({2**i for i in range(int(math.log2(seqs)) + 1)} | {seqs, batch})
+    res.curve = [[bb, ev.decode(bb)[0] * 1e3, ev.throughput(bb)] for bb in points]
+    res.ok = not res.reasons
+    return res
+
+
+_FABRIC = {"nvlink": "NVLink", "pcie": "PCIe", "pcie-cross-socket": "PCIe"}
+
+
+def _placement(cluster: Cluster, lay: ParallelLayout) -> list[str]:
+    """Where the layout's groups sit, as clauses ("its TP groups stay inside one socket", ...)."""
+    parts = []
+    if lay.tp > 1:
+        spans = [cluster.span(g) for g in lay.tp_groups()]
+        nodes = max(sp.nodes for sp in spans)
+        if nodes > 1:
+            parts.append(f"its TP groups span {nodes} nodes over {cluster.network.name}")
+        elif any(sp.cross_socket for sp in spans):
+            parts.append("its TP groups cross the socket boundary")
+        elif cluster.cross_socket is not None:
+            parts.append("its TP groups stay inside one socket")
+        else:
+            parts.append(f"its TP groups stay on the {_FABRIC[cluster.interconnect]} links of one node")
+    if lay.pp > 1:
+        hops = sum(cluster.span([lay.rank(0, s, 0), lay.rank(0, s + 1, 0)]).nodes > 1 for s in range(lay.pp - 1))
+        parts.append(f"only {hops} pipeline boundar{'y crosses' if hops == 1 else 'ies cross'} the network" if hops
+                     else "its pipeline stays inside a node")
+    if lay.ep > 1:
+        parts.append(f"each expert lives on one of {lay.ep} GPUs instead of being sliced")
+    if lay.tp == lay.pp == lay.ep == 1:
+        parts.append("every GPU serves a whole replica with no communication")
+    return parts
+
+
+def _why(plan_results: list[LayoutResult], rec: LayoutResult, cluster: Cluster, wl: Workload) -> str:
+    others = sorted((r for r in plan_results if r.ok and r is not rec), key=lambda r: -r.throughput_tok_s)
+    slo = [f"{v:g} ms {k}" for k, v in (("TPOT", wl.slo_tpot_ms), ("TTFT", wl.slo_ttft_ms)) if v is not None]
+    lay = ParallelLayout(tp=rec.tp, pp=rec.pp, dp=rec.dp, ep=rec.ep)
+    head = (f"{rec.name}: the highest predicted throughput ({rec.throughput_tok_s:,.0f} tok/s with "
+            f"{rec.batch} sequences per replica at {rec.tpot_ms:.1f} ms TPOT"
+            + (f", within the {' and '.join(slo)} SLO" if slo else "") + ")")
+    causes = _placement(cluster, lay)
+    if others:
+        ru = others[0]
+        if rec.throughput_tok_s >= (1 + TIE) * ru.throughput_tok_s:
+            head += f", {rec.throughput_tok_s / ru.throughput_tok_s:.2f}x the runner-up {ru.name}"
+        else:  # a tie on throughput, decided by latency
+            best = "the highest" if rec.throughput_tok_s >= ru.throughput_tok_s else f"within {TIE:.0%} of the best"
+            head = head.replace("the highest predicted throughput", f"{best} predicted throughput")
+            head += f", level with {ru.name}"
+            causes.append(f"it is faster alone than {ru.name} ({rec.tpot_ms_b1:.1f} vs {ru.tpot_ms_b1:.1f} ms "
+                          "TPOT at batch 1)")
+        if rec.batch * rec.dp >= 1.2 * ru.batch * ru.dp:
+            causes.append(f"its KV cache holds {rec.batch * rec.dp / (ru.batch * ru.dp):.1f}x as many sequences")
+        if (ru.comm_share or 0) - (rec.comm_share or 0) >= 0.05:
+            causes.append(f"communication takes {rec.comm_share:.0%} of a step, not {ru.comm_share:.0%}")
+        if (ru.bubble_share or 0) - (rec.bubble_share or 0) >= 0.05:
+            causes.append(f"its pipeline bubble is {rec.bubble_share:.0%}, not {ru.bubble_share:.0%}")
+    text = causes[0] if len(causes) == 1 else ", ".join(causes[:-1]) + " and " + causes[-1]
+    return f"{head}, because {text}."
+
+
+def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = None,
+              profile: Profile | None = None, eff: Efficiency | None = None) -> Plan:
+    """Predict every layout of `model` on `cluster`; raise PlanError if none fits at all."""
+    wl = (workload or Workload()).resolved()
+    cm = CostModel(model, cluster, profile, eff, kv_bytes=wl.kv_bytes)
+    results = [evaluate(cm, lay, wl) for lay in enumerate_layouts(model, cluster.n_gpus)]
+    notes = list(model.notes)
+    if model.max_position and wl.max_model_len > model.max_position:
+        notes.append(f"max-model-len {wl.max_model_len} exceeds the model's {model.max_position} positions")
+    if profile is not None:
+        notes.append(f"hardware numbers measured on {profile.device} ({profile.source})")
+        if cluster.gpu.name.split("-")[0] not in profile.device.lower().replace(" ", ""):
+            notes.append(f"the profile's device {profile.device!r} does not look like --gpu {cluster.gpu.name}; "
+                         "its measured numbers are used")
+        measured = max(profile.allreduce.curves)
+        if measured < min(cluster.gpus_per_node, max(lay.tp for lay in enumerate_layouts(model, cluster.n_gpus))):
+            notes.append(f"all-reduce measured up to {measured} GPUs; larger groups are extrapolated")
+    if not any(r.fits for r in results):
+        raise PlanError(_no_fit_message(cm, wl))
+    ok = [r for r in results if r.ok]
+    rec = None
+    if ok:
+        top = max(r.throughput_tok_s for r in ok)
+        close = [r for r in ok if r.throughput_tok_s >= (1 - TIE) * top]
+        rec = min(close, key=lambda r: (r.tpot_ms_b1, r.pp, r.tp))
+        reason = _why(results, rec, cluster, wl)
+    else:
+        fastest = min((r for r in results if r.fits), key=lambda r: r.tpot_ms_b1)
+        reason = (f"No layout meets the SLO; the fastest that fits is {fastest.name} at "
+                  f"{fastest.tpot_ms_b1:.1f} ms TPOT and {fastest.ttft_ms_b1:.0f} ms TTFT at batch 1.")
+    e = cm.eff
+    assumptions = {
+        "hardware_source": "profile" if profile else "datasheet",
+        "hbm_gbps_effective": cm.hbm_bps / 1e9, "tflops_effective": cm.flops_ps / 1e12,
+        "memory_gib": cm.memory_bytes / 2**30, **asdict(e),
+        "pipeline": "synchronous steps: (m+p-1) beats of the slowest stage + (p-1) transfers",
+    }
+    return Plan(model, cluster, wl, results, rec, reason, assumptions, notes)
+
+
+def _no_fit_message(cm: CostModel, wl: Workload) -> str:
+    m, c = cm.model, cm.cluster
+    found: list[tuple[int, ParallelLayout]] = []
+    for g in range(c.n_gpus + 1, 4097):
+        fits = []
+        for lay in enumerate_layouts(m, g):
+            if not constraint_reasons(m, lay):
+                seqs, _ = _fit(cm, lay, stage_shards(m, lay), wl)
+                if seqs >= 1:
+                    fits.append((seqs, lay))
+        if fits and (not found or g & (g - 1) == 0):
+            found.append((g, max(fits, key=lambda x: (x[0], -x[1].pp))[1]))  # most KV room, fewest stages
+            if g & (g - 1) == 0:
+                break
+    head = (f"{m.name} ({m.total_params() * m.bytes_per_param / 1e9:.1f} GB of weights) does not fit on "
+            f"{c.n_gpus} x {c.gpu.name} in any layout with room for one {wl.seq_len}-token sequence")
+    if not found:
+        return head + ", nor on up to 4096 GPUs"
+    msg = f"{head}; the smallest GPU count that fits is {found[0][0]} ({found[0][1]})"
+    if len(found) > 1:
+        msg += f", the smallest power of two {found[1][0]} ({found[1][1]})"
+    return msg
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+_COLUMNS = [  # header, width, cell
+    ("layout", 21, lambda r: r.name),
+    ("W/GPU GB", 8, lambda r: _f(r.weights_gb, ".1f")),
+    ("KV/tok KiB", 10, lambda r: _f(r.kv_kib_per_token, ".1f")),
+    ("seqs", 5, lambda r: _f(r.max_seqs, "d")),
+    ("TTFT1 ms", 8, lambda r: _f(r.ttft_ms_b1, ".0f")),
+    ("TTFTf ms", 8, lambda r: _f(r.ttft_ms_full, ".0f")),
+    ("TPOT1 ms", 8, lambda r: _f(r.tpot_ms_b1, ".1f")),
+    ("TPOTf ms", 8, lambda r: _f(r.tpot_ms_full, ".1f")),
+    ("batch", 5, lambda r: _f(r.batch, "d")),
+    ("tok/s", 8, lambda r: _f(r.throughput_tok_s, ",.0f")),
+    ("comm", 4, lambda r: _pct(r.comm_share)),
+    ("bubble", 6, lambda r: _pct(r.bubble_share)),
+]
+
+
+def format_table(plan: Plan) -> str:
+    m, wl, c, a = plan.model, plan.workload, plan.cluster, plan.assumptions
+    kind = f"MoE {m.n_experts} experts top-{m.top_k}, {m.active_params() / 1e9:.1f}B active, " if m.is_moe else ""
+    lines = [
+        f"model    {m.name}: {m.total_params() / 1e9:.1f}B params ({kind}"
+        f"{m.total_params() * m.bytes_per_param / 1e9:.1f} GB bf16), KV {m.kv_bytes_per_token(wl.kv_bytes) / 1024:g} "
+        "KiB/token",
+        f"cluster  {c.describe()}; {a['hardware_source']} numbers after efficiency factors: "
+        f"{a['hbm_gbps_effective']:.0f} GB/s HBM, {a['tflops_effective']:.0f} TFLOP/s, {a['memory_gib']:.1f} GiB",
+        f"workload {wl.input_len} prompt + {wl.output_len} output tokens (max-model-len {wl.max_model_len}), "
+        f"<= {wl.max_num_seqs} seqs/replica"
+        + (f", SLO TPOT {wl.slo_tpot_ms:g} ms" if wl.slo_tpot_ms is not None else "")
+        + (f", SLO TTFT {wl.slo_ttft_ms:g} ms" if wl.slo_ttft_ms is not None else ""),
+        "",
+        "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w, _) in enumerate(_COLUMNS)) + "  verdict",
+    ]
+    for r in plan.results:
+        cells = [fn(r).rjust(w) if i else fn(r).ljust(w) for i, (_, w, fn) in enumerate(_COLUMNS)]
+        verdict = ("RECOMMENDED" if r is plan.recommended else "ok") if r.ok else "; ".join(r.reasons)
+        lines.append("  ".join(cells) + "  " + verdict)
+    lines += ["", "seqs: concurrent sequences of prompt+output tokens, all replicas. 1 = at batch 1, f = with the "
+              "KV cache full. batch, tok/s, comm, bubble: at the operating batch per replica (the full KV cache, "
+              "lowered until the SLO holds)."]
+    lines += [f"note: {n}" for n in plan.notes]
+    lines += ["", ("Recommendation: " + plan.reason) if plan.recommended else plan.reason]
+    return "\n".join(lines)
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON-ready data: model, cluster, workload, assumptions, layouts, recommendation."""
+    m, c = plan.model, plan.cluster
+
+    def row(r: LayoutResult) -> dict[str, Any]:
+        return {"name": r.name, **asdict(r)}
+
+    shape = {k: v for k, v in asdict(m).items() if k not in ("name", "notes")}
+    return {
+        "model": {"name": m.name, "total_params": m.total_params(), "active_params": m.active_params(),
+                  "kv_bytes_per_token": m.kv_bytes_per_token(plan.workload.kv_bytes), **shape},
+        "cluster": {"gpu": c.gpu.name, "gpus": c.n_gpus, "gpus_per_node": c.gpus_per_node,
+                    "interconnect": c.interconnect, "network": c.network.name if c.n_nodes > 1 else None},
+        "workload": asdict(plan.workload),
+        "assumptions": plan.assumptions,
+        "layouts": [row(r) for r in plan.results],
+        "recommended": row(plan.recommended) if plan.recommended else None,
+        "reason": plan.reason,
+        "notes": plan.notes,
+    }
+
+
+def plot_plan(plan: Plan, path: str) -> None:
+    """PNG of predicted TPOT vs throughput: one curve per layout that fits, over its batch sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in plan.results:
+        if not r.curve:
+            continue
+        best = r is plan.recommended
+        style = dict(lw=2.5, zorder=3) if best else dict(lw=1.0, alpha=0.8 if r.ok else 0.35)
+        (line,) = ax.plot([p[2] for p in r.curve], [p[1] for p in r.curve], marker="o", ms=3,
+                          ls="-" if r.ok else "--", label=r.name + (" (recommended)" if best else ""), **style)
+        ax.plot([r.throughput_tok_s], [r.tpot_ms], marker="*" if best else "s", ms=14 if best else 5,
+                color="k" if best else line.get_color())
+    if plan.workload.slo_tpot_ms is not None:
+        ax.axhline(plan.workload.slo_tpot_ms, color="red", ls=":", label=f"SLO {plan.workload.slo_tpot_ms:g} ms")
+    ax.set_xlabel("throughput, output tokens/s (all replicas)")
+    ax.set_ylabel("TPOT, ms")
+    ax.set_title(f"{plan.model.name} on {plan.cluster.describe()}: batch 1 ... full KV cache", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,197 @@
+"""Measured cluster profile: load, validate, interpolate.
+
+`shardlm probe` writes this file; `shardlm plan --profile FILE` reads it and uses the measured
+numbers instead of datasheet ones. Schema (JSON object, version 1):
+
+    {
+      "version": 1,                         optional, int; only 1 is known
+      "device": "NVIDIA H100 80GB HBM3",    required, str: what was measured
+      "gpu_count": 4,                       optional, int: GPUs on the measured host
+      "memory_gib": 79.1,                   optional, number > 0: device memory (total, as the driver
+                                            reports it); replaces the --gpu preset's memory
+      "hbm_gbps": 3012,                     required, number > 0: device-to-device copy bandwidth,
+                                            (read + write bytes) / s, in GB/s (1e9)
+      "gemm_tflops": 778,                   required, number > 0: bf16 matmul rate, TFLOP/s (e.g. 8192^3)
+      "allreduce": {                        required: group size (string key, >= 2) -> points
+          "2": [[16384, 35.3], [1048576, 43.3], ...],
+          "4": [[16384, 40.8], ...]         each point [bytes, microseconds]: bytes is the tensor size
+      },                                    on each rank (the all-reduce payload), us the time per call
+      "all_to_all": {"2": [[bytes, us], ...], ...}
+                                            optional, same shape; bytes is each rank's whole send
+                                            buffer (including the chunk it keeps)
+      "send_recv": [[bytes, us], ...]       optional: one point-to-point send/recv between two GPUs
+    }
+
+Every list needs at least one point; points are sorted by bytes on load. Times are interpolated
+linearly in bytes between points (exact for an alpha + bytes/bandwidth curve), held at the first
+point's time below it (latency floor) and extrapolated along the last segment above it (bandwidth).
+Group sizes between measured ones are interpolated linearly; above the largest the bytes are
+scaled by the ring factor 2(n-1)/n. The measured numbers describe one node's fabric; a group that
+spans nodes still takes its inter-node step from the --network preset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from . import PlanError
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Measured time of one collective against message size."""
+
+    points: tuple[tuple[float, float], ...]
+    """(bytes, microseconds), sorted by bytes, at least one."""
+
+    def time_us(self, nbytes: float) -> float:
+        pts = self.points
+        if nbytes <= pts[0][0]:
+            return pts[0][1]
+        if len(pts) == 1:
+            return pts[0][1] * nbytes / pts[0][0]  # beyond the only point: pure bandwidth
+        for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+            if nbytes <= b1:
+                return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+        (b0, t0), (b1, t1) = pts[-2], pts[-1]
+        slope = max(0.0, (t1 - t0) / (b1 - b0))
+        return t1 + slope * (nbytes - b1)
+
+
+def _ring(n: int) -> float:
+    return 2 * (n - 1) / n
+
+
+@dataclass(frozen=True)
+class CollectiveTable:
+    """Curves per group size for one collective."""
+
+    curves: dict[int, Curve]
+    """Group size -> curve."""
+
+    def time_us(self, n: int, nbytes: float) -> float:
+        sizes = sorted(self.curves)
+        if n in self.curves:
+            return self.curves[n].time_us(nbytes)
+        if n < sizes[0]:
+            return self.curves[sizes[0]].time_us(nbytes)
+        if n > sizes[-1]:
+            top = sizes[-1]
+            return self.curves[top].time_us(nbytes * _ring(n) / _ring(top))
+        lo = max(s for s in sizes if s < n)
+        hi = min(s for s in sizes if s > n)
+        t_lo, t_hi = self.curves[lo].time_us(nbytes), self.curves[hi].time_us(nbytes)
+        return t_lo + (t_hi - t_lo) * (n - lo) / (hi - lo)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Numbers measured on the real cluster."""
+
+    device: str
+    """What was measured (GPU name)."""
+    hbm_gbps: float
+    """Measured device-memory copy bandwidth, GB/s."""
+    gemm_tflops: float
+    """Measured bf16 GEMM rate, TFLOP/s."""
+    allreduce: CollectiveTable
+    """All-reduce time per group size and message size."""
+    all_to_all: CollectiveTable | None = None
+    """All-to-all time, if measured."""
+    send_recv: Curve | None = None
+    """Point-to-point time, if measured."""
+    memory_gib: float | None = None
+    """Device memory, if measured."""
+    gpu_count: int | None = None
+    """GPUs on the measured host."""
+    source: str = "<profile>"
+    """Where the profile came from."""
+
+
+def _bad(source: str, where: str, what: str, got: Any) -> PlanError:
+    shown = repr(got)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return PlanError(f"{source}: field {where!r} {what}, got {shown}")
+
+
+def _positive(value: Any, source: str, where: str) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise _bad(source, where, "must be a positive number", value)
+    return float(value)
+
+
+def _curve(points: Any, source: str, where: str) -> Curve:
+    if not isinstance(points, list) or not points:
+        raise _bad(source, where, "must be a non-empty list of [bytes, microseconds] pairs", points)
+    out = []
+    for i, pt in enumerate(points):
+        if not isinstance(pt, (list, tuple)) or len(pt) != 2:
+            raise _bad(source, f"{where}[{i}]", "must be a [bytes, microseconds] pair", pt)
+        out.append((_positive(pt[0], source, f"{where}[{i}][0]"), _positive(pt[1], source, f"{where}[{i}][1]")))
+    out.sort()
+    if len({b for b, _ in out}) != len(out):
+        raise _bad(source, where, "has two points with the same byte size", points)
+    return Curve(tuple(out))
+
+
+def _table(value: Any, source: str, where: str) -> CollectiveTable:
+    if not isinstance(value, dict) or not value:
+        raise _bad(source, where, 'must be an object mapping group size ("2", "4", ...) to points', value)
+    curves = {}
+    for key, points in value.items():
+        try:
+            n = int(key)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 2 or str(n) != str(key).strip():
+            raise _bad(source, f"{where}.{key}", "must be keyed by a group size >= 2", key)
+        curves[n] = _curve(points, source, f"{where}.{key}")
+    return CollectiveTable(curves)
+
+
+def parse_profile(data: Any, source: str = "<profile>") -> Profile:
+    """Validate a profile dict; errors name the offending field."""
+    if not isinstance(data, dict):
+        raise PlanError(f"{source}: a profile must be a JSON object, got {type(data).__name__}")
+    version = data.get("version", 1)
+    if version != 1:
+        raise _bad(source, "version", "must be 1 (the only schema this planner knows)", version)
+    for key in ("device", "hbm_gbps", "gemm_tflops", "allreduce"):
+        if key not in data:
+            raise PlanError(f"{source}: missing required field {key!r}")
+    if not isinstance(data["device"], str) or not data["device"].strip():
+        raise _bad(source, "device", "must be a non-empty string", data["device"])
+    gpu_count = data.get("gpu_count")
+    if gpu_count is not None and (not isinstance(gpu_count, int) or isinstance(gpu_count, bool) or gpu_count < 1):
+        raise _bad(source, "gpu_count", "must be a positive integer", gpu_count)
+    return Profile(
+        device=data["device"],
+        hbm_gbps=_positive(data["hbm_gbps"], source, "hbm_gbps"),
+        gemm_tflops=_positive(data["gemm_tflops"], source, "gemm_tflops"),
+        allreduce=_table(data["allreduce"], source, "allreduce"),
+        all_to_all=_table(data["all_to_all"], source, "all_to_all") if "all_to_all" in data else None,
+        send_recv=_curve(data["send_recv"], source, "send_recv") if "send_recv" in data else None,
+        memory_gib=_positive(data["memory_gib"], source, "memory_gib") if "memory_gib" in data else None,
+        gpu_count=gpu_count,
+        source=source,
+    )
+
+
+def load_profile(path_or_data: str | dict[str, Any]) -> Profile:
+    """Read and validate a profile from a JSON file path (or an already-parsed dict)."""
+    if isinstance(path_or_data, dict):
+        return parse_profile(path_or_data)
+    path = path_or_data
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise PlanError(f"profile {path!r} not found") from None
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path}: profile is not valid JSON ({exc})") from None
+    return parse_profile(data, path)

@@ -1,0 +1,25 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Every tiny HF model, saved once per session: name -> (folder, HF model)."""
+    from hf_models import TINY, make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: (root / name, make_tiny(name, root / name)) for name in TINY}
+
+
+def worker_pids() -> set[int]:
+    """PIDs of shardlm worker processes still alive on this machine."""
+    out = subprocess.run(["pgrep", "-f", "shardlm.worker.main"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}

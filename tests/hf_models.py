@@ -1,0 +1,52 @@
+"""Tiny Hugging Face models with random weights, saved as checkpoint folders for parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# name -> (transformers config class, kwargs); together they cover uneven head splits, KV-head
+# replication (tp > n_kv), GQA groups cut across ranks, q/k/v (and o, mlp) bias, tied and untied
+# embeddings, Llama-3 rope scaling and a vocab that no TP degree divides.
+TINY = {
+    "llama-uneven-tied": ("LlamaConfig", dict(
+        vocab_size=509, hidden_size=72, intermediate_size=150, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=8, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, rope_theta=10000.0)),
+    "qwen2-bias-untied": ("Qwen2Config", dict(
+        vocab_size=401, hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, tie_word_embeddings=False, use_sliding_window=False)),
+    "llama-allbias-mha": ("LlamaConfig", dict(
+        vocab_size=300, hidden_size=40, intermediate_size=84, num_hidden_layers=3, num_attention_heads=5,
+        num_key_value_heads=5, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", dict(
+        vocab_size=333, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=8, sliding_window=None, tie_word_embeddings=False)),
+}
+
+
+def make_tiny(name: str, folder: Path) -> torch.nn.Module:
+    """Build, randomise (std 0.1 so greedy choices are well separated) and save a tiny model."""
+    import transformers
+
+    cls_name, kwargs = TINY[name]
+    cfg = getattr(transformers, cls_name)(max_position_embeddings=512, initializer_range=0.1,
+                                          bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs)
+    torch.manual_seed(1234)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+@torch.no_grad()
+def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the logits of every step, one prompt at a time (no padding involved)."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits)[:, 0].float()

@@ -1,0 +1,378 @@
+"""Planner: formulas pinned to hand-worked numbers, recommendations that follow the hardware,
+clear errors for bad input, JSON and PNG output. Pure CPU, no torch."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from shardlm.layout import ParallelLayout
+from shardlm.planner import PlanError, Workload, load_model, load_profile, make_cluster, make_plan
+from shardlm.planner.cli import main
+from shardlm.planner.cost import (
+    CostModel, a2a_bytes_per_token, decode_flops_per_token, distinct_experts, kv_bytes_per_token_per_gpu,
+    pipeline_bubble, prefill_flops, stage_shards, weights_per_gpu,
+)
+from shardlm.planner.models import from_hf_config
+
+GB, KiB = 1e9, 1024
+
+# The 4 x H100 host's measured all-reduce (shared/reference/gpu-host-measurements.md), as a profile.
+PROFILE = {
+    "version": 1, "device": "NVIDIA H100 80GB HBM3", "gpu_count": 4, "memory_gib": 79.1,
+    "hbm_gbps": 3012, "gemm_tflops": 778,
+    "allreduce": {
+        "2": [[16384, 35.3], [65536, 35.2], [262144, 33.9], [1048576, 43.3], [4194304, 39.2],
+              [16777216, 76.2], [67108864, 254.2], [268435456, 899.9]],
+        "4": [[16384, 40.8], [65536, 40.6], [262144, 37.2], [1048576, 37.2], [4194304, 44.0],
+              [16777216, 98.3], [67108864, 334.1], [268435456, 1196.6]],
+    },
+    "send_recv": [[16384, 12.0], [1048576, 20.0]],
+}
+
+
+@pytest.fixture(scope="module")
+def l70():
+    return load_model("llama-3-70b")
+
+
+# -- formulas --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp,expected_gb", [(1, 141.1), (2, 70.6), (4, 35.3), (8, 17.6)])
+def test_llama3_70b_weights_per_gpu(l70, tp, expected_gb):
+    assert weights_per_gpu(l70, tp) / GB == pytest.approx(expected_gb, abs=0.05)
+
+
+def test_uneven_tp_costs_the_busiest_rank(l70):
+    # tp=3: rank 0 holds q heads 0-21 -> kv heads 0-2, rank 1 q 22-42 -> kv 2-5 (4 KV heads, GQA group
+    # split); both have 50 head-slices of h*d. MLP 28672/3 -> 9558 rows on rank 0, vocab 42752 rows each.
+    per_layer = 8192 * 128 * 50 + 3 * 8192 * 9558 + 2 * 8192
+    expected = 2 * (80 * per_layer + 2 * 42752 * 8192 + 8192)
+    assert weights_per_gpu(l70, 3) == expected
+    assert weights_per_gpu(l70, 3) > weights_per_gpu(l70, 1) / 3
+    assert kv_bytes_per_token_per_gpu(l70, 3) == 2 * 80 * 4 * 128 * 2  # 160 KiB, not 320/3
+
+
+def test_kv_per_token_gqa_and_replication(l70):
+    assert l70.kv_bytes_per_token() == 320 * KiB
+    assert kv_bytes_per_token_per_gpu(l70, 1) == 320 * KiB
+    assert kv_bytes_per_token_per_gpu(l70, 4) == 80 * KiB
+    assert kv_bytes_per_token_per_gpu(l70, 8) == 40 * KiB
+    # 16 ranks > 8 KV heads: each rank still keeps one whole KV head, so it stops shrinking
+    assert kv_bytes_per_token_per_gpu(l70, 16) == 40 * KiB
+    assert kv_bytes_per_token_per_gpu(l70, 4, pp=2) == 40 * KiB
+    assert kv_bytes_per_token_per_gpu(l70, 4, kv_bytes=1) == 40 * KiB
+
+
+def test_pipeline_and_tied_embeddings():
+    smol = load_model("smollm2-135m")
+    assert smol.total_params() == 134_515_008
+    # pp=1: the tied LM head is the embedding; pp=2: the last stage needs its own copy
+    emb = 49152 * 576
+    layer = 576 * 64 * (2 * 9 + 2 * 3) + 3 * 576 * 1536 + 2 * 576
+    assert weights_per_gpu(smol, 1) == 2 * (30 * layer + emb + 576)
+    assert weights_per_gpu(smol, 1, pp=2) == 2 * (15 * layer + emb + 576)
+
+
+def test_mixtral_total_and_active_params():
+    mix = load_model("mixtral-8x7b")
+    assert mix.total_params() / 1e9 == pytest.approx(46.7, abs=0.05)
+    assert mix.active_params() / 1e9 == pytest.approx(12.9, abs=0.05)
+    assert mix.expert_params() / 1e6 == pytest.approx(176.2, abs=0.1)
+
+
+def test_other_presets_param_counts():
+    qwen = load_model("qwen2.5-72b")  # q/k/v biases: (64 + 2*8) * 128 per layer
+    layer = 8192 * 128 * 144 + 80 * 128 + 3 * 8192 * 29568 + 2 * 8192
+    assert qwen.total_params() == 80 * layer + 2 * 152064 * 8192 + 8192
+    expected = {  # (total, active) in billions, as published
+        "llama-3-8b": (8.03, 8.03), "llama-3-405b": (405.9, 405.9), "mixtral-8x22b": (140.6, 39.2),
+        "qwen3-30b-a3b": (30.5, 3.35), "deepseek-moe-16b": (16.4, 2.8),
+    }
+    for name, (total, active) in expected.items():
+        m = load_model(name)
+        assert m.total_params() / 1e9 == pytest.approx(total, abs=0.05), name
+        assert m.active_params() / 1e9 == pytest.approx(active, abs=0.05), name
+
+
+def test_distinct_experts():
+    assert distinct_experts(8, 2, 1) == pytest.approx(2.0)
+    assert distinct_experts(8, 2, 4) == pytest.approx(5.47, abs=0.01)
+    assert distinct_experts(8, 2, 16) == pytest.approx(7.92, abs=0.01)
+
+
+def test_moe_decode_reads_distinct_experts_and_pays_all_to_all():
+    mix = load_model("mixtral-8x7b")
+    cm = CostModel(mix, make_cluster("h100-80gb", 8))
+    lay = ParallelLayout(tp=1, pp=1, dp=1)
+    sh = stage_shards(mix, lay)[0]
+    one, sixteen = (cm.stage_pass(lay, sh, b, 0, prefill=False) for b in (1, 16))
+    expert_bytes = 2 * 32 * mix.expert_params()
+    assert sixteen.hbm_bytes - one.hbm_bytes == pytest.approx(
+        (distinct_experts(8, 2, 16) - 2) * expert_bytes, rel=1e-9)
+    assert a2a_bytes_per_token(2, 4096, 2, 8) == 2 * 2 * 4096 * 2 * 7 / 8
+    # EP over 8 ranks: each holds one whole expert; 2 all-to-alls per MoE layer
+    ep = ParallelLayout(tp=1, pp=1, dp=8, ep=8)
+    sh_ep = stage_shards(mix, ep)[0]
+    assert (sh_ep.experts_local, sh_ep.expert) == (1, mix.expert_params())
+    buf = 4 * 2 * 4096 * 2  # 4 tokens per rank x top-2 x h x bf16
+    comm = cm.stage_pass(ep, sh_ep, 4, 0, prefill=False).comm_s
+    assert comm == pytest.approx(64 * cm.all_to_all(list(range(8)), buf))
+    assert cm.all_to_all(list(range(8)), buf) == pytest.approx((9 + 1.5 * 6 + buf * 7 / 8 / (0.7 * 450e3)) * 1e-6)
+
+
+def test_prefill_and_decode_flops(l70):
+    n_matmul = 80 * (8192 * 128 * 144 + 3 * 8192 * 28672) + 128256 * 8192
+    assert prefill_flops(l70, 1000) == 2 * n_matmul * 1000 + 2 * 80 * 64 * 128 * 1000**2
+    assert decode_flops_per_token(l70, 500) == 2 * n_matmul + 4 * 80 * 64 * 128 * 500
+    cm = CostModel(l70, make_cluster("h100-80gb", 1))
+    lay = ParallelLayout()
+    step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1000, 0, prefill=True)
+    assert step.flops == pytest.approx(prefill_flops(l70, 1000, logits_tokens=1))
+
+
+def test_decode_step_is_roofline_plus_allreduces(l70):
+    cm = CostModel(l70, make_cluster("h100-80gb", 4, "nvlink"))
+    lay = ParallelLayout(tp=4)
+    step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1000, prefill=False)
+    bw = 3350e9 * 0.85
+    hbm = weights_per_gpu(l70, 4) - 2 * 32064 * 8192  # the embedding rows are looked up, not read
+    assert step.compute_s == pytest.approx((hbm + 1000 * 80 * KiB) / bw, rel=1e-9)
+    # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: alpha(4) = 12 us,
+    # ring 2(n-1)/n = 1.5 at busbw 360 GB/s; plus the logits all-gather (V*2 bytes, half as an all-reduce)
+    ar = 12 + 1.5 * 16384 / 360e3
+    gather = 12 + 1.5 * 128256 / 360e3
+    assert step.comm_s == pytest.approx((161 * ar + gather) * 1e-6, rel=1e-9)
+    assert 160 * ar * 1e-6 < 0.2 * step.compute_s  # graph-captured NVLink: latency-bound, small
+
+
+def test_collectives_span_sockets_and_nodes():
+    pcie = make_cluster("a100-80gb", 8, "pcie-cross-socket")
+    cm = CostModel(load_model("llama-3-8b"), pcie)
+    inside, across = cm.allreduce([0, 1, 2, 3], 1 << 20), cm.allreduce([2, 3, 4, 5], 1 << 20)
+    assert inside == pytest.approx((15 + 2 * 2 + 1.5 * (1 << 20) / (0.65 * 32e3)) * 1e-6)
+    assert across == pytest.approx((25 + 3 * 2 + 1.5 * (1 << 20) / 10e3) * 1e-6)
+    two_nodes = CostModel(load_model("llama-3-8b"), make_cluster("h100-80gb", 16, "nvlink", 8, "ib-ndr"))
+    intra = 9 + 1.5 * 6 + 1.75 * 16384 / 360e3  # all 8 GPUs of a node, NVLink
+    ring = 30 + 1.0 * (16384 / 8) / 40e3  # 2 nodes, 1/8 of the bytes per GPU over its NIC
+    assert two_nodes.allreduce(list(range(16)), 16384) == pytest.approx((intra + ring) * 1e-6)
+    assert two_nodes.send_recv(7, 8, 16384) == pytest.approx((10 + 16384 / 40e3) * 1e-6)
+
+
+def test_pipeline_bubble_and_single_sequence_crosses_every_stage(l70):
+    assert pipeline_bubble(4, 1) == pytest.approx(0.75)
+    assert pipeline_bubble(4, 4) == pytest.approx(3 / 7)
+    cl = make_cluster("h100-80gb", 8)
+    plan = make_plan(l70, cl, Workload(max_model_len=2048))
+    row = next(r for r in plan.results if (r.tp, r.pp, r.dp) == (2, 4, 1))
+    assert row.bubble_share == pytest.approx(pipeline_bubble(4, row.micro_batches))
+    cm = CostModel(l70, cl)
+    lay = ParallelLayout(tp=2, pp=4)
+    passes = [cm.stage_pass(lay, sh, 1, 1536, prefill=False) for sh in stage_shards(l70, lay)]
+    # batch 1: 4 beats of the slowest stage + 3 transfers + host overhead, at least the sum of stages
+    expected = 4 * max(p.total_s for p in passes) + 3 * cm.transfer(lay, 1) + 500e-6
+    assert row.tpot_ms_b1 == pytest.approx(expected * 1e3, rel=1e-9)
+    assert expected > sum(p.total_s for p in passes)
+
+
+def test_profile_replaces_datasheet_numbers(l70):
+    prof = load_profile(PROFILE)
+    cl = make_cluster("h100-80gb", 4)
+    cm = CostModel(l70, cl, prof)
+    assert cm.allreduce([0, 1, 2, 3], 16384) == pytest.approx(40.8e-6)
+    assert cm.allreduce([0, 1], 2 * 1048576) == pytest.approx((43.3 + (39.2 - 43.3) / 3) * 1e-6)
+    assert cm.allreduce([0, 1, 2], 16384) == pytest.approx((35.3 + 40.8) / 2 * 1e-6)  # between sizes
+    assert cm.send_recv(0, 1, 16384) == pytest.approx(12e-6)
+    assert cm.hbm_bps == pytest.approx(3012e9 * 0.95) and cm.flops_ps == pytest.approx(778e12 * 0.85)
+    base = make_plan(l70, cl, Workload(max_model_len=4096))
+    measured = make_plan(l70, cl, Workload(max_model_len=4096), prof)
+    tp4 = [next(r for r in p.results if r.tp == 4) for p in (base, measured)]
+    # eager all-reduces at ~40 us instead of ~12 us: 161 x ~28 us more per token
+    assert tp4[1].tpot_ms_b1 - tp4[0].tpot_ms_b1 == pytest.approx(161 * 28.7e-3, rel=0.1)
+
+
+# -- recommendations follow the hardware -------------------------------------------------------------
+
+def test_nvlink_prefers_tp_inside_the_node(l70):
+    plan = make_plan(l70, make_cluster("h100-80gb", 8, "nvlink"), Workload(8192, slo_tpot_ms=30))
+    rec = plan.recommended
+    assert (rec.tp, rec.pp, rec.dp) == (8, 1, 1)
+    assert rec.tpot_ms <= 30
+    assert "NVLink" in plan.reason
+
+
+def test_pcie_across_sockets_keeps_tp_small(l70):
+    nv = make_plan(l70, make_cluster("a100-80gb", 8, "nvlink")).recommended
+    pc = make_plan(l70, make_cluster("a100-80gb", 8, "pcie-cross-socket"))
+    assert nv.tp == 8
+    assert pc.recommended.tp <= 4  # one socket's GPUs
+    tp8 = next(r for r in pc.results if r.tp == 8)
+    assert tp8.comm_share > 0.5  # TP=8 would spend most of each step crossing the sockets
+    assert "inside one socket" in pc.reason
+
+
+def test_multi_node_puts_pp_between_nodes():
+    m = load_model("llama-3-405b")
+    for net in ("ib-ndr", "eth-100g"):
+        cl = make_cluster("h100-80gb", 16, "nvlink", gpus_per_node=8, network=net)
+        plan = make_plan(m, cl)
+        rec = plan.recommended
+        assert (rec.tp, rec.pp) == (8, 2), net
+        lay = ParallelLayout(tp=8, pp=2)
+        assert all(cl.span(g).nodes == 1 for g in lay.tp_groups())
+        assert cl.span([lay.rank(0, 0, 0), lay.rank(0, 1, 0)]).nodes == 2
+        tp16 = next(r for r in plan.results if r.tp == 16)
+        assert tp16.kv_kib_per_token == pytest.approx(2 * rec.kv_kib_per_token)  # KV heads replicated
+
+
+def test_heads_experts_and_slo_rejections():
+    smol = make_plan(load_model("smollm2-135m"), make_cluster("h100-80gb", 16))
+    tp16 = next(r for r in smol.results if r.tp == 16)
+    assert not tp16.ok and "heads" in tp16.reasons[0]
+    pp32 = next(r for r in make_plan(load_model("smollm2-135m"), make_cluster("h100-80gb", 32, "nvlink", 8)).results
+                if r.pp == 32)
+    assert not pp32.ok and pp32.reasons[0].startswith("layers: pp=32 > 30")
+    tp2 = next(r for r in smol.results if (r.tp, r.pp) == (2, 1))
+    assert tp2.ok and tp2.kv_kib_per_token == 15.0  # 9 heads over 2 ranks: each needs 2 of 3 KV heads
+    mix = make_plan(load_model("mixtral-8x7b"), make_cluster("h100-80gb", 16))
+    ep16 = next(r for r in mix.results if r.ep == 16)
+    assert not ep16.ok and "experts" in ep16.reasons[0]
+    assert all(r.ep in (1, r.tp * r.dp) for r in mix.results)
+    dense = make_plan(load_model("llama-3-8b"), make_cluster("h100-80gb", 4))
+    assert all(r.ep == 1 for r in dense.results)
+    slo = make_plan(load_model("llama-3-70b"), make_cluster("h100-80gb", 8), Workload(slo_tpot_ms=3))
+    assert slo.recommended is None and "No layout meets the SLO" in slo.reason
+    assert any("misses the SLO" in r for res in slo.results for r in res.reasons)
+    fits = [r for r in slo.results if r.fits]
+    assert fits and all("misses the SLO" in " ".join(r.reasons) for r in fits)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+def test_unknown_presets_list_the_known_ones():
+    with pytest.raises(PlanError, match="known GPUs: .*h100-80gb"):
+        make_cluster("v100", 4)
+    with pytest.raises(PlanError, match="presets: .*llama-3-70b.*mixtral-8x7b"):
+        load_model("llama-9-1t")
+    with pytest.raises(PlanError, match="no NVLink"):
+        make_cluster("l40s", 4, "nvlink")
+    with pytest.raises(PlanError, match="must divide"):
+        make_cluster("h100-80gb", 12, "nvlink", gpus_per_node=8)
+
+
+def test_config_json(tmp_path):
+    cfg = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000, "num_local_experts": 8,
+           "num_experts_per_tok": 2, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(tmp_path))  # the folder works as well as the file
+    assert m.total_params() == load_model("mixtral-8x7b").total_params()
+    del cfg["num_hidden_layers"]
+    with pytest.raises(PlanError, match="missing 'num_hidden_layers'"):
+        from_hf_config(cfg)
+    cfg["num_hidden_layers"] = 32
+    del cfg["num_experts_per_tok"]
+    with pytest.raises(PlanError, match="num_experts_per_tok"):
+        from_hf_config(cfg)
+    qwen3 = {"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": 768,
+             "num_experts": 128, "num_experts_per_tok": 8, "vocab_size": 151936, "tie_word_embeddings": False}
+    assert from_hf_config(qwen3).total_params() == load_model("qwen3-30b-a3b").total_params()
+    with pytest.raises(PlanError, match="not found"):
+        load_model(str(tmp_path / "nope.json"))
+
+
+def test_no_layout_fits_names_the_smallest_gpu_count():
+    with pytest.raises(PlanError, match=r"smallest GPU count that fits is 4 \(tp=4"):
+        make_plan(load_model("llama-3-70b"), make_cluster("a100-40gb", 2))
+
+
+@pytest.mark.parametrize("patch,field", [
+    ({"hbm_gbps": -1}, "hbm_gbps"),
+    ({"gemm_tflops": "fast"}, "gemm_tflops"),
+    ({"allreduce": {"4": [[16384, 40.8], [65536]]}}, "allreduce.4[1]"),
+    ({"allreduce": {"one": [[16384, 40.8]]}}, "allreduce.one"),
+    ({"allreduce": []}, "allreduce"),
+    ({"send_recv": [[0, 5.0]]}, "send_recv[0][0]"),
+    ({"version": 2}, "version"),
+])
+def test_malformed_profile_names_the_field(patch, field):
+    with pytest.raises(PlanError, match=re.escape(f"field '{field}'")):
+        load_profile({**PROFILE, **patch})
+
+
+def test_profile_missing_field_and_bad_file(tmp_path):
+    data = dict(PROFILE)
+    del data["gemm_tflops"]
+    with pytest.raises(PlanError, match="missing required field 'gemm_tflops'"):
+        load_profile(data)
+    bad = tmp_path / "p.json"
+    bad.write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        load_profile(str(bad))
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["plan", "llama-3-70b", "--gpus", "8", "--gpu", "v100"], "unknown GPU 'v100'"),
+    (["plan", "gpt-5", "--gpus", "8"], "unknown model 'gpt-5'"),
+    (["plan", "llama-3-405b", "--gpus", "4"], "smallest GPU count that fits is 11"),
+    (["plan", "llama-3-8b", "--gpus", "4", "--input-len", "9000"], "exceed --max-model-len"),
+])
+def test_run_plan_prints_the_error_and_returns_2(capsys, argv, msg):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_run_plan_bad_profile_returns_2(tmp_path, capsys):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps({**PROFILE, "allreduce": {"4": [[16384, "x"]]}}))
+    assert main(["plan", "llama-3-8b", "--gpus", "4", "--profile", str(path)]) == 2
+    assert "allreduce.4[0][1]" in capsys.readouterr().err
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+def test_table_output(capsys):
+    assert main(["plan", "llama-3-70b", "--gpus", "8", "--gpu", "h100-80gb", "--interconnect", "nvlink",
+                 "--max-model-len", "8192", "--slo-tpot-ms", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "tp=8 pp=1 ep=1 dp=1" in out and "RECOMMENDED" in out
+    assert "does not fit" in out and "misses the SLO" in out
+    assert out.strip().splitlines()[-1].startswith("Recommendation: tp=8 pp=1 ep=1 dp=1")
+
+
+def test_json_output_shape(tmp_path, capsys):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(PROFILE))
+    assert main(["plan", "mixtral-8x7b", "--gpus", "4", "--profile", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= {"model", "cluster", "workload", "assumptions", "layouts", "recommended", "reason"}
+    assert data["model"]["total_params"] == load_model("mixtral-8x7b").total_params()
+    assert data["assumptions"]["hardware_source"] == "profile"
+    # (tp, pp, dp) factorizations of 4: 6; MoE adds ep = tp*dp wherever tp*dp > 1: 5 more
+    assert len(data["layouts"]) == 11
+    keys = {"tp", "pp", "ep", "dp", "ok", "reasons", "weights_gb", "kv_kib_per_token", "max_seqs", "ttft_ms_b1",
+            "ttft_ms_full", "tpot_ms_b1", "tpot_ms_full", "throughput_tok_s", "comm_share", "bubble_share", "curve"}
+    assert all(keys <= set(r) for r in data["layouts"])
+    rec = data["recommended"]
+    best = max(r["throughput_tok_s"] for r in data["layouts"] if r["ok"])
+    assert rec["ok"] and rec["throughput_tok_s"] >= 0.97 * best
+    assert rec["curve"][-1][0] == rec["batch"] or rec["batch"] in [p[0] for p in rec["curve"]]
+    assert rec["name"] in data["reason"]
+
+
+def test_plot_writes_png(tmp_path, capsys):
+    out = tmp_path / "plan.png"
+    assert main(["plan", "llama-3-70b", "--gpus", "8", "--slo-tpot-ms", "30", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000
+
+
+def test_planner_does_not_import_torch():
+    code = "import sys, shardlm.planner.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
