@@ -40,12 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
     _add_engine_args(gen)
     _add_sampling_args(gen)
-    try:
-        from .planner.cli import add_plan_parser
-    except ImportError:  # planner not installed in this build
-        pass
-    else:
-        add_plan_parser(sub)
+    from .bench import add_bench_parser
+    from .planner.cli import add_plan_parser
+
+    _add_engine_args(add_bench_parser(sub))
+    add_plan_parser(sub)
     return parser
 
 
@@ -65,15 +64,19 @@ def _stream_one(llm, prompt, params) -> None:
     sys.stdout.write("\n")
 
 
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                gpu_memory_utilization=args.gpu_memory_utilization)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from .llm import LLM
     from .sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
-    llm = LLM(model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-              device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = LLM(**_engine_kwargs(args))
     try:
         tok = llm.get_tokenizer()
         use_chat = not args.no_chat_template and getattr(getattr(tok, "tok", None), "chat_template", None)
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "bench":
+            from .bench import run_bench
+
+            return run_bench(args, _engine_kwargs(args))
         if args.command == "plan":
             from .planner.cli import run_plan
 

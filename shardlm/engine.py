@@ -225,6 +225,19 @@ class LLMEngine:
                 metrics.first_token_time = now
         return [self._output(rid) for rid in touched]
 
+    def profile_step(self) -> dict[int, dict[str, Any]]:
+        """Profile one decode step of the running batch on every rank, without advancing it.
+
+        Only between decode steps (nothing waiting): re-running a decode step rewrites the same
+        K/V slots with the same values, so the following real step is unaffected.
+        """
+        if self.scheduler.waiting or not self.scheduler.running:
+            raise RuntimeError("profile_step needs a running batch with nothing waiting")
+        batch = self.scheduler.schedule()
+        plan = {"seqs": [dict(self._wire(item), sample=True) for item in batch], "finished": []}
+        return {rank: {k: v for k, v in msg.items() if k not in ("event", "rank")}
+                for rank, msg in self.executor.profile_step(plan).items()}
+
     def _wire(self, item: ScheduledSeq) -> dict[str, Any]:
         s = item.seq
         return {"id": s.seq_id, "tokens": item.tokens, "start": item.start, "blocks": s.blocks,

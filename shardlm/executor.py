@@ -66,6 +66,7 @@ class Executor:
         self.socks: dict[int, socket.socket] = {}
         self.ready: dict[int, dict[str, Any]] = {}
         self._closed = False
+        self.last_exec_s = 0.0  # the output rank's time inside the last step (forward + sampling)
         self.listener = socket.create_server((driver_host, driver_port))
         self.listener.settimeout(1.0)
         address = f"{driver_host}:{self.listener.getsockname()[1]}"
@@ -173,7 +174,14 @@ class Executor:
         if not plan["seqs"] or not any(s["sample"] for s in plan["seqs"]):
             return [], {}
         msg, arrays = self._recv_from(self.layout.driver_ranks()[0], "step")
+        self.last_exec_s = msg.get("exec_s", 0.0)
         return msg["results"], arrays
+
+    def profile_step(self, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Run one step under the profiler on every rank; per-rank GPU time by kernel kind."""
+        for sock in self.socks.values():
+            wire.send(sock, dict(plan, cmd="profile_step"))
+        return self._expect_all("profile")
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop every worker: ask nicely, then terminate, then kill. Safe to call twice."""

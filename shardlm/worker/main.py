@@ -72,9 +72,12 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
         msg, _ = wire.recv(sock)
         cmd = msg["cmd"]
         if cmd == "step":
+            t0 = time.perf_counter()
             results, arrays = runner.execute(msg)
             if ctx.is_output_rank:
-                wire.send(sock, {"event": "step", "results": results}, arrays)
+                wire.send(sock, {"event": "step", "results": results, "exec_s": time.perf_counter() - t0}, arrays)
+        elif cmd == "profile_step":
+            wire.send(sock, {"event": "profile", "rank": rank, **runner.execute_profiled(msg)})
         elif cmd == "alloc_kv":
             runner.allocate_kv(msg["blocks"])
             wire.send(sock, {"event": "kv_ready", "rank": rank})

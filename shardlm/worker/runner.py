@@ -88,6 +88,35 @@ class ModelRunner:
         self.num_blocks = 0
 
     # ---- one step ---------------------------------------------------------------------------
+    def execute_profiled(self, plan: dict[str, Any]) -> dict[str, float]:
+        """Run one step under torch.profiler; return GPU time per kind of kernel (us) and the step's wall time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            self.execute(plan)
+            self._sync()
+            wall = time.perf_counter() - t0
+        kinds = {"communication": 0.0, "gemm": 0.0, "attention": 0.0, "other": 0.0}
+        for evt in prof.key_averages():
+            us = getattr(evt, "self_device_time_total", 0.0) or 0.0
+            if us <= 0 or evt.device_type.name != "CUDA":
+                continue
+            name = evt.key.lower()
+            if "nccl" in name:
+                kinds["communication"] += us
+            elif any(k in name for k in ("gemm", "nvjet", "cutlass", "matmul", "sm90")):
+                kinds["gemm"] += us
+            elif any(k in name for k in ("attention", "fmha", "flash", "softmax")):
+                kinds["attention"] += us
+            else:
+                kinds["other"] += us
+        kinds = {f"{k}_us": v for k, v in kinds.items()}
+        kinds["gpu_busy_us"] = sum(kinds.values())
+        kinds["wall_us"] = wall * 1e6
+        return kinds
+
     @torch.inference_mode()
     def execute(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
         """Run one step: every scheduled sequence's new tokens; sample where the plan asks."""

@@ -1,0 +1,105 @@
+"""`shardlm bench latency`: TTFT and TPOT per batch size for one layout, and where a decode step's time goes."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+from .llm import LLM
+from .sampling_params import SamplingParams
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int = 0,
+              profile_after: int | None = None) -> dict[str, Any]:
+    """Submit `batch` random prompts at once and time every step until all finish."""
+    engine = llm.engine
+    rng = random.Random(seed)
+    vocab = engine.spec.config.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(batch)]
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{seed}-{i}", None, p, params)
+    durations, exec_s, profile, profile_s = [], [], None, 0.0
+    while engine.has_unfinished_requests():
+        if profile_after is not None and profile is None and len(durations) == profile_after:
+            p0 = time.perf_counter()
+            profile = engine.profile_step()
+            profile_s = time.perf_counter() - p0  # kept out of every timing below
+        s0 = time.perf_counter()
+        engine.step()
+        durations.append(time.perf_counter() - s0)
+        exec_s.append(engine.executor.last_exec_s)
+        if len(durations) == 1:
+            ttft = time.perf_counter() - t0  # the whole batch is prefilled in the first step
+    decode = durations[1:]
+    e2e = time.perf_counter() - t0 - profile_s
+    out = {
+        "batch": batch, "input_len": input_len, "output_len": output_len,
+        "ttft_ms": ttft * 1e3, "tpot_ms": statistics.mean(decode) * 1e3 if decode else 0.0,
+        "tpot_p50_ms": _percentile(decode, 50) * 1e3 if decode else 0.0,
+        "tpot_p99_ms": _percentile(decode, 99) * 1e3 if decode else 0.0,
+        "e2e_s": e2e, "output_tok_per_s": batch * output_len / e2e,
+        # time the output rank spent inside the step (forward + sampling) vs. the whole step
+        "decode_exec_ms": statistics.mean(exec_s[1:]) * 1e3 if len(exec_s) > 1 else 0.0,
+    }
+    if profile is not None:
+        out["profile_decode_step"] = profile
+    return out
+
+
+def run_latency(llm: LLM, batch_sizes: list[int], input_len: int, output_len: int, warmup: bool = True,
+                profile: bool = False) -> list[dict[str, Any]]:
+    if warmup:  # first-touch allocations, cuBLAS handles, NCCL communicators
+        run_batch(llm, max(batch_sizes), input_len, min(output_len, 8), seed=99)
+    return [run_batch(llm, b, input_len, output_len, seed=b, profile_after=5 if profile else None)
+            for b in batch_sizes]
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)
+    lat = kinds.add_parser("latency", help="TTFT and TPOT per batch size for one layout")
+    lat.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--profile", action="store_true", help="profile one decode step per batch size (GPU kernel time by kind)")
+    lat.add_argument("--json", default=None, help="write results to this file")
+    return lat
+
+
+def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if any(b < 1 for b in batch_sizes) or args.input_len < 1 or args.output_len < 2:
+        raise ValueError("batch sizes and --input-len must be >= 1, --output-len >= 2")
+    longest = max(batch_sizes) * args.input_len
+    engine_kwargs.setdefault("max_num_batched_tokens", max(longest, 2048))
+    engine_kwargs["max_num_seqs"] = max(engine_kwargs.get("max_num_seqs", 256), max(batch_sizes))
+    with LLM(**engine_kwargs) as llm:
+        results = run_latency(llm, batch_sizes, args.input_len, args.output_len, profile=args.profile)
+        meta = {"model": llm.engine.spec.name, "tensor_parallel_size": llm.engine.layout.tp,
+                "dtype": llm.engine.dtype, "device": llm.engine.device, "results": results}
+    print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'exec ms':>8} {'tok/s':>8}")
+    for r in results:
+        print(f"{r['batch']:>5} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>9.2f} {r['tpot_p99_ms']:>8.2f} "
+              f"{r['decode_exec_ms']:>8.2f} {r['output_tok_per_s']:>8.1f}")
+        if "profile_decode_step" in r:
+            prof = r["profile_decode_step"]
+            print("      decode step GPU time by rank (us): " + "; ".join(
+                f"rank {k}: " + ", ".join(f"{n[:-3]} {v:.0f}" for n, v in p.items() if n.endswith("_us") and n != "rank")
+                for k, p in sorted(prof.items())))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(meta, f, indent=2)
+    return 0

@@ -1,0 +1,47 @@
+"""GPU checks (run on the GPU host: pytest -m gpu). NCCL, one process per GPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_models import hf_greedy
+from shardlm import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [100]]
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_gpu_float32_matches_hf(tp, tiny_models):
+    if _gpus() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    folder, model = tiny_models["llama-uneven-tied"]
+    refs = [hf_greedy(model, p, 16) for p in PROMPTS]
+    with LLM(str(folder), tensor_parallel_size=tp, dtype="float32", device="cuda") as llm:
+        llm.engine.return_logits = True
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+        for out, (tokens, logits) in zip(outs, refs):
+            assert out.outputs[0].token_ids == tokens
+            ours = torch.from_numpy(np.stack(llm.engine.logits_log[(out.request_id, 0)]))
+            assert ((ours - logits).abs().max() / logits.abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gpu_bf16_tp_agrees_with_tp1(tp, tiny_models):
+    if _gpus() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    folder, _ = tiny_models["qwen2-bias-untied"]
+    firsts = []
+    for degree in (1, tp):
+        with LLM(str(folder), tensor_parallel_size=degree, device="cuda") as llm:  # bfloat16 by default
+            llm.engine.return_logits = True
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=1, temperature=0))
+            firsts.append(np.stack([llm.engine.logits_log[(o.request_id, 0)][0] for o in outs]))
+    rel = np.abs(firsts[0] - firsts[1]).max() / np.abs(firsts[0]).max()
+    assert rel < 3e-2, f"bf16 TP={tp} vs TP=1 relative logit difference {rel:.3e}"
