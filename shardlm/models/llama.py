@@ -38,12 +38,12 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(shard.n_q, shard.n_kv, d, shard.kv_index)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
         q = q.view(-1, self.n_q, self.head_dim)
         k = k.view(-1, self.n_kv, self.head_dim)
         v = v.view(-1, self.n_kv, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(rope, q, k)
         return self.o_proj(self.attn(q, k, v, meta))  # all-reduce inside o_proj
 
 
@@ -73,8 +73,8 @@ class LlamaDecoderLayer(nn.Module):
                                                 cfg.rms_norm_eps, ctx.device, dtype)
         self.mlp = LlamaMLP(f"{p}.mlp", cfg, ctx, dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -83,13 +83,15 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, ctx, dtype)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ctx.device)
+        self.rotary = rotary
         self.layers = nn.ModuleList(LlamaDecoderLayer(i, cfg, ctx, rotary, dtype) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(ids)  # [tokens, hidden]
+        rope = self.rotary.lookup(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x, meta)
+            x = layer(rope, x, meta)
         return self.norm(x)
 
 

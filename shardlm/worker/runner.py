@@ -56,12 +56,16 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
-        n_blocks = -(-profile_tokens // self.block_size)
-        self.allocate_kv(n_blocks)
+        # the profiling batch: profile_tokens prompt tokens cut into sequences no longer than max_model_len
+        lens = [min(self.max_model_len, profile_tokens - i) for i in range(0, profile_tokens, self.max_model_len)]
+        per_seq = [-(-n // self.block_size) for n in lens]
+        self.allocate_kv(sum(per_seq))
         kv_bytes = torch.cuda.memory_allocated(dev) - before
-        seq = {"id": -1, "tokens": [0] * profile_tokens, "start": 0, "blocks": list(range(n_blocks)),
-               "sample": True, "params": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}}
-        self.execute({"seqs": [seq]})
+        greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}
+        first = [sum(per_seq[:i]) for i in range(len(lens))]
+        seqs = [{"id": -1 - i, "tokens": [0] * n, "start": 0, "blocks": list(range(b0, b0 + nb)), "sample": True,
+                 "params": greedy} for i, (n, b0, nb) in enumerate(zip(lens, first, per_seq))]
+        self.execute({"seqs": seqs})
         self._sync()
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         self.free_kv()

@@ -1,0 +1,42 @@
+"""The command line as a user runs it."""
+
+import subprocess
+import sys
+
+
+def shardlm(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardlm.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_streams_on_two_workers():
+    res = shardlm("generate", "--model", "random:tiny-llama", "--tensor-parallel-size", "2", "--max-tokens", "12",
+                  "--ignore-eos", "hello there")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()  # random weights: some text, possibly <|id|> tokens
+
+
+def test_generate_default_model_with_chat_template():
+    res = shardlm("generate", "--max-tokens", "12", "What is 2+2?", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "4" in res.stdout
+
+
+def test_errors_are_one_line_not_tracebacks():
+    for args, needle in [(["--model", "nope"], "not found"),
+                         (["--model", "random:tiny-llama", "-tp", "7"], "exceeds num_attention_heads"),
+                         (["--model", "random:tiny-llama", "--top-p", "0"], "top_p must be in (0, 1]")]:
+        res = shardlm("generate", *args, "hi")
+        assert res.returncode == 2
+        assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bench_latency_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = shardlm("bench", "latency", "--model", "random:tiny-llama", "-tp", "2", "--batch-sizes", "1,3",
+                  "--input-len", "8", "--output-len", "4", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    assert [r["batch"] for r in data["results"]] == [1, 3]
+    assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 for r in data["results"])

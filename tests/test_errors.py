@@ -1,0 +1,146 @@
+"""Bad input gets a clear error naming what to change; failures never hang or leave processes behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import worker_pids
+from shardlm import LLM, SamplingParams
+from shardlm.config import ConfigError
+from shardlm.executor import WorkerError
+from shardlm.layout import LayoutError
+from shardlm.model_source import ModelNotFoundError
+from shardlm.sampling_params import SamplingError
+
+TINY = "random:tiny-llama"
+
+
+def test_unknown_model_lists_what_works():
+    with pytest.raises(ModelNotFoundError, match="random:<preset>.*tiny-llama"):
+        LLM("no-such-model")
+    with pytest.raises(ModelNotFoundError, match="known: .*random:llama-3-8b"):
+        LLM("random:llama-9")
+
+
+def test_folder_problems(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        LLM(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelNotFoundError, match="no \\*.safetensors"):
+        LLM(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="required field 'num_attention_heads' is missing"):
+        LLM(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="model_type='gpt2' is not supported"):
+        LLM(str(tmp_path))
+
+
+def test_degrees_that_cannot_work():
+    with pytest.raises(LayoutError, match="tensor_parallel_size=5 exceeds num_attention_heads=4"):
+        LLM(TINY, tensor_parallel_size=5)
+    with pytest.raises(LayoutError, match="needs 64 CPU worker processes"):
+        LLM(TINY, tensor_parallel_size=64)
+    with pytest.raises(LayoutError, match="positive integer"):
+        LLM(TINY, tensor_parallel_size=0)
+    if not _has_gpu():
+        with pytest.raises(ConfigError, match="no GPU is visible"):
+            LLM(TINY, device="cuda")
+    with pytest.raises(ConfigError, match="max_model_len=5000 must be in"):
+        LLM(TINY, max_model_len=5000)
+    with pytest.raises(TypeError, match="unknown LLM argument"):
+        LLM(TINY, tensor_paralel_size=2)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(TINY, tensor_parallel_size=2, max_model_len=32) as engine:
+        yield engine
+
+
+def test_bad_requests_lose_no_work(llm):
+    ok = {"prompt_token_ids": [5, 6, 7]}
+    with pytest.raises(ValueError, match="40 tokens but max_model_len is 32"):
+        llm.generate([ok, {"prompt_token_ids": list(range(3, 43))}], SamplingParams(max_tokens=4, temperature=0))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([{"prompt_token_ids": [5, 99999]}])
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([{"prompt_token_ids": []}])
+    with pytest.raises(SamplingError, match="top_p"):
+        llm.generate(["hi"], SamplingParams(top_p=2))
+    assert not llm.engine.has_unfinished_requests()  # nothing half-queued
+    out = llm.generate([ok], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_generation_stops_at_max_model_len(llm):
+    out = llm.generate([{"prompt_token_ids": list(range(3, 30))}], SamplingParams(max_tokens=100, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 32 - 27
+    assert out[0].outputs[0].finish_reason == "length"
+
+
+def test_dead_worker_brings_the_run_down_fast():
+    before = worker_pids()
+    llm = LLM(TINY, tensor_parallel_size=2)
+    victim = llm.engine.executor.procs[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match="worker rank 1 died"):
+        llm.generate(["hello"], SamplingParams(max_tokens=8))
+    assert time.monotonic() - t0 < 10
+    assert all(p.poll() is not None for p in llm.engine.executor.procs)
+    assert worker_pids() <= before
+
+
+def test_clean_shutdown_leaves_no_process():
+    before = worker_pids()
+    with LLM(TINY, tensor_parallel_size=3) as llm:
+        assert len(worker_pids() - before) == 3
+        llm.generate(["hi"], SamplingParams(max_tokens=2))
+    assert worker_pids() <= before
+
+
+def test_failure_inside_a_worker_is_reported(tmp_path):
+    """A checkpoint whose tensor shapes disagree with config.json fails in the workers, with their message."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = {"model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({"model.embed_tokens.weight": torch.zeros(100, 32)}, str(tmp_path / "model.safetensors"))
+    before = worker_pids()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"model.embed_tokens.weight has shape \(100, 32\), the config implies \(300, 32\)"):
+        LLM(str(tmp_path), tensor_parallel_size=2)
+    assert time.monotonic() - t0 < 30
+    assert worker_pids() <= before
+
+
+def test_ctrl_c_stops_everything():
+    before = worker_pids()
+    proc = subprocess.Popen([sys.executable, "-m", "shardlm.cli", "generate", "--model", TINY, "-tp", "2",
+                             "--max-tokens", "100000", "--max-model-len", "1024", "--ignore-eos", "hi"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(worker_pids() - before) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    time.sleep(0.5)
+    assert worker_pids() <= before
