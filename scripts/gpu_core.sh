@@ -10,6 +10,9 @@ cat "$OUT/env.txt" | head -3
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 fi
+if [ "${SKIP_HF:-0}" != 1 ]; then
+  timeout 240 python3 scripts/hf_baseline.py 1,16 2>&1 | grep '^{' | tee "$OUT/hf_baseline.jsonl" | sed 's/^/[hf-tp1] /'
+fi
 bench() {  # name, then shardlm args
   local name=$1; shift
   timeout 300 python3 -m shardlm.cli bench latency --batch-sizes 1,16 --input-len 128 --output-len 128 --profile \
