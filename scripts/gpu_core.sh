@@ -8,7 +8,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "nccl", torch.cuda.nccl.version(), "transformers", transformers.__version__)'; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" | head -3
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=line -rf 2>&1 | grep -E "Error|passed|failed" | cut -c1-400 | tail -8 | tee "$OUT/gpu_tests.txt"
 fi
 if [ "${SKIP_HF:-0}" != 1 ]; then
   timeout 240 python3 scripts/hf_baseline.py 1,16 2>&1 | grep '^{' | tee "$OUT/hf_baseline.jsonl" | sed 's/^/[hf-tp1] /'

@@ -30,6 +30,8 @@ class AttentionMetadata:
     """[tokens] position of each flat token in the padded [seqs * max_q] layout"""
     mask: torch.Tensor
     """[seqs, 1, max_q, max_ctx] True where a query may attend a key"""
+    decode_only: bool
+    """every sequence brings exactly one token: the flat tokens are already [seqs, 1]"""
 
 
 def build_metadata(starts: list[int], q_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -67,6 +69,7 @@ def build_metadata(starts: list[int], q_lens: list[int], block_tables: list[list
         q_index=q_index.to(device, non_blocking=True),
         unpad_index=unpad_index.to(device, non_blocking=True),
         mask=mask.unsqueeze(1).to(device, non_blocking=True),
+        decode_only=max_q == 1,
     )
 
 
@@ -90,17 +93,23 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [tokens, n_q, d]; k, v [tokens, n_kv, d]
-        self.k_cache[meta.slot_mapping] = k
-        self.v_cache[meta.slot_mapping] = v
-        keys = self.k_cache[meta.context_slots]  # [seqs, max_ctx, n_kv, d]
-        values = self.v_cache[meta.context_slots]
+        # index_copy_/index_select: the same gathers as advanced indexing, with less work per launch on the CPU
+        self.k_cache.index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        n_seqs, max_ctx = meta.context_slots.shape
+        flat_slots = meta.context_slots.view(-1)
+        keys = self.k_cache.index_select(0, flat_slots).view(n_seqs, max_ctx, self.n_kv, self.head_dim)
+        values = self.v_cache.index_select(0, flat_slots).view(n_seqs, max_ctx, self.n_kv, self.head_dim)
         if not self.uniform:  # a GQA group split across ranks: give each query head its own copy
             keys = keys.index_select(2, self.kv_index)
             values = values.index_select(2, self.kv_index)
-        qp = q[meta.q_index]  # [seqs, max_q, n_q, d]
+        if meta.decode_only:
+            qp = q.unsqueeze(1)  # [seqs, 1, n_q, d]
+        else:
+            qp = q.index_select(0, meta.q_index.view(-1)).view(n_seqs, -1, self.n_q, self.head_dim)
         out = F.scaled_dot_product_attention(
             qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.mask,
             scale=self.scale, enable_gqa=self.uniform and self.n_q != self.n_kv,
         )  # [seqs, n_q, max_q, d]
         out = out.transpose(1, 2).reshape(-1, self.n_q * self.head_dim)
-        return out[meta.unpad_index]  # [tokens, n_q * d]
+        return out if meta.decode_only else out.index_select(0, meta.unpad_index)  # [tokens, n_q * d]

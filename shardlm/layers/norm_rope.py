@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..weights import Reader
@@ -24,10 +25,8 @@ class RMSNorm(nn.Module):
                                            self.weight.device, self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        # normalise in float32 (one fused kernel where torch has it), scale in the model dtype, as HF does
+        return self.weight * F.rms_norm(x.float(), (self.hidden,), eps=self.eps).to(x.dtype)
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
