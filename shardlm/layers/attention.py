@@ -80,13 +80,14 @@ class PagedAttention(nn.Module):
     n_q / n_kv consecutive query heads) except when a TP split cuts through a GQA group.
     """
 
-    def __init__(self, n_q: int, n_kv: int, head_dim: int, kv_index: tuple[int, ...]):
+    def __init__(self, n_q: int, n_kv: int, head_dim: int, kv_index: tuple[int, ...], device: torch.device):
         super().__init__()
         self.n_q, self.n_kv, self.head_dim = n_q, n_kv, head_dim
         self.scale = head_dim ** -0.5
         group = n_q // n_kv if n_q % n_kv == 0 else 0
         self.uniform = group > 0 and kv_index == tuple(i // group for i in range(n_q))
-        self.register_buffer("kv_index", torch.tensor(kv_index, dtype=torch.long), persistent=False)
+        self.register_buffer("kv_index", torch.tensor(kv_index, dtype=torch.long, device=device),
+                             persistent=False)
         # [num_blocks * block_size, n_kv, head_dim] each; set by the model runner
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None

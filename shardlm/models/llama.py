@@ -36,7 +36,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", cfg.num_attention_heads * d, h,
                                         shard.q_start * d, shard.q_end * d, cfg.o_bias, ctx, dtype)
         self.rotary = rotary
-        self.attn = PagedAttention(shard.n_q, shard.n_kv, d, shard.kv_index)
+        self.attn = PagedAttention(shard.n_q, shard.n_kv, d, shard.kv_index, ctx.device)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
