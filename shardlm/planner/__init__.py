@@ -17,6 +17,19 @@ class PlanError(ValueError):
     """Bad planner input (unknown preset, incomplete config, malformed profile, ...) with what to change."""
 
 
+def read_json(path: str, what: str):
+    """Parse a JSON file, turning a missing file or bad JSON into a PlanError that names `what`."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise PlanError(f"{what} {path!r} not found") from None
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
 # Defined before the submodule imports below on purpose: they import PlanError from this package.
 from .models import ModelSpec, load_model  # noqa: E402
 from .hardware import Cluster, GPUSpec, make_cluster  # noqa: E402

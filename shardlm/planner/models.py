@@ -7,12 +7,11 @@ layers stay dense. Parameter counts are exact for these architectures (norms inc
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import PlanError
+from . import PlanError, read_json
 
 
 @dataclass(frozen=True)
@@ -202,13 +201,6 @@ def load_model(spec: str | dict[str, Any]) -> ModelSpec:
         return PRESETS[key]
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if path.endswith(".json") or os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                cfg = json.load(fh)
-        except FileNotFoundError:
-            raise PlanError(f"config file {path!r} not found") from None
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path}: not valid JSON ({exc})") from None
-        return from_hf_config(cfg, path)
+        return from_hf_config(read_json(path, "config file"), path)
     raise PlanError(f"unknown model {spec!r}: give a config.json path or one of the presets: "
                     f"{', '.join(sorted(PRESETS))}")

@@ -32,12 +32,11 @@ spans nodes still takes its inter-node step from the --network preset.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import PlanError
+from . import PlanError, read_json
 
 
 @dataclass(frozen=True)
@@ -186,12 +185,4 @@ def load_profile(path_or_data: str | dict[str, Any]) -> Profile:
     """Read and validate a profile from a JSON file path (or an already-parsed dict)."""
     if isinstance(path_or_data, dict):
         return parse_profile(path_or_data)
-    path = path_or_data
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise PlanError(f"profile {path!r} not found") from None
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{path}: profile is not valid JSON ({exc})") from None
-    return parse_profile(data, path)
+    return parse_profile(read_json(path_or_data, "profile"), path_or_data)
