@@ -75,7 +75,9 @@ class LLMEngine:
         self.layout = ParallelLayout(tp=args.tensor_parallel_size)
         self.device = self._pick_device(args.device)
         self.dtype = self._pick_dtype(args.dtype)
-        if self.device == "cuda":
+        if args.external_workers:
+            pass  # torchrun places the ranks, possibly on other nodes: nothing to count here
+        elif self.device == "cuda":
             self.layout.check_world(_visible_gpus(), "GPUs (one per rank)")
         else:
             self.layout.check_world(_max_cpu_workers(), "CPU worker processes")
@@ -88,8 +90,8 @@ class LLMEngine:
                 raise ConfigError(f"max_model_len={args.max_model_len} must be in [1, {model_len}] "
                                   f"(the model's max_position_embeddings)")
             model_len = args.max_model_len
-        for name in ("max_num_seqs", "block_size"):
-            if getattr(args, name) < 1:
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
         if not 0 < args.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
