@@ -73,7 +73,37 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--profile", action="store_true", help="profile one decode step per batch size (GPU kernel time by kind)")
     lat.add_argument("--json", default=None, help="write results to this file")
+    lat.add_argument("--plot", default=None, help="write a PNG of TTFT and TPOT (p50, p99) per batch size")
     return lat
+
+
+def plot_latency(meta: dict[str, Any], path: str) -> None:
+    """Two panels: TTFT per batch size, and TPOT p50 with p99 whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = meta["results"]
+    batches = [r["batch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(batches, [r["ttft_ms"] for r in rows], "o-")
+    ax1.set(xlabel="batch size", ylabel="TTFT (ms)", title="time to first token", xscale="log", xticks=batches)
+    p50 = [r["tpot_p50_ms"] for r in rows]
+    p99 = [r["tpot_p99_ms"] for r in rows]
+    ax2.errorbar(batches, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99)]], fmt="o-", capsize=4,
+                 label="p50 (bar to p99)")
+    ax2.set(xlabel="batch size", ylabel="TPOT (ms)", title="time per output token", xscale="log", xticks=batches)
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+    fig.suptitle(f"{meta['model']}  TP={meta['tensor_parallel_size']}  {meta['dtype']} on {meta['device']}  "
+                 f"(prompt {rows[0]['input_len']}, output {rows[0]['output_len']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
@@ -102,4 +132,6 @@ def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(meta, f, indent=2)
+    if args.plot:
+        plot_latency(meta, args.plot)
     return 0

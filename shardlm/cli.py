@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     from .bench import add_bench_parser
     from .planner.cli import add_plan_parser
+    from .probe import add_probe_parser
 
     _add_engine_args(add_bench_parser(sub))
     add_plan_parser(sub)
+    add_probe_parser(sub)
     return parser
 
 
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args, _engine_kwargs(args))
+        if args.command == "probe":
+            from .probe import run_probe_cli
+
+            return run_probe_cli(args)
         if args.command == "plan":
             from .planner.cli import run_plan
 

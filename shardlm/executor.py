@@ -177,6 +177,14 @@ class Executor:
         self.last_exec_s = msg.get("exec_s", 0.0)
         return msg["results"], arrays
 
+    def probe(self, sizes: list[int], iters: int, layer_iters: int, device_rates: bool) -> dict[str, Any]:
+        """Collective sweeps, layer host floor and (rank 0) device rates, as measured by rank 0."""
+        for sock in self.socks.values():
+            wire.send(sock, {"cmd": "probe", "sizes": sizes, "iters": iters, "layer_iters": layer_iters,
+                             "device_rates": device_rates})
+        replies = self._expect_all("probe")
+        return {k: v for k, v in replies[0].items() if k not in ("event", "rank")}
+
     def profile_step(self, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
         """Run one step under the profiler on every rank; per-rank GPU time by kernel kind."""
         for sock in self.socks.values():

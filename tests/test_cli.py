@@ -31,12 +31,13 @@ def test_errors_are_one_line_not_tracebacks():
 
 
 def test_bench_latency_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     res = shardlm("bench", "latency", "--model", "random:tiny-llama", "-tp", "2", "--batch-sizes", "1,3",
-                  "--input-len", "8", "--output-len", "4", "--json", str(out))
+                  "--input-len", "8", "--output-len", "4", "--json", str(out), "--plot", str(png))
     assert res.returncode == 0, res.stderr
     import json
 
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["results"]] == [1, 3]
     assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 for r in data["results"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -78,6 +78,14 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
                 wire.send(sock, {"event": "step", "results": results, "exec_s": time.perf_counter() - t0}, arrays)
         elif cmd == "profile_step":
             wire.send(sock, {"event": "profile", "rank": rank, **runner.execute_profiled(msg)})
+        elif cmd == "probe":
+            from . import probe
+
+            result = probe.collectives(runner, msg["sizes"], msg["iters"])
+            result["layer_floor_us"] = probe.layer_floor(runner, msg["layer_iters"])
+            if msg.get("device_rates") and ctx.rank == 0:
+                result.update(probe.device_rates(device))
+            wire.send(sock, {"event": "probe", "rank": rank, **result})
         elif cmd == "alloc_kv":
             runner.allocate_kv(msg["blocks"])
             wire.send(sock, {"event": "kv_ready", "rank": rank})

@@ -1,0 +1,111 @@
+"""`shardlm probe`: measure this machine through the engine itself and write a planner profile.
+
+For each TP group size (powers of two up to the GPUs, or 1-2 processes on CPU) it starts the
+engine on a tiny model with the real layer structure and measures, inside the workers:
+all-reduce / all-to-all / send-recv latency over message sizes on the engine's TP group, the
+host floor of one decoder layer (kernel launches + the layer's all-reduces), and on one device
+the copy bandwidth and GEMM rate. From the driver it times whole batch-1 decode steps, which
+gives the fixed per-step overhead. The output follows the schema in shardlm/planner/profile.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from .bench import run_batch
+from .llm import LLM
+
+GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+CPU_SIZES = [16 << 10, 256 << 10, 1 << 20]
+PROBE_MODEL = "random:probe-tiny"
+
+
+def topology() -> dict[str, str]:
+    """How the GPUs are linked, from `nvidia-smi topo -m` (raw text kept for the record)."""
+    if not shutil.which("nvidia-smi"):
+        return {"interconnect": "cpu", "raw": ""}
+    try:
+        raw = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {"interconnect": "unknown", "raw": ""}
+    cells = [c for line in raw.splitlines() if line.startswith("GPU") for c in line.split()[1:]]
+    links = {c for c in cells if re.fullmatch(r"NV\d+|SYS|NODE|PHB|PXB|PIX", c)}
+    kind = "nvlink" if links and all(c.startswith("NV") for c in links) else ("pcie" if links else "unknown")
+    return {"interconnect": kind, "raw": raw}
+
+
+def _group_sizes(device: str, max_size: int | None) -> list[int]:
+    if device == "cuda":
+        import torch
+
+        limit = torch.cuda.device_count()
+    else:
+        limit = 2
+    if max_size is not None:
+        limit = min(limit, max_size)
+    sizes, n = [], 1
+    while n <= limit:
+        sizes.append(n)
+        n *= 2
+    return sizes
+
+
+def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> dict[str, Any]:
+    from .engine import LLMEngine
+
+    device = LLMEngine._pick_device(device)
+    gpu = device == "cuda"
+    sizes, iters = (GPU_SIZES, 50) if gpu else (CPU_SIZES, 10)
+    profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
+                               "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {}}
+    for n in _group_sizes(device, max_group):
+        log(f"probe: group of {n} ...")
+        with LLM(PROBE_MODEL, tensor_parallel_size=n, device=device, max_model_len=512) as llm:
+            measured = llm.engine.executor.probe(sizes if n > 1 else [], iters, layer_iters=20 if gpu else 5,
+                                                 device_rates=n == 1)
+            step = run_batch(llm, batch=1, input_len=8, output_len=40)
+            layers = llm.engine.spec.config.num_hidden_layers
+        floor = measured["layer_floor_us"]
+        profile["layer_floor_us"][str(n)] = floor
+        profile["step_overhead_us"][str(n)] = max(0.0, step["tpot_p50_ms"] * 1e3 - layers * floor)
+        if n == 1:
+            profile["hbm_gbps"], profile["gemm_tflops"] = measured["hbm_gbps"], measured["gemm_tflops"]
+        else:
+            profile["allreduce"][str(n)] = measured["allreduce"]
+            profile["all_to_all"][str(n)] = measured["all_to_all"]
+            profile.setdefault("send_recv", measured["send_recv"])
+        log(f"probe: group of {n}: layer floor {floor:.0f} us, step overhead "
+            f"{profile['step_overhead_us'][str(n)]:.0f} us")
+    if gpu:
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        profile.update(device=props.name, gpu_count=torch.cuda.device_count(), memory_gib=props.total_memory / 2**30)
+    else:
+        import platform
+
+        profile.update(device=f"cpu ({platform.processor() or platform.machine()})")
+    return profile
+
+
+def add_probe_parser(sub) -> None:
+    p = sub.add_parser("probe", help="measure this machine (collectives, memory, GEMM, host floor) for the planner")
+    p.add_argument("--out", default="probe.json", help="profile to write (use with `shardlm plan --profile`)")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--max-group", type=int, default=None, help="largest TP group to measure")
+
+
+def run_probe_cli(args) -> int:
+    if args.max_group is not None and args.max_group < 1:
+        raise ValueError(f"--max-group must be >= 1, got {args.max_group}")
+    profile = run_probe(args.device, args.max_group, log=lambda m: print(m, file=sys.stderr))
+    with open(args.out, "w") as f:
+        json.dump(profile, f, indent=2)
+    print(f"wrote {args.out}: {profile['device']}, copy {profile['hbm_gbps']:.0f} GB/s, "
+          f"GEMM {profile['gemm_tflops']:.1f} TFLOP/s, groups {sorted(profile['layer_floor_us'], key=int)}")
+    return 0

@@ -1,0 +1,101 @@
+"""Measurements taken inside the workers for `shardlm probe`, through the engine's own code paths.
+
+- collectives on the TP group via ParallelContext (the path the layers use);
+- the device: copy bandwidth and GEMM rate;
+- the host floor of one decoder layer: the engine's real layer at a tiny shape, batch-1 decode,
+  where launching kernels (and the layer's two all-reduces) is all the time there is.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..layers.attention import build_metadata
+from .runner import ModelRunner
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Mean seconds per call of fn()."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def collectives(runner: ModelRunner, sizes: list[int], iters: int) -> dict[str, Any]:
+    """all-reduce, all-to-all and send/recv latency per message size on this rank's TP group."""
+    ctx = runner.ctx
+    dev, dtype = ctx.device, runner.dtype
+    out: dict[str, Any] = {"allreduce": [], "all_to_all": [], "send_recv": []}
+    if ctx.tp_group is None:
+        return out
+    n = ctx.tp_size
+    group_ranks = dist.get_process_group_ranks(ctx.tp_group)
+    for nbytes in sizes:
+        elems = max(n, nbytes // dtype.itemsize) // n * n
+        x = torch.randn(elems, device=dev).to(dtype)
+        y = torch.empty_like(x)
+        out["allreduce"].append([elems * dtype.itemsize, _timed(lambda: ctx.all_reduce(x), dev, iters) * 1e6])
+        out["all_to_all"].append([elems * dtype.itemsize, _timed(
+            lambda: dist.all_to_all_single(y, x, group=ctx.tp_group), dev, iters) * 1e6])
+        # ping-pong between the group's first two ranks; the others wait at the barrier
+        first, second = group_ranks[0], group_ranks[1]
+
+        def ping_pong() -> None:
+            if ctx.rank == first:
+                dist.send(x, second, group=ctx.tp_group)
+                dist.recv(y, second, group=ctx.tp_group)
+            elif ctx.rank == second:
+                dist.recv(y, first, group=ctx.tp_group)
+                dist.send(x, first, group=ctx.tp_group)
+
+        round_trip = _timed(ping_pong, dev, iters)
+        dist.barrier(group=ctx.tp_group)
+        out["send_recv"].append([elems * dtype.itemsize, round_trip / 2 * 1e6])
+    return out
+
+
+def device_rates(device: torch.device) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written) and matrix-multiply rate of this rank's device."""
+    gpu = device.type == "cuda"
+    nbytes = (1 << 30) if gpu else (1 << 27)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_s = _timed(lambda: dst.copy_(src), device, iters=20 if gpu else 5)
+    n = 8192 if gpu else 1024
+    dtype = torch.bfloat16 if gpu else torch.float32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    gemm_s = _timed(lambda: a @ b, device, iters=20 if gpu else 3)
+    return {"hbm_gbps": 2 * nbytes / copy_s / 1e9, "gemm_tflops": 2 * n ** 3 / gemm_s / 1e12}
+
+
+@torch.inference_mode()
+def layer_floor(runner: ModelRunner, iters: int) -> float:
+    """Microseconds per decoder layer for a batch-1 decode step (all layers, no sampling)."""
+    model, dev = runner.model, runner.ctx.device
+    start = 8  # a few cached tokens, as in a real decode
+    meta = build_metadata([start], [1], [[0]], runner.block_size, dev)
+    x = torch.randn(1, model.config.hidden_size, device=dev).to(runner.dtype)
+    rope = model.model.rotary.lookup(torch.tensor([start], device=dev), x.dtype)
+    layers = list(model.model.layers)
+
+    def one_pass() -> None:
+        h = x
+        for layer in layers:
+            h = layer(rope, h, meta)
+
+    return _timed(one_pass, dev, iters) / len(layers) * 1e6
