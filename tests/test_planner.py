@@ -4,6 +4,7 @@ clear errors for bad input, JSON and PNG output. Pure CPU, no torch."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -17,7 +18,11 @@ from shardlm.planner.cost import (
     CostModel, a2a_bytes_per_token, decode_flops_per_token, distinct_experts, kv_bytes_per_token_per_gpu,
     pipeline_bubble, prefill_flops, stage_shards, weights_per_gpu,
 )
-from shardlm.planner.models import from_hf_config
+from shardlm.planner.auto import recommend_for_engine
+from shardlm.planner.hardware import gpu_preset_from_name
+from shardlm.planner.models import ModelSpec, from_engine_config, from_hf_config
+from shardlm.planner.validate import validate_files
+from shardlm.presets import PRESETS as ENGINE_PRESETS
 
 GB, KiB = 1e9, 1024
 
@@ -376,3 +381,281 @@ def test_plot_writes_png(tmp_path, capsys):
 def test_planner_does_not_import_torch():
     code = "import sys, shardlm.planner.cli; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- host calibration (profile step_overhead_us / layer_floor_us) ----------------------------------------
+
+# 2 layers, h=64, 4 q / 2 KV heads of 16, f=128, V=256 (untied). Per layer: attn 64*16*(2*4+2*2) = 12288,
+# MLP 3*64*128 = 24576, norms 128 parameters. The profile makes the numbers round: HBM 1 GB/s (1 byte per ns)
+# and 1 TFLOP/s after the measured-efficiency factors (0.95, 0.85); all-reduces of <= 1 MB cost 10 us.
+TINY = ModelSpec("tiny", hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn=128, vocab=256)
+HOST = {"version": 1, "device": "test GPU", "hbm_gbps": 1 / 0.95, "gemm_tflops": 1 / 0.85,
+        "allreduce": {"2": [[1e6, 10.0]]}, "step_overhead_us": {"1": 1000, "2": 1500},
+        "layer_floor_us": {"1": 200, "2": 50}}
+
+
+def _tiny_step(profile, tp, prefill=False, tokens=1, prompts=1, context=100):
+    cm = CostModel(TINY, make_cluster("h100-80gb", 2), load_profile(profile))
+    lay = ParallelLayout(tp=tp)
+    shards = stage_shards(TINY, lay)
+    if prefill:
+        return cm.prefill_step(lay, shards, tokens, prompts)[0]
+    return cm.decode_step(lay, shards, tokens, context)[0]
+
+
+def test_host_floor_decode_is_overhead_plus_max_per_layer():
+    # tp=1, batch 1, context 100: a layer reads 2*(12288+128+24576) + 100 tokens * 2*2*16*2 bytes of KV
+    layer_us = 2 * (12288 + 128 + 24576) / 1e3 + 100 * 128 / 1e3  # 86.784 us (its 99328 FLOPs: 0.1 us)
+    head_us = 2 * (256 * 64 + 64) / 1e3  # LM head + final norm: 32.896 us, not hidden by host time
+    assert _tiny_step(HOST, 1) == pytest.approx((1000 + 2 * max(200, layer_us) + head_us) * 1e-6, rel=1e-9)
+    assert _tiny_step(HOST, 1) == pytest.approx(1432.896e-6, rel=1e-9)  # the floor (200 us) wins
+    gpu_bound = {**HOST, "layer_floor_us": {"1": 50, "2": 50}}
+    assert _tiny_step(gpu_bound, 1) == pytest.approx((1000 + 2 * layer_us + head_us) * 1e-6, rel=1e-9)
+    # tp=2: per rank 2 q / 1 KV head, half the MLP: 2*(6144+128+12288) + 100*64 bytes = 43.52 us per layer,
+    # plus its 2 all-reduces (20 us) beats the 50 us floor; the head (128 vocab rows, 16.512 us) adds the
+    # embedding all-reduce and the logits all-gather, 10 us each
+    layer2 = (2 * (6144 + 128 + 12288) + 100 * 64) / 1e3 + 20
+    assert _tiny_step(HOST, 2) == pytest.approx((1500 + 2 * max(50, layer2) + 16.512 + 20) * 1e-6, rel=1e-9)
+    step = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(HOST)).stage_pass(
+        ParallelLayout(), stage_shards(TINY, ParallelLayout())[0], 1, 100, prefill=False)
+    assert (step.compute_s, step.comm_s) == pytest.approx((2 * layer_us * 1e-6 + head_us * 1e-6, 0.0))
+    assert step.host_s == pytest.approx((1000 + 2 * (200 - layer_us)) * 1e-6)
+
+
+def test_host_floor_prefill_and_plan():
+    # one 50-token prompt at tp=1, floor 50 us: a layer reads 73984 weight bytes + writes 50*128 of KV
+    gpu_bound = {**HOST, "layer_floor_us": {"1": 50}, "step_overhead_us": {"1": 1000}}
+    ttft = (1000 + 2 * (73984 + 50 * 128) / 1e3 + 32.896) * 1e-6
+    assert _tiny_step(gpu_bound, 1, prefill=True, tokens=50) == pytest.approx(ttft, rel=1e-9)
+    plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(gpu_bound))
+    assert plan.results[0].ttft_ms_b1 == pytest.approx(ttft * 1e3, rel=1e-9)
+    assert plan.results[0].tpot_ms_b1 == pytest.approx((1000 + 2 * 86.784 + 32.896) * 1e-3, rel=1e-9)
+    assert "host time measured" in " ".join(plan.notes) and plan.assumptions["host_model"].startswith("measured")
+    # compute-bound prefill (1 GFLOP/s): 2 prompts of 8 tokens; causal attention is per prompt (s^2 each)
+    slow = {**HOST, "gemm_tflops": 1e-3 / 0.85, "layer_floor_us": {"1": 200}, "step_overhead_us": {"1": 1000}}
+    layer = (2 * 16 * 36864 + 2 * 4 * 16 * 2 * 8**2) / 1e3  # 1196.032 us of FLOPs > 200 us floor > 76 us bytes
+    head = 2 * 2 * 256 * 64 / 1e3  # logits of the 2 last tokens: 65.536 us
+    assert _tiny_step(slow, 1, prefill=True, tokens=16, prompts=2) == pytest.approx(
+        (1000 + 2 * layer + head) * 1e-6, rel=1e-9)
+
+
+def test_host_table_interpolates_in_log2_tp():
+    base = {**HOST, "step_overhead_us": {"1": 1000, "4": 3000}, "layer_floor_us": {"2": 200, "4": 100}}
+    prof = load_profile(base)
+    so, lf = prof.step_overhead, prof.layer_floor
+    assert so.at(2) == pytest.approx(2000)  # halfway in log2
+    assert so.at(3) == pytest.approx(1000 + 2000 * math.log2(3) / 2)
+    assert so.at(8) == pytest.approx(4000)  # the last segment extended: +1000 per doubling
+    assert lf.at(1) == 200  # below the smallest measured size: held
+    assert lf.at(8) == 100  # a falling last segment is not extended below the largest's value
+    assert load_profile({**HOST, "step_overhead_us": {"2": 7}}).step_overhead.at(16) == 7
+
+
+def test_without_host_fields_the_graph_assumptions_stay():
+    graph = {k: v for k, v in HOST.items() if k not in ("step_overhead_us", "layer_floor_us")}
+    cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(graph))
+    assert not cm.host_calibrated
+    step = _tiny_step(graph, 1)  # roofline of the stage, >= 2 x 15 us, + 500 us per step
+    assert step == pytest.approx((2 * 86.784 + 32.896 + 500) * 1e-6, rel=1e-9)
+    plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(graph))
+    assert "no measured host time" in " ".join(plan.notes)
+
+
+def test_host_profile_fields_parse():
+    prof = load_profile({**HOST, "topology": {"interconnect": "pcie", "raw": "PIX"}, "engine": {"cuda_graphs": False}})
+    assert prof.host_calibrated and prof.step_overhead.values == {1: 1000.0, 2: 1500.0}
+    assert (prof.topology, prof.topology_raw, prof.cuda_graphs) == ("pcie", "PIX", False)
+    assert not load_profile(PROFILE).host_calibrated
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"layer_floor_us": None}, "'step_overhead_us' needs 'layer_floor_us'"),
+    ({"step_overhead_us": {"0": 5}}, "field 'step_overhead_us.0'"),
+    ({"step_overhead_us": {"one": 5}}, "field 'step_overhead_us.one'"),
+    ({"layer_floor_us": {"1": -5}}, "field 'layer_floor_us.1'"),
+    ({"layer_floor_us": {"1": "fast"}}, "field 'layer_floor_us.1'"),
+    ({"step_overhead_us": []}, "field 'step_overhead_us'"),
+    ({"topology": {"interconnect": "infiniband"}}, "field 'topology.interconnect'"),
+    ({"topology": {"interconnect": "nvlink", "raw": 5}}, "field 'topology.raw'"),
+    ({"topology": "nvlink"}, "field 'topology'"),
+    ({"engine": {"cuda_graphs": "no"}}, "field 'engine.cuda_graphs'"),
+    ({"engine": []}, "field 'engine'"),
+])
+def test_malformed_host_fields_name_the_field(patch, msg):
+    data = {**HOST, **patch}
+    data = {k: v for k, v in data.items() if v is not None}
+    with pytest.raises(PlanError, match=re.escape(msg)):
+        load_profile(data)
+
+
+# -- engine models ------------------------------------------------------------------------------------
+
+def test_engine_configs_describe_the_same_models():
+    assert load_model("random:llama-3-8b").total_params() == load_model("llama-3-8b").total_params()
+    for name, cfg in ENGINE_PRESETS.items():  # the engine's own parameter count (it ignores biases)
+        spec = from_engine_config(cfg.to_dict(), name)
+        assert spec.total_params() - (spec.attention_bias and spec.n_layers * spec.head_dim * (
+            spec.n_heads + 2 * spec.n_kv_heads)) == cfg.num_params(), name
+    assert load_model("random:tiny-qwen2").attention_bias and load_model("tiny-uneven").tied_embeddings
+    assert load_model(ENGINE_PRESETS["tiny-llama"].to_dict()).hidden == 64
+    with pytest.raises(PlanError, match="engine presets .*tiny-llama"):
+        load_model("random:gpt-9")
+
+
+# -- plan --validate -----------------------------------------------------------------------------------
+
+# tiny-llama (2 layers, h=64, f=160, V=512) on HOST_TINY: every layer is host-bound (its GPU time, <= 170 us
+# in these rows, is under the 1000 us floor), so TTFT = TPOT = 2000 + 2 x 1000 + the LM head's 65.664 us.
+HOST_TINY = {**HOST, "step_overhead_us": {"1": 2000}, "layer_floor_us": {"1": 1000}}
+PRED_MS = (2000 + 2 * 1000 + 2 * (512 * 64 + 64) / 1e3) / 1e3
+
+
+def _measured(model, rows):
+    return {"model": model, "tensor_parallel_size": 1, "dtype": "bfloat16", "device": "cuda",
+            "results": [{"batch": b, "input_len": 128, "output_len": 64, "ttft_ms": PRED_MS / (1 + e1 / 100),
+                         "tpot_ms": PRED_MS / (1 + e2 / 100), "tpot_p50_ms": 1.0, "output_tok_per_s": 9.0}
+                        for b, e1, e2 in rows]}
+
+
+@pytest.fixture
+def measured_files(tmp_path):
+    a, b, prof = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "probe.json"
+    a.write_text(json.dumps(_measured("random:tiny-llama", [(1, 5, 10), (4, -15, -20)])))
+    b.write_text(json.dumps(_measured("tiny-llama", [(1, 25, 30), (2, 100, -40)])))
+    prof.write_text(json.dumps(HOST_TINY))
+    return str(a), str(b), str(prof)
+
+
+def test_validate_errors_and_medians(measured_files):
+    a, b, prof = measured_files
+    v = validate_files([a, b], profile=load_profile(prof))
+    assert [r.batch for r in v.rows] == [1, 4, 1, 2] and v.host_model == "measured"
+    for r, (e1, e2) in zip(v.rows, [(5, 10), (-15, -20), (25, 30), (100, -40)]):
+        assert r.ttft_ms_pred == pytest.approx(PRED_MS, rel=1e-9) and r.tpot_ms_pred == pytest.approx(PRED_MS)
+        assert (r.ttft_err_pct, r.tpot_err_pct) == pytest.approx((e1, e2), rel=1e-9)
+        assert r.context == 128 + 32 and r.layout == "tp=1 pp=1 dp=1"
+    # |TTFT| 5, 15, 25, 100 -> median (15+25)/2; |TPOT| 10, 20, 30, 40 -> 25
+    assert (v.median_abs_ttft_err_pct, v.median_abs_tpot_err_pct) == pytest.approx((20.0, 25.0))
+    assert validate_files([a], profile=load_profile(prof)).median_abs_tpot_err_pct == pytest.approx(15.0)
+
+
+def test_validate_predicts_the_whole_batch_prefill(tmp_path):
+    # 1 GFLOP/s: batch 2 x 8 prompt tokens = 16 tokens of tiny-llama's 43008 matmul parameters per layer plus
+    # causal attention per prompt (2 x 4 heads x 16 x 8^2) is 1392.64 us of FLOPs, over the 1000 us floor;
+    # the LM head computes logits for the 2 last tokens (2 x 2 x 512 x 64 FLOPs = 131.072 us)
+    prof = load_profile({**HOST_TINY, "gemm_tflops": 1e-3 / 0.85})
+    ttft = 2000 + 2 * (2 * 16 * 43008 + 2 * 4 * 16 * 2 * 8**2) / 1e3 + 131.072
+    tpot = 2000 + 2 * 1000 + 131.072  # decode at batch 2, context 8 + 2/2: 176.64 us of FLOPs, under the floor
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"model": "random:tiny-llama", "tensor_parallel_size": 1, "results": [
+        {"batch": 2, "input_len": 8, "output_len": 2, "ttft_ms": ttft / 1e3, "tpot_ms": tpot / 2e3}]}))
+    row = validate_files([str(path)], profile=prof).rows[0]
+    assert (row.ttft_ms_pred, row.tpot_ms_pred) == pytest.approx((ttft / 1e3, tpot / 1e3), rel=1e-9)
+    assert (row.ttft_err_pct, row.tpot_err_pct) == pytest.approx((0.0, 100.0), abs=1e-6)
+
+
+def test_validate_cli_table_and_json(measured_files, capsys):
+    a, b, prof = measured_files
+    assert main(["plan", "--validate", a, b, "--profile", prof]) == 0
+    out = capsys.readouterr().out
+    assert "median |error| over 4 rows: TTFT 20.0%, TPOT 25.0%" in out and "+100%" in out and "-40%" in out
+    assert main(["plan", "--validate", a, b, "--profile", prof, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["median_abs_tpot_err_pct"] == pytest.approx(25.0) and len(data["rows"]) == 4
+    assert data["rows"][3]["ttft_err_pct"] == pytest.approx(100.0) and data["rows"][0]["tpot_p50_ms_meas"] == 1.0
+    # MODEL replaces the files' model: llama-3-8b's 32 host-bound layers instead of 2
+    assert main(["plan", "llama-3-8b", "--validate", a, "--profile", prof, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["tpot_ms_pred"] > 30
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"results": []}, "field 'results'"),
+    ({"results": None}, "field 'results'"),
+    ({"tensor_parallel_size": 0}, "field 'tensor_parallel_size'"),
+    ({"tensor_parallel_size": 5}, "field 'tensor_parallel_size' 5: heads"),
+    ({"model": "random:gpt-9"}, "field 'model' 'random:gpt-9'"),
+    ({"model": 7}, "field 'model'"),
+    ({"dtype": "int4"}, "field 'dtype'"),
+    ({"device": "cpu"}, "field 'device'"),
+    ({"results": [{"batch": 1, "input_len": 128, "output_len": 64, "ttft_ms": 1.0}]}, "missing field 'tpot_ms'"),
+    ({"results": [{"batch": 1, "input_len": 128, "output_len": 64, "ttft_ms": 1.0, "tpot_ms": -2}]},
+     "field 'results[0].tpot_ms'"),
+    ({"results": [{"batch": 0, "input_len": 128, "output_len": 64, "ttft_ms": 1.0, "tpot_ms": 2}]},
+     "field 'results[0].batch'"),
+])
+def test_validate_bad_measured_file(tmp_path, capsys, patch, msg):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({**_measured("random:tiny-llama", [(1, 0, 0)]), **patch}))
+    with pytest.raises(PlanError, match=re.escape(msg)) as info:
+        validate_files([str(path)])
+    assert str(path) in str(info.value)
+    assert main(["plan", "--validate", str(path)]) == 2 and msg in capsys.readouterr().err
+
+
+def test_validate_unreadable_files_and_missing_args(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    for path, msg in ((str(bad), "not valid JSON"), (str(tmp_path / "none.json"), "not found")):
+        with pytest.raises(PlanError, match=msg):
+            validate_files([path])
+    missing = json.dumps({"model": "random:tiny-llama", "results": []})
+    (tmp_path / "m.json").write_text(missing)
+    with pytest.raises(PlanError, match="missing required field 'tensor_parallel_size'"):
+        validate_files([str(tmp_path / "m.json")])
+    assert main(["plan", "--gpus", "4"]) == 2 and "MODEL" in capsys.readouterr().err
+    assert main(["plan", "llama-3-8b"]) == 2 and "--gpus" in capsys.readouterr().err
+
+
+# -- recommend_for_engine ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,preset", [
+    ("NVIDIA H100 80GB HBM3", "h100-80gb"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA L40S", "l40s"),
+    ("NVIDIA L4", "l4"), ("NVIDIA A10G", "a10g"), ("NVIDIA B200", "b200"), ("h100", "h100-80gb"),
+])
+def test_gpu_preset_from_device_name(name, preset):
+    assert gpu_preset_from_name(name) == preset
+
+
+def test_unknown_device_name_lists_presets():
+    for name in ("Tesla V100-SXM2-16GB", "NVIDIA H100 NVL", ""):
+        with pytest.raises(PlanError, match="h100-80gb, h100-pcie, h200"):
+            gpu_preset_from_name(name)
+
+
+def test_recommend_for_engine_only_tp():
+    cfg = ENGINE_PRESETS["llama-3-8b"].to_dict()
+    rec = recommend_for_engine(cfg, 4, "NVIDIA H100 80GB HBM3", None, 4096)
+    assert (rec["tp"], rec["pp"], rec["dp"], rec["ep"]) == (4, 1, 1, 1)
+    assert "Only layouts with tp parallelism were considered" in rec["reason"] and "nvlink (default)" in rec["reason"]
+    rows = [ln for ln in rec["table"].splitlines() if ln.startswith("tp=")]
+    assert [ln.split()[:4] for ln in rows] == [[f"tp={t}", "pp=1", "ep=1", "dp=1"] for t in (1, 2, 3, 4)]
+    every = recommend_for_engine(cfg, 4, "h100", None, 4096, supported=("tp", "pp", "dp"))
+    assert "dp=4" in every["table"] and "pp=2" in every["table"] and "Only layouts" not in every["reason"]
+    with pytest.raises(PlanError, match="supported degrees"):
+        recommend_for_engine(cfg, 4, "h100", None, 4096, supported=("tp", "zz"))
+
+
+def test_recommend_for_engine_follows_measured_host_time(tmp_path):
+    # graph-captured assumptions: more GPUs win for SmolLM2; an eager engine's measured host floor that
+    # grows with TP makes one GPU the better choice (dp is not supported, so the others stay idle)
+    prof = tmp_path / "probe.json"
+    prof.write_text(json.dumps({**PROFILE, "step_overhead_us": {"1": 3000, "4": 8000},
+                                "layer_floor_us": {"1": 2200, "4": 3000}, "topology": {"interconnect": "pcie"}}))
+    cfg = ENGINE_PRESETS["smollm2-135m"].to_dict()
+    assert recommend_for_engine(cfg, 4, "h100", "nvlink", 4096)["tp"] > 1
+    rec = recommend_for_engine(cfg, 4, None, None, 4096, str(prof))  # device and topology from the profile
+    assert rec["tp"] == 1 and "It uses 1 of the 4 GPUs" in rec["reason"]
+    assert "GPU preset h100-80gb, interconnect pcie (the profile's measured 'pcie' topology)" in rec["reason"]
+
+
+def test_recommend_for_engine_names_the_smallest_gpu_count():
+    with pytest.raises(PlanError, match=r"only tp parallelism .* smallest GPU count that fits is 2 \(tp=2 pp=1"):
+        recommend_for_engine(ENGINE_PRESETS["llama-3-70b"].to_dict(), 1, "h100", None, 8192)
+    # 2 heads cap TP at 2: with TP alone a 200 GB model never fits, while PP would from 3 GPUs
+    big = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "intermediate_size": 36000, "vocab_size": 32000}
+    with pytest.raises(PlanError, match="nor on up to 4096 GPUs"):
+        recommend_for_engine(big, 2, "h100", None, 1024)
+    with pytest.raises(PlanError, match="smallest GPU count that fits is 3"):
+        recommend_for_engine(big, 2, "h100", None, 1024, supported=("tp", "pp", "dp"))

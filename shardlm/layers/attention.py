@@ -9,6 +9,7 @@ chunked prefill and cached prefixes are the same code path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,20 @@ class AttentionMetadata:
     """every sequence brings exactly one token: the flat tokens are already [seqs, 1]"""
 
 
+# Optional padding of the gathered context to a multiple of CTX_BUCKET positions (masked out), so
+# attention sees a new shape only every CTX_BUCKET decode steps. Hypothesis under test (see
+# docs/PERFORMANCE.md): backends that plan per shape re-plan every decode step on GPU. Off (1) until
+# measured; SHARDLM_CTX_BUCKET=256 turns it on (scripts/gpu_bucket.sh compares both).
+CTX_BUCKET = int(os.environ.get("SHARDLM_CTX_BUCKET", "1"))
+
+
 def build_metadata(starts: list[int], q_lens: list[int], block_tables: list[list[int]], block_size: int,
                    device: torch.device) -> AttentionMetadata:
     """Index tensors for one step; built on the CPU and moved in one go."""
     n = len(starts)
     ctx_lens = [s + q for s, q in zip(starts, q_lens)]
-    max_q, max_ctx = max(q_lens), max(ctx_lens)
+    max_q = max(q_lens)
+    max_ctx = -(-max(ctx_lens) // CTX_BUCKET) * CTX_BUCKET
     width = max(len(b) for b in block_tables)
     tables = torch.zeros(n, width, dtype=torch.long)
     for i, bt in enumerate(block_tables):

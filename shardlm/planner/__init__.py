@@ -6,7 +6,10 @@ Pure Python (no torch): it runs anywhere the CLI runs. Modules:
   hardware GPU, interconnect and network presets; which link a group of ranks uses
   profile  measured cluster numbers (written by `shardlm probe`) that replace datasheet ones
   cost     the formulas: weights/KV per GPU, decode and prefill time, collectives, bubbles
-  plan     enumerate layouts, reject with reasons, recommend; table / JSON / PNG output
+  plan     enumerate layouts, reject with reasons, recommend
+  report   the plan as a table, JSON-ready data or a PNG
+  validate compare predictions with `shardlm bench latency --json` measurements (`plan --validate`)
+  auto     recommend_for_engine: `--parallel auto`, restricted to the degrees the engine runs
   cli      `shardlm plan` argument parsing
 """
 
@@ -35,8 +38,10 @@ from .models import ModelSpec, load_model  # noqa: E402
 from .hardware import Cluster, GPUSpec, make_cluster  # noqa: E402
 from .profile import Profile, load_profile  # noqa: E402
 from .plan import Plan, Workload, make_plan  # noqa: E402
+from .hardware import gpu_preset_from_name  # noqa: E402
+from .auto import recommend_for_engine  # noqa: E402
 
 __all__ = [
     "PlanError", "ModelSpec", "load_model", "Cluster", "GPUSpec", "make_cluster",
-    "Profile", "load_profile", "Plan", "Workload", "make_plan",
+    "Profile", "load_profile", "Plan", "Workload", "make_plan", "gpu_preset_from_name", "recommend_for_engine",
 ]

@@ -5,8 +5,13 @@
                  [--max-model-len 8192] [--input-len N] [--output-len N] [--max-num-seqs 256]
                  [--kv-dtype bf16|fp8] [--slo-tpot-ms X] [--slo-ttft-ms X] [--profile probe.json]
                  [--json] [--plot out.png]
+    shardlm plan --validate measured.json [more.json ...] [MODEL] [--gpu ...] [--interconnect ...]
+                 [--profile probe.json] [--json]
 
 Exit status: 0 with a recommendation, 1 when no layout meets the SLO, 2 on bad input.
+With --validate: compare predicted TTFT/TPOT with `shardlm bench latency --json` files (validate.py);
+MODEL may be omitted (each file names its model; MODEL, if given, replaces it) and --gpus is not used
+(each file's tensor_parallel_size is the layout). Exit status 0, or 2 on bad input.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import sys
 from . import PlanError
 from .hardware import GPUS, INTERCONNECTS, NETWORKS, make_cluster
 from .models import PRESETS, load_model
-from .plan import Workload, format_table, make_plan, plan_to_dict, plot_plan
+from .plan import Workload, make_plan
+from .report import format_table, plan_to_dict, plot_plan
 from .profile import load_profile
+from .validate import format_validation, validate_files, validation_to_dict
 
 
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,8 +35,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "plan", help="predict memory, latency and throughput of every TP/PP/EP/DP layout and recommend one",
         description="Predict weights and KV per GPU, TTFT, TPOT and throughput of every (TP, PP, EP, DP) "
                     "layout of a model on a cluster, say why layouts are rejected, and recommend one.")
-    p.add_argument("model", help=f"preset ({', '.join(sorted(PRESETS))}) or a Hugging Face config.json / folder")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in total")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"preset ({', '.join(sorted(PRESETS))}), an engine preset (random:<name>) or a Hugging Face "
+                        "config.json / folder; optional with --validate")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs in total (required unless --validate)")
     p.add_argument("--gpu", default="h100-80gb", help=f"GPU preset ({', '.join(GPUS)}); default h100-80gb")
     p.add_argument("--interconnect", default="nvlink", choices=list(INTERCONNECTS),
                    help="link between the GPUs of a node; default nvlink")
@@ -46,12 +55,32 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--profile", default=None, help="measured profile JSON (from `shardlm probe`)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.add_argument("--plot", default=None, metavar="PNG", help="write TPOT vs throughput of the layouts here")
+    p.add_argument("--validate", nargs="+", default=None, metavar="MEASURED_JSON",
+                   help="compare predicted TTFT/TPOT with `shardlm bench latency --json` files instead of planning")
     p.set_defaults(func=run_plan)
     return p
 
 
+def run_validate(args: argparse.Namespace) -> int:
+    """--validate: print predicted vs measured TTFT/TPOT (table or JSON). Returns the exit status."""
+    try:
+        profile = load_profile(args.profile) if args.profile else None
+        result = validate_files(args.validate, args.gpu, args.interconnect, profile, args.model)
+    except PlanError as exc:
+        print(f"shardlm plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(validation_to_dict(result), indent=2) if args.json else format_validation(result))
+    return 0
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Run the planner for parsed arguments; print the table (or JSON). Returns the exit status."""
+    if getattr(args, "validate", None):
+        return run_validate(args)
+    missing = [flag for flag, v in (("MODEL", args.model), ("--gpus", args.gpus)) if v is None]
+    if missing:
+        print(f"shardlm plan: error: {' and '.join(missing)} required (or --validate FILE ...)", file=sys.stderr)
+        return 2
     try:
         model = load_model(args.model)
         cluster = make_cluster(args.gpu, args.gpus, args.interconnect, args.gpus_per_node, args.network)

@@ -15,6 +15,9 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   MoE           distinct experts read per layer E(1-(1-k/E)^B); all-to-all dispatch + combine
                 2*k*h*b*(e-1)/e bytes per layer per token.
   prefill       2*N*s + 2*L*n_h*d*s^2 FLOPs (causal), logits only for the sampled token.
+  host          with a profile's measured host floor (profile.py): per stage, step_overhead[tp] +
+                sum over layers of max(layer_floor[tp], layer GPU time + its collectives) + the
+                non-layer GPU work; without it, graph-captured decode (Efficiency's floor and overhead).
 """
 
 from __future__ import annotations
@@ -186,17 +189,35 @@ class StepCost:
     """Time of one stage's forward pass on its busiest rank."""
 
     compute_s: float
-    """Roofline time: max(HBM bytes / BW, FLOPs / peak, per-layer floor)."""
+    """GPU kernel time: the roofline max(HBM bytes / BW, FLOPs / peak) (graph mode: at least the per-layer
+    floor; host mode: summed layer by layer)."""
     comm_s: float
     """Collectives on the critical path (TP all-reduces, logits gather, EP all-to-all)."""
     hbm_bytes: float
     """Bytes read from device memory."""
     flops: float
     """Floating-point operations."""
+    host_s: float = 0.0
+    """Host mode only: time the GPU waits for the host, i.e. the step overhead plus, per layer, how much
+    the measured layer floor exceeds the layer's GPU + collective time. 0 in graph mode."""
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.comm_s
+        return self.compute_s + self.comm_s + self.host_s
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One kind of layer (or the stage's non-layer part): count and per-instance cost."""
+
+    count: int
+    """How many such layers the stage has (1 for the non-layer part)."""
+    nbytes: float
+    """HBM bytes per instance."""
+    flops: float
+    """FLOPs per instance."""
+    comm_s: float
+    """Collective seconds per instance."""
 
 
 class CostModel:
@@ -215,6 +236,23 @@ class CostModel:
             self.hbm_bps = cluster.gpu.hbm_gbps * 1e9 * self.eff.hbm
             self.flops_ps = cluster.gpu.bf16_tflops * 1e12 * self.eff.flops
             self.memory_bytes = cluster.gpu.memory_bytes
+
+    @property
+    def host_calibrated(self) -> bool:
+        """Step and layer times come from the profile's measured host floor (see profile.py)."""
+        return self.profile is not None and self.profile.host_calibrated
+
+    def step_overhead_s(self, tp: int) -> float:
+        """Host time per engine step outside the layers: measured (host mode) or Efficiency's."""
+        if self.host_calibrated:
+            return self.profile.step_overhead.at(tp) * 1e-6
+        return self.eff.step_overhead_us * 1e-6
+
+    def layer_floor_s(self, tp: int) -> float:
+        """Least time one layer takes: the measured host floor (host mode) or Efficiency's graph floor."""
+        if self.host_calibrated:
+            return self.profile.layer_floor.at(tp) * 1e-6
+        return self.eff.layer_floor_us * 1e-6
 
     # -- collectives (seconds) -------------------------------------------------------------------
 
@@ -270,21 +308,26 @@ class CostModel:
 
     # -- one stage, one forward pass -------------------------------------------------------------
 
-    def _roofline(self, nbytes: float, flops: float, layers: int) -> float:
-        return max(nbytes / self.hbm_bps, flops / self.flops_ps, layers * self.eff.layer_floor_us * 1e-6)
-
-    def stage_pass(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float,
-                   prefill: bool) -> StepCost:
-        """Forward pass of one stage over `tokens` tokens: decode (one token per sequence, each with
-        `context` tokens of KV) or prefill (one prompt of `tokens` tokens)."""
+    def _work(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float, prefill: bool,
+              prompts: int) -> list[_Work]:
+        """The stage's work split into its dense layers, its MoE layers and the non-layer part."""
         m, b = self.model, self.model.bytes_per_param
-        n_dense = sh.n_layers - sh.n_moe
-        dense_params = sh.n_layers * sh.attn + n_dense * sh.mlp + sh.n_moe * sh.shared_router
-        final_norm = m.hidden if sh.head_rows else 0
-        weight_bytes = b * (dense_params + sh.n_layers * sh.norms + sh.head_rows * m.hidden + final_norm)
-        logits_tokens = 1 if prefill else tokens  # prefill samples only the last token
-        flops = 2 * tokens * dense_params + 2 * logits_tokens * sh.head_rows * m.hidden
-        if m.is_moe and sh.n_moe:
+        d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
+        kv_layer = 2 * sh.kv_heads * d * self.kv_bytes  # per token
+        if prefill:  # `prompts` prompts of tokens/prompts tokens: KV written once, causal attention
+            kv_b, attn_f = tokens * kv_layer, 2 * sh.q_heads * d * tokens * tokens / prompts
+        else:  # every sequence reads its whole context
+            kv_b, attn_f = tokens * context * kv_layer, 4 * sh.q_heads * d * tokens * context
+        ar = act = 0.0
+        if layout.tp > 1:
+            tp_ranks = layout.tp_groups()[sh.stage]  # dp replica 0; the others are alike
+            act = tokens * m.hidden * ACT_BYTES
+            ar = 2 * self.allreduce(tp_ranks, act)
+        out = []
+        if n_dense:
+            out.append(_Work(n_dense, b * (sh.attn + sh.norms + sh.mlp) + kv_b,
+                             2 * tokens * (sh.attn + sh.mlp) + attn_f, ar))
+        if sh.n_moe:
             ep_tokens = tokens * (layout.dp if layout.ep > 1 and not prefill else 1)
             if layout.ep > 1:  # whole experts on this rank; each is hit with probability 1-(1-k/E)^T
                 touched = sh.experts_local * (1 - (1 - m.top_k / m.n_experts) ** ep_tokens)
@@ -292,33 +335,51 @@ class CostModel:
             else:  # a 1/t slice of every expert; only the distinct experts hit are read
                 touched = distinct_experts(m.n_experts, m.top_k, tokens)
                 expert_tok = tokens * m.top_k
-            weight_bytes += b * sh.n_moe * touched * sh.expert
-            flops += 2 * sh.n_moe * expert_tok * sh.expert
-        kv_per_tok = 2 * sh.n_layers * sh.kv_heads * m.head_dim * self.kv_bytes
-        if prefill:
-            kv_bytes = tokens * kv_per_tok  # written once
-            flops += 2 * sh.n_layers * sh.q_heads * m.head_dim * tokens * tokens
-        else:
-            kv_bytes = tokens * context * kv_per_tok  # every sequence reads its whole context
-            flops += 4 * sh.n_layers * sh.q_heads * m.head_dim * tokens * context
-        nbytes = weight_bytes + kv_bytes
-        compute = self._roofline(nbytes, flops, sh.n_layers)
-        comm = 0.0
+            a2a = 0.0
+            if layout.ep > 1:
+                # each TP rank dispatches its 1/t share of its replica's tokens, k copies each; with tp > 1
+                # the combined slices are summed back by the layer's second all-reduce (counted in ar)
+                buf = tokens / layout.tp * m.top_k * m.hidden * ACT_BYTES
+                a2a = 2 * self.all_to_all(layout.ep_groups()[sh.stage], buf)
+            out.append(_Work(sh.n_moe, b * (sh.attn + sh.norms + sh.shared_router + touched * sh.expert) + kv_b,
+                             2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert + attn_f,
+                             ar + a2a))
+        logits_tokens = prompts if prefill else tokens  # prefill samples only each prompt's last token
+        head_comm = 0.0
         if layout.tp > 1:
-            tp_ranks = layout.tp_groups()[sh.stage]  # dp replica 0; the others are alike
-            act = tokens * m.hidden * ACT_BYTES
-            comm += 2 * sh.n_layers * self.allreduce(tp_ranks, act)
             if sh.stage == 0:
-                comm += self.allreduce(tp_ranks, act)  # vocab-parallel embedding
+                head_comm += self.allreduce(layout.tp_groups()[0], act)  # vocab-parallel embedding
             if sh.head_rows:
-                comm += self.allgather(tp_ranks, logits_tokens * m.vocab * ACT_BYTES)
-        if layout.ep > 1 and sh.n_moe:
-            ep_ranks = layout.ep_groups()[sh.stage]
-            # each TP rank dispatches its 1/t share of its replica's tokens, k copies each; with tp > 1
-            # the combined slices are summed back by the layer's second all-reduce (counted above)
-            buf = tokens / layout.tp * m.top_k * m.hidden * ACT_BYTES
-            comm += 2 * sh.n_moe * self.all_to_all(ep_ranks, buf)
-        return StepCost(compute, comm, nbytes, flops)
+                head_comm += self.allgather(layout.tp_groups()[sh.stage], logits_tokens * m.vocab * ACT_BYTES)
+        final_norm = m.hidden if sh.head_rows else 0
+        out.append(_Work(1, b * (sh.head_rows * m.hidden + final_norm),
+                         2 * logits_tokens * sh.head_rows * m.hidden, head_comm))
+        return out
+
+    def stage_pass(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float,
+                   prefill: bool, prompts: int = 1) -> StepCost:
+        """Forward pass of one stage over `tokens` tokens: decode (one token per sequence, each with
+        `context` tokens of KV) or prefill (`prompts` prompts of tokens/prompts tokens each).
+
+        Graph mode (no measured host floor): roofline of the whole stage, at least layers x the graph
+        floor, plus collectives. Host mode: step overhead + per layer max(floor, GPU + collectives) +
+        the non-layer part's GPU + collectives (profile.py explains why)."""
+        work = self._work(layout, sh, tokens, context, prefill, prompts)
+        nbytes = sum(w.count * w.nbytes for w in work)
+        flops = sum(w.count * w.flops for w in work)
+        comm = sum(w.count * w.comm_s for w in work)
+        if not self.host_calibrated:
+            compute = max(nbytes / self.hbm_bps, flops / self.flops_ps,
+                          sh.n_layers * self.eff.layer_floor_us * 1e-6)
+            return StepCost(compute, comm, nbytes, flops)
+        floor = self.layer_floor_s(layout.tp)
+        compute, host = 0.0, self.step_overhead_s(layout.tp)
+        for i, w in enumerate(work):
+            gpu = max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
+            compute += w.count * gpu
+            if i < len(work) - 1:  # decoder layers; the last entry is the non-layer part
+                host += w.count * max(0.0, floor - gpu - w.comm_s)
+        return StepCost(compute, comm, nbytes, flops, host)
 
     def transfer(self, layout: ParallelLayout, tokens: float) -> float:
         """Slowest activation hand-off between consecutive stages (tokens x h in bf16)."""
@@ -327,6 +388,38 @@ class CostModel:
         nbytes = tokens * self.model.hidden * ACT_BYTES
         return max(self.send_recv(layout.rank(0, s, 0), layout.rank(0, s + 1, 0), nbytes)
                    for s in range(layout.pp - 1))
+
+    # -- whole engine steps ----------------------------------------------------------------------
+
+    def decode_step(self, layout: ParallelLayout, shards: list[StageShard], batch: int,
+                    context: float) -> tuple[float, float, float, int]:
+        """One decode step of `batch` sequences per replica at `context` tokens of KV each:
+        (seconds, comm share, bubble share, micro-batches). m micro-batches take (m+p-1) beats of the
+        slowest stage plus p-1 transfers; the best m of 1..p, 2p, 4p (<= batch) is kept. Graph mode adds
+        the step overhead once per step; host mode has it inside every stage's beat."""
+        p = layout.pp
+        extra = 0.0 if self.host_calibrated else self.step_overhead_s(layout.tp)
+        cands = sorted({m for m in list(range(1, p + 1)) + [2 * p, 4 * p] if m <= batch}) or [1]
+        best = None
+        for m in cands:
+            bm = batch / m
+            slow = max((self.stage_pass(layout, sh, bm, context, prefill=False) for sh in shards),
+                       key=lambda x: x.total_s)
+            xfer = self.transfer(layout, bm)
+            period = (m + p - 1) * slow.total_s + (p - 1) * xfer + extra
+            comm = ((m + p - 1) * slow.comm_s + (p - 1) * xfer) / period
+            if best is None or period < best[0]:
+                best = (period, comm, (p - 1) / (m + p - 1), m)
+        return best
+
+    def prefill_step(self, layout: ParallelLayout, shards: list[StageShard], tokens: int,
+                     prompts: int = 1) -> tuple[float, float]:
+        """Prefill of `prompts` prompts, `tokens` tokens in all, in one step: (TTFT seconds: every stage
+        in turn plus the transfers, slowest stage's seconds: what a pipeline of many prefills costs)."""
+        passes = [self.stage_pass(layout, sh, tokens, 0, prefill=True, prompts=prompts) for sh in shards]
+        extra = 0.0 if self.host_calibrated else self.step_overhead_s(layout.tp)
+        ttft = sum(x.total_s for x in passes) + (layout.pp - 1) * self.transfer(layout, tokens) + extra
+        return ttft, max(x.total_s for x in passes)
 
     # -- memory ----------------------------------------------------------------------------------
 

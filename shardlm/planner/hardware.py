@@ -19,6 +19,7 @@ that carries 1/(ranks per node) of the bytes through each GPU's share of the NIC
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from . import PlanError
@@ -204,6 +205,37 @@ def get_gpu(name: str) -> GPUSpec:
     if key not in GPUS:
         raise PlanError(f"unknown GPU {name!r}; known GPUs: {', '.join(GPUS)}")
     return GPUS[key]
+
+
+# torch.cuda.get_device_name() / nvidia-smi names -> preset, first match wins (tokens of the lower-cased
+# name with "nvidia" dropped; e.g. "NVIDIA H100 80GB HBM3" -> {"h100", "80gb", "hbm3"}).
+_NAME_RULES: list[tuple[set[str], set[str], str]] = [  # (all of these tokens, none of these, preset)
+    ({"h100"}, {"pcie", "nvl"}, "h100-80gb"),
+    ({"h100", "pcie"}, set(), "h100-pcie"),
+    ({"h200"}, {"gh200"}, "h200"),
+    ({"b200"}, {"gb200"}, "b200"),
+    ({"a100", "40gb"}, set(), "a100-40gb"),
+    ({"a100"}, set(), "a100-80gb"),
+    ({"l40s"}, set(), "l40s"),
+    ({"l4"}, set(), "l4"),
+    ({"a10g"}, set(), "a10g"),
+]
+
+
+def gpu_preset_from_name(name: str) -> str:
+    """Map a device name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", ...) or a preset name to a GPU
+    preset key; PlanError listing the presets when it is not one of them."""
+    if not isinstance(name, str) or not name.strip():
+        raise PlanError(f"GPU name must be a non-empty string, got {name!r}; pass a preset: {', '.join(GPUS)}")
+    key = GPU_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key in GPUS:
+        return key
+    tokens = set(re.split(r"[\s_/()-]+", key)) - {"nvidia", ""}
+    for need, avoid, preset in _NAME_RULES:
+        if need <= tokens and not (avoid & tokens):
+            return preset
+    raise PlanError(f"GPU {name!r} matches no GPU preset; pass one of {', '.join(GPUS)} "
+                    "(the closest in memory and bandwidth)")
 
 
 def make_cluster(gpu: str | GPUSpec, n_gpus: int, interconnect: str = "nvlink",

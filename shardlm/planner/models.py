@@ -1,5 +1,8 @@
 """Model shapes for the planner: presets and Hugging Face config.json files.
 
+Also the engine's own model descriptions (shardlm.config.ModelConfig, its `random:<preset>` shapes in
+shardlm.presets), through `from_engine_config`, so the planner can describe any model the engine runs.
+
 Only what the cost model needs: shapes of the Llama-style decoder (GQA attention, gated MLP) and,
 for Mixture-of-Experts models, the expert count, top-k, expert width, shared experts and which
 layers stay dense. Parameter counts are exact for these architectures (norms included).
@@ -192,15 +195,74 @@ def from_hf_config(cfg: dict[str, Any], name: str = "config.json") -> ModelSpec:
     )
 
 
+def from_engine_config(cfg: Any, name: str = "engine config") -> ModelSpec:
+    """Describe a model the engine runs: a shardlm.config.ModelConfig or its to_dict().
+
+    q/k/v biases (qkv_bias) are counted; o_proj and MLP biases (o_bias, mlp_bias) are h- and f-sized
+    vectors, too small to matter, and are not."""
+    from ..config import ConfigError, ModelConfig
+
+    if isinstance(cfg, dict):
+        try:
+            cfg = ModelConfig.from_dict(cfg)
+        except TypeError as exc:
+            raise PlanError(f"{name}: not an engine ModelConfig dict ({exc}); pass ModelConfig.to_dict() "
+                            "or a Hugging Face config.json dict") from None
+    if not isinstance(cfg, ModelConfig):
+        raise PlanError(f"{name}: expected a shardlm ModelConfig or its dict, got {type(cfg).__name__}")
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise PlanError(f"{name}: {exc}") from None
+    return ModelSpec(
+        name=name, hidden=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+        n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, ffn=cfg.intermediate_size,
+        vocab=cfg.vocab_size, tied_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.qkv_bias,
+        max_position=cfg.max_position_embeddings)
+
+
+def engine_presets() -> dict[str, Any]:
+    """The engine's `random:<name>` presets (shardlm.presets.PRESETS: name -> ModelConfig)."""
+    from ..presets import PRESETS as ENGINE
+
+    return ENGINE
+
+
+def model_from_dict(cfg: dict[str, Any], name: str = "model config") -> ModelSpec:
+    """An engine ModelConfig dict (has the engine's own keys, e.g. qkv_bias) or a Hugging Face config dict."""
+    from dataclasses import fields
+
+    from ..config import ModelConfig
+
+    engine_keys = {f.name for f in fields(ModelConfig)}
+    if isinstance(cfg, dict) and "qkv_bias" in cfg and set(cfg) <= engine_keys:
+        return from_engine_config(cfg, name)
+    return from_hf_config(cfg, name)
+
+
+def _known() -> str:
+    return (f"planner presets: {', '.join(sorted(PRESETS))}; engine presets (also as random:<name>): "
+            f"{', '.join(sorted(engine_presets()))}")
+
+
 def load_model(spec: str | dict[str, Any]) -> ModelSpec:
-    """A preset name, a path to config.json (or to the folder holding it), or a config dict."""
+    """A planner preset, an engine preset (`random:<name>` or the bare name), a path to config.json (or to
+    the folder holding it), or a config dict (Hugging Face or the engine's ModelConfig.to_dict())."""
     if isinstance(spec, dict):
-        return from_hf_config(spec)
+        return model_from_dict(spec)
+    if spec.startswith("random:"):
+        name = spec.split(":", 1)[1]
+        if name in engine_presets():
+            return from_engine_config(engine_presets()[name], name)
+        if name.lower() in PRESETS:
+            return PRESETS[name.lower()]
+        raise PlanError(f"unknown preset {spec!r}; {_known()}")
     key = spec.lower()
     if key in PRESETS:
         return PRESETS[key]
+    if spec in engine_presets():
+        return from_engine_config(engine_presets()[spec], spec)
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if path.endswith(".json") or os.path.exists(path):
         return from_hf_config(read_json(path, "config file"), path)
-    raise PlanError(f"unknown model {spec!r}: give a config.json path or one of the presets: "
-                    f"{', '.join(sorted(PRESETS))}")
+    raise PlanError(f"unknown model {spec!r}: give a config.json path (or its folder) or one of the {_known()}")

@@ -148,14 +148,28 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_layouts(model: ModelSpec, n_gpus: int) -> list[ParallelLayout]:
-    """Every tp*pp*dp == n_gpus; MoE models also get ep = tp*dp (experts over a stage's ranks)."""
+DEGREES = ("tp", "pp", "dp", "ep")
+
+
+def check_degrees(degrees: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate a list of parallelism degrees (a subset of DEGREES)."""
+    bad = [d for d in degrees if d not in DEGREES]
+    if bad or isinstance(degrees, str):
+        raise PlanError(f"supported degrees must be a list drawn from {', '.join(DEGREES)}, got {degrees!r}")
+    return tuple(degrees)
+
+
+def enumerate_layouts(model: ModelSpec, n_gpus: int, degrees: tuple[str, ...] = DEGREES) -> list[ParallelLayout]:
+    """Every tp*pp*dp == n_gpus; MoE models also get ep = tp*dp (experts over a stage's ranks). Degrees not
+    in `degrees` stay 1."""
     out = []
     for tp in divisors(n_gpus):
         for pp in divisors(n_gpus // tp):
             dp = n_gpus // (tp * pp)
+            if any(v > 1 and d not in degrees for d, v in (("tp", tp), ("pp", pp), ("dp", dp))):
+                continue
             out.append(ParallelLayout(tp=tp, pp=pp, dp=dp))
-            if model.is_moe and tp * dp > 1:
+            if model.is_moe and tp * dp > 1 and "ep" in degrees:
                 out.append(ParallelLayout(tp=tp, pp=pp, dp=dp, ep=tp * dp))
     return out
 
@@ -188,31 +202,14 @@ class _Evaluator:
     def __init__(self, cm: CostModel, lay: ParallelLayout, shards: list[StageShard], wl: Workload):
         self.cm, self.lay, self.shards, self.wl = cm, lay, shards, wl
         self._cache: dict[int, tuple[float, float, float, int]] = {}
-        over = cm.eff.step_overhead_us * 1e-6
-        s = wl.input_len
-        passes = [cm.stage_pass(lay, sh, s, 0, prefill=True) for sh in shards]
-        self.ttft_s = sum(p.total_s for p in passes) + (lay.pp - 1) * cm.transfer(lay, s) + over
-        self.prefill_cost_s = max(p.total_s for p in passes)  # prefills of many requests pipeline
+        # prefills of many requests pipeline: they cost the slowest stage each
+        self.ttft_s, self.prefill_cost_s = cm.prefill_step(lay, shards, wl.input_len)
 
     def decode(self, batch: int) -> tuple[float, float, float, int]:
         """(TPOT s, comm share, bubble share, micro-batches) at `batch` sequences per replica."""
-        if batch in self._cache:
-            return self._cache[batch]
-        p, cm = self.lay.pp, self.cm
-        cands = sorted({m for m in list(range(1, p + 1)) + [2 * p, 4 * p] if m <= batch}) or [1]
-        best = None
-        for m in cands:
-            bm = batch / m
-            passes = [cm.stage_pass(self.lay, sh, bm, self.wl.mean_context, prefill=False) for sh in self.shards]
-            slow = max(passes, key=lambda x: x.total_s)
-            xfer = cm.transfer(self.lay, bm)
-            period = (m + p - 1) * slow.total_s + (p - 1) * xfer + cm.eff.step_overhead_us * 1e-6
-            comm = ((m + p - 1) * slow.comm_s + (p - 1) * xfer) / period
-            bubble = (p - 1) / (m + p - 1)
-            if best is None or period < best[0]:
-                best = (period, comm, bubble, m)
-        self._cache[batch] = best
-        return best
+        if batch not in self._cache:
+            self._cache[batch] = self.cm.decode_step(self.lay, self.shards, batch, self.wl.mean_context)
+        return self._cache[batch]
 
     def throughput(self, batch: int) -> float:
         out = self.wl.output_len
@@ -297,7 +294,8 @@ def _placement(cluster: Cluster, lay: ParallelLayout) -> list[str]:
     if lay.ep > 1:
         parts.append(f"each expert lives on one of {lay.ep} GPUs instead of being sliced")
     if lay.tp == lay.pp == lay.ep == 1:
-        parts.append("every GPU serves a whole replica with no communication")
+        parts.append("every GPU serves a whole replica with no communication" if lay.dp > 1
+                     else "one GPU holds the whole model, with no communication")
     return parts
 
 
@@ -329,12 +327,50 @@ def _why(plan_results: list[LayoutResult], rec: LayoutResult, cluster: Cluster, 
     return f"{head}, because {text}."
 
 
+def _host_notes(cm: CostModel, layouts: list[ParallelLayout], cluster: Cluster) -> list[str]:
+    prof = cm.profile
+    notes = []
+    if cm.host_calibrated:
+        graphs = {True: ", CUDA graphs on", False: ", eager (no CUDA graphs)"}.get(prof.cuda_graphs, "")
+        per_tp = "; ".join(f"tp={t}: {prof.step_overhead.at(t):.0f} us per step + {prof.layer_floor.at(t):.0f} us "
+                           "per layer" for t in sorted({lay.tp for lay in layouts}))
+        notes.append(f"host time measured{graphs}: {per_tp} (a layer costs the larger of that floor and its "
+                     "GPU work + collectives)")
+    else:
+        e = cm.eff
+        notes.append(f"no measured host time: assumes graph-captured decode ({e.layer_floor_us:g} us floor per "
+                     f"layer, {e.step_overhead_us:g} us per step); an eager engine is host-bound, a profile "
+                     "from `shardlm probe` with step_overhead_us/layer_floor_us measures it")
+    topo = prof.topology if prof is not None else None
+    expect = {"nvlink": ("nvlink",), "pcie": ("pcie", "pcie-cross-socket"), "cpu": ("pcie-cross-socket",)}
+    if topo in expect and cluster.interconnect not in expect[topo]:
+        notes.append(f"the profile measured a {topo!r} link between GPUs but --interconnect is "
+                     f"{cluster.interconnect!r}; links not measured by the profile use --interconnect")
+    return notes
+
+
+def candidate_layouts(model: ModelSpec, n_gpus: int, degrees: tuple[str, ...] = DEGREES,
+                      fewer_gpus: bool = False) -> list[ParallelLayout]:
+    """Layouts on exactly n_gpus GPUs, or (fewer_gpus) on any 1..n_gpus of them."""
+    counts = range(1, n_gpus + 1) if fewer_gpus else [n_gpus]
+    return [lay for g in counts for lay in enumerate_layouts(model, g, degrees)]
+
+
 def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = None,
-              profile: Profile | None = None, eff: Efficiency | None = None) -> Plan:
-    """Predict every layout of `model` on `cluster`; raise PlanError if none fits at all."""
+              profile: Profile | None = None, eff: Efficiency | None = None,
+              degrees: tuple[str, ...] = DEGREES, fewer_gpus: bool = False) -> Plan:
+    """Predict every layout of `model` on `cluster`; raise PlanError if none fits at all.
+
+    degrees: the parallelism degrees layouts may use (others stay 1). fewer_gpus: also consider layouts
+    that leave some of the cluster's GPUs idle (useful when the degrees cannot fill them)."""
     wl = (workload or Workload()).resolved()
+    degrees = check_degrees(degrees)
     cm = CostModel(model, cluster, profile, eff, kv_bytes=wl.kv_bytes)
-    results = [evaluate(cm, lay, wl) for lay in enumerate_layouts(model, cluster.n_gpus)]
+    layouts = candidate_layouts(model, cluster.n_gpus, degrees, fewer_gpus)
+    if not layouts:
+        raise PlanError(f"no layout of {cluster.n_gpus} GPUs uses only {', '.join(degrees) or 'no'} parallelism; "
+                        "allow more degrees or change the GPU count")
+    results = [evaluate(cm, lay, wl) for lay in layouts]
     notes = list(model.notes)
     if model.max_position and wl.max_model_len > model.max_position:
         notes.append(f"max-model-len {wl.max_model_len} exceeds the model's {model.max_position} positions")
@@ -344,10 +380,11 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
             notes.append(f"the profile's device {profile.device!r} does not look like --gpu {cluster.gpu.name}; "
                          "its measured numbers are used")
         measured = max(profile.allreduce.curves)
-        if measured < min(cluster.gpus_per_node, max(lay.tp for lay in enumerate_layouts(model, cluster.n_gpus))):
+        if measured < min(cluster.gpus_per_node, max(lay.tp for lay in layouts)):
             notes.append(f"all-reduce measured up to {measured} GPUs; larger groups are extrapolated")
+    notes += _host_notes(cm, layouts, cluster)
     if not any(r.fits for r in results):
-        raise PlanError(_no_fit_message(cm, wl))
+        raise PlanError(_no_fit_message(cm, wl, degrees))
     ok = [r for r in results if r.ok]
     rec = None
     if ok:
@@ -365,16 +402,23 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
         "hbm_gbps_effective": cm.hbm_bps / 1e9, "tflops_effective": cm.flops_ps / 1e12,
         "memory_gib": cm.memory_bytes / 2**30, **asdict(e),
         "pipeline": "synchronous steps: (m+p-1) beats of the slowest stage + (p-1) transfers",
+        "host_model": ("measured: per stage step_overhead[tp] + sum of max(layer_floor[tp], layer GPU + comm)"
+                       if cm.host_calibrated else "graph-captured: step_overhead_us + max(roofline, layer_floor_us)"),
+        "degrees": list(degrees),
     }
+    if cm.host_calibrated:
+        tps = sorted({lay.tp for lay in layouts})
+        assumptions["step_overhead_us_by_tp"] = {str(t): profile.step_overhead.at(t) for t in tps}
+        assumptions["layer_floor_us_by_tp"] = {str(t): profile.layer_floor.at(t) for t in tps}
     return Plan(model, cluster, wl, results, rec, reason, assumptions, notes)
 
 
-def _no_fit_message(cm: CostModel, wl: Workload) -> str:
+def _no_fit_message(cm: CostModel, wl: Workload, degrees: tuple[str, ...] = DEGREES) -> str:
     m, c = cm.model, cm.cluster
     found: list[tuple[int, ParallelLayout]] = []
     for g in range(c.n_gpus + 1, 4097):
         fits = []
-        for lay in enumerate_layouts(m, g):
+        for lay in enumerate_layouts(m, g, degrees):
             if not constraint_reasons(m, lay):
                 seqs, _ = _fit(cm, lay, stage_shards(m, lay), wl)
                 if seqs >= 1:
@@ -383,116 +427,12 @@ def _no_fit_message(cm: CostModel, wl: Workload) -> str:
             found.append((g, max(fits, key=lambda x: (x[0], -x[1].pp))[1]))  # most KV room, fewest stages
             if g & (g - 1) == 0:
                 break
+    only = "" if set(degrees) == set(DEGREES) else f" using only {'/'.join(degrees)} parallelism"
     head = (f"{m.name} ({m.total_params() * m.bytes_per_param / 1e9:.1f} GB of weights) does not fit on "
-            f"{c.n_gpus} x {c.gpu.name} in any layout with room for one {wl.seq_len}-token sequence")
+            f"{c.n_gpus} x {c.gpu.name} in any layout{only} with room for one {wl.seq_len}-token sequence")
     if not found:
         return head + ", nor on up to 4096 GPUs"
     msg = f"{head}; the smallest GPU count that fits is {found[0][0]} ({found[0][1]})"
     if len(found) > 1:
         msg += f", the smallest power of two {found[1][0]} ({found[1][1]})"
     return msg
-
-
-# -- output ----------------------------------------------------------------------------------------
-
-def _f(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
-
-
-_COLUMNS = [  # header, width, cell
-    ("layout", 21, lambda r: r.name),
-    ("W/GPU GB", 8, lambda r: _f(r.weights_gb, ".1f")),
-    ("KV/tok KiB", 10, lambda r: _f(r.kv_kib_per_token, ".1f")),
-    ("seqs", 5, lambda r: _f(r.max_seqs, "d")),
-    ("TTFT1 ms", 8, lambda r: _f(r.ttft_ms_b1, ".0f")),
-    ("TTFTf ms", 8, lambda r: _f(r.ttft_ms_full, ".0f")),
-    ("TPOT1 ms", 8, lambda r: _f(r.tpot_ms_b1, ".1f")),
-    ("TPOTf ms", 8, lambda r: _f(r.tpot_ms_full, ".1f")),
-    ("batch", 5, lambda r: _f(r.batch, "d")),
-    ("tok/s", 8, lambda r: _f(r.throughput_tok_s, ",.0f")),
-    ("comm", 4, lambda r: _pct(r.comm_share)),
-    ("bubble", 6, lambda r: _pct(r.bubble_share)),
-]
-
-
-def format_table(plan: Plan) -> str:
-    m, wl, c, a = plan.model, plan.workload, plan.cluster, plan.assumptions
-    kind = f"MoE {m.n_experts} experts top-{m.top_k}, {m.active_params() / 1e9:.1f}B active, " if m.is_moe else ""
-    lines = [
-        f"model    {m.name}: {m.total_params() / 1e9:.1f}B params ({kind}"
-        f"{m.total_params() * m.bytes_per_param / 1e9:.1f} GB bf16), KV {m.kv_bytes_per_token(wl.kv_bytes) / 1024:g} "
-        "KiB/token",
-        f"cluster  {c.describe()}; {a['hardware_source']} numbers after efficiency factors: "
-        f"{a['hbm_gbps_effective']:.0f} GB/s HBM, {a['tflops_effective']:.0f} TFLOP/s, {a['memory_gib']:.1f} GiB",
-        f"workload {wl.input_len} prompt + {wl.output_len} output tokens (max-model-len {wl.max_model_len}), "
-        f"<= {wl.max_num_seqs} seqs/replica"
-        + (f", SLO TPOT {wl.slo_tpot_ms:g} ms" if wl.slo_tpot_ms is not None else "")
-        + (f", SLO TTFT {wl.slo_ttft_ms:g} ms" if wl.slo_ttft_ms is not None else ""),
-        "",
-        "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w, _) in enumerate(_COLUMNS)) + "  verdict",
-    ]
-    for r in plan.results:
-        cells = [fn(r).rjust(w) if i else fn(r).ljust(w) for i, (_, w, fn) in enumerate(_COLUMNS)]
-        verdict = ("RECOMMENDED" if r is plan.recommended else "ok") if r.ok else "; ".join(r.reasons)
-        lines.append("  ".join(cells) + "  " + verdict)
-    lines += ["", "seqs: concurrent sequences of prompt+output tokens, all replicas. 1 = at batch 1, f = with the "
-              "KV cache full. batch, tok/s, comm, bubble: at the operating batch per replica (the full KV cache, "
-              "lowered until the SLO holds)."]
-    lines += [f"note: {n}" for n in plan.notes]
-    lines += ["", ("Recommendation: " + plan.reason) if plan.recommended else plan.reason]
-    return "\n".join(lines)
-
-
-def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    """The plan as JSON-ready data: model, cluster, workload, assumptions, layouts, recommendation."""
-    m, c = plan.model, plan.cluster
-
-    def row(r: LayoutResult) -> dict[str, Any]:
-        return {"name": r.name, **asdict(r)}
-
-    shape = {k: v for k, v in asdict(m).items() if k not in ("name", "notes")}
-    return {
-        "model": {"name": m.name, "total_params": m.total_params(), "active_params": m.active_params(),
-                  "kv_bytes_per_token": m.kv_bytes_per_token(plan.workload.kv_bytes), **shape},
-        "cluster": {"gpu": c.gpu.name, "gpus": c.n_gpus, "gpus_per_node": c.gpus_per_node,
-                    "interconnect": c.interconnect, "network": c.network.name if c.n_nodes > 1 else None},
-        "workload": asdict(plan.workload),
-        "assumptions": plan.assumptions,
-        "layouts": [row(r) for r in plan.results],
-        "recommended": row(plan.recommended) if plan.recommended else None,
-        "reason": plan.reason,
-        "notes": plan.notes,
-    }
-
-
-def plot_plan(plan: Plan, path: str) -> None:
-    """PNG of predicted TPOT vs throughput: one curve per layout that fits, over its batch sizes."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for r in plan.results:
-        if not r.curve:
-            continue
-        best = r is plan.recommended
-        style = dict(lw=2.5, zorder=3) if best else dict(lw=1.0, alpha=0.8 if r.ok else 0.35)
-        (line,) = ax.plot([p[2] for p in r.curve], [p[1] for p in r.curve], marker="o", ms=3,
-                          ls="-" if r.ok else "--", label=r.name + (" (recommended)" if best else ""), **style)
-        ax.plot([r.throughput_tok_s], [r.tpot_ms], marker="*" if best else "s", ms=14 if best else 5,
-                color="k" if best else line.get_color())
-    if plan.workload.slo_tpot_ms is not None:
-        ax.axhline(plan.workload.slo_tpot_ms, color="red", ls=":", label=f"SLO {plan.workload.slo_tpot_ms:g} ms")
-    ax.set_xlabel("throughput, output tokens/s (all replicas)")
-    ax.set_ylabel("TPOT, ms")
-    ax.set_title(f"{plan.model.name} on {plan.cluster.describe()}: batch 1 ... full KV cache", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)

@@ -19,7 +19,20 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
       "all_to_all": {"2": [[bytes, us], ...], ...}
                                             optional, same shape; bytes is each rank's whole send
                                             buffer (including the chunk it keeps)
-      "send_recv": [[bytes, us], ...]       optional: one point-to-point send/recv between two GPUs
+      "send_recv": [[bytes, us], ...],      optional: one point-to-point send/recv between two GPUs
+      "step_overhead_us": {"1": 4100, "2": 5200, "4": 7300},
+                                            optional: host time of one engine step (batch-1 decode)
+                                            outside the decoder layers, per TP group size (key >= 1),
+                                            microseconds >= 0. Needs "layer_floor_us".
+      "layer_floor_us": {"1": 2200, "2": 2500, "4": 3000},
+                                            optional: host time per decoder layer per step at that TP
+                                            size (launching the layer's kernels and its 2 all-reduces,
+                                            measured on a tiny model: ~no GPU work). Needs
+                                            "step_overhead_us".
+      "topology": {"interconnect": "nvlink", "raw": "GPU0 GPU1 ..."}
+                                            optional, informational: "interconnect" is one of nvlink,
+                                            pcie, cpu, unknown; "raw" (optional) the nvidia-smi topo text
+      "engine": {"cuda_graphs": false}      optional, informational: how the measured engine ran
     }
 
 Every list needs at least one point; points are sorted by bytes on load. Times are interpolated
@@ -28,6 +41,20 @@ point's time below it (latency floor) and extrapolated along the last segment ab
 Group sizes between measured ones are interpolated linearly; above the largest the bytes are
 scaled by the ring factor 2(n-1)/n. The measured numbers describe one node's fabric; a group that
 spans nodes still takes its inter-node step from the --network preset.
+
+Host calibration. With "step_overhead_us" and "layer_floor_us" the cost model treats the engine as
+what it measured: kernel launch is asynchronous, so per layer the host's launch time and the GPU's
+work overlap and the slower wins. One stage's step (decode or prefill) is
+
+    step_overhead_us[tp] + sum over layers of max(layer_floor_us[tp], layer GPU time + its collectives)
+    + the stage's non-layer GPU work (embedding all-reduce, LM head, logits all-gather)
+
+(the sampler waits for the logits, so that last term does not hide under host time; its host cost is
+in step_overhead_us). Without the two fields the model assumes graph-captured decode (cost.Efficiency:
+a 15 us layer floor, 500 us per step). TP sizes that were not measured: between two measured sizes,
+linear in log2(tp); below the smallest, the smallest's value; above the largest, the last segment is
+extended linearly in log2(tp) (launch skew grows with the ranks), never below the largest's value;
+with one measured size, that value.
 """
 
 from __future__ import annotations
@@ -87,6 +114,33 @@ class CollectiveTable:
 
 
 @dataclass(frozen=True)
+class HostTable:
+    """Host time measured per TP group size (microseconds), interpolated in log2(tp)."""
+
+    values: dict[int, float]
+    """TP group size (>= 1) -> microseconds (>= 0); at least one entry."""
+
+    def at(self, tp: int) -> float:
+        """Microseconds at `tp` (see the module docstring for sizes that were not measured)."""
+        v, sizes = self.values, sorted(self.values)
+        if tp in v:
+            return v[tp]
+        if tp < sizes[0] or len(sizes) == 1:
+            return v[sizes[0]] if tp < sizes[0] else v[sizes[-1]]
+        if tp > sizes[-1]:
+            lo, hi = sizes[-2], sizes[-1]
+            slope = (v[hi] - v[lo]) / (math.log2(hi) - math.log2(lo))
+            return max(v[hi], v[hi] + slope * (math.log2(tp) - math.log2(hi)))
+        lo = max(s for s in sizes if s < tp)
+        hi = min(s for s in sizes if s > tp)
+        x = (math.log2(tp) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+        return v[lo] + (v[hi] - v[lo]) * x
+
+
+TOPOLOGIES = ("nvlink", "pcie", "cpu", "unknown")
+
+
+@dataclass(frozen=True)
 class Profile:
     """Numbers measured on the real cluster."""
 
@@ -106,8 +160,23 @@ class Profile:
     """Device memory, if measured."""
     gpu_count: int | None = None
     """GPUs on the measured host."""
+    step_overhead: HostTable | None = None
+    """Host time of one engine step outside the layers, per TP size (us), if measured."""
+    layer_floor: HostTable | None = None
+    """Host time per decoder layer per step, per TP size (us), if measured."""
+    topology: str | None = None
+    """Measured link between the GPUs: nvlink, pcie, cpu or unknown (informational)."""
+    topology_raw: str | None = None
+    """The probe's raw topology text (informational)."""
+    cuda_graphs: bool | None = None
+    """Whether the measured engine captured CUDA graphs (informational)."""
     source: str = "<profile>"
     """Where the profile came from."""
+
+    @property
+    def host_calibrated(self) -> bool:
+        """The profile carries measured host time (step overhead and layer floor)."""
+        return self.step_overhead is not None and self.layer_floor is not None
 
 
 def _bad(source: str, where: str, what: str, got: Any) -> PlanError:
@@ -153,6 +222,55 @@ def _table(value: Any, source: str, where: str) -> CollectiveTable:
     return CollectiveTable(curves)
 
 
+def _host_table(value: Any, source: str, where: str) -> HostTable:
+    if not isinstance(value, dict) or not value:
+        raise _bad(source, where, 'must be an object mapping TP size ("1", "2", "4", ...) to microseconds', value)
+    out = {}
+    for key, us in value.items():
+        try:
+            n = int(key)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1 or str(n) != str(key).strip():
+            raise _bad(source, f"{where}.{key}", "must be keyed by a TP size >= 1", key)
+        ok = isinstance(us, (int, float)) and not isinstance(us, bool) and math.isfinite(us) and us >= 0
+        if not ok:
+            raise _bad(source, f"{where}.{key}", "must be a number of microseconds >= 0", us)
+        out[n] = float(us)
+    return HostTable(out)
+
+
+def _host_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The optional host-calibration and informational fields, validated."""
+    out: dict[str, Any] = {}
+    have = [k for k in ("step_overhead_us", "layer_floor_us") if k in data]
+    if len(have) == 1:
+        other = "layer_floor_us" if have[0] == "step_overhead_us" else "step_overhead_us"
+        raise PlanError(f"{source}: field {have[0]!r} needs {other!r} too (the host model uses both); "
+                        f"add it or remove {have[0]!r}")
+    if have:
+        out["step_overhead"] = _host_table(data["step_overhead_us"], source, "step_overhead_us")
+        out["layer_floor"] = _host_table(data["layer_floor_us"], source, "layer_floor_us")
+    if "topology" in data:
+        topo = data["topology"]
+        if not isinstance(topo, dict):
+            raise _bad(source, "topology", 'must be an object {"interconnect": ..., "raw": ...}', topo)
+        if topo.get("interconnect") not in TOPOLOGIES:
+            raise _bad(source, "topology.interconnect", f"must be one of {', '.join(TOPOLOGIES)}",
+                       topo.get("interconnect"))
+        if "raw" in topo and not isinstance(topo["raw"], str):
+            raise _bad(source, "topology.raw", "must be a string", topo["raw"])
+        out["topology"], out["topology_raw"] = topo["interconnect"], topo.get("raw")
+    if "engine" in data:
+        eng = data["engine"]
+        if not isinstance(eng, dict):
+            raise _bad(source, "engine", 'must be an object such as {"cuda_graphs": false}', eng)
+        if "cuda_graphs" in eng and not isinstance(eng["cuda_graphs"], bool):
+            raise _bad(source, "engine.cuda_graphs", "must be true or false", eng["cuda_graphs"])
+        out["cuda_graphs"] = eng.get("cuda_graphs")
+    return out
+
+
 def parse_profile(data: Any, source: str = "<profile>") -> Profile:
     """Validate a profile dict; errors name the offending field."""
     if not isinstance(data, dict):
@@ -178,6 +296,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         memory_gib=_positive(data["memory_gib"], source, "memory_gib") if "memory_gib" in data else None,
         gpu_count=gpu_count,
         source=source,
+        **_host_fields(data, source),
     )
 
 

@@ -68,12 +68,24 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     cap = runner.kv_capacity(init["gpu_memory_utilization"], init["cpu_kv_cache_bytes"], init["profile_tokens"])
     wire.send(sock, {"event": "ready", "rank": rank, "load_s": load_s, "block_bytes": runner.block_bytes(), **cap})
 
+    # debugging aid: SHARDLM_CPROFILE_STEPS=N prints a cProfile of steps 10..10+N of rank 0 to stderr
+    cprofile_steps = int(os.environ.get("SHARDLM_CPROFILE_STEPS", "0")) if rank == 0 else 0
+    step_no = 0
     while True:
         msg, _ = wire.recv(sock)
         cmd = msg["cmd"]
         if cmd == "step":
+            step_no += 1
             t0 = time.perf_counter()
-            results, arrays = runner.execute(msg)
+            if cprofile_steps and 10 <= step_no < 10 + cprofile_steps:
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                results, arrays = prof.runcall(runner.execute, msg)
+                pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+            else:
+                results, arrays = runner.execute(msg)
             if ctx.is_output_rank:
                 wire.send(sock, {"event": "step", "results": results, "exec_s": time.perf_counter() - t0}, arrays)
         elif cmd == "profile_step":

@@ -1,0 +1,284 @@
+"""`shardlm plan --validate`: compare the cost model's TTFT and TPOT with what `shardlm bench latency --json`
+measured.
+
+A measured file (what bench writes; other keys are ignored):
+
+    {"model": "random:llama-3-8b" | a preset name | a Hugging Face folder or config.json | a .gguf file,
+     "tensor_parallel_size": 2, "dtype": "bfloat16", "device": "cuda",
+     "results": [{"batch": 1, "input_len": 128, "output_len": 64, "ttft_ms": .., "tpot_ms": .., ...}, ...]}
+
+For each result row the layout is tp=tensor_parallel_size, pp=1, dp=1 on one node, and the planner
+predicts
+  TTFT  one prefill step of `batch` prompts of input_len tokens (batch * input_len tokens in all),
+  TPOT  one decode step of `batch` sequences with input_len + output_len / 2 tokens of KV each
+        (the mean context over the run),
+with the GPU, interconnect and profile given on the command line. The signed error is
+100 * (predicted - measured) / measured; the summary is the median of its absolute values. The measured
+TPOT is the mean step (tpot_ms); tpot_p50_ms, when present, is carried along in the JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from . import PlanError, read_json
+from ..layout import ParallelLayout
+from .cost import CostModel, stage_shards
+from .hardware import make_cluster
+from .models import ModelSpec, from_engine_config, load_model
+from .plan import constraint_reasons
+from .profile import Profile
+
+DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4, "float": 4}
+
+
+@dataclass(frozen=True)
+class MeasuredRow:
+    """One result row of a measured file."""
+
+    batch: int
+    """Sequences submitted at once."""
+    input_len: int
+    """Prompt tokens per sequence."""
+    output_len: int
+    """Generated tokens per sequence."""
+    ttft_ms: float
+    """Measured time to the batch's first token (one prefill step), ms."""
+    tpot_ms: float
+    """Measured mean decode step, ms."""
+    tpot_p50_ms: float | None = None
+    """Measured median decode step, ms, if the file has it."""
+
+
+@dataclass(frozen=True)
+class MeasuredFile:
+    """A `shardlm bench latency --json` result file."""
+
+    path: str
+    """Where it was read from."""
+    model: str
+    """The model the engine ran (as the file names it)."""
+    tp: int
+    """Tensor-parallel size the engine ran with."""
+    bytes_per_param: int
+    """Weight bytes per element from the file's dtype (2 when absent)."""
+    rows: tuple[MeasuredRow, ...]
+    """The measured points, at least one."""
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    """Prediction vs measurement for one result row."""
+
+    file: str
+    """Measured file the row came from."""
+    model: str
+    """Model as the file names it."""
+    layout: str
+    """Layout predicted ("tp=2 pp=1 dp=1")."""
+    tp: int
+    """Tensor-parallel size."""
+    batch: int
+    """Sequences per step."""
+    input_len: int
+    """Prompt tokens per sequence."""
+    output_len: int
+    """Generated tokens per sequence."""
+    context: float
+    """KV context of the predicted decode step: input_len + output_len / 2."""
+    ttft_ms_pred: float
+    """Predicted TTFT, ms."""
+    ttft_ms_meas: float
+    """Measured TTFT, ms."""
+    ttft_err_pct: float
+    """100 * (predicted - measured) / measured."""
+    tpot_ms_pred: float
+    """Predicted TPOT, ms."""
+    tpot_ms_meas: float
+    """Measured TPOT (mean step), ms."""
+    tpot_err_pct: float
+    """100 * (predicted - measured) / measured."""
+    tpot_p50_ms_meas: float | None = None
+    """Measured median decode step, ms, if the file has it."""
+
+
+@dataclass
+class Validation:
+    """Every row's comparison and the summary."""
+
+    rows: list[ValidationRow]
+    """One per measured result row, file by file."""
+    median_abs_ttft_err_pct: float
+    """Median of |TTFT error %| over all rows."""
+    median_abs_tpot_err_pct: float
+    """Median of |TPOT error %| over all rows."""
+    gpu: str
+    """GPU preset predicted for."""
+    interconnect: str
+    """Interconnect preset predicted for."""
+    hardware_source: str
+    """"profile" or "datasheet"."""
+    host_model: str
+    """"measured" (profile's host floor) or "graph-captured" (the default assumptions)."""
+    notes: list[str] = field(default_factory=list)
+    """Remarks (profile used, model override)."""
+
+
+def _bad(path: str, where: str, what: str, got: Any) -> PlanError:
+    shown = repr(got)
+    return PlanError(f"measured file {path}: field {where!r} {what}, got {shown[:57] + '...' if len(shown) > 60 else shown}")
+
+
+def _int(value: Any, path: str, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _bad(path, where, "must be a positive integer", value)
+    return value
+
+
+def _ms(value: Any, path: str, where: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise _bad(path, where, "must be a positive number of milliseconds", value)
+    return float(value)
+
+
+def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
+    """Validate a measured dict; errors name the file and the field."""
+    if not isinstance(data, dict):
+        raise PlanError(f"measured file {path}: must be a JSON object (`shardlm bench latency --json` output), "
+                        f"got {type(data).__name__}")
+    for key in ("model", "tensor_parallel_size", "results"):
+        if key not in data:
+            raise PlanError(f"measured file {path}: missing required field {key!r} "
+                            "(write it with `shardlm bench latency --json FILE`)")
+    if not isinstance(data["model"], str) or not data["model"].strip():
+        raise _bad(path, "model", "must be a non-empty string", data["model"])
+    tp = _int(data["tensor_parallel_size"], path, "tensor_parallel_size")
+    dtype = data.get("dtype", "bfloat16")
+    if not isinstance(dtype, str) or dtype.lower().removeprefix("torch.") not in DTYPE_BYTES:
+        raise _bad(path, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}", dtype)
+    device = data.get("device", "cuda")
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        raise _bad(path, "device", "must be a GPU device ('cuda'): the planner predicts GPU runs", device)
+    results = data["results"]
+    if not isinstance(results, list) or not results:
+        raise _bad(path, "results", "must be a non-empty list of result rows", results)
+    rows = []
+    for i, r in enumerate(results):
+        where = f"results[{i}]"
+        if not isinstance(r, dict):
+            raise _bad(path, where, "must be an object", r)
+        for key in ("batch", "input_len", "output_len", "ttft_ms", "tpot_ms"):
+            if key not in r:
+                raise PlanError(f"measured file {path}: {where} is missing field {key!r}")
+        p50 = r.get("tpot_p50_ms")
+        rows.append(MeasuredRow(
+            batch=_int(r["batch"], path, f"{where}.batch"), input_len=_int(r["input_len"], path, f"{where}.input_len"),
+            output_len=_int(r["output_len"], path, f"{where}.output_len"),
+            ttft_ms=_ms(r["ttft_ms"], path, f"{where}.ttft_ms"), tpot_ms=_ms(r["tpot_ms"], path, f"{where}.tpot_ms"),
+            tpot_p50_ms=None if p50 is None else _ms(p50, path, f"{where}.tpot_p50_ms")))
+    return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows))
+
+
+def load_measured(path: str) -> MeasuredFile:
+    """Read and validate one measured file."""
+    return parse_measured(read_json(path, "measured file"), path)
+
+
+def model_for_measured(name: str, path: str = "<measured>") -> ModelSpec:
+    """The planner's description of the model a measured file names: random:<preset>, a planner or engine
+    preset (or the engine's aliases, e.g. smollm2), a Hugging Face folder / config.json, or a .gguf file."""
+    from ..model_source import ALIASES
+
+    key = ALIASES.get(name, name)
+    try:
+        if key.endswith(".gguf"):
+            from ..model_source import gguf_config
+
+            return from_engine_config(gguf_config(key), key)
+        return load_model(key)
+    except PlanError as exc:
+        raise PlanError(f"measured file {path}: field 'model' {name!r}: {exc}. Pass the model as MODEL "
+                        "(a preset or config.json) to use another description") from None
+    except (ImportError, OSError, ValueError) as exc:  # gguf missing, unreadable file, bad header
+        raise PlanError(f"measured file {path}: field 'model' {name!r} cannot be read here ({exc}); pass the "
+                        "model as MODEL (a preset or config.json)") from None
+
+
+def _err(pred: float, meas: float) -> float:
+    return 100.0 * (pred - meas) / meas
+
+
+def predict_row(cm: CostModel, tp: int, row: MeasuredRow) -> tuple[float, float, float]:
+    """(TTFT s, TPOT s, context) predicted for one measured row on layout tp=N, pp=1, dp=1."""
+    lay = ParallelLayout(tp=tp)
+    shards = stage_shards(cm.model, lay)
+    ttft, _ = cm.prefill_step(lay, shards, row.batch * row.input_len, prompts=row.batch)
+    context = row.input_len + row.output_len / 2
+    return ttft, cm.decode_step(lay, shards, row.batch, context)[0], context
+
+
+def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str = "nvlink",
+                   profile: Profile | None = None, model: str | None = None) -> Validation:
+    """Predict every row of every measured file and compare. `model` (a preset or config path) replaces
+    the files' own model names."""
+    if not paths:
+        raise PlanError("--validate needs at least one measured file")
+    files = [load_measured(p) for p in paths]
+    override = load_model(model) if model else None
+    notes = [f"model {model!r} used for every file instead of the files' own"] if override else []
+    if profile is not None:
+        notes.append(f"hardware numbers measured on {profile.device} ({profile.source})")
+    rows: list[ValidationRow] = []
+    host = "graph-captured"
+    for mf in files:
+        spec = override or model_for_measured(mf.model, mf.path)
+        spec = replace(spec, bytes_per_param=mf.bytes_per_param)
+        lay = ParallelLayout(tp=mf.tp)
+        bad = constraint_reasons(spec, lay)
+        if bad:
+            raise PlanError(f"measured file {mf.path}: field 'tensor_parallel_size' {mf.tp}: {bad[0]}")
+        cm = CostModel(spec, make_cluster(gpu, mf.tp, interconnect), profile)
+        host = "measured" if cm.host_calibrated else "graph-captured"
+        for r in mf.rows:
+            ttft, tpot, ctx = predict_row(cm, mf.tp, r)
+            rows.append(ValidationRow(
+                file=mf.path, model=mf.model, layout=f"tp={mf.tp} pp=1 dp=1", tp=mf.tp, batch=r.batch,
+                input_len=r.input_len, output_len=r.output_len, context=ctx,
+                ttft_ms_pred=ttft * 1e3, ttft_ms_meas=r.ttft_ms, ttft_err_pct=_err(ttft * 1e3, r.ttft_ms),
+                tpot_ms_pred=tpot * 1e3, tpot_ms_meas=r.tpot_ms, tpot_err_pct=_err(tpot * 1e3, r.tpot_ms),
+                tpot_p50_ms_meas=r.tpot_p50_ms))
+    return Validation(
+        rows=rows,
+        median_abs_ttft_err_pct=statistics.median(abs(r.ttft_err_pct) for r in rows),
+        median_abs_tpot_err_pct=statistics.median(abs(r.tpot_err_pct) for r in rows),
+        gpu=gpu, interconnect=interconnect, hardware_source="profile" if profile else "datasheet",
+        host_model=host, notes=notes)
+
+
+def format_validation(v: Validation) -> str:
+    """The comparison as a text table with the medians at the end."""
+    host = ("host time measured by the profile" if v.host_model == "measured"
+            else "graph-captured host assumptions (no measured host time)")
+    lines = [f"validate  predicted on {v.gpu}, {v.interconnect}; {v.hardware_source} hardware numbers, {host}", ""]
+    head = (f"{'file':<24} {'model':<20} {'layout':<15} {'batch':>5} {'in/out':>9}  "
+            f"{'TTFT pred':>9} {'meas':>8} {'err':>7}  {'TPOT pred':>9} {'meas':>8} {'err':>7}")
+    lines.append(head)
+    for r in v.rows:
+        name = r.file if len(r.file) <= 24 else "..." + r.file[-21:]
+        model = r.model if len(r.model) <= 20 else "..." + r.model[-17:]
+        lines.append(f"{name:<24} {model:<20} {r.layout:<15} {r.batch:>5} {f'{r.input_len}/{r.output_len}':>9}  "
+                     f"{r.ttft_ms_pred:>9.1f} {r.ttft_ms_meas:>8.1f} {r.ttft_err_pct:>+6.0f}%  "
+                     f"{r.tpot_ms_pred:>9.2f} {r.tpot_ms_meas:>8.2f} {r.tpot_err_pct:>+6.0f}%")
+    lines += ["", "times in ms; err = (predicted - measured) / measured; TPOT measured = mean decode step"]
+    lines += [f"note: {n}" for n in v.notes]
+    lines.append(f"median |error| over {len(v.rows)} rows: TTFT {v.median_abs_ttft_err_pct:.1f}%, "
+                 f"TPOT {v.median_abs_tpot_err_pct:.1f}%")
+    return "\n".join(lines)
+
+
+def validation_to_dict(v: Validation) -> dict[str, Any]:
+    """The comparison as JSON-ready data (same content as the table)."""
+    return asdict(v)
