@@ -13,7 +13,10 @@ from .executor import WorkerError
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in name (default smollm2-135m), HF checkpoint folder, "
                                                  ".gguf file, or random:<preset> (e.g. random:llama-3-8b)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs / processes per layer split")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="GPUs / processes per layer split (default 1)")
+    p.add_argument("--parallel", choices=["auto"], default=None,
+                   help="auto: let the planner choose the layout for the visible GPUs")
+    p.add_argument("--plan-profile", default=None, help="with --parallel auto: a `shardlm probe` profile to plan with")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights")
@@ -66,8 +69,29 @@ def _stream_one(llm, prompt, params) -> None:
     sys.stdout.write("\n")
 
 
+def _auto_tp(args: argparse.Namespace) -> int:
+    """--parallel auto: ask the planner, among the layouts the engine runs today (TP only)."""
+    if args.tensor_parallel_size is not None:
+        raise ValueError("--parallel auto chooses --tensor-parallel-size itself: give one or the other")
+    from .engine import LLMEngine, _visible_gpus
+    from .model_source import resolve_model
+    from .planner.auto import recommend_for_engine
+
+    if LLMEngine._pick_device(args.device) == "cpu":
+        print("shardlm: --parallel auto on CPU: tensor_parallel_size=1 (worker processes share the same cores, "
+              "so splitting layers only adds communication)", file=sys.stderr)
+        return 1
+    config = resolve_model(args.model).config
+    rec = recommend_for_engine(config.to_dict(), _visible_gpus(), None, None,
+                               args.max_model_len or config.max_position_embeddings, args.plan_profile,
+                               supported=("tp",), model_name=args.model)
+    print(f"shardlm: --parallel auto: tensor_parallel_size={rec['tp']}. {rec['reason']}", file=sys.stderr)
+    return rec["tp"]
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+    tp = _auto_tp(args) if args.parallel == "auto" else (args.tensor_parallel_size or 1)
+    return dict(model=args.model, tensor_parallel_size=tp, dtype=args.dtype,
                 device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization)
 

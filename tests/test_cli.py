@@ -41,3 +41,19 @@ def test_bench_latency_writes_json(tmp_path):
     assert [r["batch"] for r in data["results"]] == [1, 3]
     assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 for r in data["results"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parallel_auto_asks_the_planner(monkeypatch):
+    """On a (pretended) 4 x H100 host, Llama-3-70B only fits at TP=4; the 8B model may use fewer GPUs."""
+    import shardlm.engine as engine
+    import shardlm.planner.auto as auto
+    from shardlm.cli import _auto_tp, build_parser
+
+    monkeypatch.setattr(engine, "_visible_gpus", lambda: 4)
+    monkeypatch.setattr(engine.LLMEngine, "_pick_device", staticmethod(lambda device: "cuda"))
+    monkeypatch.setattr(auto, "local_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    args = build_parser().parse_args(["generate", "--parallel", "auto", "--model", "random:llama-3-70b",
+                                      "--max-model-len", "4096", "hi"])
+    assert _auto_tp(args) == 4
+    args = build_parser().parse_args(["generate", "--parallel", "auto", "--model", "random:llama-3-8b", "hi"])
+    assert _auto_tp(args) in (1, 2, 4)

@@ -302,6 +302,7 @@ def test_no_layout_fits_names_the_smallest_gpu_count():
     ({"allreduce": {"4": [[16384, 40.8], [65536]]}}, "allreduce.4[1]"),
     ({"allreduce": {"one": [[16384, 40.8]]}}, "allreduce.one"),
     ({"allreduce": []}, "allreduce"),
+    ({"allreduce": {"4": []}}, "allreduce.4"),
     ({"send_recv": [[0, 5.0]]}, "send_recv[0][0]"),
     ({"version": 2}, "version"),
 ])
@@ -466,6 +467,11 @@ def test_host_profile_fields_parse():
     assert prof.host_calibrated and prof.step_overhead.values == {1: 1000.0, 2: 1500.0}
     assert (prof.topology, prof.topology_raw, prof.cuda_graphs) == ("pcie", "PIX", False)
     assert not load_profile(PROFILE).host_calibrated
+    # a one-GPU host measures no group: its TP collectives fall back to the --interconnect preset
+    one = load_profile({**HOST, "allreduce": {}, "all_to_all": {}})
+    cm = CostModel(TINY, make_cluster("h100-80gb", 4), one)
+    assert one.allreduce is None and cm.allreduce([0, 1, 2, 3], 16384) == pytest.approx((12 + 1.5 * 16384 / 360e3) * 1e-6)
+    assert "measured no all-reduce" in " ".join(make_plan(TINY, make_cluster("h100-80gb", 2), Workload(150), one).notes)
 
 
 @pytest.mark.parametrize("patch,msg", [

@@ -43,7 +43,7 @@ def _interconnect(interconnect: str | None, gpu: str, profile: Profile | None) -
     if interconnect is not None:
         return interconnect, "given"
     if profile is not None and profile.topology in TOPOLOGY_TO_INTERCONNECT:
-        return 'nvlink', f"the profile's measured {profile.topology!r} topology"
+        return TOPOLOGY_TO_INTERCONNECT[profile.topology], f"the profile's measured {profile.topology!r} topology"
     if GPUS[gpu].nvlink_gbps > 0:
         return "nvlink", "default"
     return "pcie", f"default ({gpu} has no NVLink)"

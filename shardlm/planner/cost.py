@@ -263,7 +263,7 @@ class CostModel:
         span = c.span(ranks)
         local, us = span.per_node, 0.0
         if local > 1:
-            if self.profile is not None:
+            if self.profile is not None and self.profile.allreduce is not None:
                 us += self.profile.allreduce.time_us(local, nbytes)
             else:
                 link = c.node_link(span)

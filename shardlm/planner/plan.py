@@ -379,8 +379,10 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
         if cluster.gpu.name.split("-")[0] not in profile.device.lower().replace(" ", ""):
             notes.append(f"the profile's device {profile.device!r} does not look like --gpu {cluster.gpu.name}; "
                          "its measured numbers are used")
-        measured = max(profile.allreduce.curves)
-        if measured < min(cluster.gpus_per_node, max(lay.tp for lay in layouts)):
+        measured = max(profile.allreduce.curves) if profile.allreduce is not None else 1
+        if measured == 1 and max(lay.tp for lay in layouts) > 1:
+            notes.append("the profile measured no all-reduce (one GPU); TP collectives use the --interconnect preset")
+        elif measured < min(cluster.gpus_per_node, max(lay.tp for lay in layouts)):
             notes.append(f"all-reduce measured up to {measured} GPUs; larger groups are extrapolated")
     notes += _host_notes(cm, layouts, cluster)
     if not any(r.fits for r in results):

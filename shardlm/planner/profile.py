@@ -12,7 +12,8 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
       "hbm_gbps": 3012,                     required, number > 0: device-to-device copy bandwidth,
                                             (read + write bytes) / s, in GB/s (1e9)
       "gemm_tflops": 778,                   required, number > 0: bf16 matmul rate, TFLOP/s (e.g. 8192^3)
-      "allreduce": {                        required: group size (string key, >= 2) -> points
+      "allreduce": {                        required: group size (string key, >= 2) -> points; {} on a
+                                            one-GPU host (collectives then use the --interconnect preset)
           "2": [[16384, 35.3], [1048576, 43.3], ...],
           "4": [[16384, 40.8], ...]         each point [bytes, microseconds]: bytes is the tensor size
       },                                    on each rank (the all-reduce payload), us the time per call
@@ -150,8 +151,8 @@ class Profile:
     """Measured device-memory copy bandwidth, GB/s."""
     gemm_tflops: float
     """Measured bf16 GEMM rate, TFLOP/s."""
-    allreduce: CollectiveTable
-    """All-reduce time per group size and message size."""
+    allreduce: CollectiveTable | None
+    """All-reduce time per group size and message size; None when the profile measured no group ({})."""
     all_to_all: CollectiveTable | None = None
     """All-to-all time, if measured."""
     send_recv: Curve | None = None
@@ -207,8 +208,10 @@ def _curve(points: Any, source: str, where: str) -> Curve:
     return Curve(tuple(out))
 
 
-def _table(value: Any, source: str, where: str) -> CollectiveTable:
-    if not isinstance(value, dict) or not value:
+def _table(value: Any, source: str, where: str) -> CollectiveTable | None:
+    if value == {}:
+        return None  # a one-GPU host has no group to measure
+    if not isinstance(value, dict):
         raise _bad(source, where, 'must be an object mapping group size ("2", "4", ...) to points', value)
     curves = {}
     for key, points in value.items():
