@@ -8,6 +8,7 @@ import warnings
 
 from .config import ConfigError
 from .executor import WorkerError
+from .streaming import visible_end
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -46,22 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     from .planner.cli import add_plan_parser
     from .probe import add_probe_parser
+    from .server.main import add_serve_parser
 
     _add_engine_args(add_bench_parser(sub))
     add_plan_parser(sub)
     add_probe_parser(sub)
+    _add_engine_args(add_serve_parser(sub))
     return parser
 
 
 def _stream_one(llm, prompt, params) -> None:
-    # hold back enough characters that a stop string is never half printed
-    hold = max((len(s) for s in params.stop), default=1) - 1
     shown = 0
     for out in llm.stream(prompt, params):
         text = out.outputs[0].text
-        end = len(text) if out.finished else max(shown, len(text) - hold)
-        if text.endswith("\ufffd") and not out.finished:  # an incomplete UTF-8 character
-            end = min(end, len(text) - 1)
+        end = visible_end(text, shown, out.finished, params.stop)
         if end > shown:
             sys.stdout.write(text[shown:end])
             sys.stdout.flush()
@@ -128,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args, _engine_kwargs(args))
+        if args.command == "serve":
+            from .server.main import run_serve
+
+            args.model = args.model_tag or args.model
+            return run_serve(args, _engine_kwargs(args))
         if args.command == "probe":
             from .probe import run_probe_cli
 

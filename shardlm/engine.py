@@ -50,6 +50,8 @@ class EngineArgs:
     """address the driver listens on for workers"""
     driver_port: int = 0
     """port the driver listens on (0: any free port)"""
+    first_device: int = 0
+    """GPU index of rank 0 (a data-parallel replica's workers use GPUs first_device .. + tp - 1)"""
 
 
 def _visible_gpus() -> int:
@@ -78,7 +80,7 @@ class LLMEngine:
         if args.external_workers:
             pass  # torchrun places the ranks, possibly on other nodes: nothing to count here
         elif self.device == "cuda":
-            self.layout.check_world(_visible_gpus(), "GPUs (one per rank)")
+            self.layout.check_world(_visible_gpus() - args.first_device, "GPUs (one per rank)")
         else:
             self.layout.check_world(_max_cpu_workers(), "CPU worker processes")
         shard_heads(cfg.num_attention_heads, cfg.num_key_value_heads, self.layout.tp, 0)  # raises if tp > heads
@@ -105,7 +107,8 @@ class LLMEngine:
             cpu_threads=max(1, (os.cpu_count() or 1) // self.layout.world_size),
         )
         self.executor = Executor(self.layout, spec.to_dict(), opts, external_workers=args.external_workers,
-                                 driver_host=args.driver_host, driver_port=args.driver_port)
+                                 driver_host=args.driver_host, driver_port=args.driver_port,
+                                 first_device=args.first_device)
         try:
             blocks = self.executor.kv_blocks_available
             if args.kv_cache_memory_bytes is not None and self.device == "cuda":
@@ -135,6 +138,7 @@ class LLMEngine:
         self.request_info: dict[str, tuple[str | None, RequestMetrics]] = {}
         self._seq_ids = itertools.count()
         self._finished_seq_ids: list[int] = []
+        self.num_generated_tokens = 0  # over the engine's life (metrics)
         # debugging/tests: keep every sampled row's full logits, keyed by (request id, completion index)
         self.return_logits = False
         self.logits_log: dict[tuple[str, int], list[Any]] = {}
@@ -248,6 +252,7 @@ class LLMEngine:
     def _append(self, seq: Sequence, res: dict[str, Any]) -> None:
         token, p = int(res["token"]), seq.params
         seq.output_ids.append(token)
+        self.num_generated_tokens += 1
         seq.cumulative_logprob += res["logprob"]
         if seq.logprobs is not None:
             entry = {token: Logprob(res["logprob"], res["rank"], self._token_str(token))}

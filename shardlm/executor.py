@@ -60,7 +60,7 @@ class WorkerOptions:
 class Executor:
     def __init__(self, layout: ParallelLayout, model: dict[str, Any], opts: WorkerOptions,
                  external_workers: bool = False, driver_host: str = "127.0.0.1", driver_port: int = 0,
-                 startup_timeout_s: float = 900.0):
+                 startup_timeout_s: float = 900.0, first_device: int = 0):
         self.layout = layout
         self.procs: list[subprocess.Popen] = []
         self.socks: dict[int, socket.socket] = {}
@@ -77,7 +77,7 @@ class Executor:
                 init_method = "env://"
             else:
                 init_method = f"tcp://127.0.0.1:{_free_port()}"
-                self._spawn(address)
+                self._spawn(address, first_device)
             self._accept_all(startup_timeout_s)
             for rank, sock in self.socks.items():
                 wire.send(sock, {"layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep},
@@ -88,9 +88,11 @@ class Executor:
             raise
 
     # ---- process management -------------------------------------------------------------------
-    def _spawn(self, address: str) -> None:
+    def _spawn(self, address: str, first_device: int) -> None:
+        # LOCAL_RANK picks the GPU: a data-parallel replica starts at its own first_device
         for rank in range(self.layout.world_size):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.layout.world_size),
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(first_device + rank),
+                       WORLD_SIZE=str(self.layout.world_size),
                        SHARDLM_DRIVER=address)
             self.procs.append(subprocess.Popen([sys.executable, "-m", "shardlm.worker.main"], env=env))
 

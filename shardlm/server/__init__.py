@@ -1,0 +1,1 @@
+"""OpenAI-compatible server: FastAPI app, engine replicas in threads, Prometheus metrics."""

@@ -1,0 +1,184 @@
+"""The OpenAI-compatible server, driven by the official `openai` client (CPU, gloo)."""
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import worker_pids
+
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "shardlm.cli", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not come up")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def metrics(base: str) -> dict[str, float]:
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(base + "/metrics").text):
+        for s in fam.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name") + "}"
+                            if len(s.labels) > 1 else "")
+            out[key] = s.value
+    return out
+
+
+# 24 blocks of 16 tokens per rank: far too few for 64 requests at once, so the server must preempt
+SMALL_KV = str(24 * 30 * 2 * 2 * 64 * 4 * 16)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    before = worker_pids()
+    proc, base = start_server("smollm2-135m", "--tensor-parallel-size", "2", "--api-key", KEY,
+                              "--max-model-len", "256", "--kv-cache-memory-bytes", SMALL_KV)
+    yield base
+    assert stop_server(proc) == 0  # SIGTERM: finish cleanly, exit 0
+    time.sleep(0.5)
+    assert worker_pids() <= before  # and leave no worker behind
+
+
+def client(base: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+
+
+def test_completions_and_chat_streaming_and_not(smol):
+    c = client(smol)
+    assert [m.id for m in c.models.list().data] == ["smollm2-135m"]
+    out = c.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8,
+                               temperature=0, logprobs=2)
+    text = out.choices[0].text
+    assert text and out.usage.completion_tokens == len(out.choices[0].logprobs.tokens) <= 8
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
+    assert streamed == text
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    chat = c.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=12, temperature=0)
+    assert "4" in chat.choices[0].message.content
+    parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="smollm2-135m", messages=msgs, max_tokens=12, temperature=0, stream=True) if ch.choices]
+    assert "".join(parts) == chat.choices[0].message.content
+    two = c.completions.create(model="smollm2-135m", prompt="Once upon a time", max_tokens=6, n=2,
+                               temperature=1.0, seed=7, stop=["\n"])
+    assert sorted(ch.index for ch in two.choices) == [0, 1]
+
+
+def test_64_concurrent_requests_equal_alone_and_preempt(smol):
+    prompts = [f"Write {i} words about the number {i * 7}." + " Please be brief." * (i % 5) for i in range(16)]
+    c = client(smol)
+    alone = [c.completions.create(model="smollm2-135m", prompt=p, max_tokens=12, temperature=0).choices[0].text
+             for p in prompts]
+    before = metrics(smol)
+
+    async def together():
+        ac = openai.AsyncOpenAI(base_url=smol + "/v1", api_key=KEY, max_retries=0, timeout=600)
+        reqs = [ac.completions.create(model="smollm2-135m", prompt=prompts[i % 16], max_tokens=12, temperature=0)
+                for i in range(64)]
+        return await asyncio.gather(*reqs)
+
+    outs = asyncio.run(together())
+    assert [o.choices[0].text for o in outs] == [alone[i % 16] for i in range(64)]
+    after = metrics(smol)
+    assert after["shardlm_num_preemptions_total"] > before["shardlm_num_preemptions_total"]
+    assert after["shardlm_time_to_first_token_seconds_count"] >= before["shardlm_time_to_first_token_seconds_count"] + 64
+
+
+def test_bad_input_gets_4xx_and_server_stays_up(smol):
+    c = client(smol)
+    cases = [
+        (dict(model="nope", prompt="x"), openai.NotFoundError, "model"),
+        (dict(model="smollm2-135m", prompt="x", max_tokens=-1), openai.BadRequestError, "max_tokens"),
+        (dict(model="smollm2-135m", prompt="x", max_tokens=10**9), openai.BadRequestError, "max_tokens"),
+        (dict(model="smollm2-135m", prompt="x", n=0), openai.BadRequestError, "n"),
+        (dict(model="smollm2-135m", prompt="x", temperature=-1), openai.BadRequestError, "temperature"),
+        (dict(model="smollm2-135m", prompt="x", top_p=1.5), openai.BadRequestError, "top_p"),
+        (dict(model="smollm2-135m", prompt="word " * 400), openai.BadRequestError, "prompt"),
+    ]
+    for kwargs, err, param in cases:
+        with pytest.raises(err) as info:
+            c.completions.create(**kwargs)
+        assert info.value.body["param"] == param, info.value.body
+    with pytest.raises(openai.AuthenticationError):
+        client(smol, key="wrong").models.list()
+    r = httpx.post(smol + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}",
+                                                                            "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(smol + "/health").status_code == 200
+    assert c.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_disconnect_aborts_and_frees(smol):
+    with httpx.stream("POST", smol + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "smollm2-135m", "prompt": "Count to one hundred:", "max_tokens": 200,
+                            "stream": True, "ignore_eos": True}, timeout=60) as r:
+        for _ in r.iter_lines():
+            break  # read one event, then hang up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = metrics(smol)
+        if m["shardlm_num_requests_running{replica=0}"] == 0 and m["shardlm_kv_cache_usage_ratio{replica=0}"] == 0:
+            return
+        httpx.post(smol + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "smollm2-135m", "prompt": "x", "max_tokens": 1})  # a step refreshes the gauges
+        time.sleep(0.5)
+    raise AssertionError(f"aborted request still holds resources: {m}")
+
+
+def test_data_parallel_spreads_load_and_503_when_full():
+    proc, base = start_server("random:tiny-llama", "--data-parallel-size", "2", "--max-waiting-requests", "6")
+    try:
+        async def burst(n: int, max_tokens: int):
+            async with httpx.AsyncClient(timeout=120) as ac:
+                return await asyncio.gather(*[ac.post(base + "/v1/completions", json={
+                    "model": "random:tiny-llama", "prompt": f"hello {i}", "max_tokens": max_tokens,
+                    "ignore_eos": True}) for i in range(n)])
+
+        ok = asyncio.run(burst(6, 8))
+        assert all(r.status_code == 200 for r in ok)
+        m = metrics(base)
+        assert m["shardlm_replica_requests_routed{replica=0}"] >= 2
+        assert m["shardlm_replica_requests_routed{replica=1}"] >= 2
+        flood = asyncio.run(burst(40, 64))
+        rejected = [r for r in flood if r.status_code == 503]
+        assert rejected and all(r.headers.get("retry-after") for r in rejected)
+        assert all(r.status_code in (200, 503) for r in flood)
+        assert httpx.get(base + "/health").status_code == 200
+    finally:
+        assert stop_server(proc) == 0
