@@ -74,6 +74,9 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--profile", action="store_true", help="profile one decode step per batch size (GPU kernel time by kind)")
     lat.add_argument("--json", default=None, help="write results to this file")
     lat.add_argument("--plot", default=None, help="write a PNG of TTFT and TPOT (p50, p99) per batch size")
+    from .bench_serve import add_serve_bench_parser
+
+    add_serve_bench_parser(kinds)
     return lat
 
 

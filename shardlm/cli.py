@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "bench" and args.bench_kind == "serve":
+            from .bench_serve import run_serve_bench
+
+            return run_serve_bench(args)
         if args.command == "bench":
             from .bench import run_bench
 

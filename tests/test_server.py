@@ -161,6 +161,28 @@ def test_disconnect_aborts_and_frees(smol):
     raise AssertionError(f"aborted request still holds resources: {m}")
 
 
+def test_bench_serve_reports_percentiles(tmp_path):
+    proc, base = start_server("random:tiny-llama", "--tensor-parallel-size", "2")
+    try:
+        out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+        res = subprocess.run([sys.executable, "-m", "shardlm.cli", "bench", "serve", "--base-url", base, "--model",
+                              "random:tiny-llama", "--request-rate", "20", "--num-prompts", "12", "--input-len", "16",
+                              "--output-len", "8", "--vocab-size", "512", "--json", str(out), "--plot", str(png)],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        import json
+
+        data = json.loads(out.read_text())
+        assert data["completed"] == 12 and data["failed"] == 0
+        assert all(data[k]["p50"] <= data[k]["p90"] <= data[k]["p99"] for k in ("ttft_ms", "tpot_ms", "e2e_ms"))
+        assert data["ttft_ms"]["p50"] > 0 and data["output_tok_per_s"] > 0
+        # lengths are drawn in [4, 12) around 8: usage counts what the server generated
+        assert all(4 <= r["tokens"] <= 12 for r in data["per_request"])
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    finally:
+        assert stop_server(proc) == 0
+
+
 def test_data_parallel_spreads_load_and_503_when_full():
     proc, base = start_server("random:tiny-llama", "--data-parallel-size", "2", "--max-waiting-requests", "6")
     try:

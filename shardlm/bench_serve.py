@@ -1,0 +1,139 @@
+"""`shardlm bench serve`: load a running server with Poisson arrivals and report latency percentiles.
+
+Prompts are random token ids (so any model, random weights included, gets exactly the asked
+lengths); prompt and output lengths are drawn uniformly in [len*(1-r), len*(1+r)]. Every request
+streams, so TTFT is the time to the first token event; TPOT is (E2E - TTFT) / (tokens - 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+PCTS = (50, 90, 99)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def make_workload(n: int, input_len: int, output_len: int, range_ratio: float, vocab: int, seed: int):
+    rng = random.Random(seed)
+
+    def draw(mean: int) -> int:
+        return max(1, int(rng.uniform(mean * (1 - range_ratio), mean * (1 + range_ratio))))
+
+    return [([rng.randrange(3, vocab) for _ in range(draw(input_len))], draw(output_len)) for _ in range(n)]
+
+
+async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int, headers: dict) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens, status = None, 0, 0
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        status = resp.status_code
+        if status != 200:
+            await resp.aread()
+            return {"ok": False, "status": status}
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                return {"ok": False, "status": 500}
+            if event.get("choices") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    e2e = time.perf_counter() - t0
+    return {"ok": True, "ttft": ttft or e2e, "e2e": e2e, "tokens": tokens, "prompt": len(prompt),
+            "tpot": (e2e - (ttft or e2e)) / (tokens - 1) if tokens > 1 else 0.0}
+
+
+async def run(base_url: str, model: str, rate: float, workload, api_key: str | None, seed: int) -> dict[str, Any]:
+    import httpx
+
+    rng = random.Random(seed + 1)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/v1/completions"
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as client:
+        tasks, start = [], time.perf_counter()
+        for prompt, max_tokens in workload:
+            tasks.append(asyncio.create_task(_one(client, url, model, prompt, max_tokens, headers)))
+            if rate > 0:
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    ok = [r for r in results if r["ok"]]
+    out: dict[str, Any] = {"base_url": base_url, "model": model, "request_rate": rate, "num_requests": len(results),
+                           "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+                           "output_tokens": sum(r["tokens"] for r in ok),
+                           "output_tok_per_s": sum(r["tokens"] for r in ok) / duration,
+                           "requests_per_s": len(ok) / duration}
+    for key in ("ttft", "tpot", "e2e"):
+        vals = [r[key] * 1e3 for r in ok]
+        out[f"{key}_ms"] = {"mean": statistics.mean(vals) if vals else 0.0, **{f"p{q}": _pct(vals, q) for q in PCTS}}
+    out["per_request"] = ok
+    return out
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, title in zip(axes, ("ttft", "tpot", "e2e"), ("TTFT", "TPOT", "end-to-end")):
+        vals = sorted(r[key] * 1e3 for r in result["per_request"])
+        ax.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))])
+        for q in PCTS:
+            ax.axvline(result[f"{key}_ms"][f"p{q}"], ls=":", color="grey")
+        ax.set(xlabel=f"{title} (ms)", ylabel="fraction of requests", title=f"{title}  p50/p90/p99 dotted")
+    fig.suptitle(f"{result['model']} at {result['request_rate']} req/s: {result['output_tok_per_s']:.0f} output tok/s, "
+                 f"{result['completed']}/{result['num_requests']} completed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_serve_bench_parser(kinds) -> None:
+    p = kinds.add_parser("serve", help="Poisson load against a running `shardlm serve` (TTFT/TPOT/E2E percentiles)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, help="model name the server serves")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--request-rate", type=float, default=4.0, help="mean arrivals per second (0: all at once)")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in len*(1 +- ratio)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids are drawn below this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+
+
+def run_serve_bench(args) -> int:
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 2 or not 0 <= args.range_ratio < 1:
+        raise ValueError("need --num-prompts >= 1, --input-len >= 1, --output-len >= 2, 0 <= --range-ratio < 1")
+    if args.request_rate < 0:
+        raise ValueError(f"--request-rate must be >= 0, got {args.request_rate}")
+    workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
+                             args.seed)
+    result = asyncio.run(run(args.base_url, args.model, args.request_rate, workload, args.api_key, args.seed))
+    summary = {k: v for k, v in result.items() if k != "per_request"}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot and result["completed"]:
+        plot(result, args.plot)
+    return 0 if result["failed"] == 0 else 1
