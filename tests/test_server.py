@@ -130,6 +130,7 @@ def test_bad_input_gets_4xx_and_server_stays_up(smol):
         (dict(model="smollm2-135m", prompt="x", temperature=-1), openai.BadRequestError, "temperature"),
         (dict(model="smollm2-135m", prompt="x", top_p=1.5), openai.BadRequestError, "top_p"),
         (dict(model="smollm2-135m", prompt="word " * 400), openai.BadRequestError, "prompt"),
+        (dict(model="smollm2-135m", prompt="x", presence_penalty=1), openai.BadRequestError, "presence_penalty"),
     ]
     for kwargs, err, param in cases:
         with pytest.raises(err) as info:

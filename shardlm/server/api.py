@@ -78,6 +78,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     async def run(prompt_text: str | None, ids: list[int], params) -> AsyncIterator[RequestOutput]:
         try:
             async with aclosing(engine.generate(prompt_text, ids, params)) as stream:
+                metrics.prompt_tokens.inc(len(ids))
                 async for out in stream:
                     if out.finished:
                         metrics.on_finished(out)
@@ -142,7 +143,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                             "choices": [], "usage": _usage([last])})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_first_then(events()), media_type="text/event-stream")
+        return StreamingResponse(_with_error_event(events()), media_type="text/event-stream")
 
     # ---- /v1/chat/completions ------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -196,7 +197,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                 yield _sse(dict(head, choices=[], usage=_usage([last])))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_first_then(events()), media_type="text/event-stream")
+        return StreamingResponse(_with_error_event(events()), media_type="text/event-stream")
 
     def admit() -> None:
         try:
@@ -212,7 +213,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             engine.engine.validate_prompt(ids)
         except ValueError as exc:
             raise APIError(400, str(exc), "prompt") from None
-        metrics.prompt_tokens.inc(len(ids))
 
     return app
 
@@ -224,8 +224,8 @@ async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     return out
 
 
-async def _first_then(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Re-yield an event stream (errors after the first byte end the stream with an error event)."""
+async def _with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Re-yield an event stream; an error after the 200 went out ends the stream with an error event."""
     try:
         async for e in events:
             yield e

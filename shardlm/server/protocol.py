@@ -8,9 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..sampling_params import SamplingParams
 
-# fields the OpenAI API has that shardlm does not implement: a request that sets them gets a 400
-UNSUPPORTED = ("best_of", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
-               "functions", "response_format", "tool_choice")
+# OpenAI fields shardlm does not implement, with the values that mean "off"; any other value gets a 400
+UNSUPPORTED: dict[str, tuple] = {
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+}
 
 
 class APIError(Exception):
@@ -43,10 +46,10 @@ class _Common(BaseModel):
     user: str | None = None
 
     def check_unsupported(self) -> None:
-        for name in UNSUPPORTED:
+        for name, neutral in UNSUPPORTED.items():
             value = (self.model_extra or {}).get(name)
-            if value not in (None, False, 0, 1, {}, []) or (name == "best_of" and value not in (None, 1)):
-                raise APIError(400, f"{name} is not supported by shardlm; remove it from the request", name)
+            if value not in neutral:
+                raise APIError(400, f"{name}={value!r} is not supported by shardlm; remove it from the request", name)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:
