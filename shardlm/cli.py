@@ -24,6 +24,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences per step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share KV blocks of identical prompt prefixes (default on)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +94,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     tp = _auto_tp(args) if args.parallel == "auto" else (args.tensor_parallel_size or 1)
     return dict(model=args.model, tensor_parallel_size=tp, dtype=args.dtype,
                 device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                gpu_memory_utilization=args.gpu_memory_utilization)
+                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -50,6 +50,8 @@ class EngineArgs:
     """address the driver listens on for workers"""
     driver_port: int = 0
     """port the driver listens on (0: any free port)"""
+    enable_prefix_caching: bool = True
+    """share the KV blocks of identical prompt prefixes between requests"""
     first_device: int = 0
     """GPU index of rank 0 (a data-parallel replica's workers use GPUs first_device .. + tp - 1)"""
 
@@ -131,7 +133,7 @@ class LLMEngine:
             raise
         self.max_model_len = model_len
         self.kv_capacity_tokens = capacity
-        self.block_manager = BlockManager(blocks, args.block_size)
+        self.block_manager = BlockManager(blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
                                    args.max_num_batched_tokens or max(model_len, 2048))
         self.requests: dict[str, list[Sequence]] = {}

@@ -4,6 +4,9 @@ Every step batches all live sequences: running ones decode one token, waiting on
 chunk of their prompt under a token budget. Requests can join and leave between any two steps,
 which is what continuous batching needs. When KV blocks run out, the most recently arrived
 running sequence is preempted: its blocks are freed and it is recomputed later, never dropped.
+
+With prefix caching (block_manager.py), a sequence admitted from the waiting queue first takes the
+longest chain of cached full blocks matching its tokens and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -11,34 +14,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .block_manager import BlockManager
 from .sequence import Sequence, SeqStatus
 
-
-class BlockManager:
-    """Fixed-size KV blocks handed out from a free list; a sequence's blocks form its block table."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.free: deque[int] = deque(range(num_blocks))
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) - len(seq.blocks) <= len(self.free)
-
-    def grow(self, seq: Sequence, num_tokens: int) -> None:
-        """Give `seq` enough blocks to hold `num_tokens` tokens (caller checked can_grow)."""
-        while len(seq.blocks) < self.blocks_for(num_tokens):
-            seq.blocks.append(self.free.popleft())
-
-    def release(self, seq: Sequence) -> None:
-        self.free.extend(seq.blocks)
-        seq.blocks = []
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks if self.num_blocks else 0.0
+__all__ = ["BlockManager", "ScheduledSeq", "Scheduler"]
 
 
 @dataclass
@@ -89,6 +68,9 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         out: list[ScheduledSeq] = []
+        # blocks the last step filled become findable by later sequences (only the head can wait with blocks)
+        for seq in self.running + ([self.waiting[0]] if self.waiting and self.waiting[0].blocks else []):
+            self.blocks.commit(seq)
         # 1. decode: each running sequence needs a slot for its newest token
         for seq in sorted(self.running, key=lambda s: s.seq_id):
             if seq.status is not SeqStatus.RUNNING or budget <= 0:
@@ -106,11 +88,16 @@ class Scheduler:
         # 2. prefill waiting sequences in arrival order, chunked to the remaining token budget
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            remaining = len(seq) - seq.num_computed
+            # a sequence without blocks starts on the cached blocks of its prefix (empty without caching)
+            prefix = self.blocks.match_prefix(seq) if not seq.blocks else []
+            start = len(prefix) * self.blocks.block_size if prefix else seq.num_computed
+            remaining = len(seq) - start
             chunk = min(remaining, budget)
-            end = seq.num_computed + chunk
-            if not self.blocks.can_grow(seq, end):
+            end = start + chunk
+            if not self.blocks.can_grow(seq, end, prefix):
                 break
+            if not seq.blocks:
+                self.blocks.admit(seq, prefix)
             self.blocks.grow(seq, end)
             self.waiting.popleft()
             out.append(ScheduledSeq(seq, seq.num_computed, seq.all_ids[seq.num_computed:end], chunk == remaining))
