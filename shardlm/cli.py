@@ -15,6 +15,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in name (default smollm2-135m), HF checkpoint folder, "
                                                  ".gguf file, or random:<preset> (e.g. random:llama-3-8b)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="GPUs / processes per layer split (default 1)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--pp-layer-split", default=None,
+                   help="layers per stage, comma-separated (e.g. 10,14); default balances the weights")
     p.add_argument("--parallel", choices=["auto"], default=None,
                    help="auto: let the planner choose the layout for the visible GPUs")
     p.add_argument("--plan-profile", default=None, help="with --parallel auto: a `shardlm probe` profile to plan with")
@@ -92,7 +95,14 @@ def _auto_tp(args: argparse.Namespace) -> int:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     tp = _auto_tp(args) if args.parallel == "auto" else (args.tensor_parallel_size or 1)
-    return dict(model=args.model, tensor_parallel_size=tp, dtype=args.dtype,
+    split = None
+    if args.pp_layer_split:
+        try:
+            split = [int(n) for n in args.pp_layer_split.split(",")]
+        except ValueError:
+            raise ValueError(f"--pp-layer-split must be comma-separated integers, got {args.pp_layer_split!r}") from None
+    return dict(model=args.model, tensor_parallel_size=tp, pipeline_parallel_size=args.pipeline_parallel_size,
+                pp_layer_split=split, dtype=args.dtype,
                 device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching)
 

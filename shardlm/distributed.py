@@ -26,6 +26,8 @@ class ParallelContext:
     """this rank's device"""
     tp_group: dist.ProcessGroup | None
     """tensor-parallel group of this rank (None when tp == 1)"""
+    layers: tuple[int, int] = (0, 0)
+    """[start, end) global indices of the decoder layers this rank's pipeline stage owns"""
 
     @property
     def tp_size(self) -> int:
@@ -34,6 +36,30 @@ class ParallelContext:
     @property
     def tp_rank(self) -> int:
         return self.layout.coord(self.rank).tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.coord(self.rank).pp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    def send_next_stage(self, x: torch.Tensor) -> None:
+        """Hand activations [tokens, hidden] to the same TP rank of the next pipeline stage."""
+        c = self.layout.coord(self.rank)
+        dist.send(x.contiguous(), self.layout.rank(c.dp, c.pp + 1, c.tp))
+
+    def recv_prev_stage(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Activations from the same TP rank of the previous pipeline stage."""
+        c = self.layout.coord(self.rank)
+        x = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(x, self.layout.rank(c.dp, c.pp - 1, c.tp))
+        return x
 
     @property
     def is_output_rank(self) -> bool:
@@ -61,7 +87,8 @@ class ParallelContext:
 
 
 def init_distributed(layout: ParallelLayout, rank: int, backend: str, init_method: str,
-                     device: torch.device, timeout_s: float = 600.0) -> ParallelContext:
+                     device: torch.device, timeout_s: float = 600.0,
+                     stage_layers: list[tuple[int, int]] | None = None) -> ParallelContext:
     """Join the world and create every group (all ranks must create all groups, in the same order)."""
     kwargs = {}
     if backend == "nccl":
@@ -73,4 +100,5 @@ def init_distributed(layout: ParallelLayout, rank: int, backend: str, init_metho
         group = dist.new_group(ranks) if layout.tp > 1 else None
         if rank in ranks:
             tp_group = group
-    return ParallelContext(layout=layout, rank=rank, device=device, tp_group=tp_group)
+    layers = (stage_layers or [(0, 0)])[layout.coord(rank).pp]
+    return ParallelContext(layout=layout, rank=rank, device=device, tp_group=tp_group, layers=layers)

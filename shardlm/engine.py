@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import ConfigError
 from .executor import Executor, WorkerOptions
-from .layout import LayoutError, ParallelLayout, shard_heads
+from .layout import LayoutError, ParallelLayout, shard_heads, split_layers
 from .model_source import ModelSpec, resolve_model
 from .sampling_params import SamplingParams
 from .scheduler import BlockManager, ScheduledSeq, Scheduler
@@ -26,6 +26,10 @@ class EngineArgs:
     """built-in name, HF checkpoint folder, .gguf file or random:<preset> (default: smollm2-135m)"""
     tensor_parallel_size: int = 1
     """TP degree: ranks that split every layer"""
+    pipeline_parallel_size: int = 1
+    """PP degree: stages that each hold a contiguous run of layers"""
+    pp_layer_split: list[int] | None = None
+    """layers per pipeline stage (e.g. [10, 14]); default balances weights incl. embedding and LM head"""
     dtype: str = "auto"
     """float32, bfloat16 or float16; auto = float32 on CPU, bfloat16 on GPU"""
     device: str = "auto"
@@ -76,7 +80,11 @@ class LLMEngine:
         spec.config.validate()
         self.spec: ModelSpec = spec
         cfg = spec.config
-        self.layout = ParallelLayout(tp=args.tensor_parallel_size)
+        self.layout = ParallelLayout(tp=args.tensor_parallel_size, pp=args.pipeline_parallel_size)
+        h, vocab = cfg.hidden_size, cfg.vocab_size
+        layer_params = h * cfg.head_dim * 2 * (cfg.num_attention_heads + cfg.num_key_value_heads) + 3 * h * cfg.intermediate_size
+        self.stage_layers = split_layers(cfg.num_hidden_layers, self.layout.pp, layer_params, vocab * h,
+                                         vocab * h + h, args.pp_layer_split)
         self.device = self._pick_device(args.device)
         self.dtype = self._pick_dtype(args.dtype)
         if args.external_workers:
@@ -107,6 +115,7 @@ class LLMEngine:
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=kv_bytes,
             profile_tokens=profile_tokens,
             cpu_threads=max(1, (os.cpu_count() or 1) // self.layout.world_size),
+            stage_layers=self.stage_layers,
         )
         self.executor = Executor(self.layout, spec.to_dict(), opts, external_workers=args.external_workers,
                                  driver_host=args.driver_host, driver_port=args.driver_port,

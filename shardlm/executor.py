@@ -53,6 +53,8 @@ class WorkerOptions:
     """tokens in the profiling forward that measures activation memory"""
     cpu_threads: int
     """torch threads per worker on CPU"""
+    stage_layers: list[tuple[int, int]]
+    """[start, end) decoder layers of each pipeline stage"""
     timeout_s: float = 600.0
     """collective timeout"""
 

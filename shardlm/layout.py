@@ -158,3 +158,57 @@ def shard_heads(n_heads: int, n_kv_heads: int, tp: int, tp_rank: int) -> HeadSha
     kv_start, kv_end = q_start // group, (q_end - 1) // group + 1
     kv_index = tuple(h // group - kv_start for h in range(q_start, q_end))
     return HeadShard(q_start, q_end, kv_start, kv_end, kv_index)
+
+
+def split_layers(num_layers: int, pp: int, layer_weight: float = 1.0, first_extra: float = 0.0,
+                 last_extra: float = 0.0, user_split: list[int] | None = None) -> list[tuple[int, int]]:
+    """Contiguous [start, end) decoder layers for each pipeline stage.
+
+    Balances the weight of each stage, counting the embedding (`first_extra`, first stage) and the
+    LM head and final norm (`last_extra`, last stage) in units of parameters, like `layer_weight`.
+    `user_split` (e.g. [10, 14]) overrides the balance; it must name every stage and sum to num_layers.
+    """
+    if pp < 1:
+        raise LayoutError(f"pipeline_parallel_size must be >= 1, got {pp}")
+    if pp > num_layers:
+        raise LayoutError(f"pipeline_parallel_size={pp} exceeds the model's {num_layers} layers: every stage "
+                          f"needs at least one layer; use pipeline_parallel_size <= {num_layers}")
+    if user_split is not None:
+        if len(user_split) != pp:
+            raise LayoutError(f"pp_layer_split {user_split} names {len(user_split)} stages, pipeline_parallel_size is {pp}")
+        if any(not isinstance(n, int) or n < 1 for n in user_split):
+            raise LayoutError(f"pp_layer_split {user_split} leaves a stage without layers: every entry must be >= 1")
+        if sum(user_split) != num_layers:
+            raise LayoutError(f"pp_layer_split {user_split} sums to {sum(user_split)}, the model has {num_layers} layers")
+        counts = list(user_split)
+    else:
+        counts = _balanced_counts(num_layers, pp, layer_weight, first_extra, last_extra)
+    out, start = [], 0
+    for n in counts:
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+def _balanced_counts(num_layers: int, pp: int, w: float, first: float, last: float) -> list[int]:
+    # minimise the heaviest stage: try every cap on the first and last stages' layer counts and
+    # spread the rest evenly over the middle stages (pp <= 128 and layers <= a few hundred: cheap)
+    if pp == 1:
+        return [num_layers]
+    best: tuple[float, list[int]] | None = None
+    for n_first in range(1, num_layers - pp + 2):
+        for n_last in range(1, num_layers - n_first - (pp - 2) + 1):
+            rest = num_layers - n_first - n_last
+            if pp == 2 and rest:
+                continue
+            middle = [hi - lo for lo, hi in split_evenly(rest, pp - 2)] if pp > 2 else []
+            if any(m < 1 for m in middle):
+                continue
+            counts = [n_first, *middle, n_last]
+            loads = [c * w for c in counts]
+            loads[0] += first
+            loads[-1] += last
+            key = (max(loads), [-c for c in counts])  # ties: more layers early
+            if best is None or key < (best[0], [-c for c in best[1]]):
+                best = (max(loads), counts)
+    return best[1]

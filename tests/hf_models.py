@@ -21,6 +21,10 @@ TINY = {
     "llama-allbias-mha": ("LlamaConfig", dict(
         vocab_size=300, hidden_size=40, intermediate_size=84, num_hidden_layers=3, num_attention_heads=5,
         num_key_value_heads=5, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)),
+    # deep enough for 4 pipeline stages (5 layers split unevenly), tied embeddings across stages
+    "llama-deep-tied": ("LlamaConfig", dict(
+        vocab_size=311, hidden_size=48, intermediate_size=80, num_hidden_layers=5, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(
         vocab_size=333, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=2, head_dim=8, sliding_window=None, tie_word_embeddings=False)),

@@ -95,6 +95,9 @@ def test_completions_and_chat_streaming_and_not(smol):
     parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
         model="smollm2-135m", messages=msgs, max_tokens=12, temperature=0, stream=True) if ch.choices]
     assert "".join(parts) == chat.choices[0].message.content
+    many = c.completions.create(model="smollm2-135m", prompt=["The capital of France is", "Hi"], max_tokens=8,
+                                temperature=0)
+    assert [ch.index for ch in many.choices] == [0, 1] and many.choices[0].text == text
     two = c.completions.create(model="smollm2-135m", prompt="Once upon a time", max_tokens=6, n=2,
                                temperature=1.0, seed=7, stop=["\n"])
     assert sorted(ch.index for ch in two.choices) == [0, 1]

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import TINY, hf_greedy
+from hf_models import hf_greedy
 from shardlm import LLM, SamplingParams
 
 STEPS = 32
+TP_MODELS = ["llama-uneven-tied", "qwen2-bias-untied", "llama-allbias-mha", "mistral"]
 # different lengths in one batch, including a 1-token prompt and one longer than a KV block
 PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [100],
            [3, 30, 60, 90, 120, 150, 180]]
@@ -34,7 +35,7 @@ def check_against_hf(llm: LLM, refs, prompts=PROMPTS):
 
 @pytest.mark.parametrize("tp", [1, 2, 3, 4])
 def test_tp_matches_hf(tp, tiny_models, references):
-    for name in TINY:
+    for name in TP_MODELS:
         folder, _ = tiny_models[name]
         with LLM(str(folder), tensor_parallel_size=tp, block_size=8) as llm:
             check_against_hf(llm, references[name])

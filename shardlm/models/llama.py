@@ -79,20 +79,28 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """One pipeline stage of the decoder: the embedding on the first stage, layers [start, end) with
+    their global indices (and HF names), the final norm on the last stage."""
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, max_positions: int):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, ctx, dtype)
+        start, end = ctx.layers
+        self.embed_tokens = (VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, ctx, dtype)
+                             if ctx.is_first_stage else None)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ctx.device)
         self.rotary = rotary
-        self.layers = nn.ModuleList(LlamaDecoderLayer(i, cfg, ctx, rotary, dtype) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(i, cfg, ctx, rotary, dtype) for i in range(start, end))
+        self.norm = (RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)
+                     if ctx.is_last_stage else None)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(ids)  # [tokens, hidden]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """x: token ids [tokens] on the first stage, else the previous stage's activations [tokens, hidden]."""
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)  # [tokens, hidden]
         rope = self.rotary.lookup(positions, x.dtype)
         for layer in self.layers:
             x = layer(rope, x, meta)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
 
 class LlamaForCausalLM(nn.Module):
@@ -100,12 +108,17 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, ctx, dtype, max_positions)
-        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead("lm_head", cfg.vocab_size, cfg.hidden_size, ctx, dtype, tied=tied)
+        self.lm_head = None
+        if ctx.is_last_stage:
+            # tied: share the embedding's shard on one stage; across stages the head reads its own copy
+            tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
+            name = "model.embed_tokens" if cfg.tie_word_embeddings and tied is None else "lm_head"
+            self.lm_head = ParallelLMHead(name, cfg.vocab_size, cfg.hidden_size, ctx, dtype, tied=tied)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states [tokens, hidden]; call compute_logits on the rows to sample from."""
-        return self.model(ids, positions, meta)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """This stage's output [tokens, hidden]: final hidden states on the last stage (call
+        compute_logits on the rows to sample from), activations for the next stage otherwise."""
+        return self.model(x, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [n, vocab] float32, gathered over TP
@@ -115,12 +128,14 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, reader: Reader, progress: Callable[[int], None] | None = None) -> None:
         """Every layer reads its own shard; `progress(n)` is called as decoder layers finish."""
-        self.model.embed_tokens.load(reader)
+        if self.model.embed_tokens is not None:
+            self.model.embed_tokens.load(reader)
         for layer in self.model.layers:
             for module in layer.modules():
                 if module is not layer and hasattr(module, "load"):
                     module.load(reader)
             if progress:
                 progress(1)
-        self.model.norm.load(reader)
-        self.lm_head.load(reader)
+        if self.lm_head is not None:
+            self.model.norm.load(reader)
+            self.lm_head.load(reader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -118,7 +119,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
         if not req.stream:
-            outs = [await _last(run(t, ids, params)) for t, ids in encoded]
+            outs = await asyncio.gather(*(_last(run(t, ids, params)) for t, ids in encoded))  # batched together
             choices = [choice(p * req.n + c.index, c, c.text, 0) for p, o in enumerate(outs) for c in o.outputs]
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": _usage(outs)}

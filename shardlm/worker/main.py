@@ -61,7 +61,8 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
         device = torch.device("cpu")
         backend = "gloo"
         torch.set_num_threads(max(1, int(init.get("cpu_threads", 1))))
-    ctx = init_distributed(layout, rank, backend, init["init_method"], device, init.get("timeout_s", 600))
+    ctx = init_distributed(layout, rank, backend, init["init_method"], device, init.get("timeout_s", 600),
+                           stage_layers=[tuple(r) for r in init["stage_layers"]])
     spec = ModelSpec.from_dict(init["model"])
     runner = ModelRunner(spec, ctx, getattr(torch, init["dtype"]), init["max_model_len"], init["block_size"])
     load_s = runner.load(show_progress=rank == 0)

@@ -133,7 +133,14 @@ class ModelRunner:
         positions = torch.cat([torch.arange(s["start"], s["start"] + len(s["tokens"])) for s in seqs])
         q_lens = [len(s["tokens"]) for s in seqs]
         meta = build_metadata([s["start"] for s in seqs], q_lens, [s["blocks"] for s in seqs], self.block_size, dev)
-        hidden = self.model(ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), meta)
+        if self.ctx.is_first_stage:
+            x = ids.to(dev, non_blocking=True)
+        else:  # activations of the previous pipeline stage, same token order as the plan
+            x = self.ctx.recv_prev_stage((len(ids), self.spec.config.hidden_size), self.dtype)
+        hidden = self.model(x, positions.to(dev, non_blocking=True), meta)
+        if not self.ctx.is_last_stage:
+            self.ctx.send_next_stage(hidden)
+            return [], {}
 
         last = np.cumsum(q_lens) - 1  # flat index of each sequence's last new token
         rows = [i for i, s in enumerate(seqs) if s["sample"]]
