@@ -18,6 +18,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--pp-layer-split", default=None,
                    help="layers per stage, comma-separated (e.g. 10,14); default balances the weights")
+    p.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of every rank's steps to this file")
     p.add_argument("--parallel", choices=["auto"], default=None,
                    help="auto: let the planner choose the layout for the visible GPUs")
     p.add_argument("--plan-profile", default=None, help="with --parallel auto: a `shardlm probe` profile to plan with")
@@ -102,7 +103,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         except ValueError:
             raise ValueError(f"--pp-layer-split must be comma-separated integers, got {args.pp_layer_split!r}") from None
     return dict(model=args.model, tensor_parallel_size=tp, pipeline_parallel_size=args.pipeline_parallel_size,
-                pp_layer_split=split, dtype=args.dtype,
+                pp_layer_split=split, trace=args.trace, dtype=args.dtype,
                 device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,10 @@ class EngineArgs:
     """TP degree: ranks that split every layer"""
     pipeline_parallel_size: int = 1
     """PP degree: stages that each hold a contiguous run of layers"""
+    trace: str | None = None
+    """write a Chrome/Perfetto trace (one track per rank: compute, communication, idle) here at shutdown"""
+    max_batches_in_flight: int | None = None
+    """pipeline micro-batches in flight at once (default: pipeline_parallel_size; 1 = no overlap)"""
     pp_layer_split: list[int] | None = None
     """layers per pipeline stage (e.g. [10, 14]); default balances weights incl. embedding and LM head"""
     dtype: str = "auto"
@@ -102,7 +108,7 @@ class LLMEngine:
                 raise ConfigError(f"max_model_len={args.max_model_len} must be in [1, {model_len}] "
                                   f"(the model's max_position_embeddings)")
             model_len = args.max_model_len
-        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_batches_in_flight"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
         if not 0 < args.gpu_memory_utilization <= 1:
@@ -115,7 +121,7 @@ class LLMEngine:
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=kv_bytes,
             profile_tokens=profile_tokens,
             cpu_threads=max(1, (os.cpu_count() or 1) // self.layout.world_size),
-            stage_layers=self.stage_layers,
+            stage_layers=self.stage_layers, trace=bool(args.trace),
         )
         self.executor = Executor(self.layout, spec.to_dict(), opts, external_workers=args.external_workers,
                                  driver_host=args.driver_host, driver_port=args.driver_port,
@@ -150,6 +156,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._finished_seq_ids: list[int] = []
         self.num_generated_tokens = 0  # over the engine's life (metrics)
+        self.in_flight: deque[list[ScheduledSeq]] = deque()  # batches submitted, oldest first
+        self.max_batches_in_flight = args.max_batches_in_flight or self.layout.pp
+        self._in_flight_ids: set[int] = set()
         # debugging/tests: keep every sampled row's full logits, keyed by (request id, completion index)
         self.return_logits = False
         self.logits_log: dict[tuple[str, int], list[Any]] = {}
@@ -209,30 +218,43 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batched forward over every live sequence; return outputs of requests that progressed."""
-        batch = self.scheduler.schedule()
-        if not batch:
+        """Advance generation by one batch; return the outputs of requests that gained tokens.
+
+        Up to pipeline_parallel_size batches of disjoint sequences are kept in flight, so that while
+        the last stage works on one batch the first stage already runs the next; this call
+        submits batches until the pipeline is full, then finishes the oldest. With one stage it is
+        simply: schedule a batch, run it, collect its tokens.
+        """
+        try:
+            while len(self.in_flight) < self.max_batches_in_flight:
+                batch = self.scheduler.schedule(self._in_flight_ids, self._micro_batch_seqs())
+                if not batch:
+                    break
+                self.executor.submit({"seqs": [self._wire(item) for item in batch],
+                                      "finished": self._finished_seq_ids, "return_logits": self.return_logits})
+                self._finished_seq_ids = []
+                self.in_flight.append(batch)
+                self._in_flight_ids.update(item.seq.seq_id for item in batch)
+            if self.in_flight:
+                results, arrays = self.executor.collect()
+        except BaseException:
+            self.executor.shutdown(grace_s=1.0)  # no trace: the workers may be gone
+            raise
+        if not self.in_flight:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: the KV cache cannot hold the next request")
             return []
-        plan = {
-            "seqs": [self._wire(item) for item in batch],
-            "finished": self._finished_seq_ids,
-            "return_logits": self.return_logits,
-        }
-        self._finished_seq_ids = []
-        try:
-            results, arrays = self.executor.step(plan)
-        except BaseException:
-            self.shutdown(grace_s=1.0)
-            raise
+        batch = self.in_flight.popleft()
         for item in batch:
+            self._in_flight_ids.discard(item.seq.seq_id)
             item.seq.num_computed = item.start + len(item.tokens)
         by_id = {item.seq.seq_id: item.seq for item in batch}
         now = time.monotonic()
         touched: dict[str, None] = {}
         for row, res in enumerate(results):
             seq = by_id[res["id"]]
+            if seq.request_id not in self.requests:  # aborted while its batch was in flight
+                continue
             if self.return_logits:
                 self.logits_log.setdefault((seq.request_id, seq.index), []).append(arrays["logits"][row])
             self._append(seq, res)
@@ -242,14 +264,21 @@ class LLMEngine:
                 metrics.first_token_time = now
         return [self._output(rid) for rid in touched]
 
+    def _micro_batch_seqs(self) -> int | None:
+        """With pipeline stages, cut the live sequences into as many micro-batches as may be in flight."""
+        if self.max_batches_in_flight == 1:
+            return None
+        live = len(self.scheduler.running) + len(self.scheduler.waiting)
+        return max(1, -(-live // self.max_batches_in_flight))
+
     def profile_step(self) -> dict[int, dict[str, Any]]:
         """Profile one decode step of the running batch on every rank, without advancing it.
 
         Only between decode steps (nothing waiting): re-running a decode step rewrites the same
         K/V slots with the same values, so the following real step is unaffected.
         """
-        if self.scheduler.waiting or not self.scheduler.running:
-            raise RuntimeError("profile_step needs a running batch with nothing waiting")
+        if self.scheduler.waiting or not self.scheduler.running or self.in_flight:
+            raise RuntimeError("profile_step needs a running batch with nothing waiting or in flight")
         batch = self.scheduler.schedule()
         plan = {"seqs": [dict(self._wire(item), sample=True) for item in batch], "finished": []}
         return {rank: {k: v for k, v in msg.items() if k not in ("event", "rank")}
@@ -318,7 +347,38 @@ class LLMEngine:
             del self.request_info[request_id]
         return out
 
+    def stage_stats(self, reset: bool = False) -> dict[int, dict[str, Any]]:
+        """Per rank: seconds computing, the wall window of its steps and the idle fraction (the
+        pipeline bubble, for pipeline stages), from the workers' own step accounting."""
+        if self.in_flight:
+            raise RuntimeError("stage_stats needs the pipeline drained (no batch in flight)")
+        return self.executor.stats(reset=reset)
+
+    def write_trace(self, path: str) -> None:
+        """Chrome/Perfetto trace of every rank's steps: one process track per rank."""
+        import json
+
+        stats = self.executor.stats(events=True)
+        events = []
+        for rank, st in sorted(stats.items()):
+            events.append({"name": "process_name", "ph": "M", "pid": rank,
+                           "args": {"name": f"rank {rank} (pp stage {st['pp']}, tp {st['tp']})"}})
+            events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}})
+            for name, cat, start, end in st.get("events", []):
+                events.append({"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": cat,
+                               "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6})
+        with open(path, "w") as f:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms",
+                       "otherData": {"model": self.spec.name, "layout": str(self.layout),
+                                     "idle_fraction": {r: st["idle_fraction"] for r, st in stats.items()}}}, f)
+
     def shutdown(self, grace_s: float = 5.0) -> None:
         executor = getattr(self, "executor", None)
-        if executor is not None:
-            executor.shutdown(grace_s=grace_s)
+        if executor is None:
+            return
+        if self.args.trace and not executor.closed and not self.in_flight:
+            try:
+                self.write_trace(self.args.trace)
+            except Exception as exc:  # noqa: BLE001 - a failed trace must not stop the shutdown
+                warnings.warn(f"could not write the trace to {self.args.trace}: {exc}", stacklevel=2)
+        executor.shutdown(grace_s=grace_s)

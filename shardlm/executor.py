@@ -57,6 +57,8 @@ class WorkerOptions:
     """[start, end) decoder layers of each pipeline stage"""
     timeout_s: float = 600.0
     """collective timeout"""
+    trace: bool = False
+    """record per-step trace events in every worker"""
 
 
 class Executor:
@@ -171,15 +173,28 @@ class Executor:
             wire.send(sock, {"cmd": "alloc_kv", "blocks": blocks})
         self._expect_all("kv_ready")
 
-    def step(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-        """Send one step plan to every rank; return the output rank's sampled tokens."""
+    def submit(self, plan: dict[str, Any]) -> None:
+        """Send one step plan to every rank. Plans run in submission order on every rank, so with
+        pipeline stages several can be in flight; each gets exactly one reply (collect)."""
         for sock in self.socks.values():
             wire.send(sock, dict(plan, cmd="step"))
-        if not plan["seqs"] or not any(s["sample"] for s in plan["seqs"]):
-            return [], {}
+
+    def collect(self) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+        """The output rank's reply to the oldest submitted plan: its sampled tokens."""
         msg, arrays = self._recv_from(self.layout.driver_ranks()[0], "step")
         self.last_exec_s = msg.get("exec_s", 0.0)
         return msg["results"], arrays
+
+    def step(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+        """Run one plan and wait for its sampled tokens."""
+        self.submit(plan)
+        return self.collect()
+
+    def stats(self, events: bool = False, reset: bool = False) -> dict[int, dict[str, Any]]:
+        """Every rank's step accounting (busy seconds, window, idle fraction), and trace events if asked."""
+        for sock in self.socks.values():
+            wire.send(sock, {"cmd": "stats", "events": events, "reset": reset})
+        return {r: {k: v for k, v in m.items() if k != "event"} for r, m in self._expect_all("stats").items()}
 
     def probe(self, sizes: list[int], iters: int, layer_iters: int, device_rates: bool) -> dict[str, Any]:
         """Collective sweeps, layer host floor and (rank 0) device rates, as measured by rank 0."""
@@ -194,6 +209,10 @@ class Executor:
         for sock in self.socks.values():
             wire.send(sock, dict(plan, cmd="profile_step"))
         return self._expect_all("profile")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop every worker: ask nicely, then terminate, then kill. Safe to call twice."""

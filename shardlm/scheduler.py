@@ -65,7 +65,11 @@ class Scheduler:
         head_busy = bool(self.waiting) and bool(self.waiting[0].blocks)
         self.waiting.insert(1 if head_busy else 0, seq)
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self, in_flight: set[int] | frozenset[int] = frozenset(), max_seqs: int | None = None) -> list[ScheduledSeq]:
+        """The next batch. Sequences whose seq_id is in `in_flight` (a pipeline stage is still working
+        on their previous batch) are left out: they neither run nor get preempted. `max_seqs` caps
+        the batch (pipeline micro-batches)."""
+        cap = max_seqs or self.max_num_seqs
         budget = self.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         # blocks the last step filled become findable by later sequences (only the head can wait with blocks)
@@ -73,10 +77,11 @@ class Scheduler:
             self.blocks.commit(seq)
         # 1. decode: each running sequence needs a slot for its newest token
         for seq in sorted(self.running, key=lambda s: s.seq_id):
-            if seq.status is not SeqStatus.RUNNING or budget <= 0:
+            if seq.status is not SeqStatus.RUNNING or budget <= 0 or seq.seq_id in in_flight or len(out) >= cap:
                 continue
             while not self.blocks.can_grow(seq, len(seq)):
-                victim = max(self.running, key=lambda s: s.seq_id)
+                candidates = [s for s in self.running if s.seq_id not in in_flight]
+                victim = max(candidates, key=lambda s: s.seq_id)
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -88,6 +93,8 @@ class Scheduler:
         # 2. prefill waiting sequences in arrival order, chunked to the remaining token budget
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.seq_id in in_flight or len(out) >= cap:  # its previous prompt chunk is still in the pipeline
+                break
             # a sequence without blocks starts on the cached blocks of its prefix (empty without caching)
             prefix = self.blocks.match_prefix(seq) if not seq.blocks else []
             start = len(prefix) * self.blocks.block_size if prefix else seq.num_computed

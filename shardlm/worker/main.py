@@ -67,15 +67,19 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     runner = ModelRunner(spec, ctx, getattr(torch, init["dtype"]), init["max_model_len"], init["block_size"])
     load_s = runner.load(show_progress=rank == 0)
     cap = runner.kv_capacity(init["gpu_memory_utilization"], init["cpu_kv_cache_bytes"], init["profile_tokens"])
+    runner.reset_accounting()  # the profiling forward is not part of the run
+    runner.tracing = bool(init.get("trace"))
     wire.send(sock, {"event": "ready", "rank": rank, "load_s": load_s, "block_bytes": runner.block_bytes(), **cap})
 
     # debugging aid: SHARDLM_CPROFILE_STEPS=N prints a cProfile of steps 10..10+N of rank 0 to stderr
     cprofile_steps = int(os.environ.get("SHARDLM_CPROFILE_STEPS", "0")) if rank == 0 else 0
     step_no = 0
     while True:
+        t_wait = time.time()
         msg, _ = wire.recv(sock)
         cmd = msg["cmd"]
         if cmd == "step":
+            runner.record("wait for plan", "idle", t_wait, time.time())
             step_no += 1
             t0 = time.perf_counter()
             if cprofile_steps and 10 <= step_no < 10 + cprofile_steps:
@@ -99,6 +103,13 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
             if msg.get("device_rates") and ctx.rank == 0:
                 result.update(probe.device_rates(device))
             wire.send(sock, {"event": "probe", "rank": rank, **result})
+        elif cmd == "stats":
+            reply = {"event": "stats", "rank": rank, "pp": ctx.pp_rank, "tp": ctx.tp_rank, **runner.accounting()}
+            if msg.get("events"):
+                reply["events"] = runner.events
+            if msg.get("reset"):
+                runner.reset_accounting()
+            wire.send(sock, reply)
         elif cmd == "alloc_kv":
             runner.allocate_kv(msg["blocks"])
             wire.send(sock, {"event": "kv_ready", "rank": rank})

@@ -24,6 +24,17 @@ class ModelRunner:
         self.model = LlamaForCausalLM(spec.config, ctx, dtype, max_positions=max_model_len)
         self.sampler = Sampler(ctx.device)
         self.num_blocks = 0
+        # step accounting (always) and trace events (when tracing): wall-clock seconds
+        self.busy_s = 0.0
+        self.window: list[float] = []  # [first step start, last step end]
+        self.tracing = False
+        self.events: list[tuple[str, str, float, float]] = []  # (name, category, start, end)
+
+    def record(self, name: str, category: str, start: float, end: float) -> None:
+        if category == "compute":
+            self.busy_s += end - start
+        if self.tracing and len(self.events) < 200_000:
+            self.events.append((name, category, start, end))
 
     def load(self, show_progress: bool) -> float:
         """Read this rank's weights; returns seconds taken."""
@@ -133,25 +144,49 @@ class ModelRunner:
         positions = torch.cat([torch.arange(s["start"], s["start"] + len(s["tokens"])) for s in seqs])
         q_lens = [len(s["tokens"]) for s in seqs]
         meta = build_metadata([s["start"] for s in seqs], q_lens, [s["blocks"] for s in seqs], self.block_size, dev)
+        t0 = time.time()
         if self.ctx.is_first_stage:
             x = ids.to(dev, non_blocking=True)
         else:  # activations of the previous pipeline stage, same token order as the plan
             x = self.ctx.recv_prev_stage((len(ids), self.spec.config.hidden_size), self.dtype)
+            self._sync()
+            self.record("recv activations", "communication", t0, time.time())
+        t1 = time.time()
         hidden = self.model(x, positions.to(dev, non_blocking=True), meta)
         if not self.ctx.is_last_stage:
+            self._sync()
+            t2 = time.time()
+            self.record(f"forward {len(ids)} tokens", "compute", t1, t2)
             self.ctx.send_next_stage(hidden)
+            self._sync()
+            self.record("send activations", "communication", t2, time.time())
+            self.window = [self.window[0] if self.window else t0, time.time()]
             return [], {}
 
         last = np.cumsum(q_lens) - 1  # flat index of each sequence's last new token
         rows = [i for i, s in enumerate(seqs) if s["sample"]]
-        if not rows:
-            return [], {}
-        logits = self.model.compute_logits(hidden[torch.as_tensor(last[rows], device=dev)])  # [n, vocab]
-        if not self.ctx.is_output_rank:
-            return [], {}
-        chosen = [seqs[i] for i in rows]
-        results = self.sampler.sample(logits, [s["id"] for s in chosen], [s["params"] for s in chosen])
-        for res, s in zip(results, chosen):
-            res["id"] = s["id"]
-        arrays = {"logits": logits.cpu().numpy()} if plan.get("return_logits") else {}
+        results: list[dict[str, Any]] = []
+        arrays: dict[str, np.ndarray] = {}
+        if rows:
+            logits = self.model.compute_logits(hidden[torch.as_tensor(last[rows], device=dev)])  # [n, vocab]
+            if self.ctx.is_output_rank:
+                chosen = [seqs[i] for i in rows]
+                results = self.sampler.sample(logits, [s["id"] for s in chosen], [s["params"] for s in chosen])
+                for res, s in zip(results, chosen):
+                    res["id"] = s["id"]
+                if plan.get("return_logits"):
+                    arrays = {"logits": logits.cpu().numpy()}
+        self._sync()
+        t2 = time.time()
+        self.record(f"forward {len(ids)} tokens" + (" + sample" if rows else ""), "compute", t1, t2)
+        self.window = [self.window[0] if self.window else t0, t2]
         return results, arrays
+
+    def reset_accounting(self) -> None:
+        self.busy_s, self.window, self.events = 0.0, [], []
+
+    def accounting(self) -> dict[str, Any]:
+        """Busy (compute) seconds and the wall window they fall in, since the last reset."""
+        window = self.window[1] - self.window[0] if self.window else 0.0
+        return {"busy_s": self.busy_s, "window_s": window,
+                "idle_fraction": 1.0 - self.busy_s / window if window > 0 else 0.0}
