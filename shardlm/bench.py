@@ -25,6 +25,7 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
     vocab = engine.spec.config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(batch)]
+    engine.stage_stats(reset=True)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{seed}-{i}", None, p, params)
@@ -51,6 +52,8 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
         # time the output rank spent inside the step (forward + sampling) vs. the whole step
         "decode_exec_ms": statistics.mean(exec_s[1:]) * 1e3 if len(exec_s) > 1 else 0.0,
     }
+    # each rank's idle share of the run, from the workers' own accounting (the pipeline bubble)
+    out["idle_fraction_by_rank"] = {r: st["idle_fraction"] for r, st in engine.stage_stats().items()}
     if profile is not None:
         out["profile_decode_step"] = profile
     return out
@@ -122,11 +125,13 @@ def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
     with LLM(**engine_kwargs) as llm:
         results = run_latency(llm, batch_sizes, args.input_len, args.output_len, profile=args.profile)
         meta = {"model": llm.engine.spec.name, "tensor_parallel_size": llm.engine.layout.tp,
+                "pipeline_parallel_size": llm.engine.layout.pp,
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "results": results}
-    print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'exec ms':>8} {'tok/s':>8}")
+    print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'exec ms':>8} {'tok/s':>8} {'idle':>5}")
     for r in results:
+        idle = sum(r["idle_fraction_by_rank"].values()) / len(r["idle_fraction_by_rank"])
         print(f"{r['batch']:>5} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>9.2f} {r['tpot_p99_ms']:>8.2f} "
-              f"{r['decode_exec_ms']:>8.2f} {r['output_tok_per_s']:>8.1f}")
+              f"{r['decode_exec_ms']:>8.2f} {r['output_tok_per_s']:>8.1f} {idle:>5.2f}")
         if "profile_decode_step" in r:
             prof = r["profile_decode_step"]
             print("      decode step GPU time by rank (us): " + "; ".join(

@@ -15,6 +15,18 @@ def test_generate_streams_on_two_workers():
     assert res.stdout.strip()  # random weights: some text, possibly <|id|> tokens
 
 
+def test_generate_tp_x_pp_with_trace(tmp_path):
+    import json
+
+    trace = tmp_path / "t.json"
+    res = shardlm("generate", "--model", "random:tiny-llama", "--pipeline-parallel-size", "2",
+                  "--tensor-parallel-size", "2", "--max-tokens", "6", "--ignore-eos", "--trace", str(trace), "hi")
+    assert res.returncode == 0, res.stderr
+    assert {e["pid"] for e in json.loads(trace.read_text())["traceEvents"]} == {0, 1, 2, 3}
+    res = shardlm("generate", "--model", "random:tiny-llama", "-pp", "2", "--pp-layer-split", "1,2", "hi")
+    assert res.returncode == 2 and "sums to 3, the model has 2 layers" in res.stderr
+
+
 def test_generate_default_model_with_chat_template():
     res = shardlm("generate", "--max-tokens", "12", "What is 2+2?", timeout=300)
     assert res.returncode == 0, res.stderr
@@ -40,6 +52,7 @@ def test_bench_latency_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["results"]] == [1, 3]
     assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 for r in data["results"])
+    assert all(set(r["idle_fraction_by_rank"]) == {"0", "1"} for r in data["results"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
