@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nshardlm: interrupted; workers stopped", file=sys.stderr)
         return 130
-    except WorkerError as exc:
+    except (WorkerError, RuntimeError, OSError) as exc:
         print(f"shardlm: error: {exc}", file=sys.stderr)
         return 1
     except (ConfigError, ValueError) as exc:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import os
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from .block_manager import BlockManager
 from .config import ConfigError
 from .executor import Executor, WorkerOptions
 from .layout import LayoutError, ParallelLayout, shard_heads, split_layers
 from .model_source import ModelSpec, resolve_model
 from .sampling_params import SamplingParams
-from .scheduler import BlockManager, ScheduledSeq, Scheduler
+from .scheduler import ScheduledSeq, Scheduler
 from .sequence import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence
 from .tokenizer import load_tokenizer
 
@@ -159,6 +160,7 @@ class LLMEngine:
         self.in_flight: deque[list[ScheduledSeq]] = deque()  # batches submitted, oldest first
         self.max_batches_in_flight = args.max_batches_in_flight or self.layout.pp
         self._in_flight_ids: set[int] = set()
+        self._drained: list[RequestOutput] = []
         # debugging/tests: keep every sampled row's full logits, keyed by (request id, completion index)
         self.return_logits = False
         self.logits_log: dict[tuple[str, int], list[Any]] = {}
@@ -214,7 +216,7 @@ class LLMEngine:
         self.request_info.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.in_flight) or bool(self._drained)
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -225,6 +227,9 @@ class LLMEngine:
         submits batches until the pipeline is full, then finishes the oldest. With one stage it is
         simply: schedule a batch, run it, collect its tokens.
         """
+        if self._drained:  # outputs finished by drain() are handed out first
+            outputs, self._drained = self._drained, []
+            return outputs
         try:
             while len(self.in_flight) < self.max_batches_in_flight:
                 batch = self.scheduler.schedule(self._in_flight_ids, self._micro_batch_seqs())
@@ -235,15 +240,28 @@ class LLMEngine:
                 self._finished_seq_ids = []
                 self.in_flight.append(batch)
                 self._in_flight_ids.update(item.seq.seq_id for item in batch)
-            if self.in_flight:
-                results, arrays = self.executor.collect()
         except BaseException:
             self.executor.shutdown(grace_s=1.0)  # no trace: the workers may be gone
             raise
         if not self.in_flight:
             if self.scheduler.has_work():
+                self.executor.shutdown(grace_s=1.0)
                 raise RuntimeError("scheduler made no progress: the KV cache cannot hold the next request")
             return []
+        return self._finish_oldest()
+
+    def drain(self) -> None:
+        """Finish every batch in flight without submitting new ones (before profiling or stats);
+        the outputs come out of the next step()."""
+        while self.in_flight:
+            self._drained.extend(self._finish_oldest())
+
+    def _finish_oldest(self) -> list[RequestOutput]:
+        try:
+            results, arrays = self.executor.collect()
+        except BaseException:
+            self.executor.shutdown(grace_s=1.0)
+            raise
         batch = self.in_flight.popleft()
         for item in batch:
             self._in_flight_ids.discard(item.seq.seq_id)
@@ -253,7 +271,7 @@ class LLMEngine:
         touched: dict[str, None] = {}
         for row, res in enumerate(results):
             seq = by_id[res["id"]]
-            if seq.request_id not in self.requests:  # aborted while its batch was in flight
+            if not any(s is seq for s in self.requests.get(seq.request_id, ())):  # aborted while in flight
                 continue
             if self.return_logits:
                 self.logits_log.setdefault((seq.request_id, seq.index), []).append(arrays["logits"][row])
@@ -277,8 +295,9 @@ class LLMEngine:
         Only between decode steps (nothing waiting): re-running a decode step rewrites the same
         K/V slots with the same values, so the following real step is unaffected.
         """
-        if self.scheduler.waiting or not self.scheduler.running or self.in_flight:
-            raise RuntimeError("profile_step needs a running batch with nothing waiting or in flight")
+        self.drain()
+        if self.scheduler.waiting or not self.scheduler.running:
+            raise RuntimeError("profile_step needs a running batch with nothing waiting")
         batch = self.scheduler.schedule()
         plan = {"seqs": [dict(self._wire(item), sample=True) for item in batch], "finished": []}
         return {rank: {k: v for k, v in msg.items() if k not in ("event", "rank")}
@@ -350,8 +369,7 @@ class LLMEngine:
     def stage_stats(self, reset: bool = False) -> dict[int, dict[str, Any]]:
         """Per rank: seconds computing, the wall window of its steps and the idle fraction (the
         pipeline bubble, for pipeline stages), from the workers' own step accounting."""
-        if self.in_flight:
-            raise RuntimeError("stage_stats needs the pipeline drained (no batch in flight)")
+        self.drain()
         return self.executor.stats(reset=reset)
 
     def write_trace(self, path: str) -> None:
@@ -376,8 +394,9 @@ class LLMEngine:
         executor = getattr(self, "executor", None)
         if executor is None:
             return
-        if self.args.trace and not executor.closed and not self.in_flight:
+        if self.args.trace and not executor.closed:
             try:
+                self.drain()
                 self.write_trace(self.args.trace)
             except Exception as exc:  # noqa: BLE001 - a failed trace must not stop the shutdown
                 warnings.warn(f"could not write the trace to {self.args.trace}: {exc}", stacklevel=2)

@@ -117,9 +117,14 @@ class Executor:
                 sock, _ = self.listener.accept()
             except TimeoutError:
                 continue
-            sock.settimeout(None)
+            sock.settimeout(30)  # a peer that connects but never says hello must not stall start-up
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hello, _ = wire.recv(sock)
+            try:
+                hello, _ = wire.recv(sock)
+            except (OSError, ValueError) as exc:
+                sock.close()
+                raise WorkerError(f"a process connected to the driver port but sent no valid hello: {exc}") from None
+            sock.settimeout(None)
             rank = int(hello["rank"])
             if rank in self.socks or not 0 <= rank < self.layout.world_size:
                 sock.close()
@@ -127,9 +132,17 @@ class Executor:
             self.socks[rank] = sock
 
     def _raise_from(self, rank: int, msg: dict[str, Any] | None) -> None:
+        # a rank killed by a signal (OOM killer, segfault, kill -9) is the cause; the others only
+        # report the broken collective after it. Ranks that raised exit 1 after sending their message.
+        dead = [(r, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None and p.returncode < 0]
+        if msg is None and self.procs and self.procs[rank].poll() is not None:
+            dead = [(rank, self.procs[rank].returncode)] + [d for d in dead if d[0] != rank]
+        if dead:
+            r, code = dead[0]
+            after = f"; worker rank {rank} then reported: {msg.get('message', msg)}" if msg is not None and r != rank else ""
+            raise WorkerError(f"worker rank {r} died (exit code {code}){after}")
         if msg is None:
-            code = self.procs[rank].poll() if self.procs else None
-            raise WorkerError(f"worker rank {rank} died" + (f" (exit code {code})" if code is not None else ""))
+            raise WorkerError(f"worker rank {rank} died (its connection closed)")
         raise WorkerError(f"worker rank {rank}: {msg.get('message', msg)}")
 
     def _expect_all(self, event: str, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
@@ -185,11 +198,6 @@ class Executor:
         self.last_exec_s = msg.get("exec_s", 0.0)
         return msg["results"], arrays
 
-    def step(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-        """Run one plan and wait for its sampled tokens."""
-        self.submit(plan)
-        return self.collect()
-
     def stats(self, events: bool = False, reset: bool = False) -> dict[int, dict[str, Any]]:
         """Every rank's step accounting (busy seconds, window, idle fraction), and trace events if asked."""
         for sock in self.socks.values():
@@ -221,6 +229,7 @@ class Executor:
         self._closed = True
         for sock in self.socks.values():
             try:
+                sock.settimeout(1.0)  # a worker stuck in a collective may never drain its socket
                 wire.send(sock, {"cmd": "shutdown"})
             except OSError:
                 pass

@@ -81,9 +81,19 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's output after every step that added tokens (the last one has finished=True)."""
-        self._submit([self._tokens(prompt)], self._params(sampling_params, 1))
-        yield from self._run(False, total=1)
+        """Yield the request's output after every step that added tokens (the last one has finished=True).
+
+        Stopping early (closing the iterator) aborts the request and frees its KV cache."""
+        (rid,) = self._submit([self._tokens(prompt)], self._params(sampling_params, 1))
+        finished = False
+        try:
+            for out in self._run(False, total=1):
+                if out.request_id == rid:
+                    finished = out.finished
+                    yield out
+        finally:
+            if not finished:
+                self.engine.abort_request(rid)
 
     def _submit(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams]) -> list[str]:
         for _, ids in encoded:

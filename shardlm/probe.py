@@ -72,7 +72,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
             layers = llm.engine.spec.config.num_hidden_layers
         floor = measured["layer_floor_us"]
         profile["layer_floor_us"][str(n)] = floor
-        profile["step_overhead_us"][str(n)] = max(0.0, step["tpot_p50_ms"] * 1e3 - layers * floor)
+        profile["step_overhead_us"][str(n)] = max(0.0, step["step_p50_ms"] * 1e3 - layers * floor)
         if n == 1:
             profile["hbm_gbps"], profile["gemm_tflops"] = measured["hbm_gbps"], measured["gemm_tflops"]
         else:

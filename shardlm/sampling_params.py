@@ -69,10 +69,6 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
     def to_wire(self, index: int = 0) -> dict[str, Any]:
         """What a worker needs to sample (plain data). `index` varies the seed between the n completions."""
         return {

@@ -82,10 +82,12 @@ class Scheduler:
             while not self.blocks.can_grow(seq, len(seq)):
                 candidates = [s for s in self.running if s.seq_id not in in_flight]
                 victim = max(candidates, key=lambda s: s.seq_id)
+                if victim is seq and any(s.seq_id in in_flight for s in self.running):
+                    break  # batches in flight may free blocks soon: wait rather than drop our own KV
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq.status is not SeqStatus.RUNNING:
+            if seq.status is not SeqStatus.RUNNING or not self.blocks.can_grow(seq, len(seq)):
                 continue
             self.blocks.grow(seq, len(seq))
             out.append(ScheduledSeq(seq, seq.num_computed, seq.all_ids[seq.num_computed:], True))

@@ -67,8 +67,13 @@ class AsyncEngine:
         self._stopping = False
         try:
             for r in range(data_parallel_size):
-                engine = LLMEngine(replace(args, first_device=args.first_device + r * args.tensor_parallel_size))
+                per_replica = args.tensor_parallel_size * args.pipeline_parallel_size  # GPUs of one replica
+                engine = LLMEngine(replace(args, first_device=args.first_device + r * per_replica))
                 self.replicas.append(Replica(r, engine))
+            # one limit for every replica (each caps it by its own KV capacity), checked once at the API
+            limit = min(rep.engine.max_model_len for rep in self.replicas)
+            for rep in self.replicas:
+                rep.engine.max_model_len = limit
         except BaseException:
             self.shutdown()
             raise
@@ -88,6 +93,14 @@ class AsyncEngine:
 
     # ---- replica thread ----------------------------------------------------------------------
     def _loop(self, rep: Replica) -> None:
+        try:
+            self._run_replica(rep)
+        except BaseException as exc:  # a dead worker, or a bug: fail this replica's requests, never hang them
+            self._fail(rep, exc)
+        else:
+            self._fail(rep, None)
+
+    def _run_replica(self, rep: Replica) -> None:
         engine = rep.engine
         while not self._stopping:
             with rep.lock:
@@ -105,17 +118,20 @@ class AsyncEngine:
                 rep.wake.wait(timeout=0.5)
                 rep.wake.clear()
                 continue
-            try:
-                outputs = engine.step()
-            except BaseException as exc:  # a dead worker: fail every request of this replica
-                rep.error = exc
-                for rid in list(rep.pending):
-                    self._deliver(rep, rid, EngineDead(f"replica {rep.index} failed: {exc}"))
-                return
+            outputs = engine.step()
             if self.on_step is not None:
                 self.on_step(rep, outputs)
             for out in outputs:
                 self._deliver(rep, out.request_id, out)
+
+    def _fail(self, rep: Replica, exc: BaseException | None) -> None:
+        """End every pending request of a replica that stopped (exc: why; None: server shutdown)."""
+        with rep.lock:
+            rep.error = exc or EngineDead("the server is shutting down")
+            pending = list(rep.pending)
+        reason = f"replica {rep.index} failed: {exc}" if exc else "the server is shutting down"
+        for rid in pending:
+            self._deliver(rep, rid, EngineDead(reason))
 
     def _deliver(self, rep: Replica, rid: str, item: Any) -> None:
         pending = rep.pending.get(rid)
@@ -150,8 +166,10 @@ class AsyncEngine:
         rep.submitted += 1
         rid = f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
-        rep.pending[rid] = _Pending(asyncio.get_running_loop(), queue)
-        with rep.lock:
+        with rep.lock:  # the replica's failure path takes the same lock: a request is either failed or queued
+            if rep.error is not None:
+                raise EngineDead(f"replica {rep.index} is not running: {rep.error}")
+            rep.pending[rid] = _Pending(asyncio.get_running_loop(), queue)
             rep.inbox.append(("add", (rid, prompt, prompt_ids, params)))
         rep.wake.set()
         finished = False
