@@ -128,20 +128,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         admit()  # a 503 must go out before the stream's 200 does
 
         async def events() -> AsyncIterator[str]:
-            shown, sent_tokens = [0] * req.n, [0] * req.n
-            last = None
-            async for out in run(*encoded[0], params):
-                last = out
-                for c in out.outputs:
-                    end = visible_end(c.text, shown[c.index], c.finish_reason is not None, params.stop)
-                    if end > shown[c.index] or c.finish_reason is not None:
-                        ch = choice(c.index, c, c.text[shown[c.index]:end], sent_tokens[c.index])
-                        shown[c.index], sent_tokens[c.index] = end, len(c.token_ids)
-                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                    "choices": [ch]})
-            if last is not None and (req.stream_options or {}).get("include_usage"):
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                            "choices": [], "usage": _usage([last])})
+            head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+            async for c, text, start, last in _stream_deltas(run(*encoded[0], params), req.n, params.stop):
+                if c is not None:
+                    yield _sse(dict(head, choices=[choice(c.index, c, text, start)]))
+                elif (req.stream_options or {}).get("include_usage"):
+                    yield _sse(dict(head, choices=[], usage=_usage([last])))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(_with_error_event(events()), media_type="text/event-stream")
@@ -182,20 +174,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             for i in range(req.n):
                 yield _sse(dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]))
-            shown, sent_tokens = [0] * req.n, [0] * req.n
-            last = None
-            async for out in run(None, ids, params):
-                last = out
-                for c in out.outputs:
-                    end = visible_end(c.text, shown[c.index], c.finish_reason is not None, params.stop)
-                    if end > shown[c.index] or c.finish_reason is not None:
-                        delta = {"content": c.text[shown[c.index]:end]} if end > shown[c.index] else {}
-                        ch = {"index": c.index, "delta": delta, "logprobs": logprobs(c, sent_tokens[c.index]),
-                              "finish_reason": c.finish_reason}
-                        shown[c.index], sent_tokens[c.index] = end, len(c.token_ids)
-                        yield _sse(dict(head, choices=[ch]))
-            if last is not None and (req.stream_options or {}).get("include_usage"):
-                yield _sse(dict(head, choices=[], usage=_usage([last])))
+            async for c, text, start, last in _stream_deltas(run(None, ids, params), req.n, params.stop):
+                if c is not None:
+                    ch = {"index": c.index, "delta": {"content": text} if text else {},
+                          "logprobs": logprobs(c, start), "finish_reason": c.finish_reason}
+                    yield _sse(dict(head, choices=[ch]))
+                elif (req.stream_options or {}).get("include_usage"):
+                    yield _sse(dict(head, choices=[], usage=_usage([last])))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(_with_error_event(events()), media_type="text/event-stream")
@@ -223,6 +208,21 @@ async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     async for out in stream:
         pass
     return out
+
+
+async def _stream_deltas(outputs: AsyncIterator[RequestOutput], n: int, stops: list[str]):
+    """For each completion, the text and tokens not yet sent: yields (completion, new text, index of
+    its first new token, None) whenever there is something to send, then (None, "", 0, last output)."""
+    shown, sent_tokens, last = [0] * n, [0] * n, None
+    async for out in outputs:
+        last = out
+        for c in out.outputs:
+            end = visible_end(c.text, shown[c.index], c.finish_reason is not None, stops)
+            if end > shown[c.index] or c.finish_reason is not None:
+                yield c, c.text[shown[c.index]:end], sent_tokens[c.index], None
+                shown[c.index], sent_tokens[c.index] = end, len(c.token_ids)
+    if last is not None:
+        yield None, "", 0, last
 
 
 async def _with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
