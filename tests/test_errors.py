@@ -144,3 +144,12 @@ def test_ctrl_c_stops_everything():
     assert "interrupted" in err
     time.sleep(0.5)
     assert worker_pids() <= before
+
+
+def test_closing_a_stream_aborts_the_request(llm):
+    stream = llm.stream({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=20, ignore_eos=True))
+    first = next(stream)
+    assert not first.finished
+    stream.close()
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.usage == 0.0

@@ -310,3 +310,18 @@ def test_random_workload_with_shared_prefixes(seed):
     run_to_end(sched, [], max_new=max_new, arrivals=arrivals)
     assert all(s.output_ids == list(range(7, 7 + max_new[s.seq_id])) for s in seqs)
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+
+
+def test_no_self_preemption_while_other_batches_are_in_flight():
+    """With pipeline batches in flight, a sequence that cannot grow waits instead of dropping its own KV."""
+    sched = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), max_num_seqs=8, max_num_batched_tokens=100)
+    a, b = make([8, 8])
+    for s in (a, b):
+        sched.add(s)
+    for item in sched.schedule():  # both prefill: 2 blocks each, all 4 blocks used
+        item.seq.num_computed = item.start + len(item.tokens)
+        item.seq.output_ids.append(7)
+    batch = sched.schedule(in_flight={b.seq_id})  # a needs a 3rd block; only b could give one, and b is busy
+    assert batch == [] and sched.num_preemptions == 0 and len(a.blocks) == 2
+    batch = sched.schedule()  # b's batch came back: now the newest (b) is preempted for a
+    assert [x.seq for x in batch] == [a] and sched.num_preemptions == 1
