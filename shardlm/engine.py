@@ -6,7 +6,7 @@ import itertools
 import os
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,7 +159,7 @@ class LLMEngine:
         self.num_generated_tokens = 0  # over the engine's life (metrics)
         self.in_flight: deque[list[ScheduledSeq]] = deque()  # batches submitted, oldest first
         self.max_batches_in_flight = args.max_batches_in_flight or self.layout.pp
-        self._in_flight_ids: set[int] = set()
+        self._in_flight_ids: Counter[int] = Counter()  # seq id -> its batches in flight
         self._drained: list[RequestOutput] = []
         # debugging/tests: keep every sampled row's full logits, keyed by (request id, completion index)
         self.return_logits = False
@@ -232,14 +232,15 @@ class LLMEngine:
             return outputs
         try:
             while len(self.in_flight) < self.max_batches_in_flight:
-                batch = self.scheduler.schedule(self._in_flight_ids, self._micro_batch_seqs())
+                batch = self.scheduler.schedule(set(self._in_flight_ids), self._micro_batch_seqs(),
+                                                self._micro_batch_tokens())
                 if not batch:
                     break
                 self.executor.submit({"seqs": [self._wire(item) for item in batch],
                                       "finished": self._finished_seq_ids, "return_logits": self.return_logits})
                 self._finished_seq_ids = []
                 self.in_flight.append(batch)
-                self._in_flight_ids.update(item.seq.seq_id for item in batch)
+                self._in_flight_ids.update(item.seq.seq_id for item in batch)  # a prompt may have 2 chunks in flight
         except BaseException:
             self.executor.shutdown(grace_s=1.0)  # no trace: the workers may be gone
             raise
@@ -264,7 +265,9 @@ class LLMEngine:
             raise
         batch = self.in_flight.popleft()
         for item in batch:
-            self._in_flight_ids.discard(item.seq.seq_id)
+            self._in_flight_ids[item.seq.seq_id] -= 1
+            if self._in_flight_ids[item.seq.seq_id] <= 0:
+                del self._in_flight_ids[item.seq.seq_id]
             item.seq.num_computed = item.start + len(item.tokens)
         by_id = {item.seq.seq_id: item.seq for item in batch}
         now = time.monotonic()
@@ -281,6 +284,13 @@ class LLMEngine:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
         return [self._output(rid) for rid in touched]
+
+    def _micro_batch_tokens(self) -> int | None:
+        """With pipeline stages, a micro-batch gets its share of the token budget, so a long prompt
+        is cut into chunks that follow each other through the stages."""
+        if self.max_batches_in_flight == 1:
+            return None
+        return max(1, self.scheduler.max_num_batched_tokens // self.max_batches_in_flight)
 
     def _micro_batch_seqs(self) -> int | None:
         """With pipeline stages, cut the live sequences into as many micro-batches as may be in flight."""

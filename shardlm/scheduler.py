@@ -56,7 +56,7 @@ class Scheduler:
         # recompute preemption: drop the KV, keep the tokens; it re-prefills prompt + output later
         self.running.remove(seq)
         self.blocks.release(seq)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_scheduled = 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -65,12 +65,14 @@ class Scheduler:
         head_busy = bool(self.waiting) and bool(self.waiting[0].blocks)
         self.waiting.insert(1 if head_busy else 0, seq)
 
-    def schedule(self, in_flight: set[int] | frozenset[int] = frozenset(), max_seqs: int | None = None) -> list[ScheduledSeq]:
-        """The next batch. Sequences whose seq_id is in `in_flight` (a pipeline stage is still working
-        on their previous batch) are left out: they neither run nor get preempted. `max_seqs` caps
-        the batch (pipeline micro-batches)."""
+    def schedule(self, in_flight: set[int] | frozenset[int] = frozenset(), max_seqs: int | None = None,
+                 max_tokens: int | None = None) -> list[ScheduledSeq]:
+        """The next batch. Running sequences whose seq_id is in `in_flight` (a pipeline stage is still
+        working on their previous batch) are left out: they neither run nor get preempted. The next
+        chunk of a prompt whose earlier chunk is in flight may go (stages run batches in order, so its
+        K/V will be there). `max_seqs` and `max_tokens` cap the batch (pipeline micro-batches)."""
         cap = max_seqs or self.max_num_seqs
-        budget = self.max_num_batched_tokens
+        budget = min(self.max_num_batched_tokens, max_tokens or self.max_num_batched_tokens)
         out: list[ScheduledSeq] = []
         # blocks the last step filled become findable by later sequences (only the head can wait with blocks)
         for seq in self.running + ([self.waiting[0]] if self.waiting and self.waiting[0].blocks else []):
@@ -90,16 +92,17 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or not self.blocks.can_grow(seq, len(seq)):
                 continue
             self.blocks.grow(seq, len(seq))
+            seq.num_scheduled = len(seq)
             out.append(ScheduledSeq(seq, seq.num_computed, seq.all_ids[seq.num_computed:], True))
             budget -= len(seq) - seq.num_computed
         # 2. prefill waiting sequences in arrival order, chunked to the remaining token budget
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.seq_id in in_flight or len(out) >= cap:  # its previous prompt chunk is still in the pipeline
+            if len(out) >= cap:
                 break
             # a sequence without blocks starts on the cached blocks of its prefix (empty without caching)
             prefix = self.blocks.match_prefix(seq) if not seq.blocks else []
-            start = len(prefix) * self.blocks.block_size if prefix else seq.num_computed
+            start = len(prefix) * self.blocks.block_size if prefix else max(seq.num_computed, seq.num_scheduled)
             remaining = len(seq) - start
             chunk = min(remaining, budget)
             end = start + chunk
@@ -109,7 +112,9 @@ class Scheduler:
                 self.blocks.admit(seq, prefix)
             self.blocks.grow(seq, end)
             self.waiting.popleft()
-            out.append(ScheduledSeq(seq, seq.num_computed, seq.all_ids[seq.num_computed:end], chunk == remaining))
+            begin = max(seq.num_computed, seq.num_scheduled)
+            seq.num_scheduled = end
+            out.append(ScheduledSeq(seq, begin, seq.all_ids[begin:end], chunk == remaining))
             budget -= chunk
             if chunk == remaining:
                 seq.status = SeqStatus.RUNNING

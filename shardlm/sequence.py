@@ -38,6 +38,9 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
+    num_scheduled: int = 0
+    """tokens a submitted batch will have computed: ahead of num_computed while prompt chunks are
+    still in the pipeline"""
     """tokens whose K/V are in the cache"""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0

@@ -95,3 +95,20 @@ def test_trace_has_a_track_per_rank(tiny_models, tmp_path):
     assert any(e["cat"] == "communication" for e in spans if e["pid"] in (2, 3))  # stage 1 receives
     assert all(e["dur"] >= 0 for e in spans)
     assert set(trace["otherData"]["idle_fraction"]) == {"0", "1", "2", "3"}
+
+
+def test_long_prompt_chunks_overlap_in_the_pipeline(tiny_models, refs):
+    """One long prompt alone: its chunks follow each other through the stages (two in flight at once)."""
+    folder, _ = tiny_models["llama-deep-tied"]
+    with LLM(str(folder), pipeline_parallel_size=2, max_num_batched_tokens=8, block_size=8) as llm:
+        engine, overlapped = llm.engine, []
+        submit = engine.executor.submit
+
+        def watching_submit(plan):
+            busy = {item.seq.seq_id for batch in engine.in_flight for item in batch}
+            overlapped.extend(s["id"] for s in plan["seqs"] if s["id"] in busy)
+            submit(plan)
+
+        engine.executor.submit = watching_submit
+        check_against_hf(llm, refs["llama-deep-tied"][1:2], PROMPTS[1:2])
+        assert overlapped, "no prompt chunk was submitted while the previous one was in the pipeline"
