@@ -324,11 +324,11 @@ class LLMEngine:
         self.num_generated_tokens += 1
         seq.cumulative_logprob += res["logprob"]
         if seq.logprobs is not None:
-            entry = {token: Logprob(res["logprob"], res["rank"], self._token_str(token))}
+            entry = {token: Logprob(res["logprob"], res["rank"], self.tokenizer.token_str(token))}
             for rank, (tid, lp) in enumerate(zip(*res.get("top", [[], []])), start=1):
-                entry.setdefault(tid, Logprob(lp, rank, self._token_str(tid)))
+                entry.setdefault(tid, Logprob(lp, rank, self.tokenizer.token_str(tid)))
             seq.logprobs.append(entry)
-        seq.text = self.tokenizer.decode(seq.output_ids) if p.skip_special_tokens else self._decode_raw(seq)
+        seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=p.skip_special_tokens)
         if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
             self._finish(seq, "stop", None)
         elif token in p.stop_token_ids:
@@ -339,13 +339,6 @@ class LLMEngine:
             self._finish(seq, "length", None)
         elif len(seq) >= self.max_model_len:
             self._finish(seq, "length", None)
-
-    def _decode_raw(self, seq: Sequence) -> str:
-        tok = getattr(self.tokenizer, "tok", None)
-        return tok.decode(seq.output_ids, skip_special_tokens=False) if tok else self.tokenizer.decode(seq.output_ids)
-
-    def _token_str(self, token: int) -> str:
-        return self.tokenizer.token_str(token)
 
     @staticmethod
     def _find_stop(seq: Sequence) -> str | None:

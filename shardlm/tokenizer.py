@@ -16,7 +16,9 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def token_str(self, token_id: int) -> str: ...
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
 
@@ -34,8 +36,8 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=True))
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_str(self, token_id: int) -> str:
         return self.tok.decode([token_id])
@@ -64,7 +66,8 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [1] + [b + self.OFFSET for b in text.encode("utf-8")]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        # pad/bos/eos are never rendered: the byte vocabulary has no text for them
         out, pending = [], bytearray()
         for i in ids:
             if self.OFFSET <= i < 256 + self.OFFSET:
