@@ -10,12 +10,14 @@ class ConfigError(ValueError):
     """A model or engine setting that cannot work, with what to change."""
 
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass
 class ModelConfig:
-    """Shapes and options of a Llama-family decoder (field names follow Hugging Face)."""
+    """Shapes and options of a Llama-family decoder, dense or mixture-of-experts (field names follow
+    Hugging Face)."""
 
     model_type: str
     """architecture: one of SUPPORTED_ARCHS"""
@@ -53,6 +55,31 @@ class ModelConfig:
     """begin-of-sequence token"""
     eos_token_id: list[int] = field(default_factory=list)
     """end-of-sequence tokens (several for Llama-3 instruct models)"""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before rotary (Qwen3: q_norm, k_norm)"""
+    num_experts: int = 0
+    """routed experts per MoE layer E (0: a dense model)"""
+    num_experts_per_tok: int = 0
+    """experts each token is routed to (top-k)"""
+    moe_intermediate_size: int = 0
+    """FFN width of one routed expert"""
+    shared_expert_intermediate_size: int = 0
+    """FFN width of the always-on shared expert (Qwen2-MoE; 0: none)"""
+    norm_topk_prob: bool = True
+    """renormalise the top-k router probabilities to sum to 1 (Mixtral: always; Qwen-MoE: config)"""
+    decoder_sparse_step: int = 1
+    """every decoder_sparse_step-th layer is MoE (Qwen-MoE)"""
+    mlp_only_layers: list[int] = field(default_factory=list)
+    """layers that keep a dense MLP of intermediate_size in an MoE model (Qwen-MoE)"""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Decoder layer `index` has routed experts (Hugging Face's rule for Qwen-MoE; every layer of Mixtral)."""
+        return (self.is_moe and index not in self.mlp_only_layers
+                and (index + 1) % max(1, self.decoder_sparse_step) == 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,9 +129,25 @@ class ModelConfig:
                     f"{source}: sliding_window={hf['sliding_window']} is not supported yet; "
                     f"shardlm attends over the full context (set sliding_window to null)"
                 )
+        moe: dict[str, Any] = {}
+        if model_type in MOE_ARCHS:
+            n_exp = hf.get("num_local_experts") or hf.get("num_experts")
+            if not n_exp:
+                raise ConfigError(f"{source}: required field 'num_local_experts' (or 'num_experts') is missing")
+            moe = dict(num_experts=int(n_exp), num_experts_per_tok=int(need("num_experts_per_tok")),
+                       moe_intermediate_size=int(hf.get("moe_intermediate_size") or need("intermediate_size")),
+                       shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+                       norm_topk_prob=model_type == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+                       decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1),
+                       mlp_only_layers=[int(i) for i in hf.get("mlp_only_layers") or []])
+            if hf.get("hidden_act", "silu") != "silu":
+                raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; shardlm's experts use silu")
         eos = hf.get("eos_token_id")
         eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         attention_bias = bool(hf.get("attention_bias", False))
+        if model_type in ("qwen3", "qwen3_moe", "qwen2_moe") and hf.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported yet; shardlm attends over the "
+                              f"full context (set use_sliding_window to false)")
         return cls(
             model_type=model_type,
             vocab_size=int(need("vocab_size")),
@@ -119,11 +162,13 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=attention_bias or model_type == "qwen2",
+            qkv_bias=attention_bias or model_type in ("qwen2", "qwen2_moe"),
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos_list,
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            **moe,
         )
 
     def validate(self) -> None:
@@ -138,11 +183,21 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.is_moe:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                                  f"{self.num_experts}]: each token picks top-k of the experts")
+            if self.moe_intermediate_size < 1:
+                raise ConfigError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
 
     def num_params(self) -> int:
-        """Parameter count (matmul weights, embeddings, norms; biases ignored)."""
+        """Parameter count (matmul weights incl. routers and every expert, embeddings, norms; biases ignored)."""
         h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        layer = attn + 3 * h * f + 2 * h
+        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads) + 2 * h
+        if self.qk_norm:
+            attn += 2 * d
+        moe = (self.num_experts * (3 * h * self.moe_intermediate_size + h)
+               + 3 * h * self.shared_expert_intermediate_size)  # (the shared expert's 1 x h gate is ignored)
+        mlps = sum(moe if self.is_moe_layer(i) else 3 * h * f for i in range(self.num_hidden_layers))
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * layer + emb + h
+        return self.num_hidden_layers * attn + mlps + emb + h

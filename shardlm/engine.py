@@ -15,6 +15,7 @@ from .config import ConfigError
 from .executor import Executor, WorkerOptions
 from .layout import LayoutError, ParallelLayout, shard_heads, split_layers
 from .model_source import ModelSpec, resolve_model
+from .moe_placement import plan_placement
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence
@@ -65,6 +66,15 @@ class EngineArgs:
     """share the KV blocks of identical prompt prefixes between requests"""
     first_device: int = 0
     """GPU index of rank 0 (a data-parallel replica's workers use GPUs first_device .. + tp - 1)"""
+    enable_expert_parallel: bool = False
+    """MoE: place whole experts on the TP ranks and dispatch tokens with all-to-all (off: every
+    expert's FFN is split over the TP ranks like a dense MLP)"""
+    expert_placement: str = "round_robin"
+    """which EP rank holds which expert: round_robin, or balanced on a measured load (expert_load)"""
+    expert_load: str | None = None
+    """JSON file of tokens per expert per layer (LLM.save_expert_load) that balanced placement evens out"""
+    num_redundant_experts: int = 0
+    """balanced placement: extra copies of the hottest experts, spread over other ranks"""
 
 
 def _visible_gpus() -> int:
@@ -87,9 +97,19 @@ class LLMEngine:
         spec.config.validate()
         self.spec: ModelSpec = spec
         cfg = spec.config
-        self.layout = ParallelLayout(tp=args.tensor_parallel_size, pp=args.pipeline_parallel_size)
+        if args.enable_expert_parallel and not cfg.is_moe:
+            raise ConfigError(f"enable_expert_parallel needs a mixture-of-experts model; {spec.name} "
+                              f"({cfg.model_type}) is dense: drop enable_expert_parallel")
+        ep = args.tensor_parallel_size if args.enable_expert_parallel else 1
+        self.layout = ParallelLayout(tp=args.tensor_parallel_size, pp=args.pipeline_parallel_size, ep=ep)
+        self.expert_placement = (plan_placement(cfg, ep, args.expert_placement, args.expert_load,
+                                                args.num_redundant_experts) if ep > 1 else None)
+        if ep == 1 and (args.expert_load or args.num_redundant_experts or args.expert_placement != "round_robin"):
+            raise ConfigError("expert_placement, expert_load and num_redundant_experts place experts on expert "
+                              "parallel ranks: add enable_expert_parallel with tensor_parallel_size > 1")
         h, vocab = cfg.hidden_size, cfg.vocab_size
-        layer_params = h * cfg.head_dim * 2 * (cfg.num_attention_heads + cfg.num_key_value_heads) + 3 * h * cfg.intermediate_size
+        embed = vocab * h * (1 if cfg.tie_word_embeddings else 2)
+        layer_params = (cfg.num_params() - embed - h) / cfg.num_hidden_layers  # mean over dense and MoE layers
         self.stage_layers = split_layers(cfg.num_hidden_layers, self.layout.pp, layer_params, vocab * h,
                                          vocab * h + h, args.pp_layer_split)
         self.device = self._pick_device(args.device)
@@ -122,7 +142,7 @@ class LLMEngine:
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=kv_bytes,
             profile_tokens=profile_tokens,
             cpu_threads=max(1, (os.cpu_count() or 1) // self.layout.world_size),
-            stage_layers=self.stage_layers, trace=bool(args.trace),
+            stage_layers=self.stage_layers, trace=bool(args.trace), expert_placement=self.expert_placement,
         )
         self.executor = Executor(self.layout, spec.to_dict(), opts, external_workers=args.external_workers,
                                  driver_host=args.driver_host, driver_port=args.driver_port,
@@ -374,6 +394,38 @@ class LLMEngine:
         pipeline bubble, for pipeline stages), from the workers' own step accounting."""
         self.drain()
         return self.executor.stats(reset=reset)
+
+    def expert_stats(self, reset: bool = False) -> dict[str, Any]:
+        """Routing since the start (or the last reset): tokens per expert of every MoE layer, the
+        rows each rank's experts processed in each step, and each step's imbalance: max / mean of
+        those rows over the expert-parallel ranks of a stage (the worst stage). 1.0 is even; with
+        tensor-parallel experts every rank runs every routed token, so it is 1.0 by construction."""
+        if not self.spec.config.is_moe:
+            raise ConfigError(f"{self.spec.name} is a dense model: it has no experts to report on")
+        self.drain()
+        stats = self.executor.stats(reset_experts=reset)
+        tokens: dict[int, list[int]] = {}
+        rows: dict[int, dict[int, list[int]]] = {}  # stage -> rank -> rows per step
+        for rank, st in stats.items():
+            for layer, counts in st["moe"]["tokens_per_expert"].items():
+                acc = tokens.setdefault(int(layer), [0] * len(counts))
+                tokens[int(layer)] = [a + c for a, c in zip(acc, counts)]
+            rows.setdefault(st["pp"], {})[rank] = st["moe"]["step_rows"]
+        steps = min((len(r) for stage in rows.values() for r in stage.values()), default=0)
+        imbalance = []
+        for i in range(steps):
+            worst = 1.0
+            for stage in rows.values():
+                per_rank = [r[len(r) - steps + i] for r in stage.values()]
+                if sum(per_rank):
+                    worst = max(worst, max(per_rank) * len(per_rank) / sum(per_rank))
+            imbalance.append(worst)
+        return {"model": self.spec.name, "num_experts": self.spec.config.num_experts,
+                "expert_parallel_size": self.layout.ep, "tokens_per_expert": dict(sorted(tokens.items())),
+                "rows_per_rank_per_step": {r: v for stage in rows.values() for r, v in stage.items()},
+                "step_imbalance": imbalance,
+                "mean_imbalance": sum(imbalance) / len(imbalance) if imbalance else 1.0,
+                "placement": self.expert_placement}
 
     def write_trace(self, path: str) -> None:
         """Chrome/Perfetto trace of every rank's steps: one process track per rank."""

@@ -57,6 +57,8 @@ class WorkerOptions:
     """[start, end) decoder layers of each pipeline stage"""
     timeout_s: float = 600.0
     """collective timeout"""
+    expert_placement: list | None = None
+    """MoE with expert parallelism: per decoder layer, None or the experts each EP rank holds"""
     trace: bool = False
     """record per-step trace events in every worker"""
 
@@ -198,10 +200,10 @@ class Executor:
         self.last_exec_s = msg.get("exec_s", 0.0)
         return msg["results"], arrays
 
-    def stats(self, events: bool = False, reset: bool = False) -> dict[int, dict[str, Any]]:
+    def stats(self, events: bool = False, reset: bool = False, reset_experts: bool = False) -> dict[int, dict[str, Any]]:
         """Every rank's step accounting (busy seconds, window, idle fraction), and trace events if asked."""
         for sock in self.socks.values():
-            wire.send(sock, {"cmd": "stats", "events": events, "reset": reset})
+            wire.send(sock, {"cmd": "stats", "events": events, "reset": reset, "reset_experts": reset_experts})
         return {r: {k: v for k, v in m.items() if k != "event"} for r, m in self._expect_all("stats").items()}
 
     def probe(self, sizes: list[int], iters: int, layer_iters: int, device_rates: bool) -> dict[str, Any]:

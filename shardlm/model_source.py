@@ -149,6 +149,9 @@ def gguf_config(path: str | os.PathLike) -> ModelConfig:
     arch = field("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHS)}")
+    if field(f"{arch}.expert_count"):
+        raise ConfigError(f"{path}: mixture-of-experts GGUF files are not supported; load the Hugging Face "
+                          f"checkpoint folder (config.json + *.safetensors) instead")
     n_heads = int(field(f"{arch}.attention.head_count"))
     hidden = int(field(f"{arch}.embedding_length"))
     tensor_names = {t.name for t in reader.tensors}

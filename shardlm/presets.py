@@ -33,6 +33,18 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=[2],
     ),
+    "mixtral-8x7b": ModelConfig(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, bos_token_id=1, eos_token_id=[2],
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336,
+    ),
+    "qwen3-30b-a3b": ModelConfig(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960, eos_token_id=[151645],
+        qk_norm=True, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+    ),
     # tiny shapes for tests and quick CLI runs; the byte tokenizer needs vocab >= 259
     "tiny-llama": ModelConfig(
         model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=160,
@@ -54,6 +66,18 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="qwen2", vocab_size=400, hidden_size=48, intermediate_size=96,
         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
         max_position_embeddings=1024, qkv_bias=True, eos_token_id=[2],
+    ),
+    "tiny-mixtral": ModelConfig(
+        model_type="mixtral", vocab_size=512, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=1024, eos_token_id=[2], num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=96,
+    ),
+    "tiny-qwen2-moe": ModelConfig(
+        model_type="qwen2_moe", vocab_size=400, hidden_size=48, intermediate_size=96,
+        num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=1024, qkv_bias=True, eos_token_id=[2], num_experts=6, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64, norm_topk_prob=False, mlp_only_layers=[1],
     ),
 }
 

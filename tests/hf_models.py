@@ -28,6 +28,22 @@ TINY = {
     "mistral": ("MistralConfig", dict(
         vocab_size=333, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=2, head_dim=8, sliding_window=None, tie_word_embeddings=False)),
+    # mixture of experts: Mixtral (top-2, renormalised), Qwen2-MoE (6 experts: no EP degree above 3
+    # divides them; shared expert with its gate; a dense layer; no renormalisation) and Qwen3-MoE
+    # (q/k norm, top-3 renormalised)
+    "mixtral": ("MixtralConfig", dict(
+        vocab_size=333, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=2, sliding_window=None,
+        tie_word_embeddings=False)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(
+        vocab_size=301, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=40, mlp_only_layers=[1], norm_topk_prob=False, use_sliding_window=False,
+        tie_word_embeddings=False)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(
+        vocab_size=317, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24,
+        norm_topk_prob=True, use_sliding_window=False, tie_word_embeddings=False)),
 }
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import ParallelContext
+from ..layout import split_evenly
 from ..weights import Reader
 
 
@@ -69,12 +70,15 @@ class RowParallelLinear(nn.Module):
     """Input features split over TP ranks; the partial products are summed with one all-reduce.
 
     x [tokens, local in] -> [tokens, out], identical on every TP rank after the all-reduce.
+    With reduce=False the caller sums the partial products itself (fused with other partial sums).
     """
 
     def __init__(self, name: str, in_features: int, out_features: int, start: int, end: int,
-                 bias: bool, ctx: ParallelContext, dtype: torch.dtype):
+                 bias: bool, ctx: ParallelContext, dtype: torch.dtype, reduce: bool = True):
         super().__init__()
-        self.name, self.ctx = name, ctx
+        if bias and not reduce:
+            raise ValueError(f"{name}: a bias must be added after the sum, so it needs reduce=True")
+        self.name, self.ctx, self.reduce = name, ctx, reduce
         self.in_features, self.out_features, self.start, self.end = in_features, out_features, start, end
         self.weight = nn.Parameter(torch.empty(out_features, end - start, device=ctx.device, dtype=dtype),
                                    requires_grad=False)
@@ -91,7 +95,25 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
+        if not self.reduce:
+            return y
         self.ctx.all_reduce(y)  # [tokens, out]: sum of the TP ranks' partial products
         if self.bias is not None:  # added once, after the sum
             y = y + self.bias
         return y
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP (Llama's mlp, Qwen2-MoE's shared expert) with its width f split over TP; reduce=False leaves the partial sum to the caller."""
+
+    def __init__(self, prefix: str, h: int, f: int, bias: bool, ctx: ParallelContext, dtype: torch.dtype,
+                 reduce: bool = True):
+        super().__init__()
+        start, end = split_evenly(f, ctx.tp_size)[ctx.tp_rank]
+        self.gate_up_proj = ColumnParallelLinear(prefix, h, [
+            RowSlice("gate_proj", f, start, end), RowSlice("up_proj", f, start, end)], bias, ctx, dtype)
+        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", f, h, start, end, bias, ctx, dtype, reduce)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # all-reduce inside down_proj (unless reduce=False)

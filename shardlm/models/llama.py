@@ -1,4 +1,5 @@
-"""Llama-family decoder (llama, mistral, qwen2, SmolLM) with Hugging Face module names.
+"""Llama-family decoder (llama, mistral, qwen2/3, SmolLM; Mixtral and Qwen-MoE experts) with Hugging Face
+module names.
 
 Reads like the single-GPU model; the tensor parallelism lives in the layer classes.
 """
@@ -8,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..distributed import ParallelContext
 from ..layers.attention import AttentionMetadata, PagedAttention
-from ..layers.linear import ColumnParallelLinear, RowParallelLinear, RowSlice
+from ..layers.linear import ColumnParallelLinear, GatedMLP, RowParallelLinear, RowSlice
+from ..layers.moe import SparseMoE
 from ..layers.norm_rope import RMSNorm, RotaryEmbedding
 from ..layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from ..layout import shard_heads, split_evenly
+from ..layout import shard_heads
 from ..weights import Reader
 
 
@@ -36,6 +37,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", cfg.num_attention_heads * d, h,
                                         shard.q_start * d, shard.q_end * d, cfg.o_bias, ctx, dtype)
         self.rotary = rotary
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's d features, before rotary
+            self.q_norm = RMSNorm(f"{prefix}.q_norm", d, cfg.rms_norm_eps, ctx.device, dtype)
+            self.k_norm = RMSNorm(f"{prefix}.k_norm", d, cfg.rms_norm_eps, ctx.device, dtype)
         self.attn = PagedAttention(shard.n_q, shard.n_kv, d, shard.kv_index, ctx.device)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -43,27 +48,15 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.n_q, self.head_dim)
         k = k.view(-1, self.n_kv, self.head_dim)
         v = v.view(-1, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(rope, q, k)
         return self.o_proj(self.attn(q, k, v, meta))  # all-reduce inside o_proj
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, prefix: str, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype):
-        super().__init__()
-        f, h = cfg.intermediate_size, cfg.hidden_size
-        start, end = split_evenly(f, ctx.tp_size)[ctx.tp_rank]
-        self.gate_up_proj = ColumnParallelLinear(prefix, h, [
-            RowSlice("gate_proj", f, start, end), RowSlice("up_proj", f, start, end)], cfg.mlp_bias, ctx, dtype)
-        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", f, h, start, end, cfg.mlp_bias, ctx, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)  # all-reduce inside down_proj
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, index: int, cfg: ModelConfig, ctx: ParallelContext, rotary: RotaryEmbedding,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, placement: list[list[int]] | None = None):
         super().__init__()
         p = f"model.layers.{index}"
         self.index = index
@@ -71,7 +64,11 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(f"{p}.self_attn", cfg, ctx, rotary, dtype)
         self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", cfg.hidden_size,
                                                 cfg.rms_norm_eps, ctx.device, dtype)
-        self.mlp = LlamaMLP(f"{p}.mlp", cfg, ctx, dtype)
+        if cfg.is_moe_layer(index):
+            name = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+            self.mlp = SparseMoE(f"{p}.{name}", cfg, ctx, dtype, placement)
+        else:
+            self.mlp = GatedMLP(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, ctx, dtype)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(rope, self.input_layernorm(x), meta)
@@ -82,14 +79,17 @@ class LlamaModel(nn.Module):
     """One pipeline stage of the decoder: the embedding on the first stage, layers [start, end) with
     their global indices (and HF names), the final norm on the last stage."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, max_positions: int):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, max_positions: int,
+                 expert_placement: list | None = None):
         super().__init__()
         start, end = ctx.layers
         self.embed_tokens = (VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, ctx, dtype)
                              if ctx.is_first_stage else None)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ctx.device)
         self.rotary = rotary
-        self.layers = nn.ModuleList(LlamaDecoderLayer(i, cfg, ctx, rotary, dtype) for i in range(start, end))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(i, cfg, ctx, rotary, dtype,
+                                                      expert_placement[i] if expert_placement else None)
+                                    for i in range(start, end))
         self.norm = (RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)
                      if ctx.is_last_stage else None)
 
@@ -104,10 +104,13 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, max_positions: int):
+    """`expert_placement` (MoE with expert parallelism): per decoder layer, None or each EP rank's experts."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, max_positions: int,
+                 expert_placement: list | None = None):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, ctx, dtype, max_positions)
+        self.model = LlamaModel(cfg, ctx, dtype, max_positions, expert_placement)
         self.lm_head = None
         if ctx.is_last_stage:
             # tied: share the embedding's shard on one stage; across stages the head reads its own copy
@@ -125,6 +128,10 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def moe_layers(self) -> dict[int, SparseMoE]:
+        """This stage's MoE blocks by global layer index."""
+        return {layer.index: layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)}
 
     def load_weights(self, reader: Reader, progress: Callable[[int], None] | None = None) -> None:
         """Every layer reads its own shard; `progress(n)` is called as decoder layers finish."""

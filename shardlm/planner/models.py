@@ -214,11 +214,16 @@ def from_engine_config(cfg: Any, name: str = "engine config") -> ModelSpec:
         cfg.validate()
     except ConfigError as exc:
         raise PlanError(f"{name}: {exc}") from None
+    moe: dict[str, Any] = {}
+    if cfg.is_moe:
+        moe = dict(n_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok, expert_ffn=cfg.moe_intermediate_size,
+                   shared_ffn=cfg.shared_expert_intermediate_size,
+                   dense_layers=tuple(i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)))
     return ModelSpec(
         name=name, hidden=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
         n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, ffn=cfg.intermediate_size,
         vocab=cfg.vocab_size, tied_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.qkv_bias,
-        max_position=cfg.max_position_embeddings)
+        qk_norm=cfg.qk_norm, max_position=cfg.max_position_embeddings, **moe)
 
 
 def engine_presets() -> dict[str, Any]:

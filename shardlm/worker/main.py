@@ -64,9 +64,11 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     ctx = init_distributed(layout, rank, backend, init["init_method"], device, init.get("timeout_s", 600),
                            stage_layers=[tuple(r) for r in init["stage_layers"]])
     spec = ModelSpec.from_dict(init["model"])
-    runner = ModelRunner(spec, ctx, getattr(torch, init["dtype"]), init["max_model_len"], init["block_size"])
+    runner = ModelRunner(spec, ctx, getattr(torch, init["dtype"]), init["max_model_len"], init["block_size"],
+                         init.get("expert_placement"))
     load_s = runner.load(show_progress=rank == 0)
     cap = runner.kv_capacity(init["gpu_memory_utilization"], init["cpu_kv_cache_bytes"], init["profile_tokens"])
+    runner.reset_expert_stats()  # the profiling forward's routing is not the user's
     runner.reset_accounting()  # the profiling forward is not part of the run
     runner.tracing = bool(init.get("trace"))
     wire.send(sock, {"event": "ready", "rank": rank, "load_s": load_s, "block_bytes": runner.block_bytes(), **cap})
@@ -109,6 +111,8 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
                 reply["events"] = runner.events
             if msg.get("reset"):
                 runner.reset_accounting()
+            if msg.get("reset_experts"):
+                runner.reset_expert_stats()
             wire.send(sock, reply)
         elif cmd == "alloc_kv":
             runner.allocate_kv(msg["blocks"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,13 @@ from .sampler import Sampler
 
 class ModelRunner:
     def __init__(self, spec: ModelSpec, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
-                 block_size: int):
+                 block_size: int, expert_placement: list | None = None):
         self.spec, self.ctx, self.dtype = spec, ctx, dtype
         self.block_size, self.max_model_len = block_size, max_model_len
-        self.model = LlamaForCausalLM(spec.config, ctx, dtype, max_positions=max_model_len)
+        self.model = LlamaForCausalLM(spec.config, ctx, dtype, max_positions=max_model_len,
+                                      expert_placement=expert_placement)
+        self.moe = self.model.moe_layers()
+        self.step_rows: deque[int] = deque(maxlen=4096)  # rows this rank's experts ran, per step
         self.sampler = Sampler(ctx.device)
         self.num_blocks = 0
         # step accounting (always) and trace events (when tracing): wall-clock seconds
@@ -153,6 +157,10 @@ class ModelRunner:
             self.record("recv activations", "communication", t0, time.time())
         t1 = time.time()
         hidden = self.model(x, positions.to(dev, non_blocking=True), meta)
+        if self.moe:
+            self.step_rows.append(sum(m.rows for m in self.moe.values()))
+            for m in self.moe.values():
+                m.rows = 0
         if not self.ctx.is_last_stage:
             self._sync()
             t2 = time.time()
@@ -182,11 +190,21 @@ class ModelRunner:
         self.window = [self.window[0] if self.window else t0, t2]
         return results, arrays
 
+    def reset_expert_stats(self) -> None:
+        self.step_rows.clear()
+        for m in self.moe.values():
+            m.tokens_per_expert.zero_()
+
     def reset_accounting(self) -> None:
         self.busy_s, self.window, self.events = 0.0, [], []
 
     def accounting(self) -> dict[str, Any]:
         """Busy (compute) seconds and the wall window they fall in, since the last reset."""
         window = self.window[1] - self.window[0] if self.window else 0.0
-        return {"busy_s": self.busy_s, "window_s": window,
-                "idle_fraction": 1.0 - self.busy_s / window if window > 0 else 0.0}
+        out = {"busy_s": self.busy_s, "window_s": window,
+               "idle_fraction": 1.0 - self.busy_s / window if window > 0 else 0.0}
+        if self.moe:  # routing: tokens per expert (each token counted once over the TP group)
+            out["moe"] = {"tokens_per_expert": {i: m.tokens_per_expert.tolist() for i, m in self.moe.items()
+                                                if m.counts_tokens},
+                          "step_rows": list(self.step_rows)}
+        return out

@@ -1,0 +1,183 @@
+"""Sparse mixture-of-experts block (Mixtral, Qwen2-MoE, Qwen3-MoE) in two parallel forms.
+
+Tensor-parallel experts (expert parallelism off): every rank holds a 1/tp slice of every expert's
+FFN, routes all tokens, runs the experts the tokens picked on its slice, and one all-reduce sums
+the slices (the same communication as a dense MLP).
+
+Expert parallel (EP, over the TP ranks of the stage): every rank holds whole experts (the
+placement says which; hot experts may have copies on several ranks). Each rank takes a contiguous
+share of the step's tokens, routes them, and sends each (token, expert) row to a rank that holds
+the expert with a variable-size all-to-all; that rank runs its experts on what it received and
+sends the outputs back with the reverse all-to-all; the sender weights them by the router
+probabilities. One all-reduce over the stage then gives every rank all tokens' outputs (each rank
+contributes its own token rows, plus its slice of the shared expert where the model has one).
+
+Either way the local experts run as one grouped computation: a grouped GEMM on Hopper GPUs in
+bf16 (torch._grouped_mm), otherwise a loop over the experts that received tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..distributed import ParallelContext
+from ..layout import split_evenly
+from ..weights import Reader
+from .linear import GatedMLP
+
+
+def _grouped_mm_usable(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(device) >= (9, 0) and all(d % 16 == 0 for d in dims))
+
+
+class SparseMoE(nn.Module):
+    """x [tokens, hidden] (identical on every TP rank) -> [tokens, hidden], summed over the TP group."""
+
+    def __init__(self, prefix: str, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype,
+                 placement: list[list[int]] | None):
+        super().__init__()
+        self.prefix, self.ctx, self.cfg = prefix, ctx, cfg
+        self.mixtral = cfg.model_type == "mixtral"
+        h, E, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.hidden, self.num_experts, self.top_k = h, E, cfg.num_experts_per_tok
+        self.ep = ctx.layout.ep if ctx.layout.ep > 1 else 1
+        self.rank = ctx.tp_rank
+        if self.ep > 1:
+            if placement is None or len(placement) != self.ep:
+                raise ValueError(f"{prefix}: expert parallelism needs a placement with one expert list per rank")
+            self.local = list(placement[self.rank])
+            self.f_start, self.f_end = 0, f
+            # copies[e] = [(rank, slot), ...] for every copy of expert e
+            copies: list[list[tuple[int, int]]] = [[] for _ in range(E)]
+            for r, experts in enumerate(placement):
+                for slot, e in enumerate(experts):
+                    copies[e].append((r, slot))
+            if any(not c for c in copies):
+                raise ValueError(f"{prefix}: placement leaves expert(s) {[e for e in range(E) if not copies[e]]} unplaced")
+            width = max(len(c) for c in copies)
+            self.slots = max(len(p) for p in placement)
+            pad = lambda c, i: [c[j % len(c)][i] for j in range(width)]  # noqa: E731
+            self.register_buffer("copy_count", torch.tensor([len(c) for c in copies], device=ctx.device), persistent=False)
+            self.register_buffer("copy_rank", torch.tensor([pad(c, 0) for c in copies], device=ctx.device), persistent=False)
+            self.register_buffer("copy_slot", torch.tensor([pad(c, 1) for c in copies], device=ctx.device), persistent=False)
+        else:
+            self.local = list(range(E))
+            self.f_start, self.f_end = split_evenly(f, ctx.tp_size)[ctx.tp_rank]
+        n, fl = len(self.local), self.f_end - self.f_start
+        self.w13 = nn.Parameter(torch.empty(n, 2 * fl, h, device=ctx.device, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(n, h, fl, device=ctx.device, dtype=dtype), requires_grad=False)
+        self.router = nn.Parameter(torch.empty(E, h, device=ctx.device, dtype=dtype), requires_grad=False)
+        self.grouped = _grouped_mm_usable(ctx.device, dtype, h, fl)
+        self.shared_expert = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(f"{prefix}.shared_expert", h, cfg.shared_expert_intermediate_size, False,
+                                          ctx, dtype, reduce=False)
+            self.shared_gate = nn.Parameter(torch.empty(1, h, device=ctx.device, dtype=dtype), requires_grad=False)
+        # routing statistics: tokens per (logical) expert since the last reset, and rows this rank's
+        # experts processed in the current step (read and cleared by the runner after every step)
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=ctx.device), persistent=False)
+        self.rows = 0
+        self.counts_tokens = self.ep > 1 or ctx.tp_rank == 0  # TP-experts: every rank routes all tokens
+
+    # ---- weights ----------------------------------------------------------------------------
+    def _expert_names(self, e: int) -> tuple[str, str, str]:
+        p = f"{self.prefix}.experts.{e}"
+        if self.mixtral:
+            return f"{p}.w1.weight", f"{p}.w3.weight", f"{p}.w2.weight"
+        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+
+    def load(self, reader: Reader) -> None:
+        h, f = self.hidden, self.cfg.moe_intermediate_size
+        dev, dt = self.w13.device, self.w13.dtype
+        s, t = self.f_start, self.f_end
+        self.router.data.copy_(reader.read(f"{self.prefix}.gate.weight", (self.num_experts, h), None, 0, 0, dev, dt))
+        for slot, e in enumerate(self.local):
+            gate, up, down = self._expert_names(e)
+            self.w13.data[slot, : t - s].copy_(reader.read(gate, (f, h), 0, s, t, dev, dt))
+            self.w13.data[slot, t - s:].copy_(reader.read(up, (f, h), 0, s, t, dev, dt))
+            self.w2.data[slot].copy_(reader.read(down, (h, f), 1, s, t, dev, dt))
+        if self.shared_expert is not None:
+            self.shared_gate.data.copy_(reader.read(f"{self.prefix}.shared_expert_gate.weight", (1, h), None, 0, 0, dev, dt))
+
+    # ---- compute ----------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (float32 weights, expert ids) per token, with Hugging Face's softmax/renormalisation."""
+        probs = F.softmax(F.linear(x, self.router).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.counts_tokens:
+            self.tokens_per_expert += torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        return weights, ids
+
+    def run_experts(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Row i of x through local expert slot[i]: [rows, hidden] -> [rows, hidden]."""
+        self.rows += x.shape[0]
+        if x.shape[0] == 0:
+            return x
+        order = torch.argsort(slot, stable=True)
+        xs = x[order]
+        counts = torch.bincount(slot, minlength=self.w13.shape[0])
+        if self.grouped:
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            ys = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.transpose(1, 2), offs=offs)
+        else:
+            ys = torch.empty_like(xs)
+            start = 0
+            for s, n in enumerate(counts.tolist()):
+                if n:
+                    gate, up = F.linear(xs[start:start + n], self.w13[s]).chunk(2, dim=-1)
+                    ys[start:start + n] = F.linear(F.silu(gate) * up, self.w2[s])
+                    start += n
+        out = torch.empty_like(ys)
+        out[order] = ys
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, k = x.shape[0], self.top_k
+        if self.ep > 1:
+            out = self._expert_parallel(x)
+        else:
+            weights, ids = self.route(x)
+            tok = torch.arange(T, device=x.device).repeat_interleave(k)
+            y = self.run_experts(x[tok], ids.reshape(-1))
+            out = torch.zeros(T, self.hidden, dtype=torch.float32, device=x.device)
+            out.index_add_(0, tok, y.float() * weights.reshape(-1, 1))
+        out = out.to(x.dtype)
+        if self.shared_expert is not None:  # this rank's slice of the shared expert, gated per token
+            out += torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared_expert(x)
+        return self.ctx.all_reduce(out)
+
+    def _expert_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's token rows go out to the experts' ranks and come back combined; other rows are 0."""
+        T, k, ep, h = x.shape[0], self.top_k, self.ep, self.hidden
+        group = self.ctx.tp_group
+        s0, s1 = split_evenly(T, ep)[self.rank]
+        weights, ids = self.route(x[s0:s1])  # [n_tok, k]
+        flat = ids.reshape(-1)
+        n = flat.numel()
+        # a hot expert's rows alternate between its copies
+        copy = (torch.arange(n, device=x.device) + s0 * k) % self.copy_count[flat]
+        key = self.copy_rank[flat, copy] * self.slots + self.copy_slot[flat, copy]
+        order = torch.argsort(key, stable=True)  # rows grouped by destination rank, then slot
+        send_counts = torch.bincount(key, minlength=ep * self.slots)  # [ep * slots]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)  # slots-sized piece per peer
+        send_split = send_counts.view(ep, self.slots).sum(1).tolist()
+        recv_split = recv_counts.view(ep, self.slots).sum(1).tolist()
+        tok = torch.div(order, k, rounding_mode="floor")
+        received = x.new_empty(sum(recv_split), h)
+        dist.all_to_all_single(received, x[s0:s1][tok].contiguous(), recv_split, send_split, group=group)
+        slot = torch.repeat_interleave(torch.arange(self.slots, device=x.device).repeat(ep), recv_counts)
+        y = self.run_experts(received, slot)
+        back = x.new_empty(n, h)
+        dist.all_to_all_single(back, y, send_split, recv_split, group=group)
+        out = torch.zeros(T, h, dtype=torch.float32, device=x.device)
+        out[s0:s1].index_add_(0, tok, back.float() * weights.reshape(-1)[order].unsqueeze(1))
+        return out
