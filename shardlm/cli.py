@@ -30,6 +30,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share KV blocks of identical prompt prefixes (default on)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE: whole experts on the TP ranks, tokens dispatched by all-to-all (default: experts split like the MLP)")
+    p.add_argument("--expert-placement", choices=["round_robin", "balanced"], default="round_robin",
+                   help="with --enable-expert-parallel: which rank holds which expert")
+    p.add_argument("--expert-load", default=None,
+                   help="with --expert-placement balanced: tokens per expert from --save-expert-load")
+    p.add_argument("--num-redundant-experts", type=int, default=0,
+                   help="with --expert-placement balanced: extra copies of the hottest experts")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one or more prompts (streams a single prompt)")
     gen.add_argument("prompts", nargs="+", help="prompt text")
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--save-expert-load", default=None,
+                     help="MoE: write tokens per expert per layer to this JSON file (input of --expert-load)")
     _add_engine_args(gen)
     _add_sampling_args(gen)
     from .bench import add_bench_parser
@@ -105,7 +115,9 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, tensor_parallel_size=tp, pipeline_parallel_size=args.pipeline_parallel_size,
                 pp_layer_split=split, trace=args.trace, dtype=args.dtype,
                 device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching)
+                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
+                enable_expert_parallel=args.enable_expert_parallel, expert_placement=args.expert_placement,
+                expert_load=args.expert_load, num_redundant_experts=args.num_redundant_experts)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -125,6 +137,11 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             for text, out in zip(args.prompts, llm.generate(prompts, params)):
                 print(f"### {text}\n{out.outputs[0].text}\n")
+        if args.save_expert_load:
+            llm.save_expert_load(args.save_expert_load)
+            stats = llm.expert_stats()
+            print(f"shardlm: expert load written to {args.save_expert_load} (mean step imbalance over "
+                  f"ranks {stats['mean_imbalance']:.2f})", file=sys.stderr)
     finally:
         llm.shutdown()
     return 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from collections.abc import Iterator, Sequence as Seq
+from pathlib import Path
 from typing import Any
 
 from .engine import EngineArgs, LLMEngine
@@ -116,6 +119,18 @@ class LLM:
                     yield out
 
     # ---- lifetime ----------------------------------------------------------------------------
+    def expert_stats(self, reset: bool = False) -> dict[str, Any]:
+        """MoE routing so far: tokens per expert per layer and each step's rank imbalance (see LLMEngine.expert_stats)."""
+        return self.engine.expert_stats(reset=reset)
+
+    def save_expert_load(self, path: str | os.PathLike) -> None:
+        """Write the tokens each expert received so far as JSON: the `expert_load` that
+        expert_placement='balanced' evens out in a later run."""
+        stats = self.engine.expert_stats()
+        data = {"model": stats["model"], "num_experts": stats["num_experts"],
+                "tokens_per_expert": {str(k): v for k, v in stats["tokens_per_expert"].items()}}
+        Path(path).write_text(json.dumps(data, indent=1))
+
     def shutdown(self) -> None:
         """Stop the worker processes (also done on exit and by `with LLM(...) as llm:`)."""
         self.engine.shutdown()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
 from .config import ConfigError, ModelConfig
 
 PLACEMENTS = ("round_robin", "balanced")
@@ -75,7 +73,7 @@ def read_load(path: str, cfg: ModelConfig) -> dict[int, list[float]]:
         raise ConfigError(f"expert_load file {path} has no 'tokens_per_expert' object ({{layer: [count per expert]}})")
     out: dict[int, list[float]] = {}
     for key, counts in layers.items():
-        if not str(key).isdigit() or not cfg.is_moe_layer(int(key)):
+        if not str(key).isdigit() or int(key) >= cfg.num_hidden_layers or not cfg.is_moe_layer(int(key)):
             raise ConfigError(f"expert_load file {path}: layer {key!r} is not an MoE layer of this model")
         if not isinstance(counts, list) or len(counts) != cfg.num_experts or not all(
                 isinstance(c, (int, float)) and c >= 0 for c in counts):
@@ -107,12 +105,3 @@ def plan_placement(cfg: ModelConfig, ep: int, strategy: str = "round_robin", loa
             out.append(round_robin(cfg.num_experts, ep))
     return out
 
-
-def load_summary(placement: list[list[list[int]] | None], loads: dict[int, list[float]]) -> dict[str, Any]:
-    """Max / mean rank load per layer under `placement` for the given load (1.0 = perfectly even)."""
-    out = {}
-    for i, p in enumerate(placement):
-        if p is not None and i in loads and sum(loads[i]) > 0:
-            r = rank_loads(p, loads[i])
-            out[i] = max(r) / (sum(r) / len(r))
-    return {"imbalance_per_layer": out}

@@ -117,13 +117,17 @@ class ModelRunner:
             self.execute(plan)
             self._sync()
             wall = time.perf_counter() - t0
-        kinds = {"communication": 0.0, "gemm": 0.0, "attention": 0.0, "other": 0.0}
+        # send/recv kernels are the MoE all-to-all (and the pipeline hand-off); the rest of NCCL is
+        # the TP all-reduce / all-gather
+        kinds = {"communication": 0.0, "send_recv": 0.0, "gemm": 0.0, "attention": 0.0, "other": 0.0}
         for evt in prof.key_averages():
             us = getattr(evt, "self_device_time_total", 0.0) or 0.0
             if us <= 0 or evt.device_type.name != "CUDA":
                 continue
             name = evt.key.lower()
-            if "nccl" in name:
+            if "nccl" in name and "sendrecv" in name:
+                kinds["send_recv"] += us
+            elif "nccl" in name:
                 kinds["communication"] += us
             elif any(k in name for k in ("gemm", "nvjet", "cutlass", "matmul", "sm90")):
                 kinds["gemm"] += us
