@@ -57,6 +57,10 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
+        # cuDNN's attention builds a plan for every new shape (~35-45 ms on the H100 host), and decode
+        # makes a new shape every step (context + 1, batch changes): measured in docs/PERFORMANCE.md.
+        # SHARDLM_CUDNN_SDPA=1 turns it back on.
+        torch.backends.cuda.enable_cudnn_sdp(os.environ.get("SHARDLM_CUDNN_SDPA") == "1")
     else:
         device = torch.device("cpu")
         backend = "gloo"
