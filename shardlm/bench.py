@@ -133,7 +133,7 @@ def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
     with LLM(**engine_kwargs) as llm:
         results = run_latency(llm, batch_sizes, args.input_len, args.output_len, profile=args.profile)
         meta = {"model": llm.engine.spec.name, "tensor_parallel_size": llm.engine.layout.tp,
-                "pipeline_parallel_size": llm.engine.layout.pp,
+                "pipeline_parallel_size": llm.engine.layout.pp, "expert_parallel_size": llm.engine.layout.ep,
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "results": results}
     print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'exec ms':>8} {'tok/s':>8} {'idle':>5}")
     for r in results:

@@ -539,10 +539,20 @@ def test_validate_errors_and_medians(measured_files):
     for r, (e1, e2) in zip(v.rows, [(5, 10), (-15, -20), (25, 30), (100, -40)]):
         assert r.ttft_ms_pred == pytest.approx(PRED_MS, rel=1e-9) and r.tpot_ms_pred == pytest.approx(PRED_MS)
         assert (r.ttft_err_pct, r.tpot_err_pct) == pytest.approx((e1, e2), rel=1e-9)
-        assert r.context == 128 + 32 and r.layout == "tp=1 pp=1 dp=1"
+        assert r.context == 128 + 32 and r.layout == "tp=1 pp=1 ep=1"
     # |TTFT| 5, 15, 25, 100 -> median (15+25)/2; |TPOT| 10, 20, 30, 40 -> 25
     assert (v.median_abs_ttft_err_pct, v.median_abs_tpot_err_pct) == pytest.approx((20.0, 25.0))
     assert validate_files([a], profile=load_profile(prof)).median_abs_tpot_err_pct == pytest.approx(15.0)
+
+
+def test_validate_reads_the_pipeline_and_expert_layout(tmp_path):
+    """A PP or EP bench file is predicted on its own layout, not as plain TP."""
+    path = tmp_path / "pp.json"
+    path.write_text(json.dumps({**_measured("random:tiny-llama", [(1, 0, 0)]), "pipeline_parallel_size": 2}))
+    assert validate_files([str(path)]).rows[0].layout == "tp=1 pp=2 ep=1"
+    path.write_text(json.dumps({**_measured("mixtral-8x7b", [(1, 0, 0)]), "tensor_parallel_size": 4,
+                                "expert_parallel_size": 4}))
+    assert validate_files([str(path)]).rows[0].layout == "tp=4 pp=1 ep=4"
 
 
 def test_validate_predicts_the_whole_batch_prefill(tmp_path):
@@ -578,7 +588,8 @@ def test_validate_cli_table_and_json(measured_files, capsys):
     ({"results": []}, "field 'results'"),
     ({"results": None}, "field 'results'"),
     ({"tensor_parallel_size": 0}, "field 'tensor_parallel_size'"),
-    ({"tensor_parallel_size": 5}, "field 'tensor_parallel_size' 5: heads"),
+    ({"tensor_parallel_size": 5}, "layout tp=5 pp=1 dp=1 ep=1: heads"),
+    ({"expert_parallel_size": 3}, "field 'expert_parallel_size' must be 1 or tensor_parallel_size"),
     ({"model": "random:gpt-9"}, "field 'model' 'random:gpt-9'"),
     ({"model": 7}, "field 'model'"),
     ({"dtype": "int4"}, "field 'dtype'"),

@@ -4,11 +4,12 @@ measured.
 A measured file (what bench writes; other keys are ignored):
 
     {"model": "random:llama-3-8b" | a preset name | a Hugging Face folder or config.json | a .gguf file,
-     "tensor_parallel_size": 2, "dtype": "bfloat16", "device": "cuda",
+     "tensor_parallel_size": 2, "pipeline_parallel_size": 1, "expert_parallel_size": 1,
+     "dtype": "bfloat16", "device": "cuda",
      "results": [{"batch": 1, "input_len": 128, "output_len": 64, "ttft_ms": .., "tpot_ms": .., ...}, ...]}
 
-For each result row the layout is tp=tensor_parallel_size, pp=1, dp=1 on one node, and the planner
-predicts
+For each result row the layout is tp=tensor_parallel_size, pp=pipeline_parallel_size (default 1),
+ep=expert_parallel_size (default 1), dp=1 on one node, and the planner predicts
   TTFT  one prefill step of `batch` prompts of input_len tokens (batch * input_len tokens in all),
   TPOT  one decode step of `batch` sequences with input_len + output_len / 2 tokens of KV each
         (the mean context over the run),
@@ -67,6 +68,14 @@ class MeasuredFile:
     """Weight bytes per element from the file's dtype (2 when absent)."""
     rows: tuple[MeasuredRow, ...]
     """The measured points, at least one."""
+    pp: int = 1
+    """Pipeline stages the engine ran with."""
+    ep: int = 1
+    """Expert-parallel size (1: experts split like the MLP)."""
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(tp=self.tp, pp=self.pp, ep=self.ep)
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,11 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
     if not isinstance(data["model"], str) or not data["model"].strip():
         raise _bad(path, "model", "must be a non-empty string", data["model"])
     tp = _int(data["tensor_parallel_size"], path, "tensor_parallel_size")
+    pp = _int(data.get("pipeline_parallel_size", 1), path, "pipeline_parallel_size")
+    ep = _int(data.get("expert_parallel_size", 1), path, "expert_parallel_size")
+    if ep not in (1, tp):
+        raise _bad(path, "expert_parallel_size", f"must be 1 or tensor_parallel_size ({tp}): the engine's experts "
+                   "are split over the TP ranks", ep)
     dtype = data.get("dtype", "bfloat16")
     if not isinstance(dtype, str) or dtype.lower().removeprefix("torch.") not in DTYPE_BYTES:
         raise _bad(path, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}", dtype)
@@ -179,7 +193,8 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
             output_len=_int(r["output_len"], path, f"{where}.output_len"),
             ttft_ms=_ms(r["ttft_ms"], path, f"{where}.ttft_ms"), tpot_ms=_ms(r["tpot_ms"], path, f"{where}.tpot_ms"),
             tpot_p50_ms=None if p50 is None else _ms(p50, path, f"{where}.tpot_p50_ms")))
-    return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows))
+    return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows),
+                        pp=pp, ep=ep)
 
 
 def load_measured(path: str) -> MeasuredFile:
@@ -211,9 +226,8 @@ def _err(pred: float, meas: float) -> float:
     return 100.0 * (pred - meas) / meas
 
 
-def predict_row(cm: CostModel, tp: int, row: MeasuredRow) -> tuple[float, float, float]:
-    """(TTFT s, TPOT s, context) predicted for one measured row on layout tp=N, pp=1, dp=1."""
-    lay = ParallelLayout(tp=tp)
+def predict_row(cm: CostModel, lay: ParallelLayout, row: MeasuredRow) -> tuple[float, float, float]:
+    """(TTFT s, TPOT s, context) predicted for one measured row on the file's layout."""
     shards = stage_shards(cm.model, lay)
     ttft, _ = cm.prefill_step(lay, shards, row.batch * row.input_len, prompts=row.batch)
     context = row.input_len + row.output_len / 2
@@ -236,16 +250,16 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
     for mf in files:
         spec = override or model_for_measured(mf.model, mf.path)
         spec = replace(spec, bytes_per_param=mf.bytes_per_param)
-        lay = ParallelLayout(tp=mf.tp)
+        lay = mf.layout
         bad = constraint_reasons(spec, lay)
         if bad:
-            raise PlanError(f"measured file {mf.path}: field 'tensor_parallel_size' {mf.tp}: {bad[0]}")
-        cm = CostModel(spec, make_cluster(gpu, mf.tp, interconnect), profile)
+            raise PlanError(f"measured file {mf.path}: layout {lay}: {bad[0]}")
+        cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile)
         host = "measured" if cm.host_calibrated else "graph-captured"
         for r in mf.rows:
-            ttft, tpot, ctx = predict_row(cm, mf.tp, r)
+            ttft, tpot, ctx = predict_row(cm, lay, r)
             rows.append(ValidationRow(
-                file=mf.path, model=mf.model, layout=f"tp={mf.tp} pp=1 dp=1", tp=mf.tp, batch=r.batch,
+                file=mf.path, model=mf.model, layout=f"tp={lay.tp} pp={lay.pp} ep={lay.ep}", tp=mf.tp, batch=r.batch,
                 input_len=r.input_len, output_len=r.output_len, context=ctx,
                 ttft_ms_pred=ttft * 1e3, ttft_ms_meas=r.ttft_ms, ttft_err_pct=_err(ttft * 1e3, r.ttft_ms),
                 tpot_ms_pred=tpot * 1e3, tpot_ms_meas=r.tpot_ms, tpot_err_pct=_err(tpot * 1e3, r.tpot_ms),
