@@ -208,3 +208,20 @@ def test_data_parallel_spreads_load_and_503_when_full():
         assert httpx.get(base + "/health").status_code == 200
     finally:
         assert stop_server(proc) == 0
+
+
+def test_moe_routing_on_metrics():
+    """An expert-parallel MoE server exports tokens per expert and the step imbalance."""
+    proc, base = start_server("random:tiny-qwen2-moe", "-tp", "2", "--enable-expert-parallel")
+    try:
+        body = {"model": "random:tiny-qwen2-moe", "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0}
+        assert httpx.post(base + "/v1/completions", json=body, timeout=60).status_code == 200
+        time.sleep(5.5)  # routing is read from the workers every 5 s, after a step
+        assert httpx.post(base + "/v1/completions", json=body, timeout=60).status_code == 200
+        m = metrics(base)
+    finally:
+        assert stop_server(proc) == 0
+    routed = {k: v for k, v in m.items() if k.startswith("shardlm_moe_routed_tokens_total")}
+    assert routed and sum(routed.values()) > 0
+    assert any(k.startswith("shardlm_moe_routed_tokens_total{expert=") and "layer=2" in k for k in routed)
+    assert m["shardlm_moe_step_imbalance{replica=0}"] >= 1.0

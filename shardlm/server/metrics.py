@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ..sequence import RequestOutput
 
+MOE_INTERVAL_S = 5.0
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
 
@@ -47,6 +49,12 @@ class Metrics:
                                   ["model_name", "replica"], registry=r)
         self.requests = Counter("shardlm_requests", "Requests by how they ended", ["model_name", "finished_reason"],
                                 registry=r)
+        # MoE routing, read from the workers every MOE_INTERVAL_S (a round trip to every rank)
+        self.moe_tokens = Counter("shardlm_moe_routed_tokens", "Tokens routed to each expert of each MoE layer",
+                                  ["model_name", "layer", "expert"], registry=r)
+        self.moe_imbalance = Gauge("shardlm_moe_step_imbalance",
+                                   "Mean over recent steps of max / mean rows per expert-parallel rank (1 = even)",
+                                   ["model_name", "replica"], registry=r)
         self._seen: dict[int, dict[str, float]] = {}
 
     def on_step(self, replica, outputs: list[RequestOutput]) -> None:
@@ -70,6 +78,15 @@ class Metrics:
         if now > seen["t"]:
             self.tokens_per_s.labels(**lbl).set(new_tokens / (now - seen["t"]))
         seen.update(preempt=sched.num_preemptions, q=queries, h=hits, gen=engine.num_generated_tokens, t=now)
+        if engine.spec.config.is_moe and now - seen.get("moe", 0.0) >= MOE_INTERVAL_S:
+            stats = engine.expert_stats(reset=True)  # counts since the last read
+            for layer, counts in stats["tokens_per_expert"].items():
+                for expert, n in enumerate(counts):
+                    if n:
+                        self.moe_tokens.labels(**self._labels, layer=str(layer), expert=str(expert)).inc(n)
+            if stats["step_imbalance"]:
+                self.moe_imbalance.labels(**lbl).set(stats["mean_imbalance"])
+            seen["moe"] = now
 
     def on_finished(self, out: RequestOutput) -> None:
         m = out.metrics
