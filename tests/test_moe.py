@@ -23,18 +23,22 @@ def moe_refs(tiny_models):
 
 
 # EP=2 and EP=4 (qwen2-moe's 6 experts split 2/2/1/1), tensor-parallel experts at TP=2, and EP over
-# the TP ranks of two pipeline stages
+# the TP ranks of two pipeline stages. These small steps take the fixed-capacity all-to-all;
+# "ep4-variable" forces the exact-size one that large prefills use.
 LAYOUTS = {
     "tp1": dict(tensor_parallel_size=1),
     "tp2-experts": dict(tensor_parallel_size=2),
     "ep2": dict(tensor_parallel_size=2, enable_expert_parallel=True),
     "ep4": dict(tensor_parallel_size=4, enable_expert_parallel=True),
+    "ep4-variable": dict(tensor_parallel_size=4, enable_expert_parallel=True),
     "ep2-pp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2, enable_expert_parallel=True),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_moe_matches_hf(layout, tiny_models, moe_refs):
+def test_moe_matches_hf(layout, tiny_models, moe_refs, monkeypatch):
+    if layout == "ep4-variable":
+        monkeypatch.setenv("SHARDLM_EP_PADDED_MAX_ROWS", "0")  # read by the workers at import
     for name in MOE_MODELS:
         if layout == "ep2-pp2" and name != "qwen2-moe":  # one model is enough for the PP combination
             continue
@@ -53,8 +57,9 @@ def test_moe_matches_hf(layout, tiny_models, moe_refs):
                 assert max(stats["step_imbalance"]) > 1.0  # skew is visible
 
 
-def test_routing_forced_to_one_pair_of_experts(tiny_models, tmp_path):
-    """A zero router gives every token the same experts: most EP ranks get empty sends and still match."""
+def test_routing_forced_to_one_pair_of_experts(tiny_models, tmp_path, monkeypatch):
+    """A zero router gives every token the same experts: half the EP ranks get nothing and it still
+    matches, with the exact-size all-to-all (empty sends) and the fixed-capacity one (all padding)."""
     _, model = tiny_models["mixtral"]
     forced = copy.deepcopy(model)
     with torch.no_grad():
@@ -63,13 +68,15 @@ def test_routing_forced_to_one_pair_of_experts(tiny_models, tmp_path):
                 p.zero_()
     forced.save_pretrained(tmp_path / "forced")
     refs = [hf_greedy(forced, p, STEPS) for p in PROMPTS]
-    with LLM(str(tmp_path / "forced"), tensor_parallel_size=4, enable_expert_parallel=True, block_size=8) as llm:
-        check_against_hf(llm, refs)
-        stats = llm.engine.expert_stats()
-    for counts in stats["tokens_per_expert"].values():
-        assert sum(1 for c in counts if c) == 2  # top-2, always the same two experts
-    idle_ranks = [r for r, rows in stats["rows_per_rank_per_step"].items() if not any(rows)]
-    assert len(idle_ranks) == 2  # 2 of the 4 ranks hold neither expert: they only ever received nothing
+    for padded_max_rows in ("0", "1024"):
+        monkeypatch.setenv("SHARDLM_EP_PADDED_MAX_ROWS", padded_max_rows)
+        with LLM(str(tmp_path / "forced"), tensor_parallel_size=4, enable_expert_parallel=True, block_size=8) as llm:
+            check_against_hf(llm, refs)
+            stats = llm.engine.expert_stats()
+        for counts in stats["tokens_per_expert"].values():
+            assert sum(1 for c in counts if c) == 2  # top-2, always the same two experts
+        idle_ranks = [r for r, rows in stats["rows_per_rank_per_step"].items() if not any(rows)]
+        assert len(idle_ranks) == 2  # 2 of the 4 ranks hold neither expert: they never ran a row
 
 
 def test_balanced_placement_evens_the_measured_load(tiny_models, moe_refs, tmp_path):

@@ -7,16 +7,23 @@ the slices (the same communication as a dense MLP).
 Expert parallel (EP, over the TP ranks of the stage): every rank holds whole experts (the
 placement says which; hot experts may have copies on several ranks). Each rank takes a contiguous
 share of the step's tokens, routes them, and sends each (token, expert) row to a rank that holds
-the expert with a variable-size all-to-all; that rank runs its experts on what it received and
-sends the outputs back with the reverse all-to-all; the sender weights them by the router
-probabilities. One all-reduce over the stage then gives every rank all tokens' outputs (each rank
-contributes its own token rows, plus its slice of the shared expert where the model has one).
+the expert with an all-to-all; that rank runs its experts on what it received and sends the
+outputs back with the reverse all-to-all; the sender weights them by the router probabilities.
+One all-reduce over the stage then gives every rank all tokens' outputs (each rank contributes its
+own token rows, plus its slice of the shared expert where the model has one).
+
+Small steps (decode) use fixed-capacity all-to-alls: every rank sends every peer a block big
+enough for all its rows (padding marked by an out-of-range slot), so no row count has to reach the
+host and the GPU is never waited for. Large steps (prefill) exchange the counts first and send
+exactly the rows (a variable all-to-all), which needs the counts on the host.
 
 Either way the local experts run as one grouped computation: a grouped GEMM on Hopper GPUs in
 bf16 (torch._grouped_mm), otherwise a loop over the experts that received tokens.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -28,6 +35,10 @@ from ..distributed import ParallelContext
 from ..layout import split_evenly
 from ..weights import Reader
 from .linear import GatedMLP
+
+
+# fixed-capacity dispatch while ep * capacity rows stay under this (decode); the variable path above
+PADDED_MAX_ROWS = int(os.environ.get("SHARDLM_EP_PADDED_MAX_ROWS", "1024"))
 
 
 def _grouped_mm_usable(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
@@ -81,7 +92,7 @@ class SparseMoE(nn.Module):
         # routing statistics: tokens per (logical) expert since the last reset, and rows this rank's
         # experts processed in the current step (read and cleared by the runner after every step)
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=ctx.device), persistent=False)
-        self.rows = 0
+        self.rows = torch.zeros((), dtype=torch.long, device=ctx.device)
         self.counts_tokens = self.ep > 1 or ctx.tp_rank == 0  # TP-experts: every rank routes all tokens
 
     # ---- weights ----------------------------------------------------------------------------
@@ -116,19 +127,21 @@ class SparseMoE(nn.Module):
         return weights, ids
 
     def run_experts(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Row i of x through local expert slot[i]: [rows, hidden] -> [rows, hidden]."""
-        self.rows += x.shape[0]
-        if x.shape[0] == 0:
-            return x
+        """Row i of x through local expert slot[i]: [rows, hidden] -> [rows, hidden]. Rows whose
+        slot is past the local experts (padding) are skipped and come back undefined."""
+        n_local = self.w13.shape[0]
+        if x.shape[0] == 0 or n_local == 0:  # nothing came, or this rank holds no expert (ep > experts)
+            return torch.zeros_like(x)
         order = torch.argsort(slot, stable=True)
         xs = x[order]
-        counts = torch.bincount(slot, minlength=self.w13.shape[0])
+        counts = torch.bincount(slot, minlength=n_local + 1)[:n_local]
+        self.rows += counts.sum()
         if self.grouped:
             offs = torch.cumsum(counts, 0).to(torch.int32)
             gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             ys = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.transpose(1, 2), offs=offs)
         else:
-            ys = torch.empty_like(xs)
+            ys = torch.zeros_like(xs)
             start = 0
             for s, n in enumerate(counts.tolist()):
                 if n:
@@ -157,27 +170,56 @@ class SparseMoE(nn.Module):
     def _expert_parallel(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's token rows go out to the experts' ranks and come back combined; other rows are 0."""
         T, k, ep, h = x.shape[0], self.top_k, self.ep, self.hidden
-        group = self.ctx.tp_group
         s0, s1 = split_evenly(T, ep)[self.rank]
         weights, ids = self.route(x[s0:s1])  # [n_tok, k]
         flat = ids.reshape(-1)
         n = flat.numel()
         # a hot expert's rows alternate between its copies
         copy = (torch.arange(n, device=x.device) + s0 * k) % self.copy_count[flat]
-        key = self.copy_rank[flat, copy] * self.slots + self.copy_slot[flat, copy]
-        order = torch.argsort(key, stable=True)  # rows grouped by destination rank, then slot
-        send_counts = torch.bincount(key, minlength=ep * self.slots)  # [ep * slots]
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)  # slots-sized piece per peer
-        send_split = send_counts.view(ep, self.slots).sum(1).tolist()
-        recv_split = recv_counts.view(ep, self.slots).sum(1).tolist()
+        dest, slot = self.copy_rank[flat, copy], self.copy_slot[flat, copy]
+        order = torch.argsort(dest * self.slots + slot, stable=True)  # by destination rank, then slot
         tok = torch.div(order, k, rounding_mode="floor")
-        received = x.new_empty(sum(recv_split), h)
-        dist.all_to_all_single(received, x[s0:s1][tok].contiguous(), recv_split, send_split, group=group)
-        slot = torch.repeat_interleave(torch.arange(self.slots, device=x.device).repeat(ep), recv_counts)
-        y = self.run_experts(received, slot)
-        back = x.new_empty(n, h)
-        dist.all_to_all_single(back, y, send_split, recv_split, group=group)
+        rows = x[s0:s1][tok]
+        capacity = -(-T // ep) * k  # the most rows any rank can send to one peer
+        if ep * capacity <= PADDED_MAX_ROWS:
+            back = self._dispatch_padded(rows, dest[order], slot[order], capacity)
+        else:
+            back = self._dispatch_variable(rows, dest[order] * self.slots + slot[order])
         out = torch.zeros(T, h, dtype=torch.float32, device=x.device)
         out[s0:s1].index_add_(0, tok, back.float() * weights.reshape(-1)[order].unsqueeze(1))
         return out
+
+    def _dispatch_padded(self, rows: torch.Tensor, dest: torch.Tensor, slot: torch.Tensor,
+                         capacity: int) -> torch.Tensor:
+        """rows (sorted by dest) through their experts with equal-size all-to-alls; no host sync."""
+        ep, h, group = self.ep, self.hidden, self.ctx.tp_group
+        per_dest = torch.bincount(dest, minlength=ep)
+        first = torch.cumsum(per_dest, 0) - per_dest
+        where = dest * capacity + torch.arange(rows.shape[0], device=rows.device) - first[dest]
+        send = rows.new_zeros(ep * capacity, h)
+        send[where] = rows
+        send_slot = torch.full((ep * capacity,), self.slots, dtype=torch.long, device=rows.device)  # padding
+        send_slot[where] = slot
+        received, recv_slot = torch.empty_like(send), torch.empty_like(send_slot)
+        dist.all_to_all_single(received, send, group=group)
+        dist.all_to_all_single(recv_slot, send_slot, group=group)
+        y = self.run_experts(received, recv_slot)
+        back = torch.empty_like(y)
+        dist.all_to_all_single(back, y, group=group)
+        return back[where]
+
+    def _dispatch_variable(self, rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """rows (sorted by key = dest * slots + slot) through their experts, sending exactly the rows."""
+        ep, h, group = self.ep, self.hidden, self.ctx.tp_group
+        send_counts = torch.bincount(key, minlength=ep * self.slots)  # [ep * slots]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)  # a slots-sized piece per peer
+        send_split = send_counts.view(ep, self.slots).sum(1).tolist()  # the host waits here
+        recv_split = recv_counts.view(ep, self.slots).sum(1).tolist()
+        received = rows.new_empty(sum(recv_split), h)
+        dist.all_to_all_single(received, rows.contiguous(), recv_split, send_split, group=group)
+        slot = torch.repeat_interleave(torch.arange(self.slots, device=rows.device).repeat(ep), recv_counts)
+        y = self.run_experts(received, slot)
+        back = rows.new_empty(rows.shape[0], h)
+        dist.all_to_all_single(back, y, send_split, recv_split, group=group)
+        return back

@@ -161,10 +161,10 @@ class ModelRunner:
             self.record("recv activations", "communication", t0, time.time())
         t1 = time.time()
         hidden = self.model(x, positions.to(dev, non_blocking=True), meta)
-        if self.moe:
-            self.step_rows.append(sum(m.rows for m in self.moe.values()))
+        if self.moe:  # one read of the device counters per step
+            self.step_rows.append(int(sum(m.rows for m in self.moe.values())))
             for m in self.moe.values():
-                m.rows = 0
+                m.rows.zero_()
         if not self.ctx.is_last_stage:
             self._sync()
             t2 = time.time()
