@@ -19,6 +19,19 @@ def tiny_models(tmp_path_factory):
     return {name: (root / name, make_tiny(name, root / name)) for name in TINY}
 
 
+@pytest.fixture(scope="session")
+def hf_refs(tiny_models):
+    """name -> Hugging Face's greedy tokens and logits for each of hf_models.PROMPTS, made on first use."""
+    from hf_models import PROMPTS, STEPS, hf_greedy
+
+    class Refs(dict):
+        def __missing__(self, name):
+            self[name] = [hf_greedy(tiny_models[name][1], p, STEPS) for p in PROMPTS]
+            return self[name]
+
+    return Refs()
+
+
 def worker_pids() -> set[int]:
     """PIDs of shardlm worker processes still alive on this machine."""
     out = subprocess.run(["pgrep", "-f", "shardlm.worker.main"], capture_output=True, text=True).stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # name -> (transformers config class, kwargs); together they cover uneven head splits, KV-head
@@ -28,6 +29,10 @@ TINY = {
     "mistral": ("MistralConfig", dict(
         vocab_size=333, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=2, head_dim=8, sliding_window=None, tie_word_embeddings=False)),
+    # Qwen3: q/k RMSNorm per head, explicit head_dim
+    "qwen3": ("Qwen3Config", dict(
+        vocab_size=277, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=16, use_sliding_window=False, tie_word_embeddings=False)),
     # mixture of experts: Mixtral (top-2, renormalised), Qwen2-MoE (6 experts: no EP degree above 3
     # divides them; shared expert with its gate; a dense layer; no renormalisation) and Qwen3-MoE
     # (q/k norm, top-3 renormalised)
@@ -70,3 +75,26 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[li
     out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     return out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits)[:, 0].float()
+
+
+# the parity workload: different lengths in one batch, including a 1-token prompt and one longer than a KV block
+STEPS = 32
+PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [100],
+           [3, 30, 60, 90, 120, 150, 180]]
+
+
+def check_against_hf(llm, refs, prompts=PROMPTS):
+    """Greedy tokens equal HF's and every step's logits within 1e-4 relative (float32)."""
+    from shardlm import SamplingParams
+
+    llm.engine.return_logits = True
+    llm.engine.logits_log.clear()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True))
+    for out, (hf_tokens, hf_logits) in zip(outs, refs):
+        assert len(hf_tokens) == STEPS
+        assert out.outputs[0].token_ids == hf_tokens
+        ours = torch.from_numpy(np.stack(llm.engine.logits_log[(out.request_id, 0)]))
+        assert ours.shape == hf_logits.shape
+        rel = (ours - hf_logits).abs().max() / hf_logits.abs().max()
+        assert rel < 1e-4, f"max relative logit error {rel:.2e}"

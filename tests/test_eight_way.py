@@ -5,34 +5,27 @@ import asyncio
 
 import pytest
 
-from hf_models import hf_greedy
+from hf_models import PROMPTS, STEPS, check_against_hf
 from shardlm import LLM, SamplingParams
 from shardlm.engine import EngineArgs
 from shardlm.server.async_engine import AsyncEngine
-from test_tp_parity import PROMPTS, STEPS, check_against_hf
 
 
-@pytest.fixture(scope="module")
-def refs(tiny_models):
-    # mixtral: 8 query heads (TP=8, KV heads replicated) and 8 experts (EP=8: one per rank), 2 layers;
-    # llama-deep-tied: 5 layers for 4 stages, 6 heads for TP=2
-    return {name: [hf_greedy(tiny_models[name][1], p, STEPS) for p in PROMPTS]
-            for name in ("mixtral", "llama-deep-tied")}
-
-
+# mixtral: 8 query heads (TP=8, KV heads replicated) and 8 experts (EP=8: one per rank), 2 layers;
+# llama-deep-tied: 5 layers for 4 stages, 6 heads for TP=2
 @pytest.mark.parametrize("name,layout", [
     ("mixtral", dict(tensor_parallel_size=8)),
     ("mixtral", dict(tensor_parallel_size=8, enable_expert_parallel=True)),
     ("mixtral", dict(tensor_parallel_size=4, pipeline_parallel_size=2)),
     ("llama-deep-tied", dict(tensor_parallel_size=2, pipeline_parallel_size=4)),
 ], ids=["tp8", "ep8", "tp4-pp2", "tp2-pp4"])
-def test_eight_processes_match_hf(name, layout, tiny_models, refs):
+def test_eight_processes_match_hf(name, layout, tiny_models, hf_refs):
     with LLM(str(tiny_models[name][0]), block_size=8, **layout) as llm:
         assert llm.engine.layout.world_size == 8
-        check_against_hf(llm, refs[name])
+        check_against_hf(llm, hf_refs[name])
 
 
-def test_tp4_dp2_replicas_match_hf(tiny_models, refs):
+def test_tp4_dp2_replicas_match_hf(tiny_models, hf_refs):
     engine = AsyncEngine(EngineArgs(model=str(tiny_models["mixtral"][0]), tensor_parallel_size=4, block_size=8),
                          data_parallel_size=2)
     params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
@@ -49,5 +42,5 @@ def test_tp4_dp2_replicas_match_hf(tiny_models, refs):
         got = asyncio.run(run_all())
     finally:
         engine.shutdown()
-    assert got == [tokens for tokens, _ in refs["mixtral"]]
+    assert got == [tokens for tokens, _ in hf_refs["mixtral"]]
     assert all(rep.submitted >= 1 for rep in engine.replicas)  # both replicas served requests

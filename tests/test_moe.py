@@ -7,19 +7,13 @@ import json
 import pytest
 import torch
 
-from hf_models import hf_greedy
+from hf_models import PROMPTS, STEPS, check_against_hf, hf_greedy
 from shardlm import LLM, SamplingParams
 from shardlm.config import ConfigError, ModelConfig
 from shardlm.moe_placement import balanced, plan_placement, rank_loads, round_robin
 from shardlm.presets import preset
-from test_tp_parity import PROMPTS, STEPS, check_against_hf
 
 MOE_MODELS = ["mixtral", "qwen2-moe", "qwen3-moe"]
-
-
-@pytest.fixture(scope="module")
-def moe_refs(tiny_models):
-    return {name: [hf_greedy(tiny_models[name][1], p, STEPS) for p in PROMPTS] for name in MOE_MODELS}
 
 
 # EP=2 and EP=4 (qwen2-moe's 6 experts split 2/2/1/1), tensor-parallel experts at TP=2, and EP over
@@ -36,14 +30,14 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_moe_matches_hf(layout, tiny_models, moe_refs, monkeypatch):
+def test_moe_matches_hf(layout, tiny_models, hf_refs, monkeypatch):
     if layout == "ep4-variable":
         monkeypatch.setenv("SHARDLM_EP_PADDED_MAX_ROWS", "0")  # read by the workers at import
     for name in MOE_MODELS:
         if layout == "ep2-pp2" and name != "qwen2-moe":  # one model is enough for the PP combination
             continue
         with LLM(str(tiny_models[name][0]), block_size=8, **LAYOUTS[layout]) as llm:
-            check_against_hf(llm, moe_refs[name])
+            check_against_hf(llm, hf_refs[name])
             stats = llm.engine.expert_stats()
             cfg = llm.engine.spec.config
             # every routed token counted once: prompt + generated tokens (less the last) x top-k, per MoE layer
@@ -79,17 +73,17 @@ def test_routing_forced_to_one_pair_of_experts(tiny_models, tmp_path, monkeypatc
         assert len(idle_ranks) == 2  # 2 of the 4 ranks hold neither expert: they never ran a row
 
 
-def test_balanced_placement_evens_the_measured_load(tiny_models, moe_refs, tmp_path):
+def test_balanced_placement_evens_the_measured_load(tiny_models, hf_refs, tmp_path):
     folder = str(tiny_models["qwen3-moe"][0])
     with LLM(folder, tensor_parallel_size=2, enable_expert_parallel=True, block_size=8) as llm:
-        check_against_hf(llm, moe_refs["qwen3-moe"])
+        check_against_hf(llm, hf_refs["qwen3-moe"])
         before = llm.engine.expert_stats()
         llm.save_expert_load(tmp_path / "load.json")
     saved = json.loads((tmp_path / "load.json").read_text())
     assert {int(k): v for k, v in saved["tokens_per_expert"].items()} == before["tokens_per_expert"]
     with LLM(folder, tensor_parallel_size=2, enable_expert_parallel=True, block_size=8, expert_placement="balanced",
              expert_load=str(tmp_path / "load.json"), num_redundant_experts=2) as llm:
-        check_against_hf(llm, moe_refs["qwen3-moe"])
+        check_against_hf(llm, hf_refs["qwen3-moe"])
         after = llm.engine.expert_stats()
     assert all(sum(len(r) for r in p) == 8 + 2 for p in after["placement"] if p)  # 2 experts have 2 copies
     assert after["mean_imbalance"] < before["mean_imbalance"]

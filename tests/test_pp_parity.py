@@ -2,38 +2,31 @@
 
 import pytest
 
-from hf_models import hf_greedy
 from shardlm import LLM
 from shardlm.layout import LayoutError
-from test_tp_parity import PROMPTS, STEPS, check_against_hf
-
-
-@pytest.fixture(scope="module")
-def refs(tiny_models):
-    return {name: [hf_greedy(tiny_models[name][1], p, STEPS) for p in PROMPTS]
-            for name in ("llama-deep-tied", "qwen2-bias-untied")}
+from hf_models import PROMPTS, check_against_hf
 
 
 @pytest.mark.parametrize("pp", [2, 3, 4])
-def test_pp_matches_hf(pp, tiny_models, refs):
+def test_pp_matches_hf(pp, tiny_models, hf_refs):
     folder, _ = tiny_models["llama-deep-tied"]
     with LLM(str(folder), pipeline_parallel_size=pp, block_size=8) as llm:
         assert len(llm.engine.stage_layers) == pp
-        check_against_hf(llm, refs["llama-deep-tied"])
+        check_against_hf(llm, hf_refs["llama-deep-tied"])
 
 
 @pytest.mark.parametrize("name", ["llama-deep-tied", "qwen2-bias-untied"])
-def test_tp2_x_pp2_matches_hf(name, tiny_models, refs):
+def test_tp2_x_pp2_matches_hf(name, tiny_models, hf_refs):
     folder, _ = tiny_models[name]
     with LLM(str(folder), tensor_parallel_size=2, pipeline_parallel_size=2, block_size=8) as llm:
-        check_against_hf(llm, refs[name])
+        check_against_hf(llm, hf_refs[name])
 
 
-def test_user_layer_split(tiny_models, refs):
+def test_user_layer_split(tiny_models, hf_refs):
     folder, _ = tiny_models["llama-deep-tied"]
     with LLM(str(folder), pipeline_parallel_size=2, pp_layer_split=[1, 4], block_size=8) as llm:
         assert llm.engine.stage_layers == [(0, 1), (1, 5)]
-        check_against_hf(llm, refs["llama-deep-tied"])
+        check_against_hf(llm, hf_refs["llama-deep-tied"])
 
 
 def test_bad_pipeline_settings_fail_before_loading(tiny_models):
@@ -97,7 +90,7 @@ def test_trace_has_a_track_per_rank(tiny_models, tmp_path):
     assert set(trace["otherData"]["idle_fraction"]) == {"0", "1", "2", "3"}
 
 
-def test_long_prompt_chunks_overlap_in_the_pipeline(tiny_models, refs):
+def test_long_prompt_chunks_overlap_in_the_pipeline(tiny_models, hf_refs):
     """One long prompt alone: its chunks follow each other through the stages (two in flight at once)."""
     folder, _ = tiny_models["llama-deep-tied"]
     with LLM(str(folder), pipeline_parallel_size=2, max_num_batched_tokens=8, block_size=8) as llm:
@@ -110,5 +103,5 @@ def test_long_prompt_chunks_overlap_in_the_pipeline(tiny_models, refs):
             submit(plan)
 
         engine.executor.submit = watching_submit
-        check_against_hf(llm, refs["llama-deep-tied"][1:2], PROMPTS[1:2])
+        check_against_hf(llm, hf_refs["llama-deep-tied"][1:2], PROMPTS[1:2])
         assert overlapped, "no prompt chunk was submitted while the previous one was in the pipeline"
