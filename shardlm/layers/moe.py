@@ -37,7 +37,8 @@ from ..weights import Reader
 from .linear import GatedMLP
 
 
-# fixed-capacity dispatch while ep * capacity rows stay under this (decode); the variable path above
+# EP steps whose fixed-capacity buffers (ep x capacity rows) stay within this many rows take the
+# padded, sync-free dispatch (decode); bigger ones (prefill) the exact-size one
 PADDED_MAX_ROWS = int(os.environ.get("SHARDLM_EP_PADDED_MAX_ROWS", "1024"))
 
 
@@ -56,7 +57,7 @@ class SparseMoE(nn.Module):
         self.mixtral = cfg.model_type == "mixtral"
         h, E, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.hidden, self.num_experts, self.top_k = h, E, cfg.num_experts_per_tok
-        self.ep = ctx.layout.ep if ctx.layout.ep > 1 else 1
+        self.ep = ctx.layout.ep
         self.rank = ctx.tp_rank
         if self.ep > 1:
             if placement is None or len(placement) != self.ep:
