@@ -123,7 +123,7 @@ class ModelConfig:
                     f"{source}: rope scaling {rope_type!r} is not supported; shardlm supports "
                     f"default, linear and llama3"
                 )
-        if model_type == "mistral" and hf.get("sliding_window") not in (None, 0):
+        if model_type in ("mistral", "mixtral") and hf.get("sliding_window") not in (None, 0):
             if int(hf["sliding_window"]) < int(hf.get("max_position_embeddings", 0) or 0):
                 raise ConfigError(
                     f"{source}: sliding_window={hf['sliding_window']} is not supported yet; "

@@ -407,6 +407,8 @@ class LLMEngine:
         tokens: dict[int, list[int]] = {}
         rows: dict[int, dict[int, list[int]]] = {}  # stage -> rank -> rows per step
         for rank, st in stats.items():
+            if "moe" not in st:  # a pipeline stage whose layers are all dense
+                continue
             for layer, counts in st["moe"]["tokens_per_expert"].items():
                 acc = tokens.setdefault(int(layer), [0] * len(counts))
                 tokens[int(layer)] = [a + c for a, c in zip(acc, counts)]

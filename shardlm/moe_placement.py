@@ -73,13 +73,14 @@ def read_load(path: str, cfg: ModelConfig) -> dict[int, list[float]]:
         raise ConfigError(f"expert_load file {path} has no 'tokens_per_expert' object ({{layer: [count per expert]}})")
     out: dict[int, list[float]] = {}
     for key, counts in layers.items():
-        if not str(key).isdigit() or int(key) >= cfg.num_hidden_layers or not cfg.is_moe_layer(int(key)):
+        layer = int(key) if str(key).isascii() and str(key).isdecimal() else -1
+        if str(layer) != key or layer >= cfg.num_hidden_layers or not cfg.is_moe_layer(layer):
             raise ConfigError(f"expert_load file {path}: layer {key!r} is not an MoE layer of this model")
         if not isinstance(counts, list) or len(counts) != cfg.num_experts or not all(
-                isinstance(c, (int, float)) and c >= 0 for c in counts):
+                isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise ConfigError(f"expert_load file {path}: layer {key} must list {cfg.num_experts} non-negative counts "
                               f"(one per expert)")
-        out[int(key)] = [float(c) for c in counts]
+        out[layer] = [float(c) for c in counts]
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from hf_models import PROMPTS, STEPS, check_against_hf, hf_greedy
 from shardlm import LLM, SamplingParams
 from shardlm.config import ConfigError, ModelConfig
+from shardlm.layers.moe import choose_copies
 from shardlm.moe_placement import balanced, plan_placement, rank_loads, round_robin
 from shardlm.presets import preset
 
@@ -89,6 +90,33 @@ def test_balanced_placement_evens_the_measured_load(tiny_models, hf_refs, tmp_pa
     assert after["mean_imbalance"] < before["mean_imbalance"]
 
 
+def test_stats_with_a_dense_stage_and_a_profiled_step(tiny_models):
+    """qwen2-moe's layer 1 is dense: at PP=3 stage 1 has no experts. A profiled step (re-run) is not counted."""
+    with LLM(str(tiny_models["qwen2-moe"][0]), pipeline_parallel_size=3, block_size=8) as llm:
+        engine = llm.engine
+        engine.add_request("a", None, [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        before = engine.expert_stats()
+        engine.profile_step()
+        after = engine.expert_stats()
+    assert sorted(before["tokens_per_expert"]) == [0, 2]
+    assert after["tokens_per_expert"] == before["tokens_per_expert"]
+    assert len(after["step_imbalance"]) == len(before["step_imbalance"])
+
+
+def test_copies_of_a_hot_expert_share_its_rows():
+    # top-2 routing where expert 0 is every token's first choice and has 2 copies
+    experts = torch.tensor([0, 1, 0, 2, 0, 3, 0, 1, 0, 2, 0, 3])
+    copy_count = torch.tensor([2, 1, 1, 1])
+    for rank in (0, 1):
+        copies = choose_copies(experts, copy_count, rank)
+        assert torch.bincount(copies[experts == 0], minlength=2).tolist() == [3, 3]
+        assert copies[experts != 0].eq(0).all()
+    # one row per rank (decode at batch 1): the two ranks use different copies
+    assert choose_copies(torch.tensor([0]), copy_count, 0) != choose_copies(torch.tensor([0]), copy_count, 1)
+
+
 # -- placement arithmetic ----------------------------------------------------------------------------
 
 def test_round_robin_and_uneven_counts():
@@ -123,12 +151,20 @@ def test_placement_errors(tmp_path):
     bad.write_text(json.dumps({"tokens_per_expert": {"0": [1, 2]}}))
     with pytest.raises(ConfigError, match="layer 0 must list 8 non-negative counts"):
         plan_placement(cfg, 2, "balanced", str(bad))
-    bad.write_text(json.dumps({"tokens_per_expert": {"7": [1] * 8}}))
-    with pytest.raises(ConfigError, match="layer '7' is not an MoE layer"):
+    for key in ("7", "01", "x"):
+        bad.write_text(json.dumps({"tokens_per_expert": {key: [1] * 8}}))
+        with pytest.raises(ConfigError, match=f"layer '{key}' is not an MoE layer"):
+            plan_placement(cfg, 2, "balanced", str(bad))
+    bad.write_text(json.dumps({"tokens_per_expert": {"0": [True] * 8}}))
+    with pytest.raises(ConfigError, match="non-negative counts"):
         plan_placement(cfg, 2, "balanced", str(bad))
 
 
 def test_moe_config_errors(tiny_models):
+    with pytest.raises(ConfigError, match="sliding_window=4 is not supported"):
+        ModelConfig.from_hf({"model_type": "mixtral", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "num_local_experts": 2,
+                             "num_experts_per_tok": 1, "sliding_window": 4, "max_position_embeddings": 64})
     with pytest.raises(ConfigError, match="num_experts_per_tok=9 must be in \\[1, num_experts=8\\]"):
         ModelConfig.from_dict({**preset("tiny-mixtral").to_dict(), "num_experts_per_tok": 9}).validate()
     with pytest.raises(ConfigError, match="dense: drop enable_expert_parallel"):

@@ -47,6 +47,18 @@ def _grouped_mm_usable(device: torch.device, dtype: torch.dtype, *dims: int) -> 
             and torch.cuda.get_device_capability(device) >= (9, 0) and all(d % 16 == 0 for d in dims))
 
 
+def choose_copies(experts: torch.Tensor, copy_count: torch.Tensor, rank: int) -> torch.Tensor:
+    """Which copy of its expert each routed row goes to: the rows of one expert take its copies in
+    turn, starting at a different copy on each sending rank, so a hot expert's load is split evenly."""
+    n = experts.numel()
+    by_expert = torch.argsort(experts, stable=True)
+    per_expert = torch.bincount(experts, minlength=copy_count.numel())
+    first = torch.cumsum(per_expert, 0) - per_expert
+    position = torch.empty_like(experts)
+    position[by_expert] = torch.arange(n, device=experts.device) - first[experts[by_expert]]
+    return (position + rank) % copy_count[experts]
+
+
 class SparseMoE(nn.Module):
     """x [tokens, hidden] (identical on every TP rank) -> [tokens, hidden], summed over the TP group."""
 
@@ -174,9 +186,7 @@ class SparseMoE(nn.Module):
         s0, s1 = split_evenly(T, ep)[self.rank]
         weights, ids = self.route(x[s0:s1])  # [n_tok, k]
         flat = ids.reshape(-1)
-        n = flat.numel()
-        # a hot expert's rows alternate between its copies
-        copy = (torch.arange(n, device=x.device) + s0 * k) % self.copy_count[flat]
+        copy = choose_copies(flat, self.copy_count, self.rank)
         dest, slot = self.copy_rank[flat, copy], self.copy_slot[flat, copy]
         order = torch.argsort(dest * self.slots + slot, stable=True)  # by destination rank, then slot
         tok = torch.div(order, k, rounding_mode="floor")

@@ -25,7 +25,7 @@ class ModelRunner:
         self.model = LlamaForCausalLM(spec.config, ctx, dtype, max_positions=max_model_len,
                                       expert_placement=expert_placement)
         self.moe = self.model.moe_layers()
-        self.step_rows: deque[int] = deque(maxlen=4096)  # rows this rank's experts ran, per step
+        self.step_rows: deque[torch.Tensor] = deque(maxlen=4096)  # rows this rank's experts ran, per step
         self.sampler = Sampler(ctx.device)
         self.num_blocks = 0
         # step accounting (always) and trace events (when tracing): wall-clock seconds
@@ -112,11 +112,18 @@ class ModelRunner:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else [])
+        # the step runs again here: keep it out of the routing statistics
+        counts = {i: m.tokens_per_expert.clone() for i, m in self.moe.items()}
+        steps = len(self.step_rows)
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             self.execute(plan)
             self._sync()
             wall = time.perf_counter() - t0
+        for i, m in self.moe.items():
+            m.tokens_per_expert.copy_(counts[i])
+        while len(self.step_rows) > steps:
+            self.step_rows.pop()
         # send/recv kernels are the MoE all-to-all (and the pipeline hand-off); the rest of NCCL is
         # the TP all-reduce / all-gather
         kinds = {"communication": 0.0, "send_recv": 0.0, "gemm": 0.0, "attention": 0.0, "other": 0.0}
@@ -161,8 +168,8 @@ class ModelRunner:
             self.record("recv activations", "communication", t0, time.time())
         t1 = time.time()
         hidden = self.model(x, positions.to(dev, non_blocking=True), meta)
-        if self.moe:  # one read of the device counters per step
-            self.step_rows.append(int(sum(m.rows for m in self.moe.values())))
+        if self.moe:  # a device scalar per step: read when the stats are asked for, not now
+            self.step_rows.append(sum(m.rows for m in self.moe.values()).clone())
             for m in self.moe.values():
                 m.rows.zero_()
         if not self.ctx.is_last_stage:
@@ -210,5 +217,5 @@ class ModelRunner:
         if self.moe:  # routing: tokens per expert (each token counted once over the TP group)
             out["moe"] = {"tokens_per_expert": {i: m.tokens_per_expert.tolist() for i, m in self.moe.items()
                                                 if m.counts_tokens},
-                          "step_rows": list(self.step_rows)}
+                          "step_rows": [int(r) for r in self.step_rows]}
         return out
