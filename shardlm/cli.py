@@ -18,6 +18,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--pp-layer-split", default=None,
                    help="layers per stage, comma-separated (e.g. 10,14); default balances the weights")
+    p.add_argument("--max-batches-in-flight", type=int, default=None,
+                   help="pipeline micro-batches in flight at once (default: the pipeline size; 1 = no overlap)")
     p.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of every rank's steps to this file")
     p.add_argument("--parallel", choices=["auto"], default=None,
                    help="auto: let the planner choose the layout for the visible GPUs")
@@ -113,7 +115,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         except ValueError:
             raise ValueError(f"--pp-layer-split must be comma-separated integers, got {args.pp_layer_split!r}") from None
     return dict(model=args.model, tensor_parallel_size=tp, pipeline_parallel_size=args.pipeline_parallel_size,
-                pp_layer_split=split, trace=args.trace, dtype=args.dtype,
+                pp_layer_split=split, max_batches_in_flight=args.max_batches_in_flight, trace=args.trace,
+                dtype=args.dtype,
                 device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
                 enable_expert_parallel=args.enable_expert_parallel, expert_placement=args.expert_placement,

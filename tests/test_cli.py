@@ -25,6 +25,8 @@ def test_generate_tp_x_pp_with_trace(tmp_path):
     assert {e["pid"] for e in json.loads(trace.read_text())["traceEvents"]} == {0, 1, 2, 3}
     res = shardlm("generate", "--model", "random:tiny-llama", "-pp", "2", "--pp-layer-split", "1,2", "hi")
     assert res.returncode == 2 and "sums to 3, the model has 2 layers" in res.stderr
+    res = shardlm("generate", "--model", "random:tiny-llama", "-pp", "2", "--max-batches-in-flight", "0", "hi")
+    assert res.returncode == 2 and "max_batches_in_flight must be >= 1, got 0" in res.stderr
 
 
 def test_generate_default_model_with_chat_template():
