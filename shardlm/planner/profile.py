@@ -208,6 +208,17 @@ def _curve(points: Any, source: str, where: str) -> Curve:
     return Curve(tuple(out))
 
 
+def _size_key(key: Any, minimum: int, what: str, source: str, where: str) -> int:
+    """A table key that names a group size ("2", "4", ...), at least `minimum`."""
+    try:
+        n = int(key)
+    except (TypeError, ValueError):
+        n = 0
+    if n < minimum or str(n) != str(key).strip():
+        raise _bad(source, f"{where}.{key}", f"must be keyed by a {what} >= {minimum}", key)
+    return n
+
+
 def _table(value: Any, source: str, where: str) -> CollectiveTable | None:
     if value == {}:
         return None  # a one-GPU host has no group to measure
@@ -215,12 +226,7 @@ def _table(value: Any, source: str, where: str) -> CollectiveTable | None:
         raise _bad(source, where, 'must be an object mapping group size ("2", "4", ...) to points', value)
     curves = {}
     for key, points in value.items():
-        try:
-            n = int(key)
-        except (TypeError, ValueError):
-            n = 0
-        if n < 2 or str(n) != str(key).strip():
-            raise _bad(source, f"{where}.{key}", "must be keyed by a group size >= 2", key)
+        n = _size_key(key, 2, "group size", source, where)
         curves[n] = _curve(points, source, f"{where}.{key}")
     return CollectiveTable(curves)
 
@@ -230,12 +236,7 @@ def _host_table(value: Any, source: str, where: str) -> HostTable:
         raise _bad(source, where, 'must be an object mapping TP size ("1", "2", "4", ...) to microseconds', value)
     out = {}
     for key, us in value.items():
-        try:
-            n = int(key)
-        except (TypeError, ValueError):
-            n = 0
-        if n < 1 or str(n) != str(key).strip():
-            raise _bad(source, f"{where}.{key}", "must be keyed by a TP size >= 1", key)
+        n = _size_key(key, 1, "TP size", source, where)
         ok = isinstance(us, (int, float)) and not isinstance(us, bool) and math.isfinite(us) and us >= 0
         if not ok:
             raise _bad(source, f"{where}.{key}", "must be a number of microseconds >= 0", us)
