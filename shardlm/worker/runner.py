@@ -169,7 +169,7 @@ class ModelRunner:
         t1 = time.time()
         hidden = self.model(x, positions.to(dev, non_blocking=True), meta)
         if self.moe:  # a device scalar per step: read when the stats are asked for, not now
-            self.step_rows.append(sum(m.rows for m in self.moe.values()).clone())
+            self.step_rows.append(sum(m.rows for m in self.moe.values()))  # a new tensor: 0 + rows + ...
             for m in self.moe.values():
                 m.rows.zero_()
         if not self.ctx.is_last_stage:
