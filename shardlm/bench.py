@@ -32,6 +32,8 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
     durations, exec_s, profile, profile_s = [], [], None, 0.0
     first: dict[str, float] = {}  # request id -> time of its first token
     done: dict[str, float] = {}
+    last: dict[str, float] = {}  # request id -> time of its latest token
+    gaps: list[float] = []  # every inter-token latency of every request
     while engine.has_unfinished_requests():
         if profile_after is not None and profile is None and len(durations) == profile_after:
             p0 = time.perf_counter()
@@ -43,9 +45,13 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
         durations.append(now - s0)
         exec_s.append(engine.executor.last_exec_s)
         for out in outputs:
-            first.setdefault(out.request_id, now - profile_s)
+            t = now - profile_s
+            first.setdefault(out.request_id, t)
+            if out.request_id in last:
+                gaps.append(t - last[out.request_id])
+            last[out.request_id] = t
             if out.finished:
-                done[out.request_id] = now - profile_s
+                done[out.request_id] = t
     e2e = time.perf_counter() - t0 - profile_s
     # per request: TTFT from submission, TPOT over its own decode (right under pipelining too)
     ttfts = [first[r] - t0 for r in first]
@@ -55,6 +61,8 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
         "batch": batch, "input_len": input_len, "output_len": output_len,
         "ttft_ms": max(ttfts) * 1e3, "tpot_ms": statistics.mean(tpots) * 1e3,
         "tpot_p50_ms": _percentile(tpots, 50) * 1e3, "tpot_p99_ms": _percentile(tpots, 99) * 1e3,
+        # inter-token latency over every token of every request: the typical step and its tail
+        "itl_p50_ms": _percentile(gaps or [0.0], 50) * 1e3, "itl_p99_ms": _percentile(gaps or [0.0], 99) * 1e3,
         "step_p50_ms": _percentile(steps, 50) * 1e3, "step_p99_ms": _percentile(steps, 99) * 1e3,
         "e2e_s": e2e, "output_tok_per_s": batch * output_len / e2e,
         # time the output rank spent inside the step (forward + sampling) vs. the whole step
@@ -69,8 +77,9 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
 
 def run_latency(llm: LLM, batch_sizes: list[int], input_len: int, output_len: int, warmup: bool = True,
                 profile: bool = False) -> list[dict[str, Any]]:
-    if warmup:  # first-touch allocations, cuBLAS handles, NCCL communicators
-        run_batch(llm, max(batch_sizes), input_len, min(output_len, 8), seed=99)
+    if warmup:  # first-touch allocations, NCCL communicators, and each batch size's kernels (loaded lazily)
+        for b in sorted(set(batch_sizes), reverse=True):
+            run_batch(llm, b, input_len, min(output_len, 8), seed=99)
     return [run_batch(llm, b, input_len, output_len, seed=b, profile_after=5 if profile else None)
             for b in batch_sizes]
 
@@ -135,11 +144,12 @@ def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
         meta = {"model": llm.engine.spec.name, "tensor_parallel_size": llm.engine.layout.tp,
                 "pipeline_parallel_size": llm.engine.layout.pp, "expert_parallel_size": llm.engine.layout.ep,
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "results": results}
-    print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'exec ms':>8} {'tok/s':>8} {'idle':>5}")
+    print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'exec ms':>8} "
+          f"{'tok/s':>8} {'idle':>5}")
     for r in results:
         idle = sum(r["idle_fraction_by_rank"].values()) / len(r["idle_fraction_by_rank"])
-        print(f"{r['batch']:>5} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>9.2f} {r['tpot_p99_ms']:>8.2f} "
-              f"{r['decode_exec_ms']:>8.2f} {r['output_tok_per_s']:>8.1f} {idle:>5.2f}")
+        print(f"{r['batch']:>5} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>9.2f} {r['tpot_p99_ms']:>8.2f} {r['itl_p50_ms']:>8.2f} "
+              f"{r['itl_p99_ms']:>8.2f} {r['decode_exec_ms']:>8.2f} {r['output_tok_per_s']:>8.1f} {idle:>5.2f}")
         if "profile_decode_step" in r:
             prof = r["profile_decode_step"]
             print("      decode step GPU time by rank (us): " + "; ".join(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import time
@@ -184,6 +185,10 @@ class LLMEngine:
         # debugging/tests: keep every sampled row's full logits, keyed by (request id, completion index)
         self.return_logits = False
         self.logits_log: dict[tuple[str, int], list[Any]] = {}
+        # the process's objects so far (torch, transformers, the tokenizer) stay for its life: move them out
+        # of the cyclic collector's full passes, which scan every tracked object and stall a step
+        gc.collect()
+        gc.freeze()
 
     # ---- set-up helpers ----------------------------------------------------------------------
     @staticmethod

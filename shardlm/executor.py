@@ -206,11 +206,10 @@ class Executor:
             wire.send(sock, {"cmd": "stats", "events": events, "reset": reset, "reset_experts": reset_experts})
         return {r: {k: v for k, v in m.items() if k != "event"} for r, m in self._expect_all("stats").items()}
 
-    def probe(self, sizes: list[int], iters: int, layer_iters: int, device_rates: bool) -> dict[str, Any]:
-        """Collective sweeps, layer host floor and (rank 0) device rates, as measured by rank 0."""
+    def probe(self, sizes: list[int], iters: int, device_rates: bool) -> dict[str, Any]:
+        """Collective sweeps and (rank 0) device rates, as measured by rank 0."""
         for sock in self.socks.values():
-            wire.send(sock, {"cmd": "probe", "sizes": sizes, "iters": iters, "layer_iters": layer_iters,
-                             "device_rates": device_rates})
+            wire.send(sock, {"cmd": "probe", "sizes": sizes, "iters": iters, "device_rates": device_rates})
         replies = self._expect_all("probe")
         return {k: v for k, v in replies[0].items() if k not in ("event", "rank")}
 

@@ -2,10 +2,12 @@
 
 For each TP group size (powers of two up to the GPUs, or 1-2 processes on CPU) it starts the
 engine on a tiny model with the real layer structure and measures, inside the workers:
-all-reduce / all-to-all / send-recv latency over message sizes on the engine's TP group, the
-host floor of one decoder layer (kernel launches + the layer's all-reduces), and on one device
-the copy bandwidth and GEMM rate. From the driver it times whole batch-1 decode steps, which
-gives the fixed per-step overhead. The output follows the schema in shardlm/planner/profile.py.
+all-reduce / all-to-all / send-recv latency over message sizes on the engine's TP group, and on
+one device the copy bandwidth and GEMM rate. From the driver it times whole engine steps of the
+tiny model at two depths (16 and 48 layers): the median batch-1 decode step grows by the host
+floor of each added layer (kernel launches + the layer's all-reduces), and what is left at zero
+layers is the step's own overhead; the first token of a few 128-token prompts gives a prefill
+step's. The output follows the schema in shardlm/planner/profile.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from typing import Any
@@ -22,7 +25,8 @@ from .llm import LLM
 
 GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 CPU_SIZES = [16 << 10, 256 << 10, 1 << 20]
-PROBE_MODEL = "random:probe-tiny"
+# the same tiny layer at two depths (the host floor per layer is the slope of the step time)
+PROBE_MODELS = ("random:probe-tiny", "random:probe-tiny-deep")
 
 
 def topology() -> dict[str, str]:
@@ -55,6 +59,14 @@ def _group_sizes(device: str, max_size: int | None) -> list[int]:
     return sizes
 
 
+def _host_times(llm: LLM) -> tuple[float, float]:
+    """(median batch-1 decode step, median time to the first token of a 128-token prompt), seconds."""
+    step = run_batch(llm, batch=1, input_len=8, output_len=64)["step_p50_ms"]
+    ttft = statistics.median(run_batch(llm, batch=1, input_len=128, output_len=2, seed=i)["ttft_ms"]
+                             for i in range(5))
+    return step / 1e3, ttft / 1e3
+
+
 def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> dict[str, Any]:
     from .engine import LLMEngine
 
@@ -62,25 +74,32 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
     gpu = device == "cuda"
     sizes, iters = (GPU_SIZES, 50) if gpu else (CPU_SIZES, 10)
     profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
-                               "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {}}
+                               "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},
+                               "prefill_overhead_us": {}}
     for n in _group_sizes(device, max_group):
         log(f"probe: group of {n} ...")
-        with LLM(PROBE_MODEL, tensor_parallel_size=n, device=device, max_model_len=512) as llm:
-            measured = llm.engine.executor.probe(sizes if n > 1 else [], iters, layer_iters=20 if gpu else 5,
-                                                 device_rates=n == 1)
-            step = run_batch(llm, batch=1, input_len=8, output_len=40)
-            layers = llm.engine.spec.config.num_hidden_layers
-        floor = measured["layer_floor_us"]
-        profile["layer_floor_us"][str(n)] = floor
-        profile["step_overhead_us"][str(n)] = max(0.0, step["step_p50_ms"] * 1e3 - layers * floor)
+        times = {}  # layers -> (decode step s, first token s)
+        for model in PROBE_MODELS:
+            with LLM(model, tensor_parallel_size=n, device=device, max_model_len=512) as llm:
+                if model == PROBE_MODELS[0]:
+                    measured = llm.engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1)
+                times[llm.engine.spec.config.num_hidden_layers] = _host_times(llm)
+        # the same engine at two depths: the step grows by the host floor of each added layer (tiny
+        # layers: their GPU work hides under the host's launching); the rest is the step's own overhead
+        (l1, (step1, ttft1)), (l2, (step2, ttft2)) = sorted(times.items())
+        floor = max(0.0, (step2 - step1) / (l2 - l1))
+        profile["layer_floor_us"][str(n)] = floor * 1e6
+        profile["step_overhead_us"][str(n)] = max(0.0, step1 - l1 * floor) * 1e6
+        prefill = (ttft1 - l1 * floor + ttft2 - l2 * floor) / 2
+        profile["prefill_overhead_us"][str(n)] = max(0.0, prefill) * 1e6
         if n == 1:
             profile["hbm_gbps"], profile["gemm_tflops"] = measured["hbm_gbps"], measured["gemm_tflops"]
         else:
             profile["allreduce"][str(n)] = measured["allreduce"]
             profile["all_to_all"][str(n)] = measured["all_to_all"]
             profile.setdefault("send_recv", measured["send_recv"])
-        log(f"probe: group of {n}: layer floor {floor:.0f} us, step overhead "
-            f"{profile['step_overhead_us'][str(n)]:.0f} us")
+        log(f"probe: group of {n}: layer floor {floor * 1e6:.0f} us, step overhead "
+            f"{profile['step_overhead_us'][str(n)]:.0f} us, prefill overhead {profile['prefill_overhead_us'][str(n)]:.0f} us")
     if gpu:
         import torch
 

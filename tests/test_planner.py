@@ -438,6 +438,13 @@ def test_host_floor_prefill_and_plan():
     head = 2 * 2 * 256 * 64 / 1e3  # logits of the 2 last tokens: 65.536 us
     assert _tiny_step(slow, 1, prefill=True, tokens=16, prompts=2) == pytest.approx(
         (1000 + 2 * layer + head) * 1e-6, rel=1e-9)
+    # a measured prefill overhead replaces the step overhead in prefill steps only
+    measured = {**gpu_bound, "prefill_overhead_us": {"1": 4000}}
+    assert _tiny_step(measured, 1, prefill=True, tokens=50) == pytest.approx(ttft + 3000e-6, rel=1e-9)
+    assert _tiny_step(measured, 1) == pytest.approx(_tiny_step(gpu_bound, 1), rel=1e-12)
+    plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(measured))
+    assert "1000 us per step (4000 prefilling)" in " ".join(plan.notes)
+    assert plan.assumptions["prefill_overhead_us_by_tp"] == {"1": pytest.approx(4000)}
 
 
 def test_host_table_interpolates_in_log2_tp():
@@ -486,6 +493,9 @@ def test_host_profile_fields_parse():
     ({"topology": "nvlink"}, "field 'topology'"),
     ({"engine": {"cuda_graphs": "no"}}, "field 'engine.cuda_graphs'"),
     ({"engine": []}, "field 'engine'"),
+    ({"prefill_overhead_us": {"1": -1}}, "field 'prefill_overhead_us.1'"),
+    ({"prefill_overhead_us": {"1": 5}, "step_overhead_us": None, "layer_floor_us": None},
+     "'prefill_overhead_us' needs 'step_overhead_us' and 'layer_floor_us'"),
 ])
 def test_malformed_host_fields_name_the_field(patch, msg):
     data = {**HOST, **patch}
@@ -543,6 +553,24 @@ def test_validate_errors_and_medians(measured_files):
     # |TTFT| 5, 15, 25, 100 -> median (15+25)/2; |TPOT| 10, 20, 30, 40 -> 25
     assert (v.median_abs_ttft_err_pct, v.median_abs_tpot_err_pct) == pytest.approx((20.0, 25.0))
     assert validate_files([a], profile=load_profile(prof)).median_abs_tpot_err_pct == pytest.approx(15.0)
+    assert v.median_abs_itl_err_pct is None and v.rows[0].itl_err_pct is None  # no itl_p50_ms in these files
+
+
+def test_validate_against_the_median_inter_token_latency(tmp_path):
+    """Where bench wrote itl_p50_ms, each row also compares the TPOT prediction with it."""
+    data = _measured("random:tiny-llama", [(1, 0, 0), (4, 0, 0), (8, 0, 0)])
+    for r, e in zip(data["results"], (-20, 10, 50)):  # the prediction is e% off each median
+        r["itl_p50_ms"] = PRED_MS / (1 + e / 100)
+    del data["results"][2]["itl_p50_ms"]  # a row without it is left out of the ITL median
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    v = validate_files([str(path)], profile=load_profile(HOST_TINY))
+    assert [r.itl_err_pct for r in v.rows] == [pytest.approx(-20), pytest.approx(10), None]
+    assert v.median_abs_itl_err_pct == pytest.approx(15.0) and v.median_abs_tpot_err_pct == pytest.approx(0, abs=1e-9)
+    data["results"][0]["itl_p50_ms"] = 0
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=re.escape("field 'results[0].itl_p50_ms'")):
+        validate_files([str(path)])
 
 
 def test_validate_reads_the_pipeline_and_expert_layout(tmp_path):
@@ -574,7 +602,7 @@ def test_validate_cli_table_and_json(measured_files, capsys):
     a, b, prof = measured_files
     assert main(["plan", "--validate", a, b, "--profile", prof]) == 0
     out = capsys.readouterr().out
-    assert "median |error| over 4 rows: TTFT 20.0%, TPOT 25.0%" in out and "+100%" in out and "-40%" in out
+    assert "median |error| over 4 rows: TTFT 20.0%, TPOT 25.0%\n" in out + "\n" and "+100%" in out and "-40%" in out
     assert main(["plan", "--validate", a, b, "--profile", prof, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["median_abs_tpot_err_pct"] == pytest.approx(25.0) and len(data["rows"]) == 4

@@ -14,13 +14,17 @@ def test_probe_writes_a_profile_the_planner_reads(tmp_path):
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
     assert data["topology"]["interconnect"] == "cpu" and "gpu_count" not in data
-    assert set(data["layer_floor_us"]) == {"1", "2"} and set(data["step_overhead_us"]) == {"1", "2"}
+    for key in ("layer_floor_us", "step_overhead_us", "prefill_overhead_us"):
+        assert set(data[key]) == {"1", "2"}, key
     assert all(v > 0 for v in data["layer_floor_us"].values())
+    # a prefill step (128 prompt tokens) costs the host at least what a decode step does
+    assert all(data["prefill_overhead_us"][k] >= data["step_overhead_us"][k] * 0.5 for k in ("1", "2"))
     assert data["hbm_gbps"] > 0.1 and data["gemm_tflops"] > 1e-4
     sweep = data["allreduce"]["2"]
     assert [b for b, _ in sweep] == [16384, 262144, 1048576] and all(us > 0 for _, us in sweep)
     assert len(data["all_to_all"]["2"]) == 3 and len(data["send_recv"]) == 3
-    load_profile(str(out))  # the planner validates it without complaint
+    prof = load_profile(str(out))  # the planner validates it without complaint
+    assert prof.host_calibrated and prof.prefill_overhead.at(2) == data["prefill_overhead_us"]["2"]
 
 
 def test_probe_rejects_bad_group_size(tmp_path):

@@ -10,7 +10,7 @@ chunked prefill and cached prefixes are the same code path.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,20 @@ class AttentionMetadata:
     unpad_index: torch.Tensor
     """[tokens] position of each flat token in the padded [seqs * max_q] layout"""
     mask: torch.Tensor
-    """[seqs, 1, max_q, max_ctx] True where a query may attend a key"""
+    """[seqs, 1, max_q, max_ctx] additive: 0 where a query may attend a key, -inf where not (in the
+    model's dtype, so attention does not convert a boolean mask in every layer)"""
     decode_only: bool
     """every sequence brings exactly one token: the flat tokens are already [seqs, 1]"""
+    folded_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    """mask per GQA group size, repeated over the folded query rows (see PagedAttention); built once per step"""
+
+    def mask_for_group(self, group: int) -> torch.Tensor:
+        """The mask for queries laid out [seqs, kv_heads, group * max_q]: row g * max_q + i is query i."""
+        if self.decode_only or group == 1:
+            return self.mask  # one query row per sequence (or no folding): broadcasts as it is
+        if group not in self.folded_masks:
+            self.folded_masks[group] = self.mask.repeat(1, 1, group, 1)
+        return self.folded_masks[group]
 
 
 # Optional padding of the gathered context to a multiple of CTX_BUCKET positions (masked out), so
@@ -43,7 +54,7 @@ CTX_BUCKET = int(os.environ.get("SHARDLM_CTX_BUCKET", "1"))
 
 
 def build_metadata(starts: list[int], q_lens: list[int], block_tables: list[list[int]], block_size: int,
-                   device: torch.device) -> AttentionMetadata:
+                   device: torch.device, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
     """Index tensors for one step; built on the CPU and moved in one go."""
     n = len(starts)
     ctx_lens = [s + q for s, q in zip(starts, q_lens)]
@@ -71,7 +82,8 @@ def build_metadata(starts: list[int], q_lens: list[int], block_tables: list[list
     slot_mapping = tables[flat_seq, flat_pos // block_size] * block_size + flat_pos % block_size
 
     # query i of sequence b sits at absolute position start_b + i and sees keys 0..start_b + i
-    mask = (pos.view(1, 1, -1) <= (start_t.view(-1, 1, 1) + qpos.view(1, -1, 1))) & valid_key.unsqueeze(1)
+    allowed = (pos.view(1, 1, -1) <= (start_t.view(-1, 1, 1) + qpos.view(1, -1, 1))) & valid_key.unsqueeze(1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(device, non_blocking=True),
         context_slots=context_slots.to(device, non_blocking=True),
@@ -87,6 +99,11 @@ class PagedAttention(nn.Module):
 
     kv_index[i] is the local KV head of local query head i. It is uniform (each KV head serves
     n_q / n_kv consecutive query heads) except when a TP split cuts through a GQA group.
+
+    Grouped-query attention folds each KV head's group of query heads into the query length
+    ([seqs, n_kv, group * max_q, d] against [seqs, n_kv, ctx, d]) instead of asking SDPA for
+    enable_gqa: on CUDA that path repeats K/V with repeat_interleave, which waits for the GPU in
+    every layer once the batch has more than one sequence (measured: docs/PERFORMANCE.md).
     """
 
     def __init__(self, n_q: int, n_kv: int, head_dim: int, kv_index: tuple[int, ...], device: torch.device):
@@ -110,16 +127,22 @@ class PagedAttention(nn.Module):
         flat_slots = meta.context_slots.view(-1)
         keys = self.k_cache.index_select(0, flat_slots).view(n_seqs, max_ctx, self.n_kv, self.head_dim)
         values = self.v_cache.index_select(0, flat_slots).view(n_seqs, max_ctx, self.n_kv, self.head_dim)
-        if not self.uniform:  # a GQA group split across ranks: give each query head its own copy
+        if self.uniform:
+            kv_heads, group = self.n_kv, self.n_q // self.n_kv
+        else:  # a GQA group split across ranks: give each query head its own copy
             keys = keys.index_select(2, self.kv_index)
             values = values.index_select(2, self.kv_index)
+            kv_heads, group = self.n_q, 1
+        d = self.head_dim
         if meta.decode_only:
-            qp = q.unsqueeze(1)  # [seqs, 1, n_q, d]
+            qp = q.view(n_seqs, 1, self.n_q, d)
         else:
-            qp = q.index_select(0, meta.q_index.view(-1)).view(n_seqs, -1, self.n_q, self.head_dim)
+            qp = q.index_select(0, meta.q_index.view(-1)).view(n_seqs, -1, self.n_q, d)
+        max_q = qp.shape[1]
+        # [seqs, max_q, kv_heads * group, d] -> [seqs, kv_heads, group * max_q, d]
+        qp = qp.view(n_seqs, max_q, kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(n_seqs, kv_heads, group * max_q, d)
         out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.mask,
-            scale=self.scale, enable_gqa=self.uniform and self.n_q != self.n_kv,
-        )  # [seqs, n_q, max_q, d]
-        out = out.transpose(1, 2).reshape(-1, self.n_q * self.head_dim)
+            qp, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.mask_for_group(group), scale=self.scale,
+        )  # [seqs, kv_heads, group * max_q, d]
+        out = out.view(n_seqs, kv_heads, group, max_q, d).permute(0, 3, 1, 2, 4).reshape(-1, self.n_q * d)
         return out if meta.decode_only else out.index_select(0, meta.unpad_index)  # [tokens, n_q * d]

@@ -15,9 +15,10 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   MoE           distinct experts read per layer E(1-(1-k/E)^B); all-to-all dispatch + combine
                 2*k*h*b*(e-1)/e bytes per layer per token.
   prefill       2*N*s + 2*L*n_h*d*s^2 FLOPs (causal), logits only for the sampled token.
-  host          with a profile's measured host floor (profile.py): per stage, step_overhead[tp] +
-                sum over layers of max(layer_floor[tp], layer GPU time + its collectives) + the
-                non-layer GPU work; without it, graph-captured decode (Efficiency's floor and overhead).
+  host          with a profile's measured host floor (profile.py): per stage, step_overhead[tp]
+                (prefill_overhead[tp] for a prefill, if measured) + sum over layers of
+                max(layer_floor[tp], layer GPU time + its collectives) + the non-layer GPU work;
+                without it, graph-captured decode (Efficiency's floor and overhead).
 """
 
 from __future__ import annotations
@@ -248,6 +249,12 @@ class CostModel:
             return self.profile.step_overhead.at(tp) * 1e-6
         return self.eff.step_overhead_us * 1e-6
 
+    def prefill_overhead_s(self, tp: int) -> float:
+        """Host time of a prefill step outside the layers: measured if the profile has it, else the step's."""
+        if self.host_calibrated and self.profile.prefill_overhead is not None:
+            return self.profile.prefill_overhead.at(tp) * 1e-6
+        return self.step_overhead_s(tp)
+
     def layer_floor_s(self, tp: int) -> float:
         """Least time one layer takes: the measured host floor (host mode) or Efficiency's graph floor."""
         if self.host_calibrated:
@@ -373,7 +380,7 @@ class CostModel:
                           sh.n_layers * self.eff.layer_floor_us * 1e-6)
             return StepCost(compute, comm, nbytes, flops)
         floor = self.layer_floor_s(layout.tp)
-        compute, host = 0.0, self.step_overhead_s(layout.tp)
+        compute, host = 0.0, self.prefill_overhead_s(layout.tp) if prefill else self.step_overhead_s(layout.tp)
         for i, w in enumerate(work):
             gpu = max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
             compute += w.count * gpu

@@ -332,8 +332,9 @@ def _host_notes(cm: CostModel, layouts: list[ParallelLayout], cluster: Cluster) 
     notes = []
     if cm.host_calibrated:
         graphs = {True: ", CUDA graphs on", False: ", eager (no CUDA graphs)"}.get(prof.cuda_graphs, "")
-        per_tp = "; ".join(f"tp={t}: {prof.step_overhead.at(t):.0f} us per step + {prof.layer_floor.at(t):.0f} us "
-                           "per layer" for t in sorted({lay.tp for lay in layouts}))
+        per_tp = "; ".join(f"tp={t}: {prof.step_overhead.at(t):.0f} us per step"
+                           + (f" ({prof.prefill_overhead.at(t):.0f} prefilling)" if prof.prefill_overhead else "")
+                           + f" + {prof.layer_floor.at(t):.0f} us per layer" for t in sorted({lay.tp for lay in layouts}))
         notes.append(f"host time measured{graphs}: {per_tp} (a layer costs the larger of that floor and its "
                      "GPU work + collectives)")
     else:
@@ -412,6 +413,7 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
         tps = sorted({lay.tp for lay in layouts})
         assumptions["step_overhead_us_by_tp"] = {str(t): profile.step_overhead.at(t) for t in tps}
         assumptions["layer_floor_us_by_tp"] = {str(t): profile.layer_floor.at(t) for t in tps}
+        assumptions["prefill_overhead_us_by_tp"] = {str(t): cm.prefill_overhead_s(t) * 1e6 for t in tps}
     return Plan(model, cluster, wl, results, rec, reason, assumptions, notes)
 
 

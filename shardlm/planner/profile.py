@@ -30,6 +30,10 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             size (launching the layer's kernels and its 2 all-reduces,
                                             measured on a tiny model: ~no GPU work). Needs
                                             "step_overhead_us".
+      "prefill_overhead_us": {"1": 9000, ...},
+                                            optional: like step_overhead_us, for a step that prefills a
+                                            prompt (prompt indexing, the first-token path); without it a
+                                            prefill step costs step_overhead_us. Needs the two above.
       "topology": {"interconnect": "nvlink", "raw": "GPU0 GPU1 ..."}
                                             optional, informational: "interconnect" is one of nvlink,
                                             pcie, cpu, unknown; "raw" (optional) the nvidia-smi topo text
@@ -51,7 +55,8 @@ work overlap and the slower wins. One stage's step (decode or prefill) is
     + the stage's non-layer GPU work (embedding all-reduce, LM head, logits all-gather)
 
 (the sampler waits for the logits, so that last term does not hide under host time; its host cost is
-in step_overhead_us). Without the two fields the model assumes graph-captured decode (cost.Efficiency:
+in step_overhead_us); a prefill step takes prefill_overhead_us[tp] instead of step_overhead_us[tp] where
+the profile has it. Without the two fields the model assumes graph-captured decode (cost.Efficiency:
 a 15 us layer floor, 500 us per step). TP sizes that were not measured: between two measured sizes,
 linear in log2(tp); below the smallest, the smallest's value; above the largest, the last segment is
 extended linearly in log2(tp) (launch skew grows with the ranks), never below the largest's value;
@@ -165,6 +170,8 @@ class Profile:
     """Host time of one engine step outside the layers, per TP size (us), if measured."""
     layer_floor: HostTable | None = None
     """Host time per decoder layer per step, per TP size (us), if measured."""
+    prefill_overhead: HostTable | None = None
+    """Host time of a prefill step outside the layers, per TP size (us), if measured (else step_overhead's)."""
     topology: str | None = None
     """Measured link between the GPUs: nvlink, pcie, cpu or unknown (informational)."""
     topology_raw: str | None = None
@@ -255,6 +262,11 @@ def _host_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
     if have:
         out["step_overhead"] = _host_table(data["step_overhead_us"], source, "step_overhead_us")
         out["layer_floor"] = _host_table(data["layer_floor_us"], source, "layer_floor_us")
+    if "prefill_overhead_us" in data:
+        if not have:
+            raise PlanError(f"{source}: field 'prefill_overhead_us' needs 'step_overhead_us' and 'layer_floor_us' "
+                            "too (the host model uses them); add them or remove 'prefill_overhead_us'")
+        out["prefill_overhead"] = _host_table(data["prefill_overhead_us"], source, "prefill_overhead_us")
     if "topology" in data:
         topo = data["topology"]
         if not isinstance(topo, dict):

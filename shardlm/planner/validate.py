@@ -15,7 +15,9 @@ ep=expert_parallel_size (default 1), dp=1 on one node, and the planner predicts
         (the mean context over the run),
 with the GPU, interconnect and profile given on the command line. The signed error is
 100 * (predicted - measured) / measured; the summary is the median of its absolute values. The measured
-TPOT is the mean step (tpot_ms); tpot_p50_ms, when present, is carried along in the JSON.
+TPOT is the mean step (tpot_ms), host jitter and all. Where the file has itl_p50_ms (the median gap
+between two tokens of a request; bench writes it) the prediction is also compared with that, the typical
+step without the tail; tpot_p50_ms, when present, is carried along in the JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ class MeasuredRow:
     tpot_ms: float
     """Measured mean decode step, ms."""
     tpot_p50_ms: float | None = None
-    """Measured median decode step, ms, if the file has it."""
+    """Measured median over requests of their mean decode step, ms, if the file has it."""
+    itl_p50_ms: float | None = None
+    """Measured median inter-token latency, ms, if the file has it."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,11 @@ class ValidationRow:
     tpot_err_pct: float
     """100 * (predicted - measured) / measured."""
     tpot_p50_ms_meas: float | None = None
-    """Measured median decode step, ms, if the file has it."""
+    """Measured median over requests of their mean decode step, ms, if the file has it."""
+    itl_p50_ms_meas: float | None = None
+    """Measured median inter-token latency, ms, if the file has it."""
+    itl_err_pct: float | None = None
+    """100 * (predicted TPOT - median inter-token latency) / that latency, if measured."""
 
 
 @dataclass
@@ -124,6 +132,8 @@ class Validation:
     """Median of |TTFT error %| over all rows."""
     median_abs_tpot_err_pct: float
     """Median of |TPOT error %| over all rows."""
+    median_abs_itl_err_pct: float | None
+    """Median of |error %| against the median inter-token latency, over the rows that have it."""
     gpu: str
     """GPU preset predicted for."""
     interconnect: str
@@ -187,12 +197,13 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
         for key in ("batch", "input_len", "output_len", "ttft_ms", "tpot_ms"):
             if key not in r:
                 raise PlanError(f"measured file {path}: {where} is missing field {key!r}")
-        p50 = r.get("tpot_p50_ms")
+        p50, itl = r.get("tpot_p50_ms"), r.get("itl_p50_ms")
         rows.append(MeasuredRow(
             batch=_int(r["batch"], path, f"{where}.batch"), input_len=_int(r["input_len"], path, f"{where}.input_len"),
             output_len=_int(r["output_len"], path, f"{where}.output_len"),
             ttft_ms=_ms(r["ttft_ms"], path, f"{where}.ttft_ms"), tpot_ms=_ms(r["tpot_ms"], path, f"{where}.tpot_ms"),
-            tpot_p50_ms=None if p50 is None else _ms(p50, path, f"{where}.tpot_p50_ms")))
+            tpot_p50_ms=None if p50 is None else _ms(p50, path, f"{where}.tpot_p50_ms"),
+            itl_p50_ms=None if itl is None else _ms(itl, path, f"{where}.itl_p50_ms")))
     return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows),
                         pp=pp, ep=ep)
 
@@ -263,11 +274,14 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
                 input_len=r.input_len, output_len=r.output_len, context=ctx,
                 ttft_ms_pred=ttft * 1e3, ttft_ms_meas=r.ttft_ms, ttft_err_pct=_err(ttft * 1e3, r.ttft_ms),
                 tpot_ms_pred=tpot * 1e3, tpot_ms_meas=r.tpot_ms, tpot_err_pct=_err(tpot * 1e3, r.tpot_ms),
-                tpot_p50_ms_meas=r.tpot_p50_ms))
+                tpot_p50_ms_meas=r.tpot_p50_ms, itl_p50_ms_meas=r.itl_p50_ms,
+                itl_err_pct=None if r.itl_p50_ms is None else _err(tpot * 1e3, r.itl_p50_ms)))
+    itl_errs = [abs(r.itl_err_pct) for r in rows if r.itl_err_pct is not None]
     return Validation(
         rows=rows,
         median_abs_ttft_err_pct=statistics.median(abs(r.ttft_err_pct) for r in rows),
         median_abs_tpot_err_pct=statistics.median(abs(r.tpot_err_pct) for r in rows),
+        median_abs_itl_err_pct=statistics.median(itl_errs) if itl_errs else None,
         gpu=gpu, interconnect=interconnect, hardware_source="profile" if profile else "datasheet",
         host_model=host, notes=notes)
 
@@ -278,18 +292,22 @@ def format_validation(v: Validation) -> str:
             else "graph-captured host assumptions (no measured host time)")
     lines = [f"validate  predicted on {v.gpu}, {v.interconnect}; {v.hardware_source} hardware numbers, {host}", ""]
     head = (f"{'file':<24} {'model':<20} {'layout':<15} {'batch':>5} {'in/out':>9}  "
-            f"{'TTFT pred':>9} {'meas':>8} {'err':>7}  {'TPOT pred':>9} {'meas':>8} {'err':>7}")
+            f"{'TTFT pred':>9} {'meas':>8} {'err':>7}  {'TPOT pred':>9} {'meas':>8} {'err':>7}  {'ITL p50':>8} {'err':>7}")
     lines.append(head)
     for r in v.rows:
         name = r.file if len(r.file) <= 24 else "..." + r.file[-21:]
         model = r.model if len(r.model) <= 20 else "..." + r.model[-17:]
         lines.append(f"{name:<24} {model:<20} {r.layout:<15} {r.batch:>5} {f'{r.input_len}/{r.output_len}':>9}  "
                      f"{r.ttft_ms_pred:>9.1f} {r.ttft_ms_meas:>8.1f} {r.ttft_err_pct:>+6.0f}%  "
-                     f"{r.tpot_ms_pred:>9.2f} {r.tpot_ms_meas:>8.2f} {r.tpot_err_pct:>+6.0f}%")
-    lines += ["", "times in ms; err = (predicted - measured) / measured; TPOT measured = mean decode step"]
+                     f"{r.tpot_ms_pred:>9.2f} {r.tpot_ms_meas:>8.2f} {r.tpot_err_pct:>+6.0f}%  "
+                     + (f"{r.itl_p50_ms_meas:>8.2f} {r.itl_err_pct:>+6.0f}%" if r.itl_err_pct is not None
+                        else f"{'-':>8} {'-':>7}"))
+    lines += ["", "times in ms; err = (predicted - measured) / measured; TPOT measured = mean decode step; "
+              "ITL p50 = median inter-token latency (the TPOT prediction against the typical step)"]
     lines += [f"note: {n}" for n in v.notes]
+    itl = "" if v.median_abs_itl_err_pct is None else f", TPOT vs ITL p50 {v.median_abs_itl_err_pct:.1f}%"
     lines.append(f"median |error| over {len(v.rows)} rows: TTFT {v.median_abs_ttft_err_pct:.1f}%, "
-                 f"TPOT {v.median_abs_tpot_err_pct:.1f}%")
+                 f"TPOT {v.median_abs_tpot_err_pct:.1f}%{itl}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ Any failure is reported to the driver as a message before the process exits.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -61,6 +62,12 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
         # makes a new shape every step (context + 1, batch changes): measured in docs/PERFORMANCE.md.
         # SHARDLM_CUDNN_SDPA=1 turns it back on.
         torch.backends.cuda.enable_cudnn_sdp(os.environ.get("SHARDLM_CUDNN_SDPA") == "1")
+        # The host only builds small index tensors; torch's default intra-op pool (one thread per core
+        # in every worker) made the hosts of a 4-worker node fight for cores: decode steps at batch >= 8
+        # took 1.5-2.5x as long (docs/PERFORMANCE.md). SHARDLM_GPU_WORKER_THREADS=0 keeps torch's default.
+        threads = int(os.environ.get("SHARDLM_GPU_WORKER_THREADS", "1"))
+        if threads > 0:
+            torch.set_num_threads(threads)
     else:
         device = torch.device("cpu")
         backend = "gloo"
@@ -76,6 +83,10 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     runner.reset_accounting()  # the profiling forward is not part of the run
     runner.tracing = bool(init.get("trace"))
     wire.send(sock, {"event": "ready", "rank": rank, "load_s": load_s, "block_bytes": runner.block_bytes(), **cap})
+    # what exists now (modules, parameters, imported libraries) lives as long as the worker: keep it out
+    # of the cyclic collector's full passes, which otherwise stall a step now and then
+    gc.collect()
+    gc.freeze()
 
     # debugging aid: SHARDLM_CPROFILE_STEPS=N prints a cProfile of steps 10..10+N of rank 0 to stderr
     cprofile_steps = int(os.environ.get("SHARDLM_CPROFILE_STEPS", "0")) if rank == 0 else 0
@@ -105,7 +116,6 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
             from . import probe
 
             result = probe.collectives(runner, msg["sizes"], msg["iters"])
-            result["layer_floor_us"] = probe.layer_floor(runner, msg["layer_iters"])
             if msg.get("device_rates") and ctx.rank == 0:
                 result.update(probe.device_rates(device))
             wire.send(sock, {"event": "probe", "rank": rank, **result})

@@ -1,9 +1,9 @@
 """Measurements taken inside the workers for `shardlm probe`, through the engine's own code paths.
 
 - collectives on the TP group via ParallelContext (the path the layers use);
-- the device: copy bandwidth and GEMM rate;
-- the host floor of one decoder layer: the engine's real layer at a tiny shape, batch-1 decode,
-  where launching kernels (and the layer's two all-reduces) is all the time there is.
+- the device: copy bandwidth and GEMM rate.
+(The host's time per layer and per step is timed from the driver, through whole engine steps:
+shardlm/probe.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..layers.attention import build_metadata
 from .runner import ModelRunner
 
 
@@ -81,21 +80,3 @@ def device_rates(device: torch.device) -> dict[str, float]:
     b = torch.randn(n, n, device=device).to(dtype)
     gemm_s = _timed(lambda: a @ b, device, iters=20 if gpu else 3)
     return {"hbm_gbps": 2 * nbytes / copy_s / 1e9, "gemm_tflops": 2 * n ** 3 / gemm_s / 1e12}
-
-
-@torch.inference_mode()
-def layer_floor(runner: ModelRunner, iters: int) -> float:
-    """Microseconds per decoder layer for a batch-1 decode step (all layers, no sampling)."""
-    model, dev = runner.model, runner.ctx.device
-    start = 8  # a few cached tokens, as in a real decode
-    meta = build_metadata([start], [1], [[0]], runner.block_size, dev)
-    x = torch.randn(1, model.config.hidden_size, device=dev).to(runner.dtype)
-    rope = model.model.rotary.lookup(torch.tensor([start], device=dev), x.dtype)
-    layers = list(model.model.layers)
-
-    def one_pass() -> None:
-        h = x
-        for layer in layers:
-            h = layer(rope, h, meta)
-
-    return _timed(one_pass, dev, iters) / len(layers) * 1e6

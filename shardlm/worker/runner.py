@@ -33,6 +33,9 @@ class ModelRunner:
         self.window: list[float] = []  # [first step start, last step end]
         self.tracing = False
         self.events: list[tuple[str, str, float, float]] = []  # (name, category, start, end)
+        # last step: (seconds the host took to queue the layers, seconds from then to the end:
+        # logits, sampling and waiting for the GPU)
+        self.last_split = (0.0, 0.0)
 
     def record(self, name: str, category: str, start: float, end: float) -> None:
         if category == "compute":
@@ -115,6 +118,12 @@ class ModelRunner:
         # the step runs again here: keep it out of the routing statistics
         counts = {i: m.tokens_per_expert.clone() for i, m in self.moe.items()}
         steps = len(self.step_rows)
+        # first unprofiled: how long the host takes to issue the step vs. how long it then waits
+        t0 = time.perf_counter()
+        self.execute(plan)
+        self._sync()
+        plain_wall = time.perf_counter() - t0
+        issue, wait = self.last_split
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             self.execute(plan)
@@ -127,10 +136,14 @@ class ModelRunner:
         # send/recv kernels are the MoE all-to-all (and the pipeline hand-off); the rest of NCCL is
         # the TP all-reduce / all-gather
         kinds = {"communication": 0.0, "send_recv": 0.0, "gemm": 0.0, "attention": 0.0, "other": 0.0}
+        kernels, cpu_ops = [], []
         for evt in prof.key_averages():
+            if evt.device_type.name == "CPU" and evt.self_cpu_time_total > 0:
+                cpu_ops.append((evt.self_cpu_time_total, evt.key, evt.count))
             us = getattr(evt, "self_device_time_total", 0.0) or 0.0
             if us <= 0 or evt.device_type.name != "CUDA":
                 continue
+            kernels.append((us, evt.key, evt.count))
             name = evt.key.lower()
             if "nccl" in name and "sendrecv" in name:
                 kinds["send_recv"] += us
@@ -145,6 +158,12 @@ class ModelRunner:
         kinds = {f"{k}_us": v for k, v in kinds.items()}
         kinds["gpu_busy_us"] = sum(kinds.values())
         kinds["wall_us"] = wall * 1e6
+        kinds["unprofiled_wall_us"] = plain_wall * 1e6
+        kinds["host_issue_us"], kinds["host_wait_us"] = issue * 1e6, wait * 1e6
+        kinds["kernel_launches"] = sum(n for _, _, n in kernels)
+        # the largest items, to say where a step's time goes: [name, us, calls]
+        kinds["top_kernels"] = [[k[:120], round(us, 1), n] for us, k, n in sorted(kernels, reverse=True)[:12]]
+        kinds["top_cpu_ops"] = [[k[:120], round(us, 1), n] for us, k, n in sorted(cpu_ops, reverse=True)[:12]]
         return kinds
 
     @torch.inference_mode()
@@ -158,7 +177,8 @@ class ModelRunner:
         ids = torch.tensor([t for s in seqs for t in s["tokens"]], dtype=torch.long)
         positions = torch.cat([torch.arange(s["start"], s["start"] + len(s["tokens"])) for s in seqs])
         q_lens = [len(s["tokens"]) for s in seqs]
-        meta = build_metadata([s["start"] for s in seqs], q_lens, [s["blocks"] for s in seqs], self.block_size, dev)
+        meta = build_metadata([s["start"] for s in seqs], q_lens, [s["blocks"] for s in seqs], self.block_size, dev,
+                              self.dtype)
         t0 = time.time()
         if self.ctx.is_first_stage:
             x = ids.to(dev, non_blocking=True)
@@ -168,6 +188,7 @@ class ModelRunner:
             self.record("recv activations", "communication", t0, time.time())
         t1 = time.time()
         hidden = self.model(x, positions.to(dev, non_blocking=True), meta)
+        issued = time.time()  # the host has queued every layer; the GPU may still be behind
         if self.moe:  # a device scalar per step: read when the stats are asked for, not now
             self.step_rows.append(sum(m.rows for m in self.moe.values()))  # a new tensor: 0 + rows + ...
             for m in self.moe.values():
@@ -175,6 +196,7 @@ class ModelRunner:
         if not self.ctx.is_last_stage:
             self._sync()
             t2 = time.time()
+            self.last_split = (issued - t1, t2 - issued)
             self.record(f"forward {len(ids)} tokens", "compute", t1, t2)
             self.ctx.send_next_stage(hidden)
             self._sync()
@@ -197,6 +219,7 @@ class ModelRunner:
                     arrays = {"logits": logits.cpu().numpy()}
         self._sync()
         t2 = time.time()
+        self.last_split = (issued - t1, t2 - issued)
         self.record(f"forward {len(ids)} tokens" + (" + sample" if rows else ""), "compute", t1, t2)
         self.window = [self.window[0] if self.window else t0, t2]
         return results, arrays
