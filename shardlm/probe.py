@@ -4,14 +4,15 @@ For each TP group size (powers of two up to the GPUs, or 1-2 processes on CPU) i
 engine on a tiny model with the real layer structure and measures, inside the workers:
 all-reduce / all-to-all / send-recv latency over message sizes on the engine's TP group, and on
 one device the copy bandwidth and GEMM rate. From the driver it times whole engine steps of the
-tiny model at two depths (16 and 48 layers): the median batch-1 decode step grows by the host
-floor of each added layer (kernel launches + the layer's all-reduces), and what is left at zero
-layers is the step's own overhead; the first token of a few 128-token prompts gives a prefill
-step's. The output follows the schema in shardlm/planner/profile.py.
+tiny model at two depths (16 and 48 layers, both up at once, taking turns): the median batch-1
+decode step grows by the host floor of each added layer (kernel launches + the layer's
+all-reduces), and what is left at zero layers is the step's own overhead; the first token of a
+128-token prompt gives a prefill step's. The output follows the schema in shardlm/planner/profile.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -60,11 +61,30 @@ def _group_sizes(device: str, max_size: int | None) -> list[int]:
 
 
 def _host_times(llm: LLM) -> tuple[float, float]:
-    """(median batch-1 decode step, median time to the first token of a 128-token prompt), seconds."""
-    step = run_batch(llm, batch=1, input_len=8, output_len=64)["step_p50_ms"]
-    ttft = statistics.median(run_batch(llm, batch=1, input_len=128, output_len=2, seed=i)["ttft_ms"]
-                             for i in range(5))
+    """(median batch-1 decode step, time to the first token of a 128-token prompt), seconds."""
+    step = run_batch(llm, batch=1, input_len=8, output_len=48)["step_p50_ms"]
+    ttft = run_batch(llm, batch=1, input_len=128, output_len=2)["ttft_ms"]
     return step / 1e3, ttft / 1e3
+
+
+def _depth_times(n: int, device: str, rounds: int = 3) -> tuple[dict[int, tuple[float, float]], dict[str, Any]]:
+    """Host times of the probe model at each depth, and the collective/device measurements.
+
+    Both depths stay up side by side and take turns, `rounds` times; each number is the median over
+    the rounds, so a slow spell of a shared host weighs on both depths alike.
+    """
+    sizes, iters = (GPU_SIZES, 50) if device == "cuda" else (CPU_SIZES, 10)
+    with contextlib.ExitStack() as stack:
+        llms = [stack.enter_context(LLM(m, tensor_parallel_size=n, device=device, max_model_len=512,
+                                        kv_cache_memory_bytes=256 << 20)) for m in PROBE_MODELS]
+        measured = llms[0].engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1)
+        samples: dict[int, list[tuple[float, float]]] = {}
+        for _ in range(rounds):
+            for llm in llms:
+                samples.setdefault(llm.engine.spec.config.num_hidden_layers, []).append(_host_times(llm))
+    times = {layers: (statistics.median(s for s, _ in got), statistics.median(t for _, t in got))
+             for layers, got in samples.items()}
+    return times, measured
 
 
 def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> dict[str, Any]:
@@ -72,18 +92,12 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
 
     device = LLMEngine._pick_device(device)
     gpu = device == "cuda"
-    sizes, iters = (GPU_SIZES, 50) if gpu else (CPU_SIZES, 10)
     profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
                                "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},
                                "prefill_overhead_us": {}}
     for n in _group_sizes(device, max_group):
         log(f"probe: group of {n} ...")
-        times = {}  # layers -> (decode step s, first token s)
-        for model in PROBE_MODELS:
-            with LLM(model, tensor_parallel_size=n, device=device, max_model_len=512) as llm:
-                if model == PROBE_MODELS[0]:
-                    measured = llm.engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1)
-                times[llm.engine.spec.config.num_hidden_layers] = _host_times(llm)
+        times, measured = _depth_times(n, device)
         # the same engine at two depths: the step grows by the host floor of each added layer (tiny
         # layers: their GPU work hides under the host's launching); the rest is the step's own overhead
         (l1, (step1, ttft1)), (l2, (step2, ttft2)) = sorted(times.items())
