@@ -2,6 +2,7 @@
 # Issue 6 on the GPU host: probe the machine, then measure what the planner will predict.
 # Afterwards, here: shardlm plan --validate $OUT/bench-*.json --profile $OUT/probe.json --gpu h100-80gb
 # LAYOUTS: bench file name:flags entries separated by ';' (default: TP 1/2/4; add e.g. "pp4:-pp 4").
+# REPEATS: rounds per bench (the median of each timing is reported).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -11,6 +12,6 @@ timeout 240 python3 -m shardlm.cli probe --out "$OUT/probe.json" 2>&1 | grep -v 
 IFS=';' read -ra layouts <<< "${LAYOUTS:-tp1:-tp 1;tp2:-tp 2;tp4:-tp 4}"
 for cfg in "${layouts[@]}"; do
   name=${cfg%%:*}; flags=${cfg#*:}
-  timeout 200 python3 -m shardlm.cli bench latency --model random:llama-3-8b $flags --batch-sizes 1,8,32 \
+  timeout 200 python3 -m shardlm.cli bench latency --model random:llama-3-8b $flags --batch-sizes 1,8,32 --repeats "${REPEATS:-1}" \
     --input-len 128 --output-len 64 --json "$OUT/bench-$name.json" 2>&1 | grep -E "^ +[0-9]|batch" | sed "s/^/[$name] /"
 done

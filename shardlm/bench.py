@@ -76,12 +76,30 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
 
 
 def run_latency(llm: LLM, batch_sizes: list[int], input_len: int, output_len: int, warmup: bool = True,
-                profile: bool = False) -> list[dict[str, Any]]:
+                profile: bool = False, repeats: int = 1) -> list[dict[str, Any]]:
+    """One result per batch size. With repeats > 1 the batch sizes run in turn, `repeats` rounds, and
+    each result holds the median over the rounds (a slow spell of a shared host then hits one round of
+    every batch size instead of every round of one)."""
     if warmup:  # first-touch allocations, NCCL communicators, and each batch size's kernels (loaded lazily)
         for b in sorted(set(batch_sizes), reverse=True):
             run_batch(llm, b, input_len, min(output_len, 8), seed=99)
-    return [run_batch(llm, b, input_len, output_len, seed=b, profile_after=5 if profile else None)
-            for b in batch_sizes]
+    rounds = [[run_batch(llm, b, input_len, output_len, seed=b + 1000 * r,
+                         profile_after=5 if profile and r == 0 else None) for b in batch_sizes]
+              for r in range(repeats)]
+    return rounds[0] if repeats == 1 else [_median_over_rounds(list(rows)) for rows in zip(*rounds)]
+
+
+def _median_over_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch size's rounds as one result: every timing is the median over the rounds."""
+    out = dict(rows[0])  # batch, lengths and the profiled step come from the first round
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    out["idle_fraction_by_rank"] = {rank: statistics.median(r["idle_fraction_by_rank"][rank] for r in rows)
+                                    for rank in rows[0]["idle_fraction_by_rank"]}
+    out["repeats"] = len(rows)
+    out["tpot_ms_by_round"] = [r["tpot_ms"] for r in rows]
+    return out
 
 
 def add_bench_parser(sub) -> None:
@@ -91,6 +109,8 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     lat.add_argument("--input-len", type=int, default=128)
     lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--repeats", type=int, default=1,
+                     help="run the batch sizes this many rounds, in turn, and report the median of each timing")
     lat.add_argument("--profile", action="store_true", help="profile one decode step per batch size (GPU kernel time by kind)")
     lat.add_argument("--json", default=None, help="write results to this file")
     lat.add_argument("--plot", default=None, help="write a PNG of TTFT and TPOT (p50, p99) per batch size")
@@ -136,11 +156,14 @@ def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
         raise ValueError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     if any(b < 1 for b in batch_sizes) or args.input_len < 1 or args.output_len < 2:
         raise ValueError("batch sizes and --input-len must be >= 1, --output-len >= 2")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     longest = max(batch_sizes) * args.input_len
     engine_kwargs.setdefault("max_num_batched_tokens", max(longest, 2048))
     engine_kwargs["max_num_seqs"] = max(engine_kwargs.get("max_num_seqs", 256), max(batch_sizes))
     with LLM(**engine_kwargs) as llm:
-        results = run_latency(llm, batch_sizes, args.input_len, args.output_len, profile=args.profile)
+        results = run_latency(llm, batch_sizes, args.input_len, args.output_len, profile=args.profile,
+                              repeats=args.repeats)
         meta = {"model": llm.engine.spec.name, "tensor_parallel_size": llm.engine.layout.tp,
                 "pipeline_parallel_size": llm.engine.layout.pp, "expert_parallel_size": llm.engine.layout.ep,
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "results": results}

@@ -47,13 +47,18 @@ def test_errors_are_one_line_not_tracebacks():
 def test_bench_latency_writes_json(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     res = shardlm("bench", "latency", "--model", "random:tiny-llama", "-tp", "2", "--batch-sizes", "1,3",
-                  "--input-len", "8", "--output-len", "4", "--json", str(out), "--plot", str(png))
+                  "--input-len", "8", "--output-len", "4", "--repeats", "3", "--json", str(out), "--plot", str(png))
     assert res.returncode == 0, res.stderr
     import json
+    import statistics
 
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["results"]] == [1, 3]
-    assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 for r in data["results"])
+    assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and 0 < r["itl_p50_ms"] <= r["itl_p99_ms"] for r in data["results"])
+    for r in data["results"]:  # three rounds, the median reported
+        assert r["repeats"] == 3 and r["tpot_ms"] == statistics.median(r["tpot_ms_by_round"])
+    res = shardlm("bench", "latency", "--model", "random:tiny-llama", "--repeats", "0")
+    assert res.returncode == 2 and "--repeats must be >= 1" in res.stderr and "Traceback" not in res.stderr
     assert all(set(r["idle_fraction_by_rank"]) == {"0", "1"} for r in data["results"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
