@@ -146,7 +146,12 @@ def test_decode_step_is_roofline_plus_allreduces(l70):
     step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1000, prefill=False)
     bw = 3350e9 * 0.85
     hbm = weights_per_gpu(l70, 4) - 2 * 32064 * 8192  # the embedding rows are looked up, not read
-    assert step.compute_s == pytest.approx((hbm + 1000 * 80 * KiB) / bw, rel=1e-9)
+    # elementwise kernels per layer (h 8192, a rank's q 2048 / KV 256 / MLP 7168 wide): 64h + 32q + 28kv + 10f
+    # = 668672 bytes, plus the 1000-token context's KV (1 KiB per token per layer here) gathered and read again
+    act = 80 * (64 * 8192 + 32 * 2048 + 28 * 256 + 10 * 7168 + 2 * 1000 * KiB)
+    assert act == 80 * (668672 + 2048000)
+    assert step.compute_s == pytest.approx((hbm + 1000 * 80 * KiB + act) / bw, rel=1e-9)
+    assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1000 * 80 * KiB)
     # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: alpha(4) = 12 us,
     # ring 2(n-1)/n = 1.5 at busbw 360 GB/s; plus the logits all-gather (V*2 bytes, half as an all-reduce)
     ar = 12 + 1.5 * 16384 / 360e3
@@ -406,16 +411,20 @@ def _tiny_step(profile, tp, prefill=False, tokens=1, prompts=1, context=100):
 
 def test_host_floor_decode_is_overhead_plus_max_per_layer():
     # tp=1, batch 1, context 100: a layer reads 2*(12288+128+24576) + 100 tokens * 2*2*16*2 bytes of KV
-    layer_us = 2 * (12288 + 128 + 24576) / 1e3 + 100 * 128 / 1e3  # 86.784 us (its 99328 FLOPs: 0.1 us)
+    # (86.784 us; its 99328 FLOPs: 0.1 us), and its elementwise kernels move 64h + 32q + 28kv + 10f =
+    # 4096 + 2048 + 896 + 1280 bytes plus the context's KV gathered and read again (2 * 100 * 128)
+    elementwise_us = (8320 + 25600) / 1e3
+    layer_us = 2 * (12288 + 128 + 24576) / 1e3 + 100 * 128 / 1e3 + elementwise_us  # 120.704 us
     head_us = 2 * (256 * 64 + 64) / 1e3  # LM head + final norm: 32.896 us, not hidden by host time
     assert _tiny_step(HOST, 1) == pytest.approx((1000 + 2 * max(200, layer_us) + head_us) * 1e-6, rel=1e-9)
     assert _tiny_step(HOST, 1) == pytest.approx(1432.896e-6, rel=1e-9)  # the floor (200 us) wins
     gpu_bound = {**HOST, "layer_floor_us": {"1": 50, "2": 50}}
     assert _tiny_step(gpu_bound, 1) == pytest.approx((1000 + 2 * layer_us + head_us) * 1e-6, rel=1e-9)
     # tp=2: per rank 2 q / 1 KV head, half the MLP: 2*(6144+128+12288) + 100*64 bytes = 43.52 us per layer,
-    # plus its 2 all-reduces (20 us) beats the 50 us floor; the head (128 vocab rows, 16.512 us) adds the
-    # embedding all-reduce and the logits all-gather, 10 us each
-    layer2 = (2 * (6144 + 128 + 12288) + 100 * 64) / 1e3 + 20
+    # elementwise 4096 + 1024 + 448 + 640 + 2 * 100 * 64 bytes = 19.008 us, plus its 2 all-reduces (20 us)
+    # beats the 50 us floor; the head (128 vocab rows, 16.512 us) adds the embedding all-reduce and the
+    # logits all-gather, 10 us each
+    layer2 = (2 * (6144 + 128 + 12288) + 100 * 64) / 1e3 + (6208 + 12800) / 1e3 + 20
     assert _tiny_step(HOST, 2) == pytest.approx((1500 + 2 * max(50, layer2) + 16.512 + 20) * 1e-6, rel=1e-9)
     step = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(HOST)).stage_pass(
         ParallelLayout(), stage_shards(TINY, ParallelLayout())[0], 1, 100, prefill=False)
@@ -424,17 +433,19 @@ def test_host_floor_decode_is_overhead_plus_max_per_layer():
 
 
 def test_host_floor_prefill_and_plan():
-    # one 50-token prompt at tp=1, floor 50 us: a layer reads 73984 weight bytes + writes 50*128 of KV
+    # one 50-token prompt at tp=1, floor 50 us: a layer reads 73984 weight bytes + writes 50*128 of KV, and
+    # its elementwise kernels move 50 * 8320 bytes + the prompt's KV read, gathered and read (3 * 50 * 128)
     gpu_bound = {**HOST, "layer_floor_us": {"1": 50}, "step_overhead_us": {"1": 1000}}
-    ttft = (1000 + 2 * (73984 + 50 * 128) / 1e3 + 32.896) * 1e-6
+    ttft = (1000 + 2 * (73984 + 50 * 128 + 50 * 8320 + 3 * 50 * 128) / 1e3 + 32.896) * 1e-6
     assert _tiny_step(gpu_bound, 1, prefill=True, tokens=50) == pytest.approx(ttft, rel=1e-9)
     plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(gpu_bound))
     assert plan.results[0].ttft_ms_b1 == pytest.approx(ttft * 1e3, rel=1e-9)
-    assert plan.results[0].tpot_ms_b1 == pytest.approx((1000 + 2 * 86.784 + 32.896) * 1e-3, rel=1e-9)
+    assert plan.results[0].tpot_ms_b1 == pytest.approx((1000 + 2 * 120.704 + 32.896) * 1e-3, rel=1e-9)
     assert "host time measured" in " ".join(plan.notes) and plan.assumptions["host_model"].startswith("measured")
     # compute-bound prefill (1 GFLOP/s): 2 prompts of 8 tokens; causal attention is per prompt (s^2 each)
     slow = {**HOST, "gemm_tflops": 1e-3 / 0.85, "layer_floor_us": {"1": 200}, "step_overhead_us": {"1": 1000}}
     layer = (2 * 16 * 36864 + 2 * 4 * 16 * 2 * 8**2) / 1e3  # 1196.032 us of FLOPs > 200 us floor > 76 us bytes
+    layer += (16 * 8320 + 3 * 16 * 128) / 1e3  # + the elementwise kernels, 139.264 us
     head = 2 * 2 * 256 * 64 / 1e3  # logits of the 2 last tokens: 65.536 us
     assert _tiny_step(slow, 1, prefill=True, tokens=16, prompts=2) == pytest.approx(
         (1000 + 2 * layer + head) * 1e-6, rel=1e-9)
@@ -463,8 +474,8 @@ def test_without_host_fields_the_graph_assumptions_stay():
     graph = {k: v for k, v in HOST.items() if k not in ("step_overhead_us", "layer_floor_us")}
     cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(graph))
     assert not cm.host_calibrated
-    step = _tiny_step(graph, 1)  # roofline of the stage, >= 2 x 15 us, + 500 us per step
-    assert step == pytest.approx((2 * 86.784 + 32.896 + 500) * 1e-6, rel=1e-9)
+    step = _tiny_step(graph, 1)  # roofline of the stage, >= 2 x 15 us, + its elementwise kernels + 500 us per step
+    assert step == pytest.approx((2 * 86.784 + 32.896 + 2 * 33.92 + 500) * 1e-6, rel=1e-9)
     plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(graph))
     assert "no measured host time" in " ".join(plan.notes)
 
@@ -520,10 +531,11 @@ def test_engine_configs_describe_the_same_models():
 
 # -- plan --validate -----------------------------------------------------------------------------------
 
-# tiny-llama (2 layers, h=64, f=160, V=512) on HOST_TINY: every layer is host-bound (its GPU time, <= 170 us
-# in these rows, is under the 1000 us floor), so TTFT = TPOT = 2000 + 2 x 1000 + the LM head's 65.664 us.
-HOST_TINY = {**HOST, "step_overhead_us": {"1": 2000}, "layer_floor_us": {"1": 1000}}
-PRED_MS = (2000 + 2 * 1000 + 2 * (512 * 64 + 64) / 1e3) / 1e3
+# tiny-llama (2 layers, h=64, f=160, V=512) on HOST_TINY (HBM 100 GB/s): every layer is host-bound (its GPU
+# time, <= 60 us in these rows, is under the 1000 us floor), so TTFT = TPOT = 2000 + 2 x 1000 + the LM head's
+# 0.65664 us.
+HOST_TINY = {**HOST, "hbm_gbps": 100 / 0.95, "step_overhead_us": {"1": 2000}, "layer_floor_us": {"1": 1000}}
+PRED_MS = (2000 + 2 * 1000 + 2 * (512 * 64 + 64) / 1e5) / 1e3
 
 
 def _measured(model, rows):
@@ -585,10 +597,11 @@ def test_validate_reads_the_pipeline_and_expert_layout(tmp_path):
 
 def test_validate_predicts_the_whole_batch_prefill(tmp_path):
     # 1 GFLOP/s: batch 2 x 8 prompt tokens = 16 tokens of tiny-llama's 43008 matmul parameters per layer plus
-    # causal attention per prompt (2 x 4 heads x 16 x 8^2) is 1392.64 us of FLOPs, over the 1000 us floor;
-    # the LM head computes logits for the 2 last tokens (2 x 2 x 512 x 64 FLOPs = 131.072 us)
+    # causal attention per prompt (2 x 4 heads x 16 x 8^2) is 1392.64 us of FLOPs, over the 1000 us floor,
+    # then the elementwise kernels: 16 x (64h + 32q + 28kv + 10f = 8640) + 3 x 16 x 128 bytes of KV at
+    # 100 GB/s; the LM head computes logits for the 2 last tokens (2 x 2 x 512 x 64 FLOPs = 131.072 us)
     prof = load_profile({**HOST_TINY, "gemm_tflops": 1e-3 / 0.85})
-    ttft = 2000 + 2 * (2 * 16 * 43008 + 2 * 4 * 16 * 2 * 8**2) / 1e3 + 131.072
+    ttft = 2000 + 2 * ((2 * 16 * 43008 + 2 * 4 * 16 * 2 * 8**2) / 1e3 + (16 * 8640 + 3 * 16 * 128) / 1e5) + 131.072
     tpot = 2000 + 2 * 1000 + 131.072  # decode at batch 2, context 8 + 2/2: 176.64 us of FLOPs, under the floor
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"model": "random:tiny-llama", "tensor_parallel_size": 1, "results": [

@@ -15,6 +15,12 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   MoE           distinct experts read per layer E(1-(1-k/E)^B); all-to-all dispatch + combine
                 2*k*h*b*(e-1)/e bytes per layer per token.
   prefill       2*N*s + 2*L*n_h*d*s^2 FLOPs (causal), logits only for the sampled token.
+  elementwise   the kernels between the GEMMs (two RMSNorms in float32, two residual adds, rotary on
+                q and k, the K/V cache write and the per-sequence gather of the context, SwiGLU) move
+                per token and layer ~64h + 32q + 28kv + 10f bytes on a rank (q, kv, f: the rank's
+                query, KV and MLP widths; bf16) plus twice the context's KV bytes (gathered, then
+                read); this time adds to the layer's roofline (separate kernels). It matters for
+                prefill (4096 tokens of an 8B model: ~25 ms next to ~85 ms of GEMMs) and long contexts.
   host          with a profile's measured host floor (profile.py): per stage, step_overhead[tp]
                 (prefill_overhead[tp] for a prefill, if measured) + sum over layers of
                 max(layer_floor[tp], layer GPU time + its collectives) + the non-layer GPU work;
@@ -195,12 +201,14 @@ class StepCost:
     comm_s: float
     """Collectives on the critical path (TP all-reduces, logits gather, EP all-to-all)."""
     hbm_bytes: float
-    """Bytes read from device memory."""
+    """Bytes of weights and KV cache read (and KV written)."""
     flops: float
     """Floating-point operations."""
     host_s: float = 0.0
     """Host mode only: time the GPU waits for the host, i.e. the step overhead plus, per layer, how much
     the measured layer floor exceeds the layer's GPU + collective time. 0 in graph mode."""
+    act_bytes: float = 0.0
+    """Bytes the elementwise kernels move (their time is in compute_s)."""
 
     @property
     def total_s(self) -> float:
@@ -219,6 +227,18 @@ class _Work:
     """FLOPs per instance."""
     comm_s: float
     """Collective seconds per instance."""
+    act_bytes: float = 0.0
+    """Bytes the elementwise kernels between the GEMMs move per instance (module docstring); their
+    time adds to the roofline of the GEMMs and weight reads."""
+
+
+def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float) -> float:
+    """Bytes one token's elementwise kernels move in one layer on one rank (bf16 activations):
+    2 RMSNorms (to float32, normalise, back, scale: ~26h each), 2 residual adds (6h each), rotary on q and
+    k (mul, negate half, concat, mul, add: 20 bytes per element), the K/V cache write (8 per KV element),
+    folding q for attention and unfolding its output (12 per q element), SwiGLU (silu, then times up:
+    10 per MLP element)."""
+    return 64 * hidden + 32 * q_dims + 28 * kv_dims + 10 * ffn_dims
 
 
 class CostModel:
@@ -323,8 +343,11 @@ class CostModel:
         kv_layer = 2 * sh.kv_heads * d * self.kv_bytes  # per token
         if prefill:  # `prompts` prompts of tokens/prompts tokens: KV written once, causal attention
             kv_b, attn_f = tokens * kv_layer, 2 * sh.q_heads * d * tokens * tokens / prompts
+            gather = 3 * tokens * kv_layer  # each prompt's context read from the cache, gathered, read
         else:  # every sequence reads its whole context
             kv_b, attn_f = tokens * context * kv_layer, 4 * sh.q_heads * d * tokens * context
+            gather = 2 * tokens * context * kv_layer  # written gathered, then read by attention
+        q_dims, kv_dims = sh.q_heads * d, sh.kv_heads * d
         ar = act = 0.0
         if layout.tp > 1:
             tp_ranks = layout.tp_groups()[sh.stage]  # dp replica 0; the others are alike
@@ -332,8 +355,9 @@ class CostModel:
             ar = 2 * self.allreduce(tp_ranks, act)
         out = []
         if n_dense:
+            act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden)) + gather
             out.append(_Work(n_dense, b * (sh.attn + sh.norms + sh.mlp) + kv_b,
-                             2 * tokens * (sh.attn + sh.mlp) + attn_f, ar))
+                             2 * tokens * (sh.attn + sh.mlp) + attn_f, ar, act_b))
         if sh.n_moe:
             ep_tokens = tokens * (layout.dp if layout.ep > 1 and not prefill else 1)
             if layout.ep > 1:  # whole experts on this rank; each is hit with probability 1-(1-k/E)^T
@@ -348,9 +372,13 @@ class CostModel:
                 # the combined slices are summed back by the layer's second all-reduce (counted in ar)
                 buf = tokens / layout.tp * m.top_k * m.hidden * ACT_BYTES
                 a2a = 2 * self.all_to_all(layout.ep_groups()[sh.stage], buf)
+            # SwiGLU runs over every routed row (an expert's width on this rank) and the shared expert
+            expert_width, shared_width = sh.expert / (3 * m.hidden), -(-m.shared_ffn // layout.tp)
+            act_b = (tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, shared_width)
+                     + 10 * expert_tok * expert_width + gather)
             out.append(_Work(sh.n_moe, b * (sh.attn + sh.norms + sh.shared_router + touched * sh.expert) + kv_b,
                              2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert + attn_f,
-                             ar + a2a))
+                             ar + a2a, act_b))
         logits_tokens = prompts if prefill else tokens  # prefill samples only each prompt's last token
         head_comm = 0.0
         if layout.tp > 1:
@@ -373,20 +401,21 @@ class CostModel:
         the non-layer part's GPU + collectives (profile.py explains why)."""
         work = self._work(layout, sh, tokens, context, prefill, prompts)
         nbytes = sum(w.count * w.nbytes for w in work)
+        act = sum(w.count * w.act_bytes for w in work)
         flops = sum(w.count * w.flops for w in work)
         comm = sum(w.count * w.comm_s for w in work)
         if not self.host_calibrated:
             compute = max(nbytes / self.hbm_bps, flops / self.flops_ps,
-                          sh.n_layers * self.eff.layer_floor_us * 1e-6)
-            return StepCost(compute, comm, nbytes, flops)
+                          sh.n_layers * self.eff.layer_floor_us * 1e-6) + act / self.hbm_bps
+            return StepCost(compute, comm, nbytes, flops, act_bytes=act)
         floor = self.layer_floor_s(layout.tp)
         compute, host = 0.0, self.prefill_overhead_s(layout.tp) if prefill else self.step_overhead_s(layout.tp)
         for i, w in enumerate(work):
-            gpu = max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
+            gpu = max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps) + w.act_bytes / self.hbm_bps
             compute += w.count * gpu
             if i < len(work) - 1:  # decoder layers; the last entry is the non-layer part
                 host += w.count * max(0.0, floor - gpu - w.comm_s)
-        return StepCost(compute, comm, nbytes, flops, host)
+        return StepCost(compute, comm, nbytes, flops, host, act)
 
     def transfer(self, layout: ParallelLayout, tokens: float) -> float:
         """Slowest activation hand-off between consecutive stages (tokens x h in bf16)."""
