@@ -20,7 +20,7 @@ from .moe_placement import plan_placement
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence
-from .tokenizer import load_tokenizer
+from .tokenizer import decode_next, load_tokenizer
 
 
 @dataclass
@@ -353,22 +353,29 @@ class LLMEngine:
             for rank, (tid, lp) in enumerate(zip(*res.get("top", [[], []])), start=1):
                 entry.setdefault(tid, Logprob(lp, rank, self.tokenizer.token_str(tid)))
             seq.logprobs.append(entry)
-        seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=p.skip_special_tokens)
+        # only the new token's text: decoding the whole output every step costs O(length) per token
+        new = decode_next(self.tokenizer, seq.output_ids, seq.detok, p.skip_special_tokens)
+        seq.text += new
         if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
             self._finish(seq, "stop", None)
         elif token in p.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif p.stop and (hit := self._find_stop(seq)):
+        elif p.stop and new and (hit := self._find_stop(seq, len(new))):
             self._finish(seq, "stop", hit)
+            return  # the text ends before the stop string; nothing after it is given out
         elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
             self._finish(seq, "length", None)
         elif len(seq) >= self.max_model_len:
             self._finish(seq, "length", None)
+        if seq.finished:  # a character still cut between tokens is given out as it is
+            seq.text += decode_next(self.tokenizer, seq.output_ids, seq.detok, p.skip_special_tokens, flush=True)
 
     @staticmethod
-    def _find_stop(seq: Sequence) -> str | None:
+    def _find_stop(seq: Sequence, new_chars: int) -> str | None:
+        """The first stop string (in the request's order) that the newest `new_chars` characters
+        complete; the text is cut before it. Earlier text was searched when it arrived."""
         for stop in seq.params.stop:
-            pos = seq.text.find(stop)
+            pos = seq.text.find(stop, max(0, len(seq.text) - new_chars - len(stop) + 1))
             if pos != -1:
                 seq.text = seq.text[:pos]  # vLLM leaves the stop string out of the text
                 return stop

@@ -57,7 +57,13 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
         max_position_embeddings=1024, eos_token_id=[2],
     ),
-    "probe-tiny-deep": ModelConfig(  # probe-tiny at three times the depth (shardlm probe)
+    # probe-tiny at 4 and 48 layers: `shardlm probe` times the step at both depths
+    "probe-tiny-shallow": ModelConfig(
+        model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=1024, eos_token_id=[2],
+    ),
+    "probe-tiny-deep": ModelConfig(
         model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512,
         num_hidden_layers=48, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
         max_position_embeddings=1024, eos_token_id=[2],

@@ -4,7 +4,7 @@ For each TP group size (powers of two up to the GPUs, or 1-2 processes on CPU) i
 engine on a tiny model with the real layer structure and measures, inside the workers:
 all-reduce / all-to-all / send-recv latency over message sizes on the engine's TP group, and on
 one device the copy bandwidth and GEMM rate. From the driver it times whole engine steps of the
-tiny model at two depths (16 and 48 layers, both up at once, taking turns): the median batch-1
+tiny model at two depths (4 and 48 layers, both up at once, taking turns): the median batch-1
 decode step grows by the host floor of each added layer (kernel launches + the layer's
 all-reduces), and what is left at zero layers is the step's own overhead; the first token of a
 128-token prompt gives a prefill step's. The output follows the schema in shardlm/planner/profile.py.
@@ -26,8 +26,9 @@ from .llm import LLM
 
 GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 CPU_SIZES = [16 << 10, 256 << 10, 1 << 20]
-# the same tiny layer at two depths (the host floor per layer is the slope of the step time)
-PROBE_MODELS = ("random:probe-tiny", "random:probe-tiny-deep")
+# the same tiny layer at two depths: the host floor per layer is the slope of the step time, the step's
+# own overhead what is left at zero layers (the shallow model sits close to it)
+PROBE_MODELS = ("random:probe-tiny-shallow", "random:probe-tiny-deep")
 
 
 def topology() -> dict[str, str]:

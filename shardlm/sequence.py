@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .sampling_params import SamplingParams
+from .tokenizer import DetokenizerState
 
 
 class SeqStatus(enum.Enum):
@@ -38,13 +39,15 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
+    """tokens whose K/V are in the cache"""
     num_scheduled: int = 0
     """tokens a submitted batch will have computed: ahead of num_computed while prompt chunks are
     still in the pipeline"""
-    """tokens whose K/V are in the cache"""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     text: str = ""
+    detok: DetokenizerState = field(default_factory=DetokenizerState)
+    """how far `text` has decoded output_ids (the engine adds each step's new text)"""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,6 +89,34 @@ class ByteTokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages) + "<assistant>\n"
         return self.encode(text)
+
+
+@dataclass
+class DetokenizerState:
+    """Where a sequence's incremental decoding stands: text up to read_offset has been given out;
+    the window decoded each step starts at prefix_offset (a token or two of context, so that
+    decoders which treat the first token specially, or merge a character split over tokens, see
+    the same neighbours as in a decode of the whole output)."""
+
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+
+def decode_next(tok: Tokenizer, ids: list[int], state: DetokenizerState, skip_special_tokens: bool = True,
+                flush: bool = False) -> str:
+    """The text that ids[state.read_offset:] add to the text given out so far; advances the state.
+
+    Decodes only a short window (not the whole output) per call, so a step costs the same at the
+    10th token and the 10,000th. A character cut between tokens (the window ends in U+FFFD) is held
+    back until its last byte arrives; flush=True gives out whatever is pending (the sequence ended).
+    """
+    prefix = (tok.decode(ids[state.prefix_offset:state.read_offset], skip_special_tokens=skip_special_tokens)
+              if state.read_offset > state.prefix_offset else "")
+    window = tok.decode(ids[state.prefix_offset:], skip_special_tokens=skip_special_tokens)
+    if not flush and (len(window) <= len(prefix) or window.endswith("\ufffd")):
+        return ""  # nothing printable yet (a skipped special token, half a character)
+    state.prefix_offset, state.read_offset = state.read_offset, len(ids)
+    return window[len(prefix):]
 
 
 def load_tokenizer(spec: ModelSpec) -> Tokenizer:

@@ -111,7 +111,9 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     def execute_profiled(self, plan: dict[str, Any]) -> dict[str, float]:
-        """Run one step under torch.profiler; return GPU time per kind of kernel (us) and the step's wall time."""
+        """Run one step under torch.profiler; return GPU time per kind of kernel (us), the largest kernels and
+        CPU ops, and the step's wall time. The step runs once before without the profiler, for the host's
+        split between queueing the layers and waiting after them."""
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else [])
