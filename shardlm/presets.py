@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .config import ModelConfig
 
 _LLAMA3_EOS = [128001, 128009]
@@ -57,17 +59,6 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
         max_position_embeddings=1024, eos_token_id=[2],
     ),
-    # probe-tiny at 4 and 48 layers: `shardlm probe` times the step at both depths
-    "probe-tiny-shallow": ModelConfig(
-        model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512,
-        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-        max_position_embeddings=1024, eos_token_id=[2],
-    ),
-    "probe-tiny-deep": ModelConfig(
-        model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512,
-        num_hidden_layers=48, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-        max_position_embeddings=1024, eos_token_id=[2],
-    ),
     "tiny-uneven": ModelConfig(
         model_type="llama", vocab_size=509, hidden_size=72, intermediate_size=150,
         num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, head_dim=8,
@@ -91,6 +82,10 @@ PRESETS: dict[str, ModelConfig] = {
         moe_intermediate_size=32, shared_expert_intermediate_size=64, norm_topk_prob=False, mlp_only_layers=[1],
     ),
 }
+
+# probe-tiny at 4 and 48 layers: `shardlm probe` times the step at both depths
+PRESETS["probe-tiny-shallow"] = replace(PRESETS["probe-tiny"], num_hidden_layers=4)
+PRESETS["probe-tiny-deep"] = replace(PRESETS["probe-tiny"], num_hidden_layers=48)
 
 
 def preset(name: str) -> ModelConfig:
