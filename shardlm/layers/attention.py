@@ -47,9 +47,9 @@ class AttentionMetadata:
 
 
 # Optional padding of the gathered context to a multiple of CTX_BUCKET positions (masked out), so
-# attention sees a new shape only every CTX_BUCKET decode steps. Hypothesis under test (see
-# docs/PERFORMANCE.md): backends that plan per shape re-plan every decode step on GPU. Off (1) until
-# measured; SHARDLM_CTX_BUCKET=256 turns it on (scripts/gpu_bucket.sh compares both).
+# attention sees a new shape only every CTX_BUCKET decode steps, for backends that plan per shape
+# (cuDNN's re-planned every decode step: scripts/gpu_overhead.sh, docs/PERFORMANCE.md). Off (1):
+# with cuDNN attention switched off in the workers it is not needed; SHARDLM_CTX_BUCKET=256 turns it on.
 CTX_BUCKET = int(os.environ.get("SHARDLM_CTX_BUCKET", "1"))
 
 

@@ -242,5 +242,6 @@ class ModelRunner:
         if self.moe:  # routing: tokens per expert (each token counted once over the TP group)
             out["moe"] = {"tokens_per_expert": {i: m.tokens_per_expert.tolist() for i, m in self.moe.items()
                                                 if m.counts_tokens},
-                          "step_rows": [int(r) for r in self.step_rows]}
+                          # one device read for all steps (int() of each would wait on the GPU per step)
+                          "step_rows": torch.stack(list(self.step_rows)).tolist() if self.step_rows else []}
         return out
