@@ -69,7 +69,9 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
         "decode_exec_ms": statistics.mean(exec_s[1:]) * 1e3 if len(exec_s) > 1 else 0.0,
     }
     # each rank's idle share of the run, from the workers' own accounting (the pipeline bubble)
-    out["idle_fraction_by_rank"] = {r: st["idle_fraction"] for r, st in engine.stage_stats().items()}
+    stats = engine.stage_stats()
+    out["idle_fraction_by_rank"] = {r: st["idle_fraction"] for r, st in stats.items()}
+    out["graph_steps"] = min(st["graph_steps"] for st in stats.values())  # of the steps, replayed as CUDA graphs
     if profile is not None:
         out["profile_decode_step"] = profile
     return out
@@ -166,7 +168,8 @@ def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
                               repeats=args.repeats)
         meta = {"model": llm.engine.spec.name, "tensor_parallel_size": llm.engine.layout.tp,
                 "pipeline_parallel_size": llm.engine.layout.pp, "expert_parallel_size": llm.engine.layout.ep,
-                "dtype": llm.engine.dtype, "device": llm.engine.device, "results": results}
+                "dtype": llm.engine.dtype, "device": llm.engine.device, "cuda_graphs": llm.engine.cuda_graphs,
+                "graph_capture": llm.engine.graph_capture, "results": results}
     print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'exec ms':>8} "
           f"{'tok/s':>8} {'idle':>5}")
     for r in results:

@@ -30,6 +30,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences per step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="GPU: run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--max-seq-len-to-capture", type=int, default=8192,
+                   help="GPU: decode steps with a longer context than this run eagerly (default 8192)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share KV blocks of identical prompt prefixes (default on)")
     p.add_argument("--enable-expert-parallel", action="store_true",
@@ -118,7 +122,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 pp_layer_split=split, max_batches_in_flight=args.max_batches_in_flight, trace=args.trace,
                 dtype=args.dtype,
                 device=args.device, seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
+                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                max_seq_len_to_capture=args.max_seq_len_to_capture, enable_prefix_caching=args.enable_prefix_caching,
                 enable_expert_parallel=args.enable_expert_parallel, expert_placement=args.expert_placement,
                 expert_load=args.expert_load, num_redundant_experts=args.num_redundant_experts)
 

@@ -57,6 +57,10 @@ class EngineArgs:
     """fraction of each GPU's memory for weights, activations and KV cache"""
     kv_cache_memory_bytes: int | None = None
     """KV cache size per rank; overrides gpu_memory_utilization (default on CPU: 1 GiB)"""
+    enforce_eager: bool = False
+    """GPU: run every step eagerly; by default decode steps of dense models replay CUDA graphs"""
+    max_seq_len_to_capture: int = 8192
+    """GPU: decode steps whose longest context exceeds this run eagerly (graphs gather this many positions)"""
     external_workers: bool = False
     """wait for workers started by torchrun instead of spawning them"""
     driver_host: str = "127.0.0.1"
@@ -130,7 +134,8 @@ class LLMEngine:
                 raise ConfigError(f"max_model_len={args.max_model_len} must be in [1, {model_len}] "
                                   f"(the model's max_position_embeddings)")
             model_len = args.max_model_len
-        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_batches_in_flight"):
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_batches_in_flight",
+                     "max_seq_len_to_capture"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
         if not 0 < args.gpu_memory_utilization <= 1:
@@ -144,6 +149,8 @@ class LLMEngine:
             profile_tokens=profile_tokens,
             cpu_threads=max(1, (os.cpu_count() or 1) // self.layout.world_size),
             stage_layers=self.stage_layers, trace=bool(args.trace), expert_placement=self.expert_placement,
+            cuda_graphs=self.device == "cuda" and not args.enforce_eager, max_num_seqs=args.max_num_seqs,
+            max_seq_len_to_capture=args.max_seq_len_to_capture,
         )
         self.executor = Executor(self.layout, spec.to_dict(), opts, external_workers=args.external_workers,
                                  driver_host=args.driver_host, driver_port=args.driver_port,
@@ -164,12 +171,17 @@ class LLMEngine:
             elif model_len > capacity:
                 raise ConfigError(f"max_model_len={model_len} does not fit the KV cache ({capacity} tokens per rank); "
                                   f"lower max_model_len or give the cache more memory")
-            self.executor.allocate_kv(blocks)
+            graphs = self.executor.allocate_kv(blocks)
         except BaseException:
             self.executor.shutdown(grace_s=1.0)
             raise
         self.max_model_len = model_len
         self.kv_capacity_tokens = capacity
+        # decode steps replay CUDA graphs (rank 0's count; none on CPU, with enforce_eager, or for MoE models)
+        self.cuda_graphs = graphs.get("graphs", 0) > 0
+        self.graph_capture = {k: graphs[k] for k in ("graphs", "capture_s", "graph_pool_bytes") if k in graphs}
+        if self.cuda_graphs:  # what the KV budget set aside for the pool (measured eagerly before capture)
+            self.graph_capture["reserved_bytes"] = self.executor.ready[0].get("graph_reserve_bytes", 0)
         self.block_manager = BlockManager(blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
                                    args.max_num_batched_tokens or max(model_len, 2048))

@@ -61,6 +61,12 @@ class WorkerOptions:
     """MoE with expert parallelism: per decoder layer, None or the experts each EP rank holds"""
     trace: bool = False
     """record per-step trace events in every worker"""
+    cuda_graphs: bool = False
+    """replay decode steps as CUDA graphs (GPU, dense models)"""
+    max_num_seqs: int = 256
+    """most sequences in a step: the largest graph batch"""
+    max_seq_len_to_capture: int = 8192
+    """longest context a graph gathers"""
 
 
 class Executor:
@@ -183,10 +189,12 @@ class Executor:
         """KV blocks that fit on every rank (the smallest rank decides)."""
         return min(int(r["blocks"]) for r in self.ready.values())
 
-    def allocate_kv(self, blocks: int) -> None:
+    def allocate_kv(self, blocks: int) -> dict[str, Any]:
+        """Allocate the KV cache on every rank (which then captures its decode graphs); rank 0's report:
+        graphs captured, seconds, graph pool bytes."""
         for sock in self.socks.values():
             wire.send(sock, {"cmd": "alloc_kv", "blocks": blocks})
-        self._expect_all("kv_ready")
+        return self._expect_all("kv_ready")[0]
 
     def submit(self, plan: dict[str, Any]) -> None:
         """Send one step plan to every rank. Plans run in submission order on every rank, so with

@@ -68,8 +68,9 @@ def _host_times(llm: LLM) -> tuple[float, float]:
     return step / 1e3, ttft / 1e3
 
 
-def _depth_times(n: int, device: str, rounds: int = 3) -> tuple[dict[int, tuple[float, float]], dict[str, Any]]:
-    """Host times of the probe model at each depth, and the collective/device measurements.
+def _depth_times(n: int, device: str, rounds: int = 3) -> tuple[dict[int, tuple[float, float]], dict[str, Any], bool]:
+    """Host times of the probe model at each depth, the collective/device measurements, and whether the
+    engines replayed decode steps as CUDA graphs.
 
     Both depths stay up side by side and take turns, `rounds` times; each number is the median over
     the rounds, so a slow spell of a shared host weighs on both depths alike.
@@ -85,7 +86,7 @@ def _depth_times(n: int, device: str, rounds: int = 3) -> tuple[dict[int, tuple[
                 samples.setdefault(llm.engine.spec.config.num_hidden_layers, []).append(_host_times(llm))
     times = {layers: (statistics.median(s for s, _ in got), statistics.median(t for _, t in got))
              for layers, got in samples.items()}
-    return times, measured
+    return times, measured, llms[0].engine.cuda_graphs
 
 
 def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> dict[str, Any]:
@@ -95,26 +96,34 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
     gpu = device == "cuda"
     profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
                                "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},
-                               "prefill_overhead_us": {}}
+                               "prefill_overhead_us": {}, "eager_layer_floor_us": {}}
     for n in _group_sizes(device, max_group):
         log(f"probe: group of {n} ...")
-        times, measured = _depth_times(n, device)
-        # the same engine at two depths: the step grows by the host floor of each added layer (tiny
-        # layers: their GPU work hides under the host's launching); the rest is the step's own overhead
+        times, measured, graphs = _depth_times(n, device)
+        profile["engine"]["cuda_graphs"] = graphs
+        # the same engine at two depths: a step grows by each added layer's floor (tiny layers: the host
+        # launching their kernels, or with CUDA graphs the replayed kernels themselves); the intercept is
+        # the step's own overhead. Prefill steps run eagerly: their line is fitted on its own.
         (l1, (step1, ttft1)), (l2, (step2, ttft2)) = sorted(times.items())
-        floor = max(0.0, (step2 - step1) / (l2 - l1))
-        profile["layer_floor_us"][str(n)] = floor * 1e6
-        profile["step_overhead_us"][str(n)] = max(0.0, step1 - l1 * floor) * 1e6
-        prefill = (ttft1 - l1 * floor + ttft2 - l2 * floor) / 2
-        profile["prefill_overhead_us"][str(n)] = max(0.0, prefill) * 1e6
+        profile.setdefault("depth_times_ms", {})[str(n)] = {  # informational: the two points of each line
+            str(layers): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for layers, (step, ttft) in times.items()}
+        for key, t1, t2, overhead in (("layer_floor_us", step1, step2, "step_overhead_us"),
+                                      ("eager_layer_floor_us", ttft1, ttft2, "prefill_overhead_us")):
+            floor = max(0.0, (t2 - t1) / (l2 - l1))
+            profile[key][str(n)] = floor * 1e6
+            profile[overhead][str(n)] = max(0.0, t1 - l1 * floor) * 1e6
         if n == 1:
             profile["hbm_gbps"], profile["gemm_tflops"] = measured["hbm_gbps"], measured["gemm_tflops"]
         else:
             profile["allreduce"][str(n)] = measured["allreduce"]
+            if "allreduce_graph" in measured:
+                profile.setdefault("allreduce_graph", {})[str(n)] = measured["allreduce_graph"]
             profile["all_to_all"][str(n)] = measured["all_to_all"]
             profile.setdefault("send_recv", measured["send_recv"])
-        log(f"probe: group of {n}: layer floor {floor * 1e6:.0f} us, step overhead "
-            f"{profile['step_overhead_us'][str(n)]:.0f} us, prefill overhead {profile['prefill_overhead_us'][str(n)]:.0f} us")
+        log(f"probe: group of {n}: decode layer floor {profile['layer_floor_us'][str(n)]:.0f} us, step overhead "
+            f"{profile['step_overhead_us'][str(n)]:.0f} us; prefill layer floor "
+            f"{profile['eager_layer_floor_us'][str(n)]:.0f} us, overhead {profile['prefill_overhead_us'][str(n)]:.0f} us"
+            f"{' (decode as CUDA graphs)' if graphs else ''}")
     if gpu:
         import torch
 

@@ -16,14 +16,19 @@ def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_gpu_float32_matches_hf(tp, tiny_models):
-    if _gpus() < tp:
-        pytest.skip(f"needs {tp} GPUs")
+@pytest.mark.parametrize("tp,pp,eager", [(1, 1, False), (2, 1, False), (4, 1, False), (2, 2, False), (2, 1, True)])
+def test_gpu_float32_matches_hf(tp, pp, eager, tiny_models):
+    """Decode steps replay CUDA graphs (3 sequences padded to a graph of 4) unless enforce_eager."""
+    if _gpus() < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs")
     folder, model = tiny_models["llama-uneven-tied"]
     refs = [hf_greedy(model, p, 16) for p in PROMPTS]
-    with LLM(str(folder), tensor_parallel_size=tp, dtype="float32", device="cuda") as llm:
+    with LLM(str(folder), tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype="float32", device="cuda",
+             enforce_eager=eager) as llm:
+        assert llm.engine.cuda_graphs == (not eager)
         _check_float32(llm, refs)
+        stats = llm.engine.stage_stats()
+        assert all((s["graph_steps"] > 0) == (not eager) for s in stats.values()), stats
 
 
 def _check_float32(llm: LLM, refs) -> None:

@@ -143,15 +143,15 @@ def test_prefill_and_decode_flops(l70):
 def test_decode_step_is_roofline_plus_allreduces(l70):
     cm = CostModel(l70, make_cluster("h100-80gb", 4, "nvlink"))
     lay = ParallelLayout(tp=4)
-    step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1000, prefill=False)
+    step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1024, prefill=False)  # a graph's exact shape
     bw = 3350e9 * 0.85
     hbm = weights_per_gpu(l70, 4) - 2 * 32064 * 8192  # the embedding rows are looked up, not read
     # elementwise kernels per layer (h 8192, a rank's q 2048 / KV 256 / MLP 7168 wide): 64h + 32q + 28kv + 10f
-    # = 668672 bytes, plus the 1000-token context's KV (1 KiB per token per layer here) gathered and read again
-    act = 80 * (64 * 8192 + 32 * 2048 + 28 * 256 + 10 * 7168 + 2 * 1000 * KiB)
-    assert act == 80 * (668672 + 2048000)
-    assert step.compute_s == pytest.approx((hbm + 1000 * 80 * KiB + act) / bw, rel=1e-9)
-    assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1000 * 80 * KiB)
+    # = 668672 bytes, plus the 1024-token context's KV (1 KiB per token per layer here) gathered and read again
+    act = 80 * (64 * 8192 + 32 * 2048 + 28 * 256 + 10 * 7168 + 2 * 1024 * KiB)
+    assert act == 80 * (668672 + 2097152)
+    assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
+    assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
     # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: alpha(4) = 12 us,
     # ring 2(n-1)/n = 1.5 at busbw 360 GB/s; plus the logits all-gather (V*2 bytes, half as an all-reduce)
     ar = 12 + 1.5 * 16384 / 360e3
@@ -395,9 +395,10 @@ def test_planner_does_not_import_torch():
 # MLP 3*64*128 = 24576, norms 128 parameters. The profile makes the numbers round: HBM 1 GB/s (1 byte per ns)
 # and 1 TFLOP/s after the measured-efficiency factors (0.95, 0.85); all-reduces of <= 1 MB cost 10 us.
 TINY = ModelSpec("tiny", hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn=128, vocab=256)
+# worked by hand for an engine that runs decode eagerly (a step at its own shape; graph padding: below)
 HOST = {"version": 1, "device": "test GPU", "hbm_gbps": 1 / 0.95, "gemm_tflops": 1 / 0.85,
         "allreduce": {"2": [[1e6, 10.0]]}, "step_overhead_us": {"1": 1000, "2": 1500},
-        "layer_floor_us": {"1": 200, "2": 50}}
+        "layer_floor_us": {"1": 200, "2": 50}, "engine": {"cuda_graphs": False}}
 
 
 def _tiny_step(profile, tp, prefill=False, tokens=1, prompts=1, context=100):
@@ -411,21 +412,23 @@ def _tiny_step(profile, tp, prefill=False, tokens=1, prompts=1, context=100):
 
 def test_host_floor_decode_is_overhead_plus_max_per_layer():
     # tp=1, batch 1, context 100: a layer reads 2*(12288+128+24576) + 100 tokens * 2*2*16*2 bytes of KV
-    # (86.784 us; its 99328 FLOPs: 0.1 us), and its elementwise kernels move 64h + 32q + 28kv + 10f =
+    # (86.784 us) plus its 99328 FLOPs (0.099 us: a decode step's skinny GEMMs do not hide the math under the
+    # reads, so the two add), and its elementwise kernels move 64h + 32q + 28kv + 10f =
     # 4096 + 2048 + 896 + 1280 bytes plus the context's KV gathered and read again (2 * 100 * 128)
     elementwise_us = (8320 + 25600) / 1e3
-    layer_us = 2 * (12288 + 128 + 24576) / 1e3 + 100 * 128 / 1e3 + elementwise_us  # 120.704 us
-    head_us = 2 * (256 * 64 + 64) / 1e3  # LM head + final norm: 32.896 us, not hidden by host time
+    layer_us = 2 * (12288 + 128 + 24576) / 1e3 + 100 * 128 / 1e3 + 0.099328 + elementwise_us  # 120.803 us
+    head_us = 2 * (256 * 64 + 64) / 1e3 + 0.032768  # LM head + final norm, not hidden by host time
     assert _tiny_step(HOST, 1) == pytest.approx((1000 + 2 * max(200, layer_us) + head_us) * 1e-6, rel=1e-9)
-    assert _tiny_step(HOST, 1) == pytest.approx(1432.896e-6, rel=1e-9)  # the floor (200 us) wins
+    assert _tiny_step(HOST, 1) == pytest.approx(1432.928768e-6, rel=1e-9)  # the floor (200 us) wins
     gpu_bound = {**HOST, "layer_floor_us": {"1": 50, "2": 50}}
     assert _tiny_step(gpu_bound, 1) == pytest.approx((1000 + 2 * layer_us + head_us) * 1e-6, rel=1e-9)
-    # tp=2: per rank 2 q / 1 KV head, half the MLP: 2*(6144+128+12288) + 100*64 bytes = 43.52 us per layer,
-    # elementwise 4096 + 1024 + 448 + 640 + 2 * 100 * 64 bytes = 19.008 us, plus its 2 all-reduces (20 us)
-    # beats the 50 us floor; the head (128 vocab rows, 16.512 us) adds the embedding all-reduce and the
-    # logits all-gather, 10 us each
-    layer2 = (2 * (6144 + 128 + 12288) + 100 * 64) / 1e3 + (6208 + 12800) / 1e3 + 20
-    assert _tiny_step(HOST, 2) == pytest.approx((1500 + 2 * max(50, layer2) + 16.512 + 20) * 1e-6, rel=1e-9)
+    # tp=2: per rank 2 q / 1 KV head, half the MLP: 2*(6144+128+12288) + 100*64 bytes = 43.52 us per layer
+    # and 49664 FLOPs, elementwise 4096 + 1024 + 448 + 640 + 2 * 100 * 64 bytes = 19.008 us, plus its 2
+    # all-reduces (20 us) beats the 50 us floor; the head (128 vocab rows, 16.512 us + 16384 FLOPs) adds the
+    # embedding all-reduce and the logits all-gather, 10 us each
+    layer2 = (2 * (6144 + 128 + 12288) + 100 * 64) / 1e3 + 0.049664 + (6208 + 12800) / 1e3 + 20
+    assert _tiny_step(HOST, 2) == pytest.approx((1500 + 2 * max(50, layer2) + 16.512 + 0.016384 + 20) * 1e-6,
+                                                rel=1e-9)
     step = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(HOST)).stage_pass(
         ParallelLayout(), stage_shards(TINY, ParallelLayout())[0], 1, 100, prefill=False)
     assert (step.compute_s, step.comm_s) == pytest.approx((2 * layer_us * 1e-6 + head_us * 1e-6, 0.0))
@@ -440,7 +443,7 @@ def test_host_floor_prefill_and_plan():
     assert _tiny_step(gpu_bound, 1, prefill=True, tokens=50) == pytest.approx(ttft, rel=1e-9)
     plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(gpu_bound))
     assert plan.results[0].ttft_ms_b1 == pytest.approx(ttft * 1e3, rel=1e-9)
-    assert plan.results[0].tpot_ms_b1 == pytest.approx((1000 + 2 * 120.704 + 32.896) * 1e-3, rel=1e-9)
+    assert plan.results[0].tpot_ms_b1 == pytest.approx((1000 + 2 * 120.803328 + 32.928768) * 1e-3, rel=1e-9)
     assert "host time measured" in " ".join(plan.notes) and plan.assumptions["host_model"].startswith("measured")
     # compute-bound prefill (1 GFLOP/s): 2 prompts of 8 tokens; causal attention is per prompt (s^2 each)
     slow = {**HOST, "gemm_tflops": 1e-3 / 0.85, "layer_floor_us": {"1": 200}, "step_overhead_us": {"1": 1000}}
@@ -456,6 +459,31 @@ def test_host_floor_prefill_and_plan():
     plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(measured))
     assert "1000 us per step (4000 prefilling)" in " ".join(plan.notes)
     assert plan.assumptions["prefill_overhead_us_by_tp"] == {"1": pytest.approx(4000)}
+
+
+def test_graph_decode_runs_at_the_padded_shape_and_eager_steps_take_the_eager_floor():
+    graphs = {**HOST, "engine": {"cuda_graphs": True}, "eager_layer_floor_us": {"1": 400, "2": 100},
+              "allreduce_graph": HOST["allreduce"]}
+    eager_floor = {**HOST, "layer_floor_us": {"1": 400, "2": 100}}  # an eager engine whose floor is 400 us
+    # 3 sequences at context 100 replay the (4, 256) graph: the work of 4 sequences at 256 (its GPU time beats the
+    # 200 us floor, so eagerly that is the layer's time); in a graph the floor's small kernels add to it
+    assert _tiny_step(graphs, 1, tokens=3, context=100) == pytest.approx(
+        _tiny_step(HOST, 1, tokens=4, context=256) + 2 * 200e-6, rel=1e-12)
+    # at tp=2 the floor (50 us) less the two all-reduces it holds (10 us each in the graph) adds per layer
+    assert _tiny_step(graphs, 2, tokens=3, context=100) == pytest.approx(
+        _tiny_step(HOST, 2, tokens=4, context=256) + 2 * 30e-6, rel=1e-12)
+    # a prefill runs eagerly: the eager floor (a 1-token prompt's layer is ~83 us of GPU work, under both floors)
+    assert _tiny_step(graphs, 1, prefill=True) == pytest.approx(_tiny_step(eager_floor, 1, prefill=True), rel=1e-12)
+    assert _tiny_step(graphs, 1, prefill=True) == pytest.approx(_tiny_step(HOST, 1, prefill=True) + 2 * 200e-6)
+    cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(graphs))
+    assert cm.decode_shape(3, 100) == (4, 256, True)
+    assert cm.decode_shape(200, 1000) == (256, 1024, True)
+    assert cm.decode_shape(256, 2048) == (256, 2048, False)  # 256 x 2048 > GRAPH_TOKENS: no graph, eager
+    assert cm.decode_shape(1, 9000) == (1, 9000, False)  # past the longest captured context
+    # a bench file that ran eagerly is predicted eagerly whatever the profile's engine did; MoE never pads
+    assert CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(graphs), cuda_graphs=False).decode_shape(3, 100) \
+        == (3, 100, False)
+    assert CostModel(load_model("mixtral-8x7b"), make_cluster("h100-80gb", 8)).decode_shape(3, 100) == (3, 100, False)
 
 
 def test_host_table_interpolates_in_log2_tp():
@@ -507,6 +535,9 @@ def test_host_profile_fields_parse():
     ({"prefill_overhead_us": {"1": -1}}, "field 'prefill_overhead_us.1'"),
     ({"prefill_overhead_us": {"1": 5}, "step_overhead_us": None, "layer_floor_us": None},
      "'prefill_overhead_us' needs 'step_overhead_us' and 'layer_floor_us'"),
+    ({"eager_layer_floor_us": {"1": -3}}, "field 'eager_layer_floor_us.1'"),
+    ({"eager_layer_floor_us": {"2": 5}, "step_overhead_us": None, "layer_floor_us": None},
+     "'eager_layer_floor_us' needs 'step_overhead_us' and 'layer_floor_us'"),
 ])
 def test_malformed_host_fields_name_the_field(patch, msg):
     data = {**HOST, **patch}
@@ -532,16 +563,21 @@ def test_engine_configs_describe_the_same_models():
 # -- plan --validate -----------------------------------------------------------------------------------
 
 # tiny-llama (2 layers, h=64, f=160, V=512) on HOST_TINY (HBM 100 GB/s): every layer is host-bound (its GPU
-# time, <= 60 us in these rows, is under the 1000 us floor), so TTFT = TPOT = 2000 + 2 x 1000 + the LM head's
-# 0.65664 us.
+# time, <= 60 us in these rows, is under the 1000 us floor), so TTFT = 2000 + 2 x 1000 + the LM head's
+# 0.65664 us, and TPOT the same plus the head's FLOPs at batch b (2 * b * 512 * 64 at 1 TFLOP/s: a decode step's
+# math adds to its reads).
 HOST_TINY = {**HOST, "hbm_gbps": 100 / 0.95, "step_overhead_us": {"1": 2000}, "layer_floor_us": {"1": 1000}}
 PRED_MS = (2000 + 2 * 1000 + 2 * (512 * 64 + 64) / 1e5) / 1e3
+
+
+def pred_tpot_ms(batch):
+    return PRED_MS + 2 * batch * 512 * 64 / 1e9
 
 
 def _measured(model, rows):
     return {"model": model, "tensor_parallel_size": 1, "dtype": "bfloat16", "device": "cuda",
             "results": [{"batch": b, "input_len": 128, "output_len": 64, "ttft_ms": PRED_MS / (1 + e1 / 100),
-                         "tpot_ms": PRED_MS / (1 + e2 / 100), "tpot_p50_ms": 1.0, "output_tok_per_s": 9.0}
+                         "tpot_ms": pred_tpot_ms(b) / (1 + e2 / 100), "tpot_p50_ms": 1.0, "output_tok_per_s": 9.0}
                         for b, e1, e2 in rows]}
 
 
@@ -559,7 +595,8 @@ def test_validate_errors_and_medians(measured_files):
     v = validate_files([a, b], profile=load_profile(prof))
     assert [r.batch for r in v.rows] == [1, 4, 1, 2] and v.host_model == "measured"
     for r, (e1, e2) in zip(v.rows, [(5, 10), (-15, -20), (25, 30), (100, -40)]):
-        assert r.ttft_ms_pred == pytest.approx(PRED_MS, rel=1e-9) and r.tpot_ms_pred == pytest.approx(PRED_MS)
+        assert r.ttft_ms_pred == pytest.approx(PRED_MS, rel=1e-9)
+        assert r.tpot_ms_pred == pytest.approx(pred_tpot_ms(r.batch), rel=1e-9)
         assert (r.ttft_err_pct, r.tpot_err_pct) == pytest.approx((e1, e2), rel=1e-9)
         assert r.context == 128 + 32 and r.layout == "tp=1 pp=1 ep=1"
     # |TTFT| 5, 15, 25, 100 -> median (15+25)/2; |TPOT| 10, 20, 30, 40 -> 25
@@ -572,7 +609,7 @@ def test_validate_against_the_median_inter_token_latency(tmp_path):
     """Where bench wrote itl_p50_ms, each row also compares the TPOT prediction with it."""
     data = _measured("random:tiny-llama", [(1, 0, 0), (4, 0, 0), (8, 0, 0)])
     for r, e in zip(data["results"], (-20, 10, 50)):  # the prediction is e% off each median
-        r["itl_p50_ms"] = PRED_MS / (1 + e / 100)
+        r["itl_p50_ms"] = pred_tpot_ms(r["batch"]) / (1 + e / 100)
     del data["results"][2]["itl_p50_ms"]  # a row without it is left out of the ITL median
     path = tmp_path / "m.json"
     path.write_text(json.dumps(data))
@@ -602,7 +639,9 @@ def test_validate_predicts_the_whole_batch_prefill(tmp_path):
     # 100 GB/s; the LM head computes logits for the 2 last tokens (2 x 2 x 512 x 64 FLOPs = 131.072 us)
     prof = load_profile({**HOST_TINY, "gemm_tflops": 1e-3 / 0.85})
     ttft = 2000 + 2 * ((2 * 16 * 43008 + 2 * 4 * 16 * 2 * 8**2) / 1e3 + (16 * 8640 + 3 * 16 * 128) / 1e5) + 131.072
-    tpot = 2000 + 2 * 1000 + 131.072  # decode at batch 2, context 8 + 2/2: 176.64 us of FLOPs, under the floor
+    # decode at batch 2, context 8 + 2/2: 176.64 us of FLOPs per layer, under the floor; the head's reads
+    # (0.65664 us) add to its FLOPs
+    tpot = 2000 + 2 * 1000 + 131.072 + 0.65664
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"model": "random:tiny-llama", "tensor_parallel_size": 1, "results": [
         {"batch": 2, "input_len": 8, "output_len": 2, "ttft_ms": ttft / 1e3, "tpot_ms": tpot / 2e3}]}))

@@ -23,14 +23,20 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
                 prefill (4096 tokens of an 8B model: ~25 ms next to ~85 ms of GEMMs) and long contexts.
   host          with a profile's measured host floor (profile.py): per stage, step_overhead[tp]
                 (prefill_overhead[tp] for a prefill, if measured) + sum over layers of
-                max(layer_floor[tp], layer GPU time + its collectives) + the non-layer GPU work;
-                without it, graph-captured decode (Efficiency's floor and overhead).
+                max(layer_floor[tp], layer GPU time + its collectives) + the non-layer GPU work
+                (eager_layer_floor[tp] for a step run eagerly, if measured); without it,
+                graph-captured decode (Efficiency's floor and overhead).
+  CUDA graphs   unless the profile says the engine ran eagerly, a decode step runs at its graph's
+                padded shape (graph_shapes.py): batch up to the next captured size, every sequence's
+                context gathered to the next captured length (the mean context stands for the longest).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from ..graph_shapes import GRAPH_TOKENS, graph_pairs, padded_shape
 from ..layout import ParallelLayout, shard_heads, split_evenly
 from .hardware import Cluster
 from .models import ModelSpec
@@ -56,7 +62,12 @@ class Efficiency:
     step_overhead_us: float = 500.0
     """Host work per engine step: scheduling, sampling, graph launch, returning tokens."""
     cuda_context_gb: float = 1.0
-    """CUDA context, cuBLAS workspace and CUDA-graph pool per GPU, GB."""
+    """CUDA context and cuBLAS workspace per GPU, GB."""
+    graph_pool_kv_factor: float = 1.5
+    graph_pool_base_gb: float = 1.1
+    """The decode graphs' memory pool: factor x the K/V bytes one layer gathers for GRAPH_TOKENS tokens on a
+    rank, plus base GB (fit to the pools of Llama-3-8B at TP 1 and 2 on H100: 2.69 and 1.89 GB; the
+    gather and its copies for attention, the logits of the largest batch)."""
     nccl_gb_per_group: float = 0.5
     """NCCL buffers per communicator (TP, PP, EP) a rank belongs to, GB."""
     fragmentation: float = 0.05
@@ -196,7 +207,7 @@ class StepCost:
     """Time of one stage's forward pass on its busiest rank."""
 
     compute_s: float
-    """GPU kernel time: the roofline max(HBM bytes / BW, FLOPs / peak) (graph mode: at least the per-layer
+    """GPU kernel time: the roofline max(HBM bytes / BW, FLOPs / peak) (datasheet mode: at least the per-layer
     floor; host mode: summed layer by layer)."""
     comm_s: float
     """Collectives on the critical path (TP all-reduces, logits gather, EP all-to-all)."""
@@ -206,7 +217,7 @@ class StepCost:
     """Floating-point operations."""
     host_s: float = 0.0
     """Host mode only: time the GPU waits for the host, i.e. the step overhead plus, per layer, how much
-    the measured layer floor exceeds the layer's GPU + collective time. 0 in graph mode."""
+    the measured layer floor exceeds the layer's GPU + collective time. 0 in datasheet mode."""
     act_bytes: float = 0.0
     """Bytes the elementwise kernels move (their time is in compute_s)."""
 
@@ -245,8 +256,9 @@ class CostModel:
     """Times and memory for layouts of one model on one cluster."""
 
     def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None = None,
-                 eff: Efficiency | None = None, kv_bytes: int = 2):
+                 eff: Efficiency | None = None, kv_bytes: int = 2, cuda_graphs: bool | None = None):
         self.model, self.cluster, self.profile = model, cluster, profile
+        self._cuda_graphs = cuda_graphs  # how the predicted engine runs decode, if not as the profile's did
         self.eff = eff or Efficiency()
         self.kv_bytes = kv_bytes
         if profile is not None:
@@ -275,23 +287,49 @@ class CostModel:
             return self.profile.prefill_overhead.at(tp) * 1e-6
         return self.step_overhead_s(tp)
 
-    def layer_floor_s(self, tp: int) -> float:
-        """Least time one layer takes: the measured host floor (host mode) or Efficiency's graph floor."""
+    def layer_floor_s(self, tp: int, eager: bool = False) -> float:
+        """Least time one layer takes: the measured floor (host mode; of a step run eagerly if the profile
+        has it) or Efficiency's graph floor."""
         if self.host_calibrated:
-            return self.profile.layer_floor.at(tp) * 1e-6
+            table = self.profile.eager_layer_floor if eager and self.profile.eager_layer_floor else self.profile.layer_floor
+            return table.at(tp) * 1e-6
         return self.eff.layer_floor_us * 1e-6
+
+    @property
+    def graph_decode(self) -> bool:
+        """Decode steps replay CUDA graphs: as the constructor was told, else unless the profile's engine ran
+        eagerly (graphs are the engine's default on GPU)."""
+        if self._cuda_graphs is not None:
+            return self._cuda_graphs
+        return self.profile is None or self.profile.cuda_graphs is not False
+
+    def decode_shape(self, batch: float, context: float) -> tuple[float, float, bool]:
+        """(rows, context positions, replayed as a graph) of a decode step of `batch` sequences at `context`
+        tokens each: its graph's padded shape, or as it is when no graph holds it (or the model is MoE: the
+        engine captures no graphs for expert dispatch)."""
+        if self.graph_decode and not self.model.is_moe:
+            n = math.ceil(batch)
+            shape = padded_shape(graph_pairs(max(n, 256), 8192), n, math.ceil(context))
+            if shape is not None:
+                return shape[0], shape[1], True
+        return batch, context, False
 
     # -- collectives (seconds) -------------------------------------------------------------------
 
-    def allreduce(self, ranks: list[int], nbytes: float) -> float:
+    def allreduce(self, ranks: list[int], nbytes: float, graphed: bool = False) -> float:
+        """Seconds of one all-reduce of nbytes per rank; graphed: inside a CUDA graph (the profile's in-graph
+        sweep where it has one)."""
         if len(ranks) <= 1:
             return 0.0
         c = self.cluster
         span = c.span(ranks)
         local, us = span.per_node, 0.0
+        table = self.profile.allreduce if self.profile is not None else None
+        if graphed and self.profile is not None and self.profile.allreduce_graph is not None:
+            table = self.profile.allreduce_graph
         if local > 1:
-            if self.profile is not None and self.profile.allreduce is not None:
-                us += self.profile.allreduce.time_us(local, nbytes)
+            if table is not None:
+                us += table.time_us(local, nbytes)
             else:
                 link = c.node_link(span)
                 us += ring_allreduce_us(link.allreduce_alpha_us(local), link.busbw_gbps, local, nbytes)
@@ -301,9 +339,9 @@ class CostModel:
             us += ring_allreduce_us(c.network.alpha_us, net_bw, span.nodes, nbytes / local)
         return us * 1e-6
 
-    def allgather(self, ranks: list[int], total_bytes: float) -> float:
+    def allgather(self, ranks: list[int], total_bytes: float, graphed: bool = False) -> float:
         # a ring all-gather moves (n-1)/n of the output: the cost of an all-reduce of half the bytes
-        return self.allreduce(ranks, total_bytes / 2)
+        return self.allreduce(ranks, total_bytes / 2, graphed)
 
     def all_to_all(self, ranks: list[int], buffer_bytes: float) -> float:
         """Each rank sends buffer_bytes split evenly over the group (its own chunk stays)."""
@@ -336,7 +374,7 @@ class CostModel:
     # -- one stage, one forward pass -------------------------------------------------------------
 
     def _work(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float, prefill: bool,
-              prompts: int) -> list[_Work]:
+              prompts: int, graphed: bool = False) -> list[_Work]:
         """The stage's work split into its dense layers, its MoE layers and the non-layer part."""
         m, b = self.model, self.model.bytes_per_param
         d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
@@ -352,7 +390,7 @@ class CostModel:
         if layout.tp > 1:
             tp_ranks = layout.tp_groups()[sh.stage]  # dp replica 0; the others are alike
             act = tokens * m.hidden * ACT_BYTES
-            ar = 2 * self.allreduce(tp_ranks, act)
+            ar = 2 * self.allreduce(tp_ranks, act, graphed)
         out = []
         if n_dense:
             act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden)) + gather
@@ -383,23 +421,36 @@ class CostModel:
         head_comm = 0.0
         if layout.tp > 1:
             if sh.stage == 0:
-                head_comm += self.allreduce(layout.tp_groups()[0], act)  # vocab-parallel embedding
+                head_comm += self.allreduce(layout.tp_groups()[0], act, graphed)  # vocab-parallel embedding
             if sh.head_rows:
-                head_comm += self.allgather(layout.tp_groups()[sh.stage], logits_tokens * m.vocab * ACT_BYTES)
+                head_comm += self.allgather(layout.tp_groups()[sh.stage], logits_tokens * m.vocab * ACT_BYTES, graphed)
         final_norm = m.hidden if sh.head_rows else 0
         out.append(_Work(1, b * (sh.head_rows * m.hidden + final_norm),
                          2 * logits_tokens * sh.head_rows * m.hidden, head_comm))
         return out
+
+    def _gemm_s(self, nbytes: float, flops: float, prefill: bool) -> float:
+        """Time of the weight and KV reads and the math: a prefill's wide GEMMs overlap the two (roofline
+        max); a decode step's skinny ones (a row per sequence) do not: bytes / BW + FLOPs / rate matched the
+        GEMM kernel time of Llama-3-8B at TP 1 and 2, batch 1, 8 and 32 on H100 within 2% (the max
+        came out up to 11% short at batch 32; docs/PERFORMANCE.md, session 6)."""
+        read, math = nbytes / self.hbm_bps, flops / self.flops_ps
+        return max(read, math) if prefill else read + math
 
     def stage_pass(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float,
                    prefill: bool, prompts: int = 1) -> StepCost:
         """Forward pass of one stage over `tokens` tokens: decode (one token per sequence, each with
         `context` tokens of KV) or prefill (`prompts` prompts of tokens/prompts tokens each).
 
-        Graph mode (no measured host floor): roofline of the whole stage, at least layers x the graph
+        Datasheet mode (no measured host floor): roofline of the whole stage, at least layers x the graph
         floor, plus collectives. Host mode: step overhead + per layer max(floor, GPU + collectives) +
-        the non-layer part's GPU + collectives (profile.py explains why)."""
-        work = self._work(layout, sh, tokens, context, prefill, prompts)
+        the non-layer part's GPU + collectives (profile.py explains why); for a decode step replayed as a
+        CUDA graph, with a profile measured that way, per layer GPU + collectives + the graph floor less
+        the floor's own two all-reduces: the small kernels run one after another, none hides."""
+        graphed = False
+        if not prefill:
+            tokens, context, graphed = self.decode_shape(tokens, context)
+        work = self._work(layout, sh, tokens, context, prefill, prompts, graphed)
         nbytes = sum(w.count * w.nbytes for w in work)
         act = sum(w.count * w.act_bytes for w in work)
         flops = sum(w.count * w.flops for w in work)
@@ -408,13 +459,20 @@ class CostModel:
             compute = max(nbytes / self.hbm_bps, flops / self.flops_ps,
                           sh.n_layers * self.eff.layer_floor_us * 1e-6) + act / self.hbm_bps
             return StepCost(compute, comm, nbytes, flops, act_bytes=act)
-        floor = self.layer_floor_s(layout.tp)
+        # a profile of an eager engine measured its decode floor eagerly; one with graphs, the graph floor
+        graph_floor = graphed and self.profile.cuda_graphs is not False
+        floor = self.layer_floor_s(layout.tp, eager=prefill or (not graphed and self.profile.cuda_graphs is not False))
+        if graph_floor:  # the tiny layer's floor includes its two (latency-bound) all-reduces
+            floor = max(0.0, floor - 2 * self.allreduce(layout.tp_groups()[sh.stage], 0, graphed=True))
         compute, host = 0.0, self.prefill_overhead_s(layout.tp) if prefill else self.step_overhead_s(layout.tp)
         for i, w in enumerate(work):
-            gpu = max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps) + w.act_bytes / self.hbm_bps
+            gpu = self._gemm_s(w.nbytes, w.flops, prefill) + w.act_bytes / self.hbm_bps
             compute += w.count * gpu
             if i < len(work) - 1:  # decoder layers; the last entry is the non-layer part
-                host += w.count * max(0.0, floor - gpu - w.comm_s)
+                if graph_floor:
+                    compute += w.count * floor
+                else:
+                    host += w.count * max(0.0, floor - gpu - w.comm_s)
         return StepCost(compute, comm, nbytes, flops, host, act)
 
     def transfer(self, layout: ParallelLayout, tokens: float) -> float:
@@ -431,7 +489,7 @@ class CostModel:
                     context: float) -> tuple[float, float, float, int]:
         """One decode step of `batch` sequences per replica at `context` tokens of KV each:
         (seconds, comm share, bubble share, micro-batches). m micro-batches take (m+p-1) beats of the
-        slowest stage plus p-1 transfers; the best m of 1..p, 2p, 4p (<= batch) is kept. Graph mode adds
+        slowest stage plus p-1 transfers; the best m of 1..p, 2p, 4p (<= batch) is kept. Datasheet mode adds
         the step overhead once per step; host mode has it inside every stage's beat."""
         p = layout.pp
         extra = 0.0 if self.host_calibrated else self.step_overhead_s(layout.tp)
@@ -470,7 +528,11 @@ class CostModel:
             mlp_width = max(mlp_width, 2 * (m.top_k * m.expert_ffn + m.shared_ffn) // layout.tp)
         width = 4 * m.hidden + (sh.q_heads + 2 * sh.kv_heads) * m.head_dim + mlp_width
         workspace = e.chunk_tokens * width * ACT_BYTES + max_num_seqs * -(-m.vocab // layout.tp) * 4
-        return ((e.cuda_context_gb + e.nccl_gb_per_group * groups) * 1e9 + workspace
+        graph_pool = 0.0
+        if self.graph_decode and not m.is_moe:  # (none for MoE models)
+            kv_layer = 2 * sh.kv_heads * m.head_dim * self.kv_bytes
+            graph_pool = e.graph_pool_kv_factor * GRAPH_TOKENS * kv_layer + e.graph_pool_base_gb * 1e9
+        return ((e.cuda_context_gb + e.nccl_gb_per_group * groups) * 1e9 + workspace + graph_pool
                 + e.fragmentation * self.memory_bytes)
 
     def kv_room(self, layout: ParallelLayout, sh: StageShard, max_num_seqs: int) -> float:

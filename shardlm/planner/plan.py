@@ -331,10 +331,12 @@ def _host_notes(cm: CostModel, layouts: list[ParallelLayout], cluster: Cluster) 
     prof = cm.profile
     notes = []
     if cm.host_calibrated:
-        graphs = {True: ", CUDA graphs on", False: ", eager (no CUDA graphs)"}.get(prof.cuda_graphs, "")
+        graphs = {True: ", decode as CUDA graphs", False: ", eager (no CUDA graphs)"}.get(prof.cuda_graphs, "")
         per_tp = "; ".join(f"tp={t}: {prof.step_overhead.at(t):.0f} us per step"
                            + (f" ({prof.prefill_overhead.at(t):.0f} prefilling)" if prof.prefill_overhead else "")
-                           + f" + {prof.layer_floor.at(t):.0f} us per layer" for t in sorted({lay.tp for lay in layouts}))
+                           + f" + {prof.layer_floor.at(t):.0f} us per layer"
+                           + (f" ({cm.layer_floor_s(t, eager=True) * 1e6:.0f} eager)" if prof.eager_layer_floor else "")
+                           for t in sorted({lay.tp for lay in layouts}))
         notes.append(f"host time measured{graphs}: {per_tp} (a layer costs the larger of that floor and its "
                      "GPU work + collectives)")
     else:
@@ -414,6 +416,8 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
         assumptions["step_overhead_us_by_tp"] = {str(t): profile.step_overhead.at(t) for t in tps}
         assumptions["layer_floor_us_by_tp"] = {str(t): profile.layer_floor.at(t) for t in tps}
         assumptions["prefill_overhead_us_by_tp"] = {str(t): cm.prefill_overhead_s(t) * 1e6 for t in tps}
+        assumptions["eager_layer_floor_us_by_tp"] = {str(t): cm.layer_floor_s(t, eager=True) * 1e6 for t in tps}
+    assumptions["decode_cuda_graphs"] = cm.graph_decode and not model.is_moe
     return Plan(model, cluster, wl, results, rec, reason, assumptions, notes)
 
 

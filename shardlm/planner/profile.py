@@ -17,6 +17,9 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
           "2": [[16384, 35.3], [1048576, 43.3], ...],
           "4": [[16384, 40.8], ...]         each point [bytes, microseconds]: bytes is the tensor size
       },                                    on each rank (the all-reduce payload), us the time per call
+      "allreduce_graph": {"2": [[bytes, us], ...], ...}
+                                            optional, same shape: the all-reduce replayed inside a CUDA
+                                            graph (no launch cost): what a graph-captured decode step pays
       "all_to_all": {"2": [[bytes, us], ...], ...}
                                             optional, same shape; bytes is each rank's whole send
                                             buffer (including the chunk it keeps)
@@ -26,18 +29,26 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             outside the decoder layers, per TP group size (key >= 1),
                                             microseconds >= 0. Needs "layer_floor_us".
       "layer_floor_us": {"1": 2200, "2": 2500, "4": 3000},
-                                            optional: host time per decoder layer per step at that TP
-                                            size (launching the layer's kernels and its 2 all-reduces,
-                                            measured on a tiny model: ~no GPU work). Needs
-                                            "step_overhead_us".
+                                            optional: least time per decoder layer of a decode step at
+                                            that TP size, measured on a tiny model (~no GPU work): the
+                                            host launching the layer's kernels and its 2 all-reduces
+                                            when the engine runs eagerly, the replayed kernels' own
+                                            floor with CUDA graphs. Needs "step_overhead_us".
       "prefill_overhead_us": {"1": 9000, ...},
                                             optional: like step_overhead_us, for a step that prefills a
                                             prompt (prompt indexing, the first-token path); without it a
                                             prefill step costs step_overhead_us. Needs the two above.
+      "eager_layer_floor_us": {"1": 2200, ...},
+                                            optional: like layer_floor_us, for a step run eagerly (every
+                                            prefill; a decode step no CUDA graph holds); without it
+                                            layer_floor_us. Needs the two above.
       "topology": {"interconnect": "nvlink", "raw": "GPU0 GPU1 ..."}
                                             optional, informational: "interconnect" is one of nvlink,
                                             pcie, cpu, unknown; "raw" (optional) the nvidia-smi topo text
-      "engine": {"cuda_graphs": false}      optional, informational: how the measured engine ran
+      "engine": {"cuda_graphs": true}       optional: whether the measured engine replayed decode steps
+                                            as CUDA graphs (then the planner predicts a decode step at
+                                            its graph's padded shape, graph_shapes.py); absent: true,
+                                            the engine's default on GPU
     }
 
 Every list needs at least one point; points are sorted by bytes on load. Times are interpolated
@@ -56,7 +67,7 @@ work overlap and the slower wins. One stage's step (decode or prefill) is
 
 (the sampler waits for the logits, so that last term does not hide under host time; its host cost is
 in step_overhead_us); a prefill step takes prefill_overhead_us[tp] instead of step_overhead_us[tp] where
-the profile has it. Without the two fields the model assumes graph-captured decode (cost.Efficiency:
+the profile has it, and a step run eagerly eager_layer_floor_us[tp] instead of layer_floor_us[tp]. Without the two fields the model assumes graph-captured decode (cost.Efficiency:
 a 15 us layer floor, 500 us per step). TP sizes that were not measured: between two measured sizes,
 linear in log2(tp); below the smallest, the smallest's value; above the largest, the last segment is
 extended linearly in log2(tp) (launch skew grows with the ranks), never below the largest's value;
@@ -158,6 +169,8 @@ class Profile:
     """Measured bf16 GEMM rate, TFLOP/s."""
     allreduce: CollectiveTable | None
     """All-reduce time per group size and message size; None when the profile measured no group ({})."""
+    allreduce_graph: CollectiveTable | None = None
+    """All-reduce time inside a CUDA graph, if measured."""
     all_to_all: CollectiveTable | None = None
     """All-to-all time, if measured."""
     send_recv: Curve | None = None
@@ -172,12 +185,14 @@ class Profile:
     """Host time per decoder layer per step, per TP size (us), if measured."""
     prefill_overhead: HostTable | None = None
     """Host time of a prefill step outside the layers, per TP size (us), if measured (else step_overhead's)."""
+    eager_layer_floor: HostTable | None = None
+    """Least time per decoder layer of a step run eagerly, per TP size (us), if measured (else layer_floor's)."""
     topology: str | None = None
     """Measured link between the GPUs: nvlink, pcie, cpu or unknown (informational)."""
     topology_raw: str | None = None
     """The probe's raw topology text (informational)."""
     cuda_graphs: bool | None = None
-    """Whether the measured engine captured CUDA graphs (informational)."""
+    """Whether the measured engine replayed decode steps as CUDA graphs (None: not said)."""
     source: str = "<profile>"
     """Where the profile came from."""
 
@@ -262,11 +277,12 @@ def _host_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
     if have:
         out["step_overhead"] = _host_table(data["step_overhead_us"], source, "step_overhead_us")
         out["layer_floor"] = _host_table(data["layer_floor_us"], source, "layer_floor_us")
-    if "prefill_overhead_us" in data:
-        if not have:
-            raise PlanError(f"{source}: field 'prefill_overhead_us' needs 'step_overhead_us' and 'layer_floor_us' "
-                            "too (the host model uses them); add them or remove 'prefill_overhead_us'")
-        out["prefill_overhead"] = _host_table(data["prefill_overhead_us"], source, "prefill_overhead_us")
+    for key in ("prefill_overhead_us", "eager_layer_floor_us"):
+        if key in data:
+            if not have:
+                raise PlanError(f"{source}: field {key!r} needs 'step_overhead_us' and 'layer_floor_us' too (the "
+                                f"host model uses them); add them or remove {key!r}")
+            out[key.removesuffix("_us")] = _host_table(data[key], source, key)
     if "topology" in data:
         topo = data["topology"]
         if not isinstance(topo, dict):
@@ -280,7 +296,7 @@ def _host_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
     if "engine" in data:
         eng = data["engine"]
         if not isinstance(eng, dict):
-            raise _bad(source, "engine", 'must be an object such as {"cuda_graphs": false}', eng)
+            raise _bad(source, "engine", 'must be an object such as {"cuda_graphs": true}', eng)
         if "cuda_graphs" in eng and not isinstance(eng["cuda_graphs"], bool):
             raise _bad(source, "engine.cuda_graphs", "must be true or false", eng["cuda_graphs"])
         out["cuda_graphs"] = eng.get("cuda_graphs")
@@ -307,6 +323,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         hbm_gbps=_positive(data["hbm_gbps"], source, "hbm_gbps"),
         gemm_tflops=_positive(data["gemm_tflops"], source, "gemm_tflops"),
         allreduce=_table(data["allreduce"], source, "allreduce"),
+        allreduce_graph=_table(data["allreduce_graph"], source, "allreduce_graph") if "allreduce_graph" in data else None,
         all_to_all=_table(data["all_to_all"], source, "all_to_all") if "all_to_all" in data else None,
         send_recv=_curve(data["send_recv"], source, "send_recv") if "send_recv" in data else None,
         memory_gib=_positive(data["memory_gib"], source, "memory_gib") if "memory_gib" in data else None,

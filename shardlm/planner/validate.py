@@ -76,6 +76,8 @@ class MeasuredFile:
     """Pipeline stages the engine ran with."""
     ep: int = 1
     """Expert-parallel size (1: experts split like the MLP)."""
+    cuda_graphs: bool | None = None
+    """Whether the engine replayed decode steps as CUDA graphs (None: the file does not say)."""
 
     @property
     def layout(self) -> ParallelLayout:
@@ -204,8 +206,11 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
             ttft_ms=_ms(r["ttft_ms"], path, f"{where}.ttft_ms"), tpot_ms=_ms(r["tpot_ms"], path, f"{where}.tpot_ms"),
             tpot_p50_ms=None if p50 is None else _ms(p50, path, f"{where}.tpot_p50_ms"),
             itl_p50_ms=None if itl is None else _ms(itl, path, f"{where}.itl_p50_ms")))
+    graphs = data.get("cuda_graphs")
+    if graphs is not None and not isinstance(graphs, bool):
+        raise _bad(path, "cuda_graphs", "must be true or false", graphs)
     return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows),
-                        pp=pp, ep=ep)
+                        pp=pp, ep=ep, cuda_graphs=graphs)
 
 
 def load_measured(path: str) -> MeasuredFile:
@@ -265,7 +270,11 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
         bad = constraint_reasons(spec, lay)
         if bad:
             raise PlanError(f"measured file {mf.path}: layout {lay}: {bad[0]}")
-        cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile)
+        # predict the engine as it ran: eager or with decode graphs
+        cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile, cuda_graphs=mf.cuda_graphs)
+        if profile is not None and None not in (mf.cuda_graphs, profile.cuda_graphs) and mf.cuda_graphs != profile.cuda_graphs:
+            notes.append(f"{mf.path} ran {'with' if mf.cuda_graphs else 'without'} CUDA graphs, the profile's engine "
+                         f"{'with' if profile.cuda_graphs else 'without'}: its measured floors fit the other mode")
         host = "measured" if cm.host_calibrated else "graph-captured"
         for r in mf.rows:
             ttft, tpot, ctx = predict_row(cm, lay, r)

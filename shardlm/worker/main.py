@@ -76,7 +76,11 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
                            stage_layers=[tuple(r) for r in init["stage_layers"]])
     spec = ModelSpec.from_dict(init["model"])
     runner = ModelRunner(spec, ctx, getattr(torch, init["dtype"]), init["max_model_len"], init["block_size"],
-                         init.get("expert_placement"))
+                         init.get("expert_placement"), cuda_graphs=init.get("cuda_graphs", False) or (
+                             # testing aid: the graphs' padded decode steps, run eagerly on the CPU
+                             device.type == "cpu" and os.environ.get("SHARDLM_PADDED_DECODE_ON_CPU") == "1"),
+                         max_num_seqs=init.get("max_num_seqs", 256),
+                         max_seq_len_to_capture=init.get("max_seq_len_to_capture", 8192))
     load_s = runner.load(show_progress=rank == 0)
     cap = runner.kv_capacity(init["gpu_memory_utilization"], init["cpu_kv_cache_bytes"], init["profile_tokens"])
     runner.reset_expert_stats()  # the profiling forward's routing is not the user's
@@ -130,7 +134,7 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
             wire.send(sock, reply)
         elif cmd == "alloc_kv":
             runner.allocate_kv(msg["blocks"])
-            wire.send(sock, {"event": "kv_ready", "rank": rank})
+            wire.send(sock, {"event": "kv_ready", "rank": rank, **runner.capture_graphs()})
         elif cmd == "shutdown":
             break
         else:

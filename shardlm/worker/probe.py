@@ -34,13 +34,30 @@ def _timed(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def _graph_timed(fn, device: torch.device, iters: int) -> float:
+    """Mean seconds per call of fn() replayed inside a CUDA graph of `iters` calls (no launch cost)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    return _timed(graph.replay, device, 3, warmup=1) / iters
+
+
 def collectives(runner: ModelRunner, sizes: list[int], iters: int) -> dict[str, Any]:
-    """all-reduce, all-to-all and send/recv latency per message size on this rank's TP group."""
+    """all-reduce, all-to-all and send/recv latency per message size on this rank's TP group; on GPU
+    also the all-reduce replayed inside a CUDA graph (as decode steps run it)."""
     ctx = runner.ctx
     dev, dtype = ctx.device, runner.dtype
     out: dict[str, Any] = {"allreduce": [], "all_to_all": [], "send_recv": []}
     if ctx.tp_group is None:
         return out
+    if dev.type == "cuda":
+        out["allreduce_graph"] = []
     n = ctx.tp_size
     group_ranks = dist.get_process_group_ranks(ctx.tp_group)
     for nbytes in sizes:
@@ -48,6 +65,9 @@ def collectives(runner: ModelRunner, sizes: list[int], iters: int) -> dict[str, 
         x = torch.randn(elems, device=dev).to(dtype)
         y = torch.empty_like(x)
         out["allreduce"].append([elems * dtype.itemsize, _timed(lambda: ctx.all_reduce(x), dev, iters) * 1e6])
+        if dev.type == "cuda":
+            out["allreduce_graph"].append([elems * dtype.itemsize,
+                                           _graph_timed(lambda: ctx.all_reduce(x), dev, iters) * 1e6])
         out["all_to_all"].append([elems * dtype.itemsize, _timed(
             lambda: dist.all_to_all_single(y, x, group=ctx.tp_group), dev, iters) * 1e6])
         # ping-pong between the group's first two ranks; the others wait at the barrier

@@ -14,12 +14,14 @@ from ..layers.attention import build_metadata
 from ..model_source import ModelSpec
 from ..models.llama import LlamaForCausalLM
 from ..weights import open_reader
+from .graphs import DecodeGraphs
 from .sampler import Sampler
 
 
 class ModelRunner:
     def __init__(self, spec: ModelSpec, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
-                 block_size: int, expert_placement: list | None = None):
+                 block_size: int, expert_placement: list | None = None, cuda_graphs: bool = False,
+                 max_num_seqs: int = 256, max_seq_len_to_capture: int = 8192):
         self.spec, self.ctx, self.dtype = spec, ctx, dtype
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = LlamaForCausalLM(spec.config, ctx, dtype, max_positions=max_model_len,
@@ -28,8 +30,15 @@ class ModelRunner:
         self.step_rows: deque[torch.Tensor] = deque(maxlen=4096)  # rows this rank's experts ran, per step
         self.sampler = Sampler(ctx.device)
         self.num_blocks = 0
+        self.scratch_block = 0  # a KV block past the block manager's: padding rows of a graph step write there
+        # decode steps as CUDA graphs (dense models on GPU; see graphs.py); captured once the KV cache exists
+        self.graphs = None
+        # (on the CPU only the padding is run, eagerly: a testing aid)
+        if cuda_graphs and not self.moe:
+            self.graphs = DecodeGraphs(self, max_num_seqs, max_seq_len_to_capture, capture=ctx.device.type == "cuda")
         # step accounting (always) and trace events (when tracing): wall-clock seconds
         self.busy_s = 0.0
+        self.steps = self.graph_steps = 0  # steps run, and of them replayed as graphs (or padded like one)
         self.window: list[float] = []  # [first step start, last step end]
         self.tracing = False
         self.events: list[tuple[str, str, float, float]] = []  # (name, category, start, end)
@@ -86,25 +95,41 @@ class ModelRunner:
         self.execute({"seqs": seqs})
         self._sync()
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
+        # the decode graphs keep a memory pool of their own, as large as their largest step's activations
+        graph_bytes = 0
+        if self.graphs is not None:
+            torch.cuda.reset_peak_memory_stats(dev)
+            for shape in self.graphs.memory_corners():
+                self.graphs.run_padding(shape)
+            self._sync()
+            graph_bytes = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         self.free_kv()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         used_by_others = total - free  # weights, CUDA context, NCCL buffers, other processes
-        budget = int(total * gpu_memory_utilization) - used_by_others - activation
-        if budget <= 0:
-            return {"blocks": 0, "activation_bytes": activation, "total": total, "used": used_by_others}
-        return {"blocks": budget // self.block_bytes(), "activation_bytes": activation, "total": total,
-                "used": used_by_others}
+        budget = int(total * gpu_memory_utilization) - used_by_others - activation - graph_bytes
+        out = {"activation_bytes": activation, "graph_reserve_bytes": graph_bytes, "total": total,
+               "used": used_by_others}
+        blocks = max(0, budget // self.block_bytes() - (self.graphs is not None))  # less the scratch block
+        return {"blocks": blocks, **out}
 
     def allocate_kv(self, num_blocks: int) -> None:
+        """num_blocks for the block manager, plus the scratch block when decode runs as graphs."""
         layers = self.model.attention_layers()
-        slots = num_blocks * self.block_size
+        self.scratch_block = num_blocks
+        slots = (num_blocks + (self.graphs is not None)) * self.block_size
         for a in layers:
             a.k_cache = torch.empty(slots, a.n_kv, a.head_dim, device=self.ctx.device, dtype=self.dtype)
             a.v_cache = torch.empty(slots, a.n_kv, a.head_dim, device=self.ctx.device, dtype=self.dtype)
         self.num_blocks = num_blocks
 
+    def capture_graphs(self) -> dict[str, float]:
+        """Capture the decode graphs over the KV cache just allocated (nothing to do without graphs)."""
+        return self.graphs.capture_all() if self.graphs is not None else {"graphs": 0, "capture_s": 0.0}
+
     def free_kv(self) -> None:
+        if self.graphs is not None:
+            self.graphs.reset()
         for a in self.model.attention_layers():
             a.k_cache = a.v_cache = None
         self.num_blocks = 0
@@ -168,6 +193,14 @@ class ModelRunner:
         kinds["top_cpu_ops"] = [[k[:120], round(us, 1), n] for us, k, n in sorted(cpu_ops, reverse=True)[:12]]
         return kinds
 
+    def _graph_shape(self, plan: dict[str, Any]) -> tuple[int, int] | None:
+        """The captured (batch, context) pair this step replays, or None to run it eagerly: graphs run
+        decode steps (one new token per sequence, every sequence sampled) that fit a pair."""
+        seqs = plan["seqs"]
+        if self.graphs is None or any(len(s["tokens"]) != 1 or not s["sample"] for s in seqs):
+            return None
+        return self.graphs.shape_for(len(seqs), max(s["start"] for s in seqs) + 1)
+
     @torch.inference_mode()
     def execute(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
         """Run one step: every scheduled sequence's new tokens; sample where the plan asks."""
@@ -176,42 +209,54 @@ class ModelRunner:
         if not seqs:
             return [], {}
         dev = self.ctx.device
-        ids = torch.tensor([t for s in seqs for t in s["tokens"]], dtype=torch.long)
-        positions = torch.cat([torch.arange(s["start"], s["start"] + len(s["tokens"])) for s in seqs])
-        q_lens = [len(s["tokens"]) for s in seqs]
-        meta = build_metadata([s["start"] for s in seqs], q_lens, [s["blocks"] for s in seqs], self.block_size, dev,
-                              self.dtype)
+        n_tokens = sum(len(s["tokens"]) for s in seqs)
+        graph = self._graph_shape(plan)
+        if graph is None:
+            ids = torch.tensor([t for s in seqs for t in s["tokens"]], dtype=torch.long)
+            positions = torch.cat([torch.arange(s["start"], s["start"] + len(s["tokens"])) for s in seqs])
+            q_lens = [len(s["tokens"]) for s in seqs]
+            meta = build_metadata([s["start"] for s in seqs], q_lens, [s["blocks"] for s in seqs], self.block_size,
+                                  dev, self.dtype)
+        self.steps += 1
+        self.graph_steps += graph is not None
         t0 = time.time()
-        if self.ctx.is_first_stage:
-            x = ids.to(dev, non_blocking=True)
-        else:  # activations of the previous pipeline stage, same token order as the plan
-            x = self.ctx.recv_prev_stage((len(ids), self.spec.config.hidden_size), self.dtype)
+        x = None
+        if not self.ctx.is_first_stage:  # activations of the previous pipeline stage, same token order as the plan
+            x = self.ctx.recv_prev_stage((n_tokens, self.spec.config.hidden_size), self.dtype)
             self._sync()
             self.record("recv activations", "communication", t0, time.time())
         t1 = time.time()
-        hidden = self.model(x, positions.to(dev, non_blocking=True), meta)
+        if graph is not None:  # the last stage gets every sequence's logits, the others their activations
+            out = self.graphs.run(graph, seqs, x)
+        else:
+            out = self.model(ids.to(dev, non_blocking=True) if x is None else x, positions.to(dev, non_blocking=True),
+                             meta)
         issued = time.time()  # the host has queued every layer; the GPU may still be behind
         if self.moe:  # a device scalar per step: read when the stats are asked for, not now
             self.step_rows.append(sum(m.rows for m in self.moe.values()))  # a new tensor: 0 + rows + ...
             for m in self.moe.values():
                 m.rows.zero_()
+        kind = f"forward {n_tokens} tokens" + (" (graph)" if graph is not None else "")
         if not self.ctx.is_last_stage:
             self._sync()
             t2 = time.time()
             self.last_split = (issued - t1, t2 - issued)
-            self.record(f"forward {len(ids)} tokens", "compute", t1, t2)
-            self.ctx.send_next_stage(hidden)
+            self.record(kind, "compute", t1, t2)
+            self.ctx.send_next_stage(out)
             self._sync()
             self.record("send activations", "communication", t2, time.time())
             self.window = [self.window[0] if self.window else t0, time.time()]
             return [], {}
 
-        last = np.cumsum(q_lens) - 1  # flat index of each sequence's last new token
         rows = [i for i, s in enumerate(seqs) if s["sample"]]
         results: list[dict[str, Any]] = []
         arrays: dict[str, np.ndarray] = {}
         if rows:
-            logits = self.model.compute_logits(hidden[torch.as_tensor(last[rows], device=dev)])  # [n, vocab]
+            if graph is not None:
+                logits = out  # [seqs, vocab]: every sequence samples in a graph step
+            else:
+                last = np.cumsum(q_lens) - 1  # flat index of each sequence's last new token
+                logits = self.model.compute_logits(out[torch.as_tensor(last[rows], device=dev)])  # [n, vocab]
             if self.ctx.is_output_rank:
                 chosen = [seqs[i] for i in rows]
                 results = self.sampler.sample(logits, [s["id"] for s in chosen], [s["params"] for s in chosen])
@@ -222,7 +267,7 @@ class ModelRunner:
         self._sync()
         t2 = time.time()
         self.last_split = (issued - t1, t2 - issued)
-        self.record(f"forward {len(ids)} tokens" + (" + sample" if rows else ""), "compute", t1, t2)
+        self.record(kind + (" + sample" if rows else ""), "compute", t1, t2)
         self.window = [self.window[0] if self.window else t0, t2]
         return results, arrays
 
@@ -233,11 +278,12 @@ class ModelRunner:
 
     def reset_accounting(self) -> None:
         self.busy_s, self.window, self.events = 0.0, [], []
+        self.steps = self.graph_steps = 0
 
     def accounting(self) -> dict[str, Any]:
         """Busy (compute) seconds and the wall window they fall in, since the last reset."""
         window = self.window[1] - self.window[0] if self.window else 0.0
-        out = {"busy_s": self.busy_s, "window_s": window,
+        out = {"busy_s": self.busy_s, "window_s": window, "steps": self.steps, "graph_steps": self.graph_steps,
                "idle_fraction": 1.0 - self.busy_s / window if window > 0 else 0.0}
         if self.moe:  # routing: tokens per expert (each token counted once over the TP group)
             out["moe"] = {"tokens_per_expert": {i: m.tokens_per_expert.tolist() for i, m in self.moe.items()

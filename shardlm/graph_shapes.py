@@ -1,0 +1,48 @@
+"""The shapes decode steps are captured at as CUDA graphs (worker/graphs.py), without torch: the planner
+predicts a graph step at its padded shape.
+
+A graph fixes every shape, so a decode step runs padded to a captured (batch, context) pair: every batch
+size of `batch_sizes` times every context size of `context_sizes` with batch * context <= GRAPH_TOKENS
+(the K/V gathered for one layer is a decode step's largest buffer). A step outside every pair runs eagerly.
+"""
+
+from __future__ import annotations
+
+GRAPH_TOKENS = 1 << 18
+"""largest batch * context of a graph (Llama-3-8B at TP=1 gathers 4 KiB of K/V a token: 1 GiB)"""
+MIN_CONTEXT = 256
+"""smallest context size of a graph; sizes double from here up to the captured maximum"""
+
+
+def batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, ... below max_num_seqs, then max_num_seqs itself
+    (past 8 rows, padding adds at most a third)."""
+    sizes, b = [1, 2, 4, 8, 16, 24], 32
+    while b < max_num_seqs:
+        sizes += [b, b * 3 // 2]
+        b *= 2
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+def context_sizes(max_len: int) -> list[int]:
+    """MIN_CONTEXT, doubling, and max_len itself as the last size."""
+    sizes, c = [], MIN_CONTEXT
+    while c < max_len:
+        sizes.append(c)
+        c *= 2
+    return sizes + [max_len]
+
+
+def graph_pairs(max_num_seqs: int, max_context: int) -> list[tuple[int, int]]:
+    """Every captured (batch, context) pair, sorted."""
+    return sorted((b, c) for c in context_sizes(max(1, max_context)) for b in batch_sizes(max_num_seqs)
+                  if b * c <= GRAPH_TOKENS)
+
+
+def padded_shape(pairs: list[tuple[int, int]], n_seqs: int, max_context: int) -> tuple[int, int] | None:
+    """The pair a decode step of n_seqs sequences of up to max_context tokens runs at: the smallest context
+    that holds it, then the smallest batch (None: no pair holds it, the step runs eagerly)."""
+    contexts = sorted({c for _, c in pairs if c >= max_context})
+    if not contexts:
+        return None
+    return next(((b, c) for b, c in pairs if c == contexts[0] and b >= n_seqs), None)

@@ -1,0 +1,162 @@
+"""Decode steps replayed as CUDA graphs.
+
+A decode step launches the same few hundred small kernels every time. Issued one by one from Python,
+the host needs longer to queue them than the GPU needs to run them at small batch, and the step time
+then follows how busy the host is (docs/PERFORMANCE.md). Here the whole decode forward, embedding to
+logits, is captured once per shape and replayed with one launch.
+
+A graph fixes every shape, so each step is padded to a captured (batch, context) pair (graph_shapes.py):
+- batch: rows past the real sequences decode token 0 at position 0 into a scratch KV block that no
+  sequence owns (the runner allocates it past the block manager's blocks); their logits are dropped;
+- context: the gathered K/V is as wide as the pair's context size; positions past a sequence's
+  context are masked out (those past its block table read the scratch block).
+A step that prefills, or is larger than every pair, runs eagerly; so does every step of an MoE model
+(the expert dispatch has data-dependent shapes).
+
+All graphs share one memory pool; they never run at once. They read the input buffers below and write
+their result into one output buffer, so nothing but the pool grows with the number of graphs.
+`capture=False` runs the same padded step eagerly: the padding is then tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..graph_shapes import graph_pairs, padded_shape
+from ..layers.attention import AttentionMetadata
+
+class DecodeGraphs:
+    """One rank's decode graphs. The model runner asks `shape_for` a step and, if it gets a pair, calls `run`.
+
+    A graph's inputs are the token ids, the positions (each sequence's context so far) and the block
+    tables ([batch, context / block_size], padded with the scratch block): one int64 buffer the host fills
+    with one copy. The slots, the context gather and the mask are computed from them inside the graph.
+    """
+
+    def __init__(self, runner: Any, max_num_seqs: int, max_context: int, capture: bool):
+        self.runner, self.capture = runner, capture
+        self.model, ctx = runner.model, runner.ctx
+        self.first, self.last = ctx.is_first_stage, ctx.is_last_stage
+        self.block_size = runner.block_size
+        self.pairs = graph_pairs(max_num_seqs, min(max_context, runner.max_model_len))
+        self.contexts = sorted({c for _, c in self.pairs})
+        self.max_batch = max((b for b, _ in self.pairs), default=0)
+        table_cells = max((b * self._blocks(c) for b, c in self.pairs), default=0)
+        dev, dtype, cfg = ctx.device, runner.dtype, runner.spec.config
+        bmax = self.max_batch
+        # [ids | positions | block tables], filled by one copy per step
+        self.index = torch.zeros(2 * bmax + table_cells, dtype=torch.long, device=dev)
+        # per context position: its block in the table and its offset in the block
+        pos = torch.arange(max(self.contexts, default=0), device=dev)
+        self.position, self.block_of, self.offset = pos, pos // self.block_size, pos % self.block_size
+        self.hidden_in = None if self.first else torch.zeros(bmax, cfg.hidden_size, dtype=dtype, device=dev)
+        self.out = (torch.zeros(bmax, cfg.vocab_size, dtype=torch.float32, device=dev) if self.last
+                    else torch.zeros(bmax, cfg.hidden_size, dtype=dtype, device=dev))
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def _blocks(self, c: int) -> int:
+        return -(-c // self.block_size)
+
+    # ---- choosing a pair ------------------------------------------------------------------
+    def shape_for(self, n_seqs: int, max_context: int) -> tuple[int, int] | None:
+        """The pair to run n_seqs sequences of up to max_context tokens at (None: run eagerly)."""
+        return padded_shape(self.pairs, n_seqs, max_context)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _forward(self, b: int, c: int) -> None:
+        """The captured work: reads only the input buffers, writes only self.out."""
+        bmax, bs, nb = self.max_batch, self.block_size, self._blocks(c)
+        positions = self.index[bmax: bmax + b]
+        tables = self.index[2 * bmax: 2 * bmax + b * nb].view(b, nb)
+        new_slots = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1) * bs + positions % bs
+        context_slots = tables.index_select(1, self.block_of[:c]) * bs + self.offset[:c]  # [b, c]
+        # a query at position p sees keys 0..p (padding past a table reads the scratch block, masked)
+        mask = torch.zeros(b, c, dtype=self.runner.dtype, device=positions.device).masked_fill_(
+            self.position[:c].unsqueeze(0) > positions.unsqueeze(1), float("-inf"))
+        empty = self.index[:0]
+        meta = AttentionMetadata(slot_mapping=new_slots, context_slots=context_slots, q_index=empty,
+                                 unpad_index=empty, mask=mask.view(b, 1, 1, c), decode_only=True)
+        x = self.index[:b] if self.first else self.hidden_in[:b]
+        hidden = self.model(x, positions, meta)
+        self.out[:b].copy_(self.model.compute_logits(hidden) if self.last else hidden)
+
+    def _fill(self, b: int, c: int, starts: list[int], tables: list[list[int]], ids: list[int]) -> None:
+        """Copy one step's inputs, padded to b rows and c context positions, into the buffer (one copy)."""
+        bmax, nb, n = self.max_batch, self._blocks(c), len(starts)
+        host = np.zeros(2 * bmax + b * nb, dtype=np.int64)
+        host[: len(ids)] = ids
+        host[bmax: bmax + n] = starts
+        grid = host[2 * bmax:].reshape(b, nb)
+        grid.fill(self.runner.scratch_block)
+        for row, blocks in zip(grid, tables):  # (a table may run past the context: only nb blocks are read)
+            k = min(len(blocks), nb)
+            row[:k] = blocks[:k]
+        self.index[: host.size].copy_(torch.from_numpy(host), non_blocking=True)
+
+    def run(self, shape: tuple[int, int], seqs: list[dict[str, Any]], x: torch.Tensor | None) -> torch.Tensor:
+        """One decode step of `seqs` on pair `shape`; x: the previous stage's activations (not on the first
+        stage). Returns [len(seqs), vocab] float32 logits on the last stage, else [len(seqs), hidden]."""
+        b, c = shape
+        n = len(seqs)
+        self._fill(b, c, [s["start"] for s in seqs], [s["blocks"] for s in seqs],
+                   [s["tokens"][0] for s in seqs] if self.first else [])
+        if x is not None:
+            self.hidden_in[:n].copy_(x)
+        if shape in self.graphs:
+            self.graphs[shape].replay()
+        else:
+            self._forward(b, c)
+        return self.out[:n]
+
+    # ---- capture -------------------------------------------------------------------------
+    def _fill_padding(self, b: int, c: int) -> None:
+        """Inputs of an all-padding step (valid indices, finite mask) for warm-up and capture."""
+        self._fill(b, c, [], [], [])
+
+    def capture_all(self) -> dict[str, float]:
+        """Capture every pair, largest first (the pool is sized by the first). Needs the KV cache allocated:
+        the graphs hold its addresses. Returns how many and the seconds taken."""
+        self.graphs.clear()
+        if not self.capture or not self.pairs:
+            return {"graphs": 0, "capture_s": 0.0}
+        t0 = time.perf_counter()
+        dev = self.runner.ctx.device
+        self.pool = torch.cuda.graph_pool_handle()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(dev)
+        with torch.inference_mode():
+            for b, c in sorted(self.pairs, key=lambda p: p[0] * p[1], reverse=True):
+                self._fill_padding(b, c)
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):  # warm-up outside the capture: libraries set up their handles
+                    self._forward(b, c)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._forward(b, c)
+                self.graphs[(b, c)] = graph
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs' pool stays
+        return {"graphs": len(self.graphs), "capture_s": time.perf_counter() - t0,
+                "graph_pool_bytes": torch.cuda.memory_reserved(dev) - before}
+
+    def memory_corners(self) -> list[tuple[int, int]]:
+        """The pairs that can need the most memory: the largest batch of each context size."""
+        return [max(p for p in self.pairs if p[1] == c) for c in self.contexts]
+
+    def run_padding(self, shape: tuple[int, int]) -> None:
+        """One eager all-padding step of this shape (to measure its memory before the graphs exist)."""
+        self._fill_padding(*shape)
+        with torch.inference_mode():
+            self._forward(*shape)
+
+    def reset(self) -> None:
+        """Forget the graphs (the KV cache they point into is going away)."""
+        self.graphs.clear()
+        self.pool = None
