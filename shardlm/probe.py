@@ -61,14 +61,20 @@ def _group_sizes(device: str, max_size: int | None) -> list[int]:
     return sizes
 
 
-def _host_times(llm: LLM) -> tuple[float, float]:
-    """(median batch-1 decode step, time to the first token of a 128-token prompt), seconds."""
+WIDE_BATCH = 32
+"""batch of the probe's second decode measurement (per-sequence host time)"""
+
+
+def _host_times(llm: LLM, wide: bool) -> tuple[float, float, float]:
+    """(median batch-1 decode step, time to the first token of a 128-token prompt, median decode step at
+    WIDE_BATCH if `wide` else 0), seconds."""
     step = run_batch(llm, batch=1, input_len=8, output_len=48)["step_p50_ms"]
     ttft = run_batch(llm, batch=1, input_len=128, output_len=2)["ttft_ms"]
-    return step / 1e3, ttft / 1e3
+    step_wide = run_batch(llm, batch=WIDE_BATCH, input_len=8, output_len=48)["step_p50_ms"] if wide else 0.0
+    return step / 1e3, ttft / 1e3, step_wide / 1e3
 
 
-def _depth_times(n: int, device: str, rounds: int = 3) -> tuple[dict[int, tuple[float, float]], dict[str, Any], bool]:
+def _depth_times(n: int, device: str, rounds: int = 3) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], bool]:
     """Host times of the probe model at each depth, the collective/device measurements, and whether the
     engines replayed decode steps as CUDA graphs.
 
@@ -80,12 +86,11 @@ def _depth_times(n: int, device: str, rounds: int = 3) -> tuple[dict[int, tuple[
         llms = [stack.enter_context(LLM(m, tensor_parallel_size=n, device=device, max_model_len=512,
                                         kv_cache_memory_bytes=256 << 20)) for m in PROBE_MODELS]
         measured = llms[0].engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1)
-        samples: dict[int, list[tuple[float, float]]] = {}
+        samples: dict[int, list[tuple[float, float, float]]] = {}
         for _ in range(rounds):
-            for llm in llms:
-                samples.setdefault(llm.engine.spec.config.num_hidden_layers, []).append(_host_times(llm))
-    times = {layers: (statistics.median(s for s, _ in got), statistics.median(t for _, t in got))
-             for layers, got in samples.items()}
+            for i, llm in enumerate(llms):  # the shallow model also decodes a wide batch
+                samples.setdefault(llm.engine.spec.config.num_hidden_layers, []).append(_host_times(llm, i == 0))
+    times = {layers: tuple(statistics.median(x[k] for x in got) for k in range(3)) for layers, got in samples.items()}
     return times, measured, llms[0].engine.cuda_graphs
 
 
@@ -96,7 +101,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
     gpu = device == "cuda"
     profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
                                "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},
-                               "prefill_overhead_us": {}, "eager_layer_floor_us": {}}
+                               "prefill_overhead_us": {}, "eager_layer_floor_us": {}, "step_overhead_per_seq_us": {}}
     for n in _group_sizes(device, max_group):
         log(f"probe: group of {n} ...")
         times, measured, graphs = _depth_times(n, device)
@@ -104,9 +109,13 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
         # the same engine at two depths: a step grows by each added layer's floor (tiny layers: the host
         # launching their kernels, or with CUDA graphs the replayed kernels themselves); the intercept is
         # the step's own overhead. Prefill steps run eagerly: their line is fitted on its own.
-        (l1, (step1, ttft1)), (l2, (step2, ttft2)) = sorted(times.items())
-        profile.setdefault("depth_times_ms", {})[str(n)] = {  # informational: the two points of each line
-            str(layers): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for layers, (step, ttft) in times.items()}
+        (l1, (step1, ttft1, wide1)), (l2, (step2, ttft2, _)) = sorted(times.items())
+        profile.setdefault("depth_times_ms", {})[str(n)] = {  # informational: the points of each line
+            str(layers): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for layers, (step, ttft, _) in times.items()}
+        profile["depth_times_ms"][str(n)][str(l1)][f"decode_step_b{WIDE_BATCH}"] = wide1 * 1e3
+        # each further sequence of a step: the host's share (inputs, sampling, the driver's bookkeeping;
+        # the tiny model's GPU work barely grows)
+        profile["step_overhead_per_seq_us"][str(n)] = max(0.0, (wide1 - step1) / (WIDE_BATCH - 1)) * 1e6
         for key, t1, t2, overhead in (("layer_floor_us", step1, step2, "step_overhead_us"),
                                       ("eager_layer_floor_us", ttft1, ttft2, "prefill_overhead_us")):
             floor = max(0.0, (t2 - t1) / (l2 - l1))
@@ -114,6 +123,8 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
             profile[overhead][str(n)] = max(0.0, t1 - l1 * floor) * 1e6
         if n == 1:
             profile["hbm_gbps"], profile["gemm_tflops"] = measured["hbm_gbps"], measured["gemm_tflops"]
+            if "gemv" in measured:
+                profile["gemv"] = measured["gemv"]
         else:
             profile["allreduce"][str(n)] = measured["allreduce"]
             if "allreduce_graph" in measured:
@@ -122,7 +133,8 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
             profile.setdefault("send_recv", measured["send_recv"])
         log(f"probe: group of {n}: decode layer floor {profile['layer_floor_us'][str(n)]:.0f} us, step overhead "
             f"{profile['step_overhead_us'][str(n)]:.0f} us; prefill layer floor "
-            f"{profile['eager_layer_floor_us'][str(n)]:.0f} us, overhead {profile['prefill_overhead_us'][str(n)]:.0f} us"
+            f"{profile['eager_layer_floor_us'][str(n)]:.0f} us, overhead {profile['prefill_overhead_us'][str(n)]:.0f} us; "
+            f"{profile['step_overhead_per_seq_us'][str(n)]:.0f} us per further sequence"
             f"{' (decode as CUDA graphs)' if graphs else ''}")
     if gpu:
         import torch

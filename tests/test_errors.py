@@ -53,6 +53,8 @@ def test_degrees_that_cannot_work():
             LLM(TINY, device="cuda")
     with pytest.raises(ConfigError, match="max_model_len=5000 must be in"):
         LLM(TINY, max_model_len=5000)
+    with pytest.raises(ConfigError, match="max_seq_len_to_capture must be >= 1, got 0"):
+        LLM(TINY, max_seq_len_to_capture=0)
     with pytest.raises(TypeError, match="unknown LLM argument"):
         LLM(TINY, tensor_paralel_size=2)
 

@@ -486,6 +486,23 @@ def test_graph_decode_runs_at_the_padded_shape_and_eager_steps_take_the_eager_fl
     assert CostModel(load_model("mixtral-8x7b"), make_cluster("h100-80gb", 8)).decode_shape(3, 100) == (3, 100, False)
 
 
+def test_decode_reads_weights_at_the_one_row_gemm_rate_and_each_further_sequence_costs_host_time():
+    # one-row GEMMs of 1000 and 2000 bytes took 2 and 4 us: 0.5 GB/s at every size, half the copy-rate share
+    # (1 GB/s) the hand-worked steps use; the KV cache and prefills keep the copy rate
+    extra = {"gemv": [[1000, 2.0], [2000, 4.0]], "step_overhead_per_seq_us": {"1": 20}}
+    gpu_bound = {**HOST, "layer_floor_us": {"1": 50, "2": 50}}
+    cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile({**gpu_bound, **extra}))
+    assert cm.decode_read_s(4 * 1500, 4, 1000) == pytest.approx((4 * 3 + 1) * 1e-6)
+    # tp=1 batch 1 context 100: each layer's 73.984 us of weights take twice as long, the head's 32.896 us too
+    assert _tiny_step({**gpu_bound, **extra}, 1) == pytest.approx(
+        _tiny_step(gpu_bound, 1) + (2 * 73.984 + 32.896) * 1e-6, rel=1e-9)
+    # 2 further sequences: 20 us of host time each
+    no_seq = {**gpu_bound, **extra, "step_overhead_per_seq_us": {"1": 0}}
+    assert _tiny_step({**gpu_bound, **extra}, 1, tokens=3) - _tiny_step(no_seq, 1, tokens=3) == pytest.approx(40e-6)
+    assert _tiny_step({**gpu_bound, **extra}, 1, prefill=True, tokens=50) == pytest.approx(
+        _tiny_step(gpu_bound, 1, prefill=True, tokens=50), rel=1e-12)
+
+
 def test_host_table_interpolates_in_log2_tp():
     base = {**HOST, "step_overhead_us": {"1": 1000, "4": 3000}, "layer_floor_us": {"2": 200, "4": 100}}
     prof = load_profile(base)

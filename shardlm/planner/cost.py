@@ -241,6 +241,10 @@ class _Work:
     act_bytes: float = 0.0
     """Bytes the elementwise kernels between the GEMMs move per instance (module docstring); their
     time adds to the roofline of the GEMMs and weight reads."""
+    kv_bytes: float = 0.0
+    """Of nbytes, the KV cache's (the rest are weights)."""
+    gemms: int = 1
+    """Weight GEMMs per instance (a decode step reads each at the rate of its size, see decode_read_s)."""
 
 
 def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float) -> float:
@@ -395,7 +399,7 @@ class CostModel:
         if n_dense:
             act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden)) + gather
             out.append(_Work(n_dense, b * (sh.attn + sh.norms + sh.mlp) + kv_b,
-                             2 * tokens * (sh.attn + sh.mlp) + attn_f, ar, act_b))
+                             2 * tokens * (sh.attn + sh.mlp) + attn_f, ar, act_b, kv_b, gemms=4))  # qkv o gate_up down
         if sh.n_moe:
             ep_tokens = tokens * (layout.dp if layout.ep > 1 and not prefill else 1)
             if layout.ep > 1:  # whole experts on this rank; each is hit with probability 1-(1-k/E)^T
@@ -416,7 +420,7 @@ class CostModel:
                      + 10 * expert_tok * expert_width + gather)
             out.append(_Work(sh.n_moe, b * (sh.attn + sh.norms + sh.shared_router + touched * sh.expert) + kv_b,
                              2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert + attn_f,
-                             ar + a2a, act_b))
+                             ar + a2a, act_b, kv_b, gemms=4))  # qkv, o, router, experts
         logits_tokens = prompts if prefill else tokens  # prefill samples only each prompt's last token
         head_comm = 0.0
         if layout.tp > 1:
@@ -429,13 +433,30 @@ class CostModel:
                          2 * logits_tokens * sh.head_rows * m.hidden, head_comm))
         return out
 
-    def _gemm_s(self, nbytes: float, flops: float, prefill: bool) -> float:
+    def decode_read_s(self, weight_bytes: float, gemms: int, kv_bytes: float) -> float:
+        """Seconds a decode step's skinny GEMMs take to read `weight_bytes` over `gemms` kernels, plus the KV
+        cache: at the profile's one-row GEMM rate for a GEMM of that average size (smaller ones stream
+        slower), else at the copy rate's share."""
+        if self.profile is None or self.profile.gemv is None or weight_bytes <= 0:
+            return (weight_bytes + kv_bytes) / self.hbm_bps
+        size = weight_bytes / max(1, gemms)
+        return gemms * self.profile.gemv.time_us(size) * 1e-6 + kv_bytes / self.hbm_bps
+
+    def step_overhead_per_seq_s(self, tp: int) -> float:
+        """Host time each further sequence adds to a decode step (measured, else 0)."""
+        if self.host_calibrated and self.profile.step_overhead_per_seq is not None:
+            return self.profile.step_overhead_per_seq.at(tp) * 1e-6
+        return 0.0
+
+    def _gemm_s(self, w: _Work, prefill: bool) -> float:
         """Time of the weight and KV reads and the math: a prefill's wide GEMMs overlap the two (roofline
-        max); a decode step's skinny ones (a row per sequence) do not: bytes / BW + FLOPs / rate matched the
-        GEMM kernel time of Llama-3-8B at TP 1 and 2, batch 1, 8 and 32 on H100 within 2% (the max
-        came out up to 11% short at batch 32; docs/PERFORMANCE.md, session 6)."""
-        read, math = nbytes / self.hbm_bps, flops / self.flops_ps
-        return max(read, math) if prefill else read + math
+        max); a decode step's skinny ones (a row per sequence) do not, and read at the one-row GEMM rate:
+        read time + FLOPs / GEMM rate matched the GEMM kernel time of Llama-3-8B at TP 1 and 2,
+        batch 1, 8 and 32 on H100 within a few % (the max came out up to 11% short at batch 32;
+        docs/PERFORMANCE.md, session 6)."""
+        if prefill:
+            return max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
+        return self.decode_read_s(w.nbytes - w.kv_bytes, w.gemms, w.kv_bytes) + w.flops / self.flops_ps
 
     def stage_pass(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float,
                    prefill: bool, prompts: int = 1) -> StepCost:
@@ -447,7 +468,7 @@ class CostModel:
         the non-layer part's GPU + collectives (profile.py explains why); for a decode step replayed as a
         CUDA graph, with a profile measured that way, per layer GPU + collectives + the graph floor less
         the floor's own two all-reduces: the small kernels run one after another, none hides."""
-        graphed = False
+        graphed, seqs = False, tokens
         if not prefill:
             tokens, context, graphed = self.decode_shape(tokens, context)
         work = self._work(layout, sh, tokens, context, prefill, prompts, graphed)
@@ -465,8 +486,10 @@ class CostModel:
         if graph_floor:  # the tiny layer's floor includes its two (latency-bound) all-reduces
             floor = max(0.0, floor - 2 * self.allreduce(layout.tp_groups()[sh.stage], 0, graphed=True))
         compute, host = 0.0, self.prefill_overhead_s(layout.tp) if prefill else self.step_overhead_s(layout.tp)
+        if not prefill:
+            host += self.step_overhead_per_seq_s(layout.tp) * max(0.0, seqs - 1)
         for i, w in enumerate(work):
-            gpu = self._gemm_s(w.nbytes, w.flops, prefill) + w.act_bytes / self.hbm_bps
+            gpu = self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps
             compute += w.count * gpu
             if i < len(work) - 1:  # decoder layers; the last entry is the non-layer part
                 if graph_floor:

@@ -24,6 +24,9 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             optional, same shape; bytes is each rank's whole send
                                             buffer (including the chunk it keeps)
       "send_recv": [[bytes, us], ...],      optional: one point-to-point send/recv between two GPUs
+      "gemv": [[bytes, us], ...],           optional: one [1, in] x [in, out] bf16 GEMM in a CUDA graph
+                                            per weight bytes, sizes ascending: decode steps read weights
+                                            at the largest point's rate (past the L2 cache; cost.py)
       "step_overhead_us": {"1": 4100, "2": 5200, "4": 7300},
                                             optional: host time of one engine step (batch-1 decode)
                                             outside the decoder layers, per TP group size (key >= 1),
@@ -38,6 +41,10 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             optional: like step_overhead_us, for a step that prefills a
                                             prompt (prompt indexing, the first-token path); without it a
                                             prefill step costs step_overhead_us. Needs the two above.
+      "step_overhead_per_seq_us": {"1": 25, ...},
+                                            optional: host time each further sequence adds to a decode
+                                            step (inputs, sampling, the driver's bookkeeping); without it
+                                            0. Needs the two above.
       "eager_layer_floor_us": {"1": 2200, ...},
                                             optional: like layer_floor_us, for a step run eagerly (every
                                             prefill; a decode step no CUDA graph holds); without it
@@ -175,6 +182,8 @@ class Profile:
     """All-to-all time, if measured."""
     send_recv: Curve | None = None
     """Point-to-point time, if measured."""
+    gemv: Curve | None = None
+    """One-row GEMM time per weight bytes, in a CUDA graph, if measured."""
     memory_gib: float | None = None
     """Device memory, if measured."""
     gpu_count: int | None = None
@@ -185,6 +194,8 @@ class Profile:
     """Host time per decoder layer per step, per TP size (us), if measured."""
     prefill_overhead: HostTable | None = None
     """Host time of a prefill step outside the layers, per TP size (us), if measured (else step_overhead's)."""
+    step_overhead_per_seq: HostTable | None = None
+    """Host time each further sequence adds to a decode step, per TP size (us), if measured."""
     eager_layer_floor: HostTable | None = None
     """Least time per decoder layer of a step run eagerly, per TP size (us), if measured (else layer_floor's)."""
     topology: str | None = None
@@ -277,7 +288,7 @@ def _host_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
     if have:
         out["step_overhead"] = _host_table(data["step_overhead_us"], source, "step_overhead_us")
         out["layer_floor"] = _host_table(data["layer_floor_us"], source, "layer_floor_us")
-    for key in ("prefill_overhead_us", "eager_layer_floor_us"):
+    for key in ("prefill_overhead_us", "eager_layer_floor_us", "step_overhead_per_seq_us"):
         if key in data:
             if not have:
                 raise PlanError(f"{source}: field {key!r} needs 'step_overhead_us' and 'layer_floor_us' too (the "
@@ -326,6 +337,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         allreduce_graph=_table(data["allreduce_graph"], source, "allreduce_graph") if "allreduce_graph" in data else None,
         all_to_all=_table(data["all_to_all"], source, "all_to_all") if "all_to_all" in data else None,
         send_recv=_curve(data["send_recv"], source, "send_recv") if "send_recv" in data else None,
+        gemv=_curve(data["gemv"], source, "gemv") if "gemv" in data else None,
         memory_gib=_positive(data["memory_gib"], source, "memory_gib") if "memory_gib" in data else None,
         gpu_count=gpu_count,
         source=source,

@@ -29,6 +29,7 @@ import torch
 from ..graph_shapes import graph_pairs, padded_shape
 from ..layers.attention import AttentionMetadata
 
+
 class DecodeGraphs:
     """One rank's decode graphs. The model runner asks `shape_for` a step and, if it gets a pair, calls `run`.
 
@@ -114,49 +115,45 @@ class DecodeGraphs:
         return self.out[:n]
 
     # ---- capture -------------------------------------------------------------------------
-    def _fill_padding(self, b: int, c: int) -> None:
-        """Inputs of an all-padding step (valid indices, finite mask) for warm-up and capture."""
-        self._fill(b, c, [], [], [])
 
     def capture_all(self) -> dict[str, float]:
         """Capture every pair, largest first (the pool is sized by the first). Needs the KV cache allocated:
-        the graphs hold its addresses. Returns how many and the seconds taken."""
+        the graphs hold its addresses. Returns how many, the seconds taken and the bytes their pool holds."""
         self.graphs.clear()
         if not self.capture or not self.pairs:
-            return {"graphs": 0, "capture_s": 0.0}
+            return {"graphs": 0, "capture_s": 0.0, "graph_pool_bytes": 0}
         t0 = time.perf_counter()
         dev = self.runner.ctx.device
         self.pool = torch.cuda.graph_pool_handle()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(dev)
-        with torch.inference_mode():
-            for b, c in sorted(self.pairs, key=lambda p: p[0] * p[1], reverse=True):
-                self._fill_padding(b, c)
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):  # warm-up outside the capture: libraries set up their handles
-                    self._forward(b, c)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self._forward(b, c)
-                self.graphs[(b, c)] = graph
+        try:
+            with torch.inference_mode():
+                for b, c in sorted(self.pairs, key=lambda p: p[0] * p[1], reverse=True):
+                    self._fill(b, c, [], [], [])  # all padding: valid indices for the warm-up run
+                    side = torch.cuda.Stream(dev)
+                    side.wait_stream(torch.cuda.current_stream(dev))
+                    with torch.cuda.stream(side):  # warm-up outside the capture: libraries set up their handles
+                        self._forward(b, c)
+                    torch.cuda.current_stream(dev).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool):
+                        self._forward(b, c)
+                    self.graphs[(b, c)] = graph
+        except torch.cuda.OutOfMemoryError as exc:
+            self.reset()
+            # a ValueError reaches the user as the message alone, naming what to change
+            raise ValueError(f"capturing the decode CUDA graphs (batch {b}, context {c}) ran out of GPU memory: "
+                             f"lower gpu_memory_utilization, max_num_seqs or max_seq_len_to_capture, or set "
+                             f"enforce_eager ({str(exc).splitlines()[0]})") from exc
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs' pool stays
         return {"graphs": len(self.graphs), "capture_s": time.perf_counter() - t0,
                 "graph_pool_bytes": torch.cuda.memory_reserved(dev) - before}
 
-    def memory_corners(self) -> list[tuple[int, int]]:
-        """The pairs that can need the most memory: the largest batch of each context size."""
-        return [max(p for p in self.pairs if p[1] == c) for c in self.contexts]
-
-    def run_padding(self, shape: tuple[int, int]) -> None:
-        """One eager all-padding step of this shape (to measure its memory before the graphs exist)."""
-        self._fill_padding(*shape)
-        with torch.inference_mode():
-            self._forward(*shape)
-
     def reset(self) -> None:
-        """Forget the graphs (the KV cache they point into is going away)."""
+        """Forget the graphs (the KV cache they point into is going away); their pool goes with them."""
         self.graphs.clear()
         self.pool = None
+        if self.capture:
+            torch.cuda.empty_cache()

@@ -87,8 +87,34 @@ def collectives(runner: ModelRunner, sizes: list[int], iters: int) -> dict[str, 
     return out
 
 
-def device_rates(device: torch.device) -> dict[str, float]:
-    """Copy bandwidth (bytes read + written) and matrix-multiply rate of this rank's device."""
+GEMV_SHAPES = [(4096, 1024), (4096, 4096), (14336, 4096), (28672, 4096)]
+"""weights [out, in] of the one-row GEMMs timed: 8 MiB to Llama-3-8B's fused gate/up (224 MiB in bf16)"""
+GEMV_STREAM_BYTES = 512 << 20
+"""each size cycles through enough weight copies to read this much per round: far past the L2 cache, as
+a decode step's weights stream through once"""
+
+
+def _gemv_times(device: torch.device) -> list[list[float]]:
+    """[weight bytes, us] of one [1, in] x [in, out] bf16 GEMM replayed in a CUDA graph: a decode step's
+    GEMMs (the planner reads a layer's weights at the rate of its GEMMs' size)."""
+    out = []
+    for rows, cols in GEMV_SHAPES:
+        nbytes = rows * cols * 2
+        copies = max(1, min(64, -(-GEMV_STREAM_BYTES // nbytes)))
+        ws = [torch.randn(rows, cols, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
+
+        def one_round() -> None:
+            for w in ws:
+                torch.nn.functional.linear(x, w)
+
+        out.append([nbytes, _graph_timed(one_round, device, max(1, 64 // copies)) / copies * 1e6])
+    return out
+
+
+def device_rates(device: torch.device) -> dict[str, Any]:
+    """Copy bandwidth (bytes read + written) and matrix-multiply rate of this rank's device; on GPU the
+    one-row GEMM times too."""
     gpu = device.type == "cuda"
     nbytes = (1 << 30) if gpu else (1 << 27)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -99,4 +125,7 @@ def device_rates(device: torch.device) -> dict[str, float]:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     gemm_s = _timed(lambda: a @ b, device, iters=20 if gpu else 3)
-    return {"hbm_gbps": 2 * nbytes / copy_s / 1e9, "gemm_tflops": 2 * n ** 3 / gemm_s / 1e12}
+    out: dict[str, Any] = {"hbm_gbps": 2 * nbytes / copy_s / 1e9, "gemm_tflops": 2 * n ** 3 / gemm_s / 1e12}
+    if gpu:
+        out["gemv"] = _gemv_times(device)
+    return out
