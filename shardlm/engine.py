@@ -27,8 +27,9 @@ from .tokenizer import decode_next, load_tokenizer
 class EngineArgs:
     """Engine settings; names follow vLLM's where the meaning is the same."""
 
-    model: str | None = None
-    """built-in name, HF checkpoint folder, .gguf file or random:<preset> (default: smollm2-135m)"""
+    model: str | ModelSpec | None = None
+    """built-in name, HF checkpoint folder, .gguf file or random:<preset> (default: smollm2-135m), or a
+    ModelSpec"""
     tensor_parallel_size: int = 1
     """TP degree: ranks that split every layer"""
     pipeline_parallel_size: int = 1

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import EngineArgs, LLMEngine
+from .model_source import ModelSpec
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput
 
@@ -23,7 +24,7 @@ class LLM:
         outs = llm.generate(["a", "b"], SamplingParams(max_tokens=32, temperature=0))
     """
 
-    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1, **kwargs: Any):
+    def __init__(self, model: str | ModelSpec | None = None, tensor_parallel_size: int = 1, **kwargs: Any):
         known = set(EngineArgs.__dataclass_fields__)
         unknown = sorted(set(kwargs) - known)
         if unknown:

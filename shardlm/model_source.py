@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,18 @@ def fetch_builtin(name: str) -> Path:
     return target
 
 
-def resolve_model(model: str | os.PathLike | None, seed: int = 0) -> ModelSpec:
-    """Turn the user's `model` argument into a ModelSpec, or raise ModelNotFoundError saying what works."""
+def with_random_layers(spec: ModelSpec, layers: int) -> ModelSpec:
+    """A model of `spec`'s shape with `layers` decoder layers and random weights (what `shardlm probe
+    --model` times: kernels depend on the shapes, not on the weights' values)."""
+    return ModelSpec(f"{spec.name} ({layers} layers, random weights)", "random", None,
+                     replace(spec.config, num_hidden_layers=layers), spec.seed)
+
+
+def resolve_model(model: str | os.PathLike | ModelSpec | None, seed: int = 0) -> ModelSpec:
+    """Turn the user's `model` argument into a ModelSpec, or raise ModelNotFoundError saying what works.
+    A ModelSpec is taken as it is."""
+    if isinstance(model, ModelSpec):
+        return model
     name = str(model) if model is not None else DEFAULT_MODEL
     name = ALIASES.get(name, name)
     if name.startswith("random:"):

@@ -7,7 +7,10 @@ one device the copy bandwidth and GEMM rate. From the driver it times whole engi
 tiny model at two depths (4 and 48 layers, both up at once, taking turns): the median batch-1
 decode step grows by the host floor of each added layer (kernel launches + the layer's
 all-reduces), and what is left at zero layers is the step's own overhead; the first token of a
-128-token prompt gives a prefill step's. The output follows the schema in shardlm/planner/profile.py.
+128-token prompt gives a prefill step's. With `--model` it also times that model's own layers the
+same way (random weights at MODEL_DEPTHS layers), for the planner to use on models of that shape
+(the tiny layer's kernels run shorter than wide ones). The output follows the schema in
+shardlm/planner/profile.py.
 """
 
 from __future__ import annotations
@@ -22,13 +25,21 @@ import sys
 from typing import Any
 
 from .bench import run_batch
+from .config import ConfigError
+from .executor import WorkerError
+from .layout import LayoutError
 from .llm import LLM
+from .model_source import ModelSpec, resolve_model, with_random_layers
 
 GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 CPU_SIZES = [16 << 10, 256 << 10, 1 << 20]
 # the same tiny layer at two depths: the host floor per layer is the slope of the step time, the step's
 # own overhead what is left at zero layers (the shallow model sits close to it)
 PROBE_MODELS = ("random:probe-tiny-shallow", "random:probe-tiny-deep")
+MODEL_DEPTHS = (2, 8)
+"""layer counts at which `--model` times the model's own layers"""
+DECODE_INPUT, DECODE_OUTPUT, PROMPT_LEN = 8, 48, 128
+"""the timed decode (prompt, new tokens) and the timed first token's prompt"""
 
 
 def topology() -> dict[str, str]:
@@ -68,43 +79,64 @@ WIDE_BATCH = 32
 def _host_times(llm: LLM, wide: bool) -> tuple[float, float, float]:
     """(median batch-1 decode step, time to the first token of a 128-token prompt, median decode step at
     WIDE_BATCH if `wide` else 0), seconds."""
-    step = run_batch(llm, batch=1, input_len=8, output_len=48)["step_p50_ms"]
-    ttft = run_batch(llm, batch=1, input_len=128, output_len=2)["ttft_ms"]
-    step_wide = run_batch(llm, batch=WIDE_BATCH, input_len=8, output_len=48)["step_p50_ms"] if wide else 0.0
+    step = run_batch(llm, batch=1, input_len=DECODE_INPUT, output_len=DECODE_OUTPUT)["step_p50_ms"]
+    ttft = run_batch(llm, batch=1, input_len=PROMPT_LEN, output_len=2)["ttft_ms"]
+    step_wide = (run_batch(llm, batch=WIDE_BATCH, input_len=DECODE_INPUT, output_len=DECODE_OUTPUT)["step_p50_ms"]
+                 if wide else 0.0)
     return step / 1e3, ttft / 1e3, step_wide / 1e3
 
 
-def _depth_times(n: int, device: str, rounds: int = 3) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], bool]:
-    """Host times of the probe model at each depth, the collective/device measurements, and whether the
-    engines replayed decode steps as CUDA graphs.
+def _depth_times(n: int, device: str, models: list[str | ModelSpec], measure: bool, rounds: int = 3
+                 ) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], bool]:
+    """Host times of `models` (one model at different depths) at each depth; with `measure`, the
+    collective/device measurements and a wide batch on the first model; and whether the engines
+    replayed decode steps as CUDA graphs.
 
-    Both depths stay up side by side and take turns, `rounds` times; each number is the median over
-    the rounds, so a slow spell of a shared host weighs on both depths alike.
+    The depths stay up side by side and take turns, `rounds` times; each number is the median over
+    the rounds, so a slow spell of a shared host weighs on every depth alike.
     """
     sizes, iters = (GPU_SIZES, 50) if device == "cuda" else (CPU_SIZES, 10)
     with contextlib.ExitStack() as stack:
         llms = [stack.enter_context(LLM(m, tensor_parallel_size=n, device=device, max_model_len=512,
-                                        kv_cache_memory_bytes=256 << 20)) for m in PROBE_MODELS]
-        measured = llms[0].engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1)
+                                        kv_cache_memory_bytes=256 << 20)) for m in models]
+        measured = llms[0].engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1) if measure else {}
         samples: dict[int, list[tuple[float, float, float]]] = {}
         for _ in range(rounds):
-            for i, llm in enumerate(llms):  # the shallow model also decodes a wide batch
-                samples.setdefault(llm.engine.spec.config.num_hidden_layers, []).append(_host_times(llm, i == 0))
+            for i, llm in enumerate(llms):
+                samples.setdefault(llm.engine.spec.config.num_hidden_layers, []).append(
+                    _host_times(llm, measure and i == 0))
     times = {layers: tuple(statistics.median(x[k] for x in got) for k in range(3)) for layers, got in samples.items()}
     return times, measured, llms[0].engine.cuda_graphs
 
 
-def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> dict[str, Any]:
+def _model_to_time(model: str) -> tuple[ModelSpec, dict[str, Any]]:
+    """The `--model` argument as a spec (its weights are never read) and its planner layer shape."""
+    from .planner.models import from_engine_config
+
+    spec = resolve_model(model)
+    spec.config.validate()
+    if spec.config.is_moe:
+        raise ConfigError(f"--model times a dense model's layers; {spec.name} is a mixture-of-experts model "
+                          f"(its decode steps run eagerly through the routed experts): drop --model")
+    return spec, dict(from_engine_config(spec.config, spec.name).layer_shape)
+
+
+def run_probe(device: str = "auto", max_group: int | None = None, log=print, model: str | None = None) -> dict[str, Any]:
     from .engine import LLMEngine
 
     device = LLMEngine._pick_device(device)
     gpu = device == "cuda"
+    spec, shape = _model_to_time(model) if model is not None else (None, None)
     profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
                                "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},
                                "prefill_overhead_us": {}, "eager_layer_floor_us": {}, "step_overhead_per_seq_us": {}}
+    if spec is not None:
+        profile["model_layers"] = {"model": spec.name, "shape": shape,
+                                   "decode_context": DECODE_INPUT + DECODE_OUTPUT / 2, "prompt_len": PROMPT_LEN,
+                                   "times_ms": {}}
     for n in _group_sizes(device, max_group):
         log(f"probe: group of {n} ...")
-        times, measured, graphs = _depth_times(n, device)
+        times, measured, graphs = _depth_times(n, device, list(PROBE_MODELS), measure=True)
         profile["engine"]["cuda_graphs"] = graphs
         # the same engine at two depths: a step grows by each added layer's floor (tiny layers: the host
         # launching their kernels, or with CUDA graphs the replayed kernels themselves); the intercept is
@@ -136,6 +168,11 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
             f"{profile['eager_layer_floor_us'][str(n)]:.0f} us, overhead {profile['prefill_overhead_us'][str(n)]:.0f} us; "
             f"{profile['step_overhead_per_seq_us'][str(n)]:.0f} us per further sequence"
             f"{' (decode as CUDA graphs)' if graphs else ''}")
+        if spec is not None:
+            _time_model_layers(spec, n, device, profile["model_layers"]["times_ms"], log)
+    if spec is not None and not profile["model_layers"]["times_ms"]:
+        log(f"probe: {spec.name} could not be timed at any TP size: the profile has no model_layers")
+        del profile["model_layers"]
     if gpu:
         import torch
 
@@ -148,17 +185,33 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print) -> 
     return profile
 
 
+def _time_model_layers(spec: ModelSpec, n: int, device: str, out: dict[str, Any], log) -> None:
+    """Time `spec`'s layers at TP size n into out[str(n)]; a size the model cannot run at is left out."""
+    try:
+        times, _, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in MODEL_DEPTHS], measure=False)
+    except (ConfigError, LayoutError, WorkerError) as exc:  # heads not divisible, out of memory, ...
+        log(f"probe: {spec.name} at TP={n} not timed: {str(exc).splitlines()[0]}")
+        return
+    out[str(n)] = {str(d): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for d, (step, ttft, _) in times.items()}
+    (d1, (s1, f1, _)), (d2, (s2, f2, _)) = sorted(times.items())
+    log(f"probe: {spec.name} at TP={n}: decode {(s2 - s1) / (d2 - d1) * 1e6:.0f} us a layer, prefill of "
+        f"{PROMPT_LEN} tokens {(f2 - f1) / (d2 - d1) * 1e6:.0f} us a layer")
+
+
 def add_probe_parser(sub) -> None:
     p = sub.add_parser("probe", help="measure this machine (collectives, memory, GEMM, host floor) for the planner")
     p.add_argument("--out", default="probe.json", help="profile to write (use with `shardlm plan --profile`)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--max-group", type=int, default=None, help="largest TP group to measure")
+    p.add_argument("--model", default=None,
+                   help="also time this dense model's own layers (random weights, so a preset, config folder "
+                        "or .gguf will do); `plan --profile` then uses them for models of that shape")
 
 
 def run_probe_cli(args) -> int:
     if args.max_group is not None and args.max_group < 1:
         raise ValueError(f"--max-group must be >= 1, got {args.max_group}")
-    profile = run_probe(args.device, args.max_group, log=lambda m: print(m, file=sys.stderr))
+    profile = run_probe(args.device, args.max_group, log=lambda m: print(m, file=sys.stderr), model=args.model)
     with open(args.out, "w") as f:
         json.dump(profile, f, indent=2)
     print(f"wrote {args.out}: {profile['device']}, copy {profile['hbm_gbps']:.0f} GB/s, "

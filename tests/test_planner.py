@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -501,6 +502,85 @@ def test_decode_reads_weights_at_the_one_row_gemm_rate_and_each_further_sequence
     assert _tiny_step({**gpu_bound, **extra}, 1, tokens=3) - _tiny_step(no_seq, 1, tokens=3) == pytest.approx(40e-6)
     assert _tiny_step({**gpu_bound, **extra}, 1, prefill=True, tokens=50) == pytest.approx(
         _tiny_step(gpu_bound, 1, prefill=True, tokens=50), rel=1e-12)
+
+
+# TINY's own layers timed at 2 and 6 layers (decode at context 100, a 50-token prompt): decode 300 us a layer
+# + 900 us at no layers, prefill 400 us a layer + 2200 us (tp=1); decode 100 us + 800 us (tp=2)
+TIMED = {"model": "random:tiny", "shape": dict(TINY.layer_shape), "decode_context": 100, "prompt_len": 50,
+         "times_ms": {"1": {"2": {"decode_step": 1.5, "ttft": 3.0}, "6": {"decode_step": 2.7, "ttft": 4.6}},
+                      "2": {"2": {"decode_step": 1.0, "ttft": 3.0}, "6": {"decode_step": 1.4, "ttft": 4.6}}}}
+
+
+def _step(profile, model, tp, **kw):
+    cm = CostModel(model, make_cluster("h100-80gb", 2), load_profile(profile))
+    lay = ParallelLayout(tp=tp)
+    if kw.get("prefill"):
+        return cm.prefill_step(lay, stage_shards(model, lay), kw["tokens"])[0]
+    return cm.decode_step(lay, stage_shards(model, lay), kw.get("tokens", 1), kw.get("context", 100))[0]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_timed_model_layers_reproduce_the_measured_line(graphs):
+    base = {**HOST, "engine": {"cuda_graphs": graphs}, "allreduce_graph": HOST["allreduce"]}
+    timed = {**base, "model_layers": TIMED}
+    for layers, tp, decode_ms in ((2, 1, 1.5), (4, 1, 2.1), (10, 1, 3.9), (2, 2, 1.0), (4, 2, 1.2)):
+        model = replace(TINY, n_layers=layers)  # same layer shape, any depth: the line through the two points
+        assert _step(timed, model, tp) == pytest.approx(decode_ms * 1e-3, rel=1e-9)
+    # the prefill line at tp=1 (host-bound: a 50-token layer's GPU work is under 400 us)
+    assert _step(timed, replace(TINY, n_layers=4), 1, prefill=True, tokens=50) == pytest.approx(3.8e-3, rel=1e-9)
+    # a larger step grows by what the formulas add, as without the timed layers
+    model = replace(TINY, n_layers=4)
+    grow = _step(timed, model, 1, tokens=3, context=400) - _step(timed, model, 1)
+    if graphs:  # every graph layer adds the same correction: the growth is the formulas' own
+        assert grow == pytest.approx(_step(base, model, 1, tokens=3, context=400) - _step(base, model, 1), rel=1e-9)
+    else:  # eager: a 3 x 400 step's layer, 74 us of weights + 154 of KV + 307 gathered + 25 elementwise + its
+        # GEMM and attention FLOPs, beats the 300 us timed floor by 260.5 us; the head's math grows by 2 x 32.768 ns
+        layer = 73.984 + 153.6 + 307.2 + 3 * 8.32 + (3 * 73728 + 4 * 4 * 16 * 3 * 400) / 1e6
+        assert grow == pytest.approx((4 * (layer - 300) + 2 * 0.032768) * 1e-6, rel=1e-9)
+    # other shapes, and TP sizes the probe did not time, keep the tiny model's floor
+    wider = replace(TINY, ffn=256)
+    assert _step(timed, wider, 1) == _step(base, wider, 1)
+    only_tp1 = {**base, "model_layers": {**TIMED, "times_ms": {"1": TIMED["times_ms"]["1"]}}}
+    assert _step(only_tp1, TINY, 2) == _step(base, TINY, 2)
+    assert _step(only_tp1, TINY, 1) == _step(timed, TINY, 1)
+
+
+def test_timed_layers_faster_than_predicted_correct_the_gpu_work():
+    # tp=1 decode timed at 50 us a layer (1.0 ms at 2 layers, 1.2 at 6): under the 120.8 us the formulas give
+    fast = {**TIMED, "times_ms": {"1": {"2": {"decode_step": 1.0, "ttft": 3.0}, "6": {"decode_step": 1.2, "ttft": 4.6}}}}
+    timed = {**HOST, "model_layers": fast}
+    assert _step(timed, TINY, 1) == pytest.approx(1.0e-3, rel=1e-9)
+    assert _step(timed, replace(TINY, n_layers=4), 1) == pytest.approx(1.1e-3, rel=1e-9)
+    cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(timed))
+    floor, gpu_fix, overhead = cm.calibrated(1, prefill=False, graphed=False)
+    assert (floor, gpu_fix, overhead) == pytest.approx((50e-6, (50 - 120.803328) * 1e-6, (900 - 32.928768) * 1e-6))
+    plan = make_plan(TINY, make_cluster("h100-80gb", 2), Workload(150, 50, 100), load_profile(timed))
+    assert "layers of this shape timed by the probe (random:tiny), used at tp=1; tp=2 not timed" in " ".join(plan.notes)
+    other = make_plan(replace(TINY, vocab=512), make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(timed))
+    assert "a different layer shape" in " ".join(other.notes)
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"shape": {"hidden": 64}}, "field 'model_layers.shape'"),
+    ({"prompt_len": 0}, "field 'model_layers.prompt_len'"),
+    ({"decode_context": -1}, "field 'model_layers.decode_context'"),
+    ({"times_ms": {}}, "field 'model_layers.times_ms'"),
+    ({"times_ms": {"0": {}}}, "field 'model_layers.times_ms.0'"),
+    ({"times_ms": {"1": {"2": {"decode_step": 1.0, "ttft": 2.0}}}}, "field 'model_layers.times_ms.1'"),
+    ({"times_ms": {"1": {"2": {"decode_step": 1.0, "ttft": 2.0}, "x": {}}}}, "field 'model_layers.times_ms.1.x'"),
+    ({"times_ms": {"1": {"2": {"decode_step": 1.0}, "4": {"decode_step": 2.0, "ttft": 3.0}}}},
+     "field 'model_layers.times_ms.1.2.ttft'"),
+    ({"times_ms": {"1": {"2": {"decode_step": -1.0, "ttft": 2.0}, "4": {"decode_step": 2.0, "ttft": 3.0}}}},
+     "field 'model_layers.times_ms.1.2.decode_step'"),
+    ({"model": None}, "field 'model_layers' is missing 'model'"),
+])
+def test_malformed_model_layers_name_the_field(patch, msg):
+    layers = {k: v for k, v in {**TIMED, **patch}.items() if v is not None}
+    with pytest.raises(PlanError, match=re.escape(msg)):
+        load_profile({**HOST, "model_layers": layers})
+    no_host = {k: v for k, v in HOST.items() if k not in ("step_overhead_us", "layer_floor_us")}
+    with pytest.raises(PlanError, match="'model_layers' needs 'step_overhead_us' and 'layer_floor_us'"):
+        load_profile({**no_host, "model_layers": TIMED})
 
 
 def test_host_table_interpolates_in_log2_tp():

@@ -6,13 +6,16 @@ import sys
 
 import pytest
 
-from shardlm.planner import load_profile
+from shardlm.layout import ParallelLayout
+from shardlm.planner import load_model, load_profile, make_cluster
+from shardlm.planner.cost import CostModel, stage_shards
 
 
 def test_probe_writes_a_profile_the_planner_reads(tmp_path):
     out = tmp_path / "probe.json"
     res = subprocess.run([sys.executable, "-m", "shardlm.cli", "probe", "--out", str(out), "--device", "cpu",
-                          "--max-group", "2"], capture_output=True, text=True, timeout=300)
+                          "--max-group", "2", "--model", "random:smollm2-135m"], capture_output=True, text=True,
+                         timeout=400)
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
     assert data["topology"]["interconnect"] == "cpu" and "gpu_count" not in data
@@ -40,6 +43,28 @@ def test_probe_writes_a_profile_the_planner_reads(tmp_path):
     prof = load_profile(str(out))  # the planner validates it without complaint
     assert prof.host_calibrated and prof.prefill_overhead.at(2) == data["prefill_overhead_us"]["2"]
     assert prof.eager_layer_floor.at(1) == data["eager_layer_floor_us"]["1"]
+    # --model: SmolLM2-135M's own layers at 2 and 8 layers, at both TP sizes; the planner, for a model of
+    # that shape (any depth), predicts the batch-1 decode step and the first token on the line through them
+    timed = data["model_layers"]
+    model = load_model("smollm2-135m")
+    assert timed["shape"] == dict(model.layer_shape) and set(timed["times_ms"]) == {"1", "2"}
+    for tp in (1, 2):
+        points = timed["times_ms"][str(tp)]
+        assert set(points) == {"2", "8"} and all(p["decode_step"] > 0 and p["ttft"] > 0 for p in points.values())
+        cm = CostModel(model, make_cluster("h100-80gb", 2), prof)
+        lay = ParallelLayout(tp=tp)
+        decode = prof.model_layers.decode[tp]
+        if decode.zero_layers_us > 0:  # not clamped by a noisy point: the line runs through both
+            predicted = cm.decode_step(lay, stage_shards(model, lay), 1, timed["decode_context"])[0]
+            assert predicted * 1e6 == pytest.approx(decode.zero_layers_us + model.n_layers * decode.per_layer_us)
+            assert decode.zero_layers_us + 8 * decode.per_layer_us == pytest.approx(points["8"]["decode_step"] * 1e3)
+
+
+def test_probe_model_must_be_dense(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "shardlm.cli", "probe", "--out", str(tmp_path / "p.json"),
+                          "--model", "random:tiny-mixtral"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "mixture-of-experts" in res.stderr and "drop --model" in res.stderr
+    assert not (tmp_path / "p.json").exists()
 
 
 def test_probe_rejects_bad_group_size(tmp_path):

@@ -29,6 +29,10 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   CUDA graphs   unless the profile says the engine ran eagerly, a decode step runs at its graph's
                 padded shape (graph_shapes.py): batch up to the next captured size, every sequence's
                 context gathered to the next captured length (the mean context stands for the longest).
+  model layers  where the profile timed this model's own layers (`shardlm probe --model`), each layer
+                adds (graphs) or is floored at (eager) what the timed layer held beyond these formulas,
+                and the step overhead is the timed step's at zero layers less its predicted non-layer
+                work (`CostModel.calibrated`).
 """
 
 from __future__ import annotations
@@ -265,6 +269,7 @@ class CostModel:
         self._cuda_graphs = cuda_graphs  # how the predicted engine runs decode, if not as the profile's did
         self.eff = eff or Efficiency()
         self.kv_bytes = kv_bytes
+        self._calibrations: dict[tuple[int, bool, bool], tuple[float, float, float]] = {}
         if profile is not None:
             self.hbm_bps = profile.hbm_gbps * 1e9 * self.eff.hbm_measured
             self.flops_ps = profile.gemm_tflops * 1e12 * self.eff.flops_measured
@@ -442,6 +447,45 @@ class CostModel:
         size = weight_bytes / max(1, gemms)
         return gemms * self.profile.gemv.time_us(size) * 1e-6 + kv_bytes / self.hbm_bps
 
+    @property
+    def model_layers_apply(self) -> bool:
+        """The profile timed this model's own layers (a dense model of the same layer shape)."""
+        ml = self.profile.model_layers if self.host_calibrated else None
+        return ml is not None and not self.model.is_moe and ml.shape == self.model.layer_shape
+
+    def calibrated(self, tp: int, prefill: bool, graphed: bool) -> tuple[float, float, float] | None:
+        """(per-layer floor, per-layer GPU correction, step overhead), seconds, from the profile's timed layers
+        of this model at `tp` (profile.py, model_layers); None where it has none: another shape, a TP size
+        not timed, or a decode step run in the other mode (graph vs eager) than the timed one.
+
+        The timed step is predicted at its own shape (batch 1 at the timed context, or the timed prompt):
+        c = the measured per-layer time - the layer's predicted GPU work and collectives there, what the
+        formulas miss (or, if negative, over-count). A graph-replayed layer adds c to every layer, as it
+        does the graph floor. An eager layer takes the measured per-layer time as its floor (host-bound
+        small steps) and, where c < 0, corrects its GPU work by c (GPU-bound ones). Either way a layer at
+        the timed shape costs the measured time, and a larger step grows by what the formulas add. The
+        step: the zero-layer time less the predicted non-layer work (embedding, LM head, collectives),
+        at least 0."""
+        ml = self.profile.model_layers if self.model_layers_apply else None
+        if ml is None or tp not in ml.decode or (not prefill and graphed != (self.profile.cuda_graphs is not False)):
+            return None
+        key = (tp, prefill, graphed)
+        if key not in self._calibrations:
+            lay = ParallelLayout(tp=tp)
+            sh = stage_shards(self.model, lay)[0]
+            if prefill:
+                line, tokens, context = ml.prefill[tp], ml.prompt_len, 0.0
+            else:
+                line = ml.decode[tp]
+                tokens, context, _ = self.decode_shape(1, ml.decode_context)
+            layer, rest = (self._work(lay, sh, tokens, context, prefill, 1, graphed)[i] for i in (0, -1))
+            layer_s, rest_s = (self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps + w.comm_s for w in (layer, rest))
+            per_layer = line.per_layer_us * 1e-6
+            missed = per_layer - layer_s
+            floor, gpu_fix = (missed, 0.0) if graphed else (per_layer, min(0.0, missed))
+            self._calibrations[key] = (floor, gpu_fix, max(0.0, line.zero_layers_us * 1e-6 - rest_s))
+        return self._calibrations[key]
+
     def step_overhead_per_seq_s(self, tp: int) -> float:
         """Host time each further sequence adds to a decode step (measured, else 0)."""
         if self.host_calibrated and self.profile.step_overhead_per_seq is not None:
@@ -467,7 +511,9 @@ class CostModel:
         floor, plus collectives. Host mode: step overhead + per layer max(floor, GPU + collectives) +
         the non-layer part's GPU + collectives (profile.py explains why); for a decode step replayed as a
         CUDA graph, with a profile measured that way, per layer GPU + collectives + the graph floor less
-        the floor's own two all-reduces: the small kernels run one after another, none hides."""
+        the floor's own two all-reduces: the small kernels run one after another, none hides. Where the
+        profile timed this model's own layers, their floors and overhead replace the tiny model's
+        (`calibrated`)."""
         graphed, seqs = False, tokens
         if not prefill:
             tokens, context, graphed = self.decode_shape(tokens, context)
@@ -482,16 +528,22 @@ class CostModel:
             return StepCost(compute, comm, nbytes, flops, act_bytes=act)
         # a profile of an eager engine measured its decode floor eagerly; one with graphs, the graph floor
         graph_floor = graphed and self.profile.cuda_graphs is not False
-        floor = self.layer_floor_s(layout.tp, eager=prefill or (not graphed and self.profile.cuda_graphs is not False))
-        if graph_floor:  # the tiny layer's floor includes its two (latency-bound) all-reduces
-            floor = max(0.0, floor - 2 * self.allreduce(layout.tp_groups()[sh.stage], 0, graphed=True))
-        compute, host = 0.0, self.prefill_overhead_s(layout.tp) if prefill else self.step_overhead_s(layout.tp)
+        calibrated = self.calibrated(layout.tp, prefill, graphed)
+        if calibrated is not None:  # this model's own layers were timed
+            floor, gpu_fix, host = calibrated
+        else:
+            floor = self.layer_floor_s(layout.tp, eager=prefill or (not graphed and self.profile.cuda_graphs is not False))
+            if graph_floor:  # the tiny layer's floor includes its two (latency-bound) all-reduces
+                floor = max(0.0, floor - 2 * self.allreduce(layout.tp_groups()[sh.stage], 0, graphed=True))
+            gpu_fix, host = 0.0, self.prefill_overhead_s(layout.tp) if prefill else self.step_overhead_s(layout.tp)
+        compute = 0.0
         if not prefill:
             host += self.step_overhead_per_seq_s(layout.tp) * max(0.0, seqs - 1)
         for i, w in enumerate(work):
-            gpu = self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps
+            layer = i < len(work) - 1  # decoder layers; the last entry is the non-layer part
+            gpu = self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps + (gpu_fix if layer else 0.0)
             compute += w.count * gpu
-            if i < len(work) - 1:  # decoder layers; the last entry is the non-layer part
+            if layer:
                 if graph_floor:
                     compute += w.count * floor
                 else:

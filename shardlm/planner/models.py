@@ -17,6 +17,11 @@ from typing import Any
 from . import PlanError, read_json
 
 
+LAYER_SHAPE_KEYS = ("hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "attention_bias", "qk_norm")
+"""The ModelSpec fields that a decoder layer's kernels (and the LM head's) depend on: two models that
+agree on them run the same kernels per layer (profile.py's model_layers)."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Shapes of a decoder-only transformer as the planner sees it."""
@@ -63,6 +68,11 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def layer_shape(self) -> tuple[tuple[str, Any], ...]:
+        """(field, value) of each of LAYER_SHAPE_KEYS."""
+        return tuple((k, getattr(self, k)) for k in LAYER_SHAPE_KEYS)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.is_moe and i not in self.dense_layers

@@ -327,6 +327,21 @@ def _why(plan_results: list[LayoutResult], rec: LayoutResult, cluster: Cluster, 
     return f"{head}, because {text}."
 
 
+def model_layers_note(cm: CostModel, tps: set[int]) -> str | None:
+    """Whether the profile's timed model layers (profile.py, model_layers) apply to these TP sizes."""
+    ml = cm.profile.model_layers if cm.host_calibrated else None
+    if ml is None:
+        return None
+    if not cm.model_layers_apply:
+        return (f"the profile timed the layers of {ml.model}, a different layer shape (or this model is MoE): "
+                "its layers take the tiny model's floor")
+    timed = sorted(t for t in tps if t in ml.decode)
+    others = sorted(t for t in tps if t not in ml.decode)
+    text = f"layers of this shape timed by the probe ({ml.model})"
+    text += f", used at tp={','.join(map(str, timed))}" if timed else ""
+    return text + (f"; tp={','.join(map(str, others))} not timed: the tiny model's floor" if others else "")
+
+
 def _host_notes(cm: CostModel, layouts: list[ParallelLayout], cluster: Cluster) -> list[str]:
     prof = cm.profile
     notes = []
@@ -339,6 +354,9 @@ def _host_notes(cm: CostModel, layouts: list[ParallelLayout], cluster: Cluster) 
                            for t in sorted({lay.tp for lay in layouts}))
         notes.append(f"host time measured{graphs}: {per_tp} (a layer costs the larger of that floor and its "
                      "GPU work + collectives)")
+        timed = model_layers_note(cm, {lay.tp for lay in layouts})
+        if timed:
+            notes.append(timed)
     else:
         e = cm.eff
         notes.append(f"no measured host time: assumes graph-captured decode ({e.layer_floor_us:g} us floor per "

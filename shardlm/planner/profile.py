@@ -56,6 +56,19 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             as CUDA graphs (then the planner predicts a decode step at
                                             its graph's padded shape, graph_shapes.py); absent: true,
                                             the engine's default on GPU
+      "model_layers": {                     optional (`shardlm probe --model`): one model's own decoder
+                                            layers, timed like the tiny model's at two depths. Needs
+                                            "step_overhead_us" and "layer_floor_us".
+          "model": "random:llama-3-8b",     informational: what was run (random weights)
+          "shape": {"hidden": 4096, "n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "ffn": 14336,
+                    "vocab": 128256, "attention_bias": false, "qk_norm": false},
+                                            the planner uses these times only for a model of this shape
+          "decode_context": 32,             mean KV tokens per sequence over the timed decode steps
+          "prompt_len": 128,                prompt tokens of the timed first token
+          "times_ms": {"1": {"2": {"decode_step": 1.9, "ttft": 6.1}, "8": {...}}, "2": ...}
+                                            per TP size, per depth (exactly two depths): the median
+                                            batch-1 decode step and the first token's time, ms
+      }
     }
 
 Every list needs at least one point; points are sorted by bytes on load. Times are interpolated
@@ -79,6 +92,15 @@ a 15 us layer floor, 500 us per step). TP sizes that were not measured: between 
 linear in log2(tp); below the smallest, the smallest's value; above the largest, the last segment is
 extended linearly in log2(tp) (launch skew grows with the ranks), never below the largest's value;
 with one measured size, that value.
+
+Model layers. The tiny model's floor stands for every model's non-GEMM kernels, but those grow with
+the layer's width (a 4096-wide norm or a 128-wide head's attention runs longer than a 256-wide one):
+on Llama-3-8B they took ~35 us a layer more than the tiny layer (docs/PERFORMANCE.md, session 7).
+With "model_layers" the planner, for a model of that shape at a measured TP size, fits the same
+line through the two depths (per-layer time, time at zero layers) and uses the part its own formulas
+do not explain: per layer the measured time less the predicted GPU work and collectives of a layer
+at the timed shape (graph mode: what adds to every layer; eager: the layer's floor), per step the
+zero-layer time less the predicted non-layer work (cost.py, `CostModel.calibrated`).
 """
 
 from __future__ import annotations
@@ -88,6 +110,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import PlanError, read_json
+from .models import LAYER_SHAPE_KEYS
 
 
 @dataclass(frozen=True)
@@ -165,6 +188,34 @@ TOPOLOGIES = ("nvlink", "pcie", "cpu", "unknown")
 
 
 @dataclass(frozen=True)
+class LayerLine:
+    """Step time against decoder depth, fitted through two measured depths."""
+
+    per_layer_us: float
+    """Slope: what each further layer adds (>= 0)."""
+    zero_layers_us: float
+    """Intercept: the step with no layers (>= 0)."""
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    """One model's decoder layers timed by the probe (`shardlm probe --model`)."""
+
+    model: str
+    """What was run (informational)."""
+    shape: tuple[tuple[str, Any], ...]
+    """(LAYER_SHAPE_KEYS field, value) pairs: the shape these times hold for."""
+    decode_context: float
+    """Mean KV tokens per sequence of the timed decode steps."""
+    prompt_len: int
+    """Prompt tokens of the timed first token."""
+    decode: dict[int, LayerLine]
+    """TP size -> batch-1 decode step line."""
+    prefill: dict[int, LayerLine]
+    """TP size -> first-token (prefill step) line."""
+
+
+@dataclass(frozen=True)
 class Profile:
     """Numbers measured on the real cluster."""
 
@@ -204,6 +255,8 @@ class Profile:
     """The probe's raw topology text (informational)."""
     cuda_graphs: bool | None = None
     """Whether the measured engine replayed decode steps as CUDA graphs (None: not said)."""
+    model_layers: ModelLayers | None = None
+    """One model's own layers timed at two depths, if measured."""
     source: str = "<profile>"
     """Where the profile came from."""
 
@@ -311,7 +364,52 @@ def _host_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
         if "cuda_graphs" in eng and not isinstance(eng["cuda_graphs"], bool):
             raise _bad(source, "engine.cuda_graphs", "must be true or false", eng["cuda_graphs"])
         out["cuda_graphs"] = eng.get("cuda_graphs")
+    if "model_layers" in data:
+        if not have:
+            raise PlanError(f"{source}: field 'model_layers' needs 'step_overhead_us' and 'layer_floor_us' too (the "
+                            f"host model uses them); add them or remove 'model_layers'")
+        out["model_layers"] = _model_layers(data["model_layers"], source)
     return out
+
+
+def _number(value: Any, source: str, where: str, what: str = "must be a number >= 0") -> float:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise _bad(source, where, what, value)
+    return float(value)
+
+
+def _model_layers(value: Any, source: str) -> ModelLayers:
+    where = "model_layers"
+    if not isinstance(value, dict):
+        raise _bad(source, where, "must be an object (what `shardlm probe --model` writes)", value)
+    for key in ("model", "shape", "decode_context", "prompt_len", "times_ms"):
+        if key not in value:
+            raise PlanError(f"{source}: field {where!r} is missing {key!r}")
+    shape = value["shape"]
+    if not isinstance(shape, dict) or set(shape) != set(LAYER_SHAPE_KEYS):
+        raise _bad(source, f"{where}.shape", f"must be an object with exactly {', '.join(LAYER_SHAPE_KEYS)}", shape)
+    prompt_len = value["prompt_len"]
+    if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len < 1:
+        raise _bad(source, f"{where}.prompt_len", "must be a positive integer", prompt_len)
+    times = value["times_ms"]
+    if not isinstance(times, dict) or not times:
+        raise _bad(source, f"{where}.times_ms", 'must map TP size ("1", "2", ...) to {depth: times}', times)
+    lines: dict[str, dict[int, LayerLine]] = {"decode_step": {}, "ttft": {}}
+    for key, depths in times.items():
+        tp = _size_key(key, 1, "TP size", source, f"{where}.times_ms")
+        at = f"{where}.times_ms.{key}"
+        if not isinstance(depths, dict) or len(depths) != 2:
+            raise _bad(source, at, "must map exactly two depths (layer counts) to their times", depths)
+        points = sorted((_size_key(d, 1, "layer count", source, at), t) for d, t in depths.items())
+        for kind, fitted in lines.items():
+            (d1, t1), (d2, t2) = [(d, _number(t.get(kind) if isinstance(t, dict) else None, source,
+                                              f"{at}.{d}.{kind}", "must be a time in ms >= 0") * 1e3)
+                                  for d, t in points]
+            slope = max(0.0, (t2 - t1) / (d2 - d1))  # a noisy pair can tilt down: then all of it is the step's
+            fitted[tp] = LayerLine(slope, max(0.0, t1 - d1 * slope))
+    return ModelLayers(model=str(value["model"]), shape=tuple((k, shape[k]) for k in LAYER_SHAPE_KEYS),
+                       decode_context=_number(value["decode_context"], source, f"{where}.decode_context"),
+                       prompt_len=prompt_len, decode=lines["decode_step"], prefill=lines["ttft"])
 
 
 def parse_profile(data: Any, source: str = "<profile>") -> Profile:

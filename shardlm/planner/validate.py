@@ -32,7 +32,7 @@ from ..layout import ParallelLayout
 from .cost import CostModel, stage_shards
 from .hardware import make_cluster
 from .models import ModelSpec, from_engine_config, load_model
-from .plan import constraint_reasons
+from .plan import constraint_reasons, model_layers_note
 from .profile import Profile
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4, "float": 4}
@@ -276,6 +276,9 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
             notes.append(f"{mf.path} ran {'with' if mf.cuda_graphs else 'without'} CUDA graphs, the profile's engine "
                          f"{'with' if profile.cuda_graphs else 'without'}: its measured floors fit the other mode")
         host = "measured" if cm.host_calibrated else "graph-captured"
+        timed = model_layers_note(cm, {lay.tp})
+        if timed:
+            notes.append(f"{mf.path}: {timed}")
         for r in mf.rows:
             ttft, tpot, ctx = predict_row(cm, lay, r)
             rows.append(ValidationRow(
