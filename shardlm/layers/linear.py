@@ -46,10 +46,6 @@ class ColumnParallelLinear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(rows, device=ctx.device, dtype=dtype), requires_grad=False)
                      if bias else None)
 
-    @property
-    def split_sizes(self) -> list[int]:
-        return [p.size for p in self.parts]
-
     def load(self, reader: Reader) -> None:
         row = 0
         for p in self.parts:

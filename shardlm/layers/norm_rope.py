@@ -25,8 +25,9 @@ class RMSNorm(nn.Module):
                                            self.weight.device, self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 (one fused kernel where torch has it), scale in the model dtype, as HF does
-        return self.weight * F.rms_norm(x.float(), (self.hidden,), eps=self.eps).to(x.dtype)
+        # normalise, then scale in the model dtype, as HF does. rms_norm reads x in its own dtype and works
+        # in float32 (HF's x.float() ... .to(dtype)) inside one kernel: no copies to and from float32
+        return self.weight * F.rms_norm(x, (self.hidden,), eps=self.eps)
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -49,7 +50,12 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to `max_positions`, applied to q and k per token."""
+    """cos/sin tables for every position up to `max_positions`, applied to q and k per token.
+
+    HF rotates x as x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]. The same products,
+    bit for bit, are roll(x) * [-sin1, sin2] (roll(x) = [x2, x1]; sin's halves are equal): one roll
+    instead of a negation, two slices and a concatenation, so a layer's rotary is four kernels, done
+    over q and k at once where they sit side by side in the qkv projection's output."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
                  device: torch.device):
@@ -60,16 +66,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos().to(device), persistent=False)
         self.register_buffer("sin", emb.sin().to(device), persistent=False)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [tokens, 1, d] for these positions; done once per step, shared by all layers."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+        """cos and the signed sin [-sin1, sin2], [tokens, 1, d], for these positions; done once per step,
+        shared by all layers."""
+        cos, sin = self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+        half = sin.shape[-1] // 2
+        return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q [tokens, n_q, d], k [tokens, n_kv, d]
-        cos, sin = rope
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+    @staticmethod
+    def forward(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x [tokens, heads, d] (q, k, or both side by side) rotated to each token's position."""
+        cos, signed_sin = rope
+        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin

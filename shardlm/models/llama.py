@@ -44,13 +44,14 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(shard.n_q, shard.n_kv, d, shard.kv_index, ctx.device)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
-        q = q.view(-1, self.n_q, self.head_dim)
-        k = k.view(-1, self.n_kv, self.head_dim)
-        v = v.view(-1, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(rope, q, k)
+        qkv = self.qkv_proj(x)
+        n_q, n_kv, d = self.n_q, self.n_kv, self.head_dim
+        v = qkv[:, (n_q + n_kv) * d:].view(-1, n_kv, d)
+        if self.q_norm is None:  # q and k side by side: one rotary over both
+            q, k = self.rotary(rope, qkv[:, : (n_q + n_kv) * d].view(-1, n_q + n_kv, d)).split([n_q, n_kv], dim=1)
+        else:  # Qwen3 normalises each head of q and k first
+            q = self.rotary(rope, self.q_norm(qkv[:, : n_q * d].view(-1, n_q, d)))
+            k = self.rotary(rope, self.k_norm(qkv[:, n_q * d: (n_q + n_kv) * d].view(-1, n_kv, d)))
         return self.o_proj(self.attn(q, k, v, meta))  # all-reduce inside o_proj
 
 

@@ -15,9 +15,9 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   MoE           distinct experts read per layer E(1-(1-k/E)^B); all-to-all dispatch + combine
                 2*k*h*b*(e-1)/e bytes per layer per token.
   prefill       2*N*s + 2*L*n_h*d*s^2 FLOPs (causal), logits only for the sampled token.
-  elementwise   the kernels between the GEMMs (two RMSNorms in float32, two residual adds, rotary on
-                q and k, the K/V cache write and the per-sequence gather of the context, SwiGLU) move
-                per token and layer ~64h + 32q + 28kv + 10f bytes on a rank (q, kv, f: the rank's
+  elementwise   the kernels between the GEMMs (two RMSNorms, two residual adds, rotary on q and k,
+                the K/V cache write and the per-sequence gather of the context, SwiGLU) move
+                per token and layer ~32h + 30q + 26kv + 10f bytes on a rank (q, kv, f: the rank's
                 query, KV and MLP widths; bf16) plus twice the context's KV bytes (gathered, then
                 read); this time adds to the layer's roofline (separate kernels). It matters for
                 prefill (4096 tokens of an 8B model: ~25 ms next to ~85 ms of GEMMs) and long contexts.
@@ -253,11 +253,11 @@ class _Work:
 
 def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float) -> float:
     """Bytes one token's elementwise kernels move in one layer on one rank (bf16 activations):
-    2 RMSNorms (to float32, normalise, back, scale: ~26h each), 2 residual adds (6h each), rotary on q and
-    k (mul, negate half, concat, mul, add: 20 bytes per element), the K/V cache write (8 per KV element),
-    folding q for attention and unfolding its output (12 per q element), SwiGLU (silu, then times up:
-    10 per MLP element)."""
-    return 64 * hidden + 32 * q_dims + 28 * kv_dims + 10 * ffn_dims
+    2 RMSNorms (normalise in one kernel, then scale: ~10h each), 2 residual adds (6h each), rotary on q and
+    k (mul, roll, mul, add: 18 bytes per element), the K/V cache write (8 per KV element), folding q for
+    attention and unfolding its output (12 per q element), SwiGLU (silu, then times up: 10 per MLP
+    element)."""
+    return 32 * hidden + 30 * q_dims + 26 * kv_dims + 10 * ffn_dims
 
 
 class CostModel:
