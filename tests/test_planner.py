@@ -175,19 +175,25 @@ def test_collectives_span_sockets_and_nodes():
 
 
 def test_pipeline_bubble_and_single_sequence_crosses_every_stage(l70):
-    assert pipeline_bubble(4, 1) == pytest.approx(0.75)
-    assert pipeline_bubble(4, 4) == pytest.approx(3 / 7)
+    assert pipeline_bubble(4, 1) == pytest.approx(0.75)  # one micro-batch: 3 of 4 stages wait
+    assert pipeline_bubble(4, 2) == pytest.approx(0.5) and pipeline_bubble(4, 4) == pipeline_bubble(4, 9) == 0
     cl = make_cluster("h100-80gb", 8)
     plan = make_plan(l70, cl, Workload(max_model_len=2048))
     row = next(r for r in plan.results if (r.tp, r.pp, r.dp) == (2, 4, 1))
-    assert row.bubble_share == pytest.approx(pipeline_bubble(4, row.micro_batches))
+    assert row.micro_batches == 4 and row.bubble_share == 0  # the full KV cache's sequences fill 4 micro-batches
     cm = CostModel(l70, cl)
     lay = ParallelLayout(tp=2, pp=4)
-    passes = [cm.stage_pass(lay, sh, 1, 1536, prefill=False) for sh in stage_shards(l70, lay)]
+    shards = stage_shards(l70, lay)
+    passes = [cm.stage_pass(lay, sh, 1, 1536, prefill=False) for sh in shards]
     # batch 1: 4 beats of the slowest stage + 3 transfers + host overhead, at least the sum of stages
     expected = 4 * max(p.total_s for p in passes) + 3 * cm.transfer(lay, 1) + 500e-6
     assert row.tpot_ms_b1 == pytest.approx(expected * 1e3, rel=1e-9)
     assert expected > sum(p.total_s for p in passes)
+    # 10 sequences: 4 micro-batches of 3 (the last holds 1) in flight; a token every 4 beats of 3 sequences
+    beat = max(cm.stage_pass(lay, sh, 3, 1536, prefill=False).total_s for sh in shards)
+    period, _, bubble, m = cm.decode_step(lay, shards, 10, 1536)
+    assert (period, bubble, m) == pytest.approx((4 * beat + 3 * cm.transfer(lay, 3) + 500e-6, 0, 4), rel=1e-12)
+    assert cm.decode_step(lay, shards, 2, 1536)[2:] == (0.5, 2)  # 2 sequences: 2 micro-batches, half idle
 
 
 def test_profile_replaces_datasheet_numbers(l70):

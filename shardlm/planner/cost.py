@@ -9,9 +9,9 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   decode step   max(HBM bytes / BW, FLOPs / peak) + collectives; 2 all-reduces of B*h*b per layer,
                 one for the vocab-parallel embedding, an all-gather of the logits; each costs
                 alpha + 2(n-1)/n * bytes / busbw.
-  pipeline      m micro-batches through p stages per step: (m+p-1) beats of the slowest stage plus
-                p-1 activation transfers; bubble (p-1)/(m+p-1). This is a synchronous engine step
-                (the driver waits for sampled tokens); an engine that overlaps steps does better.
+  pipeline      the engine keeps p micro-batches of batch/p sequences in flight: a token every p
+                beats of the slowest stage plus p-1 activation transfers; below p sequences the
+                stages idle for the missing micro-batches (bubble (p-m)/p).
   MoE           distinct experts read per layer E(1-(1-k/E)^B); all-to-all dispatch + combine
                 2*k*h*b*(e-1)/e bytes per layer per token.
   prefill       2*N*s + 2*L*n_h*d*s^2 FLOPs (causal), logits only for the sampled token.
@@ -96,8 +96,10 @@ def a2a_bytes_per_token(top_k: int, hidden: int, nbytes: int, ep: int) -> float:
 
 
 def pipeline_bubble(p: int, m: int) -> float:
-    """Idle share of a p-stage pipeline pushing m micro-batches: (p-1)/(m+p-1)."""
-    return (p - 1) / (m + p - 1)
+    """Idle share of each stage of a p-stage pipeline that keeps m micro-batches in flight, each sent on as
+    soon as its tokens are back (the engine's decode): (p-m)/p, none once m >= p. (A pipeline that pushes
+    m micro-batches through and then waits for all of them would idle (p-1)/(m+p-1).)"""
+    return max(0, p - m) / p
 
 
 def matmul_params(model: ModelSpec) -> int:
@@ -560,26 +562,26 @@ class CostModel:
 
     # -- whole engine steps ----------------------------------------------------------------------
 
-    def decode_step(self, layout: ParallelLayout, shards: list[StageShard], batch: int,
+    def decode_step(self, layout: ParallelLayout, shards: list[StageShard], batch: float,
                     context: float) -> tuple[float, float, float, int]:
         """One decode step of `batch` sequences per replica at `context` tokens of KV each:
-        (seconds, comm share, bubble share, micro-batches). m micro-batches take (m+p-1) beats of the
-        slowest stage plus p-1 transfers; the best m of 1..p, 2p, 4p (<= batch) is kept. Datasheet mode adds
-        the step overhead once per step; host mode has it inside every stage's beat."""
+        (seconds, comm share, bubble share, micro-batches).
+
+        As the engine runs it: with p stages it keeps up to p micro-batches of disjoint sequences in
+        flight, ceil(batch / p) sequences each, each sent on as soon as its tokens are back. A
+        sequence's next token comes a period later: its micro-batch passes all p stages and the p-1
+        transfers between them, while the other micro-batches fill the stages behind it. With m < p
+        micro-batches (batch < p) each stage idles (p - m) / p of the period: the bubble. Datasheet
+        mode adds the step overhead once per period; host mode has it inside every stage's beat."""
         p = layout.pp
         extra = 0.0 if self.host_calibrated else self.step_overhead_s(layout.tp)
-        cands = sorted({m for m in list(range(1, p + 1)) + [2 * p, 4 * p] if m <= batch}) or [1]
-        best = None
-        for m in cands:
-            bm = batch / m
-            slow = max((self.stage_pass(layout, sh, bm, context, prefill=False) for sh in shards),
-                       key=lambda x: x.total_s)
-            xfer = self.transfer(layout, bm)
-            period = (m + p - 1) * slow.total_s + (p - 1) * xfer + extra
-            comm = ((m + p - 1) * slow.comm_s + (p - 1) * xfer) / period
-            if best is None or period < best[0]:
-                best = (period, comm, (p - 1) / (m + p - 1), m)
-        return best
+        seqs = max(1.0, math.ceil(batch / p)) if batch >= 1 else batch  # per micro-batch
+        m = max(1, math.ceil(batch / seqs))
+        slow = max((self.stage_pass(layout, sh, seqs, context, prefill=False) for sh in shards),
+                   key=lambda x: x.total_s)
+        xfer = self.transfer(layout, seqs)
+        period = p * slow.total_s + (p - 1) * xfer + extra
+        return period, (p * slow.comm_s + (p - 1) * xfer) / period, pipeline_bubble(p, m), m
 
     def prefill_step(self, layout: ParallelLayout, shards: list[StageShard], tokens: int,
                      prompts: int = 1) -> tuple[float, float]:

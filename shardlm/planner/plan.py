@@ -107,9 +107,9 @@ class LayoutResult:
     comm_share: float | None = None
     """Share of a decode step spent in collectives and stage transfers at the operating batch."""
     bubble_share: float | None = None
-    """Pipeline bubble (p-1)/(m+p-1) at the operating batch."""
+    """Pipeline bubble at the operating batch: (p-m)/p, the stages' idle share (cost.pipeline_bubble)."""
     micro_batches: int | None = None
-    """Micro-batches per step chosen for the pipeline."""
+    """Micro-batches the engine keeps in flight through the pipeline (min(p, batch))."""
     curve: list[list[float]] = field(default_factory=list)
     """[batch, TPOT ms, tokens/s] points for the plot."""
 
