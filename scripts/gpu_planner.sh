@@ -2,7 +2,7 @@
 # Issue 6 on the GPU host: probe the machine, then measure what the planner will predict.
 # Afterwards, here: shardlm plan --validate $OUT/bench-*.json --profile $OUT/probe.json --gpu h100-80gb
 # LAYOUTS: bench file name:flags entries separated by ';' (default: TP 1/2/4; add e.g. "pp4:-pp 4").
-# REPEATS: rounds per bench (the median of each timing is reported).
+# REPEATS: rounds per bench (the median of each timing is reported). GPU_TESTS=1: run tests/test_gpu.py first.
 # PROBE_MODEL: whose own layers the probe times too (default the benched model; "" to skip). To see the
 # prediction without them: python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d.pop('model_layers');
 #   json.dump(d, open(sys.argv[2], 'w'))" probe.json probe-generic.json
@@ -11,6 +11,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING=false
 OUT=${OUT:-out}; mkdir -p "$OUT"
+if [ "${GPU_TESTS:-0}" = 1 ]; then  # the engine against HF on the GPU first (tests/test_gpu.py)
+  timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short -rfs 2>&1 \
+    | tee "$OUT/gpu_tests.txt" | grep -E "Error|error|passed|failed|SKIP" | cut -c1-300 | tail -12
+fi
 pm=${PROBE_MODEL-random:llama-3-8b}
 timeout 400 python3 -m shardlm.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} 2>&1 \
   | grep -v -E "it/s\]|_warn_once|warn\(" | tail -12

@@ -22,11 +22,11 @@ import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from .bench import run_batch
 from .config import ConfigError
-from .executor import WorkerError
 from .layout import LayoutError
 from .llm import LLM
 from .model_source import ModelSpec, resolve_model, with_random_layers
@@ -97,8 +97,8 @@ def _depth_times(n: int, device: str, models: list[str | ModelSpec], measure: bo
     """
     sizes, iters = (GPU_SIZES, 50) if device == "cuda" else (CPU_SIZES, 10)
     with contextlib.ExitStack() as stack:
-        llms = [stack.enter_context(LLM(m, tensor_parallel_size=n, device=device, max_model_len=512,
-                                        kv_cache_memory_bytes=256 << 20)) for m in models]
+        llms = [stack.enter_context(LLM(m, tensor_parallel_size=n, device=device, dtype=DTYPES[device][0],
+                                        max_model_len=512, kv_cache_memory_bytes=256 << 20)) for m in models]
         measured = llms[0].engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1) if measure else {}
         samples: dict[int, list[tuple[float, float, float]]] = {}
         for _ in range(rounds):
@@ -109,16 +109,35 @@ def _depth_times(n: int, device: str, models: list[str | ModelSpec], measure: bo
     return times, measured, llms[0].engine.cuda_graphs
 
 
-def _model_to_time(model: str) -> tuple[ModelSpec, dict[str, Any]]:
-    """The `--model` argument as a spec (its weights are never read) and its planner layer shape."""
+DTYPES = {"cuda": ("bfloat16", 2), "cpu": ("float32", 4)}
+"""what the probe's engines run in (the engine's own default per device), with its bytes per element"""
+
+
+def _model_to_time(model: str, device: str) -> tuple[ModelSpec, dict[str, Any]]:
+    """The `--model` argument as a spec (its weights are never read: a Hugging Face config.json, or a folder
+    holding one, will do) and its planner layer shape in the probe's dtype on `device`."""
+    from .config import ModelConfig
     from .planner.models import from_engine_config
 
-    spec = resolve_model(model)
+    path = Path(model).expanduser()
+    config_file = path / "config.json" if path.is_dir() else path
+    if config_file.suffix == ".json" and config_file.is_file():
+        try:
+            hf = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{config_file} is not valid JSON: {exc}") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{config_file} must hold a JSON object (a Hugging Face config), got {type(hf).__name__}")
+        spec = ModelSpec(model, "random", None, ModelConfig.from_hf(hf, str(config_file)))
+    else:
+        spec = resolve_model(model)
     spec.config.validate()
     if spec.config.is_moe:
         raise ConfigError(f"--model times a dense model's layers; {spec.name} is a mixture-of-experts model "
                           f"(its decode steps run eagerly through the routed experts): drop --model")
-    return spec, dict(from_engine_config(spec.config, spec.name).layer_shape)
+    shape = dict(from_engine_config(spec.config, spec.name).layer_shape)
+    shape["bytes_per_param"] = DTYPES[device][1]
+    return spec, shape
 
 
 def run_probe(device: str = "auto", max_group: int | None = None, log=print, model: str | None = None) -> dict[str, Any]:
@@ -126,7 +145,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
 
     device = LLMEngine._pick_device(device)
     gpu = device == "cuda"
-    spec, shape = _model_to_time(model) if model is not None else (None, None)
+    spec, shape = _model_to_time(model, device) if model is not None else (None, None)
     profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
                                "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},
                                "prefill_overhead_us": {}, "eager_layer_floor_us": {}, "step_overhead_per_seq_us": {}}
@@ -171,8 +190,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
         if spec is not None:
             _time_model_layers(spec, n, device, profile["model_layers"]["times_ms"], log)
     if spec is not None and not profile["model_layers"]["times_ms"]:
-        log(f"probe: {spec.name} could not be timed at any TP size: the profile has no model_layers")
-        del profile["model_layers"]
+        del profile["model_layers"]  # run_probe_cli still writes the rest, then says so
     if gpu:
         import torch
 
@@ -189,8 +207,8 @@ def _time_model_layers(spec: ModelSpec, n: int, device: str, out: dict[str, Any]
     """Time `spec`'s layers at TP size n into out[str(n)]; a size the model cannot run at is left out."""
     try:
         times, _, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in MODEL_DEPTHS], measure=False)
-    except (ConfigError, LayoutError, WorkerError) as exc:  # heads not divisible, out of memory, ...
-        log(f"probe: {spec.name} at TP={n} not timed: {str(exc).splitlines()[0]}")
+    except (ConfigError, LayoutError, RuntimeError, OSError) as exc:  # heads not divisible, out of memory, ...
+        log(f"probe: {spec.name} at TP={n} not timed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
         return
     out[str(n)] = {str(d): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for d, (step, ttft, _) in times.items()}
     (d1, (s1, f1, _)), (d2, (s2, f2, _)) = sorted(times.items())
@@ -204,8 +222,9 @@ def add_probe_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--max-group", type=int, default=None, help="largest TP group to measure")
     p.add_argument("--model", default=None,
-                   help="also time this dense model's own layers (random weights, so a preset, config folder "
-                        "or .gguf will do); `plan --profile` then uses them for models of that shape")
+                   help="also time this dense model's own layers, with random weights: random:<preset>, a Hugging "
+                        "Face config.json (or its folder), or any model the engine loads; `plan --profile` then "
+                        "uses the times for models of that shape")
 
 
 def run_probe_cli(args) -> int:
@@ -216,4 +235,8 @@ def run_probe_cli(args) -> int:
         json.dump(profile, f, indent=2)
     print(f"wrote {args.out}: {profile['device']}, copy {profile['hbm_gbps']:.0f} GB/s, "
           f"GEMM {profile['gemm_tflops']:.1f} TFLOP/s, groups {sorted(profile['layer_floor_us'], key=int)}")
+    if args.model is not None and "model_layers" not in profile:
+        print(f"error: {args.model} could not be timed at any TP size (see above): the profile has the "
+              f"machine's numbers but no model_layers", file=sys.stderr)
+        return 1
     return 0

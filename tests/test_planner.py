@@ -147,10 +147,10 @@ def test_decode_step_is_roofline_plus_allreduces(l70):
     step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1024, prefill=False)  # a graph's exact shape
     bw = 3350e9 * 0.85
     hbm = weights_per_gpu(l70, 4) - 2 * 32064 * 8192  # the embedding rows are looked up, not read
-    # elementwise kernels per layer (h 8192, a rank's q 2048 / KV 256 / MLP 7168 wide): 32h + 30q + 26kv + 10f
-    # = 401920 bytes, plus the 1024-token context's KV (1 KiB per token per layer here) gathered and read again
-    act = 80 * (32 * 8192 + 30 * 2048 + 26 * 256 + 10 * 7168 + 2 * 1024 * KiB)
-    assert act == 80 * (401920 + 2097152)
+    # elementwise kernels per layer (h 8192, a rank's q 2048 / KV 256 / MLP 7168 wide): 28h + 30q + 26kv + 10f
+    # = 369152 bytes, plus the 1024-token context's KV (1 KiB per token per layer here) gathered and read again
+    act = 80 * (28 * 8192 + 30 * 2048 + 26 * 256 + 10 * 7168 + 2 * 1024 * KiB)
+    assert act == 80 * (369152 + 2097152)
     assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
     assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
     # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: alpha(4) = 12 us,
@@ -194,6 +194,13 @@ def test_pipeline_bubble_and_single_sequence_crosses_every_stage(l70):
     period, _, bubble, m = cm.decode_step(lay, shards, 10, 1536)
     assert (period, bubble, m) == pytest.approx((4 * beat + 3 * cm.transfer(lay, 3) + 500e-6, 0, 4), rel=1e-12)
     assert cm.decode_step(lay, shards, 2, 1536)[2:] == (0.5, 2)  # 2 sequences: 2 micro-batches, half idle
+    assert cm.decode_step(lay, shards, 5, 1536)[2:] == (0.25, 3)  # 5 sequences: micro-batches of 2, 2, 1
+    one = ParallelLayout(tp=8)  # no pipeline: the step itself, at any (fractional) batch
+    step = cm.stage_pass(one, stage_shards(l70, one)[0], 2.5, 1536, prefill=False).total_s
+    period, _, bubble, m = cm.decode_step(one, stage_shards(l70, one), 2.5, 1536)
+    assert (period, bubble, m) == (pytest.approx(step + 500e-6, rel=1e-12), 0, 1)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        cm.decode_step(lay, shards, 0, 1536)
 
 
 def test_profile_replaces_datasheet_numbers(l70):
@@ -420,20 +427,20 @@ def _tiny_step(profile, tp, prefill=False, tokens=1, prompts=1, context=100):
 def test_host_floor_decode_is_overhead_plus_max_per_layer():
     # tp=1, batch 1, context 100: a layer reads 2*(12288+128+24576) + 100 tokens * 2*2*16*2 bytes of KV
     # (86.784 us) plus its 99328 FLOPs (0.099 us: a decode step's skinny GEMMs do not hide the math under the
-    # reads, so the two add), and its elementwise kernels move 32h + 30q + 26kv + 10f =
-    # 2048 + 1920 + 832 + 1280 bytes plus the context's KV gathered and read again (2 * 100 * 128)
-    elementwise_us = (6080 + 25600) / 1e3
-    layer_us = 2 * (12288 + 128 + 24576) / 1e3 + 100 * 128 / 1e3 + 0.099328 + elementwise_us  # 118.563 us
+    # reads, so the two add), and its elementwise kernels move 28h + 30q + 26kv + 10f =
+    # 1792 + 1920 + 832 + 1280 bytes plus the context's KV gathered and read again (2 * 100 * 128)
+    elementwise_us = (5824 + 25600) / 1e3
+    layer_us = 2 * (12288 + 128 + 24576) / 1e3 + 100 * 128 / 1e3 + 0.099328 + elementwise_us  # 118.307 us
     head_us = 2 * (256 * 64 + 64) / 1e3 + 0.032768  # LM head + final norm, not hidden by host time
     assert _tiny_step(HOST, 1) == pytest.approx((1000 + 2 * max(200, layer_us) + head_us) * 1e-6, rel=1e-9)
     assert _tiny_step(HOST, 1) == pytest.approx(1432.928768e-6, rel=1e-9)  # the floor (200 us) wins
     gpu_bound = {**HOST, "layer_floor_us": {"1": 50, "2": 50}}
     assert _tiny_step(gpu_bound, 1) == pytest.approx((1000 + 2 * layer_us + head_us) * 1e-6, rel=1e-9)
     # tp=2: per rank 2 q / 1 KV head, half the MLP: 2*(6144+128+12288) + 100*64 bytes = 43.52 us per layer
-    # and 49664 FLOPs, elementwise 2048 + 960 + 416 + 640 + 2 * 100 * 64 bytes = 16.864 us, plus its 2
+    # and 49664 FLOPs, elementwise 1792 + 960 + 416 + 640 + 2 * 100 * 64 bytes = 16.608 us, plus its 2
     # all-reduces (20 us) beats the 50 us floor; the head (128 vocab rows, 16.512 us + 16384 FLOPs) adds the
     # embedding all-reduce and the logits all-gather, 10 us each
-    layer2 = (2 * (6144 + 128 + 12288) + 100 * 64) / 1e3 + 0.049664 + (4064 + 12800) / 1e3 + 20
+    layer2 = (2 * (6144 + 128 + 12288) + 100 * 64) / 1e3 + 0.049664 + (3808 + 12800) / 1e3 + 20
     assert _tiny_step(HOST, 2) == pytest.approx((1500 + 2 * max(50, layer2) + 16.512 + 0.016384 + 20) * 1e-6,
                                                 rel=1e-9)
     step = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(HOST)).stage_pass(
@@ -444,18 +451,18 @@ def test_host_floor_decode_is_overhead_plus_max_per_layer():
 
 def test_host_floor_prefill_and_plan():
     # one 50-token prompt at tp=1, floor 50 us: a layer reads 73984 weight bytes + writes 50*128 of KV, and
-    # its elementwise kernels move 50 * 6080 bytes + the prompt's KV read, gathered and read (3 * 50 * 128)
+    # its elementwise kernels move 50 * 5824 bytes + the prompt's KV read, gathered and read (3 * 50 * 128)
     gpu_bound = {**HOST, "layer_floor_us": {"1": 50}, "step_overhead_us": {"1": 1000}}
-    ttft = (1000 + 2 * (73984 + 50 * 128 + 50 * 6080 + 3 * 50 * 128) / 1e3 + 32.896) * 1e-6
+    ttft = (1000 + 2 * (73984 + 50 * 128 + 50 * 5824 + 3 * 50 * 128) / 1e3 + 32.896) * 1e-6
     assert _tiny_step(gpu_bound, 1, prefill=True, tokens=50) == pytest.approx(ttft, rel=1e-9)
     plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(gpu_bound))
     assert plan.results[0].ttft_ms_b1 == pytest.approx(ttft * 1e3, rel=1e-9)
-    assert plan.results[0].tpot_ms_b1 == pytest.approx((1000 + 2 * 118.563328 + 32.928768) * 1e-3, rel=1e-9)
+    assert plan.results[0].tpot_ms_b1 == pytest.approx((1000 + 2 * 118.307328 + 32.928768) * 1e-3, rel=1e-9)
     assert "host time measured" in " ".join(plan.notes) and plan.assumptions["host_model"].startswith("measured")
     # compute-bound prefill (1 GFLOP/s): 2 prompts of 8 tokens; causal attention is per prompt (s^2 each)
     slow = {**HOST, "gemm_tflops": 1e-3 / 0.85, "layer_floor_us": {"1": 200}, "step_overhead_us": {"1": 1000}}
     layer = (2 * 16 * 36864 + 2 * 4 * 16 * 2 * 8**2) / 1e3  # 1196.032 us of FLOPs > 200 us floor > 76 us bytes
-    layer += (16 * 6080 + 3 * 16 * 128) / 1e3  # + the elementwise kernels, 103.424 us
+    layer += (16 * 5824 + 3 * 16 * 128) / 1e3  # + the elementwise kernels, 99.328 us
     head = 2 * 2 * 256 * 64 / 1e3  # logits of the 2 last tokens: 65.536 us
     assert _tiny_step(slow, 1, prefill=True, tokens=16, prompts=2) == pytest.approx(
         (1000 + 2 * layer + head) * 1e-6, rel=1e-9)
@@ -539,27 +546,29 @@ def test_timed_model_layers_reproduce_the_measured_line(graphs):
     grow = _step(timed, model, 1, tokens=3, context=400) - _step(timed, model, 1)
     if graphs:  # every graph layer adds the same correction: the growth is the formulas' own
         assert grow == pytest.approx(_step(base, model, 1, tokens=3, context=400) - _step(base, model, 1), rel=1e-9)
-    else:  # eager: a 3 x 400 step's layer, 74 us of weights + 154 of KV + 307 gathered + 18 elementwise + its
-        # GEMM and attention FLOPs, beats the 300 us timed floor by 253.6 us; the head's math grows by 2 x 32.768 ns
-        layer = 73.984 + 153.6 + 307.2 + 3 * 6.08 + (3 * 73728 + 4 * 4 * 16 * 3 * 400) / 1e6
+    else:  # eager: a 3 x 400 step's layer, 74 us of weights + 154 of KV + 307 gathered + 17 elementwise + its
+        # GEMM and attention FLOPs, beats the 300 us timed floor by 252.8 us; the head's math grows by 2 x 32.768 ns
+        layer = 73.984 + 153.6 + 307.2 + 3 * 5.824 + (3 * 73728 + 4 * 4 * 16 * 3 * 400) / 1e6
         assert grow == pytest.approx((4 * (layer - 300) + 2 * 0.032768) * 1e-6, rel=1e-9)
     # other shapes, and TP sizes the probe did not time, keep the tiny model's floor
-    wider = replace(TINY, ffn=256)
-    assert _step(timed, wider, 1) == _step(base, wider, 1)
+    for other in (replace(TINY, ffn=256), replace(TINY, bytes_per_param=4)):  # another shape or weight dtype
+        assert _step(timed, other, 1) == _step(base, other, 1)
+    fp8_kv = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(timed), kv_bytes=1)
+    assert not fp8_kv.model_layers_apply  # the engine timed its KV cache in the model dtype
     only_tp1 = {**base, "model_layers": {**TIMED, "times_ms": {"1": TIMED["times_ms"]["1"]}}}
     assert _step(only_tp1, TINY, 2) == _step(base, TINY, 2)
     assert _step(only_tp1, TINY, 1) == _step(timed, TINY, 1)
 
 
 def test_timed_layers_faster_than_predicted_correct_the_gpu_work():
-    # tp=1 decode timed at 50 us a layer (1.0 ms at 2 layers, 1.2 at 6): under the 118.6 us the formulas give
+    # tp=1 decode timed at 50 us a layer (1.0 ms at 2 layers, 1.2 at 6): under the 118.3 us the formulas give
     fast = {**TIMED, "times_ms": {"1": {"2": {"decode_step": 1.0, "ttft": 3.0}, "6": {"decode_step": 1.2, "ttft": 4.6}}}}
     timed = {**HOST, "model_layers": fast}
     assert _step(timed, TINY, 1) == pytest.approx(1.0e-3, rel=1e-9)
     assert _step(timed, replace(TINY, n_layers=4), 1) == pytest.approx(1.1e-3, rel=1e-9)
     cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(timed))
     floor, gpu_fix, overhead = cm.calibrated(1, prefill=False, graphed=False)
-    assert (floor, gpu_fix, overhead) == pytest.approx((50e-6, (50 - 118.563328) * 1e-6, (900 - 32.928768) * 1e-6))
+    assert (floor, gpu_fix, overhead) == pytest.approx((50e-6, (50 - 118.307328) * 1e-6, (900 - 32.928768) * 1e-6))
     plan = make_plan(TINY, make_cluster("h100-80gb", 2), Workload(150, 50, 100), load_profile(timed))
     assert "layers of this shape timed by the probe (random:tiny), used at tp=1; tp=2 not timed" in " ".join(plan.notes)
     other = make_plan(replace(TINY, vocab=512), make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(timed))
@@ -579,6 +588,14 @@ def test_timed_layers_faster_than_predicted_correct_the_gpu_work():
     ({"times_ms": {"1": {"2": {"decode_step": -1.0, "ttft": 2.0}, "4": {"decode_step": 2.0, "ttft": 3.0}}}},
      "field 'model_layers.times_ms.1.2.decode_step'"),
     ({"model": None}, "field 'model_layers' is missing 'model'"),
+    ({"times_ms": {"1": {"2": {"decode_step": 1.0, "ttft": 2.0}, " 2": {"decode_step": 2.0, "ttft": 3.0}}}},
+     "field 'model_layers.times_ms.1. 2'"),
+    ({"times_ms": {"1": {"2": [1.0, 2.0], "4": {"decode_step": 2.0, "ttft": 3.0}}}}, "field 'model_layers.times_ms.1.2'"),
+    ({"times_ms": {"1": {"2": {"decode_step": 1e308, "ttft": 2.0}, "4": {"decode_step": 2.0, "ttft": 3.0}}}},
+     "field 'model_layers.times_ms.1.2.decode_step'"),
+    ({"times_ms": {"1": TIMED["times_ms"]["1"], " 1": TIMED["times_ms"]["1"]}}, "field 'model_layers.times_ms. 1'"),
+    ({"shape": {**TIMED["shape"], "hidden": "64"}}, "field 'model_layers.shape.hidden'"),
+    ({"shape": {**TIMED["shape"], "qk_norm": 0}}, "field 'model_layers.shape.qk_norm'"),
 ])
 def test_malformed_model_layers_name_the_field(patch, msg):
     layers = {k: v for k, v in {**TIMED, **patch}.items() if v is not None}
@@ -606,7 +623,7 @@ def test_without_host_fields_the_graph_assumptions_stay():
     cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(graph))
     assert not cm.host_calibrated
     step = _tiny_step(graph, 1)  # roofline of the stage, >= 2 x 15 us, + its elementwise kernels + 500 us per step
-    assert step == pytest.approx((2 * 86.784 + 32.896 + 2 * 31.68 + 500) * 1e-6, rel=1e-9)
+    assert step == pytest.approx((2 * 86.784 + 32.896 + 2 * 31.424 + 500) * 1e-6, rel=1e-9)
     plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(graph))
     assert "no measured host time" in " ".join(plan.notes)
 
@@ -738,10 +755,10 @@ def test_validate_reads_the_pipeline_and_expert_layout(tmp_path):
 def test_validate_predicts_the_whole_batch_prefill(tmp_path):
     # 1 GFLOP/s: batch 2 x 8 prompt tokens = 16 tokens of tiny-llama's 43008 matmul parameters per layer plus
     # causal attention per prompt (2 x 4 heads x 16 x 8^2) is 1392.64 us of FLOPs, over the 1000 us floor,
-    # then the elementwise kernels: 16 x (32h + 30q + 26kv + 10f = 6400) + 3 x 16 x 128 bytes of KV at
+    # then the elementwise kernels: 16 x (28h + 30q + 26kv + 10f = 6144) + 3 x 16 x 128 bytes of KV at
     # 100 GB/s; the LM head computes logits for the 2 last tokens (2 x 2 x 512 x 64 FLOPs = 131.072 us)
     prof = load_profile({**HOST_TINY, "gemm_tflops": 1e-3 / 0.85})
-    ttft = 2000 + 2 * ((2 * 16 * 43008 + 2 * 4 * 16 * 2 * 8**2) / 1e3 + (16 * 6400 + 3 * 16 * 128) / 1e5) + 131.072
+    ttft = 2000 + 2 * ((2 * 16 * 43008 + 2 * 4 * 16 * 2 * 8**2) / 1e3 + (16 * 6144 + 3 * 16 * 128) / 1e5) + 131.072
     # decode at batch 2, context 8 + 2/2: 176.64 us of FLOPs per layer, under the floor; the head's reads
     # (0.65664 us) add to its FLOPs
     tpot = 2000 + 2 * 1000 + 131.072 + 0.65664

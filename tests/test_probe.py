@@ -3,12 +3,16 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
+from shardlm.config import ConfigError
 from shardlm.layout import ParallelLayout
 from shardlm.planner import load_model, load_profile, make_cluster
 from shardlm.planner.cost import CostModel, stage_shards
+from shardlm.presets import PRESETS as ENGINE_PRESETS
+from shardlm.probe import _model_to_time
 
 
 def test_probe_writes_a_profile_the_planner_reads(tmp_path):
@@ -46,18 +50,36 @@ def test_probe_writes_a_profile_the_planner_reads(tmp_path):
     # --model: SmolLM2-135M's own layers at 2 and 8 layers, at both TP sizes; the planner, for a model of
     # that shape (any depth), predicts the batch-1 decode step and the first token on the line through them
     timed = data["model_layers"]
-    model = load_model("smollm2-135m")
+    model = replace(load_model("smollm2-135m"), bytes_per_param=4)  # the CPU engine runs float32
     assert timed["shape"] == dict(model.layer_shape) and set(timed["times_ms"]) == {"1", "2"}
     for tp in (1, 2):
         points = timed["times_ms"][str(tp)]
         assert set(points) == {"2", "8"} and all(p["decode_step"] > 0 and p["ttft"] > 0 for p in points.values())
-        cm = CostModel(model, make_cluster("h100-80gb", 2), prof)
+        cm = CostModel(model, make_cluster("h100-80gb", 2), prof, kv_bytes=4)
         lay = ParallelLayout(tp=tp)
         decode = prof.model_layers.decode[tp]
         if decode.zero_layers_us > 0:  # not clamped by a noisy point: the line runs through both
             predicted = cm.decode_step(lay, stage_shards(model, lay), 1, timed["decode_context"])[0]
             assert predicted * 1e6 == pytest.approx(decode.zero_layers_us + model.n_layers * decode.per_layer_us)
             assert decode.zero_layers_us + 8 * decode.per_layer_us == pytest.approx(points["8"]["decode_step"] * 1e3)
+
+
+def test_probe_model_from_a_config_alone(tmp_path):
+    config = ENGINE_PRESETS["tiny-qwen2"].to_dict()
+    hf = {"model_type": "qwen2", "hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"],
+          "num_hidden_layers": 2, "num_attention_heads": config["num_attention_heads"],
+          "num_key_value_heads": config["num_key_value_heads"], "vocab_size": config["vocab_size"]}
+    (tmp_path / "config.json").write_text(json.dumps(hf))  # a folder with no weights: only the shape is used
+    spec, shape = _model_to_time(str(tmp_path), "cpu")
+    assert spec.kind == "random" and spec.config.hidden_size == hf["hidden_size"]
+    assert shape == {**dict(load_model(str(tmp_path / "config.json")).layer_shape), "bytes_per_param": 4}
+    assert _model_to_time(str(tmp_path / "config.json"), "cuda")[1]["bytes_per_param"] == 2
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        _model_to_time(str(tmp_path), "cpu")
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "hidden_size": None}))
+    with pytest.raises(ConfigError):
+        _model_to_time(str(tmp_path), "cpu")
 
 
 def test_probe_model_must_be_dense(tmp_path):

@@ -17,7 +17,7 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   prefill       2*N*s + 2*L*n_h*d*s^2 FLOPs (causal), logits only for the sampled token.
   elementwise   the kernels between the GEMMs (two RMSNorms, two residual adds, rotary on q and k,
                 the K/V cache write and the per-sequence gather of the context, SwiGLU) move
-                per token and layer ~32h + 30q + 26kv + 10f bytes on a rank (q, kv, f: the rank's
+                per token and layer ~28h + 30q + 26kv + 10f bytes on a rank (q, kv, f: the rank's
                 query, KV and MLP widths; bf16) plus twice the context's KV bytes (gathered, then
                 read); this time adds to the layer's roofline (separate kernels). It matters for
                 prefill (4096 tokens of an 8B model: ~25 ms next to ~85 ms of GEMMs) and long contexts.
@@ -255,11 +255,11 @@ class _Work:
 
 def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float) -> float:
     """Bytes one token's elementwise kernels move in one layer on one rank (bf16 activations):
-    2 RMSNorms (normalise in one kernel, then scale: ~10h each), 2 residual adds (6h each), rotary on q and
+    2 RMSNorms (normalise in one kernel, then scale: ~8h each), 2 residual adds (6h each), rotary on q and
     k (mul, roll, mul, add: 18 bytes per element), the K/V cache write (8 per KV element), folding q for
     attention and unfolding its output (12 per q element), SwiGLU (silu, then times up: 10 per MLP
     element)."""
-    return 32 * hidden + 30 * q_dims + 26 * kv_dims + 10 * ffn_dims
+    return 28 * hidden + 30 * q_dims + 26 * kv_dims + 10 * ffn_dims
 
 
 class CostModel:
@@ -453,7 +453,8 @@ class CostModel:
     def model_layers_apply(self) -> bool:
         """The profile timed this model's own layers (a dense model of the same layer shape)."""
         ml = self.profile.model_layers if self.host_calibrated else None
-        return ml is not None and not self.model.is_moe and ml.shape == self.model.layer_shape
+        return (ml is not None and not self.model.is_moe and ml.shape == self.model.layer_shape
+                and self.kv_bytes == self.model.bytes_per_param)  # the engine's KV cache is in the model dtype
 
     def calibrated(self, tp: int, prefill: bool, graphed: bool) -> tuple[float, float, float] | None:
         """(per-layer floor, per-layer GPU correction, step overhead), seconds, from the profile's timed layers
@@ -479,7 +480,7 @@ class CostModel:
                 line, tokens, context = ml.prefill[tp], ml.prompt_len, 0.0
             else:
                 line = ml.decode[tp]
-                tokens, context, _ = self.decode_shape(1, ml.decode_context)
+                tokens, context, _ = self.decode_shape(1, ml.decode_context) if graphed else (1, ml.decode_context, False)
             layer, rest = (self._work(lay, sh, tokens, context, prefill, 1, graphed)[i] for i in (0, -1))
             layer_s, rest_s = (self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps + w.comm_s for w in (layer, rest))
             per_layer = line.per_layer_us * 1e-6
@@ -543,7 +544,7 @@ class CostModel:
             host += self.step_overhead_per_seq_s(layout.tp) * max(0.0, seqs - 1)
         for i, w in enumerate(work):
             layer = i < len(work) - 1  # decoder layers; the last entry is the non-layer part
-            gpu = self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps + (gpu_fix if layer else 0.0)
+            gpu = max(0.0, self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps + (gpu_fix if layer else 0.0))
             compute += w.count * gpu
             if layer:
                 if graph_floor:
@@ -568,14 +569,17 @@ class CostModel:
         (seconds, comm share, bubble share, micro-batches).
 
         As the engine runs it: with p stages it keeps up to p micro-batches of disjoint sequences in
-        flight, ceil(batch / p) sequences each, each sent on as soon as its tokens are back. A
-        sequence's next token comes a period later: its micro-batch passes all p stages and the p-1
-        transfers between them, while the other micro-batches fill the stages behind it. With m < p
-        micro-batches (batch < p) each stage idles (p - m) / p of the period: the bubble. Datasheet
-        mode adds the step overhead once per period; host mode has it inside every stage's beat."""
+        flight, ceil(batch / p) sequences each (so m = ceil(batch / ceil(batch / p)) <= p of them), each
+        sent on as soon as its tokens are back. A sequence's next token comes a period later: its
+        micro-batch passes all p stages and the p-1 transfers between them, while the other
+        micro-batches fill the stages behind it. With m < p micro-batches each stage idles (p - m) / p
+        of the period: the bubble. Datasheet mode adds the step overhead once per period; host mode has
+        it inside every stage's beat."""
+        if batch <= 0:
+            raise ValueError(f"a decode step needs at least one sequence, got batch={batch}")
         p = layout.pp
         extra = 0.0 if self.host_calibrated else self.step_overhead_s(layout.tp)
-        seqs = max(1.0, math.ceil(batch / p)) if batch >= 1 else batch  # per micro-batch
+        seqs = batch if p == 1 or batch <= 1 else math.ceil(batch / p)  # per micro-batch
         m = max(1, math.ceil(batch / seqs))
         slow = max((self.stage_pass(layout, sh, seqs, context, prefill=False) for sh in shards),
                    key=lambda x: x.total_s)

@@ -17,7 +17,8 @@ from typing import Any
 from . import PlanError, read_json
 
 
-LAYER_SHAPE_KEYS = ("hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "attention_bias", "qk_norm")
+LAYER_SHAPE_KEYS = ("hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "attention_bias", "qk_norm",
+                    "bytes_per_param")
 """The ModelSpec fields that a decoder layer's kernels (and the LM head's) depend on: two models that
 agree on them run the same kernels per layer (profile.py's model_layers)."""
 

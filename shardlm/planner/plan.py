@@ -109,7 +109,7 @@ class LayoutResult:
     bubble_share: float | None = None
     """Pipeline bubble at the operating batch: (p-m)/p, the stages' idle share (cost.pipeline_bubble)."""
     micro_batches: int | None = None
-    """Micro-batches the engine keeps in flight through the pipeline (min(p, batch))."""
+    """Micro-batches the engine keeps in flight through the pipeline: ceil(batch / ceil(batch / p)), <= p."""
     curve: list[list[float]] = field(default_factory=list)
     """[batch, TPOT ms, tokens/s] points for the plot."""
 

@@ -61,8 +61,9 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             "step_overhead_us" and "layer_floor_us".
           "model": "random:llama-3-8b",     informational: what was run (random weights)
           "shape": {"hidden": 4096, "n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "ffn": 14336,
-                    "vocab": 128256, "attention_bias": false, "qk_norm": false},
+                    "vocab": 128256, "attention_bias": false, "qk_norm": false, "bytes_per_param": 2},
                                             the planner uses these times only for a model of this shape
+                                            and weight dtype (the KV cache in that dtype too)
           "decode_context": 32,             mean KV tokens per sequence over the timed decode steps
           "prompt_len": 128,                prompt tokens of the timed first token
           "times_ms": {"1": {"2": {"decode_step": 1.9, "ttft": 6.1}, "8": {...}}, "2": ...}
@@ -373,7 +374,7 @@ def _host_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _number(value: Any, source: str, where: str, what: str = "must be a number >= 0") -> float:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12):
         raise _bad(source, where, what, value)
     return float(value)
 
@@ -388,6 +389,11 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
     shape = value["shape"]
     if not isinstance(shape, dict) or set(shape) != set(LAYER_SHAPE_KEYS):
         raise _bad(source, f"{where}.shape", f"must be an object with exactly {', '.join(LAYER_SHAPE_KEYS)}", shape)
+    for key, got in shape.items():
+        flag = key in ("attention_bias", "qk_norm")
+        if not (isinstance(got, bool) if flag else (isinstance(got, int) and not isinstance(got, bool) and got > 0)):
+            raise _bad(source, f"{where}.shape.{key}", "must be true or false" if flag else "must be a positive integer",
+                       got)
     prompt_len = value["prompt_len"]
     if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len < 1:
         raise _bad(source, f"{where}.prompt_len", "must be a positive integer", prompt_len)
@@ -398,13 +404,21 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
     for key, depths in times.items():
         tp = _size_key(key, 1, "TP size", source, f"{where}.times_ms")
         at = f"{where}.times_ms.{key}"
+        if tp in lines["decode_step"]:
+            raise _bad(source, at, "names a TP size twice", key)
         if not isinstance(depths, dict) or len(depths) != 2:
             raise _bad(source, at, "must map exactly two depths (layer counts) to their times", depths)
-        points = sorted((_size_key(d, 1, "layer count", source, at), t) for d, t in depths.items())
+        points = {}
+        for d, t in depths.items():
+            layers = _size_key(d, 1, "layer count", source, at)
+            if layers in points:
+                raise _bad(source, f"{at}.{d}", "names a depth twice; give two different layer counts", d)
+            if not isinstance(t, dict):
+                raise _bad(source, f"{at}.{d}", 'must be an object {"decode_step": ms, "ttft": ms}', t)
+            points[layers] = t
         for kind, fitted in lines.items():
-            (d1, t1), (d2, t2) = [(d, _number(t.get(kind) if isinstance(t, dict) else None, source,
-                                              f"{at}.{d}.{kind}", "must be a time in ms >= 0") * 1e3)
-                                  for d, t in points]
+            (d1, t1), (d2, t2) = [(d, _number(points[d].get(kind), source, f"{at}.{d}.{kind}",
+                                              "must be a time in ms >= 0") * 1e3) for d in sorted(points)]
             slope = max(0.0, (t2 - t1) / (d2 - d1))  # a noisy pair can tilt down: then all of it is the step's
             fitted[tp] = LayerLine(slope, max(0.0, t1 - d1 * slope))
     return ModelLayers(model=str(value["model"]), shape=tuple((k, shape[k]) for k in LAYER_SHAPE_KEYS),

@@ -271,7 +271,8 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
         if bad:
             raise PlanError(f"measured file {mf.path}: layout {lay}: {bad[0]}")
         # predict the engine as it ran: eager or with decode graphs
-        cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile, cuda_graphs=mf.cuda_graphs)
+        cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile, cuda_graphs=mf.cuda_graphs,
+                       kv_bytes=mf.bytes_per_param)  # the engine keeps its KV cache in the model dtype
         if profile is not None and None not in (mf.cuda_graphs, profile.cuda_graphs) and mf.cuda_graphs != profile.cuda_graphs:
             notes.append(f"{mf.path} ran {'with' if mf.cuda_graphs else 'without'} CUDA graphs, the profile's engine "
                          f"{'with' if profile.cuda_graphs else 'without'}: its measured floors fit the other mode")
