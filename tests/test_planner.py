@@ -201,6 +201,16 @@ def test_pipeline_bubble_and_single_sequence_crosses_every_stage(l70):
     assert (period, bubble, m) == (pytest.approx(step + 500e-6, rel=1e-12), 0, 1)
     with pytest.raises(ValueError, match="at least one sequence"):
         cm.decode_step(lay, shards, 0, 1536)
+    # 6 prompts of 100 tokens arriving together: 3 micro-batches of 2 (200 tokens) through 4 stages; the
+    # last first token comes two beats of the slowest stage after the first micro-batch's
+    passes = [cm.stage_pass(lay, sh, 200, 0, prefill=True, prompts=2) for sh in shards]
+    ttft, beat = cm.prefill_step(lay, shards, 600, prompts=6)
+    assert beat == max(p.total_s for p in passes)
+    assert ttft == pytest.approx(sum(p.total_s for p in passes) + 2 * beat + 3 * cm.transfer(lay, 200) + 500e-6,
+                                 rel=1e-12)
+    whole = cm.prefill_step(one, stage_shards(l70, one), 600, prompts=6)  # one stage: one step of all 6
+    assert whole[0] == pytest.approx(cm.stage_pass(one, stage_shards(l70, one)[0], 600, 0, prefill=True,
+                                                   prompts=6).total_s + 500e-6, rel=1e-12)
 
 
 def test_profile_replaces_datasheet_numbers(l70):

@@ -589,12 +589,20 @@ class CostModel:
 
     def prefill_step(self, layout: ParallelLayout, shards: list[StageShard], tokens: int,
                      prompts: int = 1) -> tuple[float, float]:
-        """Prefill of `prompts` prompts, `tokens` tokens in all, in one step: (TTFT seconds: every stage
-        in turn plus the transfers, slowest stage's seconds: what a pipeline of many prefills costs)."""
-        passes = [self.stage_pass(layout, sh, tokens, 0, prefill=True, prompts=prompts) for sh in shards]
+        """Prefill of `prompts` prompts arriving together, `tokens` tokens in all: (TTFT seconds: until
+        the last of them has its first token, slowest stage's seconds: what a pipeline of many prefills
+        costs). One stage: one step. With p stages the engine cuts them, like decode, into m <= p
+        micro-batches of ceil(prompts / p) prompts: the first passes every stage in turn with the
+        transfers, each further one comes a beat of the slowest stage later. (The engine's token budget
+        per micro-batch, max_num_batched_tokens / p, is taken not to cut the prompts further.)"""
+        p = layout.pp
+        per = math.ceil(prompts / p) if p > 1 else prompts
+        m, part = math.ceil(prompts / per), tokens * per / prompts
+        passes = [self.stage_pass(layout, sh, part, 0, prefill=True, prompts=per) for sh in shards]
         extra = 0.0 if self.host_calibrated else self.step_overhead_s(layout.tp)
-        ttft = sum(x.total_s for x in passes) + (layout.pp - 1) * self.transfer(layout, tokens) + extra
-        return ttft, max(x.total_s for x in passes)
+        beat = max(x.total_s for x in passes)
+        ttft = sum(x.total_s for x in passes) + (m - 1) * beat + (p - 1) * self.transfer(layout, part) + extra
+        return ttft, beat
 
     # -- memory ----------------------------------------------------------------------------------
 
