@@ -10,7 +10,7 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING=false
-OUT=${OUT:-out}; mkdir -p "$OUT"
+OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 if [ "${GPU_TESTS:-0}" = 1 ]; then  # the engine against HF on the GPU first (tests/test_gpu.py)
   timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short -rfs 2>&1 \
     | tee "$OUT/gpu_tests.txt" | grep -E "Error|error|passed|failed|SKIP" | cut -c1-300 | tail -12
@@ -19,8 +19,16 @@ pm=${PROBE_MODEL-random:llama-3-8b}
 timeout 400 python3 -m shardlm.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} 2>&1 \
   | grep -v -E "it/s\]|_warn_once|warn\(" | tail -12
 IFS=';' read -ra layouts <<< "${LAYOUTS:-tp1:-tp 1;tp2:-tp 2;tp4:-tp 4}"
+bench() {  # $1: label, $2: flags, $3: the engine to run (PYTHONPATH), $4: result file
+  (cd "$3" && PYTHONPATH=$3 timeout 200 python3 -m shardlm.cli bench latency --model random:llama-3-8b $2 \
+    --batch-sizes 1,8,32 --repeats "${REPEATS:-1}" --input-len 128 --output-len 64 --json "$4" 2>&1) \
+    | grep -E "^ +[0-9]|batch|Error" | cut -c1-300 | sed "s/^/[$1] /"
+}
 for cfg in "${layouts[@]}"; do
   name=${cfg%%:*}; flags=${cfg#*:}
-  timeout 200 python3 -m shardlm.cli bench latency --model random:llama-3-8b $flags --batch-sizes 1,8,32 --repeats "${REPEATS:-1}" \
-    --input-len 128 --output-len 64 --json "$OUT/bench-$name.json" 2>&1 | grep -E "^ +[0-9]|batch" | sed "s/^/[$name] /"
+  bench "$name" "$flags" "$PWD" "$OUT/bench-$name.json"
+  # BASELINE: a folder holding an older checkout (e.g. `git archive REV | tar -x -C .base`, carried along):
+  # the same bench on that engine right after, for a same-call before/after (base-NAME.json, kept out of
+  # the bench-*.json that plan --validate reads)
+  if [ -n "${BASELINE:-}" ]; then bench "base $name" "$flags" "$(realpath "$BASELINE")" "$OUT/base-$name.json"; fi
 done
