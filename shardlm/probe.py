@@ -76,13 +76,14 @@ WIDE_BATCH = 32
 """batch of the probe's second decode measurement (per-sequence host time)"""
 
 
-def _host_times(llm: LLM, wide: bool) -> tuple[float, float, float]:
+def _host_times(llm: LLM, wide: bool, seed: int) -> tuple[float, float, float]:
     """(median batch-1 decode step, time to the first token of a 128-token prompt, median decode step at
-    WIDE_BATCH if `wide` else 0), seconds."""
-    step = run_batch(llm, batch=1, input_len=DECODE_INPUT, output_len=DECODE_OUTPUT)["step_p50_ms"]
-    ttft = run_batch(llm, batch=1, input_len=PROMPT_LEN, output_len=2)["ttft_ms"]
-    step_wide = (run_batch(llm, batch=WIDE_BATCH, input_len=DECODE_INPUT, output_len=DECODE_OUTPUT)["step_p50_ms"]
-                 if wide else 0.0)
+    WIDE_BATCH if `wide` else 0), seconds. Each call needs its own `seed`: the same prompt again would be
+    found in the prefix cache, and its prefill mostly skipped."""
+    step = run_batch(llm, batch=1, input_len=DECODE_INPUT, output_len=DECODE_OUTPUT, seed=seed)["step_p50_ms"]
+    ttft = run_batch(llm, batch=1, input_len=PROMPT_LEN, output_len=2, seed=seed)["ttft_ms"]
+    step_wide = (run_batch(llm, batch=WIDE_BATCH, input_len=DECODE_INPUT, output_len=DECODE_OUTPUT,
+                           seed=seed)["step_p50_ms"] if wide else 0.0)
     return step / 1e3, ttft / 1e3, step_wide / 1e3
 
 
@@ -101,10 +102,10 @@ def _depth_times(n: int, device: str, models: list[str | ModelSpec], measure: bo
                                         max_model_len=512, kv_cache_memory_bytes=256 << 20)) for m in models]
         measured = llms[0].engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1) if measure else {}
         samples: dict[int, list[tuple[float, float, float]]] = {}
-        for _ in range(rounds):
+        for r in range(rounds):
             for i, llm in enumerate(llms):
                 samples.setdefault(llm.engine.spec.config.num_hidden_layers, []).append(
-                    _host_times(llm, measure and i == 0))
+                    _host_times(llm, measure and i == 0, seed=r))
     times = {layers: tuple(statistics.median(x[k] for x in got) for k in range(3)) for layers, got in samples.items()}
     return times, measured, llms[0].engine.cuda_graphs
 

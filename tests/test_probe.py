@@ -12,7 +12,8 @@ from shardlm.layout import ParallelLayout
 from shardlm.planner import load_model, load_profile, make_cluster
 from shardlm.planner.cost import CostModel, stage_shards
 from shardlm.presets import PRESETS as ENGINE_PRESETS
-from shardlm.probe import _model_to_time
+from shardlm.llm import LLM
+from shardlm.probe import PROMPT_LEN, _host_times, _model_to_time
 
 
 def test_probe_writes_a_profile_the_planner_reads(tmp_path):
@@ -62,6 +63,17 @@ def test_probe_writes_a_profile_the_planner_reads(tmp_path):
             predicted = cm.decode_step(lay, stage_shards(model, lay), 1, timed["decode_context"])[0]
             assert predicted * 1e6 == pytest.approx(decode.zero_layers_us + model.n_layers * decode.per_layer_us)
             assert decode.zero_layers_us + 8 * decode.per_layer_us == pytest.approx(points["8"]["decode_step"] * 1e3)
+
+
+def test_probe_rounds_find_nothing_in_the_prefix_cache():
+    # the same prompt twice would be found cached and mostly not prefilled: a round's first-token time
+    # would then time a few tokens, not PROMPT_LEN (each round of the probe takes its own seed)
+    with LLM("random:tiny-llama", device="cpu", max_model_len=512) as llm:
+        for seed in range(3):
+            _host_times(llm, wide=False, seed=seed)
+        assert llm.engine.block_manager.prefix_hits == 0
+        _host_times(llm, wide=False, seed=0)
+        assert llm.engine.block_manager.prefix_hits >= PROMPT_LEN - 16  # all but the last block's tokens
 
 
 def test_probe_model_from_a_config_alone(tmp_path):
