@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import run_batch
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .layout import LayoutError
 from .llm import LLM
 from .model_source import ModelSpec, resolve_model, with_random_layers
@@ -40,6 +40,8 @@ MODEL_DEPTHS = (2, 8)
 """layer counts at which `--model` times the model's own layers"""
 DECODE_INPUT, DECODE_OUTPUT, PROMPT_LEN = 8, 48, 128
 """the timed decode (prompt, new tokens) and the timed first token's prompt"""
+DTYPES = {"cuda": ("bfloat16", 2), "cpu": ("float32", 4)}
+"""what the probe's engines run in per device (the engine's defaults), with its bytes per element"""
 
 
 def topology() -> dict[str, str]:
@@ -110,14 +112,9 @@ def _depth_times(n: int, device: str, models: list[str | ModelSpec], measure: bo
     return times, measured, llms[0].engine.cuda_graphs
 
 
-DTYPES = {"cuda": ("bfloat16", 2), "cpu": ("float32", 4)}
-"""what the probe's engines run in (the engine's own default per device), with its bytes per element"""
-
-
 def _model_to_time(model: str, device: str) -> tuple[ModelSpec, dict[str, Any]]:
     """The `--model` argument as a spec (its weights are never read: a Hugging Face config.json, or a folder
     holding one, will do) and its planner layer shape in the probe's dtype on `device`."""
-    from .config import ModelConfig
     from .planner.models import from_engine_config
 
     path = Path(model).expanduser()

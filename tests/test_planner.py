@@ -582,7 +582,7 @@ def test_timed_layers_faster_than_predicted_correct_the_gpu_work():
     plan = make_plan(TINY, make_cluster("h100-80gb", 2), Workload(150, 50, 100), load_profile(timed))
     assert "layers of this shape timed by the probe (random:tiny), used at tp=1; tp=2 not timed" in " ".join(plan.notes)
     other = make_plan(replace(TINY, vocab=512), make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(timed))
-    assert "a different layer shape" in " ".join(other.notes)
+    assert "of another layer shape or dtype" in " ".join(other.notes)
 
 
 @pytest.mark.parametrize("patch,msg", [

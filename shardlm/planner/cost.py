@@ -20,7 +20,7 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
                 per token and layer ~28h + 30q + 26kv + 10f bytes on a rank (q, kv, f: the rank's
                 query, KV and MLP widths; bf16) plus twice the context's KV bytes (gathered, then
                 read); this time adds to the layer's roofline (separate kernels). It matters for
-                prefill (4096 tokens of an 8B model: ~25 ms next to ~85 ms of GEMMs) and long contexts.
+                prefill (4096 tokens of an 8B model: ~18 ms next to ~85 ms of GEMMs) and long contexts.
   host          with a profile's measured host floor (profile.py): per stage, step_overhead[tp]
                 (prefill_overhead[tp] for a prefill, if measured) + sum over layers of
                 max(layer_floor[tp], layer GPU time + its collectives) + the non-layer GPU work

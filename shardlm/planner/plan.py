@@ -333,8 +333,8 @@ def model_layers_note(cm: CostModel, tps: set[int]) -> str | None:
     if ml is None:
         return None
     if not cm.model_layers_apply:
-        return (f"the profile timed the layers of {ml.model}, a different layer shape (or this model is MoE): "
-                "its layers take the tiny model's floor")
+        return (f"the profile timed the layers of {ml.model}, of another layer shape or dtype (or this model is "
+                "MoE, or its KV cache in another dtype): its layers take the tiny model's floor")
     timed = sorted(t for t in tps if t in ml.decode)
     others = sorted(t for t in tps if t not in ml.decode)
     text = f"layers of this shape timed by the probe ({ml.model})"
