@@ -3,6 +3,7 @@
 # Afterwards, here: shardlm plan --validate $OUT/bench-*.json --profile $OUT/probe.json --gpu h100-80gb
 # LAYOUTS: bench file name:flags entries separated by ';' (default: TP 1/2/4; add e.g. "pp4:-pp 4").
 # REPEATS: rounds per bench (the median of each timing is reported). GPU_TESTS=1: run tests/test_gpu.py first.
+# PROBE=0: benches only (e.g. a before/after with BASELINE, below, in a call of its own).
 # PROBE_MODEL: whose own layers the probe times too (default the benched model; "" to skip). To see the
 # prediction without them: python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d.pop('model_layers');
 #   json.dump(d, open(sys.argv[2], 'w'))" probe.json probe-generic.json
@@ -16,8 +17,10 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then  # the engine against HF on the GPU first (te
     | tee "$OUT/gpu_tests.txt" | grep -E "Error|error|passed|failed|SKIP" | cut -c1-300 | tail -12
 fi
 pm=${PROBE_MODEL-random:llama-3-8b}
-timeout 400 python3 -m shardlm.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} 2>&1 \
-  | grep -v -E "it/s\]|_warn_once|warn\(" | tail -12
+if [ "${PROBE:-1}" = 1 ]; then
+  timeout 400 python3 -m shardlm.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} 2>&1 \
+    | grep -v -E "it/s\]|_warn_once|warn\(" | tail -12
+fi
 IFS=';' read -ra layouts <<< "${LAYOUTS:-tp1:-tp 1;tp2:-tp 2;tp4:-tp 4}"
 bench() {  # $1: label, $2: flags, $3: the engine to run (PYTHONPATH), $4: result file
   (cd "$3" && PYTHONPATH=$3 timeout 200 python3 -m shardlm.cli bench latency --model random:llama-3-8b $2 \
