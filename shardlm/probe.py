@@ -30,6 +30,7 @@ from .config import ConfigError, ModelConfig
 from .layout import LayoutError
 from .llm import LLM
 from .model_source import ModelSpec, resolve_model, with_random_layers
+from .planner.profile import LayerLine
 
 GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 CPU_SIZES = [16 << 10, 256 << 10, 1 << 20]
@@ -159,17 +160,15 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
         # launching their kernels, or with CUDA graphs the replayed kernels themselves); the intercept is
         # the step's own overhead. Prefill steps run eagerly: their line is fitted on its own.
         (l1, (step1, ttft1, wide1)), (l2, (step2, ttft2, _)) = sorted(times.items())
-        profile.setdefault("depth_times_ms", {})[str(n)] = {  # informational: the points of each line
-            str(layers): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for layers, (step, ttft, _) in times.items()}
+        profile.setdefault("depth_times_ms", {})[str(n)] = _points_ms(times)  # informational: the lines' points
         profile["depth_times_ms"][str(n)][str(l1)][f"decode_step_b{WIDE_BATCH}"] = wide1 * 1e3
         # each further sequence of a step: the host's share (inputs, sampling, the driver's bookkeeping;
         # the tiny model's GPU work barely grows)
         profile["step_overhead_per_seq_us"][str(n)] = max(0.0, (wide1 - step1) / (WIDE_BATCH - 1)) * 1e6
         for key, t1, t2, overhead in (("layer_floor_us", step1, step2, "step_overhead_us"),
                                       ("eager_layer_floor_us", ttft1, ttft2, "prefill_overhead_us")):
-            floor = max(0.0, (t2 - t1) / (l2 - l1))
-            profile[key][str(n)] = floor * 1e6
-            profile[overhead][str(n)] = max(0.0, t1 - l1 * floor) * 1e6
+            line = LayerLine.through(l1, t1 * 1e6, l2, t2 * 1e6)
+            profile[key][str(n)], profile[overhead][str(n)] = line.per_layer_us, line.zero_layers_us
         if n == 1:
             profile["hbm_gbps"], profile["gemm_tflops"] = measured["hbm_gbps"], measured["gemm_tflops"]
             if "gemv" in measured:
@@ -208,10 +207,16 @@ def _time_model_layers(spec: ModelSpec, n: int, device: str, out: dict[str, Any]
     except (ConfigError, LayoutError, RuntimeError, OSError) as exc:  # heads not divisible, out of memory, ...
         log(f"probe: {spec.name} at TP={n} not timed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
         return
-    out[str(n)] = {str(d): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for d, (step, ttft, _) in times.items()}
+    out[str(n)] = _points_ms(times)
     (d1, (s1, f1, _)), (d2, (s2, f2, _)) = sorted(times.items())
-    log(f"probe: {spec.name} at TP={n}: decode {(s2 - s1) / (d2 - d1) * 1e6:.0f} us a layer, prefill of "
-        f"{PROMPT_LEN} tokens {(f2 - f1) / (d2 - d1) * 1e6:.0f} us a layer")
+    decode, prefill = (LayerLine.through(d1, a * 1e6, d2, b * 1e6) for a, b in ((s1, s2), (f1, f2)))
+    log(f"probe: {spec.name} at TP={n}: decode {decode.per_layer_us:.0f} us a layer, prefill of "
+        f"{PROMPT_LEN} tokens {prefill.per_layer_us:.0f} us a layer")
+
+
+def _points_ms(times: dict[int, tuple[float, float, float]]) -> dict[str, dict[str, float]]:
+    """_depth_times' seconds per depth as {depth: {"decode_step": ms, "ttft": ms}}."""
+    return {str(d): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for d, (step, ttft, _) in times.items()}
 
 
 def add_probe_parser(sub) -> None:

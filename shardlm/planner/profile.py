@@ -197,6 +197,13 @@ class LayerLine:
     zero_layers_us: float
     """Intercept: the step with no layers (>= 0)."""
 
+    @classmethod
+    def through(cls, d1: int, t1_us: float, d2: int, t2_us: float) -> "LayerLine":
+        """The line through (d1 layers, t1) and (d2, t2). A noisy pair can tilt it down: then the slope is 0
+        and all of it is the step's; an intercept below 0 is held at 0."""
+        slope = max(0.0, (t2_us - t1_us) / (d2 - d1))
+        return cls(slope, max(0.0, t1_us - d1 * slope))
+
 
 @dataclass(frozen=True)
 class ModelLayers:
@@ -419,8 +426,7 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
         for kind, fitted in lines.items():
             (d1, t1), (d2, t2) = [(d, _number(points[d].get(kind), source, f"{at}.{d}.{kind}",
                                               "must be a time in ms >= 0") * 1e3) for d in sorted(points)]
-            slope = max(0.0, (t2 - t1) / (d2 - d1))  # a noisy pair can tilt down: then all of it is the step's
-            fitted[tp] = LayerLine(slope, max(0.0, t1 - d1 * slope))
+            fitted[tp] = LayerLine.through(d1, t1, d2, t2)
     return ModelLayers(model=str(value["model"]), shape=tuple((k, shape[k]) for k in LAYER_SHAPE_KEYS),
                        decode_context=_number(value["decode_context"], source, f"{where}.decode_context"),
                        prompt_len=prompt_len, decode=lines["decode_step"], prefill=lines["ttft"])
