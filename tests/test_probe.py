@@ -59,9 +59,15 @@ def test_probe_writes_a_profile_the_planner_reads(tmp_path):
         cm = CostModel(model, make_cluster("h100-80gb", 2), prof, kv_bytes=4)
         lay = ParallelLayout(tp=tp)
         decode = prof.model_layers.decode[tp]
+        predicted = cm.decode_step(lay, stage_shards(model, lay), 1, timed["decode_context"])[0] * 1e6
+        line = decode.zero_layers_us + model.n_layers * decode.per_layer_us
+        # the step overhead is the line's zero-layer time less the predicted embedding and LM head, at least 0:
+        # where a noisy CPU timing puts the line below the predicted head, the prediction is the longer one
+        if cm.calibrated(tp, prefill=False, graphed=False)[2] > 0:
+            assert predicted == pytest.approx(line)
+        else:
+            assert predicted > line
         if decode.zero_layers_us > 0:  # not clamped by a noisy point: the line runs through both
-            predicted = cm.decode_step(lay, stage_shards(model, lay), 1, timed["decode_context"])[0]
-            assert predicted * 1e6 == pytest.approx(decode.zero_layers_us + model.n_layers * decode.per_layer_us)
             assert decode.zero_layers_us + 8 * decode.per_layer_us == pytest.approx(points["8"]["decode_step"] * 1e3)
 
 
