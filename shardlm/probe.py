@@ -10,7 +10,8 @@ all-reduces), and what is left at zero layers is the step's own overhead; the fi
 128-token prompt gives a prefill step's. With `--model` it also times that model's own layers the
 same way (random weights at MODEL_DEPTHS layers), for the planner to use on models of that shape
 (the tiny layer's kernels run shorter than wide ones). The output follows the schema in
-shardlm/planner/profile.py.
+shardlm/planner/profile.py; it is written after each group size, so a probe cut short keeps the
+sizes it finished.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .bench import run_batch
 from .config import ConfigError, ModelConfig
@@ -139,11 +140,13 @@ def _model_to_time(model: str, device: str) -> tuple[ModelSpec, dict[str, Any]]:
     return spec, shape
 
 
-def run_probe(device: str = "auto", max_group: int | None = None, log=print, model: str | None = None) -> dict[str, Any]:
+def run_probe(device: str = "auto", max_group: int | None = None, log=print, model: str | None = None,
+              save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The profile of this machine; `save` gets the profile so far after each group size (a probe cut
+    short, say by a time limit, still leaves the sizes it finished)."""
     from .engine import LLMEngine
 
     device = LLMEngine._pick_device(device)
-    gpu = device == "cuda"
     spec, shape = _model_to_time(model, device) if model is not None else (None, None)
     profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
                                "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},
@@ -170,6 +173,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
             line = LayerLine.through(l1, t1 * 1e6, l2, t2 * 1e6)
             profile[key][str(n)], profile[overhead][str(n)] = line.per_layer_us, line.zero_layers_us
         if n == 1:
+            profile.update(measured["device_info"])  # the card (or CPU) the profile describes, read by rank 0
             profile["hbm_gbps"], profile["gemm_tflops"] = measured["hbm_gbps"], measured["gemm_tflops"]
             if "gemv" in measured:
                 profile["gemv"] = measured["gemv"]
@@ -186,18 +190,16 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
             f"{' (decode as CUDA graphs)' if graphs else ''}")
         if spec is not None:
             _time_model_layers(spec, n, device, profile["model_layers"]["times_ms"], log)
-    if spec is not None and not profile["model_layers"]["times_ms"]:
-        del profile["model_layers"]  # run_probe_cli still writes the rest, then says so
-    if gpu:
-        import torch
+        if save is not None:
+            save(_without_empty_model_layers(profile))
+    return _without_empty_model_layers(profile)
 
-        props = torch.cuda.get_device_properties(0)
-        profile.update(device=props.name, gpu_count=torch.cuda.device_count(), memory_gib=props.total_memory / 2**30)
-    else:
-        import platform
 
-        profile.update(device=f"cpu ({platform.processor() or platform.machine()})")
-    return profile
+def _without_empty_model_layers(profile: dict[str, Any]) -> dict[str, Any]:
+    """The profile, less a `model_layers` no TP size has times for yet (run_probe_cli says so)."""
+    if profile.get("model_layers", {}).get("times_ms"):
+        return profile
+    return {k: v for k, v in profile.items() if k != "model_layers"}
 
 
 def _time_model_layers(spec: ModelSpec, n: int, device: str, out: dict[str, Any], log) -> None:
@@ -233,9 +235,20 @@ def add_probe_parser(sub) -> None:
 def run_probe_cli(args) -> int:
     if args.max_group is not None and args.max_group < 1:
         raise ValueError(f"--max-group must be >= 1, got {args.max_group}")
-    profile = run_probe(args.device, args.max_group, log=lambda m: print(m, file=sys.stderr), model=args.model)
-    with open(args.out, "w") as f:
-        json.dump(profile, f, indent=2)
+    out = Path(args.out)
+    if out.parent != Path() and not out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: folder {out.parent} does not exist; create it or name another path")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    def save(profile: dict[str, Any]) -> None:  # whole files only: a probe killed mid-write keeps the last one
+        part = out.with_name(out.name + ".part")
+        part.write_text(json.dumps(profile, indent=2))
+        part.replace(out)
+        log(f"probe: saved groups {sorted(profile['layer_floor_us'], key=int)} to {out}")
+
+    profile = run_probe(args.device, args.max_group, log=log, model=args.model, save=save)
     print(f"wrote {args.out}: {profile['device']}, copy {profile['hbm_gbps']:.0f} GB/s, "
           f"GEMM {profile['gemm_tflops']:.1f} TFLOP/s, groups {sorted(profile['layer_floor_us'], key=int)}")
     if args.model is not None and "model_layers" not in profile:

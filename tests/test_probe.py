@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from shardlm.cli import main
 from shardlm.config import ConfigError
 from shardlm.layout import ParallelLayout
 from shardlm.planner import load_model, load_profile, make_cluster
@@ -23,7 +24,10 @@ def test_probe_writes_a_profile_the_planner_reads(tmp_path):
                          timeout=400)
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
-    assert data["topology"]["interconnect"] == "cpu" and "gpu_count" not in data
+    assert data["topology"]["interconnect"] == "cpu" and "gpu_count" not in data and data["device"].startswith("cpu")
+    # saved after each group size, whole files only
+    assert f"saved groups ['1'] to {out}" in res.stderr and f"saved groups ['1', '2'] to {out}" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.json"]
     for key in ("layer_floor_us", "step_overhead_us", "prefill_overhead_us", "eager_layer_floor_us",
                 "step_overhead_per_seq_us"):
         assert set(data[key]) == {"1", "2"}, key
@@ -111,3 +115,25 @@ def test_probe_rejects_bad_group_size(tmp_path):
     res = subprocess.run([sys.executable, "-m", "shardlm.cli", "probe", "--out", str(tmp_path / "p.json"),
                           "--max-group", "0"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--max-group must be >= 1" in res.stderr
+
+
+def test_probe_cut_short_keeps_the_groups_it_finished(tmp_path, monkeypatch, capsys):
+    import shardlm.probe as probe
+
+    def depth_times(n, *args, **kwargs):
+        if n == 2:
+            raise RuntimeError("worker rank 1 died (simulated)")
+        return real(n, *args, **kwargs)
+
+    real, out = probe._depth_times, tmp_path / "probe.json"
+    monkeypatch.setattr(probe, "_depth_times", depth_times)
+    assert main(["probe", "--out", str(out), "--device", "cpu", "--max-group", "2"]) == 1
+    assert "worker rank 1 died" in capsys.readouterr().err
+    prof = load_profile(str(out))  # group 1's measurements, a profile the planner takes
+    assert set(json.loads(out.read_text())["layer_floor_us"]) == {"1"} and prof.host_calibrated
+
+
+def test_probe_out_folder_must_exist(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "shardlm.cli", "probe", "--out", str(tmp_path / "no" / "p.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "probe: group" not in res.stderr

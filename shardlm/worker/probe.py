@@ -8,6 +8,7 @@ shardlm/probe.py.)
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import Any
 
@@ -128,4 +129,9 @@ def device_rates(device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"hbm_gbps": 2 * nbytes / copy_s / 1e9, "gemm_tflops": 2 * n ** 3 / gemm_s / 1e12}
     if gpu:
         out["gemv"] = _gemv_times(device)
+        props = torch.cuda.get_device_properties(device)
+        out["device_info"] = {"device": props.name, "gpu_count": torch.cuda.device_count(),
+                              "memory_gib": props.total_memory / 2**30}
+    else:
+        out["device_info"] = {"device": f"cpu ({platform.processor() or platform.machine()})"}
     return out
