@@ -8,6 +8,7 @@ import statistics
 import time
 from typing import Any
 
+from .config import check_output_path
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -160,6 +161,8 @@ def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
         raise ValueError("batch sizes and --input-len must be >= 1, --output-len >= 2")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    check_output_path("--json", args.json)
+    check_output_path("--plot", args.plot)
     longest = max(batch_sizes) * args.input_len
     engine_kwargs.setdefault("max_num_batched_tokens", max(longest, 2048))
     engine_kwargs["max_num_seqs"] = max(engine_kwargs.get("max_num_seqs", 256), max(batch_sizes))

@@ -14,6 +14,8 @@ import statistics
 import time
 from typing import Any
 
+from .config import check_output_path
+
 PCTS = (50, 90, 99)
 
 
@@ -126,6 +128,8 @@ def run_serve_bench(args) -> int:
         raise ValueError("need --num-prompts >= 1, --input-len >= 1, --output-len >= 2, 0 <= --range-ratio < 1")
     if args.request_rate < 0:
         raise ValueError(f"--request-rate must be >= 0, got {args.request_rate}")
+    check_output_path("--json", args.json)
+    check_output_path("--plot", args.plot)
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
                              args.seed)
     result = asyncio.run(run(args.base_url, args.model, args.request_rate, workload, args.api_key, args.seed))

@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from .config import ConfigError
+from .config import ConfigError, check_output_path
 from .executor import WorkerError
 from .streaming import visible_end
 
@@ -134,6 +134,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    check_output_path("--save-expert-load", args.save_expert_load)
     llm = LLM(**_engine_kwargs(args))
     try:
         tok = llm.get_tokenizer()

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A model or engine setting that cannot work, with what to change."""
+
+
+def check_output_path(option: str, path: str | os.PathLike | None) -> None:
+    """Raise, before any work, if a file the run will write at its end could not be created there."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; name a file in it")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{option} {path}: folder {p.parent} does not exist; create it or name another path")
 
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")

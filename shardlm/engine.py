@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .block_manager import BlockManager
-from .config import ConfigError
+from .config import ConfigError, check_output_path
 from .executor import Executor, WorkerOptions
 from .layout import LayoutError, ParallelLayout, shard_heads, split_layers
 from .model_source import ModelSpec, resolve_model
@@ -141,6 +141,7 @@ class LLMEngine:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
         if not 0 < args.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+        check_output_path("trace", args.trace)  # written at shutdown: found out now, not after the run
         self.tokenizer = load_tokenizer(spec)
         kv_bytes = args.kv_cache_memory_bytes if args.kv_cache_memory_bytes is not None else 1 << 30
         profile_tokens = min(args.max_num_batched_tokens or max(model_len, 2048), 8192)

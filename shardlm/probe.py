@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .bench import run_batch
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, check_output_path
 from .layout import LayoutError
 from .llm import LLM
 from .model_source import ModelSpec, resolve_model, with_random_layers
@@ -235,9 +235,8 @@ def add_probe_parser(sub) -> None:
 def run_probe_cli(args) -> int:
     if args.max_group is not None and args.max_group < 1:
         raise ValueError(f"--max-group must be >= 1, got {args.max_group}")
-    out = Path(args.out)
-    if out.parent != Path() and not out.parent.is_dir():
-        raise ConfigError(f"--out {args.out}: folder {out.parent} does not exist; create it or name another path")
+    check_output_path("--out", args.out)
+    out = Path(args.out).expanduser()
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,24 @@ def test_degrees_that_cannot_work():
         LLM(TINY, max_seq_len_to_capture=0)
     with pytest.raises(TypeError, match="unknown LLM argument"):
         LLM(TINY, tensor_paralel_size=2)
+
+
+def test_output_files_are_checked_before_any_work(tmp_path, capsys):
+    from shardlm.cli import main
+
+    missing = str(tmp_path / "no" / "out.json")
+    with pytest.raises(ConfigError, match="trace .*folder .* does not exist; create it"):
+        LLM(TINY, trace=missing)
+    cases = [(["bench", "latency", "--model", TINY, "--json", missing], "--json"),
+             (["bench", "latency", "--model", TINY, "--plot", str(tmp_path)], "--plot .* is a folder; name a file"),
+             (["bench", "serve", "--model", "m", "--json", missing], "--json"),
+             (["generate", "--model", TINY, "--save-expert-load", missing, "hi"], "--save-expert-load"),
+             (["probe", "--out", missing], "--out")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(f"error: {message}", err), (argv, err)
+        assert "probe: group" not in err and "batch" not in err  # nothing ran first
 
 
 def _has_gpu() -> bool:

@@ -65,12 +65,12 @@ def test_probe_writes_a_profile_the_planner_reads(tmp_path):
         decode = prof.model_layers.decode[tp]
         predicted = cm.decode_step(lay, stage_shards(model, lay), 1, timed["decode_context"])[0] * 1e6
         line = decode.zero_layers_us + model.n_layers * decode.per_layer_us
-        # the step overhead is the line's zero-layer time less the predicted embedding and LM head, at least 0:
-        # where a noisy CPU timing puts the line below the predicted head, the prediction is the longer one
-        if cm.calibrated(tp, prefill=False, graphed=False)[2] > 0:
+        # the prediction is the line, unless a term the calibration cannot take below 0 clamps it longer: the
+        # step overhead (the line's zero-layer time less the predicted embedding and LM head) or, at TP=2, a
+        # layer's GPU work (its measured time less the predicted all-reduces): noisy CPU timings can do either
+        assert predicted >= line * (1 - 1e-9)
+        if tp == 1 and cm.calibrated(tp, prefill=False, graphed=False)[2] > 0:
             assert predicted == pytest.approx(line)
-        else:
-            assert predicted > line
         if decode.zero_layers_us > 0:  # not clamped by a noisy point: the line runs through both
             assert decode.zero_layers_us + 8 * decode.per_layer_us == pytest.approx(points["8"]["decode_step"] * 1e3)
 
