@@ -583,6 +583,9 @@ def test_timed_layers_faster_than_predicted_correct_the_gpu_work():
     assert "layers of this shape timed by the probe (random:tiny), used at tp=1; tp=2 not timed" in " ".join(plan.notes)
     other = make_plan(replace(TINY, vocab=512), make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(timed))
     assert "of another layer shape or dtype" in " ".join(other.notes)
+    assert "`shardlm probe --model` with this model (random:<preset> or its config.json)" in " ".join(other.notes)
+    untimed = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(HOST))
+    assert "this model's own layers not timed" in " ".join(untimed.notes)
 
 
 @pytest.mark.parametrize("patch,msg", [
@@ -733,6 +736,9 @@ def test_validate_errors_and_medians(measured_files):
     assert (v.median_abs_ttft_err_pct, v.median_abs_tpot_err_pct) == pytest.approx((20.0, 25.0))
     assert validate_files([a], profile=load_profile(prof)).median_abs_tpot_err_pct == pytest.approx(15.0)
     assert v.median_abs_itl_err_pct is None and v.rows[0].itl_err_pct is None  # no itl_p50_ms in these files
+    # a note about every file is said once, without their names
+    assert [n for n in v.notes if "own layers not timed" in n] == [n for n in v.notes if n.startswith("this model's")]
+    assert len([n for n in v.notes if "own layers not timed" in n]) == 1
 
 
 def test_validate_against_the_median_inter_token_latency(tmp_path):

@@ -328,13 +328,19 @@ def _why(plan_results: list[LayoutResult], rec: LayoutResult, cluster: Cluster, 
 
 
 def model_layers_note(cm: CostModel, tps: set[int]) -> str | None:
-    """Whether the profile's timed model layers (profile.py, model_layers) apply to these TP sizes."""
-    ml = cm.profile.model_layers if cm.host_calibrated else None
-    if ml is None:
+    """Whether the profile's timed model layers (profile.py, model_layers) apply to these TP sizes (a dense
+    model with a measured host floor; where none apply, how to time them)."""
+    if not cm.host_calibrated or cm.model.is_moe:
         return None
+    ml = cm.profile.model_layers
+    # without them a layer's small kernels are costed as the probe's tiny layer runs them: shorter than a wide
+    # model's (Llama-3-8B's decode steps came out 2-22% short on 4 x H100; docs/PERFORMANCE.md, session 7)
+    advice = "`shardlm probe --model` with this model (random:<preset> or its config.json) times them"
+    if ml is None:
+        return f"this model's own layers not timed: its layers take the tiny model's floor, which may predict short; {advice}"
     if not cm.model_layers_apply:
-        return (f"the profile timed the layers of {ml.model}, of another layer shape or dtype (or this model is "
-                "MoE, or its KV cache in another dtype): its layers take the tiny model's floor")
+        return (f"the profile timed the layers of {ml.model}, of another layer shape or dtype (or this model's KV cache "
+                f"is in another dtype): its layers take the tiny model's floor, which may predict short; {advice}")
     timed = sorted(t for t in tps if t in ml.decode)
     others = sorted(t for t in tps if t not in ml.decode)
     text = f"layers of this shape timed by the probe ({ml.model})"

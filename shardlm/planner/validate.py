@@ -263,6 +263,7 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
         notes.append(f"hardware numbers measured on {profile.device} ({profile.source})")
     rows: list[ValidationRow] = []
     host = "graph-captured"
+    timed_notes: dict[str, list[str]] = {}  # note on the timed model layers -> the files it is about
     for mf in files:
         spec = override or model_for_measured(mf.model, mf.path)
         spec = replace(spec, bytes_per_param=mf.bytes_per_param)
@@ -279,7 +280,7 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
         host = "measured" if cm.host_calibrated else "graph-captured"
         timed = model_layers_note(cm, {lay.tp})
         if timed:
-            notes.append(f"{mf.path}: {timed}")
+            timed_notes.setdefault(timed, []).append(mf.path)
         for r in mf.rows:
             ttft, tpot, ctx = predict_row(cm, lay, r)
             rows.append(ValidationRow(
@@ -289,6 +290,7 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
                 tpot_ms_pred=tpot * 1e3, tpot_ms_meas=r.tpot_ms, tpot_err_pct=_err(tpot * 1e3, r.tpot_ms),
                 tpot_p50_ms_meas=r.tpot_p50_ms, itl_p50_ms_meas=r.itl_p50_ms,
                 itl_err_pct=None if r.itl_p50_ms is None else _err(tpot * 1e3, r.itl_p50_ms)))
+    notes += [note if len(about) == len(files) else f"{', '.join(about)}: {note}" for note, about in timed_notes.items()]
     itl_errs = [abs(r.itl_err_pct) for r in rows if r.itl_err_pct is not None]
     return Validation(
         rows=rows,
