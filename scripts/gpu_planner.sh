@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 6 on the GPU host: probe the machine, then measure what the planner will predict.
 # Afterwards, here: shardlm plan --validate $OUT/bench-*.json --profile $OUT/probe.json --gpu h100-80gb
-# LAYOUTS: bench file name:flags entries separated by ';' (default: TP 1/2/4; add e.g. "pp4:-pp 4").
+# LAYOUTS: bench file name:flags entries separated by ';' (default: TP 1/2/4; add e.g. "pp4:-pp 4"; empty: no benches).
 # REPEATS: rounds per bench (the median of each timing is reported). GPU_TESTS=1: run tests/test_gpu.py first.
 # PROBE=0: benches only (e.g. a before/after with BASELINE, below, in a call of its own).
+# PROFILED: layouts (same form as LAYOUTS) benched again with --profile, to profile-NAME.json (kernel time per
+# decode step by rank; kept out of the bench-*.json that plan --validate reads), e.g. PROFILED="tp4:-tp 4".
 # PROBE_MODEL: whose own layers the probe times too (default the benched model; "" to skip). To see the
 # prediction without them: python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d.pop('model_layers');
 #   json.dump(d, open(sys.argv[2], 'w'))" probe.json probe-generic.json
@@ -21,7 +23,7 @@ if [ "${PROBE:-1}" = 1 ]; then
   timeout 400 python3 -m shardlm.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} 2>&1 \
     | grep -v -E "it/s\]|_warn_once|warn\(" | tail -12
 fi
-IFS=';' read -ra layouts <<< "${LAYOUTS:-tp1:-tp 1;tp2:-tp 2;tp4:-tp 4}"
+IFS=';' read -ra layouts <<< "${LAYOUTS-tp1:-tp 1;tp2:-tp 2;tp4:-tp 4}"
 bench() {  # $1: label, $2: flags, $3: the engine to run (PYTHONPATH), $4: result file
   (cd "$3" && PYTHONPATH=$3 timeout 200 python3 -m shardlm.cli bench latency --model random:llama-3-8b $2 \
     --batch-sizes 1,8,32 --repeats "${REPEATS:-1}" --input-len 128 --output-len 64 --json "$4" 2>&1) \
@@ -34,4 +36,9 @@ for cfg in "${layouts[@]}"; do
   # the same bench on that engine right after, for a same-call before/after (base-NAME.json, kept out of
   # the bench-*.json that plan --validate reads)
   if [ -n "${BASELINE:-}" ]; then bench "base $name" "$flags" "$(realpath "$BASELINE")" "$OUT/base-$name.json"; fi
+done
+IFS=';' read -ra profiled <<< "${PROFILED:-}"
+for cfg in "${profiled[@]}"; do
+  name=${cfg%%:*}; flags=${cfg#*:}
+  bench "profile $name" "$flags --profile" "$PWD" "$OUT/profile-$name.json"
 done
