@@ -482,7 +482,7 @@ class CostModel:
                 line = ml.decode[tp]
                 tokens, context, _ = self.decode_shape(1, ml.decode_context) if graphed else (1, ml.decode_context, False)
             layer, rest = (self._work(lay, sh, tokens, context, prefill, 1, graphed)[i] for i in (0, -1))
-            layer_s, rest_s = (self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps + w.comm_s for w in (layer, rest))
+            layer_s, rest_s = (self._gpu_s(w, prefill) + w.comm_s for w in (layer, rest))
             per_layer = line.per_layer_us * 1e-6
             missed = per_layer - layer_s
             floor, gpu_fix = (missed, 0.0) if graphed else (per_layer, min(0.0, missed))
@@ -504,6 +504,10 @@ class CostModel:
         if prefill:
             return max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
         return self.decode_read_s(w.nbytes - w.kv_bytes, w.gemms, w.kv_bytes) + w.flops / self.flops_ps
+
+    def _gpu_s(self, w: _Work, prefill: bool) -> float:
+        """Host mode's GPU time of one instance: its GEMMs and reads, then its elementwise kernels."""
+        return self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps
 
     def stage_pass(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float,
                    prefill: bool, prompts: int = 1) -> StepCost:
@@ -544,7 +548,7 @@ class CostModel:
             host += self.step_overhead_per_seq_s(layout.tp) * max(0.0, seqs - 1)
         for i, w in enumerate(work):
             layer = i < len(work) - 1  # decoder layers; the last entry is the non-layer part
-            gpu = max(0.0, self._gemm_s(w, prefill) + w.act_bytes / self.hbm_bps + (gpu_fix if layer else 0.0))
+            gpu = max(0.0, self._gpu_s(w, prefill) + (gpu_fix if layer else 0.0))
             compute += w.count * gpu
             if layer:
                 if graph_floor:

@@ -288,6 +288,12 @@ def _positive(value: Any, source: str, where: str) -> float:
     return float(value)
 
 
+def _positive_int(value: Any, source: str, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _bad(source, where, "must be a positive integer", value)
+    return value
+
+
 def _curve(points: Any, source: str, where: str) -> Curve:
     if not isinstance(points, list) or not points:
         raise _bad(source, where, "must be a non-empty list of [bytes, microseconds] pairs", points)
@@ -397,13 +403,11 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
     if not isinstance(shape, dict) or set(shape) != set(LAYER_SHAPE_KEYS):
         raise _bad(source, f"{where}.shape", f"must be an object with exactly {', '.join(LAYER_SHAPE_KEYS)}", shape)
     for key, got in shape.items():
-        flag = key in ("attention_bias", "qk_norm")
-        if not (isinstance(got, bool) if flag else (isinstance(got, int) and not isinstance(got, bool) and got > 0)):
-            raise _bad(source, f"{where}.shape.{key}", "must be true or false" if flag else "must be a positive integer",
-                       got)
-    prompt_len = value["prompt_len"]
-    if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len < 1:
-        raise _bad(source, f"{where}.prompt_len", "must be a positive integer", prompt_len)
+        if key not in ("attention_bias", "qk_norm"):
+            _positive_int(got, source, f"{where}.shape.{key}")
+        elif not isinstance(got, bool):
+            raise _bad(source, f"{where}.shape.{key}", "must be true or false", got)
+    prompt_len = _positive_int(value["prompt_len"], source, f"{where}.prompt_len")
     times = value["times_ms"]
     if not isinstance(times, dict) or not times:
         raise _bad(source, f"{where}.times_ms", 'must map TP size ("1", "2", ...) to {depth: times}', times)
@@ -445,8 +449,8 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
     if not isinstance(data["device"], str) or not data["device"].strip():
         raise _bad(source, "device", "must be a non-empty string", data["device"])
     gpu_count = data.get("gpu_count")
-    if gpu_count is not None and (not isinstance(gpu_count, int) or isinstance(gpu_count, bool) or gpu_count < 1):
-        raise _bad(source, "gpu_count", "must be a positive integer", gpu_count)
+    if gpu_count is not None:
+        _positive_int(gpu_count, source, "gpu_count")
     return Profile(
         device=data["device"],
         hbm_gbps=_positive(data["hbm_gbps"], source, "hbm_gbps"),
