@@ -6,8 +6,8 @@ window of the newest tokens. Prints ms per step at several output lengths.
 import random
 import time
 
-from shardlm.model_source import resolve_model
-from shardlm.tokenizer import DetokenizerState, decode_next, load_tokenizer
+from shardlm.common.model_source import resolve_model
+from shardlm.engine.tokenizer import DetokenizerState, decode_next, load_tokenizer
 
 BATCH, LENGTHS = 64, (128, 1024, 4096)
 tok = load_tokenizer(resolve_model("smollm2-135m"))

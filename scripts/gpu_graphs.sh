@@ -19,7 +19,7 @@ for cfg in "${layouts[@]}"; do
   name=${cfg%%:*}; flags=${cfg#*:}
   for mode in eager graphs; do
     extra=""; [ $mode = eager ] && extra="--enforce-eager"
-    timeout 240 python3 -m shardlm.cli bench latency --model random:llama-3-8b $flags $extra --batch-sizes "${BATCHES:-1,8,32}" \
+    timeout 240 python3 -m shardlm.entrypoints.cli bench latency --model random:llama-3-8b $flags $extra --batch-sizes "${BATCHES:-1,8,32}" \
       --repeats "${REPEATS:-1}" --input-len 128 --output-len 64 --json "$OUT/bench-$name-$mode.json" 2>&1 \
       | grep -E "^ +[0-9]|batch|Error|error" | cut -c1-300 | sed "s/^/[$name $mode] /"
   done

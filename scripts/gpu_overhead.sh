@@ -8,6 +8,6 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 scripts/sdpa_shapes.py 2>&1 | tee "$OUT/sdpa_shapes.txt"
 for cfg in "default:" "bucket256:SHARDLM_CTX_BUCKET=256" "nocudnn:SHARDLM_CUDNN_SDPA=0"; do
   name=${cfg%%:*}; envs=${cfg#*:}
-  env $envs timeout 150 python3 -m shardlm.cli bench latency --model random:llama-3-8b --batch-sizes 1,16 \
+  env $envs timeout 150 python3 -m shardlm.entrypoints.cli bench latency --model random:llama-3-8b --batch-sizes 1,16 \
     --input-len 128 --output-len 64 --json "$OUT/overhead-$name.json" 2>&1 | grep -E "^ +[0-9]" | sed "s/^/[8b tp1 $name] /"
 done

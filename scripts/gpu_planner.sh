@@ -20,12 +20,12 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then  # the engine against HF on the GPU first (te
 fi
 pm=${PROBE_MODEL-random:llama-3-8b}
 if [ "${PROBE:-1}" = 1 ]; then
-  timeout 400 python3 -m shardlm.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} 2>&1 \
+  timeout 400 python3 -m shardlm.entrypoints.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} 2>&1 \
     | grep -v -E "it/s\]|_warn_once|warn\(" | tail -12
 fi
 IFS=';' read -ra layouts <<< "${LAYOUTS-tp1:-tp 1;tp2:-tp 2;tp4:-tp 4}"
 bench() {  # $1: label, $2: flags, $3: the engine to run (PYTHONPATH), $4: result file
-  (cd "$3" && PYTHONPATH=$3 timeout 200 python3 -m shardlm.cli bench latency --model random:llama-3-8b $2 \
+  (cd "$3" && PYTHONPATH=$3 timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model random:llama-3-8b $2 \
     --batch-sizes 1,8,32 --repeats "${REPEATS:-1}" --input-len 128 --output-len 64 --json "$4" 2>&1) \
     | grep -E "^ +[0-9]|batch|Error" | cut -c1-300 | sed "s/^/[$1] /"
 }

@@ -8,7 +8,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 [ -d .wheels ] && pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
 for tp in ${TPS:-2 4}; do
   port=$((8100 + tp))
-  python3 -m shardlm.cli serve random:llama-3-8b -tp "$tp" --port $port > "$OUT/serve-tp$tp.log" 2>&1 &
+  python3 -m shardlm.entrypoints.cli serve random:llama-3-8b -tp "$tp" --port $port > "$OUT/serve-tp$tp.log" 2>&1 &
   pid=$!
   for _ in $(seq 240); do
     curl -sf localhost:$port/health > /dev/null && break
@@ -16,7 +16,7 @@ for tp in ${TPS:-2 4}; do
     sleep 1
   done
   for rate in ${RATES:-2 8}; do
-    timeout 240 python3 -m shardlm.cli bench serve --base-url http://127.0.0.1:$port --model random:llama-3-8b \
+    timeout 240 python3 -m shardlm.entrypoints.cli bench serve --base-url http://127.0.0.1:$port --model random:llama-3-8b \
       --request-rate "$rate" --num-prompts ${NUM:-64} --input-len 512 --output-len 128 --vocab-size 128000 \
       --json "$OUT/serve-tp$tp-rate$rate.json" \
       | python3 -c "import json,sys; d=json.load(sys.stdin); print('tp=$tp rate=$rate', {k: d[k] for k in ('completed','output_tok_per_s')}, 'TTFT', d['ttft_ms'], 'TPOT', d['tpot_ms'])"

@@ -8,10 +8,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from shardlm.distributed import init_distributed
-from shardlm.layout import ParallelLayout
-from shardlm.model_source import resolve_model
-from shardlm.worker.runner import ModelRunner
+from shardlm.common.layout import ParallelLayout
+from shardlm.common.model_source import resolve_model
+from shardlm.worker.distributed import init_distributed
+from shardlm.worker.model_runner import ModelRunner
 
 model = sys.argv[1] if len(sys.argv) > 1 else "random:probe-tiny"
 dev = torch.device("cuda", 0)

@@ -1,10 +1,10 @@
 """shardlm: split large language models across GPUs and serve them."""
 
-from .engine import EngineArgs, LLMEngine
-from .layout import ParallelLayout
-from .llm import LLM
-from .sampling_params import SamplingParams
-from .sequence import CompletionOutput, Logprob, RequestOutput
+from .common.layout import ParallelLayout
+from .engine.llm_engine import EngineArgs, LLMEngine
+from .engine.sampling_params import SamplingParams
+from .engine.sequence import CompletionOutput, Logprob, RequestOutput
+from .entrypoints.llm import LLM
 
 __all__ = ["LLM", "SamplingParams", "EngineArgs", "LLMEngine", "ParallelLayout", "RequestOutput",
            "CompletionOutput", "Logprob"]

@@ -5,7 +5,7 @@ import sys
 
 
 def shardlm(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardlm.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_generate_streams_on_two_workers():
@@ -65,9 +65,9 @@ def test_bench_latency_writes_json(tmp_path):
 
 def test_parallel_auto_asks_the_planner(monkeypatch):
     """On a (pretended) 4 x H100 host, Llama-3-70B only fits at TP=4; the 8B model may use fewer GPUs."""
-    import shardlm.engine as engine
+    import shardlm.engine.llm_engine as engine
     import shardlm.planner.auto as auto
-    from shardlm.cli import _auto_tp, build_parser
+    from shardlm.entrypoints.cli import _auto_tp, build_parser
 
     monkeypatch.setattr(engine, "_visible_gpus", lambda: 4)
     monkeypatch.setattr(engine.LLMEngine, "_pick_device", staticmethod(lambda device: "cuda"))

@@ -4,8 +4,13 @@ import random
 
 import pytest
 
-from shardlm.model_source import resolve_model
-from shardlm.tokenizer import ByteTokenizer, DetokenizerState, decode_next, load_tokenizer
+from shardlm.common.model_source import resolve_model
+from shardlm.engine.tokenizer import (
+    ByteTokenizer,
+    DetokenizerState,
+    decode_next,
+    load_tokenizer,
+)
 
 TEXT = "Grüße, 世界! naïve café — 🙂🚀 x=1.5; \"quotes\" and\nnew lines\ttabs  double  spaces."
 

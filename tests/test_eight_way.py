@@ -4,10 +4,10 @@ exact with 8 gloo processes of tiny models, so the 8 x H100 run only has timing 
 import asyncio
 
 import pytest
-
 from hf_models import PROMPTS, STEPS, check_against_hf
+
 from shardlm import LLM, SamplingParams
-from shardlm.engine import EngineArgs
+from shardlm.engine.llm_engine import EngineArgs
 from shardlm.server.async_engine import AsyncEngine
 
 

@@ -9,14 +9,14 @@ import sys
 import time
 
 import pytest
-
 from conftest import worker_pids
+
 from shardlm import LLM, SamplingParams
-from shardlm.config import ConfigError
-from shardlm.executor import WorkerError
-from shardlm.layout import LayoutError
-from shardlm.model_source import ModelNotFoundError
-from shardlm.sampling_params import SamplingError
+from shardlm.common.config import ConfigError
+from shardlm.common.layout import LayoutError
+from shardlm.common.model_source import ModelNotFoundError
+from shardlm.engine.executor import WorkerError
+from shardlm.engine.sampling_params import SamplingError
 
 TINY = "random:tiny-llama"
 
@@ -61,7 +61,7 @@ def test_degrees_that_cannot_work():
 
 
 def test_output_files_are_checked_before_any_work(tmp_path, capsys):
-    from shardlm.cli import main
+    from shardlm.entrypoints.cli import main
 
     missing = str(tmp_path / "no" / "out.json")
     with pytest.raises(ConfigError, match="trace .*folder .* does not exist; create it"):
@@ -152,7 +152,7 @@ def test_failure_inside_a_worker_is_reported(tmp_path):
 
 def test_ctrl_c_stops_everything():
     before = worker_pids()
-    proc = subprocess.Popen([sys.executable, "-m", "shardlm.cli", "generate", "--model", TINY, "-tp", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "shardlm.entrypoints.cli", "generate", "--model", TINY, "-tp", "2",
                              "--max-tokens", "100000", "--max-model-len", "1024", "--ignore-eos", "hi"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

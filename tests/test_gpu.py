@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from hf_models import hf_greedy
+
 from shardlm import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -70,11 +70,11 @@ def test_gpu_moe_float32_matches_hf(layout, tiny_models):
 
 def test_gpu_grouped_gemm_matches_expert_loop():
     """bf16 on Hopper: the grouped GEMM path gives what the per-expert loop gives."""
-    from shardlm.distributed import ParallelContext
-    from shardlm.layers.moe import SparseMoE
-    from shardlm.layout import ParallelLayout
-    from shardlm.presets import preset
-    from shardlm.weights import RandomReader
+    from shardlm.common.layout import ParallelLayout
+    from shardlm.common.presets import preset
+    from shardlm.worker.distributed import ParallelContext
+    from shardlm.worker.layers.moe import SparseMoE
+    from shardlm.worker.weights import RandomReader
 
     if _gpus() < 1:
         pytest.skip("needs a GPU")

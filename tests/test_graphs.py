@@ -8,10 +8,15 @@ buffer) runs eagerly on the CPU, through TP and PP, and must still match HF toke
 import numpy as np
 import pytest
 import torch
-
 from hf_models import PROMPTS, STEPS
+
 from shardlm import LLM, SamplingParams
-from shardlm.graph_shapes import GRAPH_TOKENS, MIN_CONTEXT, batch_sizes, context_sizes
+from shardlm.common.graph_shapes import (
+    GRAPH_TOKENS,
+    MIN_CONTEXT,
+    batch_sizes,
+    context_sizes,
+)
 
 
 def test_batch_and_context_sizes():
@@ -27,9 +32,9 @@ class _Runner:
     """What DecodeGraphs reads from a model runner, on the CPU, for shape_for alone."""
 
     def __init__(self, max_model_len):
-        from shardlm.config import ModelConfig
-        from shardlm.distributed import ParallelContext
-        from shardlm.layout import ParallelLayout
+        from shardlm.common.config import ModelConfig
+        from shardlm.common.layout import ParallelLayout
+        from shardlm.worker.distributed import ParallelContext
 
         cfg = ModelConfig("llama", vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=4)

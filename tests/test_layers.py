@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from shardlm.layers.norm_rope import RMSNorm, RotaryEmbedding
+from shardlm.worker.layers.norm_rope import RMSNorm, RotaryEmbedding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shardlm.layout import LayoutError, ParallelLayout, shard_heads, split_evenly
+from shardlm.common.layout import LayoutError, ParallelLayout, shard_heads, split_evenly
 
 
 def test_rank_coord_round_trip_and_order():

@@ -6,13 +6,18 @@ import json
 
 import pytest
 import torch
-
 from hf_models import PROMPTS, STEPS, check_against_hf, hf_greedy
+
 from shardlm import LLM, SamplingParams
-from shardlm.config import ConfigError, ModelConfig
-from shardlm.layers.moe import choose_copies
-from shardlm.moe_placement import balanced, plan_placement, rank_loads, round_robin
-from shardlm.presets import preset
+from shardlm.common.config import ConfigError, ModelConfig
+from shardlm.common.presets import preset
+from shardlm.engine.moe_placement import (
+    balanced,
+    plan_placement,
+    rank_loads,
+    round_robin,
+)
+from shardlm.worker.layers.moe import choose_copies
 
 MOE_MODELS = ["mixtral", "qwen2-moe", "qwen3-moe"]
 

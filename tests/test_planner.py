@@ -12,18 +12,32 @@ from dataclasses import replace
 
 import pytest
 
-from shardlm.layout import ParallelLayout
-from shardlm.planner import PlanError, Workload, load_model, load_profile, make_cluster, make_plan
-from shardlm.planner.cli import main
-from shardlm.planner.cost import (
-    CostModel, a2a_bytes_per_token, decode_flops_per_token, distinct_experts, kv_bytes_per_token_per_gpu,
-    pipeline_bubble, prefill_flops, stage_shards, weights_per_gpu,
+from shardlm.common.layout import ParallelLayout
+from shardlm.common.presets import PRESETS as ENGINE_PRESETS
+from shardlm.planner import (
+    PlanError,
+    Workload,
+    load_model,
+    load_profile,
+    make_cluster,
+    make_plan,
 )
 from shardlm.planner.auto import recommend_for_engine
+from shardlm.planner.cli import main
+from shardlm.planner.cost import (
+    CostModel,
+    a2a_bytes_per_token,
+    decode_flops_per_token,
+    distinct_experts,
+    kv_bytes_per_token_per_gpu,
+    pipeline_bubble,
+    prefill_flops,
+    stage_shards,
+    weights_per_gpu,
+)
 from shardlm.planner.hardware import gpu_preset_from_name
 from shardlm.planner.models import ModelSpec, from_engine_config, from_hf_config
 from shardlm.planner.validate import validate_files
-from shardlm.presets import PRESETS as ENGINE_PRESETS
 
 GB, KiB = 1e9, 1024
 

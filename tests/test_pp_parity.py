@@ -1,10 +1,10 @@
 """Pipeline parallelism (and TP x PP) against Hugging Face on the same weights (CPU, gloo, float32)."""
 
 import pytest
+from hf_models import PROMPTS, check_against_hf
 
 from shardlm import LLM
-from shardlm.layout import LayoutError
-from hf_models import PROMPTS, check_against_hf
+from shardlm.common.layout import LayoutError
 
 
 @pytest.mark.parametrize("pp", [2, 3, 4])

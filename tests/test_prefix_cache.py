@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from hf_models import hf_greedy
+
 from shardlm import LLM, SamplingParams
 
 STEPS = 12

@@ -7,19 +7,19 @@ from dataclasses import replace
 
 import pytest
 
-from shardlm.cli import main
-from shardlm.config import ConfigError
-from shardlm.layout import ParallelLayout
+from shardlm.common.config import ConfigError
+from shardlm.common.layout import ParallelLayout
+from shardlm.common.presets import PRESETS as ENGINE_PRESETS
+from shardlm.entrypoints.cli import main
+from shardlm.entrypoints.llm import LLM
+from shardlm.entrypoints.probe import PROMPT_LEN, _host_times, _model_to_time
 from shardlm.planner import load_model, load_profile, make_cluster
 from shardlm.planner.cost import CostModel, stage_shards
-from shardlm.presets import PRESETS as ENGINE_PRESETS
-from shardlm.llm import LLM
-from shardlm.probe import PROMPT_LEN, _host_times, _model_to_time
 
 
 def test_probe_writes_a_profile_the_planner_reads(tmp_path):
     out = tmp_path / "probe.json"
-    res = subprocess.run([sys.executable, "-m", "shardlm.cli", "probe", "--out", str(out), "--device", "cpu",
+    res = subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", "probe", "--out", str(out), "--device", "cpu",
                           "--max-group", "2", "--model", "random:smollm2-135m"], capture_output=True, text=True,
                          timeout=400)
     assert res.returncode == 0, res.stderr
@@ -105,20 +105,20 @@ def test_probe_model_from_a_config_alone(tmp_path):
 
 
 def test_probe_model_must_be_dense(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "shardlm.cli", "probe", "--out", str(tmp_path / "p.json"),
+    res = subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", "probe", "--out", str(tmp_path / "p.json"),
                           "--model", "random:tiny-mixtral"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "mixture-of-experts" in res.stderr and "drop --model" in res.stderr
     assert not (tmp_path / "p.json").exists()
 
 
 def test_probe_rejects_bad_group_size(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "shardlm.cli", "probe", "--out", str(tmp_path / "p.json"),
+    res = subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", "probe", "--out", str(tmp_path / "p.json"),
                           "--max-group", "0"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--max-group must be >= 1" in res.stderr
 
 
 def test_probe_cut_short_keeps_the_groups_it_finished(tmp_path, monkeypatch, capsys):
-    import shardlm.probe as probe
+    import shardlm.entrypoints.probe as probe
 
     def depth_times(n, *args, **kwargs):
         if n == 2:
@@ -134,6 +134,6 @@ def test_probe_cut_short_keeps_the_groups_it_finished(tmp_path, monkeypatch, cap
 
 
 def test_probe_out_folder_must_exist(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "shardlm.cli", "probe", "--out", str(tmp_path / "no" / "p.json")],
+    res = subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", "probe", "--out", str(tmp_path / "no" / "p.json")],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "does not exist" in res.stderr and "probe: group" not in res.stderr

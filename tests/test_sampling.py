@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shardlm.sampling_params import SamplingError, SamplingParams
+from shardlm.engine.sampling_params import SamplingError, SamplingParams
 from shardlm.worker.sampler import Sampler
 
 

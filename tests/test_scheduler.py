@@ -5,9 +5,9 @@ from collections import defaultdict
 
 import pytest
 
-from shardlm.sampling_params import SamplingParams
-from shardlm.scheduler import BlockManager, Scheduler
-from shardlm.sequence import Sequence
+from shardlm.engine.sampling_params import SamplingParams
+from shardlm.engine.scheduler import BlockManager, Scheduler
+from shardlm.engine.sequence import Sequence
 
 
 def check_blocks(sched: Scheduler) -> None:

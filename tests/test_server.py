@@ -10,9 +10,8 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import worker_pids
+from prometheus_client.parser import text_string_to_metric_families
 
 KEY = "test-key"
 
@@ -25,7 +24,7 @@ def _free_port() -> int:
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "shardlm.cli", "serve", *args, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "shardlm.entrypoints.cli", "serve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -169,7 +168,7 @@ def test_bench_serve_reports_percentiles(tmp_path):
     proc, base = start_server("random:tiny-llama", "--tensor-parallel-size", "2")
     try:
         out, png = tmp_path / "serve.json", tmp_path / "serve.png"
-        res = subprocess.run([sys.executable, "-m", "shardlm.cli", "bench", "serve", "--base-url", base, "--model",
+        res = subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", "bench", "serve", "--base-url", base, "--model",
                               "random:tiny-llama", "--request-rate", "20", "--num-prompts", "12", "--input-len", "16",
                               "--output-len", "8", "--vocab-size", "512", "--json", str(out), "--plot", str(png)],
                              capture_output=True, text=True, timeout=300)

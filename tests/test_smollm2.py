@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shardlm import LLM, SamplingParams
-from shardlm.model_source import resolve_model
+from shardlm.common.model_source import resolve_model
 
 QUESTIONS = ["Hi!", "Explain tensor parallelism in one sentence.",
              "Write a short poem about GPUs, the sea and the patience of engineers who wait for kernels."]

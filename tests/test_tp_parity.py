@@ -1,8 +1,8 @@
 """Every TP degree against Hugging Face transformers on the same weights (CPU, gloo, float32)."""
 
 import pytest
-
 from hf_models import PROMPTS, check_against_hf
+
 from shardlm import LLM
 
 TP_MODELS = ["llama-uneven-tied", "qwen2-bias-untied", "llama-allbias-mha", "mistral", "qwen3"]

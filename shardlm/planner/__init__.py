@@ -34,12 +34,16 @@ def read_json(path: str, what: str):
 
 
 # Defined before the submodule imports below on purpose: they import PlanError from this package.
-from .models import ModelSpec, load_model  # noqa: E402
-from .hardware import Cluster, GPUSpec, make_cluster  # noqa: E402
-from .profile import Profile, load_profile  # noqa: E402
-from .plan import Plan, Workload, make_plan  # noqa: E402
-from .hardware import gpu_preset_from_name  # noqa: E402
 from .auto import recommend_for_engine  # noqa: E402
+from .hardware import (  # noqa: E402
+    Cluster,
+    GPUSpec,
+    gpu_preset_from_name,  # noqa: E402
+    make_cluster,
+)
+from .models import ModelSpec, load_model  # noqa: E402
+from .plan import Plan, Workload, make_plan  # noqa: E402
+from .profile import Profile, load_profile  # noqa: E402
 
 __all__ = [
     "PlanError", "ModelSpec", "load_model", "Cluster", "GPUSpec", "make_cluster",

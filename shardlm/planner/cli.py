@@ -24,8 +24,8 @@ from . import PlanError
 from .hardware import GPUS, INTERCONNECTS, NETWORKS, make_cluster
 from .models import PRESETS, load_model
 from .plan import Workload, make_plan
-from .report import format_table, plan_to_dict, plot_plan
 from .profile import load_profile
+from .report import format_table, plan_to_dict, plot_plan
 from .validate import format_validation, validate_files, validation_to_dict
 
 

@@ -40,8 +40,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..graph_shapes import GRAPH_TOKENS, graph_pairs, padded_shape
-from ..layout import ParallelLayout, shard_heads, split_evenly
+from ..common.graph_shapes import GRAPH_TOKENS, graph_pairs, padded_shape
+from ..common.layout import ParallelLayout, shard_heads, split_evenly
 from .hardware import Cluster
 from .models import ModelSpec
 from .profile import Profile

@@ -1,7 +1,7 @@
 """Model shapes for the planner: presets and Hugging Face config.json files.
 
-Also the engine's own model descriptions (shardlm.config.ModelConfig, its `random:<preset>` shapes in
-shardlm.presets), through `from_engine_config`, so the planner can describe any model the engine runs.
+Also the engine's own model descriptions (shardlm.common.config.ModelConfig, its `random:<preset>` shapes in
+shardlm.common.presets), through `from_engine_config`, so the planner can describe any model the engine runs.
 
 Only what the cost model needs: shapes of the Llama-style decoder (GQA attention, gated MLP) and,
 for Mixture-of-Experts models, the expert count, top-k, expert width, shared experts and which
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import PlanError, read_json
-
 
 LAYER_SHAPE_KEYS = ("hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "attention_bias", "qk_norm",
                     "bytes_per_param")
@@ -207,11 +206,11 @@ def from_hf_config(cfg: dict[str, Any], name: str = "config.json") -> ModelSpec:
 
 
 def from_engine_config(cfg: Any, name: str = "engine config") -> ModelSpec:
-    """Describe a model the engine runs: a shardlm.config.ModelConfig or its to_dict().
+    """Describe a model the engine runs: a shardlm.common.config.ModelConfig or its to_dict().
 
     q/k/v biases (qkv_bias) are counted; o_proj and MLP biases (o_bias, mlp_bias) are h- and f-sized
     vectors, too small to matter, and are not."""
-    from ..config import ConfigError, ModelConfig
+    from ..common.config import ConfigError, ModelConfig
 
     if isinstance(cfg, dict):
         try:
@@ -238,8 +237,8 @@ def from_engine_config(cfg: Any, name: str = "engine config") -> ModelSpec:
 
 
 def engine_presets() -> dict[str, Any]:
-    """The engine's `random:<name>` presets (shardlm.presets.PRESETS: name -> ModelConfig)."""
-    from ..presets import PRESETS as ENGINE
+    """The engine's `random:<name>` presets (shardlm.common.presets.PRESETS: name -> ModelConfig)."""
+    from ..common.presets import PRESETS as ENGINE
 
     return ENGINE
 
@@ -248,7 +247,7 @@ def model_from_dict(cfg: dict[str, Any], name: str = "model config") -> ModelSpe
     """An engine ModelConfig dict (has the engine's own keys, e.g. qkv_bias) or a Hugging Face config dict."""
     from dataclasses import fields
 
-    from ..config import ModelConfig
+    from ..common.config import ModelConfig
 
     engine_keys = {f.name for f in fields(ModelConfig)}
     if isinstance(cfg, dict) and "qkv_bias" in cfg and set(cfg) <= engine_keys:

@@ -16,8 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..common.layout import ParallelLayout
 from . import PlanError
-from ..layout import ParallelLayout
 from .cost import CostModel, Efficiency, StageShard, stage_shards
 from .hardware import Cluster
 from .models import ModelSpec

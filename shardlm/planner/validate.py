@@ -27,8 +27,8 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..common.layout import ParallelLayout
 from . import PlanError, read_json
-from ..layout import ParallelLayout
 from .cost import CostModel, stage_shards
 from .hardware import make_cluster
 from .models import ModelSpec, from_engine_config, load_model
@@ -221,12 +221,12 @@ def load_measured(path: str) -> MeasuredFile:
 def model_for_measured(name: str, path: str = "<measured>") -> ModelSpec:
     """The planner's description of the model a measured file names: random:<preset>, a planner or engine
     preset (or the engine's aliases, e.g. smollm2), a Hugging Face folder / config.json, or a .gguf file."""
-    from ..model_source import ALIASES
+    from ..common.model_source import ALIASES
 
     key = ALIASES.get(name, name)
     try:
         if key.endswith(".gguf"):
-            from ..model_source import gguf_config
+            from ..common.model_source import gguf_config
 
             return from_engine_config(gguf_config(key), key)
         return load_model(key)

@@ -14,8 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..sequence import CompletionOutput, RequestOutput
-from ..streaming import visible_end
+from ..engine.sequence import CompletionOutput, RequestOutput
+from ..engine.streaming import visible_end
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..engine import EngineArgs, LLMEngine
-from ..sampling_params import SamplingParams
-from ..sequence import RequestOutput
+from ..engine.llm_engine import EngineArgs, LLMEngine
+from ..engine.sampling_params import SamplingParams
+from ..engine.sequence import RequestOutput
 
 
 class Overloaded(RuntimeError):

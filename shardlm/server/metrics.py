@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
-from ..sequence import RequestOutput
+from ..engine.sequence import RequestOutput
 
 MOE_INTERVAL_S = 5.0
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams
 
 # OpenAI fields shardlm does not implement, with the values that mean "off"; any other value gets a 400
 UNSUPPORTED: dict[str, tuple] = {

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..graph_shapes import graph_pairs, padded_shape
-from ..layers.attention import AttentionMetadata
+from ..common.graph_shapes import graph_pairs, padded_shape
+from .layers.attention import AttentionMetadata
 
 
 class DecodeGraphs:

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-from .. import wire
+from ..common import wire
 
 
 def _die_with_parent() -> None:
@@ -47,10 +47,10 @@ def _connect(address: str, timeout_s: float = 60.0) -> socket.socket:
 def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     import torch
 
-    from ..distributed import init_distributed
-    from ..layout import ParallelLayout
-    from ..model_source import ModelSpec
-    from .runner import ModelRunner
+    from ..common.layout import ParallelLayout
+    from ..common.model_source import ModelSpec
+    from .distributed import init_distributed
+    from .model_runner import ModelRunner
 
     init, _ = wire.recv(sock)
     layout = ParallelLayout(**init["layout"])

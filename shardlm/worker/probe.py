@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .runner import ModelRunner
+from .model_runner import ModelRunner
 
 
 def _sync(device: torch.device) -> None:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...common.layout import split_evenly
 from ..distributed import ParallelContext
-from ..layout import split_evenly
 from ..weights import Reader
 
 

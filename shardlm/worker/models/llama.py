@@ -11,14 +11,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ...common.config import ModelConfig
+from ...common.layout import shard_heads
 from ..distributed import ParallelContext
 from ..layers.attention import AttentionMetadata, PagedAttention
 from ..layers.linear import ColumnParallelLinear, GatedMLP, RowParallelLinear, RowSlice
 from ..layers.moe import SparseMoE
 from ..layers.norm_rope import RMSNorm, RotaryEmbedding
 from ..layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from ..layout import shard_heads
 from ..weights import Reader
 
 

@@ -26,12 +26,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..common.config import ConfigError, ModelConfig, check_output_path
+from ..common.layout import LayoutError
+from ..common.model_source import ModelSpec, resolve_model, with_random_layers
+from ..planner.profile import LayerLine
 from .bench import run_batch
-from .config import ConfigError, ModelConfig, check_output_path
-from .layout import LayoutError
 from .llm import LLM
-from .model_source import ModelSpec, resolve_model, with_random_layers
-from .planner.profile import LayerLine
 
 GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 CPU_SIZES = [16 << 10, 256 << 10, 1 << 20]
@@ -117,7 +117,7 @@ def _depth_times(n: int, device: str, models: list[str | ModelSpec], measure: bo
 def _model_to_time(model: str, device: str) -> tuple[ModelSpec, dict[str, Any]]:
     """The `--model` argument as a spec (its weights are never read: a Hugging Face config.json, or a folder
     holding one, will do) and its planner layer shape in the probe's dtype on `device`."""
-    from .planner.models import from_engine_config
+    from ..planner.models import from_engine_config
 
     path = Path(model).expanduser()
     config_file = path / "config.json" if path.is_dir() else path
@@ -144,7 +144,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
               save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The profile of this machine; `save` gets the profile so far after each group size (a probe cut
     short, say by a time limit, still leaves the sizes it finished)."""
-    from .engine import LLMEngine
+    from ..engine.llm_engine import LLMEngine
 
     device = LLMEngine._pick_device(device)
     spec, shape = _model_to_time(model, device) if model is not None else (None, None)

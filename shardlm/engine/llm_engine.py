@@ -11,11 +11,11 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
+from ..common.config import ConfigError, check_output_path
+from ..common.layout import LayoutError, ParallelLayout, shard_heads, split_layers
+from ..common.model_source import ModelSpec, resolve_model
 from .block_manager import BlockManager
-from .config import ConfigError, check_output_path
 from .executor import Executor, WorkerOptions
-from .layout import LayoutError, ParallelLayout, shard_heads, split_layers
-from .model_source import ModelSpec, resolve_model
 from .moe_placement import plan_placement
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler

@@ -30,12 +30,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ...common.config import ModelConfig
+from ...common.layout import split_evenly
 from ..distributed import ParallelContext
-from ..layout import split_evenly
 from ..weights import Reader
 from .linear import GatedMLP
-
 
 # EP steps whose fixed-capacity buffers (ep x capacity rows) stay within this many rows take the
 # padded, sync-free dispatch (decode); bigger ones (prefill) the exact-size one

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import wire
-from .layout import ParallelLayout
+from ..common import wire
+from ..common.layout import ParallelLayout
 
 
 class WorkerError(RuntimeError):

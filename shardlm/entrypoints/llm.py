@@ -5,14 +5,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
-from .engine import EngineArgs, LLMEngine
-from .model_source import ModelSpec
-from .sampling_params import SamplingParams
-from .sequence import RequestOutput
+from ..common.model_source import ModelSpec
+from ..engine.llm_engine import EngineArgs, LLMEngine
+from ..engine.sampling_params import SamplingParams
+from ..engine.sequence import RequestOutput
 
 Prompt = str | list[int] | dict[str, Any]
 

@@ -8,9 +8,9 @@ import statistics
 import time
 from typing import Any
 
-from .config import check_output_path
+from ..common.config import check_output_path
+from ..engine.sampling_params import SamplingParams
 from .llm import LLM
-from .sampling_params import SamplingParams
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .layout import ParallelLayout
+from ..common.layout import ParallelLayout
 
 # torch 2.13 renamed all_gather_into_tensor (older releases, e.g. on the GPU hosts, lack the new name)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from ..common.config import ConfigError, ModelConfig
 
 
 class WeightError(ConfigError):

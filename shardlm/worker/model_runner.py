@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..distributed import ParallelContext
-from ..layers.attention import build_metadata
-from ..model_source import ModelSpec
-from ..models.llama import LlamaForCausalLM
-from ..weights import open_reader
+from ..common.model_source import ModelSpec
+from .distributed import ParallelContext
 from .graphs import DecodeGraphs
+from .layers.attention import build_metadata
+from .models.llama import LlamaForCausalLM
 from .sampler import Sampler
+from .weights import open_reader
 
 
 class ModelRunner:

@@ -6,9 +6,9 @@ import argparse
 import sys
 import warnings
 
-from .config import ConfigError, check_output_path
-from .executor import WorkerError
-from .streaming import visible_end
+from ..common.config import ConfigError, check_output_path
+from ..engine.executor import WorkerError
+from ..engine.streaming import visible_end
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MoE: write tokens per expert per layer to this JSON file (input of --expert-load)")
     _add_engine_args(gen)
     _add_sampling_args(gen)
+    from ..planner.cli import add_plan_parser
+    from ..server.main import add_serve_parser
     from .bench import add_bench_parser
-    from .planner.cli import add_plan_parser
     from .probe import add_probe_parser
-    from .server.main import add_serve_parser
 
     _add_engine_args(add_bench_parser(sub))
     add_plan_parser(sub)
@@ -94,9 +94,9 @@ def _auto_tp(args: argparse.Namespace) -> int:
     """--parallel auto: ask the planner, among the layouts the engine runs today (TP only)."""
     if args.tensor_parallel_size is not None:
         raise ValueError("--parallel auto chooses --tensor-parallel-size itself: give one or the other")
-    from .engine import LLMEngine, _visible_gpus
-    from .model_source import resolve_model
-    from .planner.auto import recommend_for_engine
+    from ..common.model_source import resolve_model
+    from ..engine.llm_engine import LLMEngine, _visible_gpus
+    from ..planner.auto import recommend_for_engine
 
     if LLMEngine._pick_device(args.device) == "cpu":
         print("shardlm: --parallel auto on CPU: tensor_parallel_size=1 (worker processes share the same cores, "
@@ -129,8 +129,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from ..engine.sampling_params import SamplingParams
     from .llm import LLM
-    from .sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_bench(args, _engine_kwargs(args))
         if args.command == "serve":
-            from .server.main import run_serve
+            from ..server.main import run_serve
 
             args.model = args.model_tag or args.model
             return run_serve(args, _engine_kwargs(args))
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_probe_cli(args)
         if args.command == "plan":
-            from .planner.cli import run_plan
+            from ..planner.cli import run_plan
 
             return run_plan(args)
     except KeyboardInterrupt:

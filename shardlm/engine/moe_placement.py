@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from .config import ConfigError, ModelConfig
+
+from ..common.config import ConfigError, ModelConfig
 
 PLACEMENTS = ("round_robin", "balanced")
 

@@ -14,7 +14,7 @@ import statistics
 import time
 from typing import Any
 
-from .config import check_output_path
+from ..common.config import check_output_path
 
 PCTS = (50, 90, 99)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .model_source import ModelSpec, cache_dir
+from ..common.model_source import ModelSpec, cache_dir
 
 
 class Tokenizer(Protocol):
