@@ -1,7 +1,8 @@
 """shardlm: split large language models across GPUs and serve them."""
 
 from .common.layout import ParallelLayout
-from .engine.llm_engine import EngineArgs, LLMEngine
+from .engine.arg_utils import EngineArgs
+from .engine.llm_engine import LLMEngine
 from .engine.sampling_params import SamplingParams
 from .engine.sequence import CompletionOutput, Logprob, RequestOutput
 from .entrypoints.llm import LLM

@@ -7,7 +7,7 @@ import pytest
 from hf_models import PROMPTS, STEPS, check_against_hf
 
 from shardlm import LLM, SamplingParams
-from shardlm.engine.llm_engine import EngineArgs
+from shardlm.engine.arg_utils import EngineArgs
 from shardlm.server.async_engine import AsyncEngine
 
 

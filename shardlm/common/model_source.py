@@ -1,4 +1,4 @@
-"""Resolve what a user passes as `model` into a ModelSpec: where the weights are and their shapes.
+"""Resolve what a user passes as `model` into a ModelSource: where the weights are and their shapes.
 
 Accepted: a built-in name (the default small model), a Hugging Face checkpoint folder
 (config.json + *.safetensors + tokenizer files), a .gguf file, or `random:<preset>`.
@@ -32,7 +32,7 @@ class ModelNotFoundError(ConfigError):
 
 
 @dataclass
-class ModelSpec:
+class ModelSource:
     """Where a model's weights come from and what shape it has (plain data, sent to workers)."""
 
     name: str
@@ -51,7 +51,7 @@ class ModelSpec:
                 "config": self.config.to_dict(), "seed": self.seed}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSource":
         return cls(d["name"], d["kind"], d["path"], ModelConfig.from_dict(d["config"]), d.get("seed", 0))
 
 
@@ -92,17 +92,17 @@ def fetch_builtin(name: str) -> Path:
     return target
 
 
-def with_random_layers(spec: ModelSpec, layers: int) -> ModelSpec:
+def with_random_layers(spec: ModelSource, layers: int) -> ModelSource:
     """A model of `spec`'s shape with `layers` decoder layers and random weights (what `shardlm probe
     --model` times: kernels depend on the shapes, not on the weights' values)."""
-    return ModelSpec(f"{spec.name} ({layers} layers, random weights)", "random", None,
+    return ModelSource(f"{spec.name} ({layers} layers, random weights)", "random", None,
                      replace(spec.config, num_hidden_layers=layers), spec.seed)
 
 
-def resolve_model(model: str | os.PathLike | ModelSpec | None, seed: int = 0) -> ModelSpec:
-    """Turn the user's `model` argument into a ModelSpec, or raise ModelNotFoundError saying what works.
-    A ModelSpec is taken as it is."""
-    if isinstance(model, ModelSpec):
+def resolve_model(model: str | os.PathLike | ModelSource | None, seed: int = 0) -> ModelSource:
+    """Turn the user's `model` argument into a ModelSource, or raise ModelNotFoundError saying what works.
+    A ModelSource is taken as it is."""
+    if isinstance(model, ModelSource):
         return model
     name = str(model) if model is not None else DEFAULT_MODEL
     name = ALIASES.get(name, name)
@@ -112,10 +112,10 @@ def resolve_model(model: str | os.PathLike | ModelSpec | None, seed: int = 0) ->
             raise ModelNotFoundError(
                 f"unknown preset {name!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}"
             )
-        return ModelSpec(name, "random", None, preset(preset_name), seed)
+        return ModelSource(name, "random", None, preset(preset_name), seed)
     if name in BUILTIN:
         path = fetch_builtin(name)
-        return ModelSpec(name, "gguf", str(path), gguf_config(path))
+        return ModelSource(name, "gguf", str(path), gguf_config(path))
     path = Path(name).expanduser()
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -130,9 +130,9 @@ def resolve_model(model: str | os.PathLike | ModelSpec | None, seed: int = 0) ->
             hf = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{cfg_file} is not valid JSON: {exc}") from None
-        return ModelSpec(name, "hf", str(path), ModelConfig.from_hf(hf, str(cfg_file)))
+        return ModelSource(name, "hf", str(path), ModelConfig.from_hf(hf, str(cfg_file)))
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSpec(name, "gguf", str(path), gguf_config(path))
+        return ModelSource(name, "gguf", str(path), gguf_config(path))
     raise ModelNotFoundError(
         f"model {name!r} not found: pass a built-in name ({', '.join(BUILTIN)}), a Hugging Face "
         f"checkpoint folder (config.json + *.safetensors), a .gguf file, or random:<preset> "

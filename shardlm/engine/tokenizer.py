@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..common.model_source import ModelSpec, cache_dir
+from ..common.model_source import ModelSource, cache_dir
 
 
 class Tokenizer(Protocol):
@@ -119,7 +119,7 @@ def decode_next(tok: Tokenizer, ids: list[int], state: DetokenizerState, skip_sp
     return window[len(prefix):]
 
 
-def load_tokenizer(spec: ModelSpec) -> Tokenizer:
+def load_tokenizer(spec: ModelSource) -> Tokenizer:
     """The tokenizer that goes with a model; GGUF tokenizers are converted once and cached."""
     eos = spec.config.eos_token_id
     if spec.kind == "random":

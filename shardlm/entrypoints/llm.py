@@ -10,8 +10,9 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
-from ..common.model_source import ModelSpec
-from ..engine.llm_engine import EngineArgs, LLMEngine
+from ..common.model_source import ModelSource
+from ..engine.arg_utils import EngineArgs
+from ..engine.llm_engine import LLMEngine
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import RequestOutput
 
@@ -25,7 +26,7 @@ class LLM:
         outs = llm.generate(["a", "b"], SamplingParams(max_tokens=32, temperature=0))
     """
 
-    def __init__(self, model: str | ModelSpec | None = None, tensor_parallel_size: int = 1, **kwargs: Any):
+    def __init__(self, model: str | ModelSource | None = None, tensor_parallel_size: int = 1, **kwargs: Any):
         known = set(EngineArgs.__dataclass_fields__)
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from ..common.config import ConfigError, ModelConfig, check_output_path
 from ..common.layout import LayoutError
-from ..common.model_source import ModelSpec, resolve_model, with_random_layers
+from ..common.model_source import ModelSource, resolve_model, with_random_layers
 from ..planner.profile import LayerLine
 from .bench import run_batch
 from .llm import LLM
@@ -91,7 +91,7 @@ def _host_times(llm: LLM, wide: bool, seed: int) -> tuple[float, float, float]:
     return step / 1e3, ttft / 1e3, step_wide / 1e3
 
 
-def _depth_times(n: int, device: str, models: list[str | ModelSpec], measure: bool, rounds: int = 3
+def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: bool, rounds: int = 3
                  ) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], bool]:
     """Host times of `models` (one model at different depths) at each depth; with `measure`, the
     collective/device measurements and a wide batch on the first model; and whether the engines
@@ -114,7 +114,7 @@ def _depth_times(n: int, device: str, models: list[str | ModelSpec], measure: bo
     return times, measured, llms[0].engine.cuda_graphs
 
 
-def _model_to_time(model: str, device: str) -> tuple[ModelSpec, dict[str, Any]]:
+def _model_to_time(model: str, device: str) -> tuple[ModelSource, dict[str, Any]]:
     """The `--model` argument as a spec (its weights are never read: a Hugging Face config.json, or a folder
     holding one, will do) and its planner layer shape in the probe's dtype on `device`."""
     from ..planner.models import from_engine_config
@@ -128,7 +128,7 @@ def _model_to_time(model: str, device: str) -> tuple[ModelSpec, dict[str, Any]]:
             raise ConfigError(f"{config_file} is not valid JSON: {exc}") from None
         if not isinstance(hf, dict):
             raise ConfigError(f"{config_file} must hold a JSON object (a Hugging Face config), got {type(hf).__name__}")
-        spec = ModelSpec(model, "random", None, ModelConfig.from_hf(hf, str(config_file)))
+        spec = ModelSource(model, "random", None, ModelConfig.from_hf(hf, str(config_file)))
     else:
         spec = resolve_model(model)
     spec.config.validate()
@@ -202,7 +202,7 @@ def _without_empty_model_layers(profile: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in profile.items() if k != "model_layers"}
 
 
-def _time_model_layers(spec: ModelSpec, n: int, device: str, out: dict[str, Any], log) -> None:
+def _time_model_layers(spec: ModelSource, n: int, device: str, out: dict[str, Any], log) -> None:
     """Time `spec`'s layers at TP size n into out[str(n)]; a size the model cannot run at is left out."""
     try:
         times, _, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in MODEL_DEPTHS], measure=False)

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..engine.llm_engine import EngineArgs, LLMEngine
+from ..engine.arg_utils import EngineArgs
+from ..engine.llm_engine import LLMEngine
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import RequestOutput
 

@@ -7,7 +7,7 @@ import logging
 import signal
 from contextlib import asynccontextmanager
 
-from ..engine.llm_engine import EngineArgs
+from ..engine.arg_utils import EngineArgs
 from .async_engine import AsyncEngine
 
 log = logging.getLogger("shardlm.serve")

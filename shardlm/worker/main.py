@@ -48,7 +48,7 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     import torch
 
     from ..common.layout import ParallelLayout
-    from ..common.model_source import ModelSpec
+    from ..common.model_source import ModelSource
     from .distributed import init_distributed
     from .model_runner import ModelRunner
 
@@ -74,7 +74,7 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
         torch.set_num_threads(max(1, int(init.get("cpu_threads", 1))))
     ctx = init_distributed(layout, rank, backend, init["init_method"], device, init.get("timeout_s", 600),
                            stage_layers=[tuple(r) for r in init["stage_layers"]])
-    spec = ModelSpec.from_dict(init["model"])
+    spec = ModelSource.from_dict(init["model"])
     runner = ModelRunner(spec, ctx, getattr(torch, init["dtype"]), init["max_model_len"], init["block_size"],
                          init.get("expert_placement"), cuda_graphs=init.get("cuda_graphs", False) or (
                              # testing aid: the graphs' padded decode steps, run eagerly on the CPU

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..common.model_source import ModelSpec
+from ..common.model_source import ModelSource
 from .distributed import ParallelContext
 from .graphs import DecodeGraphs
 from .layers.attention import build_metadata
@@ -19,7 +19,7 @@ from .weights import open_reader
 
 
 class ModelRunner:
-    def __init__(self, spec: ModelSpec, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
+    def __init__(self, spec: ModelSource, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
                  block_size: int, expert_placement: list | None = None, cuda_graphs: bool = False,
                  max_num_seqs: int = 256, max_seq_len_to_capture: int = 8192):
         self.spec, self.ctx, self.dtype = spec, ctx, dtype
