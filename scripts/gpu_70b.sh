@@ -4,4 +4,4 @@
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 timeout 300 python3 -m shardlm.entrypoints.cli bench latency --model random:llama-3-70b -tp 4 --batch-sizes ${BATCHES:-1,32} \
-  --input-len 512 --output-len 128 --profile --json "$OUT/70b-tp4.json" 2>&1 | grep -E "^ +[0-9]|batch|rank" | sed "s/^/[70b tp4] /"
+  --input-len 512 --output-len 128 --profile-step --json "$OUT/70b-tp4.json" 2>&1 | grep -E "^ +[0-9]|batch|rank" | sed "s/^/[70b tp4] /"

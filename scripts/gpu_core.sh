@@ -15,7 +15,7 @@ if [ "${SKIP_HF:-0}" != 1 ]; then
 fi
 bench() {  # name, then shardlm args
   local name=$1; shift
-  timeout 300 python3 -m shardlm.entrypoints.cli bench latency --batch-sizes 1,16 --input-len 128 --output-len 128 --profile \
+  timeout 300 python3 -m shardlm.entrypoints.cli bench latency --batch-sizes 1,16 --input-len 128 --output-len 128 --profile-step \
     --json "$OUT/$name.json" "$@" 2>&1 | grep -v -E "^loading|it/s\]" | tail -6 | sed "s/^/[$name] /"
 }
 for cfg in ${CONFIGS:-8b-tp1 8b-tp2 8b-tp4 70b-tp4}; do

@@ -10,6 +10,6 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 for cfg in "tp4-experts:-tp 4" "ep4:-tp 4 --enable-expert-parallel"; do
   name=${cfg%%:*}; flags=${cfg#*:}
   timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model random:mixtral-8x7b $flags --batch-sizes 1,32 \
-    --input-len 128 --output-len 64 --profile --json "$OUT/mixtral-$name.json" 2>&1 \
+    --input-len 128 --output-len 64 --profile-step --json "$OUT/mixtral-$name.json" 2>&1 \
     | grep -E "^ +[0-9]|batch|rank" | sed "s/^/[mixtral $name] /"
 done

@@ -4,7 +4,7 @@
 # LAYOUTS: bench file name:flags entries separated by ';' (default: TP 1/2/4; add e.g. "pp4:-pp 4"; empty: no benches).
 # REPEATS: rounds per bench (the median of each timing is reported). GPU_TESTS=1: run tests/test_gpu.py first.
 # PROBE=0: benches only (e.g. a before/after with BASELINE, below, in a call of its own).
-# PROFILED: layouts (same form as LAYOUTS) benched again with --profile, to profile-NAME.json (kernel time per
+# PROFILED: layouts (same form as LAYOUTS) benched again with --profile-step, to profile-NAME.json (kernel time per
 # decode step by rank; kept out of the bench-*.json that plan --validate reads), e.g. PROFILED="tp4:-tp 4".
 # PROBE_MODEL: whose own layers the probe times too (default the benched model; "" to skip). To see the
 # prediction without them: python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d.pop('model_layers');
@@ -40,5 +40,5 @@ done
 IFS=';' read -ra profiled <<< "${PROFILED:-}"
 for cfg in "${profiled[@]}"; do
   name=${cfg%%:*}; flags=${cfg#*:}
-  bench "profile $name" "$flags --profile" "$PWD" "$OUT/profile-$name.json"
+  bench "profile $name" "$flags --profile-step" "$PWD" "$OUT/profile-$name.json"
 done

@@ -13,7 +13,7 @@ IFS=';' read -ra cfgs <<< "${CFGS:-tp2:-tp 2:1,2,4,8,32:;tp1:-tp 1:1,8:;tp4:-tp 
 for cfg in "${cfgs[@]}"; do
   IFS=: read -r name flags batches envs <<< "$cfg"
   env $envs timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model random:llama-3-8b $flags --batch-sizes "$batches" \
-    --input-len 128 --output-len 32 --profile --json "$OUT/split-$name.json" 2>&1 | grep -E "^ +[0-9]|batch|rank" | sed "s/^/[$name] /"
+    --input-len 128 --output-len 32 --profile-step --json "$OUT/split-$name.json" 2>&1 | grep -E "^ +[0-9]|batch|rank" | sed "s/^/[$name] /"
 done
 for mb in ${MBS:-4 8}; do
   timeout 150 python3 -m shardlm.entrypoints.cli bench latency --model random:llama-3-8b -pp 4 --max-batches-in-flight "$mb" \

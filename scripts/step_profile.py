@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from shardlm.common.layout import ParallelLayout
+from shardlm.common.messages import SeqPlan, StepPlan
 from shardlm.common.model_source import resolve_model
 from shardlm.worker.distributed import init_distributed
 from shardlm.worker.model_runner import ModelRunner
@@ -19,14 +20,14 @@ torch.cuda.set_device(dev)
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 ctx = init_distributed(ParallelLayout(), 0, "nccl", "tcp://127.0.0.1:29533", dev)
 spec = resolve_model(model)
-runner = ModelRunner(spec, ctx, torch.bfloat16, 1024, 16)
+runner = ModelRunner(spec, ctx, torch.bfloat16, 1024, 16, expert_placement=None, cuda_graphs=False, max_num_seqs=256,
+                     max_seq_len_to_capture=1024)
 runner.load(False)
 if len(sys.argv) > 2 and sys.argv[2] == "engine":  # size the cache the way the engine does
     runner.allocate_kv(runner.kv_capacity(0.9, 0, 2048)["blocks"])
 else:
     runner.allocate_kv(int(sys.argv[2]) if len(sys.argv) > 2 else 64)
-greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}
-plan = {"seqs": [{"id": 0, "tokens": [5], "start": 100, "blocks": list(range(8)), "sample": True, "params": greedy}]}
+plan = StepPlan([SeqPlan(0, [5], 100, list(range(8)), sample=True)])
 for _ in range(5):
     runner.execute(plan)
 torch.cuda.synchronize()

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,21 @@ def hf_refs(tiny_models):
     return Refs()
 
 
+# every process this test run starts inherits this mark, so worker_pids() sees only this run's workers
+# (other shardlm runs on the same machine have their own), even once a worker's parent is gone
+RUN_MARK = f"PYTEST_SHARDLM_RUN={os.getpid()}-{time.time_ns()}"
+os.environ["PYTEST_SHARDLM_RUN"] = RUN_MARK.split("=", 1)[1]
+
+
 def worker_pids() -> set[int]:
-    """PIDs of shardlm worker processes still alive on this machine."""
+    """PIDs of this test run's shardlm worker processes still alive."""
     out = subprocess.run(["pgrep", "-f", "shardlm.worker.main"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    pids = set()
+    for pid in map(int, out.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if RUN_MARK.encode() in environ:
+            pids.add(pid)
+    return pids

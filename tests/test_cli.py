@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def shardlm(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", *args], capture_output=True, text=True, timeout=timeout)
@@ -67,13 +69,15 @@ def test_parallel_auto_asks_the_planner(monkeypatch):
     """On a (pretended) 4 x H100 host, Llama-3-70B only fits at TP=4; the 8B model may use fewer GPUs."""
     import shardlm.engine.llm_engine as engine
     import shardlm.planner.auto as auto
-    from shardlm.entrypoints.cli import _auto_tp, build_parser
+    from shardlm.entrypoints.cli import _engine_args, build_parser
 
-    monkeypatch.setattr(engine, "_visible_gpus", lambda: 4)
-    monkeypatch.setattr(engine.LLMEngine, "_pick_device", staticmethod(lambda device: "cuda"))
+    monkeypatch.setattr(engine, "visible_gpus", lambda: 4)  # device auto then resolves to cuda
     monkeypatch.setattr(auto, "local_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
     args = build_parser().parse_args(["generate", "--parallel", "auto", "--model", "random:llama-3-70b",
                                       "--max-model-len", "4096", "hi"])
-    assert _auto_tp(args) == 4
+    assert _engine_args(args).tensor_parallel_size == 4
     args = build_parser().parse_args(["generate", "--parallel", "auto", "--model", "random:llama-3-8b", "hi"])
-    assert _auto_tp(args) in (1, 2, 4)
+    assert _engine_args(args).tensor_parallel_size in (1, 2, 4)
+    args = build_parser().parse_args(["generate", "--parallel", "auto", "-tp", "1", "hi"])
+    with pytest.raises(ValueError, match="--parallel auto chooses --tensor-parallel-size itself"):
+        _engine_args(args)

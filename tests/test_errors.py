@@ -173,4 +173,4 @@ def test_closing_a_stream_aborts_the_request(llm):
     assert not first.finished
     stream.close()
     assert not llm.engine.has_unfinished_requests()
-    assert llm.engine.block_manager.usage == 0.0
+    assert llm.engine.stats().blocks.usage == 0.0

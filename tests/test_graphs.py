@@ -38,7 +38,7 @@ class _Runner:
 
         cfg = ModelConfig("llama", vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=4)
-        self.spec = type("Spec", (), {"config": cfg})()
+        self.source = type("Source", (), {"config": cfg})()
         self.model, self.dtype, self.max_model_len, self.block_size = None, torch.float32, max_model_len, 16
         self.ctx = ParallelContext(ParallelLayout(tp=1, pp=1, ep=1), 0, torch.device("cpu"), None, (0, 1))
 

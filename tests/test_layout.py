@@ -15,7 +15,7 @@ def test_rank_coord_round_trip_and_order():
     assert lay.tp_groups()[0] == [0, 1]
     assert lay.pp_groups()[0] == [0, 2, 4]
     assert lay.dp_groups()[0] == [0, 6]
-    assert lay.driver_ranks() == [4, 10]
+    assert lay.output_ranks() == [4, 10]
 
 
 def test_groups_partition_the_world():

@@ -38,14 +38,14 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_moe_matches_hf(layout, tiny_models, hf_refs, monkeypatch):
     if layout == "ep4-variable":
-        monkeypatch.setenv("SHARDLM_EP_PADDED_MAX_ROWS", "0")  # read by the workers at import
+        monkeypatch.setenv("SHARDLM_EP_PADDED_MAX_ROWS", "0")  # read by the workers when they build their layers
     for name in MOE_MODELS:
         if layout == "ep2-pp2" and name != "qwen2-moe":  # one model is enough for the PP combination
             continue
         with LLM(str(tiny_models[name][0]), block_size=8, **LAYOUTS[layout]) as llm:
             check_against_hf(llm, hf_refs[name])
             stats = llm.engine.expert_stats()
-            cfg = llm.engine.spec.config
+            cfg = llm.engine.source.config
             # every routed token counted once: prompt + generated tokens (less the last) x top-k, per MoE layer
             routed = sum(len(p) + STEPS - 1 for p in PROMPTS) * cfg.num_experts_per_tok
             moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]

@@ -99,7 +99,7 @@ def test_long_prompt_chunks_overlap_in_the_pipeline(tiny_models, hf_refs):
 
         def watching_submit(plan):
             busy = {item.seq.seq_id for batch in engine.in_flight for item in batch}
-            overlapped.extend(s["id"] for s in plan["seqs"] if s["id"] in busy)
+            overlapped.extend(s.seq_id for s in plan.seqs if s.seq_id in busy)
             submit(plan)
 
         engine.executor.submit = watching_submit

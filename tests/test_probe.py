@@ -81,9 +81,9 @@ def test_probe_rounds_find_nothing_in_the_prefix_cache():
     with LLM("random:tiny-llama", device="cpu", max_model_len=512) as llm:
         for seed in range(3):
             _host_times(llm, wide=False, seed=seed)
-        assert llm.engine.block_manager.prefix_hits == 0
+        assert llm.engine.stats().blocks.prefix_hits == 0
         _host_times(llm, wide=False, seed=0)
-        assert llm.engine.block_manager.prefix_hits >= PROMPT_LEN - 16  # all but the last block's tokens
+        assert llm.engine.stats().blocks.prefix_hits >= PROMPT_LEN - 16  # all but the last block's tokens
 
 
 def test_probe_model_from_a_config_alone(tmp_path):

@@ -23,8 +23,8 @@ def test_chunked_prefill_and_preemption_match_hf(tiny_models, hf_refs):
     block_bytes = 2 * 2 * 2 * 8 * 4 * 8  # layers x (k,v) x 2 local kv heads at tp=2 x head_dim x fp32 x block
     with LLM(str(folder), tensor_parallel_size=2, block_size=8, max_num_batched_tokens=5, max_model_len=64,
              kv_cache_memory_bytes=12 * block_bytes) as llm:
-        assert llm.engine.block_manager.num_blocks == 12
+        assert llm.engine.stats().blocks.num_blocks == 12
         check_against_hf(llm, hf_refs["llama-uneven-tied"])
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.stats().scheduler.num_preemptions > 0
         # one long prompt alone: its first steps sample nothing, and every reply must still line up
         check_against_hf(llm, hf_refs["llama-uneven-tied"][1:2], PROMPTS[1:2])

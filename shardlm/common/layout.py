@@ -103,7 +103,7 @@ class ParallelLayout:
             [self.rank(d, p, t) for d in range(self.dp) for t in range(self.tp)] for p in range(self.pp)
         ]
 
-    def driver_ranks(self) -> list[int]:
+    def output_ranks(self) -> list[int]:
         """For each dp replica, the rank that returns sampled tokens (tp rank 0 of the last stage)."""
         return [self.rank(d, self.pp - 1, 0) for d in range(self.dp)]
 

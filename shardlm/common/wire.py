@@ -54,3 +54,18 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         count = int(np.prod(shape)) if shape else 1
         arrays[name] = np.frombuffer(payload, dtype=dt, count=count, offset=offset).reshape(shape)
     return header, arrays
+
+
+def send_message(sock: socket.socket, msg: Any) -> None:
+    """Send a typed message (common.messages: a dataclass with `name` and `encode`)."""
+    header, arrays = msg.encode()
+    send(sock, dict(header, type=msg.name), arrays)
+
+
+def recv_message(sock: socket.socket, table: dict[str, type]) -> Any:
+    """Receive one typed message whose class `table` names."""
+    header, arrays = recv(sock)
+    name = header.pop("type", None)
+    if name not in table:
+        raise ValueError(f"unexpected message {name!r}; expected one of {sorted(table)}")
+    return table[name].decode(header, arrays)

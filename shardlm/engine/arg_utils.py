@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import ast
+import functools
+import inspect
+import itertools
+import os
+import textwrap
+import types
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from ..common.config import ConfigError, check_output_path
+from ..common.layout import LayoutError
 from ..common.model_source import ModelSource
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cuda", "cpu"]
+ExpertPlacement = Literal["round_robin", "balanced"]
 
 
 @dataclass
 class EngineArgs:
-    """Engine settings; names follow vLLM's where the meaning is the same."""
+    """Engine settings; names follow vLLM's where the meaning is the same. Each attribute's docstring
+    is its `--flag`'s help."""
 
-    model: str | ModelSource | None = None
-    """built-in name, HF checkpoint folder, .gguf file or random:<preset> (default: smollm2-135m), or a
-    ModelSource"""
+    model: str | os.PathLike | ModelSource | None = None
+    """built-in name (default: smollm2-135m), HF checkpoint folder, .gguf file or random:<preset> (e.g.
+    random:llama-3-8b); from Python also a ModelSource"""
     tensor_parallel_size: int = 1
-    """TP degree: ranks that split every layer"""
+    """TP degree: ranks (GPUs or CPU processes) that split every layer"""
     pipeline_parallel_size: int = 1
     """PP degree: stages that each hold a contiguous run of layers"""
-    trace: str | None = None
+    trace: str | os.PathLike | None = None
     """write a Chrome/Perfetto trace (one track per rank: compute, communication, idle) here at shutdown"""
     max_batches_in_flight: int | None = None
     """pipeline micro-batches in flight at once (default: pipeline_parallel_size; 1 = no overlap)"""
     pp_layer_split: list[int] | None = None
-    """layers per pipeline stage (e.g. [10, 14]); default balances weights incl. embedding and LM head"""
-    dtype: str = "auto"
+    """layers per pipeline stage (e.g. 10,14); default balances weights incl. embedding and LM head"""
+    dtype: DType = "auto"
     """float32, bfloat16 or float16; auto = float32 on CPU, bfloat16 on GPU"""
-    device: str = "auto"
+    device: Device = "auto"
     """cuda, cpu or auto (cuda when a GPU is visible)"""
     seed: int = 0
     """seed of random weights (random:<preset>)"""
@@ -59,9 +75,154 @@ class EngineArgs:
     enable_expert_parallel: bool = False
     """MoE: place whole experts on the TP ranks and dispatch tokens with all-to-all (off: every
     expert's FFN is split over the TP ranks like a dense MLP)"""
-    expert_placement: str = "round_robin"
+    expert_placement: ExpertPlacement = "round_robin"
     """which EP rank holds which expert: round_robin, or balanced on a measured load (expert_load)"""
-    expert_load: str | None = None
+    expert_load: str | os.PathLike | None = None
     """JSON file of tokens per expert per layer (LLM.save_expert_load) that balanced placement evens out"""
     num_redundant_experts: int = 0
     """balanced placement: extra copies of the hottest experts, spread over other ranks"""
+
+    def validate(self) -> None:
+        """Raise ConfigError (LayoutError for the parallel layout) naming the setting to change, for
+        every setting that is wrong whatever the model and the hardware; the engine checks the rest."""
+        hints = _type_hints()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _matches(value, hints[f.name]):
+                error = LayoutError if f.name in _LAYOUT_FIELDS else ConfigError
+                raise error(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        split = self.pp_layer_split
+        if split is not None:
+            if len(split) != self.pipeline_parallel_size:
+                raise LayoutError(f"pp_layer_split {split} names {len(split)} stages, pipeline_parallel_size is "
+                                  f"{self.pipeline_parallel_size}")
+            if any(n < 1 for n in split):
+                raise LayoutError(f"pp_layer_split {split} leaves a stage without layers: every entry must be >= 1")
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_batches_in_flight",
+                     "max_seq_len_to_capture", "max_model_len", "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.first_device < 0:
+            raise ConfigError(f"first_device must be >= 0, got {self.first_device}")
+        if not 0 <= self.driver_port <= 65535:
+            raise ConfigError(f"driver_port must be in 0..65535 (0: any free port), got {self.driver_port}")
+        if self.num_redundant_experts < 0:
+            raise ConfigError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
+        uses_placement = self.expert_load or self.num_redundant_experts or self.expert_placement != "round_robin"
+        if uses_placement and not (self.enable_expert_parallel and self.tensor_parallel_size > 1):
+            raise ConfigError("expert_placement, expert_load and num_redundant_experts place experts on expert "
+                              "parallel ranks: add enable_expert_parallel with tensor_parallel_size > 1")
+        if self.expert_placement == "round_robin" and (self.expert_load or self.num_redundant_experts):
+            raise ConfigError("expert_load and num_redundant_experts need expert_placement='balanced'")
+        if self.expert_placement == "balanced" and not self.expert_load:
+            raise ConfigError("expert_placement='balanced' needs a measured load: pass expert_load=<file> written by "
+                              "LLM.save_expert_load / `shardlm generate ... --save-expert-load FILE`")
+        check_output_path("trace", self.trace)  # written at shutdown: found out now, not after the run
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+        """Add one --flag per field (help: the field's docstring and its default) in a group of its own,
+        returned so that a command can add related flags. A flag not given parses to None, so that
+        from_cli_args (and a caller that must tell "not given" apart, like --parallel auto) sees it."""
+        group = parser.add_argument_group("engine", "settings of EngineArgs (the same names from Python)")
+        docs, hints = _attribute_docs(cls), _type_hints()
+        for f in fields(cls):
+            kwargs = _cli_kwargs(hints[f.name], f.default)
+            shown = _shown_default(f.default)
+            help_text = docs[f.name] + (f" (default: {shown})" if shown else "")
+            flag = "--" + f.name.replace("_", "-")
+            group.add_argument(flag, *_SHORT_FLAGS.get(f.name, ()), dest=f.name, default=None,
+                               help=help_text.replace("%", "%%"), **kwargs)
+        return group
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """The settings parsed by a parser that add_cli_args built; flags not given keep the defaults above."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None})
+
+
+_LAYOUT_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "pp_layer_split")
+_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "pipeline_parallel_size": ("-pp",)}
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return get_type_hints(EngineArgs)
+
+
+@functools.cache
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal right under it in the class body), whitespace folded."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    """The types of a union (X | Y), else the type itself."""
+    return get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_matches(value, member) for member in get_args(hint))
+    if get_origin(hint) is Literal:
+        return value in get_args(hint)
+    if get_origin(hint) is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    """The accepted values of a type, in words (for an error message)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        *rest, last = [_describe(member) for member in get_args(hint)]
+        return f"{', '.join(rest)} or {last}"
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(get_args(hint))
+    if get_origin(hint) is list:
+        return "a list of " + _describe(get_args(hint)[0]).split(" ", 1)[1] + "s"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "True or False", type(None): "None",
+             os.PathLike: "a path"}
+    return names.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
+def _comma_separated_ints(text: str) -> list[int]:
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers (e.g. 10,14), got {text!r}") from None
+
+
+def _cli_kwargs(hint: Any, default: Any) -> dict[str, Any]:
+    """add_argument's type/action/choices for a field's annotation (None in a union means: optional)."""
+    members = [m for m in _members(hint) if m is not type(None)]
+    kind = str if str in members else members[0]  # model, trace, expert_load: a name or path
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction if default else "store_true"}
+    if get_origin(kind) is Literal:
+        return {"choices": get_args(kind)}
+    if get_origin(kind) is list:
+        return {"type": _comma_separated_ints, "metavar": "N,N,..."}
+    return {"type": kind, "metavar": "N"} if kind is int else {"type": kind}
+
+
+def _shown_default(default: Any) -> str | None:
+    """The default as --help shows it; None where there is nothing to show (no value, or a flag that is off)."""
+    if default is None or default is False:
+        return None
+    return "on" if default is True else str(default)

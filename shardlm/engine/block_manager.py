@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
 from .sequence import Sequence
+from .stats import BlockStats
 
 
 def block_hash(parent: bytes, tokens: Seq[int]) -> bytes:
@@ -77,6 +78,9 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
 
     # ---- prefix caching -------------------------------------------------------------------------
+    def stats(self) -> BlockStats:
+        return BlockStats(self.num_blocks, self.usage, self.prefix_queries, self.prefix_hits)
+
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Longest chain of cached blocks matching the start of `seq`'s tokens; takes nothing.
 

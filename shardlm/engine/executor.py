@@ -14,13 +14,22 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..common import wire
 from ..common.layout import ParallelLayout
+from ..common.messages import (
+    Command,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    WorkerInit,
+    WorkerOptions,
+    WorkerReady,
+)
+from ..common.model_source import ModelSource
 
 
 class WorkerError(RuntimeError):
@@ -33,52 +42,15 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class WorkerOptions:
-    """What every worker is told at start."""
-
-    dtype: str
-    """torch dtype name of weights, activations and KV cache"""
-    device: str
-    """'cuda' or 'cpu'"""
-    max_model_len: int
-    """longest sequence (prompt + output) the KV cache and rotary tables serve"""
-    block_size: int
-    """tokens per KV block"""
-    gpu_memory_utilization: float
-    """fraction of each GPU's memory shardlm may fill (weights + activations + KV)"""
-    cpu_kv_cache_bytes: int
-    """KV cache size per rank on CPU"""
-    profile_tokens: int
-    """tokens in the profiling forward that measures activation memory"""
-    cpu_threads: int
-    """torch threads per worker on CPU"""
-    stage_layers: list[tuple[int, int]]
-    """[start, end) decoder layers of each pipeline stage"""
-    timeout_s: float = 600.0
-    """collective timeout"""
-    expert_placement: list | None = None
-    """MoE with expert parallelism: per decoder layer, None or the experts each EP rank holds"""
-    trace: bool = False
-    """record per-step trace events in every worker"""
-    cuda_graphs: bool = False
-    """replay decode steps as CUDA graphs (GPU, dense models)"""
-    max_num_seqs: int = 256
-    """most sequences in a step: the largest graph batch"""
-    max_seq_len_to_capture: int = 8192
-    """longest context a graph gathers"""
-
-
 class Executor:
-    def __init__(self, layout: ParallelLayout, model: dict[str, Any], opts: WorkerOptions,
+    def __init__(self, layout: ParallelLayout, model: ModelSource, opts: WorkerOptions,
                  external_workers: bool = False, driver_host: str = "127.0.0.1", driver_port: int = 0,
                  startup_timeout_s: float = 900.0, first_device: int = 0):
         self.layout = layout
         self.procs: list[subprocess.Popen] = []
         self.socks: dict[int, socket.socket] = {}
-        self.ready: dict[int, dict[str, Any]] = {}
+        self.ready: dict[int, WorkerReady] = {}
         self._closed = False
-        self.last_exec_s = 0.0  # the output rank's time inside the last step (forward + sampling)
         self.listener = socket.create_server((driver_host, driver_port))
         self.listener.settimeout(1.0)
         address = f"{driver_host}:{self.listener.getsockname()[1]}"
@@ -91,10 +63,11 @@ class Executor:
                 init_method = f"tcp://127.0.0.1:{_free_port()}"
                 self._spawn(address, first_device)
             self._accept_all(startup_timeout_s)
-            for rank, sock in self.socks.items():
-                wire.send(sock, {"layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep},
-                                 "model": model, "init_method": init_method, **opts.__dict__})
-            self.ready = self._expect_all("ready", startup_timeout_s)
+            init = WorkerInit({"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep}, model, opts,
+                              init_method)
+            self._send_all(init)
+            self.ready = {r: WorkerReady.decode({k: v for k, v in msg.items() if k != "type"}, {})
+                          for r, msg in self._expect_all(WorkerReady.name, startup_timeout_s).items()}
         except BaseException:
             self.shutdown()
             raise
@@ -173,7 +146,7 @@ class Executor:
                     msg, arrays = wire.recv(s)
                 except (wire.ConnectionClosed, OSError):
                     self._raise_from(r, None)
-                if r not in ranks or msg.get("event") != event:
+                if r not in ranks or msg.get("type") != event:
                     self._raise_from(r, msg)
                 got[r] = (msg, arrays)
             if not readable:
@@ -183,49 +156,26 @@ class Executor:
                 raise WorkerError(f"worker ranks {missing} did not answer within {timeout_s:.0f} s")
         return got
 
-    # ---- commands ----------------------------------------------------------------------------
-    @property
-    def kv_blocks_available(self) -> int:
-        """KV blocks that fit on every rank (the smallest rank decides)."""
-        return min(int(r["blocks"]) for r in self.ready.values())
-
-    def allocate_kv(self, blocks: int) -> dict[str, Any]:
-        """Allocate the KV cache on every rank (which then captures its decode graphs); rank 0's report:
-        graphs captured, seconds, graph pool bytes."""
+    # ---- messages ----------------------------------------------------------------------------
+    def _send_all(self, msg: Any) -> None:
         for sock in self.socks.values():
-            wire.send(sock, {"cmd": "alloc_kv", "blocks": blocks})
-        return self._expect_all("kv_ready")[0]
+            wire.send_message(sock, msg)
 
-    def submit(self, plan: dict[str, Any]) -> None:
+    def call(self, cmd: Command) -> dict[int, dict[str, Any]]:
+        """Send `cmd` to every rank and return each rank's reply (the worker's handler decides what it holds)."""
+        self._send_all(cmd)
+        return {r: {k: v for k, v in m.items() if k not in ("type", "rank")}
+                for r, m in self._expect_all(cmd.name).items()}
+
+    def submit(self, plan: StepPlan) -> None:
         """Send one step plan to every rank. Plans run in submission order on every rank, so with
         pipeline stages several can be in flight; each gets exactly one reply (collect)."""
-        for sock in self.socks.values():
-            wire.send(sock, dict(plan, cmd="step"))
+        self._send_all(plan)
 
-    def collect(self) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    def collect(self) -> StepResult:
         """The output rank's reply to the oldest submitted plan: its sampled tokens."""
-        msg, arrays = self._recv_from(self.layout.driver_ranks()[0], "step")
-        self.last_exec_s = msg.get("exec_s", 0.0)
-        return msg["results"], arrays
-
-    def stats(self, events: bool = False, reset: bool = False, reset_experts: bool = False) -> dict[int, dict[str, Any]]:
-        """Every rank's step accounting (busy seconds, window, idle fraction), and trace events if asked."""
-        for sock in self.socks.values():
-            wire.send(sock, {"cmd": "stats", "events": events, "reset": reset, "reset_experts": reset_experts})
-        return {r: {k: v for k, v in m.items() if k != "event"} for r, m in self._expect_all("stats").items()}
-
-    def probe(self, sizes: list[int], iters: int, device_rates: bool) -> dict[str, Any]:
-        """Collective sweeps and (rank 0) device rates, as measured by rank 0."""
-        for sock in self.socks.values():
-            wire.send(sock, {"cmd": "probe", "sizes": sizes, "iters": iters, "device_rates": device_rates})
-        replies = self._expect_all("probe")
-        return {k: v for k, v in replies[0].items() if k not in ("event", "rank")}
-
-    def profile_step(self, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
-        """Run one step under the profiler on every rank; per-rank GPU time by kernel kind."""
-        for sock in self.socks.values():
-            wire.send(sock, dict(plan, cmd="profile_step"))
-        return self._expect_all("profile")
+        msg, arrays = self._recv_from(self.layout.output_ranks()[0], StepResult.name)
+        return StepResult.decode(msg, arrays)
 
     @property
     def closed(self) -> bool:
@@ -239,7 +189,7 @@ class Executor:
         for sock in self.socks.values():
             try:
                 sock.settimeout(1.0)  # a worker stuck in a collective may never drain its socket
-                wire.send(sock, {"cmd": "shutdown"})
+                wire.send_message(sock, Shutdown())
             except OSError:
                 pass
         deadline = time.monotonic() + grace_s

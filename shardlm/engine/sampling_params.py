@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from ..common.messages import SamplingSpec
 
 MAX_LOGPROBS = 20
 
@@ -69,10 +70,7 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 
-    def to_wire(self, index: int = 0) -> dict[str, Any]:
-        """What a worker needs to sample (plain data). `index` varies the seed between the n completions."""
-        return {
-            "temperature": float(self.temperature), "top_p": float(self.top_p), "top_k": int(self.top_k),
-            "seed": None if self.seed is None else int(self.seed) + 1_000_003 * index,
-            "logprobs": self.logprobs,
-        }
+    def sampling_spec(self, index: int = 0) -> SamplingSpec:
+        """What the output rank needs to sample. `index` varies the seed between the n completions."""
+        return SamplingSpec(float(self.temperature), float(self.top_p), int(self.top_k),
+                            None if self.seed is None else int(self.seed) + 1_000_003 * index, self.logprobs)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
+from .stats import SchedulerStats
 
 __all__ = ["BlockManager", "ScheduledSeq", "Scheduler"]
 
@@ -129,3 +130,6 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.blocks.release(seq)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
+import sys
 import time
+from dataclasses import asdict, replace
 from typing import Any
 
 from ..common.config import check_output_path
+from ..engine.arg_utils import EngineArgs
+from ..engine.kv_cache import token_budget
 from ..engine.sampling_params import SamplingParams
 from .llm import LLM
 
@@ -23,7 +28,7 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
     """Submit `batch` random prompts at once and time every step until all finish."""
     engine = llm.engine
     rng = random.Random(seed)
-    vocab = engine.spec.config.vocab_size
+    vocab = engine.source.config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(batch)]
     engine.stage_stats(reset=True)
@@ -44,7 +49,7 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
         outputs = engine.step()
         now = time.perf_counter()
         durations.append(now - s0)
-        exec_s.append(engine.executor.last_exec_s)
+        exec_s.append(engine.stats().last_step_exec_s)
         for out in outputs:
             t = now - profile_s
             first.setdefault(out.request_id, t)
@@ -79,15 +84,16 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
 
 
 def run_latency(llm: LLM, batch_sizes: list[int], input_len: int, output_len: int, warmup: bool = True,
-                profile: bool = False, repeats: int = 1) -> list[dict[str, Any]]:
-    """One result per batch size. With repeats > 1 the batch sizes run in turn, `repeats` rounds, and
+                profile_step: bool = False, repeats: int = 1) -> list[dict[str, Any]]:
+    """One result per batch size (with profile_step, the first round profiles its sixth step, a decode step,
+    on every rank). With repeats > 1 the batch sizes run in turn, `repeats` rounds, and
     each result holds the median over the rounds (a slow spell of a shared host then hits one round of
     every batch size instead of every round of one)."""
     if warmup:  # first-touch allocations, NCCL communicators, and each batch size's kernels (loaded lazily)
         for b in sorted(set(batch_sizes), reverse=True):
             run_batch(llm, b, input_len, min(output_len, 8), seed=99)
     rounds = [[run_batch(llm, b, input_len, output_len, seed=b + 1000 * r,
-                         profile_after=5 if profile and r == 0 else None) for b in batch_sizes]
+                         profile_after=5 if profile_step and r == 0 else None) for b in batch_sizes]
               for r in range(repeats)]
     return rounds[0] if repeats == 1 else [_median_over_rounds(list(rows)) for rows in zip(*rounds)]
 
@@ -105,7 +111,18 @@ def _median_over_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def add_bench_parser(sub) -> None:
+class _DeprecatedProfile(argparse.Action):
+    """`bench latency --profile`, the old spelling of --profile-step (`shardlm plan --profile` names a file)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("shardlm: bench latency --profile is deprecated; use --profile-step", file=sys.stderr)
+        setattr(namespace, self.dest, True)
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench_kind", required=True)
     lat = kinds.add_parser("latency", help="TTFT and TPOT per batch size for one layout")
@@ -114,7 +131,10 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--repeats", type=int, default=1,
                      help="run the batch sizes this many rounds, in turn, and report the median of each timing")
-    lat.add_argument("--profile", action="store_true", help="profile one decode step per batch size (GPU kernel time by kind)")
+    lat.add_argument("--profile-step", action="store_true",
+                     help="profile one decode step per batch size on every rank under torch.profiler (GPU kernel "
+                          "time by kind), kept out of the timings")
+    lat.add_argument("--profile", action=_DeprecatedProfile, dest="profile_step", help=argparse.SUPPRESS)
     lat.add_argument("--json", default=None, help="write results to this file")
     lat.add_argument("--plot", default=None, help="write a PNG of TTFT and TPOT (p50, p99) per batch size")
     from .bench_serve import add_serve_bench_parser
@@ -152,7 +172,7 @@ def plot_latency(meta: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
+def run_bench(args, engine_args: EngineArgs) -> int:
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -164,12 +184,13 @@ def run_bench(args, engine_kwargs: dict[str, Any]) -> int:
     check_output_path("--json", args.json)
     check_output_path("--plot", args.plot)
     longest = max(batch_sizes) * args.input_len
-    engine_kwargs.setdefault("max_num_batched_tokens", max(longest, 2048))
-    engine_kwargs["max_num_seqs"] = max(engine_kwargs.get("max_num_seqs", 256), max(batch_sizes))
-    with LLM(**engine_kwargs) as llm:
-        results = run_latency(llm, batch_sizes, args.input_len, args.output_len, profile=args.profile,
+    # a batch's prompts in one step (unless --max-num-batched-tokens is given), and all its sequences at once
+    engine_args = replace(engine_args, max_num_batched_tokens=token_budget(engine_args.max_num_batched_tokens, longest),
+                          max_num_seqs=max(engine_args.max_num_seqs, max(batch_sizes)))
+    with LLM(**asdict(engine_args)) as llm:
+        results = run_latency(llm, batch_sizes, args.input_len, args.output_len, profile_step=args.profile_step,
                               repeats=args.repeats)
-        meta = {"model": llm.engine.spec.name, "tensor_parallel_size": llm.engine.layout.tp,
+        meta = {"model": llm.engine.source.name, "tensor_parallel_size": llm.engine.layout.tp,
                 "pipeline_parallel_size": llm.engine.layout.pp, "expert_parallel_size": llm.engine.layout.ep,
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "cuda_graphs": llm.engine.cuda_graphs,
                 "graph_capture": llm.engine.graph_capture, "results": results}

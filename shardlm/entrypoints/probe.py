@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from ..common.config import ConfigError, ModelConfig, check_output_path
 from ..common.layout import LayoutError
+from ..common.messages import Probe
 from ..common.model_source import ModelSource, resolve_model, with_random_layers
 from ..planner.profile import LayerLine
 from .bench import run_batch
@@ -104,11 +105,12 @@ def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: 
     with contextlib.ExitStack() as stack:
         llms = [stack.enter_context(LLM(m, tensor_parallel_size=n, device=device, dtype=DTYPES[device][0],
                                         max_model_len=512, kv_cache_memory_bytes=256 << 20)) for m in models]
-        measured = llms[0].engine.executor.probe(sizes if n > 1 else [], iters, device_rates=n == 1) if measure else {}
+        measured = (llms[0].engine.executor.call(Probe(sizes if n > 1 else [], iters, device_rates=n == 1))[0]
+                    if measure else {})
         samples: dict[int, list[tuple[float, float, float]]] = {}
         for r in range(rounds):
             for i, llm in enumerate(llms):
-                samples.setdefault(llm.engine.spec.config.num_hidden_layers, []).append(
+                samples.setdefault(llm.engine.source.config.num_hidden_layers, []).append(
                     _host_times(llm, measure and i == 0, seed=r))
     times = {layers: tuple(statistics.median(x[k] for x in got) for k in range(3)) for layers, got in samples.items()}
     return times, measured, llms[0].engine.cuda_graphs
@@ -126,8 +128,6 @@ def _model_to_time(model: str, device: str) -> tuple[ModelSource, dict[str, Any]
             hf = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{config_file} is not valid JSON: {exc}") from None
-        if not isinstance(hf, dict):
-            raise ConfigError(f"{config_file} must hold a JSON object (a Hugging Face config), got {type(hf).__name__}")
         spec = ModelSource(model, "random", None, ModelConfig.from_hf(hf, str(config_file)))
     else:
         spec = resolve_model(model)
@@ -144,9 +144,9 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
               save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The profile of this machine; `save` gets the profile so far after each group size (a probe cut
     short, say by a time limit, still leaves the sizes it finished)."""
-    from ..engine.llm_engine import LLMEngine
+    from ..engine.llm_engine import resolve_device
 
-    device = LLMEngine._pick_device(device)
+    device = resolve_device(device)
     spec, shape = _model_to_time(model, device) if model is not None else (None, None)
     profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
                                "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},

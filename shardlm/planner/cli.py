@@ -20,9 +20,10 @@ import argparse
 import json
 import sys
 
+from ..common.presets import PRESETS
 from . import PlanError
 from .hardware import GPUS, INTERCONNECTS, NETWORKS, make_cluster
-from .models import PRESETS, load_model
+from .models import load_model
 from .plan import Workload, make_plan
 from .profile import load_profile
 from .report import format_table, plan_to_dict, plot_plan
@@ -36,7 +37,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         description="Predict weights and KV per GPU, TTFT, TPOT and throughput of every (TP, PP, EP, DP) "
                     "layout of a model on a cluster, say why layouts are rejected, and recommend one.")
     p.add_argument("model", nargs="?", default=None,
-                   help=f"preset ({', '.join(sorted(PRESETS))}), an engine preset (random:<name>) or a Hugging Face "
+                   help=f"preset ({', '.join(sorted(PRESETS))}; each also as random:<name>) or a Hugging Face "
                         "config.json / folder; optional with --validate")
     p.add_argument("--gpus", type=int, default=None, help="GPUs in total (required unless --validate)")
     p.add_argument("--gpu", default="h100-80gb", help=f"GPU preset ({', '.join(GPUS)}); default h100-80gb")

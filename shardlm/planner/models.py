@@ -1,19 +1,22 @@
-"""Model shapes for the planner: presets and Hugging Face config.json files.
+"""Model shapes for the planner, derived from the one description of a model: shardlm's ModelConfig.
 
-Also the engine's own model descriptions (shardlm.common.config.ModelConfig, its `random:<preset>` shapes in
-shardlm.common.presets), through `from_engine_config`, so the planner can describe any model the engine runs.
-
-Only what the cost model needs: shapes of the Llama-style decoder (GQA attention, gated MLP) and,
-for Mixture-of-Experts models, the expert count, top-k, expert width, shared experts and which
-layers stay dense. Parameter counts are exact for these architectures (norms included).
+Every model reaches the planner as a shardlm.common.config.ModelConfig: a preset of shardlm.common.presets
+(the engine's `random:<name>` shapes and a few the engine does not run), a Hugging Face config.json read by
+ModelConfig.from_hf(for_engine=False) (any GQA/MHA decoder, those the engine does not run included), or an
+engine ModelConfig or its dict. from_engine_config turns it into the frozen ModelSpec the cost model reads:
+only what it needs, the shapes of the Llama-style decoder (GQA attention, gated MLP) and, for
+Mixture-of-Experts models, the expert count, top-k, expert width, shared experts and which layers stay
+dense. Parameter counts are exact for these architectures (norms included).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ..common.config import ConfigError, ModelConfig, hf_text_config
+from ..common.presets import PRESETS
 from . import PlanError, read_json
 
 LAYER_SHAPE_KEYS = ("hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "attention_bias", "qk_norm",
@@ -125,93 +128,11 @@ class ModelSpec:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * kv_bytes
 
 
-def _llama(name: str, h: int, L: int, nh: int, nkv: int, f: int, V: int, **kw: Any) -> ModelSpec:
-    return ModelSpec(name=name, hidden=h, n_layers=L, n_heads=nh, n_kv_heads=nkv,
-                     head_dim=kw.pop("head_dim", h // nh), ffn=f, vocab=V, **kw)
-
-
-PRESETS: dict[str, ModelSpec] = {
-    "smollm2-135m": _llama("smollm2-135m", 576, 30, 9, 3, 1536, 49152, tied_embeddings=True, max_position=8192),
-    "llama-3-8b": _llama("llama-3-8b", 4096, 32, 32, 8, 14336, 128256, max_position=8192),
-    "llama-3-70b": _llama("llama-3-70b", 8192, 80, 64, 8, 28672, 128256, max_position=8192),
-    "llama-3-405b": _llama("llama-3-405b", 16384, 126, 128, 8, 53248, 128256, max_position=131072),
-    "llama-2-70b": _llama("llama-2-70b", 8192, 80, 64, 8, 28672, 32000, max_position=4096),
-    "qwen2.5-72b": _llama("qwen2.5-72b", 8192, 80, 64, 8, 29568, 152064, attention_bias=True,
-                          max_position=32768),
-    "mixtral-8x7b": _llama("mixtral-8x7b", 4096, 32, 32, 8, 14336, 32000, n_experts=8, top_k=2,
-                           expert_ffn=14336, max_position=32768),
-    "mixtral-8x22b": _llama("mixtral-8x22b", 6144, 56, 48, 8, 16384, 32768, n_experts=8, top_k=2,
-                            expert_ffn=16384, max_position=65536),
-    "qwen3-30b-a3b": _llama("qwen3-30b-a3b", 2048, 48, 32, 4, 6144, 151936, head_dim=128, qk_norm=True,
-                            n_experts=128, top_k=8, expert_ffn=768, max_position=40960),
-    # DeepSeek-MoE 16B: fine-grained experts (64 routed, top-6) + 2 shared experts, first layer dense,
-    # ordinary multi-head attention (V2/V3 use MLA, which this planner does not model).
-    "deepseek-moe-16b": _llama("deepseek-moe-16b", 2048, 28, 16, 16, 10944, 102400, n_experts=64, top_k=6,
-                               expert_ffn=1408, shared_ffn=2 * 1408, dense_layers=(0,), max_position=4096),
-}
-
-
-def _need(cfg: dict[str, Any], key: str, why: str, source: str) -> int:
-    if key not in cfg or cfg[key] is None:
-        raise PlanError(f"{source} is missing {key!r} (needed for {why})")
-    value = cfg[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise PlanError(f"{source}: {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
-def from_hf_config(cfg: dict[str, Any], name: str = "config.json") -> ModelSpec:
-    """Read a Hugging Face config dict (Llama, Mistral, Mixtral, Qwen2/3(-MoE), DeepSeek-MoE shapes)."""
-    if not isinstance(cfg, dict):
-        raise PlanError(f"{name}: expected a JSON object, got {type(cfg).__name__}")
-    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
-        cfg = cfg["text_config"]  # multimodal wrappers keep the decoder shape here
-    if cfg.get("kv_lora_rank"):
-        raise PlanError(f"{name}: multi-head latent attention (kv_lora_rank, DeepSeek-V2/V3) is not modelled; "
-                        "the planner covers GQA/MHA decoders")
-    h = _need(cfg, "hidden_size", "the hidden size", name)
-    L = _need(cfg, "num_hidden_layers", "the layer count", name)
-    nh = _need(cfg, "num_attention_heads", "the attention head count", name)
-    nkv = cfg.get("num_key_value_heads") or nh  # HF's own default: multi-head attention
-    V = _need(cfg, "vocab_size", "the embedding and LM head size", name)
-    d = cfg.get("head_dim") or h // nh
-    if nh % nkv:
-        raise PlanError(f"{name}: num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}")
-    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0
-    notes: list[str] = []
-    kw: dict[str, Any] = {}
-    if n_exp:
-        kw["n_experts"] = n_exp
-        kw["top_k"] = _need(cfg, "num_experts_per_tok", "MoE routing (experts per token)", name)
-        kw["expert_ffn"] = cfg.get("moe_intermediate_size") or _need(
-            cfg, "intermediate_size", "the expert width", name)
-        shared = (cfg.get("n_shared_experts") or 0) * kw["expert_ffn"]
-        kw["shared_ffn"] = shared or cfg.get("shared_expert_intermediate_size") or 0
-        dense = set(range(cfg.get("first_k_dense_replace") or 0)) | set(cfg.get("mlp_only_layers") or [])
-        step = cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1
-        dense |= {i for i in range(L) if (i + 1) % step}
-        kw["dense_layers"] = tuple(sorted(i for i in dense if i < L))
-        ffn = cfg.get("intermediate_size") or kw["expert_ffn"]
-    else:
-        ffn = _need(cfg, "intermediate_size", "the MLP size", name)
-    if "tie_word_embeddings" not in cfg:
-        notes.append("tie_word_embeddings not set: assumed untied (the Llama/Qwen default)")
-    return ModelSpec(
-        name=name, hidden=h, n_layers=L, n_heads=nh, n_kv_heads=nkv, head_dim=d, ffn=ffn, vocab=V,
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias") or cfg.get("model_type") == "qwen2"),
-        qk_norm=cfg.get("model_type") in ("qwen3", "qwen3_moe"),
-        max_position=cfg.get("max_position_embeddings") or 0, notes=tuple(notes), **kw,
-    )
-
-
-def from_engine_config(cfg: Any, name: str = "engine config") -> ModelSpec:
-    """Describe a model the engine runs: a shardlm.common.config.ModelConfig or its to_dict().
+def from_engine_config(cfg: ModelConfig | dict[str, Any], name: str = "engine config") -> ModelSpec:
+    """The planner's shapes of a model: a shardlm.common.config.ModelConfig or its to_dict().
 
     q/k/v biases (qkv_bias) are counted; o_proj and MLP biases (o_bias, mlp_bias) are h- and f-sized
     vectors, too small to matter, and are not."""
-    from ..common.config import ConfigError, ModelConfig
-
     if isinstance(cfg, dict):
         try:
             cfg = ModelConfig.from_dict(cfg)
@@ -236,19 +157,25 @@ def from_engine_config(cfg: Any, name: str = "engine config") -> ModelSpec:
         qk_norm=cfg.qk_norm, max_position=cfg.max_position_embeddings, **moe)
 
 
-def engine_presets() -> dict[str, Any]:
-    """The engine's `random:<name>` presets (shardlm.common.presets.PRESETS: name -> ModelConfig)."""
-    from ..common.presets import PRESETS as ENGINE
-
-    return ENGINE
+def from_hf_config(cfg: dict[str, Any], name: str = "config.json") -> ModelSpec:
+    """Read a Hugging Face config dict (Llama, Mistral, Mixtral, Qwen2/3(-MoE), DeepSeek-MoE shapes, a
+    multimodal wrapper's text_config) through ModelConfig.from_hf, which reads it for the engine too; it
+    need not be a model the engine runs."""
+    try:
+        config = ModelConfig.from_hf(cfg, name, for_engine=False)
+    except ConfigError as exc:
+        raise PlanError(str(exc)) from None
+    spec = from_engine_config(config, name)
+    text = hf_text_config(cfg)
+    notes = ()
+    if "tie_word_embeddings" not in text:
+        notes = ("tie_word_embeddings not set: assumed untied (the Llama/Qwen default)",)
+    # a context length the config leaves unset is unknown here (the engine assumes one)
+    return replace(spec, max_position=spec.max_position if text.get("max_position_embeddings") else 0, notes=notes)
 
 
 def model_from_dict(cfg: dict[str, Any], name: str = "model config") -> ModelSpec:
     """An engine ModelConfig dict (has the engine's own keys, e.g. qkv_bias) or a Hugging Face config dict."""
-    from dataclasses import fields
-
-    from ..common.config import ModelConfig
-
     engine_keys = {f.name for f in fields(ModelConfig)}
     if isinstance(cfg, dict) and "qkv_bias" in cfg and set(cfg) <= engine_keys:
         return from_engine_config(cfg, name)
@@ -256,27 +183,20 @@ def model_from_dict(cfg: dict[str, Any], name: str = "model config") -> ModelSpe
 
 
 def _known() -> str:
-    return (f"planner presets: {', '.join(sorted(PRESETS))}; engine presets (also as random:<name>): "
-            f"{', '.join(sorted(engine_presets()))}")
+    return f"presets: {', '.join(sorted(PRESETS))} (each also as random:<name>)"
 
 
 def load_model(spec: str | dict[str, Any]) -> ModelSpec:
-    """A planner preset, an engine preset (`random:<name>` or the bare name), a path to config.json (or to
-    the folder holding it), or a config dict (Hugging Face or the engine's ModelConfig.to_dict())."""
+    """A preset (its name in any case, or `random:<name>`), a path to config.json (or to the folder holding
+    it), or a config dict (Hugging Face or the engine's ModelConfig.to_dict())."""
     if isinstance(spec, dict):
         return model_from_dict(spec)
-    if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        if name in engine_presets():
-            return from_engine_config(engine_presets()[name], name)
-        if name.lower() in PRESETS:
-            return PRESETS[name.lower()]
-        raise PlanError(f"unknown preset {spec!r}; {_known()}")
-    key = spec.lower()
+    is_random = spec.startswith("random:")
+    key = (spec.split(":", 1)[1] if is_random else spec).lower()
     if key in PRESETS:
-        return PRESETS[key]
-    if spec in engine_presets():
-        return from_engine_config(engine_presets()[spec], spec)
+        return from_engine_config(PRESETS[key], key)
+    if is_random:
+        raise PlanError(f"unknown preset {spec!r}; {_known()}")
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if path.endswith(".json") or os.path.exists(path):
         return from_hf_config(read_json(path, "config file"), path)

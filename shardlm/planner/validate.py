@@ -219,8 +219,8 @@ def load_measured(path: str) -> MeasuredFile:
 
 
 def model_for_measured(name: str, path: str = "<measured>") -> ModelSpec:
-    """The planner's description of the model a measured file names: random:<preset>, a planner or engine
-    preset (or the engine's aliases, e.g. smollm2), a Hugging Face folder / config.json, or a .gguf file."""
+    """The planner's description of the model a measured file names: a preset (bare or random:<preset>; or
+    the engine's aliases, e.g. smollm2), a Hugging Face folder / config.json, or a .gguf file."""
     from ..common.model_source import ALIASES
 
     key = ALIASES.get(name, name)

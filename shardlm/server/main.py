@@ -21,32 +21,27 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: the model argument)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache per rank (CPU default 1 GiB)")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests in flight beyond which new ones get 503 + Retry-After")
     return p
 
 
-def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
+def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
     import uvicorn
 
     from .api import build_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    model = engine_kwargs["model"]
-    engine_kwargs = dict(engine_kwargs, max_num_batched_tokens=args.max_num_batched_tokens,
-                         kv_cache_memory_bytes=args.kv_cache_memory_bytes)
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    engine = AsyncEngine(EngineArgs(**engine_kwargs), data_parallel_size=args.data_parallel_size,
+    engine = AsyncEngine(engine_args, data_parallel_size=args.data_parallel_size,
                          max_waiting_requests=args.max_waiting_requests)
     for rep in engine.replicas:
         e = rep.engine
         log.info("replica %d: tp=%d, KV cache %d blocks x %d = %d tokens per rank; max_model_len %d -> at most "
-                 "%.1f full-length sequences at once", rep.index, e.layout.tp, e.block_manager.num_blocks,
+                 "%.1f full-length sequences at once", rep.index, e.layout.tp, e.stats().blocks.num_blocks,
                  e.args.block_size, e.kv_capacity_tokens, e.max_model_len, e.kv_capacity_tokens / e.max_model_len)
-    name = args.served_model_name or model or engine.engine.spec.name
+    name = args.served_model_name or engine_args.model or engine.engine.source.name
 
     @asynccontextmanager
     async def lifespan(_app):

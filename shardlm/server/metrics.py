@@ -66,32 +66,33 @@ class Metrics:
     def on_step(self, replica, outputs: list[RequestOutput]) -> None:
         """Called in a replica thread after each engine step."""
         engine, key = replica.engine, str(replica.index)
-        sched, blocks = engine.scheduler, engine.block_manager
+        stats = engine.stats()
+        sched, blocks = stats.scheduler, stats.blocks
         lbl = dict(self._labels, replica=key)
         now = time.monotonic()
         seen = self._seen.setdefault(replica.index, {"preempt": 0, "q": 0, "h": 0, "gen": 0, "t": now})
-        self.running.labels(**lbl).set(len(sched.running))
-        self.waiting.labels(**lbl).set(len(sched.waiting))
+        self.running.labels(**lbl).set(sched.running)
+        self.waiting.labels(**lbl).set(sched.waiting)
         self.load.labels(**lbl).set(replica.load)
         self.routed.labels(**lbl).set(replica.submitted)
         self.kv_usage.labels(**lbl).set(blocks.usage)
         self.preemptions.inc(sched.num_preemptions - seen["preempt"])
-        queries, hits = getattr(blocks, "prefix_queries", 0), getattr(blocks, "prefix_hits", 0)
+        queries, hits = blocks.prefix_queries, blocks.prefix_hits
         self.prefix_queries.inc(queries - seen["q"])
         self.prefix_hits.inc(hits - seen["h"])
-        new_tokens = engine.num_generated_tokens - seen["gen"]
+        new_tokens = stats.generated_tokens - seen["gen"]
         self.generation_tokens.inc(new_tokens)
         if now > seen["t"]:
             self.tokens_per_s.labels(**lbl).set(new_tokens / (now - seen["t"]))
-        seen.update(preempt=sched.num_preemptions, q=queries, h=hits, gen=engine.num_generated_tokens, t=now)
-        if engine.spec.config.is_moe and now - seen.get("moe", 0.0) >= MOE_INTERVAL_S:
-            stats = engine.expert_stats(reset=True)  # counts since the last read
-            for layer, counts in stats["tokens_per_expert"].items():
+        seen.update(preempt=sched.num_preemptions, q=queries, h=hits, gen=stats.generated_tokens, t=now)
+        if engine.source.config.is_moe and now - seen.get("moe", 0.0) >= MOE_INTERVAL_S:
+            experts = engine.expert_stats(reset=True)  # counts since the last read
+            for layer, counts in experts["tokens_per_expert"].items():
                 for expert, n in enumerate(counts):
                     if n:
                         self.moe_tokens.labels(**self._labels, layer=str(layer), expert=str(expert)).inc(n)
-            if stats["step_imbalance"]:
-                self.moe_imbalance.labels(**lbl).set(stats["mean_imbalance"])
+            if experts["step_imbalance"]:
+                self.moe_imbalance.labels(**lbl).set(experts["mean_imbalance"])
             seen["moe"] = now
 
     def on_finished(self, out: RequestOutput) -> None:

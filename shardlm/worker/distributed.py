@@ -64,7 +64,7 @@ class ParallelContext:
     @property
     def is_output_rank(self) -> bool:
         """This rank samples and reports tokens to the driver."""
-        return self.rank in self.layout.driver_ranks()
+        return self.rank in self.layout.output_ranks()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the TP group in place (no-op at tp == 1)."""

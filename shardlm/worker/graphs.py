@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..common.graph_shapes import graph_pairs, padded_shape
+from ..common.messages import SeqPlan, StepPlan
 from .layers.attention import AttentionMetadata
 
 
@@ -47,7 +48,7 @@ class DecodeGraphs:
         self.contexts = sorted({c for _, c in self.pairs})
         self.max_batch = max((b for b, _ in self.pairs), default=0)
         table_cells = max((b * self._blocks(c) for b, c in self.pairs), default=0)
-        dev, dtype, cfg = ctx.device, runner.dtype, runner.spec.config
+        dev, dtype, cfg = ctx.device, runner.dtype, runner.source.config
         bmax = self.max_batch
         # [ids | positions | block tables], filled by one copy per step
         self.index = torch.zeros(2 * bmax + table_cells, dtype=torch.long, device=dev)
@@ -86,26 +87,27 @@ class DecodeGraphs:
         hidden = self.model(x, positions, meta)
         self.out[:b].copy_(self.model.compute_logits(hidden) if self.last else hidden)
 
-    def _fill(self, b: int, c: int, starts: list[int], tables: list[list[int]], ids: list[int]) -> None:
-        """Copy one step's inputs, padded to b rows and c context positions, into the buffer (one copy)."""
-        bmax, nb, n = self.max_batch, self._blocks(c), len(starts)
+    def _fill(self, b: int, c: int, plan: StepPlan) -> None:
+        """Copy one step's inputs, padded to b rows and c context positions, into the buffer (one copy).
+        Padding rows decode token 0 at position 0 into the scratch block."""
+        bmax, nb, seqs = self.max_batch, self._blocks(c), plan.seqs
         host = np.zeros(2 * bmax + b * nb, dtype=np.int64)
-        host[: len(ids)] = ids
-        host[bmax: bmax + n] = starts
+        if self.first:
+            host[: len(seqs)] = [s.tokens[0] for s in seqs]
+        host[bmax: bmax + len(seqs)] = [s.start for s in seqs]
         grid = host[2 * bmax:].reshape(b, nb)
         grid.fill(self.runner.scratch_block)
-        for row, blocks in zip(grid, tables):  # (a table may run past the context: only nb blocks are read)
-            k = min(len(blocks), nb)
-            row[:k] = blocks[:k]
+        for row, s in zip(grid, seqs):  # (a table may run past the context: only nb blocks are read)
+            k = min(len(s.blocks), nb)
+            row[:k] = s.blocks[:k]
         self.index[: host.size].copy_(torch.from_numpy(host), non_blocking=True)
 
-    def run(self, shape: tuple[int, int], seqs: list[dict[str, Any]], x: torch.Tensor | None) -> torch.Tensor:
-        """One decode step of `seqs` on pair `shape`; x: the previous stage's activations (not on the first
-        stage). Returns [len(seqs), vocab] float32 logits on the last stage, else [len(seqs), hidden]."""
+    def run(self, shape: tuple[int, int], plan: StepPlan, x: torch.Tensor | None) -> torch.Tensor:
+        """One decode step of `plan` on pair `shape`; x: the previous stage's activations (not on the first
+        stage). Returns [len(plan.seqs), vocab] float32 logits on the last stage, else [len(plan.seqs), hidden]."""
         b, c = shape
-        n = len(seqs)
-        self._fill(b, c, [s["start"] for s in seqs], [s["blocks"] for s in seqs],
-                   [s["tokens"][0] for s in seqs] if self.first else [])
+        n = len(plan.seqs)
+        self._fill(b, c, plan)
         if x is not None:
             self.hidden_in[:n].copy_(x)
         if shape in self.graphs:
@@ -113,6 +115,10 @@ class DecodeGraphs:
         else:
             self._forward(b, c)
         return self.out[:n]
+
+    def _warm_up_plan(self, b: int) -> StepPlan:
+        """A decode step of b sequences that all write the scratch block: what a capture runs first."""
+        return StepPlan([SeqPlan(-1 - i, [0], 0, [self.runner.scratch_block], sample=True) for i in range(b)])
 
     # ---- capture -------------------------------------------------------------------------
 
@@ -130,7 +136,7 @@ class DecodeGraphs:
         try:
             with torch.inference_mode():
                 for b, c in sorted(self.pairs, key=lambda p: p[0] * p[1], reverse=True):
-                    self._fill(b, c, [], [], [])  # all padding: valid indices for the warm-up run
+                    self._fill(b, c, self._warm_up_plan(b))  # valid indices for the warm-up run
                     side = torch.cuda.Stream(dev)
                     side.wait_stream(torch.cuda.current_stream(dev))
                     with torch.cuda.stream(side):  # warm-up outside the capture: libraries set up their handles

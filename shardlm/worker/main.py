@@ -2,8 +2,9 @@
 
     python -m shardlm.worker.main            (env: SHARDLM_DRIVER=host:port, RANK, WORLD_SIZE, LOCAL_RANK)
 
-The worker connects to the driver, receives its init message (layout, model, options), joins
-the torch.distributed world, loads its shard and then executes step plans until told to stop.
+The worker connects to the driver, receives its `WorkerInit` (layout, model, options), joins the
+torch.distributed world, loads its shard, answers `WorkerReady`, then runs what the driver sends
+(common.messages: a `StepPlan` or a `Command`) through one table, `HANDLERS`, until told to stop.
 Any failure is reported to the driver as a message before the process exits.
 """
 
@@ -17,8 +18,20 @@ import socket
 import sys
 import time
 import traceback
+from typing import Any, Callable
 
-from ..common import wire
+from ..common import envs, wire
+from ..common.messages import (
+    DRIVER_MESSAGES,
+    AllocateKV,
+    Probe,
+    ProfileStep,
+    Shutdown,
+    Stats,
+    StepPlan,
+    WorkerInit,
+    WorkerReady,
+)
 
 
 def _die_with_parent() -> None:
@@ -44,101 +57,132 @@ def _connect(address: str, timeout_s: float = 60.0) -> socket.socket:
             time.sleep(0.2)
 
 
+class Worker:
+    """One rank: its model runner and the handlers of the driver's messages."""
+
+    def __init__(self, sock: socket.socket, rank: int, local_rank: int, init: WorkerInit):
+        import torch
+
+        from ..common.layout import ParallelLayout
+        from .distributed import init_distributed
+        from .model_runner import ModelRunner
+
+        self.sock, self.rank = sock, rank
+        opts = init.options
+        layout = ParallelLayout(**init.layout)
+        if opts.device == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+            # cuDNN's attention builds a plan for every new shape (~35-45 ms on the H100 host), and decode
+            # makes a new shape every step (context + 1, batch changes): measured in docs/PERFORMANCE.md.
+            torch.backends.cuda.enable_cudnn_sdp(envs.cudnn_sdpa())
+            # The host only builds small index tensors; torch's default intra-op pool (one thread per core
+            # in every worker) made the hosts of a 4-worker node fight for cores: decode steps at batch >= 8
+            # took 1.5-2.5x as long (docs/PERFORMANCE.md).
+            if envs.gpu_worker_threads() > 0:
+                torch.set_num_threads(envs.gpu_worker_threads())
+        else:
+            device = torch.device("cpu")
+            backend = "gloo"
+            torch.set_num_threads(max(1, opts.cpu_threads))
+        self.ctx = init_distributed(layout, rank, backend, init.init_method, device, opts.timeout_s,
+                                    stage_layers=opts.stage_layers)
+        # testing aid: the graphs' padded decode steps, run eagerly on the CPU
+        graphs = opts.cuda_graphs or (device.type == "cpu" and envs.padded_decode_on_cpu())
+        self.runner = ModelRunner(init.model, self.ctx, getattr(torch, opts.dtype), opts.max_model_len,
+                                  opts.block_size, opts.expert_placement, cuda_graphs=graphs,
+                                  max_num_seqs=opts.max_num_seqs, max_seq_len_to_capture=opts.max_seq_len_to_capture)
+        self.load_s = self.runner.load(show_progress=rank == 0)
+        self.capacity = self.runner.kv_capacity(opts.gpu_memory_utilization, opts.cpu_kv_cache_bytes,
+                                                opts.profile_tokens)
+        self.runner.reset_expert_stats()  # the profiling forward's routing is not the user's
+        self.runner.timer.reset()  # the profiling forward is not part of the run
+        self.runner.timer.tracing = opts.trace
+        # debugging aid: SHARDLM_CPROFILE_STEPS=N prints a cProfile of steps 10..10+N of rank 0 to stderr
+        self.cprofile_steps = envs.cprofile_steps() if rank == 0 else 0
+        self.step_no = 0
+
+    def ready(self) -> WorkerReady:
+        return WorkerReady(rank=self.rank, load_s=self.load_s, block_bytes=self.runner.block_bytes(),
+                           **self.capacity)
+
+    def reply(self, event: str, **body: Any) -> None:
+        wire.send(self.sock, {"type": event, "rank": self.rank, **body})
+
+    # ---- handlers: one per message the driver sends --------------------------------------------
+    def step(self, plan: StepPlan) -> None:
+        self.step_no += 1
+        t0 = time.perf_counter()
+        if self.cprofile_steps and 10 <= self.step_no < 10 + self.cprofile_steps:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            result = prof.runcall(self.runner.execute, plan)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+        else:
+            result = self.runner.execute(plan)
+        if result is not None:  # the output rank answers every step
+            result.exec_s = time.perf_counter() - t0
+            wire.send_message(self.sock, result)
+
+    def allocate_kv(self, cmd: AllocateKV) -> None:
+        self.runner.allocate_kv(cmd.blocks)
+        self.reply(cmd.name, **self.runner.capture_graphs())
+
+    def stats(self, cmd: Stats) -> None:
+        reply = {"pp": self.ctx.pp_rank, "tp": self.ctx.tp_rank, **self.runner.accounting()}
+        if cmd.events:
+            reply["events"] = self.runner.timer.events
+        if cmd.reset:
+            self.runner.timer.reset()
+        if cmd.reset_experts:
+            self.runner.reset_expert_stats()
+        self.reply(cmd.name, **reply)
+
+    def probe(self, cmd: Probe) -> None:
+        from . import probe
+
+        result = probe.collectives(self.runner, cmd.sizes, cmd.iters)
+        if cmd.device_rates and self.ctx.rank == 0:
+            result.update(probe.device_rates(self.ctx.device))
+        self.reply(cmd.name, **result)
+
+    def profile_step(self, cmd: ProfileStep) -> None:
+        from .profiling import profile_step
+
+        self.reply(cmd.name, **profile_step(self.runner, cmd.plan))
+
+
+HANDLERS: dict[type, Callable[[Worker, Any], None]] = {
+    StepPlan: Worker.step,
+    AllocateKV: Worker.allocate_kv,
+    Stats: Worker.stats,
+    Probe: Worker.probe,
+    ProfileStep: Worker.profile_step,
+}
+"""What the worker does with each message (Shutdown ends the loop); the driver sends them (engine/executor.py)."""
+
+
 def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     import torch
 
-    from ..common.layout import ParallelLayout
-    from ..common.model_source import ModelSource
-    from .distributed import init_distributed
-    from .model_runner import ModelRunner
-
-    init, _ = wire.recv(sock)
-    layout = ParallelLayout(**init["layout"])
-    if init["device"] == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-        # cuDNN's attention builds a plan for every new shape (~35-45 ms on the H100 host), and decode
-        # makes a new shape every step (context + 1, batch changes): measured in docs/PERFORMANCE.md.
-        # SHARDLM_CUDNN_SDPA=1 turns it back on.
-        torch.backends.cuda.enable_cudnn_sdp(os.environ.get("SHARDLM_CUDNN_SDPA") == "1")
-        # The host only builds small index tensors; torch's default intra-op pool (one thread per core
-        # in every worker) made the hosts of a 4-worker node fight for cores: decode steps at batch >= 8
-        # took 1.5-2.5x as long (docs/PERFORMANCE.md). SHARDLM_GPU_WORKER_THREADS=0 keeps torch's default.
-        threads = int(os.environ.get("SHARDLM_GPU_WORKER_THREADS", "1"))
-        if threads > 0:
-            torch.set_num_threads(threads)
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-        torch.set_num_threads(max(1, int(init.get("cpu_threads", 1))))
-    ctx = init_distributed(layout, rank, backend, init["init_method"], device, init.get("timeout_s", 600),
-                           stage_layers=[tuple(r) for r in init["stage_layers"]])
-    spec = ModelSource.from_dict(init["model"])
-    runner = ModelRunner(spec, ctx, getattr(torch, init["dtype"]), init["max_model_len"], init["block_size"],
-                         init.get("expert_placement"), cuda_graphs=init.get("cuda_graphs", False) or (
-                             # testing aid: the graphs' padded decode steps, run eagerly on the CPU
-                             device.type == "cpu" and os.environ.get("SHARDLM_PADDED_DECODE_ON_CPU") == "1"),
-                         max_num_seqs=init.get("max_num_seqs", 256),
-                         max_seq_len_to_capture=init.get("max_seq_len_to_capture", 8192))
-    load_s = runner.load(show_progress=rank == 0)
-    cap = runner.kv_capacity(init["gpu_memory_utilization"], init["cpu_kv_cache_bytes"], init["profile_tokens"])
-    runner.reset_expert_stats()  # the profiling forward's routing is not the user's
-    runner.reset_accounting()  # the profiling forward is not part of the run
-    runner.tracing = bool(init.get("trace"))
-    wire.send(sock, {"event": "ready", "rank": rank, "load_s": load_s, "block_bytes": runner.block_bytes(), **cap})
+    init = wire.recv_message(sock, {WorkerInit.name: WorkerInit})
+    worker = Worker(sock, rank, local_rank, init)
+    wire.send_message(sock, worker.ready())
     # what exists now (modules, parameters, imported libraries) lives as long as the worker: keep it out
     # of the cyclic collector's full passes, which otherwise stall a step now and then
     gc.collect()
     gc.freeze()
-
-    # debugging aid: SHARDLM_CPROFILE_STEPS=N prints a cProfile of steps 10..10+N of rank 0 to stderr
-    cprofile_steps = int(os.environ.get("SHARDLM_CPROFILE_STEPS", "0")) if rank == 0 else 0
-    step_no = 0
     while True:
         t_wait = time.time()
-        msg, _ = wire.recv(sock)
-        cmd = msg["cmd"]
-        if cmd == "step":
-            runner.record("wait for plan", "idle", t_wait, time.time())
-            step_no += 1
-            t0 = time.perf_counter()
-            if cprofile_steps and 10 <= step_no < 10 + cprofile_steps:
-                import cProfile
-                import pstats
-
-                prof = cProfile.Profile()
-                results, arrays = prof.runcall(runner.execute, msg)
-                pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(12)
-            else:
-                results, arrays = runner.execute(msg)
-            if ctx.is_output_rank:
-                wire.send(sock, {"event": "step", "results": results, "exec_s": time.perf_counter() - t0}, arrays)
-        elif cmd == "profile_step":
-            wire.send(sock, {"event": "profile", "rank": rank, **runner.execute_profiled(msg)})
-        elif cmd == "probe":
-            from . import probe
-
-            result = probe.collectives(runner, msg["sizes"], msg["iters"])
-            if msg.get("device_rates") and ctx.rank == 0:
-                result.update(probe.device_rates(device))
-            wire.send(sock, {"event": "probe", "rank": rank, **result})
-        elif cmd == "stats":
-            reply = {"event": "stats", "rank": rank, "pp": ctx.pp_rank, "tp": ctx.tp_rank, **runner.accounting()}
-            if msg.get("events"):
-                reply["events"] = runner.events
-            if msg.get("reset"):
-                runner.reset_accounting()
-            if msg.get("reset_experts"):
-                runner.reset_expert_stats()
-            wire.send(sock, reply)
-        elif cmd == "alloc_kv":
-            runner.allocate_kv(msg["blocks"])
-            wire.send(sock, {"event": "kv_ready", "rank": rank, **runner.capture_graphs()})
-        elif cmd == "shutdown":
+        msg = wire.recv_message(sock, DRIVER_MESSAGES)
+        if isinstance(msg, Shutdown):
             break
-        else:
-            raise RuntimeError(f"unknown command {cmd!r} from driver")
+        if isinstance(msg, StepPlan):
+            worker.runner.timer.record("wait for plan", "idle", t_wait, time.time())
+        HANDLERS[type(msg)](worker, msg)
     torch.distributed.destroy_process_group()
 
 
@@ -147,8 +191,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    sock = _connect(os.environ["SHARDLM_DRIVER"])
-    wire.send(sock, {"event": "hello", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
+    sock = _connect(envs.driver_address())
+    wire.send(sock, {"type": "hello", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
     try:
         serve(sock, rank, local_rank)
     except wire.ConnectionClosed:
@@ -158,7 +202,7 @@ def main() -> int:
         message = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         tb = "" if expected else traceback.format_exc()
         try:
-            wire.send(sock, {"event": "error", "rank": rank, "message": message, "traceback": tb})
+            wire.send(sock, {"type": "error", "rank": rank, "message": message, "traceback": tb})
         except OSError:
             pass
         if tb:

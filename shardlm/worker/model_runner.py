@@ -9,22 +9,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common.messages import SeqPlan, StepPlan, StepResult
 from ..common.model_source import ModelSource
 from .distributed import ParallelContext
 from .graphs import DecodeGraphs
-from .layers.attention import build_metadata
+from .layers.attention import AttentionMetadata, build_metadata
 from .models.llama import LlamaForCausalLM
+from .profiling import StepTimer
 from .sampler import Sampler
 from .weights import open_reader
 
 
 class ModelRunner:
-    def __init__(self, spec: ModelSource, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
-                 block_size: int, expert_placement: list | None = None, cuda_graphs: bool = False,
-                 max_num_seqs: int = 256, max_seq_len_to_capture: int = 8192):
-        self.spec, self.ctx, self.dtype = spec, ctx, dtype
+    """This rank's model shard, KV cache, decode graphs and sampler; `execute` runs one StepPlan."""
+
+    def __init__(self, source: ModelSource, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
+                 block_size: int, expert_placement: list | None, cuda_graphs: bool, max_num_seqs: int,
+                 max_seq_len_to_capture: int):
+        self.source, self.ctx, self.dtype = source, ctx, dtype
         self.block_size, self.max_model_len = block_size, max_model_len
-        self.model = LlamaForCausalLM(spec.config, ctx, dtype, max_positions=max_model_len,
+        self.model = LlamaForCausalLM(source.config, ctx, dtype, max_positions=max_model_len,
                                       expert_placement=expert_placement)
         self.moe = self.model.moe_layers()
         self.step_rows: deque[torch.Tensor] = deque(maxlen=4096)  # rows this rank's experts ran, per step
@@ -36,29 +40,16 @@ class ModelRunner:
         # (on the CPU only the padding is run, eagerly: a testing aid)
         if cuda_graphs and not self.moe:
             self.graphs = DecodeGraphs(self, max_num_seqs, max_seq_len_to_capture, capture=ctx.device.type == "cuda")
-        # step accounting (always) and trace events (when tracing): wall-clock seconds
-        self.busy_s = 0.0
-        self.steps = self.graph_steps = 0  # steps run, and of them replayed as graphs (or padded like one)
-        self.window: list[float] = []  # [first step start, last step end]
-        self.tracing = False
-        self.events: list[tuple[str, str, float, float]] = []  # (name, category, start, end)
-        # last step: (seconds the host took to queue the layers, seconds from then to the end:
-        # logits, sampling and waiting for the GPU)
-        self.last_split = (0.0, 0.0)
-
-    def record(self, name: str, category: str, start: float, end: float) -> None:
-        if category == "compute":
-            self.busy_s += end - start
-        if self.tracing and len(self.events) < 200_000:
-            self.events.append((name, category, start, end))
+        self.timer = StepTimer(ctx.device)  # step accounting and trace events
 
     def load(self, show_progress: bool) -> float:
         """Read this rank's weights; returns seconds taken."""
         t0 = time.perf_counter()
-        reader = open_reader(self.spec.kind, self.spec.path, self.spec.config, self.spec.seed)
+        src = self.source
+        reader = open_reader(src.kind, src.path, src.config, src.seed)
         from tqdm import tqdm
 
-        with tqdm(total=self.spec.config.num_hidden_layers, desc=f"loading {self.spec.name}", unit="layer",
+        with tqdm(total=src.config.num_hidden_layers, desc=f"loading {src.name}", unit="layer",
                   disable=not show_progress, delay=2.0) as bar:
             self.model.load_weights(reader, progress=bar.update)
         self._sync()
@@ -88,11 +79,9 @@ class ModelRunner:
         per_seq = [-(-n // self.block_size) for n in lens]
         self.allocate_kv(sum(per_seq))
         kv_bytes = torch.cuda.memory_allocated(dev) - before
-        greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "logprobs": None}
         first = [sum(per_seq[:i]) for i in range(len(lens))]
-        seqs = [{"id": -1 - i, "tokens": [0] * n, "start": 0, "blocks": list(range(b0, b0 + nb)), "sample": True,
-                 "params": greedy} for i, (n, b0, nb) in enumerate(zip(lens, first, per_seq))]
-        self.execute({"seqs": seqs})
+        self.execute(StepPlan([SeqPlan(-1 - i, [0] * n, 0, list(range(b0, b0 + nb)), sample=True)
+                               for i, (n, b0, nb) in enumerate(zip(lens, first, per_seq))]))
         self._sync()
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         # the decode graphs keep a memory pool of their own: capture them once over this temporary cache to
@@ -103,10 +92,9 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(dev)
         used_by_others = total - free  # weights, CUDA context, NCCL buffers, other processes
         budget = int(total * gpu_memory_utilization) - used_by_others - activation - graph_bytes
-        out = {"activation_bytes": activation, "graph_reserve_bytes": graph_bytes, "total": total,
-               "used": used_by_others}
         blocks = max(0, budget // self.block_bytes() - (self.graphs is not None))  # less the scratch block
-        return {"blocks": blocks, **out}
+        return {"blocks": blocks, "activation_bytes": activation, "graph_reserve_bytes": graph_bytes,
+                "total_bytes": total, "used_bytes": used_by_others}
 
     def allocate_kv(self, num_blocks: int) -> None:
         """num_blocks for the block manager, plus the scratch block when decode runs as graphs."""
@@ -130,156 +118,101 @@ class ModelRunner:
         self.num_blocks = 0
 
     # ---- one step ---------------------------------------------------------------------------
-    def execute_profiled(self, plan: dict[str, Any]) -> dict[str, float]:
-        """Run one step under torch.profiler; return GPU time per kind of kernel (us), the largest kernels and
-        CPU ops, and the step's wall time. The step runs once before without the profiler, for the host's
-        split between queueing the layers and waiting after them."""
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else [])
-        # the step runs again here: keep it out of the routing statistics
-        counts = {i: m.tokens_per_expert.clone() for i, m in self.moe.items()}
-        steps = len(self.step_rows)
-        # first unprofiled: how long the host takes to issue the step vs. how long it then waits
-        t0 = time.perf_counter()
-        self.execute(plan)
-        self._sync()
-        plain_wall = time.perf_counter() - t0
-        issue, wait = self.last_split
-        with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            self.execute(plan)
-            self._sync()
-            wall = time.perf_counter() - t0
-        for i, m in self.moe.items():
-            m.tokens_per_expert.copy_(counts[i])
-        while len(self.step_rows) > steps:
-            self.step_rows.pop()
-        # send/recv kernels are the MoE all-to-all (and the pipeline hand-off); the rest of NCCL is
-        # the TP all-reduce / all-gather
-        kinds = {"communication": 0.0, "send_recv": 0.0, "gemm": 0.0, "attention": 0.0, "other": 0.0}
-        kernels, cpu_ops = [], []
-        for evt in prof.key_averages():
-            if evt.device_type.name == "CPU" and evt.self_cpu_time_total > 0:
-                cpu_ops.append((evt.self_cpu_time_total, evt.key, evt.count))
-            us = getattr(evt, "self_device_time_total", 0.0) or 0.0
-            if us <= 0 or evt.device_type.name != "CUDA":
-                continue
-            kernels.append((us, evt.key, evt.count))
-            name = evt.key.lower()
-            if "nccl" in name and "sendrecv" in name:
-                kinds["send_recv"] += us
-            elif "nccl" in name:
-                kinds["communication"] += us
-            elif any(k in name for k in ("attention", "fmha", "flash", "softmax")):  # before gemm: fmha_cutlass...
-                kinds["attention"] += us
-            elif any(k in name for k in ("gemm", "nvjet", "cutlass", "matmul", "sm90")):
-                kinds["gemm"] += us
-            else:
-                kinds["other"] += us
-        kinds = {f"{k}_us": v for k, v in kinds.items()}
-        kinds["gpu_busy_us"] = sum(kinds.values())
-        kinds["wall_us"] = wall * 1e6
-        kinds["unprofiled_wall_us"] = plain_wall * 1e6
-        kinds["host_issue_us"], kinds["host_wait_us"] = issue * 1e6, wait * 1e6
-        kinds["kernel_launches"] = sum(n for _, _, n in kernels)
-        # the largest items, to say where a step's time goes: [name, us, calls]
-        kinds["top_kernels"] = [[k[:120], round(us, 1), n] for us, k, n in sorted(kernels, reverse=True)[:12]]
-        kinds["top_cpu_ops"] = [[k[:120], round(us, 1), n] for us, k, n in sorted(cpu_ops, reverse=True)[:12]]
-        return kinds
-
-    def _graph_shape(self, plan: dict[str, Any]) -> tuple[int, int] | None:
-        """The captured (batch, context) pair this step replays, or None to run it eagerly: graphs run
-        decode steps (one new token per sequence, every sequence sampled) that fit a pair."""
-        seqs = plan["seqs"]
-        if self.graphs is None or any(len(s["tokens"]) != 1 or not s["sample"] for s in seqs):
-            return None
-        return self.graphs.shape_for(len(seqs), max(s["start"] for s in seqs) + 1)
-
     @torch.inference_mode()
-    def execute(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-        """Run one step: every scheduled sequence's new tokens; sample where the plan asks."""
-        seqs = plan["seqs"]
-        self.sampler.forget(plan.get("finished", []))
-        if not seqs:
-            return [], {}
-        dev = self.ctx.device
-        n_tokens = sum(len(s["tokens"]) for s in seqs)
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Run one step: every scheduled sequence's new tokens, through this rank's layers. The output
+        rank returns the tokens it sampled; every other rank None (a non-last pipeline stage sends its
+        activations on to the next stage)."""
+        self.sampler.forget(plan.finished)
+        if not plan.seqs:
+            return StepResult([]) if self.ctx.is_output_rank else None
         graph = self._graph_shape(plan)
-        if graph is None:
-            ids = torch.tensor([t for s in seqs for t in s["tokens"]], dtype=torch.long)
-            positions = torch.cat([torch.arange(s["start"], s["start"] + len(s["tokens"])) for s in seqs])
-            q_lens = [len(s["tokens"]) for s in seqs]
-            meta = build_metadata([s["start"] for s in seqs], q_lens, [s["blocks"] for s in seqs], self.block_size,
-                                  dev, self.dtype)
-        self.steps += 1
-        self.graph_steps += graph is not None
-        t0 = time.time()
+        self.timer.step(graph is not None)
+        inputs = self._prepare(plan) if graph is None else None  # host work done before waiting on a stage
         x = None
-        if not self.ctx.is_first_stage:  # activations of the previous pipeline stage, same token order as the plan
-            x = self.ctx.recv_prev_stage((n_tokens, self.spec.config.hidden_size), self.dtype)
-            self._sync()
-            self.record("recv activations", "communication", t0, time.time())
-        t1 = time.time()
-        if graph is not None:  # the last stage gets every sequence's logits, the others their activations
-            out = self.graphs.run(graph, seqs, x)
-        else:
-            out = self.model(ids.to(dev, non_blocking=True) if x is None else x, positions.to(dev, non_blocking=True),
-                             meta)
-        issued = time.time()  # the host has queued every layer; the GPU may still be behind
+        if not self.ctx.is_first_stage:  # the previous stage's activations, in the plan's token order
+            with self.timer.span("recv activations", "communication"):
+                x = self.ctx.recv_prev_stage((plan.num_tokens, self.source.config.hidden_size), self.dtype)
+        last = self.ctx.is_last_stage
+        samples = last and any(s.sample for s in plan.seqs)
+        name = f"forward {plan.num_tokens} tokens" + (" (graph)" if graph else "") + (" + sample" if samples else "")
+        result = None
+        with self.timer.span(name, "compute") as span:
+            # the last stage gets every sequence's logits from a graph, its hidden states from the eager model
+            out = self.graphs.run(graph, plan, x) if graph is not None else self._forward(*inputs, x)
+            span.issued()
+            self._count_expert_rows()
+            if samples:
+                result = self._sample(plan, out if graph is not None else self._logits(plan, out))
+        if not last:
+            with self.timer.span("send activations", "communication"):
+                self.ctx.send_next_stage(out)
+        if not self.ctx.is_output_rank:
+            return None
+        return result if result is not None else StepResult([])  # a step of prompt chunks samples nothing
+
+    def _graph_shape(self, plan: StepPlan) -> tuple[int, int] | None:
+        """The captured (batch, context) pair this step replays, or None to run it eagerly: graphs run
+        decode steps that fit a pair."""
+        if self.graphs is None or not plan.is_decode:
+            return None
+        return self.graphs.shape_for(len(plan.seqs), max(s.context_len for s in plan.seqs))
+
+    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The eager forward's inputs, on the host: token ids, positions and attention metadata."""
+        seqs = plan.seqs
+        ids = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
+        positions = torch.cat([torch.arange(s.start, s.context_len) for s in seqs])
+        meta = build_metadata([s.start for s in seqs], [len(s.tokens) for s in seqs], [s.blocks for s in seqs],
+                              self.block_size, self.ctx.device, self.dtype)
+        return ids, positions, meta
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 x: torch.Tensor | None) -> torch.Tensor:
+        """The eager forward: hidden states [tokens, hidden] of every new token (x: a previous stage's)."""
+        dev = self.ctx.device
+        return self.model(ids.to(dev, non_blocking=True) if x is None else x, positions.to(dev, non_blocking=True),
+                          meta)
+
+    def _logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor:
+        """[sampled sequences, vocab] float32: the LM head over each sampled sequence's last new token."""
+        last = np.cumsum([len(s.tokens) for s in plan.seqs]) - 1  # flat index of each sequence's last token
+        rows = [i for i, s in enumerate(plan.seqs) if s.sample]
+        return self.model.compute_logits(hidden[torch.as_tensor(last[rows], device=self.ctx.device)])
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> StepResult | None:
+        """The output rank samples a token for each sequence that asks (the logits' rows, in plan order);
+        the other ranks of the last stage only took part in the LM head's all-gather."""
+        if not self.ctx.is_output_rank:
+            return None
+        tokens = self.sampler.sample(logits, [s for s in plan.seqs if s.sample])
+        return StepResult(tokens, logits=logits.cpu().numpy() if plan.return_logits else None)
+
+    def _count_expert_rows(self) -> None:
         if self.moe:  # a device scalar per step: read when the stats are asked for, not now
             self.step_rows.append(sum(m.rows for m in self.moe.values()))  # a new tensor: 0 + rows + ...
             for m in self.moe.values():
                 m.rows.zero_()
-        kind = f"forward {n_tokens} tokens" + (" (graph)" if graph is not None else "")
-        if not self.ctx.is_last_stage:
-            self._sync()
-            t2 = time.time()
-            self.last_split = (issued - t1, t2 - issued)
-            self.record(kind, "compute", t1, t2)
-            self.ctx.send_next_stage(out)
-            self._sync()
-            self.record("send activations", "communication", t2, time.time())
-            self.window = [self.window[0] if self.window else t0, time.time()]
-            return [], {}
 
-        rows = [i for i, s in enumerate(seqs) if s["sample"]]
-        results: list[dict[str, Any]] = []
-        arrays: dict[str, np.ndarray] = {}
-        if rows:
-            if graph is not None:
-                logits = out  # [seqs, vocab]: every sequence samples in a graph step
-            else:
-                last = np.cumsum(q_lens) - 1  # flat index of each sequence's last new token
-                logits = self.model.compute_logits(out[torch.as_tensor(last[rows], device=dev)])  # [n, vocab]
-            if self.ctx.is_output_rank:
-                chosen = [seqs[i] for i in rows]
-                results = self.sampler.sample(logits, [s["id"] for s in chosen], [s["params"] for s in chosen])
-                for res, s in zip(results, chosen):
-                    res["id"] = s["id"]
-                if plan.get("return_logits"):
-                    arrays = {"logits": logits.cpu().numpy()}
-        self._sync()
-        t2 = time.time()
-        self.last_split = (issued - t1, t2 - issued)
-        self.record(kind + (" + sample" if rows else ""), "compute", t1, t2)
-        self.window = [self.window[0] if self.window else t0, t2]
-        return results, arrays
-
+    # ---- statistics -------------------------------------------------------------------------
     def reset_expert_stats(self) -> None:
         self.step_rows.clear()
         for m in self.moe.values():
             m.tokens_per_expert.zero_()
 
-    def reset_accounting(self) -> None:
-        self.busy_s, self.window, self.events = 0.0, [], []
-        self.steps = self.graph_steps = 0
+    def save_expert_stats(self) -> tuple[dict[int, torch.Tensor], int]:
+        return {i: m.tokens_per_expert.clone() for i, m in self.moe.items()}, len(self.step_rows)
+
+    def restore_expert_stats(self, saved: tuple[dict[int, torch.Tensor], int]) -> None:
+        counts, steps = saved
+        for i, m in self.moe.items():
+            m.tokens_per_expert.copy_(counts[i])
+        while len(self.step_rows) > steps:
+            self.step_rows.pop()
 
     def accounting(self) -> dict[str, Any]:
-        """Busy (compute) seconds and the wall window they fall in, since the last reset."""
-        window = self.window[1] - self.window[0] if self.window else 0.0
-        out = {"busy_s": self.busy_s, "window_s": window, "steps": self.steps, "graph_steps": self.graph_steps,
-               "idle_fraction": 1.0 - self.busy_s / window if window > 0 else 0.0}
+        """The step timer's accounting since its last reset, and the MoE routing since the last expert reset."""
+        out = self.timer.accounting()
         if self.moe:  # routing: tokens per expert (each token counted once over the TP group)
             out["moe"] = {"tokens_per_expert": {i: m.tokens_per_expert.tolist() for i, m in self.moe.items()
                                                 if m.counts_tokens},

@@ -9,12 +9,13 @@ chunked prefill and cached prefixes are the same code path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...common import envs
 
 
 @dataclass
@@ -46,11 +47,6 @@ class AttentionMetadata:
         return self.folded_masks[group]
 
 
-# Optional padding of the gathered context to a multiple of CTX_BUCKET positions (masked out), so
-# attention sees a new shape only every CTX_BUCKET decode steps, for backends that plan per shape
-# (cuDNN's re-planned every decode step: scripts/gpu_overhead.sh, docs/PERFORMANCE.md). Off (1):
-# with cuDNN attention switched off in the workers it is not needed; SHARDLM_CTX_BUCKET=256 turns it on.
-CTX_BUCKET = int(os.environ.get("SHARDLM_CTX_BUCKET", "1"))
 
 
 def build_metadata(starts: list[int], q_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -59,7 +55,11 @@ def build_metadata(starts: list[int], q_lens: list[int], block_tables: list[list
     n = len(starts)
     ctx_lens = [s + q for s, q in zip(starts, q_lens)]
     max_q = max(q_lens)
-    max_ctx = -(-max(ctx_lens) // CTX_BUCKET) * CTX_BUCKET
+    # optional padding of the gathered context to a multiple of SHARDLM_CTX_BUCKET positions (masked out), so
+    # attention sees a new shape only every bucket decode steps, for backends that plan per shape (cuDNN's
+    # re-planned every decode step: scripts/gpu_overhead.sh, docs/PERFORMANCE.md); off (1) by default
+    bucket = envs.ctx_bucket()
+    max_ctx = -(-max(ctx_lens) // bucket) * bucket
     width = max(len(b) for b in block_tables)
     tables = torch.zeros(n, width, dtype=torch.long)
     for i, bt in enumerate(block_tables):

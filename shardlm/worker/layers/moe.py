@@ -23,22 +23,17 @@ bf16 (torch._grouped_mm), otherwise a loop over the experts that received tokens
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ...common import envs
 from ...common.config import ModelConfig
 from ...common.layout import split_evenly
 from ..distributed import ParallelContext
 from ..weights import Reader
 from .linear import GatedMLP
-
-# EP steps whose fixed-capacity buffers (ep x capacity rows) stay within this many rows take the
-# padded, sync-free dispatch (decode); bigger ones (prefill) the exact-size one
-PADDED_MAX_ROWS = int(os.environ.get("SHARDLM_EP_PADDED_MAX_ROWS", "1024"))
 
 
 def _grouped_mm_usable(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
@@ -68,6 +63,9 @@ class SparseMoE(nn.Module):
         self.mixtral = cfg.model_type == "mixtral"
         h, E, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.hidden, self.num_experts, self.top_k = h, E, cfg.num_experts_per_tok
+        # EP steps whose fixed-capacity buffers (ep x capacity rows) stay within this many rows take the
+        # padded, sync-free dispatch (decode); bigger ones (prefill) the exact-size one
+        self.padded_max_rows = envs.ep_padded_max_rows()
         self.ep = ctx.layout.ep
         self.rank = ctx.tp_rank
         if self.ep > 1:
@@ -191,7 +189,7 @@ class SparseMoE(nn.Module):
         tok = torch.div(order, k, rounding_mode="floor")
         rows = x[s0:s1][tok]
         capacity = -(-T // ep) * k  # the most rows any rank can send to one peer
-        if ep * capacity <= PADDED_MAX_ROWS:
+        if ep * capacity <= self.padded_max_rows:
             back = self._dispatch_padded(rows, dest[order], slot[order], capacity)
         else:
             back = self._dispatch_variable(rows, dest[order] * self.slots + slot[order])

@@ -1,0 +1,78 @@
+"""Every SHARDLM_* environment variable, in one place. Each is read when its function is called, never
+at import: a test or a launcher may set one after shardlm is imported, and the workers (separate
+processes) inherit the driver's environment.
+
+| variable | read by | meaning |
+| --- | --- | --- |
+| SHARDLM_DRIVER | worker | host:port of the driver a worker connects to (set by the driver, or by hand under torchrun) |
+| SHARDLM_CACHE | driver | folder for downloaded models and converted tokenizers (default ~/.cache/shardlm) |
+| SHARDLM_CUDNN_SDPA | worker | 1: let torch pick cuDNN attention (off: it re-plans on every new shape) |
+| SHARDLM_GPU_WORKER_THREADS | worker | torch intra-op threads of a GPU worker (default 1; 0: torch's default) |
+| SHARDLM_CTX_BUCKET | worker | eager attention pads the gathered context to a multiple of this (default 1: none) |
+| SHARDLM_EP_PADDED_MAX_ROWS | worker | expert parallelism: all-to-all of at most this many rows uses padded fixed-size buffers (default 1024; 0: always exact splits) |
+| SHARDLM_PADDED_DECODE_ON_CPU | worker | testing aid: run the CUDA graphs' padded decode steps eagerly on the CPU |
+| SHARDLM_CPROFILE_STEPS | worker | debugging aid: N > 0 prints a cProfile of rank 0's steps 10 .. 10 + N to stderr |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") == "1"
+
+
+def driver_address() -> str:
+    """SHARDLM_DRIVER: host:port of the driver (a worker cannot start without it)."""
+    address = os.environ.get("SHARDLM_DRIVER")
+    if not address:
+        raise ValueError("SHARDLM_DRIVER is not set: a worker needs the driver's host:port (the driver sets it "
+                         "for the workers it spawns; under torchrun, export the address the driver printed)")
+    return address
+
+
+def cache_root() -> Path:
+    """SHARDLM_CACHE, else ~/.cache/shardlm."""
+    return Path(os.environ.get("SHARDLM_CACHE") or Path.home() / ".cache" / "shardlm")
+
+
+def cudnn_sdpa() -> bool:
+    """SHARDLM_CUDNN_SDPA=1."""
+    return _flag("SHARDLM_CUDNN_SDPA")
+
+
+def gpu_worker_threads() -> int:
+    """SHARDLM_GPU_WORKER_THREADS (default 1; 0 keeps torch's default pool)."""
+    return _int("SHARDLM_GPU_WORKER_THREADS", 1)
+
+
+def ctx_bucket() -> int:
+    """SHARDLM_CTX_BUCKET (default 1)."""
+    return max(1, _int("SHARDLM_CTX_BUCKET", 1))
+
+
+def ep_padded_max_rows() -> int:
+    """SHARDLM_EP_PADDED_MAX_ROWS (default 1024)."""
+    return _int("SHARDLM_EP_PADDED_MAX_ROWS", 1024)
+
+
+def padded_decode_on_cpu() -> bool:
+    """SHARDLM_PADDED_DECODE_ON_CPU=1."""
+    return _flag("SHARDLM_PADDED_DECODE_ON_CPU")
+
+
+def cprofile_steps() -> int:
+    """SHARDLM_CPROFILE_STEPS (default 0: off)."""
+    return _int("SHARDLM_CPROFILE_STEPS", 0)

@@ -1,0 +1,302 @@
+"""The one contract between the driver (shardlm.engine) and the workers (shardlm.worker): typed messages.
+
+A step goes down as a `StepPlan` (one `SeqPlan` per scheduled sequence, each with its `SamplingSpec`)
+and comes back from the output rank as a `StepResult` (one `SampledToken` per sampled sequence).
+Everything else the driver asks a worker is a `Command` subclass; each names its reply event and
+the worker runs it through one table (worker/main.py: HANDLERS). wire.py frames them as a JSON header
+plus raw arrays: nothing received is unpickled.
+
+Adding a command: a dataclass here (a `Command` with its `name`), a handler in the worker's table,
+and the driver calls `Executor.call(TheCommand(...))`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .model_source import ModelSource
+
+
+class Message:
+    """A plain-data message: `name` says what it is; its fields travel as the JSON header."""
+
+    name: ClassVar[str]
+
+    def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}, {}
+
+    @classmethod
+    def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
+        return cls(**header)
+
+
+# ---- the step -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What the output rank needs to pick one sequence's next token (from engine.SamplingParams)."""
+
+    temperature: float = 0.0
+    """0: greedy (argmax)"""
+    top_p: float = 1.0
+    """nucleus mass kept, in (0, 1]"""
+    top_k: int = 0
+    """most likely tokens kept; 0 or -1: all"""
+    seed: int | None = None
+    """seed of this sequence's own generator (None: the worker's global one)"""
+    logprobs: int | None = None
+    """top log-probabilities returned with the token (None: only the chosen token's)"""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_wire(self) -> list[Any]:
+        return [self.temperature, self.top_p, self.top_k, self.seed, self.logprobs]
+
+    @classmethod
+    def from_wire(cls, v: list[Any]) -> SamplingSpec:
+        return cls(*v)
+
+
+GREEDY = SamplingSpec()
+
+
+@dataclass
+class SeqPlan:
+    """One sequence's part of a step: run `tokens` at positions start .. start + len(tokens) - 1."""
+
+    seq_id: int
+    """the engine's sequence id (the sampler keeps a seeded generator per id)"""
+    tokens: list[int]
+    """new tokens: a whole prompt or a chunk of it (prefill), or the last sampled token (decode)"""
+    start: int
+    """tokens already in the KV cache: the position of tokens[0]"""
+    blocks: list[int]
+    """the sequence's KV block table (block ids, in order)"""
+    sample: bool
+    """sample the next token after tokens[-1] (False for a prompt chunk that is not the last)"""
+    sampling: SamplingSpec = GREEDY
+    """how to sample it"""
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the KV cache once this step has run."""
+        return self.start + len(self.tokens)
+
+    def to_wire(self) -> list[Any]:
+        return [self.seq_id, self.tokens, self.start, self.blocks, self.sample, self.sampling.to_wire()]
+
+    @classmethod
+    def from_wire(cls, v: list[Any]) -> SeqPlan:
+        seq_id, tokens, start, blocks, sample, sampling = v
+        return cls(seq_id, tokens, start, blocks, sample, SamplingSpec.from_wire(sampling))
+
+
+@dataclass
+class StepPlan(Message):
+    """One step on every rank: the scheduled sequences, in the order their tokens are laid out."""
+
+    name: ClassVar[str] = "step"
+    seqs: list[SeqPlan]
+    finished: list[int] = field(default_factory=list)
+    """sequence ids finished since the last plan (the sampler drops their generators)"""
+    return_logits: bool = False
+    """send the sampled rows' full logits back (tests and debugging)"""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.seqs)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds one token and samples (what a CUDA graph can replay)."""
+        return all(len(s.tokens) == 1 and s.sample for s in self.seqs)
+
+    def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"seqs": [s.to_wire() for s in self.seqs], "finished": self.finished,
+                "return_logits": self.return_logits}, {}
+
+    @classmethod
+    def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> StepPlan:
+        return cls([SeqPlan.from_wire(s) for s in header["seqs"]], header["finished"], header["return_logits"])
+
+
+@dataclass
+class SampledToken:
+    """The token the output rank picked for one sequence, with its log-probabilities."""
+
+    seq_id: int
+    token: int
+    logprob: float
+    """log-probability of `token` under the model's own distribution (before temperature etc.)"""
+    rank: int
+    """1 for the most likely token"""
+    top: list[tuple[int, float]] | None = None
+    """the `logprobs` most likely (token, logprob), most likely first; None when not asked"""
+
+
+@dataclass
+class StepResult(Message):
+    """The output rank's answer to one StepPlan: a token per sampled sequence, in plan order."""
+
+    name: ClassVar[str] = "step"
+    tokens: list[SampledToken]
+    exec_s: float = 0.0
+    """seconds the output rank spent in the step (forward + sampling)"""
+    logits: np.ndarray | None = None
+    """[sampled rows, vocab] float32, when the plan asked for them"""
+
+    def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        toks = [[t.seq_id, t.token, t.logprob, t.rank, t.top] for t in self.tokens]
+        return {"tokens": toks, "exec_s": self.exec_s}, ({} if self.logits is None else {"logits": self.logits})
+
+    @classmethod
+    def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> StepResult:
+        toks = [SampledToken(sid, tok, lp, rank, None if top is None else [tuple(t) for t in top])
+                for sid, tok, lp, rank, top in header["tokens"]]
+        return cls(toks, header["exec_s"], arrays.get("logits"))
+
+
+# ---- start-up -----------------------------------------------------------------------------------
+@dataclass
+class WorkerOptions:
+    """What every worker is told at start, besides the layout and the model."""
+
+    dtype: str
+    """torch dtype name of weights, activations and KV cache"""
+    device: str
+    """'cuda' or 'cpu'"""
+    max_model_len: int
+    """longest sequence (prompt + output) the KV cache and rotary tables serve"""
+    block_size: int
+    """tokens per KV block"""
+    gpu_memory_utilization: float
+    """fraction of each GPU's memory shardlm may fill (weights + activations + KV)"""
+    cpu_kv_cache_bytes: int
+    """KV cache size per rank on CPU"""
+    profile_tokens: int
+    """tokens in the profiling forward that measures activation memory"""
+    cpu_threads: int
+    """torch threads per worker on CPU"""
+    stage_layers: list[tuple[int, int]]
+    """[start, end) decoder layers of each pipeline stage"""
+    max_num_seqs: int
+    """most sequences in a step: the largest graph batch"""
+    max_seq_len_to_capture: int
+    """longest context a graph gathers"""
+    cuda_graphs: bool
+    """replay decode steps as CUDA graphs (GPU, dense models)"""
+    trace: bool = False
+    """record per-step trace events in every worker"""
+    expert_placement: list | None = None
+    """MoE with expert parallelism: per decoder layer, None or the experts each EP rank holds"""
+    timeout_s: float = 600.0
+    """collective timeout"""
+
+
+@dataclass
+class WorkerInit(Message):
+    """The first message to every worker: who it is part of and what to load."""
+
+    name: ClassVar[str] = "init"
+    layout: dict[str, int]
+    """ParallelLayout's degrees: tp, pp, dp, ep"""
+    model: ModelSource
+    options: WorkerOptions
+    init_method: str
+    """torch.distributed rendezvous: tcp://host:port, or env:// under torchrun"""
+
+    def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"layout": self.layout, "model": self.model.to_dict(), "options": asdict(self.options),
+                "init_method": self.init_method}, {}
+
+    @classmethod
+    def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> WorkerInit:
+        opts = dict(header["options"], stage_layers=[tuple(r) for r in header["options"]["stage_layers"]])
+        return cls(header["layout"], ModelSource.from_dict(header["model"]), WorkerOptions(**opts),
+                   header["init_method"])
+
+
+@dataclass
+class WorkerReady(Message):
+    """A worker's reply to WorkerInit: its shard is loaded and it knows how much KV cache fits."""
+
+    name: ClassVar[str] = "ready"
+    rank: int
+    load_s: float
+    """seconds reading weights"""
+    blocks: int
+    """KV blocks that fit in its budget"""
+    block_bytes: int
+    """bytes of one KV block on this rank (K and V of its layers)"""
+    activation_bytes: int = 0
+    """peak activation memory of the profiling forward (GPU)"""
+    graph_reserve_bytes: int = 0
+    """memory the decode graphs' pool takes (GPU with graphs)"""
+    total_bytes: int = 0
+    """the GPU's memory"""
+    used_bytes: int = 0
+    """memory in use before the KV cache: weights, CUDA context, NCCL buffers, other processes"""
+
+
+# ---- commands (driver -> every worker) -------------------------------------------------------------
+class Command(Message):
+    """A request every worker answers with one reply (a dict of `name`), except Shutdown."""
+
+
+@dataclass
+class AllocateKV(Command):
+    """Allocate the KV cache (then capture the decode graphs over it); reply: graphs, capture_s, graph_pool_bytes."""
+
+    name: ClassVar[str] = "alloc_kv"
+    blocks: int
+
+
+@dataclass
+class Stats(Command):
+    """Step accounting (busy seconds, window, idle fraction) and, if asked, the trace events; optionally reset."""
+
+    name: ClassVar[str] = "stats"
+    events: bool = False
+    reset: bool = False
+    reset_experts: bool = False
+
+
+@dataclass
+class Probe(Command):
+    """Time collectives of `sizes` bytes (and, on rank 0, the device's rates)."""
+
+    name: ClassVar[str] = "probe"
+    sizes: list[int]
+    iters: int
+    device_rates: bool
+
+
+@dataclass
+class ProfileStep(Command):
+    """Run one step under torch.profiler without advancing anything; reply: GPU time per kernel kind."""
+
+    name: ClassVar[str] = "profile_step"
+    plan: StepPlan
+
+    def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"plan": self.plan.encode()[0]}, {}
+
+    @classmethod
+    def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> ProfileStep:
+        return cls(StepPlan.decode(header["plan"], {}))
+
+
+@dataclass
+class Shutdown(Command):
+    """Leave the process group and exit (no reply)."""
+
+    name: ClassVar[str] = "shutdown"
+
+
+DRIVER_MESSAGES: dict[str, type] = {m.name: m for m in (WorkerInit, StepPlan, AllocateKV, Stats, Probe, ProfileStep,
+                                                      Shutdown)}
+"""Every message the driver sends, by name (how the worker decodes what arrives)."""

@@ -1,0 +1,68 @@
+"""How big the KV cache is: the driver's half of the sizing (the workers measure what fits on their
+device: ModelRunner.kv_capacity), in one place.
+
+1. Before the workers start: what they are told to measure with (`worker_budget`): the CPU cache size,
+   and how many tokens the profiling forward runs (its peak activation memory is kept free on a GPU).
+2. From their replies (`size_kv_cache`): the blocks every rank can hold (the smallest rank decides,
+   capped by kv_cache_memory_bytes), and the longest sequence that then fits (max_model_len).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..common.config import ConfigError
+from ..common.messages import WorkerReady
+
+CPU_KV_CACHE_BYTES = 1 << 30
+"""KV cache per rank on CPU when kv_cache_memory_bytes is not given"""
+MAX_PROFILE_TOKENS = 8192
+"""the profiling forward runs at most this many tokens (a larger step budget is profiled at this size)"""
+MIN_TOKEN_BUDGET = 2048
+"""a step's token budget when max_num_batched_tokens is not given: max(max_model_len, this)"""
+
+
+def token_budget(max_num_batched_tokens: int | None, max_model_len: int) -> int:
+    """Tokens one step may run (prefill chunks + decodes)."""
+    return max_num_batched_tokens or max(max_model_len, MIN_TOKEN_BUDGET)
+
+
+@dataclass(frozen=True)
+class WorkerBudget:
+    cpu_kv_cache_bytes: int
+    profile_tokens: int
+
+
+def worker_budget(kv_cache_memory_bytes: int | None, max_num_batched_tokens: int | None,
+                  max_model_len: int) -> WorkerBudget:
+    return WorkerBudget(kv_cache_memory_bytes if kv_cache_memory_bytes is not None else CPU_KV_CACHE_BYTES,
+                        min(token_budget(max_num_batched_tokens, max_model_len), MAX_PROFILE_TOKENS))
+
+
+@dataclass(frozen=True)
+class KVCacheSize:
+    blocks: int
+    """KV blocks per rank (the block manager's)"""
+    capacity_tokens: int
+    """tokens they hold"""
+    max_model_len: int
+    """longest prompt + output served"""
+
+
+def size_kv_cache(ready: dict[int, WorkerReady], block_size: int, kv_cache_memory_bytes: int | None,
+                  on_gpu: bool, max_model_len: int, max_model_len_given: bool) -> KVCacheSize:
+    """The cache every rank can hold, from the workers' measurements; raises ConfigError, naming what to
+    change, when it cannot hold a useful batch or the asked max_model_len."""
+    blocks = min(r.blocks for r in ready.values())
+    if kv_cache_memory_bytes is not None and on_gpu:
+        blocks = min(blocks, kv_cache_memory_bytes // max(r.block_bytes for r in ready.values()))
+    capacity = blocks * block_size
+    if capacity < min(max_model_len, 16 * block_size) or blocks < 1:
+        raise ConfigError(f"the KV cache holds only {capacity} tokens per rank after the weights; raise "
+                          f"gpu_memory_utilization / kv_cache_memory_bytes, use more GPUs, or lower max_model_len")
+    if not max_model_len_given:
+        max_model_len = min(max_model_len, capacity)
+    elif max_model_len > capacity:
+        raise ConfigError(f"max_model_len={max_model_len} does not fit the KV cache ({capacity} tokens per rank); "
+                          f"lower max_model_len or give the cache more memory")
+    return KVCacheSize(blocks, capacity, max_model_len)

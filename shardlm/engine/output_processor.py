@@ -1,0 +1,63 @@
+"""From sampled tokens to what the user sees: text (incremental detokenisation), logprobs, stop checks,
+and the RequestOutput of each request."""
+
+from __future__ import annotations
+
+from ..common.messages import SampledToken
+from .sequence import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence
+from .tokenizer import Tokenizer, decode_next
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int):
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+
+    def append(self, seq: Sequence, sampled: SampledToken) -> tuple[str, int | str | None] | None:
+        """Add the sampled token to `seq` (its text and logprobs); return (finish_reason, stop_reason) when
+        the sequence ends with it, else None."""
+        token, p, tok = sampled.token, seq.params, self.tokenizer
+        seq.output_ids.append(token)
+        seq.cumulative_logprob += sampled.logprob
+        if seq.logprobs is not None:
+            entry = {token: Logprob(sampled.logprob, sampled.rank, tok.token_str(token))}
+            for rank, (tid, lp) in enumerate(sampled.top or [], start=1):
+                entry.setdefault(tid, Logprob(lp, rank, tok.token_str(tid)))
+            seq.logprobs.append(entry)
+        # only the new token's text: decoding the whole output every step costs O(length) per token
+        new = decode_next(tok, seq.output_ids, seq.detok, p.skip_special_tokens)
+        seq.text += new
+        finish: tuple[str, int | str | None] | None = None
+        if not p.ignore_eos and token in tok.eos_token_ids:
+            finish = ("stop", None)
+        elif token in p.stop_token_ids:
+            finish = ("stop", token)
+        elif p.stop and new and (hit := self._find_stop(seq, len(new))):
+            return ("stop", hit)  # the text ends before the stop string; nothing after it is given out
+        elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
+            finish = ("length", None)
+        elif len(seq) >= self.max_model_len:
+            finish = ("length", None)
+        if finish:  # a character still cut between tokens is given out as it is
+            seq.text += decode_next(tok, seq.output_ids, seq.detok, p.skip_special_tokens, flush=True)
+        return finish
+
+    @staticmethod
+    def _find_stop(seq: Sequence, new_chars: int) -> str | None:
+        """The first stop string (in the request's order) that the newest `new_chars` characters
+        complete; the text is cut before it. Earlier text was searched when it arrived."""
+        for stop in seq.params.stop:
+            pos = seq.text.find(stop, max(0, len(seq.text) - new_chars - len(stop) + 1))
+            if pos != -1:
+                seq.text = seq.text[:pos]  # vLLM leaves the stop string out of the text
+                return stop
+        return None
+
+    @staticmethod
+    def request_output(request_id: str, prompt: str | None, seqs: list[Sequence],
+                       metrics: RequestMetrics) -> RequestOutput:
+        """A snapshot of the request's completions so far."""
+        finished = all(s.finished for s in seqs)
+        outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.cumulative_logprob,
+                                 list(s.logprobs) if s.logprobs is not None else None, s.finish_reason,
+                                 s.stop_reason) for s in seqs]
+        return RequestOutput(request_id, prompt, seqs[0].prompt_ids, outs, finished, metrics)
