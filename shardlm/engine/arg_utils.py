@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from ..common.config import ConfigError, check_output_path
+from ..common.defaults import MAX_NUM_SEQS, MAX_SEQ_LEN_TO_CAPTURE
 from ..common.layout import LayoutError
 from ..common.model_source import ModelSource
 
@@ -48,7 +49,7 @@ class EngineArgs:
     """seed of random weights (random:<preset>)"""
     max_model_len: int | None = None
     """longest prompt + output; default: the model's context, capped by the KV cache"""
-    max_num_seqs: int = 256
+    max_num_seqs: int = MAX_NUM_SEQS
     """most sequences in one step"""
     max_num_batched_tokens: int | None = None
     """token budget of one step (prefill chunks + decodes); default max(max_model_len, 2048)"""
@@ -60,7 +61,7 @@ class EngineArgs:
     """KV cache size per rank; overrides gpu_memory_utilization (default on CPU: 1 GiB)"""
     enforce_eager: bool = False
     """GPU: run every step eagerly; by default decode steps of dense models replay CUDA graphs"""
-    max_seq_len_to_capture: int = 8192
+    max_seq_len_to_capture: int = MAX_SEQ_LEN_TO_CAPTURE
     """GPU: decode steps whose longest context exceeds this run eagerly (graphs gather this many positions)"""
     external_workers: bool = False
     """wait for workers started by torchrun instead of spawning them"""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..common.defaults import MAX_NUM_SEQS
 from . import PlanError
 from .hardware import GPUS, gpu_preset_from_name, make_cluster
 from .models import model_from_dict
@@ -51,7 +52,7 @@ def _interconnect(interconnect: str | None, gpu: str, profile: Profile | None) -
 
 def recommend_for_engine(model_config: dict, gpus: int, gpu: str | None, interconnect: str | None,
                          max_model_len: int, profile_path: str | None = None, supported=("tp",),
-                         *, max_num_seqs: int = 256, model_name: str | None = None) -> dict[str, Any]:
+                         *, max_num_seqs: int = MAX_NUM_SEQS, model_name: str | None = None) -> dict[str, Any]:
     """Recommend a layout the engine can run.
 
     model_config: the engine's ModelConfig.to_dict() (or a Hugging Face config dict).

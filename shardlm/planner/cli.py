@@ -46,10 +46,12 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: all on one node)")
     p.add_argument("--network", default="ib-ndr", choices=list(NETWORKS),
                    help="network between nodes when --gpus > --gpus-per-node; default ib-ndr")
-    p.add_argument("--max-model-len", type=int, default=8192, help="longest sequence served; default 8192")
+    p.add_argument("--max-model-len", type=int, default=Workload.max_model_len,
+                   help=f"longest sequence served; default {Workload.max_model_len}")
     p.add_argument("--input-len", type=int, default=0, help="prompt tokens per request (default: half)")
     p.add_argument("--output-len", type=int, default=0, help="output tokens per request (default: the rest)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences per replica; default 256")
+    p.add_argument("--max-num-seqs", type=int, default=Workload.max_num_seqs,
+                   help=f"most sequences per replica; default {Workload.max_num_seqs}")
     p.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="KV cache element type")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target, ms")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token target, ms")

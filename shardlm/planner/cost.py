@@ -1,5 +1,8 @@
 """Cost model: memory per GPU, KV capacity, decode step and prefill time of one layout.
 
+(One module past 400 lines on purpose: every term of the step is here, each beside the formula below
+that it implements and the calibration that corrects it, so a prediction can be audited in one read.)
+
 The formulas (h hidden, L layers, n_h / n_kv heads, d head dim, f ffn, V vocab, b bytes, t = TP,
 p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   weights/GPU   per rank: its q heads and the KV heads they need (a KV head is replicated when
@@ -40,6 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..common.defaults import MAX_NUM_SEQS, MAX_SEQ_LEN_TO_CAPTURE
 from ..common.graph_shapes import GRAPH_TOKENS, graph_pairs, padded_shape
 from ..common.layout import ParallelLayout, shard_heads, split_evenly
 from .hardware import Cluster
@@ -320,7 +324,7 @@ class CostModel:
         engine captures no graphs for expert dispatch)."""
         if self.graph_decode and not self.model.is_moe:
             n = math.ceil(batch)
-            shape = padded_shape(graph_pairs(max(n, 256), 8192), n, math.ceil(context))
+            shape = padded_shape(graph_pairs(max(n, MAX_NUM_SEQS), MAX_SEQ_LEN_TO_CAPTURE), n, math.ceil(context))
             if shape is not None:
                 return shape[0], shape[1], True
         return batch, context, False

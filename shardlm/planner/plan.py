@@ -1,5 +1,7 @@
 """Enumerate every (TP, PP, EP, DP) layout for a GPU count, predict each, reject with reasons,
-recommend one; render as a table, JSON-ready dict, or a PNG of TPOT vs throughput.
+recommend one; render as a table, JSON-ready dict, or a PNG of TPOT vs throughput. (Past 400 lines:
+the enumeration, the constraints and the SLO search share the Workload and LayoutResult types and
+read as one procedure.)
 
 Workload: requests of input_len prompt tokens and output_len generated tokens (by default half
 and half of --max-model-len). KV capacity is counted for whole sequences of input+output tokens;
@@ -16,6 +18,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..common.defaults import MAX_NUM_SEQS
 from ..common.layout import ParallelLayout
 from . import PlanError
 from .cost import CostModel, Efficiency, StageShard, stage_shards
@@ -36,7 +39,7 @@ class Workload:
     """Prompt tokens per request (0: half of max_model_len)."""
     output_len: int = 0
     """Generated tokens per request (0: the rest of max_model_len)."""
-    max_num_seqs: int = 256
+    max_num_seqs: int = MAX_NUM_SEQS
     """Most sequences one replica batches (the engine's cap)."""
     slo_tpot_ms: float | None = None
     """Time-per-output-token target, ms."""

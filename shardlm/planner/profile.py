@@ -1,4 +1,5 @@
-"""Measured cluster profile: load, validate, interpolate.
+"""Measured cluster profile: load, validate, interpolate. (Past 400 lines: the schema below and its
+validation, field by field, are the file format's one definition.)
 
 `shardlm probe` writes this file; `shardlm plan --profile FILE` reads it and uses the measured
 numbers instead of datasheet ones. Schema (JSON object, version 1):
