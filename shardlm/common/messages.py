@@ -136,6 +136,9 @@ class SampledToken:
     """1 for the most likely token"""
     top: list[tuple[int, float]] | None = None
     """the `logprobs` most likely (token, logprob), most likely first; None when not asked"""
+    error: str | None = None
+    """set when this sequence's sampling failed (its own parameters' fault): the engine fails its request
+    alone, and token/logprob/rank mean nothing"""
 
 
 @dataclass
@@ -150,13 +153,13 @@ class StepResult(Message):
     """[sampled rows, vocab] float32, when the plan asked for them"""
 
     def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        toks = [[t.seq_id, t.token, t.logprob, t.rank, t.top] for t in self.tokens]
+        toks = [[t.seq_id, t.token, t.logprob, t.rank, t.top, t.error] for t in self.tokens]
         return {"tokens": toks, "exec_s": self.exec_s}, ({} if self.logits is None else {"logits": self.logits})
 
     @classmethod
     def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> StepResult:
-        toks = [SampledToken(sid, tok, lp, rank, None if top is None else [tuple(t) for t in top])
-                for sid, tok, lp, rank, top in header["tokens"]]
+        toks = [SampledToken(sid, tok, lp, rank, None if top is None else [tuple(t) for t in top], error)
+                for sid, tok, lp, rank, top, error in header["tokens"]]
         return cls(toks, header["exec_s"], arrays.get("logits"))
 
 

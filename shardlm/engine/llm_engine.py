@@ -121,6 +121,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.request_info: dict[str, tuple[str | None, RequestMetrics]] = {}
+        self._errors: dict[str, str] = {}  # request id -> why it failed on its own
         self._seq_ids = itertools.count()
         self._finished_seq_ids: list[int] = []
         self.num_generated_tokens = 0  # over the engine's life (metrics)
@@ -186,6 +187,7 @@ class LLMEngine:
             self.scheduler.abort(s)
             self._finished_seq_ids.append(s.seq_id)
         self.request_info.pop(request_id, None)
+        self._errors.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self.in_flight) or bool(self._drained)
@@ -253,28 +255,44 @@ class LLMEngine:
             seq = by_id[sampled.seq_id]
             if not any(s is seq for s in self.requests.get(seq.request_id, ())):  # aborted while in flight
                 continue
+            if sampled.error is not None:  # this request's own fault: it ends, the others go on
+                self._fail_request(seq.request_id, sampled.error)
+                touched[seq.request_id] = None
+                continue
             if self.return_logits:
                 self.logits_log.setdefault((seq.request_id, seq.index), []).append(result.logits[row])
             self.num_generated_tokens += 1
             finish = self.outputs.append(seq, sampled)
             if finish is not None:
-                seq.finish_reason, seq.stop_reason = finish
-                self.scheduler.finish(seq)
-                self._finished_seq_ids.append(seq.seq_id)
+                self._finish(seq, *finish)
             touched[seq.request_id] = None
             metrics = self.request_info[seq.request_id][1]
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
         return [self._output(rid) for rid in touched]
 
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+        self._finished_seq_ids.append(seq.seq_id)
+
+    def _fail_request(self, request_id: str, error: str) -> None:
+        """End every completion of one request with finish_reason "error" (the request's own fault)."""
+        self._errors[request_id] = error
+        for seq in self.requests[request_id]:
+            if not seq.finished:
+                self._finish(seq, "error", None)
+
     def _output(self, request_id: str) -> RequestOutput:
         prompt, metrics = self.request_info[request_id]
-        out = self.outputs.request_output(request_id, prompt, self.requests[request_id], metrics)
+        out = self.outputs.request_output(request_id, prompt, self.requests[request_id], metrics,
+                                          self._errors.get(request_id))
         if out.finished:
             if metrics.finished_time is None:
                 metrics.finished_time = time.monotonic()
             del self.requests[request_id]
             del self.request_info[request_id]
+            self._errors.pop(request_id, None)
         return out
 
     def _micro_batch_tokens(self) -> int | None:

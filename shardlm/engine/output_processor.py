@@ -54,10 +54,10 @@ class OutputProcessor:
 
     @staticmethod
     def request_output(request_id: str, prompt: str | None, seqs: list[Sequence],
-                       metrics: RequestMetrics) -> RequestOutput:
+                       metrics: RequestMetrics, error: str | None = None) -> RequestOutput:
         """A snapshot of the request's completions so far."""
         finished = all(s.finished for s in seqs)
         outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.cumulative_logprob,
                                  list(s.logprobs) if s.logprobs is not None else None, s.finish_reason,
                                  s.stop_reason) for s in seqs]
-        return RequestOutput(request_id, prompt, seqs[0].prompt_ids, outs, finished, metrics)
+        return RequestOutput(request_id, prompt, seqs[0].prompt_ids, outs, finished, metrics, error)

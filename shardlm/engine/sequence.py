@@ -103,3 +103,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    error: str | None = None
+    """why the request failed on its own (e.g. its sampling parameters broke the sampler); its completions
+    then end with finish_reason "error". Other requests are unaffected."""
