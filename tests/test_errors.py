@@ -111,9 +111,11 @@ def test_generation_stops_at_max_model_len(llm):
     assert out[0].outputs[0].finish_reason == "length"
 
 
-def test_dead_worker_brings_the_run_down_fast():
+def test_dead_worker_brings_the_run_down_fast_without_restarts():
+    """With max_worker_restarts=0 a dead rank ends the run at once, naming it (tests/test_recovery.py: the
+    default replaces the group instead)."""
     before = worker_pids()
-    llm = LLM(TINY, tensor_parallel_size=2)
+    llm = LLM(TINY, tensor_parallel_size=2, max_worker_restarts=0)
     victim = llm.engine.executor.procs[1]
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()

@@ -3,8 +3,18 @@
 import pytest
 import torch
 
-from shardlm.common.messages import SeqPlan
-from shardlm.engine.sampling_params import SamplingError, SamplingParams
+from shardlm.common.messages import SamplingSpec, SeqPlan
+from shardlm.engine.sampling_params import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    SamplingError,
+    SamplingParams,
+)
 from shardlm.worker.sampler import Sampler
 
 
@@ -13,10 +23,34 @@ from shardlm.worker.sampler import Sampler
     (dict(top_k=-3), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"),
     (dict(logprobs=50), "logprobs"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(seed="x"), "seed"),
+    # values a sampler or torch cannot take: each must stop here, never reach a worker
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=MAX_TEMPERATURE * 2), "temperature"), (dict(temperature=True), "temperature"),
+    (dict(top_p=float("nan")), "top_p"), (dict(top_p=float("-inf")), "top_p"),
+    (dict(seed=2**64), "seed"), (dict(seed=INT64_MAX + 1), "seed"), (dict(seed=INT64_MIN - 1), "seed"),
+    (dict(n=MAX_N + 1), "n"), (dict(n=True), "n"), (dict(top_k=2**63), "top_k"), (dict(top_k=1.5), "top_k"),
+    (dict(stop=["x"] * (MAX_STOP + 1)), "stop"), (dict(stop="x" * (MAX_STOP_CHARS + 1)), "stop"),
+    (dict(stop=5), "stop"), (dict(stop_token_ids=[2**63]), "stop_token_ids"),
+    (dict(stop_token_ids=list(range(MAX_STOP + 1))), "stop_token_ids"),
+    (dict(logprobs=-1), "logprobs"), (dict(logprobs=True), "logprobs"), (dict(max_tokens=2.0), "max_tokens"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
-    with pytest.raises(SamplingError, match=field):
+    with pytest.raises(SamplingError, match=field) as info:
         SamplingParams(**kwargs)
+    assert info.value.field == field
+
+
+def test_temperatures_below_the_minimum_sample_greedily():
+    assert SamplingParams(temperature=MIN_TEMPERATURE / 10).sampling_spec().greedy
+    assert SamplingParams(temperature=1e-300).sampling_spec().greedy
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).sampling_spec().greedy
+
+
+@pytest.mark.parametrize("seed", [INT64_MIN, -1, 0, INT64_MAX])
+def test_every_completions_seed_fits_torch(seed):
+    params = SamplingParams(seed=seed, n=MAX_N)
+    for i in (0, 1, MAX_N - 1):
+        torch.Generator().manual_seed(params.sampling_spec(i).seed)  # raises if out of range
 
 
 def test_stop_string_becomes_list():
@@ -62,3 +96,30 @@ def test_logprobs_are_of_the_model_distribution():
     assert [t for t, _ in out.top] == [0, 1]
     assert [lp for _, lp in out.top] == pytest.approx(ref[:2].tolist())
     assert out.logprob == pytest.approx(ref[0].item())
+
+
+def test_a_row_that_breaks_fails_alone():
+    """A row whose values break sampling (validation bypassed) gets an error; the other rows are sampled."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    s = Sampler(torch.device("cpu"))
+    rows = [seq(0, temperature=0),
+            SeqPlan(1, [0], 0, [0], True, SamplingSpec(temperature=float("nan"))),
+            seq(2, temperature=1.0, top_k=1, logprobs=2),
+            SeqPlan(3, [0], 0, [0], True, SamplingSpec(temperature=1.0, seed=2**64))]  # beyond manual_seed
+    out = s.sample(logits, rows)
+    assert [o.seq_id for o in out] == [0, 1, 2, 3]
+    assert out[0].error is None and out[0].token == logits[0].argmax().item()
+    assert out[2].error is None and out[2].token == logits[2].argmax().item() and len(out[2].top) == 2
+    assert "temperature=nan" in out[1].error and (out[1].token, out[1].rank, out[1].top) == (0, 0, None)
+    assert "seed=18446744073709551616" in out[3].error
+
+
+def test_extreme_but_valid_values_sample():
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]])
+    s = Sampler(torch.device("cpu"))
+    # a top_p below float32's smallest number still keeps the top token; logprobs beyond the vocabulary are clamped
+    (tiny_p,) = s.sample(logits, [seq(1, temperature=1.0, top_p=1e-300, logprobs=20)])
+    assert tiny_p.error is None and tiny_p.token == 1 and len(tiny_p.top) == 4
+    (hot,) = s.sample(logits, [seq(2, temperature=MAX_TEMPERATURE, top_k=2**63 - 1, seed=INT64_MIN)])
+    assert hot.error is None

@@ -1,6 +1,7 @@
 """Workers started by torchrun (as on several nodes) instead of by the driver."""
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -14,9 +15,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_external_workers_from_torchrun():
+def _shared_token(monkeypatch) -> str:
+    """The token both sides know: the workers start before the driver could print one."""
+    token = secrets.token_hex(16)
+    monkeypatch.setenv("SHARDLM_DRIVER_TOKEN", token)
+    return token
+
+
+def test_external_workers_from_torchrun(monkeypatch):
     port = _free_port()
-    env = dict(os.environ, SHARDLM_DRIVER=f"127.0.0.1:{port}")
+    env = dict(os.environ, SHARDLM_DRIVER=f"127.0.0.1:{port}", SHARDLM_DRIVER_TOKEN=_shared_token(monkeypatch))
     workers = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                 "--master-port", str(_free_port()), "-m", "shardlm.worker.main"], env=env)
     try:
@@ -31,11 +39,11 @@ def test_external_workers_from_torchrun():
             workers.kill()
 
 
-def test_pipeline_stages_on_two_torchrun_nodes():
+def test_pipeline_stages_on_two_torchrun_nodes(monkeypatch):
     """TP=2 inside each of two 'nodes' (two torchrun agents with node ranks 0 and 1), PP=2 between them:
     the layout the planner recommends across nodes; tokens equal the spawned run's."""
     port, master = _free_port(), _free_port()
-    env = dict(os.environ, SHARDLM_DRIVER=f"127.0.0.1:{port}")
+    env = dict(os.environ, SHARDLM_DRIVER=f"127.0.0.1:{port}", SHARDLM_DRIVER_TOKEN=_shared_token(monkeypatch))
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
                                "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(master),
                                "-m", "shardlm.worker.main"], env=env) for n in (0, 1)]

@@ -5,6 +5,7 @@ processes) inherit the driver's environment.
 | variable | read by | meaning |
 | --- | --- | --- |
 | SHARDLM_DRIVER | worker | host:port of the driver a worker connects to (set by the driver, or by hand under torchrun) |
+| SHARDLM_DRIVER_TOKEN | worker, driver | the secret a worker shows the driver in its hello (hex). The driver makes a fresh one per worker group for the workers it spawns; with external workers it uses this variable when set (the same value on both sides), else makes one and prints it beside SHARDLM_DRIVER |
 | SHARDLM_CACHE | driver | folder for downloaded models and converted tokenizers (default ~/.cache/shardlm) |
 | SHARDLM_CUDNN_SDPA | worker | 1: let torch pick cuDNN attention (off: it re-plans on every new shape) |
 | SHARDLM_GPU_WORKER_THREADS | worker | torch intra-op threads of a GPU worker (default 1; 0: torch's default) |
@@ -12,6 +13,7 @@ processes) inherit the driver's environment.
 | SHARDLM_EP_PADDED_MAX_ROWS | worker | expert parallelism: all-to-all of at most this many rows uses padded fixed-size buffers (default 1024; 0: always exact splits) |
 | SHARDLM_PADDED_DECODE_ON_CPU | worker | testing aid: run the CUDA graphs' padded decode steps eagerly on the CPU |
 | SHARDLM_CPROFILE_STEPS | worker | debugging aid: N > 0 prints a cProfile of rank 0's steps 10 .. 10 + N to stderr |
+| SHARDLM_FAULT_INJECT | worker | testing aid: `rank=R,step=N,point=P,action=A` makes rank R kill (A=kill: SIGKILL) or stop (A=stall: SIGSTOP) itself in its N-th step (counting the step plans it received, from 1) at point P: `step` (before the step runs), `stage_send` (before sending activations to the next pipeline stage) or `all_to_all` (before an expert-parallel MoE dispatch). The driver passes it only to the first worker group it spawns in a run (worker/faults.py) |
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def driver_address() -> str:
         raise ValueError("SHARDLM_DRIVER is not set: a worker needs the driver's host:port (the driver sets it "
                          "for the workers it spawns; under torchrun, export the address the driver printed)")
     return address
+
+
+def driver_token(required: bool) -> str:
+    """SHARDLM_DRIVER_TOKEN: the secret of the worker's hello ("" when unset and not required)."""
+    token = os.environ.get("SHARDLM_DRIVER_TOKEN", "")
+    if required and not token:
+        raise ValueError("SHARDLM_DRIVER_TOKEN is not set: a worker shows the driver its token (the driver sets it "
+                         "for the workers it spawns; under torchrun, export the token the driver printed)")
+    return token
 
 
 def cache_root() -> Path:
@@ -76,3 +87,8 @@ def padded_decode_on_cpu() -> bool:
 def cprofile_steps() -> int:
     """SHARDLM_CPROFILE_STEPS (default 0: off)."""
     return _int("SHARDLM_CPROFILE_STEPS", 0)
+
+
+def fault_inject() -> str:
+    """SHARDLM_FAULT_INJECT (default "": no fault); worker/faults.py parses it."""
+    return os.environ.get("SHARDLM_FAULT_INJECT", "")

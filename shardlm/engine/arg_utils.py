@@ -7,6 +7,7 @@ import ast
 import functools
 import inspect
 import itertools
+import math
 import os
 import textwrap
 import types
@@ -82,6 +83,12 @@ class EngineArgs:
     """JSON file of tokens per expert per layer (LLM.save_expert_load) that balanced placement evens out"""
     num_redundant_experts: int = 0
     """balanced placement: extra copies of the hottest experts, spread over other ranks"""
+    step_timeout_s: float = 30.0
+    """a step whose output rank has not answered after max(this, 20 x the recent median step time) means a
+    hung rank: the worker group is replaced and its sequences resume by recomputation"""
+    max_worker_restarts: int = 3
+    """worker groups replaced in a row without a step completing in between before the engine gives up
+    (a crash loop); 0: never replace a failed group"""
 
     def validate(self) -> None:
         """Raise ConfigError (LayoutError for the parallel layout) naming the setting to change, for
@@ -113,6 +120,10 @@ class EngineArgs:
             raise ConfigError(f"first_device must be >= 0, got {self.first_device}")
         if not 0 <= self.driver_port <= 65535:
             raise ConfigError(f"driver_port must be in 0..65535 (0: any free port), got {self.driver_port}")
+        if not math.isfinite(self.step_timeout_s) or self.step_timeout_s <= 0:
+            raise ConfigError(f"step_timeout_s must be a positive number of seconds, got {self.step_timeout_s}")
+        if self.max_worker_restarts < 0:
+            raise ConfigError(f"max_worker_restarts must be >= 0, got {self.max_worker_restarts}")
         if self.num_redundant_experts < 0:
             raise ConfigError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
         uses_placement = self.expert_load or self.num_redundant_experts or self.expert_placement != "round_robin"

@@ -14,6 +14,7 @@ from ..common.config import ConfigError
 from ..common.layout import LayoutError, ParallelLayout, shard_heads, split_layers
 from ..common.messages import (
     AllocateKV,
+    Command,
     ProfileStep,
     SeqPlan,
     Stats,
@@ -23,10 +24,11 @@ from ..common.messages import (
 from ..common.model_source import ModelSource, resolve_model
 from .arg_utils import EngineArgs
 from .block_manager import BlockManager
-from .executor import Executor
-from .kv_cache import size_kv_cache, token_budget, worker_budget
+from .executor import Executor, WorkerError
+from .kv_cache import KVCacheSize, size_kv_cache, token_budget, worker_budget
 from .moe_placement import plan_placement
 from .output_processor import OutputProcessor
+from .recovery import Recovery
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestMetrics, RequestOutput, Sequence
@@ -98,23 +100,12 @@ class LLMEngine:
                                   f"(the model's max_position_embeddings)")
             model_len = args.max_model_len
         self.tokenizer = load_tokenizer(source)
-        self.executor = Executor(self.layout, source, self._worker_options(model_len),
-                                 external_workers=args.external_workers, driver_host=args.driver_host,
-                                 driver_port=args.driver_port, first_device=args.first_device)
-        try:
-            kv = size_kv_cache(self.executor.ready, args.block_size, args.kv_cache_memory_bytes,
-                               self.device == "cuda", model_len, args.max_model_len is not None)
-            graphs = self.executor.call(AllocateKV(kv.blocks))[0]
-        except BaseException:
-            self.executor.shutdown(grace_s=1.0)
-            raise
+        # worker groups: the first one, then a fresh one each time a group fails (recovery.py)
+        self.recovery = Recovery(args.max_worker_restarts)
+        self.executor: Executor | None = None
+        kv = self._start_workers(model_len, args.max_model_len is not None)
         self.max_model_len = kv.max_model_len
         self.kv_capacity_tokens = kv.capacity_tokens
-        # decode steps replay CUDA graphs (rank 0's count; none on CPU, with enforce_eager, or for MoE models)
-        self.cuda_graphs = graphs.get("graphs", 0) > 0
-        self.graph_capture = {k: graphs[k] for k in ("graphs", "capture_s", "graph_pool_bytes") if k in graphs}
-        if self.cuda_graphs:  # what the KV budget set aside for the pool (measured eagerly before capture)
-            self.graph_capture["reserved_bytes"] = self.executor.ready[0].graph_reserve_bytes
         self.block_manager = BlockManager(kv.blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
                                    token_budget(args.max_num_batched_tokens, self.max_model_len))
@@ -139,6 +130,53 @@ class LLMEngine:
         gc.freeze()
 
     # ---- set-up helpers ----------------------------------------------------------------------
+    def _start_workers(self, model_len: int, model_len_given: bool) -> KVCacheSize:
+        """Start a worker group (load, size and allocate the KV cache, capture graphs); its cache size."""
+        args = self.args
+        self.executor = Executor(self.layout, self.source, self._worker_options(model_len),
+                                 external_workers=args.external_workers, driver_host=args.driver_host,
+                                 driver_port=args.driver_port, first_device=args.first_device,
+                                 step_timeout_s=args.step_timeout_s, generation=self.recovery.generation)
+        try:
+            kv = size_kv_cache(self.executor.ready, args.block_size, args.kv_cache_memory_bytes,
+                               self.device == "cuda", model_len, model_len_given)
+            graphs = self.executor.call(AllocateKV(kv.blocks))[0]
+        except BaseException:
+            self.executor.kill()
+            raise
+        # decode steps replay CUDA graphs (rank 0's count; none on CPU, with enforce_eager, or for MoE models)
+        self.cuda_graphs = graphs.get("graphs", 0) > 0
+        self.graph_capture = {k: graphs[k] for k in ("graphs", "capture_s", "graph_pool_bytes") if k in graphs}
+        if self.cuda_graphs:  # what the KV budget set aside for the pool (measured eagerly before capture)
+            self.graph_capture["reserved_bytes"] = self.executor.ready[0].graph_reserve_bytes
+        return kv
+
+    def _replace_workers(self, cause: WorkerError) -> None:
+        """The worker group failed (a rank died or hung): start a fresh one and put every live sequence
+        back in the queue with its prompt and the tokens it has, to resume by recomputation. Raises the
+        last failure once max_worker_restarts groups in a row failed before completing a step."""
+        self.executor.kill()
+        live = [s for seqs in self.requests.values() for s in seqs if not s.finished]
+        for seq in live:
+            seq.reset_for_recompute()
+        self.in_flight.clear()
+        self._in_flight_ids.clear()
+        self._finished_seq_ids = []  # the new workers keep no per-sequence state
+        while True:
+            self.recovery.begin(cause)  # raises once the budget is spent
+            try:
+                kv = self._start_workers(self.max_model_len, True)
+            except WorkerError as exc:  # the new group failed too: try again within the budget
+                cause = exc
+                continue
+            finally:
+                self.recovery.end()
+            break
+        self.kv_capacity_tokens = kv.capacity_tokens
+        self.block_manager = BlockManager(kv.blocks, self.args.block_size,
+                                          enable_prefix_caching=self.args.enable_prefix_caching)
+        self.scheduler = self.scheduler.rebuilt(self.block_manager, sorted(live, key=lambda s: s.seq_id))
+
     def _pick_dtype(self, dtype: str) -> str:
         if dtype == "auto":
             return "bfloat16" if self.device == "cuda" else "float32"
@@ -182,6 +220,25 @@ class LLMEngine:
         for s in seqs:
             self.scheduler.add(s)
 
+    def take_requests(self) -> list[tuple[str, str | None, RequestMetrics, list[Sequence]]]:
+        """Give up every unfinished request, with its completions so far, for another engine to finish
+        (adopt_request): what a data-parallel replica that failed for good hands to the others."""
+        taken = [(rid, *self.request_info[rid], seqs) for rid, seqs in self.requests.items()]
+        self.requests, self.request_info = {}, {}
+        return taken
+
+    def adopt_request(self, request_id: str, prompt: str | None, metrics: RequestMetrics,
+                      seqs: list[Sequence]) -> None:
+        """Finish another engine's request from where it was: its unfinished completions are queued to
+        recompute their prompt and the tokens they have, then go on."""
+        self.requests[request_id] = seqs
+        self.request_info[request_id] = (prompt, metrics)
+        for seq in seqs:
+            seq.seq_id = next(self._seq_ids)
+            if not seq.finished:
+                seq.reset_for_recompute()
+                self.scheduler.add(seq)
+
     def abort_request(self, request_id: str) -> None:
         for s in self.requests.pop(request_id, []):
             self.scheduler.abort(s)
@@ -214,15 +271,17 @@ class LLMEngine:
                 self._finished_seq_ids = []
                 self.in_flight.append(batch)
                 self._in_flight_ids.update(item.seq.seq_id for item in batch)  # a prompt may have 2 chunks in flight
+            if not self.in_flight:
+                if self.scheduler.has_work():
+                    raise RuntimeError("scheduler made no progress: the KV cache cannot hold the next request")
+                return []
+            return self._finish_oldest()
+        except WorkerError as exc:  # a rank died or hung: a fresh group takes over, nothing is lost
+            self._replace_workers(exc)
+            return []
         except BaseException:
             self.executor.shutdown(grace_s=1.0)  # no trace: the workers may be gone
             raise
-        if not self.in_flight:
-            if self.scheduler.has_work():
-                self.executor.shutdown(grace_s=1.0)
-                raise RuntimeError("scheduler made no progress: the KV cache cannot hold the next request")
-            return []
-        return self._finish_oldest()
 
     def _plan(self, batch: list[ScheduledSeq], finished: list[int]) -> StepPlan:
         return StepPlan([SeqPlan(item.seq.seq_id, item.tokens, item.start, item.seq.blocks, item.sample,
@@ -232,15 +291,15 @@ class LLMEngine:
     def drain(self) -> None:
         """Finish every batch in flight without submitting new ones (before profiling or stats);
         the outputs come out of the next step()."""
-        while self.in_flight:
-            self._drained.extend(self._finish_oldest())
+        try:
+            while self.in_flight:
+                self._drained.extend(self._finish_oldest())
+        except WorkerError as exc:
+            self._replace_workers(exc)
 
     def _finish_oldest(self) -> list[RequestOutput]:
-        try:
-            result = self.executor.collect()
-        except BaseException:
-            self.executor.shutdown(grace_s=1.0)
-            raise
+        result = self.executor.collect()
+        self.recovery.step_completed()
         self.last_step_exec_s = result.exec_s
         batch = self.in_flight.popleft()
         for item in batch:
@@ -327,13 +386,21 @@ class LLMEngine:
         plan = self._plan(self.scheduler.schedule(), [])
         for seq in plan.seqs:
             seq.sample = True
-        return self.executor.call(ProfileStep(plan))
+        return self._call(ProfileStep(plan))
+
+    def _call(self, cmd: Command) -> dict[int, dict[str, Any]]:
+        """A command to every rank; a failed group is replaced (and the error raised: no reply came)."""
+        try:
+            return self.executor.call(cmd)
+        except WorkerError as exc:
+            self._replace_workers(exc)
+            raise
 
     def stage_stats(self, reset: bool = False) -> dict[int, dict[str, Any]]:
         """Per rank: seconds computing, the wall window of its steps and the idle fraction (the
         pipeline bubble, for pipeline stages), from the workers' own step accounting."""
         self.drain()
-        return self.executor.call(Stats(reset=reset))
+        return self._call(Stats(reset=reset))
 
     def expert_stats(self, reset: bool = False) -> dict[str, Any]:
         """Routing since the start (or the last reset): see stats.expert_report. With tensor-parallel
@@ -341,13 +408,13 @@ class LLMEngine:
         if not self.source.config.is_moe:
             raise ConfigError(f"{self.source.name} is a dense model: it has no experts to report on")
         self.drain()
-        report = expert_report(self.executor.call(Stats(reset_experts=reset)))
+        report = expert_report(self._call(Stats(reset_experts=reset)))
         return {"model": self.source.name, "num_experts": self.source.config.num_experts,
                 "expert_parallel_size": self.layout.ep, **report, "placement": self.expert_placement}
 
     def write_trace(self, path: str) -> None:
         """Chrome/Perfetto trace of every rank's steps: one process track per rank."""
-        write_trace(path, self.executor.call(Stats(events=True)),
+        write_trace(path, self._call(Stats(events=True)),
                     {"model": self.source.name, "layout": str(self.layout)})
 
     def shutdown(self, grace_s: float = 5.0) -> None:

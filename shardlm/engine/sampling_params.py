@@ -1,16 +1,51 @@
-"""SamplingParams with vLLM's argument names and meanings, validated when created."""
+"""SamplingParams with vLLM's argument names and meanings, validated when created.
+
+Every value is bounded by what the output rank's sampler (worker/sampler.py) and the output processor
+take, so a request that passes here cannot break a worker; the bounds are the constants below.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..common.messages import SamplingSpec
 
+MAX_N = 128
+"""most completions per prompt (OpenAI's limit): each is a sequence with its own KV blocks"""
 MAX_LOGPROBS = 20
+"""most top log-probabilities per token (OpenAI's limit)"""
+MIN_TEMPERATURE = 1e-5
+"""temperatures above 0 and below this sample greedily (as vLLM does): dividing logits by them
+overflows float32, and the distribution they ask for is the argmax anyway"""
+MAX_TEMPERATURE = 100.0
+"""the highest temperature: real models' logits span tens of units, so at 100 every token is already
+about equally likely; higher values add nothing"""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""seeds, top_k and stop token ids must fit a signed 64-bit integer (what torch holds them in)"""
+SEED_STRIDE = 1_000_003
+"""completion i of n samples with seed + SEED_STRIDE * i. With seed in int64 and i < MAX_N every such
+seed lies in [-2**63, 2**64 - 1], the range torch.Generator.manual_seed takes"""
+MAX_STOP = 64
+"""most stop strings (each is searched for after every token) and most stop token ids"""
+MAX_STOP_CHARS = 256
+"""longest stop string: streaming holds back this many characters minus one, in case a stop completes"""
 
 
 class SamplingError(ValueError):
     """An invalid sampling value; the message names the field and what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -18,59 +53,77 @@ class SamplingParams:
     """How to pick tokens and when to stop (names follow vLLM)."""
 
     n: int = 1
-    """completions per prompt"""
+    """completions per prompt, 1 .. MAX_N"""
     temperature: float = 1.0
-    """0 means greedy; higher flattens the distribution"""
+    """0 means greedy (so does anything below MIN_TEMPERATURE); higher flattens the distribution, up to
+    MAX_TEMPERATURE"""
     top_p: float = 1.0
     """nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]"""
     top_k: int = 0
     """keep only the k most likely tokens; 0 or -1 keeps all"""
     seed: int | None = None
-    """per-request random seed, for reproducible sampling"""
+    """per-request random seed (a signed 64-bit integer), for reproducible sampling"""
     max_tokens: int | None = 16
     """most tokens to generate; None generates until EOS or the context is full"""
     stop: list[str] | str | None = None
-    """strings that end generation (not included in the output text)"""
+    """strings that end generation (not included in the output text); at most MAX_STOP, each at most
+    MAX_STOP_CHARS characters"""
     stop_token_ids: list[int] | None = None
-    """token ids that end generation, besides EOS"""
+    """token ids that end generation, besides EOS; at most MAX_STOP"""
     ignore_eos: bool = False
     """keep generating past EOS (benchmarks)"""
     logprobs: int | None = None
-    """return the log-probabilities of this many most likely tokens (plus the sampled one) per step"""
+    """return the log-probabilities of this many most likely tokens (plus the sampled one) per step,
+    0 .. MAX_LOGPROBS"""
     skip_special_tokens: bool = True
     """leave special tokens out of the text"""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple, type(None))):
+            raise SamplingError("stop", f"stop must be a string or a list of strings, got {self.stop!r:.100}")
+        if not isinstance(self.stop_token_ids, (list, tuple, type(None))):
+            raise SamplingError("stop_token_ids",
+                                f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r:.100}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._check()
 
     def _check(self) -> None:
-        def fail(msg: str) -> None:
-            raise SamplingError(msg)
+        def fail(field: str, msg: str) -> None:
+            raise SamplingError(field, msg)
 
-        if not isinstance(self.n, int) or self.n < 1:
-            fail(f"n must be an integer >= 1, got {self.n!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            fail(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            fail(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (0, -1)):
-            fail(f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            fail(f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail(f"seed must be an integer, got {self.seed!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            fail(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            fail(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            fail(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            fail("n", f"n must be an integer in [1, {MAX_N}] (MAX_N), got {self.n!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            fail("temperature", f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}] (0 = greedy; so is "
+                                f"anything below {MIN_TEMPERATURE:g}), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            fail("top_p", f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or not (self.top_k in (0, -1) or 1 <= self.top_k <= INT64_MAX):
+            fail("top_k", f"top_k must be -1 or 0 (disabled) or an integer in [1, 2**63 - 1], got {self.top_k!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            fail("max_tokens", f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
+            fail("seed", f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            fail("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if len(self.stop) > MAX_STOP:
+            fail("stop", f"stop has {len(self.stop)} strings; at most {MAX_STOP} (MAX_STOP) are allowed")
+        for s in self.stop:
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+                fail("stop", f"stop must be a list of strings of 1 to {MAX_STOP_CHARS} (MAX_STOP_CHARS) characters, "
+                             f"got {s!r:.100}")
+        if len(self.stop_token_ids) > MAX_STOP:
+            fail("stop_token_ids", f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP} (MAX_STOP) "
+                                   f"are allowed")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or not 0 <= t <= INT64_MAX:
+                fail("stop_token_ids", f"stop_token_ids must be integers in [0, 2**63 - 1], got {t!r:.100}")
 
     def sampling_spec(self, index: int = 0) -> SamplingSpec:
-        """What the output rank needs to sample. `index` varies the seed between the n completions."""
-        return SamplingSpec(float(self.temperature), float(self.top_p), int(self.top_k),
-                            None if self.seed is None else int(self.seed) + 1_000_003 * index, self.logprobs)
+        """What the output rank needs to sample completion `index` (which varies the seed between the n)."""
+        temperature = 0.0 if self.temperature < MIN_TEMPERATURE else float(self.temperature)
+        seed = None if self.seed is None else self.seed + SEED_STRIDE * index
+        return SamplingSpec(temperature, float(self.top_p), self.top_k, seed, self.logprobs)

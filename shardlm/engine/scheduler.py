@@ -131,5 +131,13 @@ class Scheduler:
             self.running.remove(seq)
         self.blocks.release(seq)
 
+    def rebuilt(self, blocks: BlockManager, waiting: list[Sequence]) -> Scheduler:
+        """A scheduler over a new KV cache with `waiting` queued in order (after a worker group was
+        replaced); the limits and the counters carry over."""
+        fresh = Scheduler(blocks, self.max_num_seqs, self.max_num_batched_tokens)
+        fresh.waiting.extend(waiting)
+        fresh.num_preemptions = self.num_preemptions
+        return fresh
+
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions)

@@ -52,6 +52,12 @@ class Sequence:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
 
+    def reset_for_recompute(self) -> None:
+        """Forget the KV cache (its blocks are gone): the sequence waits to prefill prompt + output again."""
+        self.blocks = []
+        self.num_computed = self.num_scheduled = 0
+        self.status = SeqStatus.WAITING
+
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

@@ -1,18 +1,29 @@
-"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+Every error is OpenAI-shaped JSON (`{"error": {message, type, param, code}}`), unknown paths, wrong
+methods, oversized bodies and unexpected exceptions included; a stream that fails after its 200 went
+out ends with an error event, then `data: [DONE]`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..engine.sequence import CompletionOutput, RequestOutput
 from ..engine.streaming import visible_end
@@ -20,39 +31,69 @@ from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
+log = logging.getLogger("shardlm.serve")
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+CLIENT_GONE = 499
+"""status of a response no one reads: its client hung up (nginx's "client closed request")"""
+SHUTTING_DOWN = "the server shut down before this request finished; send it again"
+
+
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, *, max_body_bytes: int) -> FastAPI:
+    """The app serving `engine` as `model_name`; requests to /v1/* need `api_key` if given, and bodies
+    over `max_body_bytes` get 413."""
     app = FastAPI(title="shardlm", docs_url=None, redoc_url=None)
     metrics = Metrics(model_name)
     engine.on_step = metrics.on_step
+
+    def on_tick(rep) -> None:
+        metrics.set_ready(rep, rep.ready(engine.stall_s))
+        metrics.on_tick(rep)
+
+    engine.on_tick = on_tick
+    engine.on_restart = lambda rep, restart: (metrics.on_restart(rep, restart.cause), metrics.set_ready(rep, True))
     app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
     tokenizer = engine.engine.tokenizer
     max_len = engine.engine.max_model_len
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def _api_error(_: Request, exc: APIError) -> Response:
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in err.get("loc", []) if x != "body"]
-        param = ".".join(loc) or None
-        msg = f"{param}: {err.get('msg', 'invalid value')}" if param else err.get("msg", "malformed request body")
-        return JSONResponse(APIError(400, msg, param).body(), status_code=400)
+    async def _bad_body(_: Request, exc: RequestValidationError) -> Response:
+        return _validation_error(exc.errors()).response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
-                               "authentication_error", "invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            message = (f"no such endpoint: {request.method} {request.url.path}; this server serves /v1/completions, "
+                       f"/v1/chat/completions, /v1/models, /health and /metrics")
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "GET")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+        elif exc.status_code == 400:  # FastAPI could not read the body (e.g. it is not UTF-8)
+            message = f"the request body could not be read ({exc.detail}); send a UTF-8 JSON object"
+        else:
+            message = str(exc.detail)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return APIError(exc.status_code, message, kind=kind, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        # Starlette re-raises the exception once this response is out, and uvicorn logs it with its traceback
+        return APIError(500, f"internal server error ({type(exc).__name__}); see the server log",
+                        kind="server_error").response()
 
     @app.get("/health")
     async def health() -> Response:
+        """Liveness: 503 once no replica runs, and while a worker group is being replaced."""
         return Response(status_code=200 if engine.healthy else 503)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: some replica can serve now (loaded, not replacing workers, not stuck, not draining)."""
+        return Response(status_code=200 if engine.ready else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -63,10 +104,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "shardlm", "max_model_len": max_len}]}
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"model {name!r} is not served here; this server serves {model_name!r}", "model",
-                           code="model_not_found")
+    def check_request(req: CompletionRequest | ChatCompletionRequest) -> None:
+        req.check_text()
+        if req.model != model_name:
+            raise APIError(404, f"model {req.model!r:.200} is not served here; this server serves {model_name!r}",
+                           "model", code="model_not_found")
+        req.check_unsupported()
 
     def check_max_tokens(value: int | None, prompt_len: int, field: str) -> int | None:
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -76,6 +119,27 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                                 f"{max_len}; lower {field}", field)
         return value
 
+    def admit(count: int) -> None:
+        """Refuse, before anything is queued or a stream's 200 goes out, a request of `count` generations
+        that the server cannot take now (503 + Retry-After) or ever (400)."""
+        if count > engine.max_waiting_requests:
+            raise APIError(400, f"the request has {count} prompts but this server takes at most "
+                                f"{engine.max_waiting_requests} requests in flight (--max-waiting-requests); "
+                                f"send fewer prompts per request", "prompt")
+        if not engine.serving:
+            raise APIError(503, "the engine is not running (its workers failed); see the server log",
+                           kind="server_error")
+        try:
+            engine.check_capacity(count)
+        except Overloaded as exc:
+            raise _overloaded(exc) from None
+
+    def validate(ids: list[int]) -> None:
+        try:
+            engine.engine.validate_prompt(ids)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "prompt") from None
+
     async def run(prompt_text: str | None, ids: list[int], params) -> AsyncIterator[RequestOutput]:
         try:
             async with aclosing(engine.generate(prompt_text, ids, params)) as stream:
@@ -83,9 +147,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                 async for out in stream:
                     if out.finished:
                         metrics.on_finished(out)
+                    if out.error is not None:  # its own sampling values failed on the worker
+                        raise APIError(400, f"the request failed: {out.error}")
                     yield out
-        except Overloaded:
-            admit()  # raises the 503
+        except Overloaded as exc:  # (another request took the last place since admit())
+            raise _overloaded(exc) from None
         except EngineDead as exc:
             raise APIError(503, str(exc), kind="server_error") from None
         except ValueError as exc:
@@ -98,19 +164,26 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     # ---- /v1/completions -----------------------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        check_model(req.model)
-        req.check_unsupported()
+    async def completions(req: CompletionRequest, request: Request):
+        check_request(req)
         prompts = req.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt is empty", "prompt")
-        encoded = [prompt_ids(p) for p in prompts]
-        for _, ids in encoded:
-            _validate(ids)
-            check_max_tokens(req.max_tokens, len(ids), "max_tokens")
+        if req.stream and len(prompts) > 1:
+            raise APIError(400, "stream=true takes one prompt per request", "prompt")
         params = req.sampling(req.max_tokens, req.logprobs)
+
+        def encode() -> list[tuple[str | None, list[int]]]:
+            encoded = [prompt_ids(p) for p in prompts]
+            for _, ids in encoded:
+                validate(ids)
+                check_max_tokens(req.max_tokens, len(ids), "max_tokens")
+            return encoded
+
+        encoded = await asyncio.to_thread(encode)  # a long prompt takes a while: the loop serves others meanwhile
+        admit(len(encoded))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def choice(i: int, c: CompletionOutput, text: str, start_tok: int) -> dict[str, Any]:
@@ -119,13 +192,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
         if not req.stream:
-            outs = await asyncio.gather(*(_last(run(t, ids, params)) for t, ids in encoded))  # batched together
+            outs = await _collect(request, [run(t, ids, params) for t, ids in encoded])  # batched together
+            if outs is None:
+                return Response(status_code=CLIENT_GONE)
             choices = [choice(p * req.n + c.index, c, c.text, 0) for p, o in enumerate(outs) for c in o.outputs]
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": _usage(outs)}
-        if len(encoded) > 1:
-            raise APIError(400, "stream=true takes one prompt per request", "prompt")
-        admit()  # a 503 must go out before the stream's 200 does
 
         async def events() -> AsyncIterator[str]:
             head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
@@ -136,38 +208,45 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                     yield _sse(dict(head, choices=[], usage=_usage([last])))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_with_error_event(events()), media_type="text/event-stream")
+        return _EventStream(events())
 
     # ---- /v1/chat/completions ------------------------------------------------------------------
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
-        check_model(req.model)
-        req.check_unsupported()
-        try:
-            ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
-        except ValueError as exc:
-            raise APIError(400, str(exc), "messages") from None
-        _validate(ids)
+    async def chat(req: ChatCompletionRequest, request: Request):
+        check_request(req)
+        conversation = [{"role": m.role, "content": m.text(f"messages.{i}")} for i, m in enumerate(req.messages)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        check_max_tokens(max_tokens, len(ids), field)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                              {"logprobs": "top_logprobs", "max_tokens": field})
+
+        def encode() -> list[int]:
+            try:
+                ids = tokenizer.apply_chat_template(conversation)
+            except Exception as exc:  # noqa: BLE001 - the template's own checks (jinja2: roles must alternate, ...)
+                raise APIError(400, f"the model's chat template rejected the messages: {exc}", "messages") from None
+            validate(ids)
+            check_max_tokens(max_tokens, len(ids), field)
+            return ids
+
+        ids = await asyncio.to_thread(encode)  # off the event loop, as for completions
+        admit(1)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            admit()
 
         def logprobs(c: CompletionOutput, start: int) -> dict[str, Any] | None:
             return _chat_logprobs(c, start, tokenizer, req.top_logprobs or 0) if req.logprobs else None
 
         if not req.stream:
-            out = await _last(run(None, ids, params))
+            outs = await _collect(request, [run(None, ids, params)])
+            if outs is None:
+                return Response(status_code=CLIENT_GONE)
             choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": logprobs(c, 0), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                       for c in out.outputs]
+                       for c in outs[0].outputs]
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": _usage([out])}
+                    "choices": choices, "usage": _usage(outs)}
 
         async def events() -> AsyncIterator[str]:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
@@ -183,24 +262,146 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                     yield _sse(dict(head, choices=[], usage=_usage([last])))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_with_error_event(events()), media_type="text/event-stream")
-
-    def admit() -> None:
-        try:
-            engine.check_capacity()
-        except Overloaded as exc:
-            raise APIError(503, f"server overloaded: {exc}; retry later", kind="server_error",
-                           headers={"Retry-After": "1"}) from None
-        if not engine.healthy:
-            raise APIError(503, "the engine is not running (a worker failed); see the server log", kind="server_error")
-
-    def _validate(ids: list[int]) -> None:
-        try:
-            engine.engine.validate_prompt(ids)
-        except ValueError as exc:
-            raise APIError(400, str(exc), "prompt") from None
+        return _EventStream(events())
 
     return app
+
+
+class _Gate:
+    """ASGI middleware run before the app reads a request: the API key on /v1/* (401), then the body
+    size (413, in OpenAI's shape): a declared Content-Length over the limit is refused at once, and a
+    chunked body as soon as the bytes read pass it."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.key = None if api_key is None else api_key.encode()
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, token = header.strip().partition(" ")
+        # the scheme is case-blind (RFC 9110); the key is compared in constant time
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"), self.key)
+
+    def _too_large(self, size: str) -> APIError:
+        return APIError(413, f"the request body ({size} bytes) is larger than this server's limit of "
+                             f"{self.max_body_bytes} bytes (--max-request-body-bytes); send a smaller request")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if self.key is not None and scope["path"].startswith("/v1/") \
+                and not self._authorized(headers.get("authorization", "")):
+            err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
+                           "authentication_error", "invalid_api_key")
+            return await err.response()(scope, receive, send)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._too_large(declared).response()(scope, receive, send)
+        read = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_body_bytes:  # FastAPI hands an HTTPException raised while reading to its handler
+                raise HTTPException(413, self._too_large(f"at least {read}").message)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class _EventStream(StreamingResponse):
+    """A text/event-stream of `events`. A client that hangs up cancels them at once (which aborts their
+    request: see AsyncEngine.generate). However it ends otherwise, the stream is well formed: a failure
+    after the 200 went out, or the server cancelling the response (its graceful shutdown timed out),
+    sends an error event, then `data: [DONE]`."""
+
+    def __init__(self, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+
+        async def hang_up() -> None:
+            await _client_gone(receive)
+            task.cancel()
+
+        watcher = asyncio.create_task(hang_up())
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        error = None
+        try:
+            async with aclosing(self.body_iterator) as events:
+                async for event in events:
+                    await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+        except asyncio.CancelledError:
+            task.uncancel()
+            if watcher.done():
+                return  # the client has gone: no one to tell
+            error = APIError(503, SHUTTING_DOWN, kind="server_error")
+        except APIError as exc:
+            error = exc
+        except Exception:  # noqa: BLE001 - a bug: logged, and the client still gets a well-formed end
+            log.exception("streaming a response failed")
+            error = APIError(500, "internal server error; see the server log", kind="server_error")
+        finally:
+            watcher.cancel()
+        tail = b"" if error is None else (_sse(error.body()) + "data: [DONE]\n\n").encode()
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Return once the client has disconnected (call it only after the request body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput] | None:
+    """The final outputs of `streams`, generated together; None if the client hung up first. Their
+    request is answered or refused whole: the first to fail cancels the others, and so does the client
+    hanging up (cancelling one aborts its request, freeing its KV blocks). The server cancelling this
+    request (its graceful shutdown timed out) answers 503."""
+    tasks = [asyncio.create_task(_last(s)) for s in streams]
+    gone = asyncio.create_task(_client_gone(request.receive))
+    try:
+        waiting = set(tasks)
+        while waiting:
+            done, waiting = await asyncio.wait(waiting | {gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                return None
+            waiting.discard(gone)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+        return [t.result() for t in tasks]
+    except asyncio.CancelledError:
+        asyncio.current_task().uncancel()
+        raise APIError(503, SHUTTING_DOWN, kind="server_error") from None
+    finally:
+        for t in (*tasks, gone):
+            t.cancel()
+
+
+def _overloaded(exc: Overloaded) -> APIError:
+    return APIError(503, f"server overloaded: {exc}; retry later", kind="server_error", headers={"Retry-After": "1"})
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """A 400 for a body FastAPI could not parse or validate, naming the field."""
+    if not errors:
+        return APIError(400, "malformed request body; send a JSON object")
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'syntax')} "
+                             f"at character {first['loc'][-1]}); send a JSON object")
+    paths = [[str(x) for x in e["loc"] if x != "body"] for e in errors]
+    if not paths[0]:
+        return APIError(400, f"the request body must be a JSON object: {first['msg']}")
+    # a field of several forms (prompt, stop, content) fails once per form: show each (up to 4), and
+    # name the field they share
+    same = [(p, e["msg"]) for p, e in zip(paths, errors) if p[0] == paths[0][0]][:4]
+    param = ".".join(os.path.commonprefix([p for p, _ in same]))
+    detail = "; ".join(f"{'.'.join(p)}: {msg}" for p, msg in same)
+    return APIError(400, detail if len(same) == 1 else f"invalid {param}: {detail}", param)
 
 
 async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -223,16 +424,6 @@ async def _stream_deltas(outputs: AsyncIterator[RequestOutput], n: int, stops: l
                 shown[c.index], sent_tokens[c.index] = end, len(c.token_ids)
     if last is not None:
         yield None, "", 0, last
-
-
-async def _with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Re-yield an event stream; an error after the 200 went out ends the stream with an error event."""
-    try:
-        async for e in events:
-            yield e
-    except APIError as exc:
-        yield _sse(exc.body())
-        yield "data: [DONE]\n\n"
 
 
 def _sse(obj: dict[str, Any]) -> str:

@@ -23,6 +23,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: the model argument)")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests in flight beyond which new ones get 503 + Retry-After")
+    p.add_argument("--max-request-body-bytes", type=int, default=8 << 20,
+                   help="largest request body taken; a larger one gets 413 before it is parsed (default 8 MiB)")
     return p
 
 
@@ -34,6 +36,8 @@ def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_request_body_bytes < 1:
+        raise ValueError(f"--max-request-body-bytes must be a positive number, got {args.max_request_body_bytes}")
     engine = AsyncEngine(engine_args, data_parallel_size=args.data_parallel_size,
                          max_waiting_requests=args.max_waiting_requests)
     for rep in engine.replicas:
@@ -49,16 +53,26 @@ def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         log.info("shutting down: stopping engine replicas")
         engine.shutdown()
 
-    app = build_app(engine, name, args.api_key)
+    app = build_app(engine, name, args.api_key, max_body_bytes=args.max_request_body_bytes)
     app.router.lifespan_context = lifespan
     log.info("serving %s on http://%s:%d", name, args.host, args.port)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=30))
+    fatal: list[BaseException] = []
+
+    def give_up(exc: BaseException) -> None:  # every replica gave up (a crash loop): stop serving, exit 1
+        log.error("no replica is left running (%s); stopping the server", exc)
+        fatal.append(exc)
+        server.should_exit = True
+
+    engine.on_fatal = give_up
     # uvicorn turns SIGTERM into a graceful shutdown, then re-raises it once done; this handler
     # absorbs that re-raise so a clean SIGTERM shutdown exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+        server.run()
     finally:
         engine.shutdown()
-    return 0
+    return 1 if fatal else 0
 
 

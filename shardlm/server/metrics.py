@@ -1,9 +1,21 @@
-"""Prometheus metrics of the server (one registry per server, so tests can run several)."""
+"""Prometheus metrics of the server (one registry per server, so tests can run several).
+
+Everything but the request histograms is updated in the replica threads (the engine is not thread-safe):
+on_step after each step, on_tick after steps and while idle. GPU readings come from NVML, in the process
+of the server, for the GPUs its worker ranks run on; without NVML (a CPU server) those gauges are absent.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import pynvml
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,9 +27,45 @@ from prometheus_client import (
 from ..engine.sequence import RequestOutput
 
 MOE_INTERVAL_S = 5.0
+REFRESH_INTERVAL_S = 5.0
+"""on_tick reads the GPUs and the workers' step accounting at most this often per replica"""
+
+log = logging.getLogger("shardlm.serve")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+
+
+def _gpu_handle(ordinal: int) -> Any:
+    """NVML's handle of the GPU that CUDA numbers `ordinal` (the worker's LOCAL_RANK): NVML counts
+    every GPU of the host, CUDA only those CUDA_VISIBLE_DEVICES names (by index or UUID)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return pynvml.nvmlDeviceGetHandleByIndex(ordinal)
+    entry = visible.split(",")[ordinal].strip()
+    if entry.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+    return pynvml.nvmlDeviceGetHandleByUUID(entry)
+
+
+def _nvml_read(read: Callable[[Any], float], handle: Any) -> float | None:
+    """One reading, None where this GPU does not support it (power on some boards, anything on MIG)."""
+    try:
+        return read(handle)
+    except pynvml.NVMLError:
+        return None
+
+
+@dataclass
+class _Ticks:
+    """What on_tick keeps per replica."""
+
+    last: float = float("-inf")
+    """when it last refreshed the gauges"""
+    stepped: bool = False
+    """a step ran since the workers' step accounting was last read"""
+    gpus: list[tuple[str, str, Any]] | None = None
+    """(rank, NVML GPU index, handle) of each rank; found on the first refresh"""
 
 
 class Metrics:
@@ -61,7 +109,32 @@ class Metrics:
         self.moe_imbalance = Gauge("shardlm_moe_step_imbalance",
                                    "Mean over recent steps of max / mean rows per expert-parallel rank (1 = even)",
                                    ["model_name", "replica"], registry=r)
+        # the workers' own step accounting and the GPUs they run on, read by on_tick every REFRESH_INTERVAL_S
+        self.step_seconds = Gauge("shardlm_worker_step_seconds",
+                                  "Mean seconds each worker rank computed per step, over the last interval",
+                                  ["model_name", "replica", "rank"], registry=r)
+        gpu = ["model_name", "replica", "rank", "gpu"]
+        self._gpu_gauges: list[tuple[Gauge, Callable[[Any], float]]] = [
+            (Gauge("shardlm_gpu_utilization_percent", "Percent of the last sample period a kernel ran on the GPU",
+                   gpu, registry=r), lambda h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
+            (Gauge("shardlm_gpu_memory_used_bytes", "GPU memory in use (every process)", gpu, registry=r),
+             lambda h: pynvml.nvmlDeviceGetMemoryInfo(h).used),
+            (Gauge("shardlm_gpu_memory_total_bytes", "GPU memory installed", gpu, registry=r),
+             lambda h: pynvml.nvmlDeviceGetMemoryInfo(h).total),
+            (Gauge("shardlm_gpu_temperature_celsius", "GPU core temperature", gpu, registry=r),
+             lambda h: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)),
+            (Gauge("shardlm_gpu_power_watts", "GPU power draw", gpu, registry=r),
+             lambda h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000),
+        ]
+        # worker groups replaced by the engine, and which replicas can take requests
+        self.restarts = Counter("shardlm_worker_restarts", "Worker groups replaced, by cause (died, hung)",
+                                ["model_name", "replica", "cause"], registry=r)
+        self.ready = Gauge("shardlm_replica_ready", "1 while the replica can take requests, else 0",
+                           ["model_name", "replica"], registry=r)
         self._seen: dict[int, dict[str, float]] = {}
+        self._ticks: dict[int, _Ticks] = {}
+        self._nvml: bool | None = None  # NVML started (None: not tried yet)
+        self._nvml_lock = threading.Lock()
 
     def on_step(self, replica, outputs: list[RequestOutput]) -> None:
         """Called in a replica thread after each engine step."""
@@ -85,6 +158,7 @@ class Metrics:
         if now > seen["t"]:
             self.tokens_per_s.labels(**lbl).set(new_tokens / (now - seen["t"]))
         seen.update(preempt=sched.num_preemptions, q=queries, h=hits, gen=stats.generated_tokens, t=now)
+        self._ticks_of(replica).stepped = True
         if engine.source.config.is_moe and now - seen.get("moe", 0.0) >= MOE_INTERVAL_S:
             experts = engine.expert_stats(reset=True)  # counts since the last read
             for layer, counts in experts["tokens_per_expert"].items():
@@ -94,6 +168,65 @@ class Metrics:
             if experts["step_imbalance"]:
                 self.moe_imbalance.labels(**lbl).set(experts["mean_imbalance"])
             seen["moe"] = now
+
+    def on_tick(self, replica) -> None:
+        """Called in a replica thread, often (after steps and while idle): refreshes the GPU gauges and
+        the worker step times at most every REFRESH_INTERVAL_S. The step times need a round trip to the
+        workers (which drains a pipeline), so they are read only when steps ran since the last read."""
+        ticks = self._ticks_of(replica)
+        now = time.monotonic()
+        if now - ticks.last < REFRESH_INTERVAL_S:
+            return
+        ticks.last = now
+        key = str(replica.index)
+        if ticks.gpus is None:
+            ticks.gpus = self._find_gpus(replica.engine)
+        for rank, gpu, handle in ticks.gpus:
+            for gauge, read in self._gpu_gauges:
+                value = _nvml_read(read, handle)
+                if value is not None:
+                    gauge.labels(**self._labels, replica=key, rank=rank, gpu=gpu).set(value)
+        if ticks.stepped:
+            ticks.stepped = False
+            for rank, acc in replica.engine.stage_stats(reset=True).items():  # busy seconds since the last read
+                if acc["steps"]:
+                    self.step_seconds.labels(**self._labels, replica=key, rank=str(rank)).set(
+                        acc["busy_s"] / acc["steps"])
+
+    def on_restart(self, replica, cause: str) -> None:
+        """A replica's engine replaced its worker group (cause: 'died', 'hung')."""
+        self.restarts.labels(**self._labels, replica=str(replica.index), cause=cause).inc()
+
+    def set_ready(self, replica, ready: bool) -> None:
+        self.ready.labels(**self._labels, replica=str(replica.index)).set(1 if ready else 0)
+
+    def _ticks_of(self, replica) -> _Ticks:
+        return self._ticks.setdefault(replica.index, _Ticks())
+
+    def _find_gpus(self, engine) -> list[tuple[str, str, Any]]:
+        """(rank, NVML index, handle) of every rank's GPU: rank r runs on CUDA device first_device + r.
+        No GPUs for CPU workers, for workers that torchrun started (maybe on other hosts), or without NVML."""
+        if engine.device != "cuda" or engine.args.external_workers or not self._nvml_started():
+            return []
+        gpus = []
+        for rank in range(engine.layout.world_size):
+            try:
+                handle = _gpu_handle(engine.args.first_device + rank)
+                gpus.append((str(rank), str(pynvml.nvmlDeviceGetIndex(handle)), handle))
+            except (pynvml.NVMLError, IndexError) as exc:
+                log.warning("no GPU metrics for rank %d: %s", rank, exc)
+        return gpus
+
+    def _nvml_started(self) -> bool:
+        with self._nvml_lock:  # replica threads may come here at once
+            if self._nvml is None:
+                try:
+                    pynvml.nvmlInit()
+                    self._nvml = True
+                except pynvml.NVMLError as exc:
+                    log.warning("no GPU metrics: NVML did not start (%s)", exc)
+                    self._nvml = False
+            return self._nvml
 
     def on_finished(self, out: RequestOutput) -> None:
         m = out.metrics

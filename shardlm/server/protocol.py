@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingError, SamplingParams
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+"""a float that is not NaN or infinite (JSON bodies may carry NaN and Infinity literals)"""
 
 # OpenAI fields shardlm does not implement, with the values that mean "off"; any other value gets a 400
 UNSUPPORTED: dict[str, tuple] = {
@@ -28,14 +33,19 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
+    def response(self) -> Response:
+        # ASCII JSON: a message quoting the client's text stays writable even if that text is not valid Unicode
+        return Response(json.dumps(self.body()), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
+
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
     n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: Finite = 1.0
+    top_p: Finite = 1.0
     top_k: int = 0
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -51,14 +61,38 @@ class _Common(BaseModel):
             if value not in neutral:
                 raise APIError(400, f"{name}={value!r} is not supported by shardlm; remove it from the request", name)
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def check_text(self) -> None:
+        """Raise APIError naming the first string that is not valid Unicode: a lone UTF-16 surrogate (JSON
+        can carry "\\ud800") can be neither tokenised nor written back as UTF-8."""
+        def walk(value: Any, path: tuple[str, ...]) -> None:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    where = ".".join(path) or None
+                    raise APIError(400, f"{where or 'a field name'} has a lone UTF-16 surrogate ({value[exc.start]!r}) "
+                                        f"at character {exc.start}; send valid Unicode text", where) from None
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    walk(k, path)
+                    walk(v, (*path, k))
+            elif isinstance(value, list):
+                for i, v in enumerate(value):
+                    walk(v, (*path, str(i)))
+
+        walk(self.model_dump(), ())
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None, names: dict[str, str] | None = None
+                 ) -> SamplingParams:
+        """The request's SamplingParams; a bad value is a 400 naming its field (`names`: this request's
+        name for a SamplingParams field, where they differ)."""
         try:
             return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                   seed=self.seed, max_tokens=max_tokens, stop=self.stop,
                                   stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs)
-        except ValueError as exc:
-            param = str(exc).split(" ", 1)[0]
-            raise APIError(400, str(exc), param) from None
+        except SamplingError as exc:
+            field = (names or {}).get(exc.field, exc.field)
+            raise APIError(400, str(exc).replace(exc.field, field, 1), field) from None
 
 
 class CompletionRequest(_Common):
@@ -71,10 +105,20 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
-        return self.content or ""
+    def text(self, where: str) -> str:
+        """The message's text: its content, or its text parts joined (`where`: its path, for errors)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        texts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text":
+                continue
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise APIError(400, f"{where}.content.{j}.text must be a string, got {json.dumps(text)[:100]}",
+                               f"{where}.content.{j}.text")
+            texts.append(text)
+        return "".join(texts)
 
 
 class ChatCompletionRequest(_Common):

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..common.layout import ParallelLayout
+from . import faults
 
 # torch 2.13 renamed all_gather_into_tensor (older releases, e.g. on the GPU hosts, lack the new name)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -51,6 +52,8 @@ class ParallelContext:
 
     def send_next_stage(self, x: torch.Tensor) -> None:
         """Hand activations [tokens, hidden] to the same TP rank of the next pipeline stage."""
+        if faults.armed is not None:
+            faults.armed.reached("stage_send")
         c = self.layout.coord(self.rank)
         dist.send(x.contiguous(), self.layout.rank(c.dp, c.pp + 1, c.tp))
 

@@ -1,11 +1,12 @@
 """Worker process entry point: one per rank, started by the launcher or by torchrun.
 
-    python -m shardlm.worker.main            (env: SHARDLM_DRIVER=host:port, RANK, WORLD_SIZE, LOCAL_RANK)
+    python -m shardlm.worker.main    (env: SHARDLM_DRIVER=host:port, SHARDLM_DRIVER_TOKEN, RANK, WORLD_SIZE, LOCAL_RANK)
 
-The worker connects to the driver, receives its `WorkerInit` (layout, model, options), joins the
-torch.distributed world, loads its shard, answers `WorkerReady`, then runs what the driver sends
-(common.messages: a `StepPlan` or a `Command`) through one table, `HANDLERS`, until told to stop.
-Any failure is reported to the driver as a message before the process exits.
+The worker connects to the driver, says hello with the driver's token, receives its `WorkerInit`
+(layout, model, options), joins the torch.distributed world, loads its shard, answers `WorkerReady`,
+then runs what the driver sends (common.messages: a `StepPlan` or a `Command`) through one table,
+`HANDLERS`, until told to stop. Any failure is reported to the driver as a message before the
+process exits. SHARDLM_FAULT_INJECT (worker/faults.py) can make a chosen rank die or stall, for tests.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import traceback
 from typing import Any, Callable
 
 from ..common import envs, wire
+from ..common.layout import ParallelLayout
 from ..common.messages import (
     DRIVER_MESSAGES,
     AllocateKV,
@@ -32,6 +34,7 @@ from ..common.messages import (
     WorkerInit,
     WorkerReady,
 )
+from . import faults
 
 
 def _die_with_parent() -> None:
@@ -63,7 +66,6 @@ class Worker:
     def __init__(self, sock: socket.socket, rank: int, local_rank: int, init: WorkerInit):
         import torch
 
-        from ..common.layout import ParallelLayout
         from .distributed import init_distributed
         from .model_runner import ModelRunner
 
@@ -113,6 +115,8 @@ class Worker:
     # ---- handlers: one per message the driver sends --------------------------------------------
     def step(self, plan: StepPlan) -> None:
         self.step_no += 1
+        if faults.armed is not None:
+            faults.armed.step_started()
         t0 = time.perf_counter()
         if self.cprofile_steps and 10 <= self.step_no < 10 + self.cprofile_steps:
             import cProfile
@@ -168,7 +172,14 @@ HANDLERS: dict[type, Callable[[Worker, Any], None]] = {
 def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     import torch
 
-    init = wire.recv_message(sock, {WorkerInit.name: WorkerInit})
+    try:
+        init = wire.recv_message(sock, {WorkerInit.name: WorkerInit})
+    except wire.ConnectionClosed:
+        print(f"[shardlm worker {rank}] the driver closed the connection before giving this worker its work: it "
+              f"failed to start, or refused the hello (is SHARDLM_DRIVER_TOKEN the token the driver printed?)",
+              file=sys.stderr, flush=True)
+        raise
+    faults.arm(rank, ParallelLayout(**init.layout).world_size)
     worker = Worker(sock, rank, local_rank, init)
     wire.send_message(sock, worker.ready())
     # what exists now (modules, parameters, imported libraries) lives as long as the worker: keep it out
@@ -191,8 +202,9 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    token = envs.driver_token(required=True)
     sock = _connect(envs.driver_address())
-    wire.send(sock, {"type": "hello", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
+    wire.send(sock, {"type": "hello", "rank": rank, "token": token, "pid": os.getpid(), "host": socket.gethostname()})
     try:
         serve(sock, rank, local_rank)
     except wire.ConnectionClosed:

@@ -31,6 +31,7 @@ from torch import nn
 from ...common import envs
 from ...common.config import ModelConfig
 from ...common.layout import split_evenly
+from .. import faults
 from ..distributed import ParallelContext
 from ..weights import Reader
 from .linear import GatedMLP
@@ -189,6 +190,8 @@ class SparseMoE(nn.Module):
         tok = torch.div(order, k, rounding_mode="floor")
         rows = x[s0:s1][tok]
         capacity = -(-T // ep) * k  # the most rows any rank can send to one peer
+        if faults.armed is not None:  # testing aid: SHARDLM_FAULT_INJECT point=all_to_all
+            faults.armed.reached("all_to_all")
         if ep * capacity <= self.padded_max_rows:
             back = self._dispatch_padded(rows, dest[order], slot[order], capacity)
         else:

@@ -1,0 +1,158 @@
+"""The server keeps serving through dead and hung ranks: streams continue where they were, nothing is lost.
+
+Real servers on the CPU (tiny random model, greedy): each request's text must equal what the same
+server produced undisturbed, and the server must be ready again within a cold start plus 5 s.
+"""
+
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from test_server import start_server, stop_server
+
+MODEL = "random:tiny-llama"
+MAX_TOKENS = 16
+
+
+def _prompt(i: int) -> list[int]:
+    return [(7 * i + j) % 500 + 3 for j in range(3 + i % 9)]
+
+
+def _body(i: int, stream: bool) -> dict:
+    return {"model": MODEL, "prompt": _prompt(i), "max_tokens": MAX_TOKENS, "temperature": 0.0,
+            "ignore_eos": True, "stream": stream}
+
+
+def _complete(base: str, i: int) -> str:
+    r = httpx.post(base + "/v1/completions", json=_body(i, False), timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def _stream(base: str, i: int, first_chunk: threading.Event | None = None) -> str:
+    text = ""
+    with httpx.stream("POST", base + "/v1/completions", json=_body(i, True), timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            text += event["choices"][0]["text"]
+            if first_chunk is not None:
+                first_chunk.set()
+    return text
+
+
+def _workers(proc: subprocess.Popen) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "shardlm.worker.main"], capture_output=True, text=True)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+def _wait_ready(base: str, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"not ready again within {timeout_s} s")
+
+
+def _kill(pid: int, sig=signal.SIGKILL) -> None:
+    try:
+        import os
+
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    t0 = time.monotonic()
+    proc, base = start_server(MODEL, "-tp", "2", "--step-timeout-s", "3")
+    cold_start = time.monotonic() - t0
+    yield proc, base, cold_start
+    assert stop_server(proc) == 0
+
+
+def test_streams_continue_through_a_killed_rank(server):
+    proc, base, cold_start = server
+    expected = {i: _complete(base, i) for i in range(6)}
+    started = threading.Event()
+    with ThreadPoolExecutor(6) as pool:
+        futures = {i: pool.submit(_stream, base, i, started) for i in range(6)}
+        assert started.wait(60)
+        _kill(_workers(proc)[1])
+        got = {i: f.result() for i, f in futures.items()}
+    assert got == expected
+    assert _wait_ready(base, cold_start + 5) < cold_start + 5
+    assert httpx.get(base + "/health").status_code == 200
+    restarts = [line for line in httpx.get(base + "/metrics").text.splitlines()
+                if line.startswith("shardlm_worker_restarts_total{")]
+    assert restarts and float(restarts[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_a_hung_rank_is_noticed_and_replaced(server):
+    proc, base, cold_start = server
+    expected = {i: _complete(base, i) for i in range(6, 9)}
+    started = threading.Event()
+    with ThreadPoolExecutor(3) as pool:
+        futures = {i: pool.submit(_stream, base, i, started) for i in range(6, 9)}
+        assert started.wait(60)
+        t0 = time.monotonic()
+        _kill(_workers(proc)[0], signal.SIGSTOP)
+        got = {i: f.result() for i, f in futures.items()}
+    assert got == expected
+    assert time.monotonic() - t0 < 3 + cold_start + 10  # deadline, kill, restart
+    _wait_ready(base, cold_start + 5)
+
+
+def test_soak_twenty_kills_over_two_hundred_requests(server):
+    proc, base, cold_start = server
+    expected = {i: _complete(base, i) for i in range(20)}
+    rng = random.Random(0)
+    results: dict[int, str] = {}
+    kills = 0
+    with ThreadPoolExecutor(8) as pool:
+        futures = {n: pool.submit(_complete, base, n % 20) for n in range(200)}
+        for n in range(200):
+            if n % 10 == 5:  # a kill every 10 requests, at a random moment
+                time.sleep(rng.random() * 0.5)
+                workers = _workers(proc)
+                if workers:
+                    _kill(rng.choice(workers))
+                    kills += 1
+            results[n] = futures[n].result()
+    assert kills == 20
+    assert all(results[n] == expected[n % 20] for n in range(200))
+    _wait_ready(base, cold_start + 5)
+
+
+def test_a_replica_that_gives_up_hands_its_requests_to_the_other():
+    """Two replicas, no restarts allowed: killing one replica's rank ends that replica for good, and the
+    other finishes its requests from where they were."""
+    proc, base = start_server(MODEL, "--data-parallel-size", "2", "--max-worker-restarts", "0")
+    try:
+        expected = {i: _complete(base, i) for i in range(6)}
+        started = threading.Event()
+        with ThreadPoolExecutor(6) as pool:
+            futures = {i: pool.submit(_stream, base, i, started) for i in range(6)}
+            assert started.wait(60)
+            _kill(_workers(proc)[0])
+            got = {i: f.result() for i, f in futures.items()}
+        assert got == expected
+        assert _complete(base, 0) == expected[0]  # the survivor serves on
+        assert httpx.get(base + "/ready").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
