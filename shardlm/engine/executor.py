@@ -1,4 +1,6 @@
 """Driver side of the worker processes: start them, send step plans, collect sampled tokens.
+(Past 400 lines: start-up, the authenticated accept, the non-blocking sends and the deadline-watching
+receive all manage the same processes and sockets.)
 
 Workers connect back to a TCP socket the driver listens on and prove they are ours with the
 per-launch token (SHARDLM_DRIVER_TOKEN) in their hello; any other connection is closed and ignored.

@@ -1,4 +1,9 @@
-"""The engine (driver process): requests, tokenizer, scheduler and KV blocks; workers do the forward passes."""
+"""The engine (driver process): requests, tokenizer, scheduler and KV blocks; workers do the forward passes.
+
+(Past 400 lines: the requests, the batches in flight and the replacement of a failed worker group share
+one state that is simplest to read in one class; output processing, KV sizing, statistics and the
+restart bookkeeping live in their own modules.)
+"""
 
 from __future__ import annotations
 

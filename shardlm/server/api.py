@@ -8,8 +8,6 @@ out ends with an error event, then `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import os
 import time
@@ -18,18 +16,25 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ..engine.sequence import CompletionOutput, RequestOutput
-from ..engine.streaming import visible_end
 from .async_engine import AsyncEngine, EngineDead, Overloaded
+from .gate import Gate
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .responses import (
+    chat_logprobs,
+    completion_logprobs,
+    last_output,
+    sse,
+    stream_deltas,
+    usage,
+)
 
 log = logging.getLogger("shardlm.serve")
 
@@ -52,7 +57,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     engine.on_tick = on_tick
     engine.on_restart = lambda rep, restart: (metrics.on_restart(rep, restart.cause), metrics.set_ready(rep, True))
     app.state.engine, app.state.metrics = engine, metrics
-    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes)
     tokenizer = engine.engine.tokenizer
     max_len = engine.engine.max_model_len
 
@@ -187,7 +192,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def choice(i: int, c: CompletionOutput, text: str, start_tok: int) -> dict[str, Any]:
-            lp = _completion_logprobs(c, start_tok, tokenizer) if req.logprobs is not None else None
+            lp = completion_logprobs(c, start_tok, tokenizer) if req.logprobs is not None else None
             return {"index": i, "text": text, "logprobs": lp,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
@@ -197,15 +202,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                 return Response(status_code=CLIENT_GONE)
             choices = [choice(p * req.n + c.index, c, c.text, 0) for p, o in enumerate(outs) for c in o.outputs]
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": _usage(outs)}
+                    "choices": choices, "usage": usage(outs)}
 
         async def events() -> AsyncIterator[str]:
             head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
-            async for c, text, start, last in _stream_deltas(run(*encoded[0], params), req.n, params.stop):
+            async for c, text, start, last in stream_deltas(run(*encoded[0], params), req.n, params.stop):
                 if c is not None:
-                    yield _sse(dict(head, choices=[choice(c.index, c, text, start)]))
+                    yield sse(dict(head, choices=[choice(c.index, c, text, start)]))
                 elif (req.stream_options or {}).get("include_usage"):
-                    yield _sse(dict(head, choices=[], usage=_usage([last])))
+                    yield sse(dict(head, choices=[], usage=usage([last])))
             yield "data: [DONE]\n\n"
 
         return _EventStream(events())
@@ -236,7 +241,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprobs(c: CompletionOutput, start: int) -> dict[str, Any] | None:
-            return _chat_logprobs(c, start, tokenizer, req.top_logprobs or 0) if req.logprobs else None
+            return chat_logprobs(c, start, tokenizer, req.top_logprobs or 0) if req.logprobs else None
 
         if not req.stream:
             outs = await _collect(request, [run(None, ids, params)])
@@ -246,68 +251,25 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                         "logprobs": logprobs(c, 0), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                        for c in outs[0].outputs]
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": _usage(outs)}
+                    "choices": choices, "usage": usage(outs)}
 
         async def events() -> AsyncIterator[str]:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
             for i in range(req.n):
-                yield _sse(dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                yield sse(dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]))
-            async for c, text, start, last in _stream_deltas(run(None, ids, params), req.n, params.stop):
+            async for c, text, start, last in stream_deltas(run(None, ids, params), req.n, params.stop):
                 if c is not None:
                     ch = {"index": c.index, "delta": {"content": text} if text else {},
                           "logprobs": logprobs(c, start), "finish_reason": c.finish_reason}
-                    yield _sse(dict(head, choices=[ch]))
+                    yield sse(dict(head, choices=[ch]))
                 elif (req.stream_options or {}).get("include_usage"):
-                    yield _sse(dict(head, choices=[], usage=_usage([last])))
+                    yield sse(dict(head, choices=[], usage=usage([last])))
             yield "data: [DONE]\n\n"
 
         return _EventStream(events())
 
     return app
-
-
-class _Gate:
-    """ASGI middleware run before the app reads a request: the API key on /v1/* (401), then the body
-    size (413, in OpenAI's shape): a declared Content-Length over the limit is refused at once, and a
-    chunked body as soon as the bytes read pass it."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
-        self.key = None if api_key is None else api_key.encode()
-
-    def _authorized(self, header: str) -> bool:
-        scheme, _, token = header.strip().partition(" ")
-        # the scheme is case-blind (RFC 9110); the key is compared in constant time
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"), self.key)
-
-    def _too_large(self, size: str) -> APIError:
-        return APIError(413, f"the request body ({size} bytes) is larger than this server's limit of "
-                             f"{self.max_body_bytes} bytes (--max-request-body-bytes); send a smaller request")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        if self.key is not None and scope["path"].startswith("/v1/") \
-                and not self._authorized(headers.get("authorization", "")):
-            err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
-                           "authentication_error", "invalid_api_key")
-            return await err.response()(scope, receive, send)
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await self._too_large(declared).response()(scope, receive, send)
-        read = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal read
-            message = await receive()
-            read += len(message.get("body", b""))
-            if read > self.max_body_bytes:  # FastAPI hands an HTTPException raised while reading to its handler
-                raise HTTPException(413, self._too_large(f"at least {read}").message)
-            return message
-
-        await self.app(scope, limited, send)
 
 
 class _EventStream(StreamingResponse):
@@ -345,7 +307,7 @@ class _EventStream(StreamingResponse):
             error = APIError(500, "internal server error; see the server log", kind="server_error")
         finally:
             watcher.cancel()
-        tail = b"" if error is None else (_sse(error.body()) + "data: [DONE]\n\n").encode()
+        tail = b"" if error is None else (sse(error.body()) + "data: [DONE]\n\n").encode()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -360,7 +322,7 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
     request is answered or refused whole: the first to fail cancels the others, and so does the client
     hanging up (cancelling one aborts its request, freeing its KV blocks). The server cancelling this
     request (its graceful shutdown timed out) answers 503."""
-    tasks = [asyncio.create_task(_last(s)) for s in streams]
+    tasks = [asyncio.create_task(last_output(s)) for s in streams]
     gone = asyncio.create_task(_client_gone(request.receive))
     try:
         waiting = set(tasks)
@@ -402,59 +364,3 @@ def _validation_error(errors: list[dict[str, Any]]) -> APIError:
     param = ".".join(os.path.commonprefix([p for p, _ in same]))
     detail = "; ".join(f"{'.'.join(p)}: {msg}" for p, msg in same)
     return APIError(400, detail if len(same) == 1 else f"invalid {param}: {detail}", param)
-
-
-async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    out = None
-    async for out in stream:
-        pass
-    return out
-
-
-async def _stream_deltas(outputs: AsyncIterator[RequestOutput], n: int, stops: list[str]):
-    """For each completion, the text and tokens not yet sent: yields (completion, new text, index of
-    its first new token, None) whenever there is something to send, then (None, "", 0, last output)."""
-    shown, sent_tokens, last = [0] * n, [0] * n, None
-    async for out in outputs:
-        last = out
-        for c in out.outputs:
-            end = visible_end(c.text, shown[c.index], c.finish_reason is not None, stops)
-            if end > shown[c.index] or c.finish_reason is not None:
-                yield c, c.text[shown[c.index]:end], sent_tokens[c.index], None
-                shown[c.index], sent_tokens[c.index] = end, len(c.token_ids)
-    if last is not None:
-        yield None, "", 0, last
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-def _usage(outs: list[RequestOutput]) -> dict[str, int]:
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _completion_logprobs(c: CompletionOutput, start: int, tokenizer) -> dict[str, Any]:
-    """OpenAI completions logprobs for tokens [start:] of a completion."""
-    tokens, token_lps, tops, offsets, pos = [], [], [], [], 0
-    for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
-        s = tokenizer.token_str(tid)
-        tokens.append(s)
-        token_lps.append(entry[tid].logprob)
-        tops.append({tokenizer.token_str(t): lp.logprob for t, lp in entry.items()})
-        offsets.append(pos)
-        pos += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _chat_logprobs(c: CompletionOutput, start: int, tokenizer, top: int) -> dict[str, Any]:
-    content = []
-    for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
-        s = tokenizer.token_str(tid)
-        alts = sorted((lp.rank or 0, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top)
-        content.append({"token": s, "logprob": entry[tid].logprob, "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": tokenizer.token_str(t), "logprob": v,
-                                          "bytes": list(tokenizer.token_str(t).encode())} for _, t, v in alts]})
-    return {"content": content}
