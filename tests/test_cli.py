@@ -40,7 +40,7 @@ def test_generate_default_model_with_chat_template():
 def test_errors_are_one_line_not_tracebacks():
     for args, needle in [(["--model", "nope"], "not found"),
                          (["--model", "random:tiny-llama", "-tp", "7"], "exceeds num_attention_heads"),
-                         (["--model", "random:tiny-llama", "--top-p", "0"], "top_p must be in (0, 1]")]:
+                         (["--model", "random:tiny-llama", "--top-p", "0"], "top_p must be a number in (0, 1]")]:
         res = shardlm("generate", *args, "hi")
         assert res.returncode == 2
         assert needle in res.stderr and "Traceback" not in res.stderr

@@ -208,7 +208,8 @@ class ScriptedEngine:
     def __init__(self, script, tokenizer=None):
         self.engine = SimpleNamespace(tokenizer=tokenizer or ByteTokenizer(512, [2]), max_model_len=64,
                                       validate_prompt=lambda ids: None)
-        self.healthy, self.max_waiting_requests, self.on_step = True, LIMIT, None
+        self.healthy = self.serving = self.ready = True
+        self.max_waiting_requests, self.on_step, self.stall_s = LIMIT, None, 60.0
         self.script, self.started, self.closed = script, asyncio.Event(), asyncio.Event()
 
     def check_capacity(self, count: int = 1) -> None:
