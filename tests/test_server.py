@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -24,13 +25,16 @@ def _free_port() -> int:
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
+    # the log goes to a file: a pipe nobody reads fills up (64 KiB) and then blocks the server's every write
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "shardlm.entrypoints.cli", "serve", *args, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read()[-4000:]}")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
                 return proc, base
