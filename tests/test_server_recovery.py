@@ -25,20 +25,20 @@ def _prompt(i: int) -> list[int]:
     return [(7 * i + j) % 500 + 3 for j in range(3 + i % 9)]
 
 
-def _body(i: int, stream: bool) -> dict:
-    return {"model": MODEL, "prompt": _prompt(i), "max_tokens": MAX_TOKENS, "temperature": 0.0,
+def _body(i: int, stream: bool, model: str = MODEL) -> dict:
+    return {"model": model, "prompt": _prompt(i), "max_tokens": MAX_TOKENS, "temperature": 0.0,
             "ignore_eos": True, "stream": stream}
 
 
-def _complete(base: str, i: int) -> str:
-    r = httpx.post(base + "/v1/completions", json=_body(i, False), timeout=300)
+def _complete(base: str, i: int, model: str = MODEL) -> str:
+    r = httpx.post(base + "/v1/completions", json=_body(i, False, model), timeout=300)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
 
 
-def _stream(base: str, i: int, first_chunk: threading.Event | None = None) -> str:
+def _stream(base: str, i: int, first_chunk: threading.Event | None = None, model: str = MODEL) -> str:
     text = ""
-    with httpx.stream("POST", base + "/v1/completions", json=_body(i, True), timeout=300) as r:
+    with httpx.stream("POST", base + "/v1/completions", json=_body(i, True, model), timeout=300) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -137,8 +137,6 @@ def test_soak_twenty_kills_over_two_hundred_requests(server):
     _wait_ready(base, cold_start + 5)
 
 
-@pytest.mark.xfail(reason="known defect (issue 14, open): the failed replica's streams get its error instead of "
-                          "being handed to the running replica; AsyncEngine._hand_over moves nothing here")
 def test_a_replica_that_gives_up_hands_its_requests_to_the_other():
     """Two replicas, no restarts allowed: killing one replica's rank ends that replica for good, and the
     other finishes its requests from where they were."""
@@ -150,3 +148,37 @@ def test_a_replica_that_gives_up_hands_its_requests_to_the_other():
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+FAULT_POINTS = {  # name: (serve arguments, fault in the first worker group)
+    "pipeline transfer": (("random:tiny-llama", "-pp", "2"), "rank=0,step=4,point=stage_send,action=kill"),
+    "moe all-to-all": (("random:tiny-mixtral", "-tp", "2", "--enable-expert-parallel"),
+                       "rank=1,step=4,point=all_to_all,action=kill"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAULT_POINTS))
+def test_streams_continue_through_a_fault_inside_a_transfer(case, monkeypatch):
+    """A rank dies inside a pipeline transfer or an MoE all-to-all (SHARDLM_FAULT_INJECT) while six greedy
+    streams run: each ends with the text an undisturbed server gave, and the server is ready again."""
+    args, fault = FAULT_POINTS[case]
+    model = args[0]
+    proc, base = start_server(*args)
+    try:
+        expected = {i: _complete(base, i, model) for i in range(6)}
+    finally:
+        assert stop_server(proc) == 0
+    monkeypatch.setenv("SHARDLM_FAULT_INJECT", fault)
+    t0 = time.monotonic()
+    proc, base = start_server(*args)
+    cold_start = time.monotonic() - t0
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            got = dict(zip(range(6), pool.map(lambda i: _stream(base, i, model=model), range(6))))
+        assert got == expected
+        _wait_ready(base, cold_start + 5)
+        restarts = [line for line in httpx.get(base + "/metrics").text.splitlines()
+                    if line.startswith("shardlm_worker_restarts_total{") and 'cause="died"' in line]
+        assert restarts and float(restarts[0].rsplit(" ", 1)[1]) == 1
+    finally:
+        assert stop_server(proc) == 0

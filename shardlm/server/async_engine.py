@@ -211,22 +211,35 @@ class AsyncEngine:
             self.on_fatal(exc)
 
     def _hand_over(self, rep: Replica) -> None:
-        """Move the failed replica's unfinished requests (tokens so far included) to the running replicas."""
-        for rid, prompt, metrics, seqs in rep.engine.take_requests():
-            try:
-                target = self._pick()
-            except EngineDead:
-                return
+        """Move the failed replica's unfinished requests (tokens so far included) to the running replicas:
+        those its engine holds, and those still in its inbox (sent while its last step ran)."""
+        with rep.lock:
+            inbox, rep.inbox = rep.inbox, []
+        aborted = {item for kind, item in inbox if kind == "abort"}
+        moves = [("adopt", taken) for taken in rep.engine.take_requests()]
+        moves += [(kind, item) for kind, item in inbox if kind != "abort"]
+        for kind, item in moves:
+            rid = item[0]
             with rep.lock:
                 pending = rep.pending.pop(rid, None)
-            if pending is None:  # its client has gone
+            if pending is None or rid in aborted:  # its client has gone
                 continue
-            with target.lock:
-                target.pending[rid] = pending
-                self._owner[rid] = target
-                target.inbox.append(("adopt", (rid, prompt, metrics, seqs)))
-            target.wake.set()
-            log.info("request %s moved from replica %d to replica %d", rid, rep.index, target.index)
+            while True:
+                try:
+                    target = self._pick()
+                except EngineDead:
+                    with rep.lock:  # _fail ends it with the replica's error
+                        rep.pending[rid] = pending
+                    break
+                with target.lock:  # (the same lock as target's own failure path: queued there, or not at all)
+                    if target.error is not None:
+                        continue
+                    target.pending[rid] = pending
+                    self._owner[rid] = target
+                    target.inbox.append((kind, item))
+                target.wake.set()
+                log.info("request %s moved from replica %d to replica %d", rid, rep.index, target.index)
+                break
 
     def _deliver(self, rep: Replica, rid: str, item: Any) -> None:
         pending = rep.pending.get(rid)
