@@ -15,7 +15,7 @@ from .distributed import ParallelContext
 from .graphs import DecodeGraphs
 from .layers.attention import AttentionMetadata, build_metadata
 from .models.llama import LlamaForCausalLM
-from .profiling import StepTimer
+from .profiling import StepTimer, synchronize
 from .sampler import Sampler
 from .weights import open_reader
 
@@ -52,12 +52,8 @@ class ModelRunner:
         with tqdm(total=src.config.num_hidden_layers, desc=f"loading {src.name}", unit="layer",
                   disable=not show_progress, delay=2.0) as bar:
             self.model.load_weights(reader, progress=bar.update)
-        self._sync()
+        synchronize(self.ctx.device)
         return time.perf_counter() - t0
-
-    def _sync(self) -> None:
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
 
     # ---- KV cache -------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -82,7 +78,7 @@ class ModelRunner:
         first = [sum(per_seq[:i]) for i in range(len(lens))]
         self.execute(StepPlan([SeqPlan(-1 - i, [0] * n, 0, list(range(b0, b0 + nb)), sample=True)
                                for i, (n, b0, nb) in enumerate(zip(lens, first, per_seq))]))
-        self._sync()
+        synchronize(self.ctx.device)
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         # the decode graphs keep a memory pool of their own: capture them once over this temporary cache to
         # measure it (the cache's size is not known before; the real graphs are captured over the real one)

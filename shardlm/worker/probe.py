@@ -16,22 +16,18 @@ import torch
 import torch.distributed as dist
 
 from .model_runner import ModelRunner
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .profiling import synchronize
 
 
 def _timed(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
     """Mean seconds per call of fn()."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t0) / iters
 
 

@@ -24,6 +24,12 @@ MAX_EVENTS = 200_000
 """trace events kept per worker (a long traced run stops recording, it does not grow without bound)"""
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Span:
     """One timed phase; `issued()` marks when the host had queued all its work (the GPU may be behind)."""
 
@@ -58,10 +64,6 @@ class StepTimer:
         if self.tracing and len(self.events) < MAX_EVENTS:
             self.events.append((name, category, start, end))
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def step(self, graph: bool) -> None:
         """A step begins: it counts, and opens (or extends) the window."""
         self.steps += 1
@@ -74,7 +76,7 @@ class StepTimer:
         """Time the body up to the moment its GPU work is done (one synchronize at its end)."""
         span = Span(name)
         yield span
-        self._sync()
+        synchronize(self.device)
         end = time.time()
         if category == "compute":
             issued = span.issued_at if span.issued_at is not None else end
@@ -116,13 +118,13 @@ def profile_step(runner: ModelRunner, plan: StepPlan) -> dict[str, Any]:
     saved = runner.save_expert_stats()
     t0 = time.perf_counter()
     runner.execute(plan)
-    runner.timer._sync()
+    synchronize(dev)
     plain_wall = time.perf_counter() - t0
     issue, wait = runner.timer.last_split
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         runner.execute(plan)
-        runner.timer._sync()
+        synchronize(dev)
         wall = time.perf_counter() - t0
     runner.restore_expert_stats(saved)
     kinds = dict.fromkeys(("communication", "send_recv", "gemm", "attention", "other"), 0.0)
