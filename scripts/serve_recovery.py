@@ -106,7 +106,6 @@ def main() -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_recovery-", suffix=".log", delete=False)
-    t0 = time.monotonic()
     server = subprocess.Popen([sys.executable, "-m", "shardlm", "serve", args.model, "-tp", str(args.tp),
                                "--step-timeout-s", str(args.step_timeout_s), "--port", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)

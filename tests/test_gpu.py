@@ -16,16 +16,19 @@ def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@pytest.mark.parametrize("tp,pp,eager", [(1, 1, False), (2, 1, False), (4, 1, False), (2, 2, False), (2, 1, True)])
-def test_gpu_float32_matches_hf(tp, pp, eager, tiny_models):
-    """Decode steps replay CUDA graphs (3 sequences padded to a graph of 4) unless enforce_eager."""
+@pytest.mark.parametrize("tp,pp,eager,attention", [(1, 1, False, "auto"), (2, 1, False, "auto"), (4, 1, False, "auto"),
+                                                   (2, 2, False, "auto"), (2, 1, True, "auto"), (2, 1, False, "torch")])
+def test_gpu_float32_matches_hf(tp, pp, eager, attention, tiny_models):
+    """Decode steps replay CUDA graphs (3 sequences padded to a graph of 4) unless enforce_eager; attention runs
+    the Triton kernels (auto on CUDA; TP=2 cuts the GQA groups unevenly) or the torch reference."""
     if _gpus() < tp * pp:
         pytest.skip(f"needs {tp * pp} GPUs")
     folder, model = tiny_models["llama-uneven-tied"]
     refs = [hf_greedy(model, p, 16) for p in PROMPTS]
     with LLM(str(folder), tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype="float32", device="cuda",
-             enforce_eager=eager) as llm:
+             enforce_eager=eager, attention_backend=attention) as llm:
         assert llm.engine.cuda_graphs == (not eager)
+        assert llm.engine.attention_backend == ("torch" if attention == "torch" else "triton")
         _check_float32(llm, refs)
         stats = llm.engine.stage_stats()
         assert all((s["graph_steps"] > 0) == (not eager) for s in stats.values()), stats

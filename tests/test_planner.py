@@ -156,17 +156,27 @@ def test_prefill_and_decode_flops(l70):
 
 
 def test_decode_step_is_roofline_plus_allreduces(l70):
-    cm = CostModel(l70, make_cluster("h100-80gb", 4, "nvlink"))
+    cluster = make_cluster("h100-80gb", 4, "nvlink")
     lay = ParallelLayout(tp=4)
-    step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1024, prefill=False)  # a graph's exact shape
     bw = 3350e9 * 0.85
     hbm = weights_per_gpu(l70, 4) - 2 * 32064 * 8192  # the embedding rows are looked up, not read
-    # elementwise kernels per layer (h 8192, a rank's q 2048 / KV 256 / MLP 7168 wide): 28h + 30q + 26kv + 10f
-    # = 369152 bytes, plus the 1024-token context's KV (1 KiB per token per layer here) gathered and read again
+    # the torch attention path: elementwise kernels per layer (h 8192, a rank's q 2048 / KV 256 / MLP 7168
+    # wide): 28h + 30q + 26kv + 10f = 369152 bytes, plus the 1024-token context's KV (1 KiB per token per
+    # layer here) gathered and read again
+    torch_path = CostModel(l70, cluster, attention_backend="torch")
+    step = torch_path.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1024, prefill=False)  # a graph's exact shape
     act = 80 * (28 * 8192 + 30 * 2048 + 26 * 256 + 10 * 7168 + 2 * 1024 * KiB)
     assert act == 80 * (369152 + 2097152)
     assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
     assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
+    # the attention kernels (the default): rotary + cache write in one kernel (4 per q, 10 per KV element),
+    # attention reads the context once through the block tables, no gather
+    cm = CostModel(l70, cluster)
+    assert cm.paged_kernels and not torch_path.paged_kernels
+    step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1024, prefill=False)
+    act = 80 * (28 * 8192 + 4 * 2048 + 10 * 256 + 10 * 7168)
+    assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
+    assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
     # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: alpha(4) = 12 us,
     # ring 2(n-1)/n = 1.5 at busbw 360 GB/s; plus the logits all-gather (V*2 bytes, half as an all-reduce)
     ar = 12 + 1.5 * 16384 / 360e3

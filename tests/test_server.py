@@ -173,7 +173,7 @@ def test_bench_serve_reports_percentiles(tmp_path):
     try:
         out, png = tmp_path / "serve.json", tmp_path / "serve.png"
         res = subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", "bench", "serve", "--base-url", base, "--model",
-                              "random:tiny-llama", "--request-rate", "20", "--num-prompts", "12", "--input-len", "16",
+                              "random:tiny-llama", "--request-rate", "20", "--max-concurrency", "3", "--num-prompts", "12", "--input-len", "16",
                               "--output-len", "8", "--vocab-size", "512", "--json", str(out), "--plot", str(png)],
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
@@ -181,7 +181,8 @@ def test_bench_serve_reports_percentiles(tmp_path):
 
         data = json.loads(out.read_text())
         assert data["completed"] == 12 and data["failed"] == 0
-        assert all(data[k]["p50"] <= data[k]["p90"] <= data[k]["p99"] for k in ("ttft_ms", "tpot_ms", "e2e_ms"))
+        assert all(data[k]["p50"] <= data[k]["p90"] <= data[k]["p99"] for k in ("ttft_ms", "tpot_ms", "e2e_ms", "itl_ms"))
+        assert data["max_concurrency"] == 3 and data["itl_ms"]["p50"] > 0
         assert data["ttft_ms"]["p50"] > 0 and data["output_tok_per_s"] > 0
         # lengths are drawn in [4, 12) around 8: usage counts what the server generated
         assert all(4 <= r["tokens"] <= 12 for r in data["per_request"])

@@ -196,6 +196,8 @@ class WorkerOptions:
     """record per-step trace events in every worker"""
     expert_placement: list | None = None
     """MoE with expert parallelism: per decoder layer, None or the experts each EP rank holds"""
+    attention_backend: str = "auto"
+    """'triton' (the paged attention kernels), 'torch' (the reference) or 'auto' (triton on CUDA)"""
     timeout_s: float = 600.0
     """collective timeout"""
 
@@ -243,6 +245,8 @@ class WorkerReady(Message):
     """the GPU's memory"""
     used_bytes: int = 0
     """memory in use before the KV cache: weights, CUDA context, NCCL buffers, other processes"""
+    attention_backend: str = "torch"
+    """the attention path the worker runs ('triton' or 'torch')"""
 
 
 # ---- commands (driver -> every worker) -------------------------------------------------------------

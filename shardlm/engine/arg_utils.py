@@ -22,6 +22,7 @@ from ..common.model_source import ModelSource
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cuda", "cpu"]
 ExpertPlacement = Literal["round_robin", "balanced"]
+AttentionBackend = Literal["auto", "triton", "torch"]
 
 
 @dataclass
@@ -62,6 +63,9 @@ class EngineArgs:
     """KV cache size per rank; overrides gpu_memory_utilization (default on CPU: 1 GiB)"""
     enforce_eager: bool = False
     """GPU: run every step eagerly; by default decode steps of dense models replay CUDA graphs"""
+    attention_backend: AttentionBackend = "auto"
+    """triton: kernels that read K/V straight from the paged cache (CUDA); torch: the reference path
+    (gather + SDPA), for debugging; auto: triton on CUDA when triton is installed, else torch"""
     max_seq_len_to_capture: int = MAX_SEQ_LEN_TO_CAPTURE
     """GPU: decode steps whose longest context exceeds this run eagerly (graphs gather this many positions)"""
     external_workers: bool = False

@@ -89,6 +89,8 @@ class LLMEngine:
                                          vocab * h + h, args.pp_layer_split)
         self.device = resolve_device(args.device)
         self.dtype = self._pick_dtype(args.dtype)
+        if args.attention_backend == "triton" and self.device != "cuda":
+            raise ConfigError("attention_backend triton runs on CUDA devices only: use torch (or auto) on the CPU")
         if args.external_workers:
             pass  # torchrun places the ranks, possibly on other nodes: nothing to count here
         elif self.device == "cuda":
@@ -149,6 +151,7 @@ class LLMEngine:
         except BaseException:
             self.executor.kill()
             raise
+        self.attention_backend = self.executor.ready[0].attention_backend  # what auto became
         # decode steps replay CUDA graphs (rank 0's count; none on CPU, with enforce_eager, or for MoE models)
         self.cuda_graphs = graphs.get("graphs", 0) > 0
         self.graph_capture = {k: graphs[k] for k in ("graphs", "capture_s", "graph_pool_bytes") if k in graphs}
@@ -197,6 +200,7 @@ class LLMEngine:
             stage_layers=self.stage_layers, max_num_seqs=args.max_num_seqs,
             max_seq_len_to_capture=args.max_seq_len_to_capture,
             cuda_graphs=self.device == "cuda" and not args.enforce_eager, trace=bool(args.trace),
+            attention_backend=args.attention_backend,
             expert_placement=self.expert_placement)
 
     # ---- requests ----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, tokens, status = None, 0, 0
+    arrivals: list[float] = []  # when each chunk with text came
     async with client.stream("POST", url, json=body, headers=headers) as resp:
         status = resp.status_code
         if status != 200:
@@ -51,31 +52,46 @@ async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int,
             event = json.loads(line[6:])
             if "error" in event:
                 return {"ok": False, "status": 500}
-            if event.get("choices") and ttft is None:
-                ttft = time.perf_counter() - t0
+            if event.get("choices"):
+                arrivals.append(time.perf_counter())
+                if ttft is None:
+                    ttft = arrivals[-1] - t0
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     e2e = time.perf_counter() - t0
     return {"ok": True, "ttft": ttft or e2e, "e2e": e2e, "tokens": tokens, "prompt": len(prompt),
-            "tpot": (e2e - (ttft or e2e)) / (tokens - 1) if tokens > 1 else 0.0}
+            "tpot": (e2e - (ttft or e2e)) / (tokens - 1) if tokens > 1 else 0.0,
+            "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}
 
 
-async def run(base_url: str, model: str, rate: float, workload, api_key: str | None, seed: int) -> dict[str, Any]:
+async def run(base_url: str, model: str, rate: float, workload, api_key: str | None, seed: int,
+              max_concurrency: int | None = None) -> dict[str, Any]:
+    """Send the workload (Poisson arrivals at `rate`, 0: all at once); with max_concurrency, at most that many
+    requests in flight (rate 0 and a limit: a closed loop of that many streams)."""
     import httpx
 
     rng = random.Random(seed + 1)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async def one(prompt, max_tokens):
+        if limit is None:
+            return await _one(client, url, model, prompt, max_tokens, headers)
+        async with limit:
+            return await _one(client, url, model, prompt, max_tokens, headers)
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/v1/completions"
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as client:
         tasks, start = [], time.perf_counter()
         for prompt, max_tokens in workload:
-            tasks.append(asyncio.create_task(_one(client, url, model, prompt, max_tokens, headers)))
+            tasks.append(asyncio.create_task(one(prompt, max_tokens)))
             if rate > 0:
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     ok = [r for r in results if r["ok"]]
-    out: dict[str, Any] = {"base_url": base_url, "model": model, "request_rate": rate, "num_requests": len(results),
+    out: dict[str, Any] = {"base_url": base_url, "model": model, "request_rate": rate,
+                           "max_concurrency": max_concurrency, "num_requests": len(results),
                            "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
                            "output_tokens": sum(r["tokens"] for r in ok),
                            "output_tok_per_s": sum(r["tokens"] for r in ok) / duration,
@@ -83,7 +99,9 @@ async def run(base_url: str, model: str, rate: float, workload, api_key: str | N
     for key in ("ttft", "tpot", "e2e"):
         vals = [r[key] * 1e3 for r in ok]
         out[f"{key}_ms"] = {"mean": statistics.mean(vals) if vals else 0.0, **{f"p{q}": _pct(vals, q) for q in PCTS}}
-    out["per_request"] = ok
+    gaps = [g * 1e3 for r in ok for g in r["itl"]]  # every gap between two chunks of a stream
+    out["itl_ms"] = {"mean": statistics.mean(gaps) if gaps else 0.0, **{f"p{q}": _pct(gaps, q) for q in PCTS}}
+    out["per_request"] = [{k: v for k, v in r.items() if k != "itl"} for r in ok]
     return out
 
 
@@ -113,6 +131,8 @@ def add_serve_bench_parser(kinds) -> None:
     p.add_argument("--model", required=True, help="model name the server serves")
     p.add_argument("--api-key", default=None)
     p.add_argument("--request-rate", type=float, default=4.0, help="mean arrivals per second (0: all at once)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="most requests in flight at once (with --request-rate 0: a closed loop of this many streams)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -128,11 +148,14 @@ def run_serve_bench(args) -> int:
         raise ValueError("need --num-prompts >= 1, --input-len >= 1, --output-len >= 2, 0 <= --range-ratio < 1")
     if args.request_rate < 0:
         raise ValueError(f"--request-rate must be >= 0, got {args.request_rate}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     check_output_path("--json", args.json)
     check_output_path("--plot", args.plot)
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
                              args.seed)
-    result = asyncio.run(run(args.base_url, args.model, args.request_rate, workload, args.api_key, args.seed))
+    result = asyncio.run(run(args.base_url, args.model, args.request_rate, workload, args.api_key, args.seed,
+                             args.max_concurrency))
     summary = {k: v for k, v in result.items() if k != "per_request"}
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -93,10 +93,10 @@ def _host_times(llm: LLM, wide: bool, seed: int) -> tuple[float, float, float]:
 
 
 def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: bool, rounds: int = 3
-                 ) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], bool]:
+                 ) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], dict[str, Any]]:
     """Host times of `models` (one model at different depths) at each depth; with `measure`, the
-    collective/device measurements and a wide batch on the first model; and whether the engines
-    replayed decode steps as CUDA graphs.
+    collective/device measurements and a wide batch on the first model; and how the engines ran (the
+    profile's "engine": CUDA graphs for decode, the attention path).
 
     The depths stay up side by side and take turns, `rounds` times; each number is the median over
     the rounds, so a slow spell of a shared host weighs on every depth alike.
@@ -113,7 +113,8 @@ def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: 
                 samples.setdefault(llm.engine.source.config.num_hidden_layers, []).append(
                     _host_times(llm, measure and i == 0, seed=r))
     times = {layers: tuple(statistics.median(x[k] for x in got) for k in range(3)) for layers, got in samples.items()}
-    return times, measured, llms[0].engine.cuda_graphs
+    return times, measured, {"cuda_graphs": llms[0].engine.cuda_graphs,
+                             "attention_backend": llms[0].engine.attention_backend}
 
 
 def _model_to_time(model: str, device: str) -> tuple[ModelSource, dict[str, Any]]:
@@ -148,7 +149,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
 
     device = resolve_device(device)
     spec, shape = _model_to_time(model, device) if model is not None else (None, None)
-    profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False},
+    profile: dict[str, Any] = {"version": 1, "topology": topology(), "engine": {"cuda_graphs": False, "attention_backend": "torch"},
                                "allreduce": {}, "all_to_all": {}, "step_overhead_us": {}, "layer_floor_us": {},
                                "prefill_overhead_us": {}, "eager_layer_floor_us": {}, "step_overhead_per_seq_us": {}}
     if spec is not None:
@@ -157,8 +158,8 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
                                    "times_ms": {}}
     for n in _group_sizes(device, max_group):
         log(f"probe: group of {n} ...")
-        times, measured, graphs = _depth_times(n, device, list(PROBE_MODELS), measure=True)
-        profile["engine"]["cuda_graphs"] = graphs
+        times, measured, engine = _depth_times(n, device, list(PROBE_MODELS), measure=True)
+        profile["engine"].update(engine)
         # the same engine at two depths: a step grows by each added layer's floor (tiny layers: the host
         # launching their kernels, or with CUDA graphs the replayed kernels themselves); the intercept is
         # the step's own overhead. Prefill steps run eagerly: their line is fitted on its own.
@@ -187,7 +188,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
             f"{profile['step_overhead_us'][str(n)]:.0f} us; prefill layer floor "
             f"{profile['eager_layer_floor_us'][str(n)]:.0f} us, overhead {profile['prefill_overhead_us'][str(n)]:.0f} us; "
             f"{profile['step_overhead_per_seq_us'][str(n)]:.0f} us per further sequence"
-            f"{' (decode as CUDA graphs)' if graphs else ''}")
+            f"{' (decode as CUDA graphs)' if engine['cuda_graphs'] else ''}")
         if spec is not None:
             _time_model_layers(spec, n, device, profile["model_layers"]["times_ms"], log)
         if save is not None:

@@ -257,12 +257,17 @@ class _Work:
     """Weight GEMMs per instance (a decode step reads each at the rate of its size, see decode_read_s)."""
 
 
-def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float) -> float:
+def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float, paged_kernels: bool = True) -> float:
     """Bytes one token's elementwise kernels move in one layer on one rank (bf16 activations):
-    2 RMSNorms (normalise in one kernel, then scale: ~8h each), 2 residual adds (6h each), rotary on q and
-    k (mul, roll, mul, add: 18 bytes per element), the K/V cache write (8 per KV element), folding q for
-    attention and unfolding its output (12 per q element), SwiGLU (silu, then times up: 10 per MLP
-    element)."""
+    2 RMSNorms (normalise in one kernel, then scale: ~8h each), 2 residual adds (6h each), SwiGLU (silu,
+    then times up: 10 per MLP element), and around attention
+    - with the attention kernels (paged_kernels): one kernel rotates q and k in place (4 bytes per element)
+      and writes K and V to the cache (k from registers, v read and written: 6 per KV element);
+      attention reads q and writes its output where they are;
+    - on the torch path: rotary on q and k (mul, roll, mul, add: 18 bytes per element), the K/V cache write
+      (8 per KV element), folding q for attention and unfolding its output (12 per q element)."""
+    if paged_kernels:
+        return 28 * hidden + 4 * q_dims + 10 * kv_dims + 10 * ffn_dims
     return 28 * hidden + 30 * q_dims + 26 * kv_dims + 10 * ffn_dims
 
 
@@ -270,9 +275,11 @@ class CostModel:
     """Times and memory for layouts of one model on one cluster."""
 
     def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None = None,
-                 eff: Efficiency | None = None, kv_bytes: int = 2, cuda_graphs: bool | None = None):
+                 eff: Efficiency | None = None, kv_bytes: int = 2, cuda_graphs: bool | None = None,
+                 attention_backend: str | None = None):
         self.model, self.cluster, self.profile = model, cluster, profile
         self._cuda_graphs = cuda_graphs  # how the predicted engine runs decode, if not as the profile's did
+        self._attention_backend = attention_backend  # likewise its attention path ('triton' or 'torch')
         self.eff = eff or Efficiency()
         self.kv_bytes = kv_bytes
         self._calibrations: dict[tuple[int, bool, bool], tuple[float, float, float]] = {}
@@ -318,15 +325,27 @@ class CostModel:
             return self._cuda_graphs
         return self.profile is None or self.profile.cuda_graphs is not False
 
+    @property
+    def paged_kernels(self) -> bool:
+        """Attention reads K/V through the block tables (the engine's Triton kernels, its default on GPU):
+        as the constructor was told, else as the profile's engine ran (a profile that does not say was
+        measured before the kernels: the torch path's gather), else True."""
+        if self._attention_backend is not None:
+            return self._attention_backend == "triton"
+        if self.profile is not None:
+            return self.profile.attention_backend == "triton"
+        return True
+
     def decode_shape(self, batch: float, context: float) -> tuple[float, float, bool]:
         """(rows, context positions, replayed as a graph) of a decode step of `batch` sequences at `context`
         tokens each: its graph's padded shape, or as it is when no graph holds it (or the model is MoE: the
-        engine captures no graphs for expert dispatch)."""
+        engine captures no graphs for expert dispatch). The attention kernels read only the real context
+        of a padded graph; the torch path gathers all of the graph's context positions."""
         if self.graph_decode and not self.model.is_moe:
             n = math.ceil(batch)
             shape = padded_shape(graph_pairs(max(n, MAX_NUM_SEQS), MAX_SEQ_LEN_TO_CAPTURE), n, math.ceil(context))
             if shape is not None:
-                return shape[0], shape[1], True
+                return shape[0], context if self.paged_kernels else shape[1], True
         return batch, context, False
 
     # -- collectives (seconds) -------------------------------------------------------------------
@@ -400,6 +419,9 @@ class CostModel:
         else:  # every sequence reads its whole context
             kv_b, attn_f = tokens * context * kv_layer, 4 * sh.q_heads * d * tokens * context
             gather = 2 * tokens * context * kv_layer  # written gathered, then read by attention
+        paged = self.paged_kernels
+        if paged:  # the kernels read K/V once, through the block tables (kv_b): no gather
+            gather = 0.0
         q_dims, kv_dims = sh.q_heads * d, sh.kv_heads * d
         ar = act = 0.0
         if layout.tp > 1:
@@ -408,7 +430,7 @@ class CostModel:
             ar = 2 * self.allreduce(tp_ranks, act, graphed)
         out = []
         if n_dense:
-            act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden)) + gather
+            act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden), paged) + gather
             out.append(_Work(n_dense, b * (sh.attn + sh.norms + sh.mlp) + kv_b,
                              2 * tokens * (sh.attn + sh.mlp) + attn_f, ar, act_b, kv_b, gemms=4))  # qkv o gate_up down
         if sh.n_moe:
@@ -427,7 +449,7 @@ class CostModel:
                 a2a = 2 * self.all_to_all(layout.ep_groups()[sh.stage], buf)
             # SwiGLU runs over every routed row (an expert's width on this rank) and the shared expert
             expert_width, shared_width = sh.expert / (3 * m.hidden), -(-m.shared_ffn // layout.tp)
-            act_b = (tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, shared_width)
+            act_b = (tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, shared_width, paged)
                      + 10 * expert_tok * expert_width + gather)
             out.append(_Work(sh.n_moe, b * (sh.attn + sh.norms + sh.shared_router + touched * sh.expert) + kv_b,
                              2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert + attn_f,
@@ -628,7 +650,9 @@ class CostModel:
         graph_pool = 0.0
         if self.graph_decode and not m.is_moe:  # (none for MoE models)
             kv_layer = 2 * sh.kv_heads * m.head_dim * self.kv_bytes
-            graph_pool = e.graph_pool_kv_factor * GRAPH_TOKENS * kv_layer + e.graph_pool_base_gb * 1e9
+            # the torch path's graphs hold its gather; the kernels' hold no K/V copy
+            gathered = 0.0 if self.paged_kernels else e.graph_pool_kv_factor * GRAPH_TOKENS * kv_layer
+            graph_pool = gathered + e.graph_pool_base_gb * 1e9
         return ((e.cuda_context_gb + e.nccl_gb_per_group * groups) * 1e9 + workspace + graph_pool
                 + e.fragmentation * self.memory_bytes)
 

@@ -445,6 +445,8 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
         assumptions["prefill_overhead_us_by_tp"] = {str(t): cm.prefill_overhead_s(t) * 1e6 for t in tps}
         assumptions["eager_layer_floor_us_by_tp"] = {str(t): cm.layer_floor_s(t, eager=True) * 1e6 for t in tps}
     assumptions["decode_cuda_graphs"] = cm.graph_decode and not model.is_moe
+    assumptions["attention"] = ("paged kernels: K/V read once through the block tables" if cm.paged_kernels
+                                else "gather + SDPA: each step copies every context out of the cache first")
     return Plan(model, cluster, wl, results, rec, reason, assumptions, notes)
 
 

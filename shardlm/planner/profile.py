@@ -56,7 +56,9 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
       "engine": {"cuda_graphs": true}       optional: whether the measured engine replayed decode steps
                                             as CUDA graphs (then the planner predicts a decode step at
                                             its graph's padded shape, graph_shapes.py); absent: true,
-                                            the engine's default on GPU
+                                            the engine's default on GPU. "attention_backend": "triton"
+                                            (the paged attention kernels) or "torch" (gather + SDPA);
+                                            absent: "torch", what profiles before the kernels measured
       "model_layers": {                     optional (`shardlm probe --model`): one model's own decoder
                                             layers, timed like the tiny model's at two depths. Needs
                                             "step_overhead_us" and "layer_floor_us".
@@ -264,6 +266,9 @@ class Profile:
     """The probe's raw topology text (informational)."""
     cuda_graphs: bool | None = None
     """Whether the measured engine replayed decode steps as CUDA graphs (None: not said)."""
+    attention_backend: str = "torch"
+    """The measured engine's attention path: 'triton' (the kernels) or 'torch' (gather + SDPA; what a
+    profile that does not say was measured with)."""
     model_layers: ModelLayers | None = None
     """One model's own layers timed at two depths, if measured."""
     source: str = "<profile>"
@@ -379,6 +384,9 @@ def _host_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
         if "cuda_graphs" in eng and not isinstance(eng["cuda_graphs"], bool):
             raise _bad(source, "engine.cuda_graphs", "must be true or false", eng["cuda_graphs"])
         out["cuda_graphs"] = eng.get("cuda_graphs")
+        if eng.get("attention_backend", "torch") not in ("torch", "triton"):
+            raise _bad(source, "engine.attention_backend", "must be 'torch' or 'triton'", eng["attention_backend"])
+        out["attention_backend"] = eng.get("attention_backend", "torch")
     if "model_layers" in data:
         if not have:
             raise PlanError(f"{source}: field 'model_layers' needs 'step_overhead_us' and 'layer_floor_us' too (the "

@@ -78,6 +78,8 @@ class MeasuredFile:
     """Expert-parallel size (1: experts split like the MLP)."""
     cuda_graphs: bool | None = None
     """Whether the engine replayed decode steps as CUDA graphs (None: the file does not say)."""
+    attention_backend: str = "torch"
+    """The engine's attention path: 'triton' or 'torch' (files from before the kernels do not say: torch)."""
 
     @property
     def layout(self) -> ParallelLayout:
@@ -209,8 +211,11 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
     graphs = data.get("cuda_graphs")
     if graphs is not None and not isinstance(graphs, bool):
         raise _bad(path, "cuda_graphs", "must be true or false", graphs)
+    attention = data.get("attention_backend", "torch")
+    if attention not in ("torch", "triton"):
+        raise _bad(path, "attention_backend", "must be 'torch' or 'triton'", attention)
     return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows),
-                        pp=pp, ep=ep, cuda_graphs=graphs)
+                        pp=pp, ep=ep, cuda_graphs=graphs, attention_backend=attention)
 
 
 def load_measured(path: str) -> MeasuredFile:
@@ -271,9 +276,9 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
         bad = constraint_reasons(spec, lay)
         if bad:
             raise PlanError(f"measured file {mf.path}: layout {lay}: {bad[0]}")
-        # predict the engine as it ran: eager or with decode graphs
+        # predict the engine as it ran: eager or with decode graphs, its attention path
         cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile, cuda_graphs=mf.cuda_graphs,
-                       kv_bytes=mf.bytes_per_param)  # the engine keeps its KV cache in the model dtype
+                       kv_bytes=mf.bytes_per_param, attention_backend=mf.attention_backend)  # the engine keeps its KV cache in the model dtype
         if profile is not None and None not in (mf.cuda_graphs, profile.cuda_graphs) and mf.cuda_graphs != profile.cuda_graphs:
             notes.append(f"{mf.path} ran {'with' if mf.cuda_graphs else 'without'} CUDA graphs, the profile's engine "
                          f"{'with' if profile.cuda_graphs else 'without'}: its measured floors fit the other mode")

@@ -8,8 +8,9 @@ logits, is captured once per shape and replayed with one launch.
 A graph fixes every shape, so each step is padded to a captured (batch, context) pair (graph_shapes.py):
 - batch: rows past the real sequences decode token 0 at position 0 into a scratch KV block that no
   sequence owns (the runner allocates it past the block manager's blocks); their logits are dropped;
-- context: the gathered K/V is as wide as the pair's context size; positions past a sequence's
-  context are masked out (those past its block table read the scratch block).
+- context: the block tables are as wide as the pair's context size (padded with the scratch block). The
+  attention kernels read only each sequence's own context; the torch path gathers all of the pair's
+  positions and masks out those past a sequence's context.
 A step that prefills, or is larger than every pair, runs eagerly; so does every step of an MoE model
 (the expert dispatch has data-dependent shapes).
 
@@ -28,7 +29,7 @@ import torch
 
 from ..common.graph_shapes import graph_pairs, padded_shape
 from ..common.messages import SeqPlan, StepPlan
-from .layers.attention import AttentionMetadata
+from .kernels.paged_attention import Launch, decode_launch, decode_metadata
 
 
 class DecodeGraphs:
@@ -36,7 +37,7 @@ class DecodeGraphs:
 
     A graph's inputs are the token ids, the positions (each sequence's context so far) and the block
     tables ([batch, context / block_size], padded with the scratch block): one int64 buffer the host fills
-    with one copy. The slots, the context gather and the mask are computed from them inside the graph.
+    with one copy. The attention metadata is computed from them inside the graph (decode_metadata).
     """
 
     def __init__(self, runner: Any, max_num_seqs: int, max_context: int, capture: bool):
@@ -52,13 +53,11 @@ class DecodeGraphs:
         bmax = self.max_batch
         # [ids | positions | block tables], filled by one copy per step
         self.index = torch.zeros(2 * bmax + table_cells, dtype=torch.long, device=dev)
-        # per context position: its block in the table and its offset in the block
-        pos = torch.arange(max(self.contexts, default=0), device=dev)
-        self.position, self.block_of, self.offset = pos, pos // self.block_size, pos % self.block_size
         self.hidden_in = None if self.first else torch.zeros(bmax, cfg.hidden_size, dtype=dtype, device=dev)
         self.out = (torch.zeros(bmax, cfg.vocab_size, dtype=torch.float32, device=dev) if self.last
                     else torch.zeros(bmax, cfg.hidden_size, dtype=dtype, device=dev))
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.launches: dict[tuple[int, int], Launch] = {}  # the attention kernels' static tile tables per pair
         self.pool = None
 
     def _blocks(self, c: int) -> int:
@@ -75,14 +74,14 @@ class DecodeGraphs:
         bmax, bs, nb = self.max_batch, self.block_size, self._blocks(c)
         positions = self.index[bmax: bmax + b]
         tables = self.index[2 * bmax: 2 * bmax + b * nb].view(b, nb)
-        new_slots = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1) * bs + positions % bs
-        context_slots = tables.index_select(1, self.block_of[:c]) * bs + self.offset[:c]  # [b, c]
-        # a query at position p sees keys 0..p (padding past a table reads the scratch block, masked)
-        mask = torch.zeros(b, c, dtype=self.runner.dtype, device=positions.device).masked_fill_(
-            self.position[:c].unsqueeze(0) > positions.unsqueeze(1), float("-inf"))
-        empty = self.index[:0]
-        meta = AttentionMetadata(slot_mapping=new_slots, context_slots=context_slots, q_index=empty,
-                                 unpad_index=empty, mask=mask.view(b, 1, 1, c), decode_only=True)
+        runner = self.runner
+        launch = None
+        if runner.attention_backend == "triton":  # made by the warm-up run before a capture, then reused
+            if (b, c) not in self.launches:
+                self.launches[(b, c)] = decode_launch(b, runner.heads, c, positions.device, runner.sms)
+            launch = self.launches[(b, c)]
+        meta = decode_metadata(positions, tables, bs, c, runner.dtype, runner.attention_backend, launch)
+        meta.workspace = runner.attn_workspace
         x = self.index[:b] if self.first else self.hidden_in[:b]
         hidden = self.model(x, positions, meta)
         self.out[:b].copy_(self.model.compute_logits(hidden) if self.last else hidden)

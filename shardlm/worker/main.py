@@ -94,7 +94,8 @@ class Worker:
         graphs = opts.cuda_graphs or (device.type == "cpu" and envs.padded_decode_on_cpu())
         self.runner = ModelRunner(init.model, self.ctx, getattr(torch, opts.dtype), opts.max_model_len,
                                   opts.block_size, opts.expert_placement, cuda_graphs=graphs,
-                                  max_num_seqs=opts.max_num_seqs, max_seq_len_to_capture=opts.max_seq_len_to_capture)
+                                  max_num_seqs=opts.max_num_seqs, max_seq_len_to_capture=opts.max_seq_len_to_capture,
+                                  attention_backend=opts.attention_backend)
         self.load_s = self.runner.load(show_progress=rank == 0)
         self.capacity = self.runner.kv_capacity(opts.gpu_memory_utilization, opts.cpu_kv_cache_bytes,
                                                 opts.profile_tokens)
@@ -107,7 +108,7 @@ class Worker:
 
     def ready(self) -> WorkerReady:
         return WorkerReady(rank=self.rank, load_s=self.load_s, block_bytes=self.runner.block_bytes(),
-                           **self.capacity)
+                           attention_backend=self.runner.attention_backend, **self.capacity)
 
     def reply(self, event: str, **body: Any) -> None:
         wire.send(self.sock, {"type": event, "rank": self.rank, **body})

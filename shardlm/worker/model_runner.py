@@ -13,7 +13,13 @@ from ..common.messages import SeqPlan, StepPlan, StepResult
 from ..common.model_source import ModelSource
 from .distributed import ParallelContext
 from .graphs import DecodeGraphs
-from .layers.attention import AttentionMetadata, build_metadata
+from .kernels.paged_attention import (
+    AttentionMetadata,
+    SplitWorkspace,
+    build_metadata,
+    resolve_backend,
+    warm_up,
+)
 from .models.llama import LlamaForCausalLM
 from .profiling import StepTimer, synchronize
 from .sampler import Sampler
@@ -25,11 +31,22 @@ class ModelRunner:
 
     def __init__(self, source: ModelSource, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
                  block_size: int, expert_placement: list | None, cuda_graphs: bool, max_num_seqs: int,
-                 max_seq_len_to_capture: int):
+                 max_seq_len_to_capture: int, attention_backend: str = "auto"):
         self.source, self.ctx, self.dtype = source, ctx, dtype
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = LlamaForCausalLM(source.config, ctx, dtype, max_positions=max_model_len,
                                       expert_placement=expert_placement)
+        # attention: the Triton kernels on CUDA, the torch reference elsewhere (kernels/paged_attention.py)
+        self.attention_backend = resolve_backend(attention_backend, ctx.device)
+        layers = self.model.attention_layers()
+        for a in layers:
+            a.use(self.attention_backend)
+        self.heads = layers[0].heads  # every layer of the stage has the same heads
+        cuda = ctx.device.type == "cuda"
+        self.sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if cuda else 0
+        # split-KV partials, allocated before the KV cache is sized so that the sizing counts them
+        self.attn_workspace = (SplitWorkspace(self.heads.n_q, self.heads.head_dim, ctx.device)
+                               if self.attention_backend == "triton" else None)
         self.moe = self.model.moe_layers()
         self.step_rows: deque[torch.Tensor] = deque(maxlen=4096)  # rows this rank's experts ran, per step
         self.sampler = Sampler(ctx.device)
@@ -103,7 +120,11 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     def capture_graphs(self) -> dict[str, float]:
-        """Capture the decode graphs over the KV cache just allocated (nothing to do without graphs)."""
+        """Compile the attention kernels (before the first request, not on it) and capture the decode graphs
+        over the KV cache just allocated (nothing to do on the torch path without graphs)."""
+        if self.attention_backend == "triton":
+            a = self.model.attention_layers()[0]
+            warm_up(self.heads, a.k_cache, a.v_cache, self.block_size, self.attn_workspace, self.dtype)
         return self.graphs.capture_all() if self.graphs is not None else {"graphs": 0, "capture_s": 0.0}
 
     def free_kv(self) -> None:
@@ -160,7 +181,8 @@ class ModelRunner:
         ids = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
         positions = torch.cat([torch.arange(s.start, s.context_len) for s in seqs])
         meta = build_metadata([s.start for s in seqs], [len(s.tokens) for s in seqs], [s.blocks for s in seqs],
-                              self.block_size, self.ctx.device, self.dtype)
+                              self.block_size, self.ctx.device, self.dtype, self.attention_backend, self.heads, self.sms)
+        meta.workspace = self.attn_workspace
         return ids, positions, meta
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

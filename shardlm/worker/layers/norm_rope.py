@@ -50,12 +50,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to `max_positions`, applied to q and k per token.
-
-    HF rotates x as x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]. The same products,
-    bit for bit, are roll(x) * [-sin1, sin2] (roll(x) = [x2, x1]; sin's halves are equal): one roll
-    instead of a negation, two slices and a concatenation, so a layer's rotary is four kernels, done
-    over q and k at once where they sit side by side in the qkv projection's output."""
+    """cos/sin tables for every position up to `max_positions`; a step looks up its positions once and
+    every layer's attention rotates q and k with them (kernels/rope_cache.py)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
                  device: torch.device):
@@ -67,14 +63,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin().to(device), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and the signed sin [-sin1, sin2], [tokens, 1, d], for these positions; done once per step,
-        shared by all layers."""
+        """cos and the signed sin [-sin1, sin2], [tokens, 1, d], for these positions (see rope_cache.rotate)."""
         cos, sin = self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
         half = sin.shape[-1] // 2
         return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-
-    @staticmethod
-    def forward(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x [tokens, heads, d] (q, k, or both side by side) rotated to each token's position."""
-        cos, signed_sin = rope
-        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin

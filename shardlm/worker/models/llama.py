@@ -23,8 +23,7 @@ from ..weights import Reader
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, prefix: str, cfg: ModelConfig, ctx: ParallelContext, rotary: RotaryEmbedding,
-                 dtype: torch.dtype):
+    def __init__(self, prefix: str, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
         d, h = cfg.head_dim, cfg.hidden_size
         shard = shard_heads(cfg.num_attention_heads, cfg.num_key_value_heads, ctx.tp_size, ctx.tp_rank)
@@ -36,7 +35,6 @@ class LlamaAttention(nn.Module):
         ], cfg.qkv_bias, ctx, dtype)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", cfg.num_attention_heads * d, h,
                                         shard.q_start * d, shard.q_end * d, cfg.o_bias, ctx, dtype)
-        self.rotary = rotary
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's d features, before rotary
             self.q_norm = RMSNorm(f"{prefix}.q_norm", d, cfg.rms_norm_eps, ctx.device, dtype)
@@ -46,23 +44,22 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         n_q, n_kv, d = self.n_q, self.n_kv, self.head_dim
+        q = qkv[:, : n_q * d].view(-1, n_q, d)
+        k = qkv[:, n_q * d: (n_q + n_kv) * d].view(-1, n_kv, d)
         v = qkv[:, (n_q + n_kv) * d:].view(-1, n_kv, d)
-        if self.q_norm is None:  # q and k side by side: one rotary over both
-            q, k = self.rotary(rope, qkv[:, : (n_q + n_kv) * d].view(-1, n_q + n_kv, d)).split([n_q, n_kv], dim=1)
-        else:  # Qwen3 normalises each head of q and k first
-            q = self.rotary(rope, self.q_norm(qkv[:, : n_q * d].view(-1, n_q, d)))
-            k = self.rotary(rope, self.k_norm(qkv[:, n_q * d: (n_q + n_kv) * d].view(-1, n_kv, d)))
-        return self.o_proj(self.attn(q, k, v, meta))  # all-reduce inside o_proj
+        if self.q_norm is not None:  # Qwen3 normalises each head of q and k before rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.o_proj(self.attn(rope, q, k, v, meta))  # rotary and the cache write inside; all-reduce in o_proj
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, index: int, cfg: ModelConfig, ctx: ParallelContext, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, placement: list[list[int]] | None = None):
+    def __init__(self, index: int, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype,
+                 placement: list[list[int]] | None = None):
         super().__init__()
         p = f"model.layers.{index}"
         self.index = index
         self.input_layernorm = RMSNorm(f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)
-        self.self_attn = LlamaAttention(f"{p}.self_attn", cfg, ctx, rotary, dtype)
+        self.self_attn = LlamaAttention(f"{p}.self_attn", cfg, ctx, dtype)
         self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", cfg.hidden_size,
                                                 cfg.rms_norm_eps, ctx.device, dtype)
         if cfg.is_moe_layer(index):
@@ -86,9 +83,8 @@ class LlamaModel(nn.Module):
         start, end = ctx.layers
         self.embed_tokens = (VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, ctx, dtype)
                              if ctx.is_first_stage else None)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ctx.device)
-        self.rotary = rotary
-        self.layers = nn.ModuleList(LlamaDecoderLayer(i, cfg, ctx, rotary, dtype,
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ctx.device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(i, cfg, ctx, dtype,
                                                       expert_placement[i] if expert_placement else None)
                                     for i in range(start, end))
         self.norm = (RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Issue 15 on a GPU host (device tool): the attention kernels checked and timed, the torch reference path
+# beside them in the same call. Results under $OUT. STAGES picks what runs (default: all, in this order):
+#   tests     pytest -m gpu: kernels vs reference, tiny float32 checkpoints vs HF with the kernels on
+#   kernels   scripts/attention_bench.py: attention alone (decode GB/s, prefill TFLOP/s, HBM copy, SDPA flash)
+#   engine    bench latency, random:llama-3.1-8b: TTFT/TPOT at 8k and 32k prompts (batch 1), both backends;
+#             batch 32 x 8k (kernels; the reference ran out of memory there before); batch 1/16 at 128/128
+#   serve     shardlm serve + bench serve: 128 concurrent streams, 512-token prompts, 128 new tokens
+#             (needs fastapi & co carried in .wheels/)
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-out}; mkdir -p "$OUT"
+STAGES=${STAGES:-tests kernels engine serve}
+MODEL=random:llama-3.1-8b
+{ date -u; nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } > "$OUT/env.txt" 2>&1
+head -4 "$OUT/env.txt"
+
+for stage in $STAGES; do
+  case $stage in
+  tests)
+    timeout 420 python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_gpu.py -p no:cacheprovider \
+      --tb=short -rf > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -12 ;;
+  kernels)
+    timeout 300 python3 scripts/attention_bench.py --json "$OUT/attention.json" 2>&1 | tail -20 ;;
+  engine)
+    bench() {  # name, then bench latency arguments
+      local name=$1; shift
+      timeout 240 python3 -m shardlm.entrypoints.cli bench latency --model $MODEL --json "$OUT/$name.json" "$@" \
+        > "$OUT/$name.log" 2>&1
+      grep -E "^ +[0-9]+ " "$OUT/$name.log" | sed "s/^/[$name] /" || tail -3 "$OUT/$name.log"
+    }
+    for be in ${BACKENDS:-triton torch}; do
+      bench "ctx8k-$be" --attention-backend $be --batch-sizes 1 --input-len 8192 --output-len 32 --max-model-len 8300 --repeats 1
+      bench "ctx32k-$be" --attention-backend $be --batch-sizes 1 --input-len 32768 --output-len 32 --max-model-len 32900 --repeats 1
+      bench "short-$be" --attention-backend $be --batch-sizes 1,16,64 --input-len 128 --output-len 128 --repeats 1
+    done
+    bench "b32x8k-triton" --attention-backend triton --batch-sizes 32 --input-len 8192 --output-len 32 --max-model-len 8300 \
+      --max-num-batched-tokens 8192 --repeats 1 ;;
+  serve)
+    [ -d .wheels ] && pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
+    for be in ${BACKENDS:-triton torch}; do
+      port=8111
+      python3 -m shardlm.entrypoints.cli serve $MODEL --attention-backend $be --port $port > "$OUT/serve-$be.log" 2>&1 &
+      pid=$!
+      for _ in $(seq 240); do
+        curl -sf localhost:$port/ready > /dev/null && break
+        kill -0 $pid 2> /dev/null || { echo "server $be died:"; tail -3 "$OUT/serve-$be.log"; continue 2; }
+        sleep 1
+      done
+      timeout 240 python3 -m shardlm.entrypoints.cli bench serve --base-url http://127.0.0.1:$port --model $MODEL \
+        --request-rate 0 --max-concurrency 128 --num-prompts 512 --input-len 512 --output-len 128 --range-ratio 0 \
+        --vocab-size 128000 --json "$OUT/serve-$be.json" > /dev/null 2>&1
+      python3 -c "import json; d=json.load(open('$OUT/serve-$be.json')); print('$be', {k: round(d[k]) for k in ('completed','failed','output_tok_per_s')}, 'TTFT p50/p99', round(d['ttft_ms']['p50']), round(d['ttft_ms']['p99']), 'TPOT p50/p99', round(d['tpot_ms']['p50'],1), round(d['tpot_ms']['p99'],1), 'ITL p50/p99', round(d['itl_ms']['p50'],1), round(d['itl_ms']['p99'],1))"
+      kill -TERM $pid; wait $pid
+    done ;;
+  esac
+done
