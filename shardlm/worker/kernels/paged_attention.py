@@ -33,10 +33,11 @@ SMALL_M = 16
 """query rows (tokens x query heads of one KV head) per tile for decodes and short chunks: tl.dot's minimum"""
 LARGE_M = 128
 """query rows per tile for prompt chunks"""
-MAX_SPLITS = 16
+MAX_SPLITS = 64
 """split-KV (flash-decoding): at most this many parts of one context, combined by a second kernel"""
-SPLIT_MAX_TOKENS = 256
-"""split-KV runs only for launches of at most this many tokens (the partials' workspace is sized by it)"""
+SPLIT_ROWS = 2048
+"""the partials' workspace holds this many (part, token) rows of every query head: a step of T tokens can
+be split into at most SPLIT_ROWS // T parts"""
 BLOCK_N = 64
 """key positions per inner iteration of the kernel"""
 
@@ -129,16 +130,19 @@ class AttentionMetadata:
 
 
 class SplitWorkspace:
-    """Partial outputs of split-KV: [MAX_SPLITS, SPLIT_MAX_TOKENS, n_q, head_dim] float32 and their
-    log-sum-exps. One per rank, shared by its layers (they run one after another)."""
+    """Partial outputs of split-KV, [SPLIT_ROWS, n_q, head_dim] float32, and their log-sum-exps; a launch of
+    S parts over a step of T tokens views them as [S, T', ...] with T' = SPLIT_ROWS // S >= T. One per rank,
+    shared by its layers (they run one after another); 32 MiB for 32 heads of 128."""
 
     def __init__(self, n_q: int, head_dim: int, device: torch.device):
-        self.out = torch.empty(MAX_SPLITS, SPLIT_MAX_TOKENS, n_q, head_dim, dtype=torch.float32, device=device)
-        self.lse = torch.empty(MAX_SPLITS, SPLIT_MAX_TOKENS, n_q, dtype=torch.float32, device=device)
+        self.out = torch.empty(SPLIT_ROWS, n_q, head_dim, dtype=torch.float32, device=device)
+        self.lse = torch.empty(SPLIT_ROWS, n_q, dtype=torch.float32, device=device)
 
-    @property
-    def nbytes(self) -> int:
-        return self.out.numel() * 4 + self.lse.numel() * 4
+    def parts(self, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The partials of `splits` parts: [splits, SPLIT_ROWS // splits, n_q, d] and [.., n_q]."""
+        rows = SPLIT_ROWS // splits
+        return (self.out[: splits * rows].view(splits, rows, *self.out.shape[1:]),
+                self.lse[: splits * rows].view(splits, rows, self.lse.shape[1]))
 
 
 def check_backend(backend: str, device: torch.device) -> None:
@@ -188,12 +192,16 @@ def _tiles(q_lens: np.ndarray, seqs: np.ndarray, block_q: int) -> tuple[np.ndarr
 
 
 def split_plan(tiles: int, tokens: int, n_kv: int, max_ctx: int, block_n: int, sms: int) -> tuple[int, int]:
-    """(splits, positions per split) for a small launch: split the context when too few programs
-    (tiles x KV heads) would leave the GPU's SMs idle and the contexts are long enough to share."""
+    """(splits, positions per split) for a small launch of `tiles` tiles in a step of `tokens` tokens: split
+    the context when too few programs (tiles x KV heads) would leave the GPU's SMs idle and the contexts
+    are long enough to share; aim at ~4 programs per SM, each part at least 2 key blocks long."""
     programs = tiles * n_kv
-    if tokens > SPLIT_MAX_TOKENS or programs >= sms or max_ctx < 2 * block_n:
+    most = min(MAX_SPLITS, SPLIT_ROWS // tokens)  # the workspace's rows
+    if most < 2 or programs >= sms or max_ctx < 2 * block_n:
         return 1, 0
-    splits = min(MAX_SPLITS, -(-2 * sms // programs), -(-max_ctx // (2 * block_n)))
+    splits = min(most, -(-4 * sms // programs), -(-max_ctx // (2 * block_n)))
+    if splits < 2:
+        return 1, 0
     split_len = -(-max_ctx // splits)
     split_len = -(-split_len // block_n) * block_n
     return -(-max_ctx // split_len), split_len
@@ -214,7 +222,8 @@ def plan_launches(q_lens: list[int], g_pad: int, max_ctx: int, n_kv: int, device
         tile_seq, tile_q0 = _tiles(q, seqs, block_q)
         splits, split_len = (1, 0)
         if block_m == max(SMALL_M, g_pad):
-            splits, split_len = split_plan(int((tile_seq >= 0).sum()), int(q[seqs].sum()), n_kv, max_ctx, BLOCK_N, sms)
+            # (the partials are indexed by the token's place in the whole step)
+            splits, split_len = split_plan(int((tile_seq >= 0).sum()), int(q.sum()), n_kv, max_ctx, BLOCK_N, sms)
         dev = torch.from_numpy(np.concatenate([tile_seq, tile_q0])).to(device, non_blocking=True)
         launches.append(Launch(dev[: len(tile_seq)], dev[len(tile_seq):], block_m, splits, split_len))
     return launches

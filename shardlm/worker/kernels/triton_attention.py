@@ -118,8 +118,9 @@ def _attention_kernel(Q, K, V, O, PART_O, PART_LSE, BT, SEQ_START, Q_START, TILE
 @triton.jit(do_not_specialize=["splits"])
 def _combine_kernel(O, PART_O, PART_LSE, Q_START, TILE_SEQ, TILE_Q0, splits,
                     stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
-                    BLOCK_Q: tl.constexpr, MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (tile, query head): merge the parts of each of the tile's tokens."""
+                    BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (tile, query head): merge the parts of each of the tile's tokens, weighting each
+    part's output by exp2(its log-sum-exp - the largest). Part 0 always holds keys (position 0)."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(TILE_SEQ + tile)
@@ -128,21 +129,25 @@ def _combine_kernel(O, PART_O, PART_LSE, Q_START, TILE_SEQ, TILE_Q0, splits,
     q0 = tl.load(TILE_Q0 + tile)
     q_begin = tl.load(Q_START + seq)
     q_len = tl.load(Q_START + seq + 1) - q_begin
-    parts = tl.arange(0, MAX_SPLITS)
-    part_ok = parts < splits
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     for i in range(BLOCK_Q):
         t = q0 + i
         if t < q_len:
             tok = q_begin + t
-            lse = tl.load(PART_LSE + parts * stride_ls + tok * stride_lt + head, mask=part_ok, other=float("-inf"))
-            m = tl.max(lse, 0)
-            w = tl.where(part_ok, tl.exp2(lse - m), 0.0)
-            o = tl.load(PART_O + parts[:, None] * stride_ps + tok * stride_pt + head * stride_ph + d[None, :],
-                        mask=part_ok[:, None] & d_ok[None, :], other=0.0)
-            out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-            tl.store(O + tok * stride_ot + head * stride_oh + d, out.to(O.dtype.element_ty), mask=d_ok)
+            lse_ptr = PART_LSE + tok * stride_lt + head
+            o_ptr = PART_O + tok * stride_pt + head * stride_ph + d
+            m = tl.load(lse_ptr)
+            for p in range(1, splits):
+                m = tl.maximum(m, tl.load(lse_ptr + p * stride_ls))
+            w = tl.exp2(tl.load(lse_ptr) - m)
+            total = w
+            acc = w * tl.load(o_ptr, mask=d_ok, other=0.0)
+            for p in range(1, splits):
+                w = tl.exp2(tl.load(lse_ptr + p * stride_ls) - m)  # an empty part: lse -inf, weight 0
+                total += w
+                acc += w * tl.load(o_ptr + p * stride_ps, mask=d_ok, other=0.0)
+            tl.store(O + tok * stride_ot + head * stride_oh + d, (acc / total).to(O.dtype.element_ty), mask=d_ok)
 
 
 LOG2E = 1.4426950408889634
@@ -157,8 +162,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
     ws = meta.workspace
     if split and ws is None:
         raise ValueError("split-KV needs the attention workspace (AttentionMetadata.workspace)")
-    part_o = ws.out if split else out
-    part_lse = ws.lse if split else out
+    part_o, part_lse = ws.parts(launch.splits) if split else (out, out)
     block_m = launch.block_m
     large = block_m > 16
     block_d = max(16, triton.next_power_of_2(heads.head_dim))
@@ -174,8 +178,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
         SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if large else 4, num_stages=2 if large else 3)
     if split:
         _combine_kernel[(tiles, heads.n_q)](
-            out, ws.out, ws.lse, meta.query_start, launch.tile_seq, launch.tile_q0, launch.splits,
-            out.stride(0), out.stride(1), ws.out.stride(0), ws.out.stride(1), ws.out.stride(2),
-            ws.lse.stride(0), ws.lse.stride(1),
-            BLOCK_Q=max(1, block_m // heads.g_pad), MAX_SPLITS=ws.out.shape[0], HEAD_DIM=heads.head_dim,
-            BLOCK_D=block_d, num_warps=4)
+            out, part_o, part_lse, meta.query_start, launch.tile_seq, launch.tile_q0, launch.splits,
+            out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            BLOCK_Q=max(1, block_m // heads.g_pad), HEAD_DIM=heads.head_dim, BLOCK_D=block_d, num_warps=1)
