@@ -58,8 +58,9 @@ def test_the_launch_plan_covers_every_new_token_once():
 def test_split_kv_only_for_few_long_contexts():
     # batch 1 at 32k on 132 SMs: 8 programs -> 64 parts of 512 keys (~4 programs per SM)
     assert pa.split_plan(tiles=1, tokens=1, n_kv=8, max_ctx=32768, block_n=64, sms=132) == (64, 512)
-    splits, split_len = pa.split_plan(tiles=4, tokens=4, n_kv=8, max_ctx=1000, block_n=64, sms=132)
-    assert splits > 1 and split_len % 64 == 0 and splits * split_len >= 1000 > (splits - 1) * split_len
+    splits, split_len = pa.split_plan(tiles=4, tokens=4, n_kv=8, max_ctx=3000, block_n=64, sms=132)
+    assert splits == 6 and split_len % 64 == 0 and splits * split_len >= 3000 > (splits - 1) * split_len
+    assert pa.split_plan(tiles=1, tokens=1, n_kv=8, max_ctx=600, block_n=64, sms=132)[0] == 2  # parts >= 512 keys
     assert pa.split_plan(tiles=32, tokens=32, n_kv=8, max_ctx=8192, block_n=64, sms=132) == (1, 0)  # SMs busy
     assert pa.split_plan(tiles=1, tokens=1, n_kv=8, max_ctx=100, block_n=64, sms=132) == (1, 0)  # short
     # the workspace's rows: a step of 300 tokens (decodes beside a prompt chunk) splits into at most 6 parts
@@ -138,7 +139,7 @@ from shardlm.worker.kernels import paged_attention as pa, rope_cache
 from test_attention_kernels import CASES, random_batch
 from shardlm.worker.layers.norm_rope import RotaryEmbedding
 cpu = torch.device("cpu")
-SPLIT = [(4, 1, 16, 16, [1, 2], [300, 150], None), (4, 1, 16, 16, [40, 1, 1], [0, 300, 200], None)]
+SPLIT = [(4, 1, 16, 16, [1, 2], [1100, 150], None), (4, 1, 16, 16, [40, 1, 1], [0, 1100, 700], None)]
 for n_q, n_kv, d, bs, q_lens, starts, kv_index in CASES + SPLIT:
     q, kc, vc, tables, heads = random_batch(n_q, n_kv, d, bs, q_lens, starts, torch.float32, cpu, kv_index)
     ref = pa.paged_attention_torch(q, kc, vc, pa.build_metadata(starts, q_lens, tables, bs, cpu, torch.float32), heads)
@@ -146,7 +147,7 @@ for n_q, n_kv, d, bs, q_lens, starts, kv_index in CASES + SPLIT:
     meta.workspace = pa.SplitWorkspace(n_q, d, cpu)
     got = pa.paged_attention_triton(q, kc, vc, meta, heads)
     assert (got - ref).abs().max() < 1e-5, (q_lens, starts, (got - ref).abs().max())
-    assert 300 not in starts or meta.launches[0].splits > 1
+    assert 1100 not in starts or meta.launches[0].splits > 1
 for d in (16, 24):
     rope = RotaryEmbedding(d, 64, 10000.0, None, cpu).lookup(torch.tensor([0, 3, 7]), torch.float32)
     qkv = torch.randn(3, 8 * d)

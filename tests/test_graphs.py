@@ -31,7 +31,7 @@ def test_batch_and_context_sizes():
 class _Runner:
     """What DecodeGraphs reads from a model runner, on the CPU, for shape_for alone."""
 
-    def __init__(self, max_model_len):
+    def __init__(self, max_model_len, attention_backend="torch"):
         from shardlm.common.config import ModelConfig
         from shardlm.common.layout import ParallelLayout
         from shardlm.worker.distributed import ParallelContext
@@ -40,6 +40,7 @@ class _Runner:
                           num_attention_heads=2, num_key_value_heads=1, head_dim=4)
         self.source = type("Source", (), {"config": cfg})()
         self.model, self.dtype, self.max_model_len, self.block_size = None, torch.float32, max_model_len, 16
+        self.attention_backend = attention_backend
         self.ctx = ParallelContext(ParallelLayout(tp=1, pp=1, ep=1), 0, torch.device("cpu"), None, (0, 1))
 
 
@@ -56,6 +57,17 @@ def test_shape_for_picks_the_smallest_pair_and_falls_back_to_eager():
     assert g.shape_for(1, 4097) is None  # past max_seq_len_to_capture
     # the input buffer holds ids and positions of the largest batch and the largest block table (16-token blocks)
     assert g.index.numel() == 2 * 256 + 256 * 1024 // 16 and g.out.shape == (256, 32)
+    # the torch path's default: up to 8192 positions gathered
+    assert max(c for _, c in DecodeGraphs(_Runner(32768), 8, None, capture=False).pairs) == 8192
+
+
+def test_the_kernels_graphs_reach_every_context():
+    """The attention kernels gather nothing: their graphs go up to max_model_len at any batch, contexts 4x apart."""
+    from shardlm.worker.graphs import DecodeGraphs
+
+    g = DecodeGraphs(_Runner(32768, "triton"), max_num_seqs=256, max_context=None, capture=False)
+    assert sorted({c for _, c in g.pairs}) == [256, 1024, 4096, 16384, 32768]
+    assert g.shape_for(256, 32768) == (256, 32768) and g.shape_for(3, 5000) == (4, 16384)
 
 
 # prompts of different lengths that stop at different steps: the batch shrinks 4 -> 3 -> 2 -> 1, so steps

@@ -2,8 +2,12 @@
 predicts a graph step at its padded shape.
 
 A graph fixes every shape, so a decode step runs padded to a captured (batch, context) pair: every batch
-size of `batch_sizes` times every context size of `context_sizes` with batch * context <= GRAPH_TOKENS
-(the K/V gathered for one layer is a decode step's largest buffer). A step outside every pair runs eagerly.
+size of `batch_sizes` times every context size of `context_sizes`. On the torch attention path the pairs
+keep batch * context <= GRAPH_TOKENS (the K/V gathered for one layer is a decode step's largest buffer)
+and contexts double up to max_seq_len_to_capture (8192); the attention kernels gather nothing and read
+only each sequence's own context, so their graphs go up to max_model_len, contexts growing 4x (the
+context size only sets how wide the block tables copied each step are). A step outside every pair runs
+eagerly.
 """
 
 from __future__ import annotations
@@ -24,17 +28,19 @@ def batch_sizes(max_num_seqs: int) -> list[int]:
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
 
 
-def context_sizes(max_len: int) -> list[int]:
-    """MIN_CONTEXT, doubling, and max_len itself as the last size."""
+def context_sizes(max_len: int, growth: int = 2) -> list[int]:
+    """MIN_CONTEXT, growing `growth` times, and max_len itself as the last size."""
     sizes, c = [], MIN_CONTEXT
     while c < max_len:
         sizes.append(c)
-        c *= 2
+        c *= growth
     return sizes + [max_len]
 
 
-def graph_pairs(max_num_seqs: int, max_context: int) -> list[tuple[int, int]]:
-    """Every captured (batch, context) pair, sorted."""
+def graph_pairs(max_num_seqs: int, max_context: int, paged_kernels: bool = False) -> list[tuple[int, int]]:
+    """Every captured (batch, context) pair, sorted (paged_kernels: the attention kernels' graphs)."""
+    if paged_kernels:
+        return sorted((b, c) for c in context_sizes(max(1, max_context), 4) for b in batch_sizes(max_num_seqs))
     return sorted((b, c) for c in context_sizes(max(1, max_context)) for b in batch_sizes(max_num_seqs)
                   if b * c <= GRAPH_TOKENS)
 

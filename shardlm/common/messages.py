@@ -188,7 +188,7 @@ class WorkerOptions:
     """[start, end) decoder layers of each pipeline stage"""
     max_num_seqs: int
     """most sequences in a step: the largest graph batch"""
-    max_seq_len_to_capture: int
+    max_seq_len_to_capture: int | None
     """longest context a graph gathers"""
     cuda_graphs: bool
     """replay decode steps as CUDA graphs (GPU, dense models)"""

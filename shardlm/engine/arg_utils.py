@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from ..common.config import ConfigError, check_output_path
-from ..common.defaults import MAX_NUM_SEQS, MAX_SEQ_LEN_TO_CAPTURE
+from ..common.defaults import MAX_NUM_SEQS
 from ..common.layout import LayoutError
 from ..common.model_source import ModelSource
 
@@ -66,8 +66,9 @@ class EngineArgs:
     attention_backend: AttentionBackend = "auto"
     """triton: kernels that read K/V straight from the paged cache (CUDA); torch: the reference path
     (gather + SDPA), for debugging; auto: triton on CUDA when triton is installed, else torch"""
-    max_seq_len_to_capture: int = MAX_SEQ_LEN_TO_CAPTURE
-    """GPU: decode steps whose longest context exceeds this run eagerly (graphs gather this many positions)"""
+    max_seq_len_to_capture: int | None = None
+    """GPU: decode steps whose longest context exceeds this run eagerly; default: max_model_len with the
+    attention kernels, 8192 on the torch attention path (its graphs gather this many positions)"""
     external_workers: bool = False
     """wait for workers started by torchrun instead of spawning them"""
     driver_host: str = "127.0.0.1"

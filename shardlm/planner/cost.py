@@ -343,7 +343,9 @@ class CostModel:
         of a padded graph; the torch path gathers all of the graph's context positions."""
         if self.graph_decode and not self.model.is_moe:
             n = math.ceil(batch)
-            shape = padded_shape(graph_pairs(max(n, MAX_NUM_SEQS), MAX_SEQ_LEN_TO_CAPTURE), n, math.ceil(context))
+            max_ctx = max(math.ceil(context), MAX_SEQ_LEN_TO_CAPTURE) if self.paged_kernels else MAX_SEQ_LEN_TO_CAPTURE
+            pairs = graph_pairs(max(n, MAX_NUM_SEQS), max_ctx, self.paged_kernels)
+            shape = padded_shape(pairs, n, math.ceil(context))
             if shape is not None:
                 return shape[0], context if self.paged_kernels else shape[1], True
         return batch, context, False

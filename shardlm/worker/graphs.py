@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common.defaults import MAX_SEQ_LEN_TO_CAPTURE
 from ..common.graph_shapes import graph_pairs, padded_shape
 from ..common.messages import SeqPlan, StepPlan
 from .kernels.paged_attention import Launch, decode_launch, decode_metadata
@@ -40,12 +41,15 @@ class DecodeGraphs:
     with one copy. The attention metadata is computed from them inside the graph (decode_metadata).
     """
 
-    def __init__(self, runner: Any, max_num_seqs: int, max_context: int, capture: bool):
+    def __init__(self, runner: Any, max_num_seqs: int, max_context: int | None, capture: bool):
         self.runner, self.capture = runner, capture
         self.model, ctx = runner.model, runner.ctx
         self.first, self.last = ctx.is_first_stage, ctx.is_last_stage
         self.block_size = runner.block_size
-        self.pairs = graph_pairs(max_num_seqs, min(max_context, runner.max_model_len))
+        kernels = runner.attention_backend == "triton"
+        if max_context is None:  # the kernels' graphs reach every context; the torch path's gather is bounded
+            max_context = runner.max_model_len if kernels else MAX_SEQ_LEN_TO_CAPTURE
+        self.pairs = graph_pairs(max_num_seqs, min(max_context, runner.max_model_len), kernels)
         self.contexts = sorted({c for _, c in self.pairs})
         self.max_batch = max((b for b, _ in self.pairs), default=0)
         table_cells = max((b * self._blocks(c) for b, c in self.pairs), default=0)

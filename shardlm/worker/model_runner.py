@@ -31,7 +31,7 @@ class ModelRunner:
 
     def __init__(self, source: ModelSource, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
                  block_size: int, expert_placement: list | None, cuda_graphs: bool, max_num_seqs: int,
-                 max_seq_len_to_capture: int, attention_backend: str = "auto"):
+                 max_seq_len_to_capture: int | None, attention_backend: str = "auto"):
         self.source, self.ctx, self.dtype = source, ctx, dtype
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = LlamaForCausalLM(source.config, ctx, dtype, max_positions=max_model_len,

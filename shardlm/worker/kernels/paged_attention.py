@@ -194,12 +194,13 @@ def _tiles(q_lens: np.ndarray, seqs: np.ndarray, block_q: int) -> tuple[np.ndarr
 def split_plan(tiles: int, tokens: int, n_kv: int, max_ctx: int, block_n: int, sms: int) -> tuple[int, int]:
     """(splits, positions per split) for a small launch of `tiles` tiles in a step of `tokens` tokens: split
     the context when too few programs (tiles x KV heads) would leave the GPU's SMs idle and the contexts
-    are long enough to share; aim at ~4 programs per SM, each part at least 2 key blocks long."""
+    are long enough to share; aim at ~4 programs per SM, each part at least 8 key blocks long (shorter
+    parts cost more in the combine than they gain: measured on an H200, docs/PERFORMANCE.md)."""
     programs = tiles * n_kv
     most = min(MAX_SPLITS, SPLIT_ROWS // tokens)  # the workspace's rows
     if most < 2 or programs >= sms or max_ctx < 2 * block_n:
         return 1, 0
-    splits = min(most, -(-4 * sms // programs), -(-max_ctx // (2 * block_n)))
+    splits = min(most, -(-4 * sms // programs), -(-max_ctx // (8 * block_n)))
     if splits < 2:
         return 1, 0
     split_len = -(-max_ctx // splits)
