@@ -1,2 +1,10 @@
-"""Home of shardlm's own GPU kernels (Triton). Each kernel keeps a torch reference with the same
-signature; shardlm.worker.layers calls them by name. None has landed yet: the layers run torch ops."""
+"""shardlm's own GPU kernels (Triton), each behind a Python function with the same signature as the torch
+reference it replaces; the reference runs on the CPU and in CI and is what the GPU tests compare against.
+
+- paged_attention.py: attention over the paged KV cache for a flat varlen batch (metadata, launch plan,
+  `paged_attention_torch` / `paged_attention_triton`); its kernels in triton_attention.py.
+- rope_cache.py: rotary of q and k plus the K/V cache write (`rope_and_cache_torch` / `_triton`); its
+  kernel in triton_rope.py.
+
+The triton_* modules import triton and are loaded only on the triton path.
+"""
