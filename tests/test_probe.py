@@ -33,7 +33,7 @@ def test_probe_writes_a_profile_the_planner_reads(tmp_path):
         assert set(data[key]) == {"1", "2"}, key
     assert all(v > 0 for v in data["layer_floor_us"].values())
     assert all(v > 0 for v in data["eager_layer_floor_us"].values())
-    assert data["engine"] == {"cuda_graphs": False}  # no graphs on the CPU
+    assert data["engine"] == {"cuda_graphs": False, "attention_backend": "torch"}  # no graphs, no kernels on the CPU
     # a 128-token prefill layer (eager, CPU) costs more than a 1-token decode layer; checked on one
     # process only: at TP=2 gloo's all-reduce dominates both and its noise can swap them
     assert data["eager_layer_floor_us"]["1"] > data["layer_floor_us"]["1"]
