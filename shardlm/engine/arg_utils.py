@@ -64,8 +64,9 @@ class EngineArgs:
     enforce_eager: bool = False
     """GPU: run every step eagerly; by default decode steps of dense models replay CUDA graphs"""
     attention_backend: AttentionBackend = "auto"
-    """triton: kernels that read K/V straight from the paged cache (CUDA); torch: the reference path
-    (gather + SDPA), for debugging; auto: triton on CUDA when triton is installed, else torch"""
+    """triton: kernels that read K/V straight from the paged cache, and the fused residual add + RMSNorm
+    and SiLU x up (CUDA); torch: every layer on its torch reference path (gather + SDPA, unfused), for
+    debugging; auto: triton on CUDA when triton is installed, else torch"""
     max_seq_len_to_capture: int | None = None
     """GPU: decode steps whose longest context exceeds this run eagerly; default: max_model_len with the
     attention kernels, 8192 on the torch attention path (its graphs gather this many positions)"""

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common import envs
 from ..common.messages import SeqPlan, StepPlan, StepResult
 from ..common.model_source import ModelSource
 from .distributed import ParallelContext
@@ -20,6 +21,7 @@ from .kernels.paged_attention import (
     resolve_backend,
     warm_up,
 )
+from .layers.attention import PagedAttention
 from .models.llama import LlamaForCausalLM
 from .profiling import StepTimer, synchronize
 from .sampler import Sampler
@@ -36,12 +38,14 @@ class ModelRunner:
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = LlamaForCausalLM(source.config, ctx, dtype, max_positions=max_model_len,
                                       expert_placement=expert_placement)
-        # attention: the Triton kernels on CUDA, the torch reference elsewhere (kernels/paged_attention.py)
+        # the kernel layer: Triton on CUDA, the torch references elsewhere (worker/kernels/); every module with a
+        # kernel path (attention, the norms' residual add, SiLU x up) runs the resolved one
         self.attention_backend = resolve_backend(attention_backend, ctx.device)
-        layers = self.model.attention_layers()
-        for a in layers:
-            a.use(self.attention_backend)
-        self.heads = layers[0].heads  # every layer of the stage has the same heads
+        fused = "torch" if envs.unfused() else self.attention_backend
+        for m in self.model.modules():
+            if hasattr(m, "use"):
+                m.use(self.attention_backend if isinstance(m, PagedAttention) else fused)
+        self.heads = self.model.attention_layers()[0].heads  # every layer of the stage has the same heads
         cuda = ctx.device.type == "cuda"
         self.sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if cuda else 0
         # split-KV partials, allocated before the KV cache is sized so that the sizing counts them

@@ -10,6 +10,7 @@ from torch import nn
 
 from ...common.layout import split_evenly
 from ..distributed import ParallelContext
+from ..kernels.norm_act import PATHS
 from ..weights import Reader
 
 
@@ -109,7 +110,11 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(prefix, h, [
             RowSlice("gate_proj", f, start, end), RowSlice("up_proj", f, start, end)], bias, ctx, dtype)
         self.down_proj = RowParallelLinear(f"{prefix}.down_proj", f, h, start, end, bias, ctx, dtype, reduce)
+        self.use("torch")
+
+    def use(self, backend: str) -> None:
+        """SiLU(gate) x up on this path from now on ('torch' or 'triton': one kernel, kernels/norm_act.py)."""
+        self._silu_mul = PATHS[backend][1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)  # all-reduce inside down_proj (unless reduce=False)
+        return self.down_proj(self._silu_mul(self.gate_up_proj(x)))  # all-reduce inside down_proj (unless reduce=False)

@@ -9,16 +9,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.norm_act import PATHS
 from ..weights import Reader
 
 
 class RMSNorm(nn.Module):
-    """Replicated on every rank; normalises in float32, then scales in the model dtype."""
+    """Replicated on every rank; normalises in float32, then scales in the model dtype. `add_norm` adds the
+    residual first, in one kernel on the triton path (kernels/norm_act.py)."""
 
     def __init__(self, name: str, hidden: int, eps: float, device: torch.device, dtype: torch.dtype):
         super().__init__()
         self.name, self.hidden, self.eps = name, hidden, eps
         self.weight = nn.Parameter(torch.empty(hidden, device=device, dtype=dtype), requires_grad=False)
+        self.use("torch")
+
+    def use(self, backend: str) -> None:
+        """Run add_norm on this path from now on ('torch' or 'triton')."""
+        self._add_rms_norm = PATHS[backend][0]
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed x + residual, x + residual) for rows [tokens, hidden]; residual None: x alone."""
+        return self._add_rms_norm(x, residual, self.weight, self.eps)
 
     def load(self, reader: Reader) -> None:
         self.weight.data.copy_(reader.read(f"{self.name}.weight", (self.hidden,), None, 0, 0,

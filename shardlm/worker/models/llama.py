@@ -68,9 +68,14 @@ class LlamaDecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, ctx, dtype)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings on the stage's first layer, residual None);
+        residual: the stream's sum before it. Returns this layer's MLP output and the sum before it: the
+        residual adds are fused into the norms (HF's x + attn(norm(x)), then + mlp(norm(..)), same values)."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(rope, h, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -95,9 +100,12 @@ class LlamaModel(nn.Module):
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)  # [tokens, hidden]
         rope = self.rotary.lookup(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(rope, x, meta)
-        return self.norm(x) if self.norm is not None else x
+            x, residual = layer(rope, x, residual, meta)
+        if self.norm is not None:
+            return self.norm.add_norm(x, residual)[0]
+        return x + residual  # the next stage's input
 
 
 class LlamaForCausalLM(nn.Module):
