@@ -54,7 +54,8 @@ class EngineArgs:
     max_num_seqs: int = MAX_NUM_SEQS
     """most sequences in one step"""
     max_num_batched_tokens: int | None = None
-    """token budget of one step (prefill chunks + decodes); default max(max_model_len, 2048)"""
+    """token budget of one step (prefill chunks + decodes; decodes first, prompts chunked to the rest);
+    default max(max_model_len, 2048), for `serve` 2048 (short chunks keep the running streams flowing)"""
     block_size: int = 16
     """tokens per KV block"""
     gpu_memory_utilization: float = 0.9

@@ -6,8 +6,10 @@ import argparse
 import logging
 import signal
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from ..engine.arg_utils import EngineArgs
+from ..engine.kv_cache import SERVE_TOKEN_BUDGET
 from .async_engine import AsyncEngine
 
 log = logging.getLogger("shardlm.serve")
@@ -38,6 +40,8 @@ def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be a positive number, got {args.max_request_body_bytes}")
+    if engine_args.max_num_batched_tokens is None:  # a server keeps decodes flowing: short prefill chunks
+        engine_args = replace(engine_args, max_num_batched_tokens=SERVE_TOKEN_BUDGET)
     engine = AsyncEngine(engine_args, data_parallel_size=args.data_parallel_size,
                          max_waiting_requests=args.max_waiting_requests)
     for rep in engine.replicas:
