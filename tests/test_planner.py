@@ -169,12 +169,13 @@ def test_decode_step_is_roofline_plus_allreduces(l70):
     assert act == 80 * (369152 + 2097152)
     assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
     assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
-    # the attention kernels (the default): rotary + cache write in one kernel (4 per q, 10 per KV element),
-    # attention reads the context once through the block tables, no gather
+    # the engine's kernels (the default): residual adds fused into the norms (16h), rotary + cache write in
+    # one kernel (4 per q, 10 per KV element), SiLU x up in one (6 per MLP element), attention reads the
+    # context once through the block tables, no gather
     cm = CostModel(l70, cluster)
     assert cm.paged_kernels and not torch_path.paged_kernels
     step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1024, prefill=False)
-    act = 80 * (28 * 8192 + 4 * 2048 + 10 * 256 + 10 * 7168)
+    act = 80 * (16 * 8192 + 4 * 2048 + 10 * 256 + 6 * 7168)
     assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
     assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
     # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: alpha(4) = 12 us,

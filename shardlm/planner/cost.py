@@ -258,16 +258,18 @@ class _Work:
 
 
 def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float, paged_kernels: bool = True) -> float:
-    """Bytes one token's elementwise kernels move in one layer on one rank (bf16 activations):
-    2 RMSNorms (normalise in one kernel, then scale: ~8h each), 2 residual adds (6h each), SwiGLU (silu,
-    then times up: 10 per MLP element), and around attention
-    - with the attention kernels (paged_kernels): one kernel rotates q and k in place (4 bytes per element)
-      and writes K and V to the cache (k from registers, v read and written: 6 per KV element);
-      attention reads q and writes its output where they are;
-    - on the torch path: rotary on q and k (mul, roll, mul, add: 18 bytes per element), the K/V cache write
-      (8 per KV element), folding q for attention and unfolding its output (12 per q element)."""
+    """Bytes one token's elementwise kernels move in one layer on one rank (bf16 activations).
+    - With the engine's kernels (paged_kernels, the Triton path): 2 residual adds fused into their RMSNorms
+      (read x and the residual, write the normed row and the sum: 8h each), SiLU x up in one kernel (read
+      gate and up, write: 6 per MLP element), rotary of q and k in place (4 bytes per element) with the K/V
+      cache write (k from registers, v read and written: 6 per KV element); attention reads q and writes its
+      output where they are.
+    - On the torch path: 2 RMSNorms (normalise in one kernel, then scale: ~8h each), 2 residual adds (6h
+      each), SwiGLU (silu, then times up: 10 per MLP element), rotary on q and k (mul, roll, mul, add: 18
+      bytes per element), the K/V cache write (8 per KV element), folding q for attention and unfolding its
+      output (12 per q element)."""
     if paged_kernels:
-        return 28 * hidden + 4 * q_dims + 10 * kv_dims + 10 * ffn_dims
+        return 16 * hidden + 4 * q_dims + 10 * kv_dims + 6 * ffn_dims
     return 28 * hidden + 30 * q_dims + 26 * kv_dims + 10 * ffn_dims
 
 
