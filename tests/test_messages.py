@@ -25,7 +25,7 @@ from shardlm.common.messages import (
 from shardlm.common.model_source import resolve_model
 
 PLAN = StepPlan([SeqPlan(3, [5, 6, 7], 0, [0, 1], True, SamplingSpec(0.7, 0.9, 40, 12345, 2)),
-                 SeqPlan(4, [9], 17, [2, 3], False)], finished=[1, 2], return_logits=True)
+                 SeqPlan(4, [9], 17, [2, 3], False, blocks_from=5)], finished=[1, 2], return_logits=True)
 OPTIONS = WorkerOptions(dtype="float32", device="cpu", max_model_len=64, block_size=16, gpu_memory_utilization=0.9,
                         cpu_kv_cache_bytes=1 << 20, profile_tokens=64, cpu_threads=1, stage_layers=[(0, 2)],
                         max_num_seqs=8, max_seq_len_to_capture=64, cuda_graphs=False, expert_placement=[None, None])
@@ -66,3 +66,42 @@ def test_plan_properties():
     assert PLAN.num_tokens == 4 and not PLAN.is_decode
     assert PLAN.seqs[1].context_len == 18
     assert StepPlan([SeqPlan(1, [2], 5, [0], True)]).is_decode
+
+
+def test_block_tables_travel_once_then_only_their_new_entries():
+    """The driver sends a sequence's table whole, then the blocks it gained; a table that changed otherwise
+    (preempted and given other blocks, or a new worker group) goes whole again; the worker rebuilds it."""
+    from types import SimpleNamespace
+
+    from shardlm.engine.llm_engine import LLMEngine
+    from shardlm.engine.sampling_params import SamplingParams
+    from shardlm.engine.sequence import Sequence
+    from shardlm.worker.model_runner import ModelRunner
+
+    seq = Sequence(7, "r", 0, [1, 2, 3], SamplingParams())
+    worker = SimpleNamespace(block_tables={})
+
+    def step(finished=()):
+        blocks, start = LLMEngine._new_blocks(seq)
+        plan = StepPlan([SeqPlan(seq.seq_id, [0], 0, blocks, True, blocks_from=start)], list(finished))
+        plan = _through_wire(plan, DRIVER_MESSAGES)
+        sent = (list(plan.seqs[0].blocks), plan.seqs[0].blocks_from)
+        ModelRunner._complete_block_tables(worker, plan)
+        assert plan.seqs[0].blocks == seq.blocks and plan.seqs[0].blocks_from == 0
+        return sent
+
+    seq.blocks = [4, 5]
+    assert step() == ([4, 5], 0)
+    assert step() == ([], 2)
+    seq.blocks.append(9)
+    assert step() == ([9], 2)
+    seq.blocks = [8]  # preempted, then other blocks
+    assert step() == ([8], 0)
+    seq.reset_for_recompute()  # e.g. a new worker group: whole again even if the same blocks come back
+    seq.blocks = [8, 3]
+    assert step() == ([8, 3], 0)
+    bad = StepPlan([SeqPlan(7, [0], 0, [1], True, blocks_from=5)])
+    with pytest.raises(RuntimeError, match="continues its block table at entry 5, but this worker holds 2"):
+        ModelRunner._complete_block_tables(worker, bad)
+    ModelRunner._complete_block_tables(worker, StepPlan([], finished=[7]))
+    assert worker.block_tables == {}

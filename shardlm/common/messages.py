@@ -75,11 +75,14 @@ class SeqPlan:
     start: int
     """tokens already in the KV cache: the position of tokens[0]"""
     blocks: list[int]
-    """the sequence's KV block table (block ids, in order)"""
+    """the sequence's KV block table from entry blocks_from on (block ids, in order)"""
     sample: bool
     """sample the next token after tokens[-1] (False for a prompt chunk that is not the last)"""
     sampling: SamplingSpec = GREEDY
     """how to sample it"""
+    blocks_from: int = 0
+    """the workers keep each sequence's table from step to step: the driver sends only the entries from
+    this one on (those added since it last sent the table), 0 for a whole table"""
 
     @property
     def context_len(self) -> int:
@@ -87,12 +90,13 @@ class SeqPlan:
         return self.start + len(self.tokens)
 
     def to_wire(self) -> list[Any]:
-        return [self.seq_id, self.tokens, self.start, self.blocks, self.sample, self.sampling.to_wire()]
+        return [self.seq_id, self.tokens, self.start, self.blocks, self.sample, self.sampling.to_wire(),
+                self.blocks_from]
 
     @classmethod
     def from_wire(cls, v: list[Any]) -> SeqPlan:
-        seq_id, tokens, start, blocks, sample, sampling = v
-        return cls(seq_id, tokens, start, blocks, sample, SamplingSpec.from_wire(sampling))
+        seq_id, tokens, start, blocks, sample, sampling, blocks_from = v
+        return cls(seq_id, tokens, start, blocks, sample, SamplingSpec.from_wire(sampling), blocks_from)
 
 
 @dataclass

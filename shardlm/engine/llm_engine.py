@@ -293,9 +293,23 @@ class LLMEngine:
             raise
 
     def _plan(self, batch: list[ScheduledSeq], finished: list[int]) -> StepPlan:
-        return StepPlan([SeqPlan(item.seq.seq_id, item.tokens, item.start, item.seq.blocks, item.sample,
-                                 item.seq.params.sampling_spec(item.seq.index)) for item in batch],
-                        finished, self.return_logits)
+        seqs = []
+        for item in batch:
+            blocks, start = self._new_blocks(item.seq)
+            seqs.append(SeqPlan(item.seq.seq_id, item.tokens, item.start, blocks, item.sample,
+                                item.seq.params.sampling_spec(item.seq.index), blocks_from=start))
+        return StepPlan(seqs, finished, self.return_logits)
+
+    @staticmethod
+    def _new_blocks(seq: Sequence) -> tuple[list[int], int]:
+        """(the entries of seq's block table the workers lack, the index they start at): a table grows at its
+        end, so once sent only its new blocks travel (a long context's table was most of a step's message);
+        a table that changed otherwise (preempted, then given other blocks) goes whole."""
+        sent, blocks = seq.sent_blocks, seq.blocks
+        n = len(sent)
+        start = n if n <= len(blocks) and blocks[:n] == sent else 0
+        seq.sent_blocks = list(blocks)
+        return blocks[start:], start
 
     def drain(self) -> None:
         """Finish every batch in flight without submitting new ones (before profiling or stats);

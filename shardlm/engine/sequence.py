@@ -38,6 +38,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     blocks: list[int] = field(default_factory=list)
+    sent_blocks: list[int] = field(default_factory=list)
+    """the block table the workers hold for this sequence (what the driver last sent)"""
     num_computed: int = 0
     """tokens whose K/V are in the cache"""
     num_scheduled: int = 0
@@ -53,8 +55,10 @@ class Sequence:
     num_preemptions: int = 0
 
     def reset_for_recompute(self) -> None:
-        """Forget the KV cache (its blocks are gone): the sequence waits to prefill prompt + output again."""
+        """Forget the KV cache (its blocks are gone): the sequence waits to prefill prompt + output again
+        (on workers that may not know it: a new group after a failure, another replica's)."""
         self.blocks = []
+        self.sent_blocks = []
         self.num_computed = self.num_scheduled = 0
         self.status = SeqStatus.WAITING
 

@@ -54,6 +54,7 @@ class ModelRunner:
         self.moe = self.model.moe_layers()
         self.step_rows: deque[torch.Tensor] = deque(maxlen=4096)  # rows this rank's experts ran, per step
         self.sampler = Sampler(ctx.device)
+        self.block_tables: dict[int, list[int]] = {}  # seq id -> its KV block table (see _complete_block_tables)
         self.num_blocks = 0
         self.scratch_block = 0  # a KV block past the block manager's: padding rows of a graph step write there
         # decode steps as CUDA graphs (dense models on GPU; see graphs.py); captured once the KV cache exists
@@ -145,6 +146,7 @@ class ModelRunner:
         rank returns the tokens it sampled; every other rank None (a non-last pipeline stage sends its
         activations on to the next stage)."""
         self.sampler.forget(plan.finished)
+        self._complete_block_tables(plan)
         if not plan.seqs:
             return StepResult([]) if self.ctx.is_output_rank else None
         graph = self._graph_shape(plan)
@@ -171,6 +173,22 @@ class ModelRunner:
         if not self.ctx.is_output_rank:
             return None
         return result if result is not None else StepResult([])  # a step of prompt chunks samples nothing
+
+    def _complete_block_tables(self, plan: StepPlan) -> None:
+        """The driver sends a sequence's block table once, then only the entries added since: make each
+        SeqPlan's `blocks` whole again from the tables kept here (and drop finished sequences' tables).
+        Sequences with negative ids are the runner's own plans (profiling, graph warm-up): whole tables."""
+        for sid in plan.finished:
+            self.block_tables.pop(sid, None)
+        for s in plan.seqs:
+            if s.seq_id < 0:
+                continue
+            held = self.block_tables.get(s.seq_id, [])
+            if s.blocks_from > len(held):
+                raise RuntimeError(f"sequence {s.seq_id}: the plan continues its block table at entry "
+                                   f"{s.blocks_from}, but this worker holds {len(held)} entries")
+            s.blocks = self.block_tables[s.seq_id] = held[: s.blocks_from] + s.blocks
+            s.blocks_from = 0
 
     def _graph_shape(self, plan: StepPlan) -> tuple[int, int] | None:
         """The captured (batch, context) pair this step replays, or None to run it eagerly: graphs run
