@@ -8,6 +8,7 @@ streams, so TTFT is the time to the first token event; TPOT is (E2E - TTFT) / (t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -71,11 +72,9 @@ async def run(base_url: str, model: str, rate: float, workload, api_key: str | N
     import httpx
 
     rng = random.Random(seed + 1)
-    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
 
     async def one(prompt, max_tokens):
-        if limit is None:
-            return await _one(client, url, model, prompt, max_tokens, headers)
         async with limit:
             return await _one(client, url, model, prompt, max_tokens, headers)
 

@@ -50,7 +50,6 @@ class DecodeGraphs:
         if max_context is None:  # the kernels' graphs reach every context; the torch path's gather is bounded
             max_context = runner.max_model_len if kernels else MAX_SEQ_LEN_TO_CAPTURE
         self.pairs = graph_pairs(max_num_seqs, min(max_context, runner.max_model_len), kernels)
-        self.contexts = sorted({c for _, c in self.pairs})
         self.max_batch = max((b for b, _ in self.pairs), default=0)
         table_cells = max((b * self._blocks(c) for b, c in self.pairs), default=0)
         dev, dtype, cfg = ctx.device, runner.dtype, runner.source.config

@@ -145,6 +145,14 @@ class SplitWorkspace:
                 self.lse[: splits * rows].view(splits, rows, self.lse.shape[1]))
 
 
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def check_backend(backend: str, device: torch.device) -> None:
     """Raise ValueError naming what to change when `backend` cannot run on `device`."""
     if backend not in BACKENDS:
@@ -153,23 +161,15 @@ def check_backend(backend: str, device: torch.device) -> None:
         if device.type != "cuda":
             raise ValueError("the triton attention backend runs on CUDA devices only: use --attention-backend torch "
                              "(or auto) on the CPU")
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:
+        if not _triton_imports():
             raise ValueError("the triton attention backend needs the triton package (pip install triton), or "
-                             "use --attention-backend torch") from exc
+                             "use --attention-backend torch")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' -> triton on CUDA when triton imports, else torch; other names are checked."""
     if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
+        return "triton" if device.type == "cuda" and _triton_imports() else "torch"
     check_backend(backend, device)
     return backend
 
@@ -217,13 +217,13 @@ def plan_launches(q_lens: list[int], g_pad: int, max_ctx: int, n_kv: int, device
     small = np.flatnonzero(q <= small_q)
     large = np.flatnonzero(q > small_q)
     launches = []
-    for seqs, block_q, block_m in ((small, small_q, max(SMALL_M, g_pad)), (large, large_q, max(LARGE_M, g_pad))):
+    for seqs, block_q, block_m, may_split in ((small, small_q, max(SMALL_M, g_pad), True),
+                                              (large, large_q, max(LARGE_M, g_pad), False)):
         if seqs.size == 0:
             continue
         tile_seq, tile_q0 = _tiles(q, seqs, block_q)
         splits, split_len = (1, 0)
-        if block_m == max(SMALL_M, g_pad):
-            # (the partials are indexed by the token's place in the whole step)
+        if may_split:  # (the partials are indexed by the token's place in the whole step)
             splits, split_len = split_plan(int((tile_seq >= 0).sum()), int(q.sum()), n_kv, max_ctx, BLOCK_N, sms)
         dev = torch.from_numpy(np.concatenate([tile_seq, tile_q0])).to(device, non_blocking=True)
         launches.append(Launch(dev[: len(tile_seq)], dev[len(tile_seq):], block_m, splits, split_len))

@@ -20,7 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import BLOCK_N
+from .paged_attention import BLOCK_N, SMALL_M
+
+
+@triton.jit
+def _tile_tokens(TILE_Q0, Q_START, tile, seq):
+    """(first new token of the tile within its sequence, the sequence's first flat token, its new tokens)."""
+    q_begin = tl.load(Q_START + seq)
+    return tl.load(TILE_Q0 + tile), q_begin, tl.load(Q_START + seq + 1) - q_begin
 
 
 @triton.jit(do_not_specialize=["split_len", "stride_bt"])
@@ -35,9 +42,7 @@ def _attention_kernel(Q, K, V, O, PART_O, PART_LSE, BT, SEQ_START, Q_START, TILE
     seq = tl.load(TILE_SEQ + tile)
     if seq < 0:
         return
-    q0 = tl.load(TILE_Q0 + tile)
-    q_begin = tl.load(Q_START + seq)
-    q_len = tl.load(Q_START + seq + 1) - q_begin
+    q0, q_begin, q_len = _tile_tokens(TILE_Q0, Q_START, tile, seq)
     start = tl.load(SEQ_START + seq)
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PAD
 
@@ -126,9 +131,7 @@ def _combine_kernel(O, PART_O, PART_LSE, Q_START, TILE_SEQ, TILE_Q0, splits,
     seq = tl.load(TILE_SEQ + tile)
     if seq < 0:
         return
-    q0 = tl.load(TILE_Q0 + tile)
-    q_begin = tl.load(Q_START + seq)
-    q_len = tl.load(Q_START + seq + 1) - q_begin
+    q0, q_begin, q_len = _tile_tokens(TILE_Q0, Q_START, tile, seq)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     for i in range(BLOCK_Q):
@@ -162,17 +165,16 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
     ws = meta.workspace
     if split and ws is None:
         raise ValueError("split-KV needs the attention workspace (AttentionMetadata.workspace)")
-    part_o, part_lse = ws.parts(launch.splits) if split else (out, out)
+    part_o, part_lse = ws.parts(launch.splits) if split else (out, out)  # (not read without SPLIT)
     block_m = launch.block_m
-    large = block_m > 16
+    large = block_m > SMALL_M
     block_d = max(16, triton.next_power_of_2(heads.head_dim))
     _attention_kernel[(tiles, heads.n_kv, launch.splits)](
         q, k_cache, v_cache, out, part_o, part_lse, meta.block_tables, meta.seq_starts, meta.query_start,
         launch.tile_seq, launch.tile_q0, heads.head_map, heads.scale * LOG2E, launch.split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), meta.block_tables.stride(0),
-        part_o.stride(0) if split else 0, part_o.stride(1) if split else 0, part_o.stride(2) if split else 0,
-        part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         G_PAD=heads.g_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HEAD_DIM=heads.head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size,
         SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if large else 4, num_stages=2 if large else 3)
