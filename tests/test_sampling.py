@@ -66,7 +66,7 @@ def test_greedy_and_top_k_1_pick_the_argmax():
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
     s = Sampler(torch.device("cpu"))
-    out = s.sample(logits, [seq(0, temperature=0), seq(1, temperature=1.0, top_k=1), seq(2, temperature=0.7, top_p=1e-6)])
+    out = s.sample(logits, [seq(0, temperature=0), seq(1, temperature=1.0, top_k=1), seq(2, temperature=0.7, top_p=1e-6)]).result()
     assert [o.token for o in out] == logits.argmax(-1).tolist()
     assert [o.seq_id for o in out] == [0, 1, 2]
     assert all(o.rank == 1 for o in out)
@@ -76,7 +76,7 @@ def test_seed_reproduces_and_differs_between_seeds():
     logits = torch.zeros(1, 1000)  # uniform: any bias would show
     def draw(seed):
         s = Sampler(torch.device("cpu"))
-        return [s.sample(logits, [seq(7, temperature=1.0, seed=seed)])[0].token for _ in range(5)]
+        return [s.sample(logits, [seq(7, temperature=1.0, seed=seed)]).result()[0].token for _ in range(5)]
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
 
@@ -84,14 +84,14 @@ def test_seed_reproduces_and_differs_between_seeds():
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     s = Sampler(torch.device("cpu"))
-    seen = {s.sample(logits, [seq(1, temperature=1.0, top_p=0.7, seed=i)])[0].token for i in range(200)}
+    seen = {s.sample(logits, [seq(1, temperature=1.0, top_p=0.7, seed=i)]).result()[0].token for i in range(200)}
     assert seen == {0, 1}
 
 
 def test_logprobs_are_of_the_model_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     s = Sampler(torch.device("cpu"))
-    (out,) = s.sample(logits, [seq(1, temperature=0, logprobs=2)])
+    (out,) = s.sample(logits, [seq(1, temperature=0, logprobs=2)]).result()
     ref = torch.log_softmax(logits, -1)[0]
     assert [t for t, _ in out.top] == [0, 1]
     assert [lp for _, lp in out.top] == pytest.approx(ref[:2].tolist())
@@ -107,7 +107,7 @@ def test_a_row_that_breaks_fails_alone():
             SeqPlan(1, [0], 0, [0], True, SamplingSpec(temperature=float("nan"))),
             seq(2, temperature=1.0, top_k=1, logprobs=2),
             SeqPlan(3, [0], 0, [0], True, SamplingSpec(temperature=1.0, seed=2**64))]  # beyond manual_seed
-    out = s.sample(logits, rows)
+    out = s.sample(logits, rows).result()
     assert [o.seq_id for o in out] == [0, 1, 2, 3]
     assert out[0].error is None and out[0].token == logits[0].argmax().item()
     assert out[2].error is None and out[2].token == logits[2].argmax().item() and len(out[2].top) == 2
@@ -119,7 +119,44 @@ def test_extreme_but_valid_values_sample():
     logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]])
     s = Sampler(torch.device("cpu"))
     # a top_p below float32's smallest number still keeps the top token; logprobs beyond the vocabulary are clamped
-    (tiny_p,) = s.sample(logits, [seq(1, temperature=1.0, top_p=1e-300, logprobs=20)])
+    (tiny_p,) = s.sample(logits, [seq(1, temperature=1.0, top_p=1e-300, logprobs=20)]).result()
     assert tiny_p.error is None and tiny_p.token == 1 and len(tiny_p.top) == 4
-    (hot,) = s.sample(logits, [seq(2, temperature=MAX_TEMPERATURE, top_k=2**63 - 1, seed=INT64_MIN)])
+    (hot,) = s.sample(logits, [seq(2, temperature=MAX_TEMPERATURE, top_k=2**63 - 1, seed=INT64_MIN)]).result()
     assert hot.error is None
+
+
+def test_random_rows_follow_their_distribution():
+    """The exponential race draws token i with probability p_i (after temperature and top-k), in a batch
+    that mixes greedy, seeded and unseeded rows."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    logits = torch.log(p).repeat(3, 1)
+    s = Sampler(torch.device("cpu"))
+    counts = torch.zeros(3, 4)
+    for i in range(4000):
+        out = s.sample(logits, [seq(0, temperature=1.0), seq(1, temperature=0), seq(2, temperature=1.0, top_k=2)])
+        for row, o in enumerate(out.result()):
+            counts[row, o.token] += 1
+    assert torch.allclose(counts[0] / 4000, p, atol=0.03)
+    assert counts[1].tolist() == [4000, 0, 0, 0]
+    assert torch.allclose(counts[2] / 4000, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.03)
+
+
+def test_a_seeded_row_ignores_its_batch():
+    """A seeded row draws from its own generator: the same tokens alone or among other rows."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100)
+    def draw(rows, pick):
+        s = Sampler(torch.device("cpu"))
+        return [s.sample(logits[: len(rows)], rows).result()[pick].token for _ in range(8)]
+    alone = draw([seq(5, temperature=1.0, seed=11)], 0)
+    logits[:2] = logits[0]  # the same logits for the seeded row in both batches
+    among = draw([seq(9, temperature=0.8), seq(5, temperature=1.0, seed=11)], 1)
+    assert alone == among
+
+
+def test_tokens_stay_on_the_device_until_asked():
+    """sample() hands the next step its tokens as a tensor (async scheduling reads them on the device)."""
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    batch = Sampler(torch.device("cpu")).sample(logits, [seq(0, temperature=0), seq(1, temperature=0)])
+    assert batch.tokens.tolist() == [1, 0] and batch.ready()

@@ -63,6 +63,11 @@ class SamplingSpec:
 
 GREEDY = SamplingSpec()
 
+PREV_TOKEN = -1
+"""A decode's token that the driver does not know yet: the one the workers sampled for this sequence in the
+previous step (async scheduling sends step N+1 before step N's tokens come back; workers fill it in on the
+device)."""
+
 
 @dataclass
 class SeqPlan:
@@ -71,7 +76,8 @@ class SeqPlan:
     seq_id: int
     """the engine's sequence id (the sampler keeps a seeded generator per id)"""
     tokens: list[int]
-    """new tokens: a whole prompt or a chunk of it (prefill), or the last sampled token (decode)"""
+    """new tokens: a whole prompt or a chunk of it (prefill), or the last sampled token (decode; PREV_TOKEN
+    when that token is still on its way back from the previous step)"""
     start: int
     """tokens already in the KV cache: the position of tokens[0]"""
     blocks: list[int]
@@ -202,6 +208,9 @@ class WorkerOptions:
     """MoE with expert parallelism: per decoder layer, None or the experts each EP rank holds"""
     attention_backend: str = "auto"
     """'triton' (the paged attention kernels), 'torch' (the reference) or 'auto' (triton on CUDA)"""
+    async_scheduling: bool = False
+    """plans may name PREV_TOKEN: the worker keeps each step's sampled tokens on the device (shared over the
+    TP group) and launches the next plan before it answers the previous one"""
     timeout_s: float = 600.0
     """collective timeout"""
 

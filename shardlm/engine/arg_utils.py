@@ -41,6 +41,10 @@ class EngineArgs:
     """write a Chrome/Perfetto trace (one track per rank: compute, communication, idle) here at shutdown"""
     max_batches_in_flight: int | None = None
     """pipeline micro-batches in flight at once (default: pipeline_parallel_size; 1 = no overlap)"""
+    async_scheduling: bool = True
+    """with one pipeline stage: schedule and send step N+1 while the workers run step N (its decodes take
+    the tokens step N samples straight from the GPU), so the driver's per-step work leaves the critical path;
+    pipeline stages overlap micro-batches instead"""
     pp_layer_split: list[int] | None = None
     """layers per pipeline stage (e.g. 10,14); default balances weights incl. embedding and LM head"""
     dtype: DType = "auto"

@@ -80,6 +80,8 @@ class LLMEngine:
                               f"({cfg.model_type}) is dense: drop enable_expert_parallel")
         ep = args.tensor_parallel_size if args.enable_expert_parallel else 1
         self.layout = ParallelLayout(tp=args.tensor_parallel_size, pp=args.pipeline_parallel_size, ep=ep)
+        # async scheduling (one stage): the next step is scheduled and sent while the workers run this one
+        self.async_scheduling = args.async_scheduling and self.layout.pp == 1
         self.expert_placement = (plan_placement(cfg, ep, args.expert_placement, args.expert_load,
                                                 args.num_redundant_experts) if ep > 1 else None)
         h, vocab = cfg.hidden_size, cfg.vocab_size
@@ -125,7 +127,7 @@ class LLMEngine:
         self.num_generated_tokens = 0  # over the engine's life (metrics)
         self.last_step_exec_s = 0.0  # the output rank's time inside the last finished step
         self.in_flight: deque[list[ScheduledSeq]] = deque()  # batches submitted, oldest first
-        self.max_batches_in_flight = args.max_batches_in_flight or self.layout.pp
+        self.max_batches_in_flight = 2 if self.async_scheduling else args.max_batches_in_flight or self.layout.pp
         self._in_flight_ids: Counter[int] = Counter()  # seq id -> its batches in flight
         self._drained: list[RequestOutput] = []
         # debugging/tests: keep every sampled row's full logits, keyed by (request id, completion index)
@@ -200,7 +202,7 @@ class LLMEngine:
             stage_layers=self.stage_layers, max_num_seqs=args.max_num_seqs,
             max_seq_len_to_capture=args.max_seq_len_to_capture,
             cuda_graphs=self.device == "cuda" and not args.enforce_eager, trace=bool(args.trace),
-            attention_backend=args.attention_backend,
+            attention_backend=args.attention_backend, async_scheduling=self.async_scheduling,
             expert_placement=self.expert_placement)
 
     # ---- requests ----------------------------------------------------------------------------
@@ -273,7 +275,7 @@ class LLMEngine:
         try:
             while len(self.in_flight) < self.max_batches_in_flight:
                 batch = self.scheduler.schedule(set(self._in_flight_ids), self._micro_batch_seqs(),
-                                                self._micro_batch_tokens())
+                                                self._micro_batch_tokens(), self._ahead())
                 if not batch:
                     break
                 self.executor.submit(self._plan(batch, self._finished_seq_ids))
@@ -291,6 +293,22 @@ class LLMEngine:
         except BaseException:
             self.executor.shutdown(grace_s=1.0)  # no trace: the workers may be gone
             raise
+
+    def _ahead(self) -> set[int]:
+        """Async scheduling: the sequences of the batch in flight that may decode their next token before it
+        comes back: those it samples, unless that token surely ends them (max_tokens, max_model_len). One
+        that a stop token or string ends after all wastes one row of the next step; its token is dropped."""
+        if not self.async_scheduling or not self.in_flight:
+            return set()
+        ahead = set()
+        for item in self.in_flight[-1]:
+            seq, p = item.seq, item.seq.params
+            if not item.sample or seq.finished:
+                continue
+            if (p.max_tokens is not None and len(seq.output_ids) + 1 >= p.max_tokens) or len(seq) + 1 >= self.max_model_len:
+                continue
+            ahead.add(seq.seq_id)
+        return ahead
 
     def _plan(self, batch: list[ScheduledSeq], finished: list[int]) -> StepPlan:
         seqs = []
@@ -313,7 +331,9 @@ class LLMEngine:
 
     def drain(self) -> None:
         """Finish every batch in flight without submitting new ones (before profiling or stats);
-        the outputs come out of the next step()."""
+        the outputs come out of the next step(). Nothing to wait for once the workers are shut down."""
+        if self.executor.closed:
+            return
         try:
             while self.in_flight:
                 self._drained.extend(self._finish_oldest())
@@ -335,7 +355,8 @@ class LLMEngine:
         touched: dict[str, None] = {}
         for row, sampled in enumerate(result.tokens):
             seq = by_id[sampled.seq_id]
-            if not any(s is seq for s in self.requests.get(seq.request_id, ())):  # aborted while in flight
+            # aborted while in flight, or (async scheduling) ended by the token of the step before
+            if seq.finished or not any(s is seq for s in self.requests.get(seq.request_id, ())):
                 continue
             if sampled.error is not None:  # this request's own fault: it ends, the others go on
                 self._fail_request(seq.request_id, sampled.error)
@@ -380,13 +401,13 @@ class LLMEngine:
     def _micro_batch_tokens(self) -> int | None:
         """With pipeline stages, a micro-batch gets its share of the token budget, so a long prompt
         is cut into chunks that follow each other through the stages."""
-        if self.max_batches_in_flight == 1:
+        if self.max_batches_in_flight == 1 or self.async_scheduling:
             return None
         return max(1, self.scheduler.max_num_batched_tokens // self.max_batches_in_flight)
 
     def _micro_batch_seqs(self) -> int | None:
         """With pipeline stages, cut the live sequences into as many micro-batches as may be in flight."""
-        if self.max_batches_in_flight == 1:
+        if self.max_batches_in_flight == 1 or self.async_scheduling:
             return None
         live = len(self.scheduler.running) + len(self.scheduler.waiting)
         return max(1, -(-live // self.max_batches_in_flight))

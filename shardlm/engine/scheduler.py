@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from ..common.messages import PREV_TOKEN
 from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
 from .stats import SchedulerStats
@@ -67,11 +68,15 @@ class Scheduler:
         self.waiting.insert(1 if head_busy else 0, seq)
 
     def schedule(self, in_flight: set[int] | frozenset[int] = frozenset(), max_seqs: int | None = None,
-                 max_tokens: int | None = None) -> list[ScheduledSeq]:
+                 max_tokens: int | None = None, ahead: set[int] | frozenset[int] = frozenset()) -> list[ScheduledSeq]:
         """The next batch. Running sequences whose seq_id is in `in_flight` (a pipeline stage is still
         working on their previous batch) are left out: they neither run nor get preempted. The next
         chunk of a prompt whose earlier chunk is in flight may go (stages run batches in order, so its
-        K/V will be there). `max_seqs` and `max_tokens` cap the batch (pipeline micro-batches)."""
+        K/V will be there). `max_seqs` and `max_tokens` cap the batch (pipeline micro-batches).
+
+        `ahead` (async scheduling): sequences in flight whose batch samples their next token; each decodes
+        that token in this batch as PREV_TOKEN (the workers read it from the device), at position len(seq).
+        If its KV blocks cannot grow it simply waits for the batch in flight (nothing is preempted for it)."""
         cap = max_seqs or self.max_num_seqs
         budget = min(self.max_num_batched_tokens, max_tokens or self.max_num_batched_tokens)
         out: list[ScheduledSeq] = []
@@ -80,7 +85,14 @@ class Scheduler:
             self.blocks.commit(seq)
         # 1. decode: each running sequence needs a slot for its newest token
         for seq in sorted(self.running, key=lambda s: s.seq_id):
-            if seq.status is not SeqStatus.RUNNING or budget <= 0 or seq.seq_id in in_flight or len(out) >= cap:
+            if seq.status is not SeqStatus.RUNNING or budget <= 0 or len(out) >= cap:
+                continue
+            if seq.seq_id in in_flight:
+                if seq.seq_id in ahead and self.blocks.can_grow(seq, len(seq) + 1):
+                    self.blocks.grow(seq, len(seq) + 1)
+                    seq.num_scheduled = len(seq) + 1
+                    out.append(ScheduledSeq(seq, len(seq), [PREV_TOKEN], True))
+                    budget -= 1
                 continue
             while not self.blocks.can_grow(seq, len(seq)):
                 candidates = [s for s in self.running if s.seq_id not in in_flight]

@@ -100,6 +100,7 @@ class LLM:
         finally:
             if not finished:
                 self.engine.abort_request(rid)
+                self.engine.drain()  # the step already sent for it (async scheduling): the engine is idle after
 
     def _submit(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams]) -> list[str]:
         for _, ids in encoded:

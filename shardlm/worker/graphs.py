@@ -36,7 +36,8 @@ from .kernels.paged_attention import Launch, decode_launch, decode_metadata
 class DecodeGraphs:
     """One rank's decode graphs. The model runner asks `shape_for` a step and, if it gets a pair, calls `run`.
 
-    A graph's inputs are the token ids, the positions (each sequence's context so far) and the block
+    A graph's inputs are the token ids, the positions (each sequence's context so far), the rows of the
+    last step's sampled tokens that PREV_TOKENs read (-1: the id is given; async scheduling) and the block
     tables ([batch, context / block_size], padded with the scratch block): one int64 buffer the host fills
     with one copy. The attention metadata is computed from them inside the graph (decode_metadata).
     """
@@ -54,8 +55,8 @@ class DecodeGraphs:
         table_cells = max((b * self._blocks(c) for b, c in self.pairs), default=0)
         dev, dtype, cfg = ctx.device, runner.dtype, runner.source.config
         bmax = self.max_batch
-        # [ids | positions | block tables], filled by one copy per step
-        self.index = torch.zeros(2 * bmax + table_cells, dtype=torch.long, device=dev)
+        # [ids | positions | PREV_TOKEN rows | block tables], filled by one copy per step
+        self.index = torch.zeros(3 * bmax + table_cells, dtype=torch.long, device=dev)
         self.hidden_in = None if self.first else torch.zeros(bmax, cfg.hidden_size, dtype=dtype, device=dev)
         self.out = (torch.zeros(bmax, cfg.vocab_size, dtype=torch.float32, device=dev) if self.last
                     else torch.zeros(bmax, cfg.hidden_size, dtype=dtype, device=dev))
@@ -76,7 +77,7 @@ class DecodeGraphs:
         """The captured work: reads only the input buffers, writes only self.out."""
         bmax, bs, nb = self.max_batch, self.block_size, self._blocks(c)
         positions = self.index[bmax: bmax + b]
-        tables = self.index[2 * bmax: 2 * bmax + b * nb].view(b, nb)
+        tables = self.index[3 * bmax: 3 * bmax + b * nb].view(b, nb)
         runner = self.runner
         launch = None
         if runner.attention_backend == "triton":  # made by the warm-up run before a capture, then reused
@@ -85,7 +86,12 @@ class DecodeGraphs:
             launch = self.launches[(b, c)]
         meta = decode_metadata(positions, tables, bs, c, runner.dtype, runner.attention_backend, launch)
         meta.workspace = runner.attn_workspace
-        x = self.index[:b] if self.first else self.hidden_in[:b]
+        if not self.first:
+            x = self.hidden_in[:b]
+        elif runner.async_scheduling:
+            x = runner.resolve_prev(self.index[:b], self.index[2 * bmax: 2 * bmax + b])
+        else:
+            x = self.index[:b]
         hidden = self.model(x, positions, meta)
         self.out[:b].copy_(self.model.compute_logits(hidden) if self.last else hidden)
 
@@ -93,11 +99,14 @@ class DecodeGraphs:
         """Copy one step's inputs, padded to b rows and c context positions, into the buffer (one copy).
         Padding rows decode token 0 at position 0 into the scratch block."""
         bmax, nb, seqs = self.max_batch, self._blocks(c), plan.seqs
-        host = np.zeros(2 * bmax + b * nb, dtype=np.int64)
+        host = np.zeros(3 * bmax + b * nb, dtype=np.int64)
         if self.first:
             host[: len(seqs)] = [s.tokens[0] for s in seqs]
+            if self.runner.async_scheduling:
+                host[2 * bmax: 3 * bmax] = -1
+                host[2 * bmax: 2 * bmax + len(seqs)] = self.runner.prev_rows(seqs)
         host[bmax: bmax + len(seqs)] = [s.start for s in seqs]
-        grid = host[2 * bmax:].reshape(b, nb)
+        grid = host[3 * bmax:].reshape(b, nb)
         grid.fill(self.runner.scratch_block)
         for row, s in zip(grid, seqs):  # (a table may run past the context: only nb blocks are read)
             k = min(len(s.blocks), nb)

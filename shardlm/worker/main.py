@@ -14,12 +14,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import select
 import signal
 import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..common import envs, wire
 from ..common.layout import ParallelLayout
@@ -35,6 +36,9 @@ from ..common.messages import (
     WorkerReady,
 )
 from . import faults
+
+if TYPE_CHECKING:
+    from .model_runner import PendingStep
 
 
 def _die_with_parent() -> None:
@@ -95,7 +99,9 @@ class Worker:
         self.runner = ModelRunner(init.model, self.ctx, getattr(torch, opts.dtype), opts.max_model_len,
                                   opts.block_size, opts.expert_placement, cuda_graphs=graphs,
                                   max_num_seqs=opts.max_num_seqs, max_seq_len_to_capture=opts.max_seq_len_to_capture,
-                                  attention_backend=opts.attention_backend)
+                                  attention_backend=opts.attention_backend,
+                                  async_scheduling=opts.async_scheduling)
+        self.async_scheduling = opts.async_scheduling
         self.load_s = self.runner.load(show_progress=rank == 0)
         self.capacity = self.runner.kv_capacity(opts.gpu_memory_utilization, opts.cpu_kv_cache_bytes,
                                                 opts.profile_tokens)
@@ -114,23 +120,38 @@ class Worker:
         wire.send(self.sock, {"type": event, "rank": self.rank, **body})
 
     # ---- handlers: one per message the driver sends --------------------------------------------
-    def step(self, plan: StepPlan) -> None:
+    def step(self, plan: StepPlan) -> PendingStep:
+        """Queue the plan's step on the device; `finish` answers it."""
         self.step_no += 1
         if faults.armed is not None:
             faults.armed.step_started()
-        t0 = time.perf_counter()
         if self.cprofile_steps and 10 <= self.step_no < 10 + self.cprofile_steps:
             import cProfile
             import pstats
 
             prof = cProfile.Profile()
-            result = prof.runcall(self.runner.execute, plan)
+            pending = prof.runcall(self.runner.execute, plan)
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(12)
-        else:
-            result = self.runner.execute(plan)
-        if result is not None:  # the output rank answers every step
-            result.exec_s = time.perf_counter() - t0
+            return pending
+        return self.runner.execute(plan)
+
+    def finish(self, pending: PendingStep) -> None:
+        """Wait for a queued step; the output rank answers it (every step)."""
+        result = pending.finish()
+        if result is not None:
+            result.exec_s = time.perf_counter() - pending.started
             wire.send_message(self.sock, result)
+
+    def next_plan_first(self, pending: PendingStep) -> bool:
+        """Async scheduling: whether the driver's next message arrives while the device still runs `pending`
+        (then the worker queues it before answering, so the device goes straight on to it). Polls the socket
+        until either happens."""
+        if not self.async_scheduling:
+            return False
+        while not pending.ready():
+            if select.select([self.sock], [], [], 0.0002)[0]:
+                return True
+        return False
 
     def allocate_kv(self, cmd: AllocateKV) -> None:
         self.runner.allocate_kv(cmd.blocks)
@@ -161,13 +182,13 @@ class Worker:
 
 
 HANDLERS: dict[type, Callable[[Worker, Any], None]] = {
-    StepPlan: Worker.step,
     AllocateKV: Worker.allocate_kv,
     Stats: Worker.stats,
     Probe: Worker.probe,
     ProfileStep: Worker.profile_step,
 }
-"""What the worker does with each message (Shutdown ends the loop); the driver sends them (engine/executor.py)."""
+"""What the worker does with each command (a StepPlan goes through Worker.step and Worker.finish, Shutdown ends
+the loop); the driver sends them (engine/executor.py)."""
 
 
 def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
@@ -187,13 +208,26 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
     # of the cyclic collector's full passes, which otherwise stall a step now and then
     gc.collect()
     gc.freeze()
+    pending = None  # the step queued on the device and not yet answered
     while True:
+        if pending is not None and not worker.next_plan_first(pending):
+            worker.finish(pending)
+            pending = None
         t_wait = time.time()
         msg = wire.recv_message(sock, DRIVER_MESSAGES)
+        if isinstance(msg, StepPlan):
+            if pending is None:
+                worker.runner.timer.record("wait for plan", "idle", t_wait, time.time())
+            queued = worker.step(msg)
+            if pending is not None:  # the older step is answered first; the device is busy with the new one
+                worker.finish(pending)
+            pending = queued
+            continue
+        if pending is not None:  # a command sees every step answered
+            worker.finish(pending)
+            pending = None
         if isinstance(msg, Shutdown):
             break
-        if isinstance(msg, StepPlan):
-            worker.runner.timer.record("wait for plan", "idle", t_wait, time.time())
         HANDLERS[type(msg)](worker, msg)
     torch.distributed.destroy_process_group()
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..common import envs
-from ..common.messages import SeqPlan, StepPlan, StepResult
+from ..common.messages import PREV_TOKEN, SeqPlan, StepPlan, StepResult
 from ..common.model_source import ModelSource
 from .distributed import ParallelContext
 from .graphs import DecodeGraphs
@@ -23,8 +23,8 @@ from .kernels.paged_attention import (
 )
 from .layers.attention import PagedAttention
 from .models.llama import LlamaForCausalLM
-from .profiling import StepTimer, synchronize
-from .sampler import Sampler
+from .profiling import Span, StepTimer, synchronize
+from .sampler import SampleBatch, Sampler
 from .weights import open_reader
 
 
@@ -33,7 +33,7 @@ class ModelRunner:
 
     def __init__(self, source: ModelSource, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
                  block_size: int, expert_placement: list | None, cuda_graphs: bool, max_num_seqs: int,
-                 max_seq_len_to_capture: int | None, attention_backend: str = "auto"):
+                 max_seq_len_to_capture: int | None, attention_backend: str = "auto", async_scheduling: bool = False):
         self.source, self.ctx, self.dtype = source, ctx, dtype
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = LlamaForCausalLM(source.config, ctx, dtype, max_positions=max_model_len,
@@ -54,6 +54,11 @@ class ModelRunner:
         self.moe = self.model.moe_layers()
         self.step_rows: deque[torch.Tensor] = deque(maxlen=4096)  # rows this rank's experts ran, per step
         self.sampler = Sampler(ctx.device)
+        # the tokens the last step sampled, on the device (rows in plan order; on every rank of the last stage
+        # under async scheduling): a plan's PREV_TOKEN is read from here, also inside a decode graph
+        self.async_scheduling = async_scheduling
+        self.sampled = torch.zeros(max(1, max_num_seqs), dtype=torch.long, device=ctx.device)
+        self.sampled_rows: dict[int, int] = {}  # seq id -> its row in self.sampled
         self.block_tables: dict[int, list[int]] = {}  # seq id -> its KV block table (see _complete_block_tables)
         self.num_blocks = 0
         self.scratch_block = 0  # a KV block past the block manager's: padding rows of a graph step write there
@@ -99,7 +104,7 @@ class ModelRunner:
         kv_bytes = torch.cuda.memory_allocated(dev) - before
         first = [sum(per_seq[:i]) for i in range(len(lens))]
         self.execute(StepPlan([SeqPlan(-1 - i, [0] * n, 0, list(range(b0, b0 + nb)), sample=True)
-                               for i, (n, b0, nb) in enumerate(zip(lens, first, per_seq))]))
+                               for i, (n, b0, nb) in enumerate(zip(lens, first, per_seq))])).finish()
         synchronize(self.ctx.device)
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         # the decode graphs keep a memory pool of their own: capture them once over this temporary cache to
@@ -141,14 +146,16 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Run one step: every scheduled sequence's new tokens, through this rank's layers. The output
-        rank returns the tokens it sampled; every other rank None (a non-last pipeline stage sends its
-        activations on to the next stage)."""
+    def execute(self, plan: StepPlan) -> PendingStep:
+        """Queue one step on the device: every scheduled sequence's new tokens, through this rank's layers.
+        Nothing here waits for the device on the last stage (a non-last pipeline stage sends its activations
+        on to the next stage, which waits); the returned PendingStep's finish() gives the output rank's
+        sampled tokens (None on every other rank)."""
+        started = time.perf_counter()
         self.sampler.forget(plan.finished)
         self._complete_block_tables(plan)
         if not plan.seqs:
-            return StepResult([]) if self.ctx.is_output_rank else None
+            return PendingStep(self, started, None, None)
         graph = self._graph_shape(plan)
         self.timer.step(graph is not None)
         inputs = self._prepare(plan) if graph is None else None  # host work done before waiting on a stage
@@ -159,20 +166,20 @@ class ModelRunner:
         last = self.ctx.is_last_stage
         samples = last and any(s.sample for s in plan.seqs)
         name = f"forward {plan.num_tokens} tokens" + (" (graph)" if graph else "") + (" + sample" if samples else "")
-        result = None
-        with self.timer.span(name, "compute") as span:
-            # the last stage gets every sequence's logits from a graph, its hidden states from the eager model
-            out = self.graphs.run(graph, plan, x) if graph is not None else self._forward(*inputs, x)
-            span.issued()
-            self._count_expert_rows()
-            if samples:
-                result = self._sample(plan, out if graph is not None else self._logits(plan, out))
+        span = self.timer.open(name)
+        # the last stage gets every sequence's logits from a graph, its hidden states from the eager model
+        out = self.graphs.run(graph, plan, x) if graph is not None else self._forward(*inputs, x)
+        self._count_expert_rows()
+        batch = None
+        if samples:
+            batch = self._sample(plan, out if graph is not None else self._logits(plan, out))
+        span.issued()
         if not last:
+            self.timer.close(span)
             with self.timer.span("send activations", "communication"):
                 self.ctx.send_next_stage(out)
-        if not self.ctx.is_output_rank:
-            return None
-        return result if result is not None else StepResult([])  # a step of prompt chunks samples nothing
+            span = None
+        return PendingStep(self, started, span, batch)
 
     def _complete_block_tables(self, plan: StepPlan) -> None:
         """The driver sends a sequence's block table once, then only the entries added since: make each
@@ -198,21 +205,44 @@ class ModelRunner:
         return self.graphs.shape_for(len(plan.seqs), max(s.context_len for s in plan.seqs))
 
     def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The eager forward's inputs, on the host: token ids, positions and attention metadata."""
+        """The eager forward's inputs: token ids (on the device: a PREV_TOKEN is read from the last step's
+        sampled tokens), positions and attention metadata."""
         seqs = plan.seqs
-        ids = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
+        ids = [t for s in seqs for t in s.tokens]
         positions = torch.cat([torch.arange(s.start, s.context_len) for s in seqs])
         meta = build_metadata([s.start for s in seqs], [len(s.tokens) for s in seqs], [s.blocks for s in seqs],
                               self.block_size, self.ctx.device, self.dtype, self.attention_backend, self.heads, self.sms)
         meta.workspace = self.attn_workspace
-        return ids, positions, meta
+        dev = self.ctx.device
+        if PREV_TOKEN not in ids:
+            return torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True), positions, meta
+        src = self.prev_rows(seqs)
+        both = torch.tensor([ids, [r for s, r in zip(seqs, src) for _ in s.tokens]], dtype=torch.long)
+        ids_dev, src_dev = both.to(dev, non_blocking=True)
+        return self.resolve_prev(ids_dev, src_dev), positions, meta
+
+    def prev_rows(self, seqs: list[SeqPlan]) -> list[int]:
+        """Per sequence: the row of self.sampled its PREV_TOKEN reads, or -1 (its token is in the plan)."""
+        rows = []
+        for s in seqs:
+            if s.tokens[0] != PREV_TOKEN:
+                rows.append(-1)
+            elif len(s.tokens) != 1 or s.seq_id not in self.sampled_rows:
+                raise RuntimeError(f"sequence {s.seq_id}: the plan asks for the token sampled in the previous step "
+                                   f"(PREV_TOKEN), but that step did not sample it on this worker")
+            else:
+                rows.append(self.sampled_rows[s.seq_id])
+        return rows
+
+    def resolve_prev(self, ids: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """ids with each entry whose src row is >= 0 replaced by that row of the last step's sampled tokens
+        (device operations only: graph-safe, no wait for the previous step)."""
+        return torch.where(src >= 0, self.sampled[src.clamp(min=0)], ids)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  x: torch.Tensor | None) -> torch.Tensor:
         """The eager forward: hidden states [tokens, hidden] of every new token (x: a previous stage's)."""
-        dev = self.ctx.device
-        return self.model(ids.to(dev, non_blocking=True) if x is None else x, positions.to(dev, non_blocking=True),
-                          meta)
+        return self.model(ids if x is None else x, positions.to(self.ctx.device, non_blocking=True), meta)
 
     def _logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor:
         """[sampled sequences, vocab] float32: the LM head over each sampled sequence's last new token."""
@@ -220,13 +250,25 @@ class ModelRunner:
         rows = [i for i, s in enumerate(plan.seqs) if s.sample]
         return self.model.compute_logits(hidden[torch.as_tensor(last[rows], device=self.ctx.device)])
 
-    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> StepResult | None:
-        """The output rank samples a token for each sequence that asks (the logits' rows, in plan order);
-        the other ranks of the last stage only took part in the LM head's all-gather."""
-        if not self.ctx.is_output_rank:
-            return None
-        tokens = self.sampler.sample(logits, [s for s in plan.seqs if s.sample])
-        return StepResult(tokens, logits=logits.cpu().numpy() if plan.return_logits else None)
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> SampleBatch | None:
+        """The output rank samples a token for each sequence that asks (the logits' rows, in plan order) and
+        keeps the tokens on the device for the next step's PREV_TOKENs; under async scheduling with TP the
+        other ranks of the last stage receive them (they took part in the LM head's all-gather)."""
+        rows = [s for s in plan.seqs if s.sample]
+        n = len(rows)
+        if n > len(self.sampled):  # only the runner's own plans (the profiling forward) sample more rows
+            self.sampled_rows = {}
+            return self.sampler.sample(logits, rows) if self.ctx.is_output_rank else None
+        batch = None
+        if self.ctx.is_output_rank:
+            batch = self.sampler.sample(logits, rows)
+            if plan.return_logits:  # a graph's logits buffer is rewritten by the next step: keep a copy
+                batch.logits = logits.clone()
+            self.sampled[:n].copy_(batch.tokens)
+        if self.async_scheduling and self.ctx.tp_group is not None:
+            self.ctx.broadcast_from_output_rank(self.sampled[:n])
+        self.sampled_rows = {s.seq_id: i for i, s in enumerate(rows)}
+        return batch
 
     def _count_expert_rows(self) -> None:
         if self.moe:  # a device scalar per step: read when the stats are asked for, not now
@@ -259,3 +301,33 @@ class ModelRunner:
                           # one device read for all steps (int() of each would wait on the GPU per step)
                           "step_rows": torch.stack(list(self.step_rows)).tolist() if self.step_rows else []}
         return out
+
+
+class PendingStep:
+    """A step queued on the device. `finish()` waits for it and returns the output rank's StepResult (None on
+    the other ranks); `ready()` says whether that would wait. Under async scheduling the worker launches the
+    next plan before it finishes this one, so the device never waits for the host in between."""
+
+    def __init__(self, runner: ModelRunner, started: float, span: Span | None, batch: SampleBatch | None):
+        self.runner, self.span, self.batch = runner, span, batch
+        self.started = started
+        """time.perf_counter() when execute() began: the step's exec_s counts from here"""
+        self.event = None
+        if span is not None and runner.ctx.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def finish(self) -> StepResult | None:
+        if self.event is not None:
+            self.event.synchronize()
+        if self.span is not None:
+            self.runner.timer.close(self.span)
+        if not self.runner.ctx.is_output_rank:
+            return None
+        if self.batch is None:  # a step of prompt chunks samples nothing
+            return StepResult([])
+        logits = self.batch.logits
+        return StepResult(self.batch.result(), logits=None if logits is None else logits.cpu().numpy())

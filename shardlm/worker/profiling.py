@@ -54,13 +54,15 @@ class StepTimer:
         self.busy_s = 0.0
         self.window: list[float] = []  # [first step start, last step end]
         self.events: list[tuple[str, str, float, float]] = []  # (name, category, start, end)
+        self.busy_until = 0.0  # end of the last compute span (async scheduling opens the next one before it)
         self.steps = self.graph_steps = 0  # steps run, and of them replayed as graphs (or padded like one)
         # last compute span: (seconds the host took to queue the work, seconds from then to its end)
         self.last_split = (0.0, 0.0)
 
     def record(self, name: str, category: str, start: float, end: float) -> None:
         if category == "compute":
-            self.busy_s += end - start
+            self.busy_s += max(0.0, end - max(start, self.busy_until))
+            self.busy_until = max(self.busy_until, end)
         if self.tracing and len(self.events) < MAX_EVENTS:
             self.events.append((name, category, start, end))
 
@@ -71,18 +73,26 @@ class StepTimer:
         now = time.time()
         self.window = [self.window[0] if self.window else now, now]
 
-    @contextmanager
-    def span(self, name: str, category: str) -> Iterator[Span]:
-        """Time the body up to the moment its GPU work is done (one synchronize at its end)."""
-        span = Span(name)
-        yield span
-        synchronize(self.device)
+    def open(self, name: str) -> Span:
+        """A compute span begins: it lasts until close(), once its device work is done."""
+        return Span(name)
+
+    def close(self, span: Span, category: str = "compute") -> None:
+        """End a span whose device work has finished (the caller waited for it)."""
         end = time.time()
         if category == "compute":
             issued = span.issued_at if span.issued_at is not None else end
             self.last_split = (issued - span.start, end - issued)
         self.record(span.name, category, span.start, end)
         self.window[1] = end
+
+    @contextmanager
+    def span(self, name: str, category: str) -> Iterator[Span]:
+        """Time the body up to the moment its device work is done (one synchronize at its end)."""
+        span = Span(name)
+        yield span
+        synchronize(self.device)
+        self.close(span, category)
 
     def accounting(self) -> dict[str, Any]:
         """Busy (compute) seconds and the wall window they fall in, since the last reset."""
@@ -117,13 +127,13 @@ def profile_step(runner: ModelRunner, plan: StepPlan) -> dict[str, Any]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     saved = runner.save_expert_stats()
     t0 = time.perf_counter()
-    runner.execute(plan)
+    runner.execute(plan).finish()
     synchronize(dev)
     plain_wall = time.perf_counter() - t0
     issue, wait = runner.timer.last_split
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        runner.execute(plan)
+        runner.execute(plan).finish()
         synchronize(dev)
         wall = time.perf_counter() - t0
     runner.restore_expert_stats(saved)

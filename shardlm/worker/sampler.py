@@ -1,5 +1,15 @@
 """Token sampling on the output rank: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
 
+The whole batch is sampled with a fixed handful of tensor operations, whatever its mix of settings, and
+nothing waits for the device: `sample` returns the tokens as a device tensor (what the next step reads
+under async scheduling) and starts one device-to-host copy of everything the driver needs (token,
+its log-probability and rank, the top log-probabilities, whether the row could be sampled). `result()`
+waits for that copy alone.
+
+Random rows draw with the exponential race (argmax of p / E, E ~ Exp(1), picks token i with probability
+p_i): one noise tensor for the batch; a seeded row draws its noise from its own generator, kept for the
+request's life, so a seed reproduces a completion.
+
 A row whose sampling fails (its values break the arithmetic, or its distribution is not finite) comes
 back with `error` set: the engine ends that request alone, and the other rows are sampled as usual.
 SamplingParams bounds every value so this should not happen; it is the last line of defence.
@@ -10,6 +20,45 @@ from __future__ import annotations
 import torch
 
 from ..common.messages import SampledToken, SamplingSpec, SeqPlan
+
+_TOKEN, _LOGPROB, _RANK, _OK = range(4)
+"""columns of the packed result; the top ids and then the top log-probabilities follow"""
+
+
+class SampleBatch:
+    """One step's sampled rows: `tokens` on the device at once, the rest after one copy to the host."""
+
+    def __init__(self, seqs: list[SeqPlan], tokens: torch.Tensor, packed: torch.Tensor, want: int,
+                 errors: dict[int, str]):
+        self.seqs, self.tokens, self.want, self.errors = seqs, tokens, want, errors
+        self.logits: torch.Tensor | None = None  # the rows' logits, kept when a plan asks for them back
+        self.event = None
+        if packed.is_cuda:  # into pinned memory without waiting; result() waits for this copy only
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.host.copy_(packed, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = packed
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def result(self) -> list[SampledToken]:
+        if self.event is not None:
+            self.event.synchronize()
+        w, out = self.want, []
+        for row, (seq, vals) in enumerate(zip(self.seqs, self.host.tolist())):
+            error = self.errors.get(row)
+            if error is None and not vals[_OK]:
+                error = _failure(seq.sampling, ValueError("the sampling distribution has NaN or infinite values"))
+            if error is not None:
+                out.append(SampledToken(seq.seq_id, 0, 0.0, 0, None, error=error))
+                continue
+            k = seq.sampling.logprobs
+            top = [(int(t), v) for t, v in zip(vals[4: 4 + k], vals[4 + w: 4 + w + k])] if k else None
+            out.append(SampledToken(seq.seq_id, int(vals[_TOKEN]), vals[_LOGPROB], int(vals[_RANK]), top))
+        return out
 
 
 class Sampler:
@@ -22,9 +71,7 @@ class Sampler:
         for sid in seq_ids:
             self.generators.pop(sid, None)
 
-    def _generator(self, seq_id: int, seed: int | None) -> torch.Generator | None:
-        if seed is None:
-            return None
+    def _generator(self, seq_id: int, seed: int) -> torch.Generator:
         gen = self.generators.get(seq_id)
         if gen is None:
             gen = torch.Generator(device=self.device)
@@ -32,63 +79,63 @@ class Sampler:
             self.generators[seq_id] = gen
         return gen
 
-    @staticmethod
-    def _probs(logits: torch.Tensor, p: SamplingSpec) -> torch.Tensor:
-        """One row's sampling distribution after temperature, top-k and top-p."""
-        scores = logits / p.temperature
-        if 0 < p.top_k < scores.numel():
-            kth = torch.topk(scores, p.top_k).values[-1]
+    def sample(self, logits: torch.Tensor, seqs: list[SeqPlan]) -> SampleBatch:
+        """logits [n, vocab] float32, one row per sequence of `seqs` -> the token picked for each."""
+        n, vocab = logits.shape
+        logprobs = torch.log_softmax(logits, dim=-1)  # of the model's own distribution, as vLLM reports
+        tokens = torch.argmax(logits, dim=-1)
+        ok = torch.ones(n, dtype=torch.bool, device=logits.device)
+        errors: dict[int, str] = {}
+        rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
+        if rows:
+            picked, finite = self._draw(logits, rows, [seqs[i] for i in rows], errors)
+            index = torch.tensor(rows, device=logits.device)
+            tokens.index_copy_(0, index, torch.where(finite, picked, 0))
+            ok.index_copy_(0, index, finite)
+        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        ranks = (logprobs > chosen.unsqueeze(1)).sum(-1) + 1  # 1 = the most likely token
+        want = min(max((s.sampling.logprobs or 0) for s in seqs), vocab)
+        columns = [tokens.double(), chosen.double(), ranks.double(), ok.double()]
+        packed = torch.stack(columns, dim=1)
+        if want:
+            top_vals, top_ids = torch.topk(logprobs, want, dim=-1)
+            packed = torch.cat([packed, top_ids.double(), top_vals.double()], dim=1)
+        return SampleBatch(seqs, tokens, packed, want, errors)
+
+    def _draw(self, logits: torch.Tensor, rows: list[int], seqs: list[SeqPlan],
+              errors: dict[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the non-greedy rows (indices `rows` of logits) after temperature, top-k and top-p:
+        (their tokens, whether each row's distribution was finite). A row whose generator cannot be made
+        goes into `errors`."""
+        vocab, dev = logits.shape[1], logits.device
+        specs = [s.sampling for s in seqs]
+        scores = logits[rows] / torch.tensor([p.temperature for p in specs], device=dev).unsqueeze(1)
+        ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in specs]
+        if any(ks):
+            k = torch.tensor(ks, device=dev)
+            kth = torch.topk(scores, max(ks), dim=-1).values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+            kth = torch.where(k.unsqueeze(1) > 0, kth, float("-inf"))
             scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
+        if any(p.top_p < 1.0 for p in specs):
+            sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
             sorted_probs = torch.softmax(sorted_scores, dim=-1)
             # drop a token once the mass before it already reaches top_p; the top token always stays
             # (a top_p too small for float32 rounds to 0 and would otherwise drop it too)
-            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
-            drop[0] = False
-            scores = scores.scatter(0, order[drop], float("-inf"))
-        return torch.softmax(scores, dim=-1)
-
-    def sample(self, logits: torch.Tensor, seqs: list[SeqPlan]) -> list[SampledToken]:
-        """logits [n, vocab] float32, one row per sequence of `seqs` -> the token picked for each."""
-        logprobs = torch.log_softmax(logits, dim=-1)  # of the model's own distribution, as vLLM reports
-        tokens = torch.argmax(logits, dim=-1)
-        errors: dict[int, str] = {}
-        probs: dict[int, torch.Tensor] = {}
-        for row, seq in enumerate(seqs):
-            if not seq.sampling.greedy:
+            top_p = torch.tensor([p.top_p for p in specs], device=dev).unsqueeze(1)
+            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+            drop[:, 0] = False
+            scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(scores, dim=-1)
+        # (never exactly 0: a token of probability 0 would get 0 / 0 = NaN, which argmax takes as the largest)
+        noise = torch.empty_like(probs).exponential_()
+        for j, (seq, p) in enumerate(zip(seqs, specs)):
+            if p.seed is not None:
                 try:
-                    probs[row] = self._probs(logits[row], seq.sampling)
-                except Exception as exc:  # noqa: BLE001 - this row's values broke it: fail this request alone
-                    errors[row] = _failure(seq.sampling, exc)
-        if probs:  # one check (one device sync) for every sampled row
-            finite = torch.isfinite(torch.stack(list(probs.values()))).all(-1).tolist()
-            for (row, row_probs), ok in zip(probs.items(), finite):
-                seq = seqs[row]
-                try:
-                    if not ok:
-                        raise ValueError("the sampling distribution has NaN or infinite values")
-                    gen = self._generator(seq.seq_id, seq.sampling.seed)
-                    tokens[row] = torch.multinomial(row_probs, 1, generator=gen)[0]
-                except Exception as exc:  # noqa: BLE001 - as above
-                    errors[row] = _failure(seq.sampling, exc)
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        ranks = (logprobs > chosen.unsqueeze(1)).sum(-1) + 1  # 1 = the most likely token
-        want = min(max((s.sampling.logprobs or 0) for s in seqs), logprobs.shape[-1])
-        top_vals = top_ids = None
-        if want:
-            top_vals, top_ids = torch.topk(logprobs, want, dim=-1)
-            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        tokens_l, chosen_l, ranks_l = tokens.tolist(), chosen.tolist(), ranks.tolist()
-        out = []
-        for row, seq in enumerate(seqs):
-            if row in errors:
-                out.append(SampledToken(seq.seq_id, 0, 0.0, 0, None, error=errors[row]))
-                continue
-            k = seq.sampling.logprobs
-            top = list(zip(top_ids[row][:k], top_vals[row][:k])) if k else None
-            out.append(SampledToken(seq.seq_id, tokens_l[row], chosen_l[row], ranks_l[row], top))
-        return out
+                    noise[j].exponential_(generator=self._generator(seq.seq_id, p.seed))
+                except Exception as exc:  # noqa: BLE001 - this row's seed broke it: fail this request alone
+                    errors[rows[j]] = _failure(p, exc)
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        return (probs / noise).argmax(-1), torch.isfinite(probs).all(-1)
 
 
 def _failure(p: SamplingSpec, exc: Exception) -> str:
