@@ -106,3 +106,40 @@ def test_with_no_replica_left_the_requests_end_with_the_error(engine):
             await asyncio.wait_for(task, 10)
 
     asyncio.run(main())
+
+
+class CountingEngine(FakeEngine):
+    """Ten steps per request, one token each; steps as fast as it is asked."""
+
+    def step(self):
+        outputs = []
+        for rid, ids in list(self.requests.items()):
+            ids.append(len(ids))
+            done = len(ids) == 10
+            text = "".join(chr(97 + t) for t in ids)
+            outputs.append(RequestOutput(rid, None, [], [CompletionOutput(0, text, list(ids), None, None,
+                                                                          "length" if done else None)], done))
+            if done:
+                del self.requests[rid]
+        return outputs
+
+
+def test_a_slow_consumer_gets_the_newest_output_not_every_step(monkeypatch):
+    """Outputs are snapshots: one that waited behind a newer one is skipped, so a stream that falls behind
+    catches up in one event (and the engine thread wakes the event loop once per step, not per request)."""
+    monkeypatch.setattr(async_engine, "LLMEngine", CountingEngine)
+    eng = async_engine.AsyncEngine(arg_utils.EngineArgs(model="random:tiny-llama"), data_parallel_size=1)
+
+    async def main():
+        seen = []
+        async for out in eng.generate(None, [], SamplingParams(max_tokens=10)):
+            seen.append(out.outputs[0].token_ids)
+            await asyncio.sleep(0.05)  # the engine runs all ten steps meanwhile
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert seen[-1] == list(range(10)) and len(seen) < 10
+    assert all(len(a) < len(b) for a, b in zip(seen, seen[1:]))

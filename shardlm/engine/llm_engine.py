@@ -315,7 +315,7 @@ class LLMEngine:
         for item in batch:
             blocks, start = self._new_blocks(item.seq)
             seqs.append(SeqPlan(item.seq.seq_id, item.tokens, item.start, blocks, item.sample,
-                                item.seq.params.sampling_spec(item.seq.index), blocks_from=start))
+                                item.seq.sampling, blocks_from=start))
         return StepPlan(seqs, finished, self.return_logits)
 
     @staticmethod

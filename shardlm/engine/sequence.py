@@ -54,6 +54,10 @@ class Sequence:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
 
+    def __post_init__(self) -> None:
+        self.sampling = self.params.sampling_spec(self.index)
+        """what the workers need to sample this completion (made once: a step plan carries it for every row)"""
+
     def reset_for_recompute(self) -> None:
         """Forget the KV cache (its blocks are gone): the sequence waits to prefill prompt + output again
         (on workers that may not know it: a new group after a failure, another replica's)."""

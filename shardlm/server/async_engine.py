@@ -33,6 +33,11 @@ TICK_S = 0.5
 """an idle replica thread wakes this often (metrics that change while idle, e.g. GPU temperature)"""
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
 class Overloaded(RuntimeError):
     """Too many requests are waiting; the client should retry later."""
 
@@ -176,7 +181,7 @@ class AsyncEngine:
                     try:
                         engine.add_request(rid, prompt, ids, params)
                     except ValueError as exc:  # validated before queueing; kept so a thread never dies of it
-                        self._deliver(rep, rid, exc)
+                        self._deliver(rep, [(rid, exc)])
                 elif kind == "adopt":
                     engine.adopt_request(*item)
                 elif kind == "abort":
@@ -191,8 +196,7 @@ class AsyncEngine:
             rep.last_progress = time.monotonic()
             self._callback("on_step", rep, outputs)
             self._callback("on_tick", rep)
-            for out in outputs:
-                self._deliver(rep, out.request_id, out)
+            self._deliver(rep, [(out.request_id, out) for out in outputs])
 
     def _fail(self, rep: Replica, exc: BaseException | None) -> None:
         """A replica stopped (exc: why; None: server shutdown). Its requests move to a running replica,
@@ -205,8 +209,7 @@ class AsyncEngine:
         with rep.lock:
             pending = list(rep.pending)
         reason = f"replica {rep.index} failed: {exc}" if exc else "the server is shutting down"
-        for rid in pending:
-            self._deliver(rep, rid, EngineDead(reason))
+        self._deliver(rep, [(rid, EngineDead(reason)) for rid in pending])
         if exc is not None and not any(r.alive for r in self.replicas) and self.on_fatal is not None:
             self.on_fatal(exc)
 
@@ -241,15 +244,20 @@ class AsyncEngine:
                 log.info("request %s moved from replica %d to replica %d", rid, rep.index, target.index)
                 break
 
-    def _deliver(self, rep: Replica, rid: str, item: Any) -> None:
-        pending = rep.pending.get(rid)
-        if pending is None:
-            return
-        final = isinstance(item, BaseException) or item.finished
-        if final:
-            rep.pending.pop(rid, None)
-            self._owner.pop(rid, None)
-        pending.loop.call_soon_threadsafe(pending.queue.put_nowait, item)
+    def _deliver(self, rep: Replica, items: list[tuple[str, Any]]) -> None:
+        """Hand (request id, output or exception) pairs to their requests' queues: one wake-up of each event
+        loop per call (a step's outputs for hundreds of streams), not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for rid, item in items:
+            pending = rep.pending.get(rid)
+            if pending is None:
+                continue
+            if isinstance(item, BaseException) or item.finished:
+                rep.pending.pop(rid, None)
+                self._owner.pop(rid, None)
+            by_loop.setdefault(pending.loop, []).append((pending.queue, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     # ---- asyncio side ------------------------------------------------------------------------
     def _pick(self) -> Replica:
@@ -289,6 +297,10 @@ class AsyncEngine:
         try:
             while True:
                 item = await queue.get()
+                # a consumer that fell behind gets the newest output at once: each is a snapshot of the whole
+                # request so far, so the ones in between add nothing (the stream sends their text together)
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    item = queue.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
