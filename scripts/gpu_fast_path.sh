@@ -8,7 +8,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out}; mkdir -p "$OUT"
 MODEL=random:llama-3-8b
 STAGES=${STAGES:-tests latency serve}
-variant_flag() { [ "$1" = sync ] && echo --no-async-scheduling; }
+# sync: the engine without async scheduling (the baseline); async-1024: async with a 1024-token step budget
+variant_flag() { case $1 in sync) echo --no-async-scheduling;; async-1024) echo --max-num-batched-tokens 1024;; esac; }
 if [[ $STAGES == *tests* ]]; then
   timeout 300 python3 -m pytest -q -m "gpu or not gpu" tests/test_async_scheduling.py tests/test_sampling.py \
     "tests/test_gpu.py" tests/test_attention_kernels.py -k "not greedy[2] and (async or sampl or norm or float32_matches_hf or kernel or graph)" \
@@ -18,6 +19,7 @@ fi
 if [[ $STAGES == *latency* ]]; then
   for variant in sync async; do
     timeout 220 python3 -m shardlm.entrypoints.cli bench latency $(variant_flag $variant) \
+      $([ $variant = async ] && echo --profile-step) \
       --model $MODEL --batch-sizes 1,16,64 --input-len 128 --output-len 128 --repeats 2 --json "$OUT/latency-$variant.json" \
       > "$OUT/latency-$variant.log" 2>&1
     grep -E "^ +[0-9]+ " "$OUT/latency-$variant.log" | sed "s/^/[$variant] /" || tail -3 "$OUT/latency-$variant.log"
@@ -44,6 +46,7 @@ if [[ $STAGES == *serve* ]]; then
       --request-rate 0 --max-concurrency 128 --num-prompts 512 --input-len 512 --output-len 128 --range-ratio 0 \
       --vocab-size 128000 --json "$OUT/serve-$variant.json" > "$OUT/bench-$variant.log" 2>&1 || tail -5 "$OUT/bench-$variant.log"
     python3 -c "import json; d=json.load(open('$OUT/serve-$variant.json')); print('[$variant]', {k: round(d[k]) for k in ('completed','failed','output_tok_per_s')}, 'TTFT p50/p99', round(d['ttft_ms']['p50']), round(d['ttft_ms']['p99']), 'TPOT p50/p99', round(d['tpot_ms']['p50'],1), round(d['tpot_ms']['p99'],1), 'ITL p50/p99', round(d['itl_ms']['p50'],1), round(d['itl_ms']['p99'],1))"
+    curl -s localhost:8111/metrics | grep "^shardlm_worker_steps_total" | sed "s/^/[$variant] /"
     kill -TERM $pid; wait $pid
   done
 fi

@@ -78,7 +78,7 @@ class StubEngine:
     def stage_stats(self, reset=False):
         self.stage_stats_calls.append(reset)
         return {r: {"pp": 0, "tp": r, "busy_s": 0.5 * (r + 1), "window_s": 2.0, "steps": 10 if r else 0,
-                    "graph_steps": 0, "idle_fraction": 0.5} for r in range(self.layout.world_size)}
+                    "graph_steps": 7 if r else 0, "idle_fraction": 0.5} for r in range(self.layout.world_size)}
 
 
 def replica(index=0, **engine):
@@ -166,6 +166,8 @@ def test_on_tick_respects_the_interval_and_reads_step_times_after_steps(nvml, cl
     assert nvml.reads == 4 and rep.engine.stage_stats_calls == [True]  # read and reset
     assert value(m, "shardlm_worker_step_seconds", replica="0", rank="1") == pytest.approx(0.1)
     assert value(m, "shardlm_worker_step_seconds", replica="0", rank="0") is None  # it ran no step
+    assert value(m, "shardlm_worker_steps_total", replica="0", rank="1", mode="graph") == 7
+    assert value(m, "shardlm_worker_steps_total", replica="0", rank="1", mode="eager") == 3
     clock.t += REFRESH_INTERVAL_S
     m.on_tick(rep)  # idle since: GPUs again, the workers not
     assert nvml.reads == 6 and rep.engine.stage_stats_calls == [True]

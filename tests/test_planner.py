@@ -26,6 +26,7 @@ from shardlm.planner.auto import recommend_for_engine
 from shardlm.planner.cli import main
 from shardlm.planner.cost import (
     CostModel,
+    Efficiency,
     a2a_bytes_per_token,
     decode_flops_per_token,
     distinct_experts,
@@ -223,7 +224,13 @@ def test_pipeline_bubble_and_single_sequence_crosses_every_stage(l70):
     one = ParallelLayout(tp=8)  # no pipeline: the step itself, at any (fractional) batch
     step = cm.stage_pass(one, stage_shards(l70, one)[0], 2.5, 1536, prefill=False).total_s
     period, _, bubble, m = cm.decode_step(one, stage_shards(l70, one), 2.5, 1536)
-    assert (period, bubble, m) == (pytest.approx(step + 500e-6, rel=1e-12), 0, 1)
+    # async scheduling (the default) hides the host's 500 us per step behind the GPU's longer step;
+    # the synchronous engine pays it on top
+    assert (period, bubble, m) == (pytest.approx(step, rel=1e-12), 0, 1) and step > 500e-6
+    sync = CostModel(l70, cl, async_scheduling=False).decode_step(one, stage_shards(l70, one), 2.5, 1536)[0]
+    assert sync == pytest.approx(step + 500e-6, rel=1e-12)
+    assert CostModel(l70, cl, eff=Efficiency(step_overhead_us=50e3)).decode_step(
+        one, stage_shards(l70, one), 2.5, 1536)[0] == pytest.approx(50e-3)  # a host slower than the GPU sets the pace
     with pytest.raises(ValueError, match="at least one sequence"):
         cm.decode_step(lay, shards, 0, 1536)
     # 6 prompts of 100 tokens arriving together: 3 micro-batches of 2 (200 tokens) through 4 stages; the
@@ -660,8 +667,13 @@ def test_without_host_fields_the_graph_assumptions_stay():
     graph = {k: v for k, v in HOST.items() if k not in ("step_overhead_us", "layer_floor_us")}
     cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(graph))
     assert not cm.host_calibrated
-    step = _tiny_step(graph, 1)  # roofline of the stage, >= 2 x 15 us, + its elementwise kernels + 500 us per step
-    assert step == pytest.approx((2 * 86.784 + 32.896 + 2 * 31.424 + 500) * 1e-6, rel=1e-9)
+    step = _tiny_step(graph, 1)  # roofline of the stage, >= 2 x 15 us, + its elementwise kernels: 269 us
+    # async scheduling: the 500 us of host work per step, done while the GPU runs the previous step, set the pace
+    assert step == pytest.approx(500e-6, rel=1e-9)
+    lay = ParallelLayout()
+    sync = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(graph), async_scheduling=False)
+    assert sync.decode_step(lay, stage_shards(TINY, lay), 1, 100)[0] == pytest.approx(
+        (2 * 86.784 + 32.896 + 2 * 31.424 + 500) * 1e-6, rel=1e-9)  # the synchronous engine: one after the other
     plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(graph))
     assert "no measured host time" in " ".join(plan.notes)
 

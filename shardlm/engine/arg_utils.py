@@ -59,7 +59,7 @@ class EngineArgs:
     """most sequences in one step"""
     max_num_batched_tokens: int | None = None
     """token budget of one step (prefill chunks + decodes; decodes first, prompts chunked to the rest);
-    default max(max_model_len, 2048), for `serve` 2048 (short chunks keep the running streams flowing)"""
+    default max(max_model_len, 2048), for `serve` 1024 (short chunks keep the running streams flowing)"""
     block_size: int = 16
     """tokens per KV block"""
     gpu_memory_utilization: float = 0.9

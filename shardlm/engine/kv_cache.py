@@ -20,10 +20,11 @@ MAX_PROFILE_TOKENS = 8192
 """the profiling forward runs at most this many tokens (a larger step budget is profiled at this size)"""
 MIN_TOKEN_BUDGET = 2048
 """a step's token budget when max_num_batched_tokens is not given: max(max_model_len, this)"""
-SERVE_TOKEN_BUDGET = 2048
+SERVE_TOKEN_BUDGET = 1024
 """`shardlm serve`'s step budget when max_num_batched_tokens is not given: short prefill chunks keep the
-running streams' tokens flowing while prompts arrive (1 x H200, 8B, 128 streams of 512/128: 4,450 output
-tok/s, TTFT p50 198 ms, inter-token p99 64 ms against 3,493 / 1,183 / 192 with 8192; docs/PERFORMANCE.md)"""
+running streams' tokens flowing while prompts arrive (1 x H200, 8B, 128 streams of 512/128, async
+scheduling: 5,591 output tok/s, TTFT p50 318 ms, inter-token p50/p99 19.9/37.6 ms against 4,476 / 729 /
+9.4/60.7 with 2048; 2048 had beaten 8192 before async scheduling; docs/PERFORMANCE.md)"""
 
 
 def token_budget(max_num_batched_tokens: int | None, max_model_len: int) -> int:

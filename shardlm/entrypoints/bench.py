@@ -193,7 +193,7 @@ def run_bench(args, engine_args: EngineArgs) -> int:
         meta = {"model": llm.engine.source.name, "tensor_parallel_size": llm.engine.layout.tp,
                 "pipeline_parallel_size": llm.engine.layout.pp, "expert_parallel_size": llm.engine.layout.ep,
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "cuda_graphs": llm.engine.cuda_graphs,
-                "attention_backend": llm.engine.attention_backend,
+                "attention_backend": llm.engine.attention_backend, "async_scheduling": llm.engine.async_scheduling,
                 "graph_capture": llm.engine.graph_capture, "results": results}
     print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'exec ms':>8} "
           f"{'tok/s':>8} {'idle':>5}")

@@ -278,10 +278,12 @@ class CostModel:
 
     def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None = None,
                  eff: Efficiency | None = None, kv_bytes: int = 2, cuda_graphs: bool | None = None,
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, async_scheduling: bool = True):
         self.model, self.cluster, self.profile = model, cluster, profile
         self._cuda_graphs = cuda_graphs  # how the predicted engine runs decode, if not as the profile's did
         self._attention_backend = attention_backend  # likewise its attention path ('triton' or 'torch')
+        # whether the engine overlaps a step's host work with the previous step (one stage; its default)
+        self.async_scheduling = async_scheduling
         self.eff = eff or Efficiency()
         self.kv_bytes = kv_bytes
         self._calibrations: dict[tuple[int, bool, bool], tuple[float, float, float]] = {}
@@ -608,7 +610,9 @@ class CostModel:
         micro-batch passes all p stages and the p-1 transfers between them, while the other
         micro-batches fill the stages behind it. With m < p micro-batches each stage idles (p - m) / p
         of the period: the bubble. Datasheet mode adds the step overhead once per period; host mode has
-        it inside every stage's beat."""
+        it inside every stage's beat. With one stage and async scheduling (the engine's default) datasheet
+        mode's step overhead runs while the previous step computes: the period is the longer of the two
+        (host mode's measured overhead is what the measured engine showed, overlapped or not)."""
         if batch <= 0:
             raise ValueError(f"a decode step needs at least one sequence, got batch={batch}")
         p = layout.pp
@@ -618,7 +622,10 @@ class CostModel:
         slow = max((self.stage_pass(layout, sh, seqs, context, prefill=False) for sh in shards),
                    key=lambda x: x.total_s)
         xfer = self.transfer(layout, seqs)
-        period = p * slow.total_s + (p - 1) * xfer + extra
+        if p == 1 and self.async_scheduling:
+            period = max(slow.total_s, extra)
+        else:
+            period = p * slow.total_s + (p - 1) * xfer + extra
         return period, (p * slow.comm_s + (p - 1) * xfer) / period, pipeline_bubble(p, m), m
 
     def prefill_step(self, layout: ParallelLayout, shards: list[StageShard], tokens: int,

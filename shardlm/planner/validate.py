@@ -80,6 +80,8 @@ class MeasuredFile:
     """Whether the engine replayed decode steps as CUDA graphs (None: the file does not say)."""
     attention_backend: str = "torch"
     """The engine's attention path: 'triton' or 'torch' (files from before the kernels do not say: torch)."""
+    async_scheduling: bool = False
+    """Whether the engine overlapped its host work with the previous step (files from before it: False)."""
 
     @property
     def layout(self) -> ParallelLayout:
@@ -214,8 +216,11 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
     attention = data.get("attention_backend", "torch")
     if attention not in ("torch", "triton"):
         raise _bad(path, "attention_backend", "must be 'torch' or 'triton'", attention)
+    overlap = data.get("async_scheduling", False)
+    if not isinstance(overlap, bool):
+        raise _bad(path, "async_scheduling", "must be true or false", overlap)
     return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows),
-                        pp=pp, ep=ep, cuda_graphs=graphs, attention_backend=attention)
+                        pp=pp, ep=ep, cuda_graphs=graphs, attention_backend=attention, async_scheduling=overlap)
 
 
 def load_measured(path: str) -> MeasuredFile:
@@ -276,9 +281,11 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str =
         bad = constraint_reasons(spec, lay)
         if bad:
             raise PlanError(f"measured file {mf.path}: layout {lay}: {bad[0]}")
-        # predict the engine as it ran: eager or with decode graphs, its attention path
+        # predict the engine as it ran: eager or with decode graphs, its attention path, async or not; the
+        # engine keeps its KV cache in the model dtype
         cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile, cuda_graphs=mf.cuda_graphs,
-                       kv_bytes=mf.bytes_per_param, attention_backend=mf.attention_backend)  # the engine keeps its KV cache in the model dtype
+                       kv_bytes=mf.bytes_per_param, attention_backend=mf.attention_backend,
+                       async_scheduling=mf.async_scheduling)
         if profile is not None and None not in (mf.cuda_graphs, profile.cuda_graphs) and mf.cuda_graphs != profile.cuda_graphs:
             notes.append(f"{mf.path} ran {'with' if mf.cuda_graphs else 'without'} CUDA graphs, the profile's engine "
                          f"{'with' if profile.cuda_graphs else 'without'}: its measured floors fit the other mode")

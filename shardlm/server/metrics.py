@@ -113,6 +113,8 @@ class Metrics:
         self.step_seconds = Gauge("shardlm_worker_step_seconds",
                                   "Mean seconds each worker rank computed per step, over the last interval",
                                   ["model_name", "replica", "rank"], registry=r)
+        self.worker_steps = Counter("shardlm_worker_steps", "Steps each worker rank ran, by how: a CUDA graph "
+                                    "replay or eager launches", ["model_name", "replica", "rank", "mode"], registry=r)
         gpu = ["model_name", "replica", "rank", "gpu"]
         self._gpu_gauges: list[tuple[Gauge, Callable[[Any], float]]] = [
             (Gauge("shardlm_gpu_utilization_percent", "Percent of the last sample period a kernel ran on the GPU",
@@ -192,6 +194,10 @@ class Metrics:
                 if acc["steps"]:
                     self.step_seconds.labels(**self._labels, replica=key, rank=str(rank)).set(
                         acc["busy_s"] / acc["steps"])
+                    steps = self.worker_steps.labels(**self._labels, replica=key, rank=str(rank), mode="graph")
+                    steps.inc(acc["graph_steps"])
+                    steps = self.worker_steps.labels(**self._labels, replica=key, rank=str(rank), mode="eager")
+                    steps.inc(acc["steps"] - acc["graph_steps"])
 
     def on_restart(self, replica, cause: str) -> None:
         """A replica's engine replaced its worker group (cause: 'died', 'hung')."""
