@@ -12,7 +12,8 @@ STAGES=${STAGES:-tests latency serve}
 variant_flag() { case $1 in sync) echo --no-async-scheduling;; async-1024) echo --max-num-batched-tokens 1024;; esac; }
 if [[ $STAGES == *tests* ]]; then
   timeout 300 python3 -m pytest -q -m "gpu or not gpu" tests/test_async_scheduling.py tests/test_sampling.py \
-    "tests/test_gpu.py" tests/test_attention_kernels.py -k "not greedy[2] and (async or sampl or norm or float32_matches_hf or kernel or graph)" \
+    "tests/test_gpu.py" tests/test_attention_kernels.py tests/test_step_graphs.py \
+    -k "not greedy[2] and (async or sampl or norm or float32_matches_hf or kernel or graph or mixed)" \
     -p no:cacheprovider --tb=short -rf > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -8
 fi

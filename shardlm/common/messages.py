@@ -158,7 +158,8 @@ class StepResult(Message):
     name: ClassVar[str] = "step"
     tokens: list[SampledToken]
     exec_s: float = 0.0
-    """seconds the output rank spent in the step (forward + sampling)"""
+    """seconds the output rank spent in the step (forward + sampling), from its launch or, if it was launched
+    while the step before ran (async scheduling), from that step's end"""
     logits: np.ndarray | None = None
     """[sampled rows, vocab] float32, when the plan asked for them"""
 

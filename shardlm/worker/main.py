@@ -100,7 +100,7 @@ class Worker:
                                   opts.block_size, opts.expert_placement, cuda_graphs=graphs,
                                   max_num_seqs=opts.max_num_seqs, max_seq_len_to_capture=opts.max_seq_len_to_capture,
                                   attention_backend=opts.attention_backend,
-                                  async_scheduling=opts.async_scheduling)
+                                  async_scheduling=opts.async_scheduling, max_step_tokens=opts.profile_tokens)
         self.async_scheduling = opts.async_scheduling
         self.load_s = self.runner.load(show_progress=rank == 0)
         self.capacity = self.runner.kv_capacity(opts.gpu_memory_utilization, opts.cpu_kv_cache_bytes,
@@ -111,6 +111,7 @@ class Worker:
         # debugging aid: SHARDLM_CPROFILE_STEPS=N prints a cProfile of steps 10..10+N of rank 0 to stderr
         self.cprofile_steps = envs.cprofile_steps() if rank == 0 else 0
         self.step_no = 0
+        self.last_finish = 0.0  # time.perf_counter() when the last step was answered
 
     def ready(self) -> WorkerReady:
         return WorkerReady(rank=self.rank, load_s=self.load_s, block_bytes=self.runner.block_bytes(),
@@ -136,11 +137,14 @@ class Worker:
         return self.runner.execute(plan)
 
     def finish(self, pending: PendingStep) -> None:
-        """Wait for a queued step; the output rank answers it (every step)."""
+        """Wait for a queued step; the output rank answers it (every step). Its exec_s counts from its launch,
+        or from the end of the step before if it was launched while that one ran (async scheduling)."""
         result = pending.finish()
+        now = time.perf_counter()
         if result is not None:
-            result.exec_s = time.perf_counter() - pending.started
+            result.exec_s = now - max(pending.started, self.last_finish)
             wire.send_message(self.sock, result)
+        self.last_finish = now
 
     def next_plan_first(self, pending: PendingStep) -> bool:
         """Async scheduling: whether the driver's next message arrives while the device still runs `pending`

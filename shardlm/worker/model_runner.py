@@ -25,6 +25,7 @@ from .layers.attention import PagedAttention
 from .models.llama import LlamaForCausalLM
 from .profiling import Span, StepTimer, synchronize
 from .sampler import SampleBatch, Sampler
+from .step_graphs import StepGraphs
 from .weights import open_reader
 
 
@@ -33,7 +34,8 @@ class ModelRunner:
 
     def __init__(self, source: ModelSource, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
                  block_size: int, expert_placement: list | None, cuda_graphs: bool, max_num_seqs: int,
-                 max_seq_len_to_capture: int | None, attention_backend: str = "auto", async_scheduling: bool = False):
+                 max_seq_len_to_capture: int | None, attention_backend: str = "auto", async_scheduling: bool = False,
+                 max_step_tokens: int = 0):
         self.source, self.ctx, self.dtype = source, ctx, dtype
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = LlamaForCausalLM(source.config, ctx, dtype, max_positions=max_model_len,
@@ -67,6 +69,10 @@ class ModelRunner:
         # (on the CPU only the padding is run, eagerly: a testing aid)
         if cuda_graphs and not self.moe:
             self.graphs = DecodeGraphs(self, max_num_seqs, max_seq_len_to_capture, capture=ctx.device.type == "cuda")
+        # steps with prompt chunks as CUDA graphs too, over the attention kernels' varlen tile tables (step_graphs.py)
+        self.step_graphs = None
+        if cuda_graphs and not self.moe and self.attention_backend == "triton":
+            self.step_graphs = StepGraphs(self, max_num_seqs, max_step_tokens, capture=True)
         self.timer = StepTimer(ctx.device)  # step accounting and trace events
 
     def load(self, show_progress: bool) -> float:
@@ -109,7 +115,7 @@ class ModelRunner:
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         # the decode graphs keep a memory pool of their own: capture them once over this temporary cache to
         # measure it (the cache's size is not known before; the real graphs are captured over the real one)
-        graph_bytes = self.graphs.capture_all()["graph_pool_bytes"] if self.graphs is not None else 0
+        graph_bytes = sum(g.capture_all()["graph_pool_bytes"] for g in (self.graphs, self.step_graphs) if g is not None)
         self.free_kv()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
@@ -135,11 +141,17 @@ class ModelRunner:
         if self.attention_backend == "triton":
             a = self.model.attention_layers()[0]
             warm_up(self.heads, a.k_cache, a.v_cache, self.block_size, self.attn_workspace, self.dtype)
-        return self.graphs.capture_all() if self.graphs is not None else {"graphs": 0, "capture_s": 0.0}
+        totals = {"graphs": 0, "capture_s": 0.0, "graph_pool_bytes": 0}
+        for g in (self.graphs, self.step_graphs):
+            if g is not None:
+                for k, v in g.capture_all().items():
+                    totals[k] += v
+        return totals
 
     def free_kv(self) -> None:
-        if self.graphs is not None:
-            self.graphs.reset()
+        for g in (self.graphs, self.step_graphs):
+            if g is not None:
+                g.reset()
         for a in self.model.attention_layers():
             a.k_cache = a.v_cache = None
         self.num_blocks = 0
@@ -156,23 +168,30 @@ class ModelRunner:
         self._complete_block_tables(plan)
         if not plan.seqs:
             return PendingStep(self, started, None, None)
-        graph = self._graph_shape(plan)
-        self.timer.step(graph is not None)
-        inputs = self._prepare(plan) if graph is None else None  # host work done before waiting on a stage
+        graph = self._graph_shape(plan)  # a decode graph's (batch, context)
+        mixed = self.step_graphs.size_for(plan) if graph is None and self.step_graphs is not None else None
+        self.timer.step(graph is not None or mixed is not None)
+        eager = graph is None and mixed is None
+        inputs = self._prepare(plan) if eager else None  # host work done before waiting on a stage
         x = None
         if not self.ctx.is_first_stage:  # the previous stage's activations, in the plan's token order
             with self.timer.span("recv activations", "communication"):
                 x = self.ctx.recv_prev_stage((plan.num_tokens, self.source.config.hidden_size), self.dtype)
         last = self.ctx.is_last_stage
         samples = last and any(s.sample for s in plan.seqs)
-        name = f"forward {plan.num_tokens} tokens" + (" (graph)" if graph else "") + (" + sample" if samples else "")
+        name = f"forward {plan.num_tokens} tokens" + ("" if eager else " (graph)") + (" + sample" if samples else "")
         span = self.timer.open(name)
-        # the last stage gets every sequence's logits from a graph, its hidden states from the eager model
-        out = self.graphs.run(graph, plan, x) if graph is not None else self._forward(*inputs, x)
+        # the last stage gets the sampled sequences' logits from a graph, its hidden states from the eager model
+        if graph is not None:
+            out = self.graphs.run(graph, plan, x)
+        elif mixed is not None:
+            out = self.step_graphs.run(mixed, plan, x)
+        else:
+            out = self._forward(*inputs, x)
         self._count_expert_rows()
         batch = None
         if samples:
-            batch = self._sample(plan, out if graph is not None else self._logits(plan, out))
+            batch = self._sample(plan, self._logits(plan, out) if eager else out)
         span.issued()
         if not last:
             self.timer.close(span)
