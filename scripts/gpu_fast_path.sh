@@ -8,8 +8,11 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out}; mkdir -p "$OUT"
 MODEL=random:llama-3-8b
 STAGES=${STAGES:-tests latency serve}
-# sync: the engine without async scheduling (the baseline); async-1024: async with a 1024-token step budget
-variant_flag() { case $1 in sync) echo --no-async-scheduling;; async-1024) echo --max-num-batched-tokens 1024;; esac; }
+# sync: the engine without async scheduling (the baseline); async-1024: async with a 1024-token step budget;
+# async-2048; nostep: without the mixed-step graphs (SHARDLM_NO_STEP_GRAPHS=1)
+variant_flag() { case $1 in sync) echo --no-async-scheduling;; async-1024) echo --max-num-batched-tokens 1024;;
+                 async-2048) echo --max-num-batched-tokens 2048;; esac; }
+variant_env() { [ "$1" = nostep ] && echo SHARDLM_NO_STEP_GRAPHS=1 || echo SHARDLM_NO_STEP_GRAPHS=0; }
 if [[ $STAGES == *tests* ]]; then
   timeout 300 python3 -m pytest -q -m "gpu or not gpu" tests/test_async_scheduling.py tests/test_sampling.py \
     "tests/test_gpu.py" tests/test_attention_kernels.py tests/test_step_graphs.py \
@@ -37,7 +40,8 @@ if [[ $STAGES == *serve* ]]; then
       python3 scripts/serve_profile.py "$OUT/serve-$variant-profile.txt" serve $MODEL $(variant_flag $variant) --port 8111 \
         > "$OUT/serve-$variant.log" 2>&1 &
     else
-      python3 "${server[@]}" serve $MODEL $(variant_flag $variant) --port 8111 > "$OUT/serve-$variant.log" 2>&1 &
+      env $(variant_env $variant) python3 "${server[@]}" serve $MODEL $(variant_flag $variant) --port 8111 \
+        > "$OUT/serve-$variant.log" 2>&1 &
     fi
     pid=$!
     t0=$(date +%s)

@@ -41,7 +41,7 @@ def test_a_step_runs_at_the_smallest_size_that_holds_its_tokens_and_sequences():
     assert g.size_for(step(10)) == 16 and g.size_for(step(16)) == 16 and g.size_for(step(17)) == 32
     assert g.size_for(step(*[1] * 8)) == 16  # 8 sequences fit 16 tokens
     assert g.size_for(step(*[1] * 9)) is None  # more sequences than max_num_seqs
-    assert g.size_for(step(513)) is None  # past the largest size: eager
+    assert g.size_for(step(2049)) is None  # past the largest size: eager
     long = StepPlan([SeqPlan(0, [1], 1500, [0] * 94, True)])
     assert g.size_for(long) is None  # a context past max_model_len's table width
     assert graphs(max_tokens=100).sizes == [16, 32, 64, 128]  # no size far past the step budget
@@ -96,3 +96,17 @@ def test_tile_tables_hold_any_step_of_the_size(max_num_seqs):
         lens = [t // g.seqs(t)] * g.seqs(t)
         lens[0] += t - sum(lens)
         assert large >= sum(-(-n // g.large_q) for n in lens)
+
+
+@pytest.mark.parametrize("max_model_len", [100, 1024, 4096])
+def test_every_size_captures_with_valid_indices(max_model_len):
+    """A capture's warm-up step of T tokens: sequences no longer than the longest context (the block tables'
+    width), their slots in the scratch block."""
+    g = graphs(max_num_seqs=4, max_model_len=max_model_len)
+    assert g.sizes and all(g.seqs(t) * g.max_context >= t for t in g.sizes)
+    for t in g.sizes:
+        plan = g._warm_up_plan(t)
+        assert sum(len(s.tokens) for s in plan) == t and len(plan) <= g.seqs(t)
+        assert all(s.context_len <= g.max_context for s in plan)
+        g._fill(t, plan)
+        assert set(field(g, t, "slots", t)) <= set(range(99 * BS, 100 * BS))

@@ -71,7 +71,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, max_num_seqs, max_seq_len_to_capture, capture=ctx.device.type == "cuda")
         # steps with prompt chunks as CUDA graphs too, over the attention kernels' varlen tile tables (step_graphs.py)
         self.step_graphs = None
-        if cuda_graphs and not self.moe and self.attention_backend == "triton":
+        if cuda_graphs and not self.moe and self.attention_backend == "triton" and not envs.no_step_graphs():
             self.step_graphs = StepGraphs(self, max_num_seqs, max_step_tokens, capture=True)
         self.timer = StepTimer(ctx.device)  # step accounting and trace events
 

@@ -14,8 +14,8 @@ A step of t tokens and n sequences runs at the smallest T >= t with n <= seqs(T)
   unused tiles -1 (the kernel returns at once). The small tiles (decodes, short chunks) are split-KV
   over the graph's longest context, a fixed split length: parts past a sequence's context are empty
   and weigh nothing in the combine.
-Steps with more tokens than the largest size (their GPU time exceeds the host's launch time anyway),
-or a context past `max_context`, run eagerly; so do MoE models and the torch attention path.
+Steps with more tokens than the largest size (their GPU time far exceeds the host's launch time), or a
+context past `max_context`, run eagerly; so do MoE models and the torch attention path.
 
 The host fills one int64 buffer per step (`_fill`, one copy): ids, positions, the rows of PREV_TOKENs
 (async scheduling), cache slots, each sampled sequence's last token, the per-sequence starts and query
@@ -42,8 +42,8 @@ from .kernels.paged_attention import (
     Launch,
 )
 
-MIXED_SIZES = (16, 32, 64, 128, 256, 512)
-"""token counts of the captured mixed steps (larger steps are GPU-bound: eager launches hide behind them)"""
+MIXED_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+"""token counts of the captured mixed steps, up to the step budget (larger steps run eagerly)"""
 MAX_CONTEXT = 16384
 """longest context a mixed graph serves (its block tables are this wide, copied every step)"""
 
@@ -61,9 +61,11 @@ class StepGraphs:
         self.first, self.last = ctx.is_first_stage, ctx.is_last_stage
         self.block_size = runner.block_size
         self.max_num_seqs = max_num_seqs
-        # up to the first size that holds the step budget (a step never has more tokens)
-        self.sizes = [t for t in MIXED_SIZES if t < max_tokens] + [t for t in MIXED_SIZES if t >= max_tokens][:1]
         self.max_context = min(runner.max_model_len, MAX_CONTEXT)
+        # up to the first size that holds the step budget (a step never has more tokens), and no size whose
+        # tokens its sequence slots cannot hold at the longest context
+        sizes = [t for t in MIXED_SIZES if t < max_tokens] + [t for t in MIXED_SIZES if t >= max_tokens][:1]
+        self.sizes = [t for t in sizes if self.seqs(t) * self.max_context >= t]
         self.width = -(-self.max_context // self.block_size)  # block table entries per sequence
         heads = runner.heads
         self.small_q = max(1, SMALL_M // heads.g_pad)  # new tokens a small tile holds
@@ -213,9 +215,13 @@ class StepGraphs:
 
     # ---- capture -------------------------------------------------------------------------
     def _warm_up_plan(self, t: int) -> list[SeqPlan]:
-        """One sequence of t tokens writing the scratch block (valid indices for a capture's warm-up)."""
-        blocks = [self.runner.scratch_block] * -(-t // self.block_size)
-        return [SeqPlan(-1, [0] * t, 0, blocks, sample=True)]
+        """Sequences of t tokens in all, none longer than the longest context, writing the scratch block (valid
+        indices for a capture's warm-up)."""
+        plan, c = [], self.max_context
+        for i, first in enumerate(range(0, t, c)):
+            n = min(c, t - first)
+            plan.append(SeqPlan(-1 - i, [0] * n, 0, [self.runner.scratch_block] * -(-n // self.block_size), True))
+        return plan
 
     def capture_all(self) -> dict[str, float]:
         """Capture every size, largest first, over the KV cache allocated now. Returns how many, the seconds
