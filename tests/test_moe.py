@@ -17,7 +17,7 @@ from shardlm.engine.moe_placement import (
     rank_loads,
     round_robin,
 )
-from shardlm.worker.layers.moe import choose_copies
+from shardlm.worker.layers.moe import choose_copies, count
 
 MOE_MODELS = ["mixtral", "qwen2-moe", "qwen3-moe"]
 
@@ -186,3 +186,13 @@ def test_moe_presets_run():
     with LLM("random:tiny-qwen2-moe", tensor_parallel_size=2, enable_expert_parallel=True) as llm:
         out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, ignore_eos=True))
         assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_count_is_bincount_without_the_host_read():
+    """The dispatch counts rows per expert / rank with scatter_add (CUDA's bincount waits for the GPU to size
+    its output); the counts are bincount's, zeros included."""
+    torch.manual_seed(0)
+    for n in (1, 7, 64):
+        values = torch.randint(0, n, (300,))
+        assert torch.equal(count(values, n), torch.bincount(values, minlength=n))
+    assert count(torch.tensor([], dtype=torch.long), 3).tolist() == [0, 0, 0]

@@ -42,12 +42,18 @@ def _grouped_mm_usable(device: torch.device, dtype: torch.dtype, *dims: int) -> 
             and torch.cuda.get_device_capability(device) >= (9, 0) and all(d % 16 == 0 for d in dims))
 
 
+def count(values: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0 .. n-1 occurs in `values` (int64, all < n), without waiting for the GPU: CUDA's
+    torch.bincount reads the largest value on the host to size its output."""
+    return torch.zeros(n, dtype=torch.long, device=values.device).scatter_add_(0, values, torch.ones_like(values))
+
+
 def choose_copies(experts: torch.Tensor, copy_count: torch.Tensor, rank: int) -> torch.Tensor:
     """Which copy of its expert each routed row goes to: the rows of one expert take its copies in
     turn, starting at a different copy on each sending rank, so a hot expert's load is split evenly."""
     n = experts.numel()
     by_expert = torch.argsort(experts, stable=True)
-    per_expert = torch.bincount(experts, minlength=copy_count.numel())
+    per_expert = count(experts, copy_count.numel())
     first = torch.cumsum(per_expert, 0) - per_expert
     position = torch.empty_like(experts)
     position[by_expert] = torch.arange(n, device=experts.device) - first[experts[by_expert]]
@@ -134,7 +140,7 @@ class SparseMoE(nn.Module):
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.counts_tokens:
-            self.tokens_per_expert += torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+            self.tokens_per_expert += count(ids.reshape(-1), self.num_experts)
         return weights, ids
 
     def run_experts(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -145,7 +151,7 @@ class SparseMoE(nn.Module):
             return torch.zeros_like(x)
         order = torch.argsort(slot, stable=True)
         xs = x[order]
-        counts = torch.bincount(slot, minlength=n_local + 1)[:n_local]
+        counts = count(slot.clamp(max=n_local), n_local + 1)[:n_local]  # (padding rows: a slot past the local ones)
         self.rows += counts.sum()
         if self.grouped:
             offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -204,7 +210,7 @@ class SparseMoE(nn.Module):
                          capacity: int) -> torch.Tensor:
         """rows (sorted by dest) through their experts with equal-size all-to-alls; no host sync."""
         ep, h, group = self.ep, self.hidden, self.ctx.tp_group
-        per_dest = torch.bincount(dest, minlength=ep)
+        per_dest = count(dest, ep)
         first = torch.cumsum(per_dest, 0) - per_dest
         where = dest * capacity + torch.arange(rows.shape[0], device=rows.device) - first[dest]
         send = rows.new_zeros(ep * capacity, h)
@@ -222,7 +228,7 @@ class SparseMoE(nn.Module):
     def _dispatch_variable(self, rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """rows (sorted by key = dest * slots + slot) through their experts, sending exactly the rows."""
         ep, h, group = self.ep, self.hidden, self.ctx.tp_group
-        send_counts = torch.bincount(key, minlength=ep * self.slots)  # [ep * slots]
+        send_counts = count(key, ep * self.slots)  # [ep * slots]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)  # a slots-sized piece per peer
         send_split = send_counts.view(ep, self.slots).sum(1).tolist()  # the host waits here
