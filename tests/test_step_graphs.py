@@ -98,6 +98,11 @@ def test_tile_tables_hold_any_step_of_the_size(max_num_seqs):
         assert large >= sum(-(-n // g.large_q) for n in lens)
 
 
+def test_a_context_too_short_for_any_size_leaves_every_step_eager():
+    g = graphs(max_num_seqs=1, max_model_len=8)
+    assert g.sizes == [] and g.size_for(StepPlan([SeqPlan(0, [1, 2], 0, [0], True)])) is None
+
+
 @pytest.mark.parametrize("max_model_len", [100, 1024, 4096])
 def test_every_size_captures_with_valid_indices(max_model_len):
     """A capture's warm-up step of T tokens: sequences no longer than the longest context (the block tables'

@@ -72,8 +72,9 @@ class StepGraphs:
         self.large_q = max(1, LARGE_M // heads.g_pad)
         self.small_m, self.large_m = max(SMALL_M, heads.g_pad), max(LARGE_M, heads.g_pad)
         cfg, dev, dtype = runner.source.config, ctx.device, runner.dtype
-        biggest = max(self.sizes)
-        self.index = torch.zeros(max(self._layout(t)["end"] for t in self.sizes), dtype=torch.long, device=dev)
+        biggest = max(self.sizes, default=0)
+        self.index = torch.zeros(max((self._layout(t)["end"] for t in self.sizes), default=0), dtype=torch.long,
+                                 device=dev)
         self.hidden_in = None if self.first else torch.zeros(biggest, cfg.hidden_size, dtype=dtype, device=dev)
         self.out = (torch.zeros(self.seqs(biggest), cfg.vocab_size, dtype=torch.float32, device=dev) if self.last
                     else torch.zeros(biggest, cfg.hidden_size, dtype=dtype, device=dev))
