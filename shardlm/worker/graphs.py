@@ -22,7 +22,7 @@ their result into one output buffer, so nothing but the pool grows with the numb
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from ..common.defaults import MAX_SEQ_LEN_TO_CAPTURE
 from ..common.graph_shapes import graph_pairs, padded_shape
 from ..common.messages import SeqPlan, StepPlan
 from .kernels.paged_attention import Launch, decode_launch, decode_metadata
+
+if TYPE_CHECKING:
+    from .step_graphs import StepGraphs
 
 
 class DecodeGraphs:
@@ -73,8 +76,9 @@ class DecodeGraphs:
         return padded_shape(self.pairs, n_seqs, max_context)
 
     # ---- one step ---------------------------------------------------------------------------
-    def _forward(self, b: int, c: int) -> None:
+    def _forward(self, shape: tuple[int, int]) -> None:
         """The captured work: reads only the input buffers, writes only self.out."""
+        b, c = shape
         bmax, bs, nb = self.max_batch, self.block_size, self._blocks(c)
         positions = self.index[bmax: bmax + b]
         tables = self.index[3 * bmax: 3 * bmax + b * nb].view(b, nb)
@@ -124,7 +128,7 @@ class DecodeGraphs:
         if shape in self.graphs:
             self.graphs[shape].replay()
         else:
-            self._forward(b, c)
+            self._forward(shape)
         return self.out[:n]
 
     def _warm_up_plan(self, b: int) -> StepPlan:
@@ -132,45 +136,56 @@ class DecodeGraphs:
         return StepPlan([SeqPlan(-1 - i, [0], 0, [self.runner.scratch_block], sample=True) for i in range(b)])
 
     # ---- capture -------------------------------------------------------------------------
+    def _capture_order(self) -> list[tuple[int, int]]:
+        return sorted(self.pairs, key=lambda p: p[0] * p[1], reverse=True)
 
-    def capture_all(self) -> dict[str, float]:
-        """Capture every pair, largest first (the pool is sized by the first). Needs the KV cache allocated:
-        the graphs hold its addresses. Returns how many, the seconds taken and the bytes their pool holds."""
-        self.graphs.clear()
-        if not self.capture or not self.pairs:
-            return {"graphs": 0, "capture_s": 0.0, "graph_pool_bytes": 0}
-        t0 = time.perf_counter()
-        dev = self.runner.ctx.device
-        self.pool = torch.cuda.graph_pool_handle()
+    def _prepare_warm_up(self, shape: tuple[int, int]) -> None:
+        self._fill(*shape, self._warm_up_plan(shape[0]))
+
+    def _out_of_memory(self, shape: tuple[int, int]) -> str:
+        return (f"capturing the decode CUDA graphs (batch {shape[0]}, context {shape[1]}) ran out of GPU memory: "
+                f"lower gpu_memory_utilization, max_num_seqs or max_seq_len_to_capture, or set enforce_eager")
+
+
+def capture_all(graphs: DecodeGraphs | StepGraphs) -> dict[str, float]:
+    """Capture every shape of a graph set, largest first (the pool is sized by the first), each after a warm-up
+    run on a side stream (libraries set up their handles, kernels compile). Needs the KV cache allocated: the
+    graphs hold its addresses. Returns how many, the seconds taken and the bytes their pool holds."""
+    graphs.graphs.clear()
+    order = graphs._capture_order()
+    if not graphs.capture or not order:
+        return {"graphs": 0, "capture_s": 0.0, "graph_pool_bytes": 0}
+    t0 = time.perf_counter()
+    dev = graphs.runner.ctx.device
+    graphs.pool = torch.cuda.graph_pool_handle()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(dev)
+    try:
+        with torch.inference_mode():
+            for shape in order:
+                graphs._prepare_warm_up(shape)  # valid indices for the warm-up run
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    graphs._forward(shape)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=graphs.pool):
+                    graphs._forward(shape)
+                graphs.graphs[shape] = graph
+    except torch.cuda.OutOfMemoryError as exc:
+        reset(graphs)
+        # a ValueError reaches the user as the message alone, naming what to change
+        raise ValueError(f"{graphs._out_of_memory(shape)} ({str(exc).splitlines()[0]})") from exc
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs' pool stays
+    return {"graphs": len(graphs.graphs), "capture_s": time.perf_counter() - t0,
+            "graph_pool_bytes": torch.cuda.memory_reserved(dev) - before}
+
+
+def reset(graphs: DecodeGraphs | StepGraphs) -> None:
+    """Forget a graph set's graphs (the KV cache they point into is going away); their pool goes with them."""
+    graphs.graphs.clear()
+    graphs.pool = None
+    if graphs.capture:
         torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(dev)
-        try:
-            with torch.inference_mode():
-                for b, c in sorted(self.pairs, key=lambda p: p[0] * p[1], reverse=True):
-                    self._fill(b, c, self._warm_up_plan(b))  # valid indices for the warm-up run
-                    side = torch.cuda.Stream(dev)
-                    side.wait_stream(torch.cuda.current_stream(dev))
-                    with torch.cuda.stream(side):  # warm-up outside the capture: libraries set up their handles
-                        self._forward(b, c)
-                    torch.cuda.current_stream(dev).wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool):
-                        self._forward(b, c)
-                    self.graphs[(b, c)] = graph
-        except torch.cuda.OutOfMemoryError as exc:
-            self.reset()
-            # a ValueError reaches the user as the message alone, naming what to change
-            raise ValueError(f"capturing the decode CUDA graphs (batch {b}, context {c}) ran out of GPU memory: "
-                             f"lower gpu_memory_utilization, max_num_seqs or max_seq_len_to_capture, or set "
-                             f"enforce_eager ({str(exc).splitlines()[0]})") from exc
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs' pool stays
-        return {"graphs": len(self.graphs), "capture_s": time.perf_counter() - t0,
-                "graph_pool_bytes": torch.cuda.memory_reserved(dev) - before}
-
-    def reset(self) -> None:
-        """Forget the graphs (the KV cache they point into is going away); their pool goes with them."""
-        self.graphs.clear()
-        self.pool = None
-        if self.capture:
-            torch.cuda.empty_cache()

@@ -13,7 +13,7 @@ from ..common import envs
 from ..common.messages import PREV_TOKEN, SeqPlan, StepPlan, StepResult
 from ..common.model_source import ModelSource
 from .distributed import ParallelContext
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, capture_all, reset
 from .kernels.paged_attention import (
     AttentionMetadata,
     SplitWorkspace,
@@ -115,7 +115,7 @@ class ModelRunner:
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         # the decode graphs keep a memory pool of their own: capture them once over this temporary cache to
         # measure it (the cache's size is not known before; the real graphs are captured over the real one)
-        graph_bytes = sum(g.capture_all()["graph_pool_bytes"] for g in (self.graphs, self.step_graphs) if g is not None)
+        graph_bytes = sum(capture_all(g)["graph_pool_bytes"] for g in (self.graphs, self.step_graphs) if g is not None)
         self.free_kv()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
@@ -144,14 +144,14 @@ class ModelRunner:
         totals = {"graphs": 0, "capture_s": 0.0, "graph_pool_bytes": 0}
         for g in (self.graphs, self.step_graphs):
             if g is not None:
-                for k, v in g.capture_all().items():
+                for k, v in capture_all(g).items():
                     totals[k] += v
         return totals
 
     def free_kv(self) -> None:
         for g in (self.graphs, self.step_graphs):
             if g is not None:
-                g.reset()
+                reset(g)
         for a in self.model.attention_layers():
             a.k_cache = a.v_cache = None
         self.num_blocks = 0

@@ -20,12 +20,11 @@ context past `max_context`, run eagerly; so do MoE models and the torch attentio
 The host fills one int64 buffer per step (`_fill`, one copy): ids, positions, the rows of PREV_TOKENs
 (async scheduling), cache slots, each sampled sequence's last token, the per-sequence starts and query
 offsets, both tile tables and the block tables. The graph turns them into the kernels' int32 metadata.
-All graphs share one memory pool; the logits go into one output buffer.
+All graphs share one memory pool (graphs.capture_all captures them); the logits go into one output buffer.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -224,43 +223,12 @@ class StepGraphs:
             plan.append(SeqPlan(-1 - i, [0] * n, 0, [self.runner.scratch_block] * -(-n // self.block_size), True))
         return plan
 
-    def capture_all(self) -> dict[str, float]:
-        """Capture every size, largest first, over the KV cache allocated now. Returns how many, the seconds
-        taken and the bytes their pool holds."""
-        self.graphs.clear()
-        if not self.capture or not self.sizes:
-            return {"graphs": 0, "capture_s": 0.0, "graph_pool_bytes": 0}
-        t0 = time.perf_counter()
-        dev = self.runner.ctx.device
-        self.pool = torch.cuda.graph_pool_handle()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(dev)
-        try:
-            with torch.inference_mode():
-                for t in sorted(self.sizes, reverse=True):
-                    self._fill(t, self._warm_up_plan(t))
-                    side = torch.cuda.Stream(dev)
-                    side.wait_stream(torch.cuda.current_stream(dev))
-                    with torch.cuda.stream(side):
-                        self._forward(t)
-                    torch.cuda.current_stream(dev).wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool):
-                        self._forward(t)
-                    self.graphs[t] = graph
-        except torch.cuda.OutOfMemoryError as exc:
-            self.reset()
-            raise ValueError(f"capturing the mixed-step CUDA graphs ({t} tokens) ran out of GPU memory: lower "
-                             f"gpu_memory_utilization or max_num_seqs, or set enforce_eager "
-                             f"({str(exc).splitlines()[0]})") from exc
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        return {"graphs": len(self.graphs), "capture_s": time.perf_counter() - t0,
-                "graph_pool_bytes": torch.cuda.memory_reserved(dev) - before}
+    def _capture_order(self) -> list[int]:
+        return sorted(self.sizes, reverse=True)
 
-    def reset(self) -> None:
-        """Forget the graphs (the KV cache they point into is going away); their pool goes with them."""
-        self.graphs.clear()
-        self.pool = None
-        if self.capture:
-            torch.cuda.empty_cache()
+    def _prepare_warm_up(self, t: int) -> None:
+        self._fill(t, self._warm_up_plan(t))
+
+    def _out_of_memory(self, t: int) -> str:
+        return (f"capturing the mixed-step CUDA graphs ({t} tokens) ran out of GPU memory: lower "
+                f"gpu_memory_utilization or max_num_seqs, or set enforce_eager")
