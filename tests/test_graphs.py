@@ -41,6 +41,7 @@ class _Runner:
         self.source = type("Source", (), {"config": cfg})()
         self.model, self.dtype, self.max_model_len, self.block_size = None, torch.float32, max_model_len, 16
         self.attention_backend = attention_backend
+        self.moe = {}
         self.ctx = ParallelContext(ParallelLayout(tp=1, pp=1, ep=1), 0, torch.device("cpu"), None, (0, 1))
 
 
@@ -55,9 +56,9 @@ def test_shape_for_picks_the_smallest_pair_and_falls_back_to_eager():
     assert g.shape_for(64, 4096) == (64, 4096)
     assert g.shape_for(65, 4096) is None  # 96 x 4096 gathers more than GRAPH_TOKENS
     assert g.shape_for(1, 4097) is None  # past max_seq_len_to_capture
-    # the input buffer holds ids, positions and PREV_TOKEN rows of the largest batch and the largest block
-    # table (16-token blocks)
-    assert g.index.numel() == 3 * 256 + 256 * 1024 // 16 and g.out.shape == (256, 32)
+    # the input buffer holds ids, positions and PREV_TOKEN rows of the largest batch, its count of real rows
+    # and the largest block table (16-token blocks)
+    assert g.index.numel() == 3 * 256 + 1 + 256 * 1024 // 16 and g.out.shape == (256, 32)
     # the torch path's default: up to 8192 positions gathered
     assert max(c for _, c in DecodeGraphs(_Runner(32768), 8, None, capture=False).pairs) == 8192
 

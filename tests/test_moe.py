@@ -196,3 +196,18 @@ def test_count_is_bincount_without_the_host_read():
         values = torch.randint(0, n, (300,))
         assert torch.equal(count(values, n), torch.bincount(values, minlength=n))
     assert count(torch.tensor([], dtype=torch.long), 3).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("layout", ["tp1", "ep2"])
+def test_padded_decode_steps_route_only_real_tokens(layout, tiny_models, hf_refs, monkeypatch):
+    """MoE decode steps on the graphs' padded path (run eagerly on the CPU; 3 sequences in a graph of 4): the
+    padding rows go to no expert and count in no statistic; tokens and logits stay Hugging Face's."""
+    monkeypatch.setenv("SHARDLM_PADDED_DECODE_ON_CPU", "1")
+    name, prompts = "qwen2-moe", PROMPTS[:3]
+    with LLM(str(tiny_models[name][0]), block_size=8, **LAYOUTS[layout]) as llm:
+        check_against_hf(llm, hf_refs[name][:3], prompts)
+        cfg = llm.engine.source.config
+        routed = sum(len(p) + STEPS - 1 for p in prompts) * cfg.num_experts_per_tok
+        stats = llm.engine.expert_stats()
+        assert all(sum(c) == routed for c in stats["tokens_per_expert"].values())
+        assert all(0 < s["graph_steps"] < s["steps"] for s in llm.engine.stage_stats().values())

@@ -24,7 +24,7 @@ def graphs(max_num_seqs=8, max_tokens=2048, max_model_len=1024, async_scheduling
     runner = SimpleNamespace(
         model=None, ctx=ParallelContext(ParallelLayout(tp=1, pp=1, ep=1), 0, torch.device("cpu"), None, (0, 1)),
         block_size=BS, max_model_len=max_model_len, heads=HeadLayout(8, 2, 4, tuple(i // 4 for i in range(8)), "cpu"),
-        source=SimpleNamespace(config=cfg), dtype=torch.float32, scratch_block=99, async_scheduling=async_scheduling,
+        source=SimpleNamespace(config=cfg), dtype=torch.float32, scratch_block=99, async_scheduling=async_scheduling, moe={},
         prev_rows=lambda seqs: [2 if s.tokens == [PREV_TOKEN] else -1 for s in seqs])
     return StepGraphs(runner, max_num_seqs, max_tokens, capture=False)
 

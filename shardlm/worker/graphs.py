@@ -22,11 +22,13 @@ their result into one output buffer, so nothing but the pool grows with the numb
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
+from ..common import envs
 from ..common.defaults import MAX_SEQ_LEN_TO_CAPTURE
 from ..common.graph_shapes import graph_pairs, padded_shape
 from ..common.messages import SeqPlan, StepPlan
@@ -53,13 +55,14 @@ class DecodeGraphs:
         kernels = runner.attention_backend == "triton"
         if max_context is None:  # the kernels' graphs reach every context; the torch path's gather is bounded
             max_context = runner.max_model_len if kernels else MAX_SEQ_LEN_TO_CAPTURE
-        self.pairs = graph_pairs(max_num_seqs, min(max_context, runner.max_model_len), kernels)
+        self.pairs = [p for p in graph_pairs(max_num_seqs, min(max_context, runner.max_model_len), kernels)
+                      if allows(runner, p[0], capture)]
         self.max_batch = max((b for b, _ in self.pairs), default=0)
         table_cells = max((b * self._blocks(c) for b, c in self.pairs), default=0)
         dev, dtype, cfg = ctx.device, runner.dtype, runner.source.config
         bmax = self.max_batch
-        # [ids | positions | PREV_TOKEN rows | block tables], filled by one copy per step
-        self.index = torch.zeros(3 * bmax + table_cells, dtype=torch.long, device=dev)
+        # [ids | positions | PREV_TOKEN rows | real rows (1) | block tables], filled by one copy per step
+        self.index = torch.zeros(3 * bmax + 1 + table_cells, dtype=torch.long, device=dev)
         self.hidden_in = None if self.first else torch.zeros(bmax, cfg.hidden_size, dtype=dtype, device=dev)
         self.out = (torch.zeros(bmax, cfg.vocab_size, dtype=torch.float32, device=dev) if self.last
                     else torch.zeros(bmax, cfg.hidden_size, dtype=dtype, device=dev))
@@ -81,7 +84,7 @@ class DecodeGraphs:
         b, c = shape
         bmax, bs, nb = self.max_batch, self.block_size, self._blocks(c)
         positions = self.index[bmax: bmax + b]
-        tables = self.index[3 * bmax: 3 * bmax + b * nb].view(b, nb)
+        tables = self.index[3 * bmax + 1: 3 * bmax + 1 + b * nb].view(b, nb)
         runner = self.runner
         launch = None
         if runner.attention_backend == "triton":  # made by the warm-up run before a capture, then reused
@@ -96,21 +99,23 @@ class DecodeGraphs:
             x = runner.resolve_prev(self.index[:b], self.index[2 * bmax: 2 * bmax + b])
         else:
             x = self.index[:b]
-        hidden = self.model(x, positions, meta)
+        with padded_tokens(runner, self.index[3 * bmax]):
+            hidden = self.model(x, positions, meta)
         self.out[:b].copy_(self.model.compute_logits(hidden) if self.last else hidden)
 
     def _fill(self, b: int, c: int, plan: StepPlan) -> None:
         """Copy one step's inputs, padded to b rows and c context positions, into the buffer (one copy).
         Padding rows decode token 0 at position 0 into the scratch block."""
         bmax, nb, seqs = self.max_batch, self._blocks(c), plan.seqs
-        host = np.zeros(3 * bmax + b * nb, dtype=np.int64)
+        host = np.zeros(3 * bmax + 1 + b * nb, dtype=np.int64)
         if self.first:
             host[: len(seqs)] = [s.tokens[0] for s in seqs]
             if self.runner.async_scheduling:
                 host[2 * bmax: 3 * bmax] = -1
                 host[2 * bmax: 2 * bmax + len(seqs)] = self.runner.prev_rows(seqs)
         host[bmax: bmax + len(seqs)] = [s.start for s in seqs]
-        grid = host[3 * bmax:].reshape(b, nb)
+        host[3 * bmax] = len(seqs)
+        grid = host[3 * bmax + 1:].reshape(b, nb)
         grid.fill(self.runner.scratch_block)
         for row, s in zip(grid, seqs):  # (a table may run past the context: only nb blocks are read)
             k = min(len(s.blocks), nb)
@@ -145,6 +150,31 @@ class DecodeGraphs:
     def _out_of_memory(self, shape: tuple[int, int]) -> str:
         return (f"capturing the decode CUDA graphs (batch {shape[0]}, context {shape[1]}) ran out of GPU memory: "
                 f"lower gpu_memory_utilization, max_num_seqs or max_seq_len_to_capture, or set enforce_eager")
+
+
+def allows(runner: Any, tokens: int, capture: bool) -> bool:
+    """Whether a graph of `tokens` rows may hold the model's steps. Dense models: yes. MoE models: when every
+    MoE layer dispatches with fixed sizes (a graph's padding rows then travel as padding) and, for a CUDA
+    capture, runs its experts as one grouped GEMM (nothing waits for the GPU), with SHARDLM_MOE_GRAPHS=1."""
+    moe = list(runner.moe.values())
+    if not moe:
+        return True
+    if not all(m.fixed_dispatch(tokens) for m in moe):
+        return False
+    return not capture or (envs.moe_graphs() and all(m.grouped for m in moe))
+
+
+@contextmanager
+def padded_tokens(runner: Any, real: torch.Tensor) -> Iterator[None]:
+    """While a graph's forward is built: MoE layers know how many of its rows are real (a device scalar in
+    the graph's input buffer), so padding rows go to no expert and count in no statistic."""
+    for m in runner.moe.values():
+        m.real_tokens = real
+    try:
+        yield
+    finally:
+        for m in runner.moe.values():
+            m.real_tokens = None
 
 
 def capture_all(graphs: DecodeGraphs | StepGraphs) -> dict[str, float]:

@@ -67,11 +67,11 @@ class ModelRunner:
         # decode steps as CUDA graphs (dense models on GPU; see graphs.py); captured once the KV cache exists
         self.graphs = None
         # (on the CPU only the padding is run, eagerly: a testing aid)
-        if cuda_graphs and not self.moe:
+        if cuda_graphs:
             self.graphs = DecodeGraphs(self, max_num_seqs, max_seq_len_to_capture, capture=ctx.device.type == "cuda")
         # steps with prompt chunks as CUDA graphs too, over the attention kernels' varlen tile tables (step_graphs.py)
         self.step_graphs = None
-        if cuda_graphs and not self.moe and self.attention_backend == "triton" and not envs.no_step_graphs():
+        if cuda_graphs and self.attention_backend == "triton" and not envs.no_step_graphs():
             self.step_graphs = StepGraphs(self, max_num_seqs, max_step_tokens, capture=True)
         self.timer = StepTimer(ctx.device)  # step accounting and trace events
 

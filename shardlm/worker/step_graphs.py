@@ -15,7 +15,8 @@ A step of t tokens and n sequences runs at the smallest T >= t with n <= seqs(T)
   over the graph's longest context, a fixed split length: parts past a sequence's context are empty
   and weigh nothing in the combine.
 Steps with more tokens than the largest size (their GPU time far exceeds the host's launch time), or a
-context past `max_context`, run eagerly; so do MoE models and the torch attention path.
+context past `max_context`, run eagerly; so does the torch attention path, and MoE models unless
+graphs.allows says otherwise.
 
 The host fills one int64 buffer per step (`_fill`, one copy): ids, positions, the rows of PREV_TOKENs
 (async scheduling), cache slots, each sampled sequence's last token, the per-sequence starts and query
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from ..common.messages import SeqPlan, StepPlan
+from .graphs import allows, padded_tokens
 from .kernels.paged_attention import (
     BLOCK_N,
     LARGE_M,
@@ -64,7 +66,7 @@ class StepGraphs:
         # up to the first size that holds the step budget (a step never has more tokens), and no size whose
         # tokens its sequence slots cannot hold at the longest context
         sizes = [t for t in MIXED_SIZES if t < max_tokens] + [t for t in MIXED_SIZES if t >= max_tokens][:1]
-        self.sizes = [t for t in sizes if self.seqs(t) * self.max_context >= t]
+        self.sizes = [t for t in sizes if self.seqs(t) * self.max_context >= t and allows(runner, t, capture)]
         self.width = -(-self.max_context // self.block_size)  # block table entries per sequence
         heads = runner.heads
         self.small_q = max(1, SMALL_M // heads.g_pad)  # new tokens a small tile holds
@@ -106,7 +108,7 @@ class StepGraphs:
         s = self.seqs(t)
         small, large = self._tiles(t)
         out, at = {}, 0
-        for name, n in (("ids", t), ("pos", t), ("src", t), ("slots", t), ("last", s), ("starts", s),
+        for name, n in (("ids", t), ("pos", t), ("src", t), ("slots", t), ("real", 1), ("last", s), ("starts", s),
                         ("qstart", s + 1), ("small_seq", small), ("small_q0", small), ("large_seq", large),
                         ("large_q0", large), ("tables", s * self.width)):
             out[name] = at
@@ -150,7 +152,8 @@ class StepGraphs:
             x = runner.resolve_prev(ids, self._field(lay, "src", t))
         else:
             x = ids
-        hidden = self.model(x, self._field(lay, "pos", t), meta)
+        with padded_tokens(runner, self.index[lay["real"]]):
+            hidden = self.model(x, self._field(lay, "pos", t), meta)
         if self.last:
             self.out[:s].copy_(self.model.compute_logits(hidden.index_select(0, self._field(lay, "last", s))))
         else:
@@ -183,6 +186,7 @@ class StepGraphs:
         slots = np.full(t, self.runner.scratch_block * bs, dtype=np.int64)  # padding tokens: the scratch block
         slots[:n_tok] = tables[flat_seq, pos // bs] * bs + pos % bs
         put("slots", slots)
+        put("real", [n_tok])
         put("last", [qstart[i + 1] - 1 for i, s in enumerate(seqs) if s.sample])  # logits rows: sampled ones
         put("starts", starts)
         put("qstart", np.concatenate([qstart, np.full(self.seqs(t) - len(seqs), n_tok)]))

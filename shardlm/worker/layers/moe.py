@@ -111,6 +111,26 @@ class SparseMoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long, device=ctx.device), persistent=False)
         self.rows = torch.zeros((), dtype=torch.long, device=ctx.device)
         self.counts_tokens = self.ep > 1 or ctx.tp_rank == 0  # TP-experts: every rank routes all tokens
+        # a step padded to a graph's size: how many of its tokens are real, a device scalar the graph reads
+        # (set by the model runner around a graph's forward; None in an eager step, whose tokens all are)
+        self.real_tokens: torch.Tensor | None = None
+
+    def fixed_dispatch(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens dispatches without the host reading row counts: TP experts, or
+        EP's fixed-capacity all-to-all (which also carries a graph's padding rows, marked as padding)."""
+        return self.ep == 1 or self.ep * -(-tokens // self.ep) * self.top_k <= self.padded_max_rows
+
+    def graph_safe(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens runs without the host waiting for the GPU, which a CUDA graph
+        needs: the local experts as one grouped GEMM and a fixed dispatch."""
+        return self.grouped and self.fixed_dispatch(tokens)
+
+    def _padding(self, first: int, n: int, device: torch.device) -> torch.Tensor | None:
+        """[n * top_k] True for the routed rows of tokens first .. first + n - 1 that are a graph's padding
+        (None in an eager step): they go to no expert and count in no statistic."""
+        if self.real_tokens is None:
+            return None
+        return (torch.arange(first, first + n, device=device) >= self.real_tokens).repeat_interleave(self.top_k)
 
     # ---- weights ----------------------------------------------------------------------------
     def _expert_names(self, e: int) -> tuple[str, str, str]:
@@ -133,14 +153,19 @@ class SparseMoE(nn.Module):
             self.shared_gate.data.copy_(reader.read(f"{self.prefix}.shared_expert_gate.weight", (1, h), None, 0, 0, dev, dt))
 
     # ---- compute ----------------------------------------------------------------------------
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (float32 weights, expert ids) per token, with Hugging Face's softmax/renormalisation."""
+    def route(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (float32 weights, expert ids) per token, with Hugging Face's softmax/renormalisation. pad:
+        the rows (token x k) that are a graph's padding, left out of the statistics."""
         probs = F.softmax(F.linear(x, self.router).float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.counts_tokens:
-            self.tokens_per_expert += count(ids.reshape(-1), self.num_experts)
+            flat = ids.reshape(-1)
+            if pad is None:
+                self.tokens_per_expert += count(flat, self.num_experts)
+            else:
+                self.tokens_per_expert.scatter_add_(0, flat, (~pad).long())
         return weights, ids
 
     def run_experts(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -174,9 +199,11 @@ class SparseMoE(nn.Module):
         if self.ep > 1:
             out = self._expert_parallel(x)
         else:
-            weights, ids = self.route(x)
+            pad = self._padding(0, T, x.device)
+            weights, ids = self.route(x, pad)
             tok = torch.arange(T, device=x.device).repeat_interleave(k)
-            y = self.run_experts(x[tok], ids.reshape(-1))
+            slot = ids.reshape(-1) if pad is None else ids.reshape(-1).masked_fill(pad, self.num_experts)  # (skipped)
+            y = self.run_experts(x[tok], slot)
             out = torch.zeros(T, self.hidden, dtype=torch.float32, device=x.device)
             out.index_add_(0, tok, y.float() * weights.reshape(-1, 1))
         out = out.to(x.dtype)
@@ -188,11 +215,14 @@ class SparseMoE(nn.Module):
         """This rank's token rows go out to the experts' ranks and come back combined; other rows are 0."""
         T, k, ep, h = x.shape[0], self.top_k, self.ep, self.hidden
         s0, s1 = split_evenly(T, ep)[self.rank]
-        weights, ids = self.route(x[s0:s1])  # [n_tok, k]
+        pad = self._padding(s0, s1 - s0, x.device)
+        weights, ids = self.route(x[s0:s1], pad)  # [n_tok, k]
         flat = ids.reshape(-1)
         copy = choose_copies(flat, self.copy_count, self.rank)
         dest, slot = self.copy_rank[flat, copy], self.copy_slot[flat, copy]
-        order = torch.argsort(dest * self.slots + slot, stable=True)  # by destination rank, then slot
+        if pad is not None:  # a graph's padding rows travel as padding: no expert runs them
+            slot = slot.masked_fill(pad, self.slots)
+        order = torch.argsort(dest * (self.slots + 1) + slot, stable=True)  # by destination rank, then slot
         tok = torch.div(order, k, rounding_mode="floor")
         rows = x[s0:s1][tok]
         capacity = -(-T // ep) * k  # the most rows any rank can send to one peer
