@@ -11,8 +11,8 @@ A graph fixes every shape, so each step is padded to a captured (batch, context)
 - context: the block tables are as wide as the pair's context size (padded with the scratch block). The
   attention kernels read only each sequence's own context; the torch path gathers all of the pair's
   positions and masks out those past a sequence's context.
-A step that prefills, or is larger than every pair, runs eagerly; so does every step of an MoE model
-(the expert dispatch has data-dependent shapes).
+A step larger than every pair runs eagerly, and so does a step with prompt chunks unless a mixed-step
+graph holds it (step_graphs.py). MoE models keep only the pairs `allows` lets through.
 
 All graphs share one memory pool; they never run at once. They read the input buffers below and write
 their result into one output buffer, so nothing but the pool grows with the number of graphs.

@@ -64,7 +64,7 @@ class ModelRunner:
         self.block_tables: dict[int, list[int]] = {}  # seq id -> its KV block table (see _complete_block_tables)
         self.num_blocks = 0
         self.scratch_block = 0  # a KV block past the block manager's: padding rows of a graph step write there
-        # decode steps as CUDA graphs (dense models on GPU; see graphs.py); captured once the KV cache exists
+        # decode steps as CUDA graphs (on GPU; MoE models where graphs.allows); captured once the KV cache exists
         self.graphs = None
         # (on the CPU only the padding is run, eagerly: a testing aid)
         if cuda_graphs:
