@@ -267,7 +267,8 @@ class ModelRunner:
         """[sampled sequences, vocab] float32: the LM head over each sampled sequence's last new token."""
         last = np.cumsum([len(s.tokens) for s in plan.seqs]) - 1  # flat index of each sequence's last token
         rows = [i for i, s in enumerate(plan.seqs) if s.sample]
-        return self.model.compute_logits(hidden[torch.as_tensor(last[rows], device=self.ctx.device)])
+        index = torch.from_numpy(last[rows]).to(self.ctx.device, non_blocking=True)  # (a blocking copy would wait)
+        return self.model.compute_logits(hidden.index_select(0, index))
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> SampleBatch | None:
         """The output rank samples a token for each sequence that asks (the logits' rows, in plan order) and

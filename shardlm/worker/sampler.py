@@ -89,7 +89,7 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if rows:
             picked, finite = self._draw(logits, rows, [seqs[i] for i in rows], errors)
-            index = torch.tensor(rows, device=logits.device)
+            index = _to(logits.device, rows, torch.long)
             tokens.index_copy_(0, index, torch.where(finite, picked, 0))
             ok.index_copy_(0, index, finite)
         chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
@@ -109,10 +109,10 @@ class Sampler:
         goes into `errors`."""
         vocab, dev = logits.shape[1], logits.device
         specs = [s.sampling for s in seqs]
-        scores = logits[rows] / torch.tensor([p.temperature for p in specs], device=dev).unsqueeze(1)
+        scores = logits.index_select(0, _to(dev, rows, torch.long)) / _to(dev, [p.temperature for p in specs]).unsqueeze(1)
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in specs]
         if any(ks):
-            k = torch.tensor(ks, device=dev)
+            k = _to(dev, ks, torch.long)
             kth = torch.topk(scores, max(ks), dim=-1).values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
             kth = torch.where(k.unsqueeze(1) > 0, kth, float("-inf"))
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -121,7 +121,7 @@ class Sampler:
             sorted_probs = torch.softmax(sorted_scores, dim=-1)
             # drop a token once the mass before it already reaches top_p; the top token always stays
             # (a top_p too small for float32 rounds to 0 and would otherwise drop it too)
-            top_p = torch.tensor([p.top_p for p in specs], device=dev).unsqueeze(1)
+            top_p = _to(dev, [p.top_p for p in specs]).unsqueeze(1)
             drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
             drop[:, 0] = False
             scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
@@ -136,6 +136,12 @@ class Sampler:
                     errors[rows[j]] = _failure(p, exc)
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         return (probs / noise).argmax(-1), torch.isfinite(probs).all(-1)
+
+
+def _to(device: torch.device, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A small host list on the device without waiting for the device (torch.tensor(..., device=cuda) copies
+    synchronously, which would wait for the whole forward queued before it)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _failure(p: SamplingSpec, exc: Exception) -> str:
