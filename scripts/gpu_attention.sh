@@ -42,21 +42,12 @@ for stage in $STAGES; do
     bench "b32x8k-triton" --attention-backend triton --batch-sizes 32 --input-len 8192 --output-len 160 --max-model-len 8400 \
       --max-num-batched-tokens 8192 --repeats 1 ;;
   serve)
+    source scripts/serve_lib.sh
     [ -d .wheels ] && python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
     for be in ${BACKENDS:-triton torch}; do
-      port=8111
-      python3 -m shardlm.entrypoints.cli serve $MODEL --attention-backend $be --port $port > "$OUT/serve-$be.log" 2>&1 &
-      pid=$!
-      for _ in $(seq 240); do
-        curl -sf localhost:$port/ready > /dev/null && break
-        kill -0 $pid 2> /dev/null || { echo "server $be died:"; tail -3 "$OUT/serve-$be.log"; continue 2; }
-        sleep 1
-      done
-      timeout 240 python3 -m shardlm.entrypoints.cli bench serve --base-url http://127.0.0.1:$port --model $MODEL \
-        --request-rate 0 --max-concurrency 128 --num-prompts 512 --input-len 512 --output-len 128 --range-ratio 0 \
-        --vocab-size 128000 --json "$OUT/serve-$be.json" > /dev/null 2>&1
-      python3 -c "import json; d=json.load(open('$OUT/serve-$be.json')); print('$be', {k: round(d[k]) for k in ('completed','failed','output_tok_per_s')}, 'TTFT p50/p99', round(d['ttft_ms']['p50']), round(d['ttft_ms']['p99']), 'TPOT p50/p99', round(d['tpot_ms']['p50'],1), round(d['tpot_ms']['p99'],1), 'ITL p50/p99', round(d['itl_ms']['p50'],1), round(d['itl_ms']['p99'],1))"
-      kill -TERM $pid; wait $pid
+      start_server $be 8111 -- $MODEL --attention-backend $be || continue
+      bench_closed_loop $be 8111 $MODEL
+      stop_server
     done ;;
   esac
 done

@@ -8,8 +8,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out}; mkdir -p "$OUT"
 MODEL=random:llama-3-8b
 STAGES=${STAGES:-tests latency serve}
-# sync: the engine without async scheduling (the baseline); async-1024: async with a 1024-token step budget;
-# async-2048; nostep: without the mixed-step graphs (SHARDLM_NO_STEP_GRAPHS=1)
+# sync: the engine without async scheduling (the baseline); async: the defaults; async-1024, async-2048: with
+# that step budget; nostep: without the mixed-step graphs (SHARDLM_NO_STEP_GRAPHS=1)
 variant_flag() { case $1 in sync) echo --no-async-scheduling;; async-1024) echo --max-num-batched-tokens 1024;;
                  async-2048) echo --max-num-batched-tokens 2048;; esac; }
 variant_env() { [ "$1" = nostep ] && echo SHARDLM_NO_STEP_GRAPHS=1 || echo SHARDLM_NO_STEP_GRAPHS=0; }
@@ -30,28 +30,16 @@ if [[ $STAGES == *latency* ]]; then
   done
 fi
 if [[ $STAGES == *serve* ]]; then
+  source scripts/serve_lib.sh
   [ -d .wheels ] && python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus-client httpx 2>&1 | grep -v WARNING | tail -2
+  if [ -n "${PROFILE_SERVER:-}" ]; then  # the server under yappi (scripts/serve_profile.py)
+    python3 -m pip install -q --no-index --find-links .wheels yappi 2>&1 | grep -v WARNING | tail -2
+  fi
   for variant in ${SERVE_VARIANTS:-sync async}; do
-    # async-si: async, the server's GIL switch interval at SWITCH_S (default 5 ms)
-    server=(-m shardlm.entrypoints.cli)
-    [ $variant = async-si ] && server=(-c "import sys, runpy; sys.setswitchinterval(${SWITCH_S:-0.0005}); sys.argv[0] = 'shardlm'; runpy.run_module('shardlm.entrypoints.cli', run_name='__main__')")
-    if [ -n "${PROFILE_SERVER:-}" ]; then  # the server under yappi (scripts/serve_profile.py)
-      python3 -m pip install -q --no-index --find-links .wheels yappi 2>&1 | grep -v WARNING | tail -2
-      python3 scripts/serve_profile.py "$OUT/serve-$variant-profile.txt" serve $MODEL $(variant_flag $variant) --port 8111 \
-        > "$OUT/serve-$variant.log" 2>&1 &
-    else
-      env $(variant_env $variant) python3 "${server[@]}" serve $MODEL $(variant_flag $variant) --port 8111 \
-        > "$OUT/serve-$variant.log" 2>&1 &
-    fi
-    pid=$!
-    t0=$(date +%s)
-    for _ in $(seq 240); do curl -sf localhost:8111/ready > /dev/null && break; sleep 1; done
-    echo "[$variant] ready after $(( $(date +%s) - t0 )) s"
-    timeout 200 python3 -m shardlm.entrypoints.cli bench serve --base-url http://127.0.0.1:8111 --model $MODEL \
-      --request-rate 0 --max-concurrency 128 --num-prompts 512 --input-len 512 --output-len 128 --range-ratio 0 \
-      --vocab-size 128000 --json "$OUT/serve-$variant.json" > "$OUT/bench-$variant.log" 2>&1 || tail -5 "$OUT/bench-$variant.log"
-    python3 -c "import json; d=json.load(open('$OUT/serve-$variant.json')); print('[$variant]', {k: round(d[k]) for k in ('completed','failed','output_tok_per_s')}, 'TTFT p50/p99', round(d['ttft_ms']['p50']), round(d['ttft_ms']['p99']), 'TPOT p50/p99', round(d['tpot_ms']['p50'],1), round(d['tpot_ms']['p99'],1), 'ITL p50/p99', round(d['itl_ms']['p50'],1), round(d['itl_ms']['p99'],1))"
+    [ -n "${PROFILE_SERVER:-}" ] && SERVE_LAUNCHER="python3 scripts/serve_profile.py $OUT/serve-$variant-profile.txt"
+    start_server $variant 8111 $(variant_env $variant) -- $MODEL $(variant_flag $variant) || continue
+    bench_closed_loop $variant 8111 $MODEL
     curl -s localhost:8111/metrics | grep "^shardlm_worker_steps_total" | sed "s/^/[$variant] /"
-    kill -TERM $pid; wait $pid
+    stop_server
   done
 fi

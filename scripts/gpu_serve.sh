@@ -4,17 +4,12 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out}; mkdir -p "$OUT"
+source scripts/serve_lib.sh
 # the GPU image has no web stack: install it from wheels carried along in .wheels/ if present
 [ -d .wheels ] && pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
 for tp in ${TPS:-2 4}; do
   port=$((8100 + tp))
-  python3 -m shardlm.entrypoints.cli serve random:llama-3-8b -tp "$tp" --port $port > "$OUT/serve-tp$tp.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 240); do
-    curl -sf localhost:$port/health > /dev/null && break
-    kill -0 $pid 2> /dev/null || { echo "server tp=$tp died:"; tail -3 "$OUT/serve-tp$tp.log"; continue 2; }
-    sleep 1
-  done
+  start_server tp$tp $port -- random:llama-3-8b -tp "$tp" || continue
   for rate in ${RATES:-2 8}; do
     timeout 240 python3 -m shardlm.entrypoints.cli bench serve --base-url http://127.0.0.1:$port --model random:llama-3-8b \
       --request-rate "$rate" --num-prompts ${NUM:-64} --input-len 512 --output-len 128 --vocab-size 128000 \
@@ -22,5 +17,5 @@ for tp in ${TPS:-2 4}; do
       | python3 -c "import json,sys; d=json.load(sys.stdin); print('tp=$tp rate=$rate', {k: d[k] for k in ('completed','output_tok_per_s')}, 'TTFT', d['ttft_ms'], 'TPOT', d['tpot_ms'])"
   done
   curl -s localhost:$port/metrics | grep -E "^shardlm_(num_preemptions|prefix_cache|generation_tokens)_total" > "$OUT/metrics-tp$tp.txt"
-  kill -TERM $pid; wait $pid; echo "server tp=$tp exit $?"
+  stop_server; echo "server tp=$tp exit $?"
 done
