@@ -16,7 +16,7 @@ variant_env() { [ "$1" = nostep ] && echo SHARDLM_NO_STEP_GRAPHS=1 || echo SHARD
 if [[ $STAGES == *tests* ]]; then
   timeout 300 python3 -m pytest -q -m "gpu or not gpu" tests/test_async_scheduling.py tests/test_sampling.py \
     "tests/test_gpu.py" tests/test_attention_kernels.py tests/test_step_graphs.py \
-    -k "not greedy[2] and (async or sampl or norm or float32_matches_hf or kernel or graph or mixed)" \
+    -k "async or sampl or norm or float32_matches_hf or bf16_tp or kernel or graph or mixed or moe" \
     -p no:cacheprovider --tb=short -rf > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -8
 fi
