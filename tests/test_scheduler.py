@@ -325,3 +325,13 @@ def test_no_self_preemption_while_other_batches_are_in_flight():
     assert batch == [] and sched.num_preemptions == 0 and len(a.blocks) == 2
     batch = sched.schedule()  # b's batch came back: now the newest (b) is preempted for a
     assert [x.seq for x in batch] == [a] and sched.num_preemptions == 1
+
+
+def test_ids_slices_without_joining():
+    from shardlm.engine.sampling_params import SamplingParams
+    from shardlm.engine.sequence import Sequence
+
+    seq = Sequence(0, "r", 0, [1, 2, 3], SamplingParams())
+    seq.output_ids += [4, 5]
+    for start, end in ((0, None), (1, 4), (3, None), (4, 5), (2, 3), (5, None)):
+        assert seq.ids(start, end) == seq.all_ids[start:end]

@@ -136,7 +136,9 @@ class BlockManager:
     def can_grow(self, seq: Sequence, num_tokens: int, prefix: Seq[int] = ()) -> bool:
         """Whether `seq` (after taking the cached `prefix`, if given) can hold `num_tokens` tokens."""
         needed = self.blocks_for(num_tokens) - len(seq.blocks) - len(prefix)
-        reclaimed = sum(1 for b in prefix if self.refcount[b] == 0)  # evictable hits stop being free
+        if needed <= 0:
+            return True
+        reclaimed = sum(1 for b in prefix if self.refcount[b] == 0) if prefix else 0  # evictable hits stop being free
         return needed <= self.num_free_blocks - reclaimed
 
     def _take(self) -> int:

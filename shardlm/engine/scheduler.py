@@ -94,20 +94,13 @@ class Scheduler:
                     out.append(ScheduledSeq(seq, len(seq), [PREV_TOKEN], True))
                     budget -= 1
                 continue
-            while not self.blocks.can_grow(seq, len(seq)):
-                candidates = [s for s in self.running if s.seq_id not in in_flight]
-                victim = max(candidates, key=lambda s: s.seq_id)
-                if victim is seq and any(s.seq_id in in_flight for s in self.running):
-                    break  # batches in flight may free blocks soon: wait rather than drop our own KV
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING or not self.blocks.can_grow(seq, len(seq)):
+            n = len(seq)
+            if not self.blocks.can_grow(seq, n) and not self._make_room(seq, n, in_flight):
                 continue
-            self.blocks.grow(seq, len(seq))
-            seq.num_scheduled = len(seq)
-            out.append(ScheduledSeq(seq, seq.num_computed, seq.all_ids[seq.num_computed:], True))
-            budget -= len(seq) - seq.num_computed
+            self.blocks.grow(seq, n)
+            seq.num_scheduled = n
+            out.append(ScheduledSeq(seq, seq.num_computed, seq.ids(seq.num_computed), True))
+            budget -= n - seq.num_computed
         # 2. prefill waiting sequences in arrival order, chunked to the remaining token budget
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -127,7 +120,7 @@ class Scheduler:
             self.waiting.popleft()
             begin = max(seq.num_computed, seq.num_scheduled)
             seq.num_scheduled = end
-            out.append(ScheduledSeq(seq, begin, seq.all_ids[begin:end], chunk == remaining))
+            out.append(ScheduledSeq(seq, begin, seq.ids(begin, end), chunk == remaining))
             budget -= chunk
             if chunk == remaining:
                 seq.status = SeqStatus.RUNNING
@@ -136,6 +129,19 @@ class Scheduler:
                 self.waiting.appendleft(seq)
                 break
         return out
+
+    def _make_room(self, seq: Sequence, n: int, in_flight: set[int] | frozenset[int]) -> bool:
+        """Preempt the newest running sequences not in flight until `seq` can hold n tokens; whether it can
+        (False if it was preempted itself, or waits for the batches in flight to free blocks)."""
+        while not self.blocks.can_grow(seq, n):
+            candidates = [s for s in self.running if s.seq_id not in in_flight]
+            victim = max(candidates, key=lambda s: s.seq_id)
+            if victim is seq and any(s.seq_id in in_flight for s in self.running):
+                return False  # batches in flight may free blocks soon: wait rather than drop our own KV
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def finish(self, seq: Sequence) -> None:
         seq.status = SeqStatus.FINISHED

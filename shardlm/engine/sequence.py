@@ -70,6 +70,14 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def ids(self, start: int, end: int | None = None) -> list[int]:
+        """all_ids[start:end] without joining the prompt and the output first (a decode step asks for one
+        token of each running sequence)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p: None if end is None else end - p]
+        return self.all_ids[start:end]
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
