@@ -323,10 +323,9 @@ class LLMEngine:
         """(the entries of seq's block table the workers lack, the index they start at): a table grows at its
         end, so once sent only its new blocks travel (a long context's table was most of a step's message);
         a table that changed otherwise (preempted, then given other blocks) goes whole."""
-        sent, blocks = seq.sent_blocks, seq.blocks
-        n = len(sent)
-        start = n if n <= len(blocks) and blocks[:n] == sent else 0
-        seq.sent_blocks = list(blocks)
+        blocks = seq.blocks  # (the block manager appends to a table, or replaces it with a new list)
+        start = seq.sent_len if seq.sent_table is blocks and seq.sent_len <= len(blocks) else 0
+        seq.sent_table, seq.sent_len = blocks, len(blocks)
         return blocks[start:], start
 
     def drain(self) -> None:

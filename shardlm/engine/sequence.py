@@ -38,8 +38,10 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     blocks: list[int] = field(default_factory=list)
-    sent_blocks: list[int] = field(default_factory=list)
-    """the block table the workers hold for this sequence (what the driver last sent)"""
+    sent_table: list[int] | None = None
+    """the block table (the list object) the workers were last sent: a table only grows in place, so its
+    entries past sent_len are the ones they lack; another list is another table (LLMEngine._new_blocks)"""
+    sent_len: int = 0
     num_computed: int = 0
     """tokens whose K/V are in the cache"""
     num_scheduled: int = 0
@@ -62,7 +64,7 @@ class Sequence:
         """Forget the KV cache (its blocks are gone): the sequence waits to prefill prompt + output again
         (on workers that may not know it: a new group after a failure, another replica's)."""
         self.blocks = []
-        self.sent_blocks = []
+        self.sent_table, self.sent_len = None, 0
         self.num_computed = self.num_scheduled = 0
         self.status = SeqStatus.WAITING
 
