@@ -300,15 +300,8 @@ class LLMEngine:
         that a stop token or string ends after all wastes one row of the next step; its token is dropped."""
         if not self.async_scheduling or not self.in_flight:
             return set()
-        ahead = set()
-        for item in self.in_flight[-1]:
-            seq, p = item.seq, item.seq.params
-            if not item.sample or seq.finished:
-                continue
-            if (p.max_tokens is not None and len(seq.output_ids) + 1 >= p.max_tokens) or len(seq) + 1 >= self.max_model_len:
-                continue
-            ahead.add(seq.seq_id)
-        return ahead
+        return {item.seq.seq_id for item in self.in_flight[-1]
+                if item.sample and not item.seq.finished and not self.outputs.ends_by_length(item.seq, coming=1)}
 
     def _plan(self, batch: list[ScheduledSeq], finished: list[int]) -> StepPlan:
         seqs = []

@@ -33,13 +33,17 @@ class OutputProcessor:
             finish = ("stop", token)
         elif p.stop and new and (hit := self._find_stop(seq, len(new))):
             return ("stop", hit)  # the text ends before the stop string; nothing after it is given out
-        elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
-            finish = ("length", None)
-        elif len(seq) >= self.max_model_len:
+        elif self.ends_by_length(seq):
             finish = ("length", None)
         if finish:  # a character still cut between tokens is given out as it is
             seq.text += decode_next(tok, seq.output_ids, seq.detok, p.skip_special_tokens, flush=True)
         return finish
+
+    def ends_by_length(self, seq: Sequence, coming: int = 0) -> bool:
+        """Whether `seq` ends by length (max_tokens or max_model_len) once `coming` more tokens are added."""
+        p = seq.params
+        return ((p.max_tokens is not None and len(seq.output_ids) + coming >= p.max_tokens)
+                or len(seq) + coming >= self.max_model_len)
 
     @staticmethod
     def _find_stop(seq: Sequence, new_chars: int) -> str | None:

@@ -87,14 +87,14 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.seq_id):
             if seq.status is not SeqStatus.RUNNING or budget <= 0 or len(out) >= cap:
                 continue
+            n = len(seq)
             if seq.seq_id in in_flight:
-                if seq.seq_id in ahead and self.blocks.can_grow(seq, len(seq) + 1):
-                    self.blocks.grow(seq, len(seq) + 1)
-                    seq.num_scheduled = len(seq) + 1
-                    out.append(ScheduledSeq(seq, len(seq), [PREV_TOKEN], True))
+                if seq.seq_id in ahead and self.blocks.can_grow(seq, n + 1):
+                    self.blocks.grow(seq, n + 1)
+                    seq.num_scheduled = n + 1
+                    out.append(ScheduledSeq(seq, n, [PREV_TOKEN], True))
                     budget -= 1
                 continue
-            n = len(seq)
             if not self.blocks.can_grow(seq, n) and not self._make_room(seq, n, in_flight):
                 continue
             self.blocks.grow(seq, n)

@@ -71,8 +71,7 @@ class ParallelContext:
 
     def broadcast_from_output_rank(self, x: torch.Tensor) -> None:
         """Copy the output rank's x into x on every rank of this (last-stage) TP group, in place."""
-        c = self.layout.coord(self.rank)
-        dist.broadcast(x, self.layout.rank(c.dp, c.pp, 0), group=self.tp_group)
+        dist.broadcast(x, self.layout.output_ranks()[self.layout.coord(self.rank).dp], group=self.tp_group)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the TP group in place (no-op at tp == 1)."""

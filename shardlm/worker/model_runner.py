@@ -115,7 +115,7 @@ class ModelRunner:
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         # the decode graphs keep a memory pool of their own: capture them once over this temporary cache to
         # measure it (the cache's size is not known before; the real graphs are captured over the real one)
-        graph_bytes = sum(capture_all(g)["graph_pool_bytes"] for g in (self.graphs, self.step_graphs) if g is not None)
+        graph_bytes = sum(capture_all(g)["graph_pool_bytes"] for g in self._graph_sets())
         self.free_kv()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
@@ -142,16 +142,18 @@ class ModelRunner:
             a = self.model.attention_layers()[0]
             warm_up(self.heads, a.k_cache, a.v_cache, self.block_size, self.attn_workspace, self.dtype)
         totals = {"graphs": 0, "capture_s": 0.0, "graph_pool_bytes": 0}
-        for g in (self.graphs, self.step_graphs):
-            if g is not None:
-                for k, v in capture_all(g).items():
-                    totals[k] += v
+        for g in self._graph_sets():
+            for k, v in capture_all(g).items():
+                totals[k] += v
         return totals
 
+    def _graph_sets(self) -> list[DecodeGraphs | StepGraphs]:
+        """The decode graphs and the mixed-step graphs, those this rank has."""
+        return [g for g in (self.graphs, self.step_graphs) if g is not None]
+
     def free_kv(self) -> None:
-        for g in (self.graphs, self.step_graphs):
-            if g is not None:
-                reset(g)
+        for g in self._graph_sets():
+            reset(g)
         for a in self.model.attention_layers():
             a.k_cache = a.v_cache = None
         self.num_blocks = 0

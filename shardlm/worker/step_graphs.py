@@ -41,6 +41,8 @@ from .kernels.paged_attention import (
     SPLIT_ROWS,
     AttentionMetadata,
     Launch,
+    split_parts,
+    tile_tables,
 )
 
 MIXED_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -96,12 +98,7 @@ class StepGraphs:
     def _splits(self, t: int) -> tuple[int, int]:
         """(parts, positions per part) of the small tiles' split-KV at t tokens, over the longest context."""
         c = self.max_context
-        splits = min(MAX_SPLITS, SPLIT_ROWS // t, -(-c // (8 * BLOCK_N)))
-        if splits < 2:
-            return 1, 0
-        per_part = -(-c // splits)
-        split_len = -(-per_part // BLOCK_N) * BLOCK_N
-        return -(-c // split_len), split_len
+        return split_parts(c, min(MAX_SPLITS, SPLIT_ROWS // t, -(-c // (8 * BLOCK_N))), BLOCK_N)
 
     def _layout(self, t: int) -> dict[str, int]:
         """Offsets of the buffer's fields at t tokens (each int32 field converted inside the graph)."""
@@ -192,14 +189,12 @@ class StepGraphs:
         put("qstart", np.concatenate([qstart, np.full(self.seqs(t) - len(seqs), n_tok)]))
         small, large = self._tiles(t)
         is_small = q_lens <= self.small_q
-        host[lay["small_seq"]: lay["small_seq"] + small] = -1
-        put("small_seq", np.flatnonzero(is_small))
-        big = np.flatnonzero(~is_small)
-        counts = -(-q_lens[big] // self.large_q)
-        host[lay["large_seq"]: lay["large_seq"] + large] = -1
-        put("large_seq", np.repeat(big, counts))
-        first_tile = np.cumsum(counts) - counts
-        put("large_q0", (np.arange(counts.sum()) - np.repeat(first_tile, counts)) * self.large_q)
+        for name, seqs_of, block_q, cap in (("small", np.flatnonzero(is_small), self.small_q, small),
+                                            ("large", np.flatnonzero(~is_small), self.large_q, large)):
+            host[lay[f"{name}_seq"]: lay[f"{name}_seq"] + cap] = -1  # unused tiles
+            tile_seq, tile_q0 = tile_tables(q_lens, seqs_of, block_q)  # the eager step's tables
+            put(f"{name}_seq", tile_seq)
+            put(f"{name}_q0", tile_q0)
         self.index[: host.size].copy_(torch.from_numpy(host), non_blocking=True)
 
     def run(self, t: int, plan: StepPlan, x: torch.Tensor | None) -> torch.Tensor:

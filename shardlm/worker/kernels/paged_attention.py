@@ -181,7 +181,7 @@ def _pad4(a: np.ndarray, fill: int) -> np.ndarray:
     return np.concatenate([a, np.full(-len(a) % 4, fill, dtype=a.dtype)])
 
 
-def _tiles(q_lens: np.ndarray, seqs: np.ndarray, block_q: int) -> tuple[np.ndarray, np.ndarray]:
+def tile_tables(q_lens: np.ndarray, seqs: np.ndarray, block_q: int) -> tuple[np.ndarray, np.ndarray]:
     """(sequence, first new token) of each tile: a sequence's new tokens in tiles of block_q, padded to a
     multiple of 4 tiles with unused ones (sequence -1)."""
     counts = -(-q_lens[seqs] // block_q)
@@ -200,7 +200,12 @@ def split_plan(tiles: int, tokens: int, n_kv: int, max_ctx: int, block_n: int, s
     most = min(MAX_SPLITS, SPLIT_ROWS // tokens)  # the workspace's rows
     if most < 2 or programs >= sms or max_ctx < 2 * block_n:
         return 1, 0
-    splits = min(most, -(-4 * sms // programs), -(-max_ctx // (8 * block_n)))
+    return split_parts(max_ctx, min(most, -(-4 * sms // programs), -(-max_ctx // (8 * block_n))), block_n)
+
+
+def split_parts(max_ctx: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(parts, positions per part) to cut contexts of up to max_ctx positions into about `splits` parts of a
+    whole number of key blocks ((1, 0): no split)."""
     if splits < 2:
         return 1, 0
     split_len = -(-max_ctx // splits)
@@ -221,7 +226,7 @@ def plan_launches(q_lens: list[int], g_pad: int, max_ctx: int, n_kv: int, device
                                               (large, large_q, max(LARGE_M, g_pad), False)):
         if seqs.size == 0:
             continue
-        tile_seq, tile_q0 = _tiles(q, seqs, block_q)
+        tile_seq, tile_q0 = tile_tables(q, seqs, block_q)
         splits, split_len = (1, 0)
         if may_split:  # (the partials are indexed by the token's place in the whole step)
             splits, split_len = split_plan(int((tile_seq >= 0).sum()), int(q.sum()), n_kv, max_ctx, BLOCK_N, sms)
