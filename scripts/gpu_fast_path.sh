@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 16 on a GPU host (device tool): async scheduling against the synchronous engine in the same call
-# (--no-async-scheduling), random:llama-3-8b, 1 x H200. STAGES picks what runs: tests latency serve.
-# Results under $OUT (tarred by the caller).
+# (--no-async-scheduling), random:llama-3-8b, 1 x H200. STAGES picks what runs: tests latency serve moe.
+# LATENCY_VARIANTS: sync, async, base (the defaults on the engine in .baseline/, a `git archive` of an earlier
+# commit that the caller carries: the previous engine run in the same call). Results under $OUT.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-out}; mkdir -p "$OUT"
-MODEL=random:llama-3-8b
+OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
+MODEL=${MODEL:-random:llama-3-8b}
 STAGES=${STAGES:-tests latency serve}
 # sync: the engine without async scheduling (the baseline); async: the defaults; async-1024, async-2048: with
 # that step budget; nostep: without the mixed-step graphs (SHARDLM_NO_STEP_GRAPHS=1)
@@ -21,10 +22,11 @@ if [[ $STAGES == *tests* ]]; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -8
 fi
 if [[ $STAGES == *latency* ]]; then
-  for variant in sync async; do
-    timeout 220 python3 -m shardlm.entrypoints.cli bench latency $(variant_flag $variant) \
-      $([ $variant = async ] && echo --profile-step) \
-      --model $MODEL --batch-sizes 1,16,64 --input-len 128 --output-len 128 --repeats 2 --json "$OUT/latency-$variant.json" \
+  for variant in ${LATENCY_VARIANTS:-sync async}; do
+    dir=$PWD; [ $variant = base ] && dir=$PWD/.baseline  # (python -m imports from the working directory first)
+    (cd "$dir" && PYTHONPATH=$dir timeout 220 python3 -m shardlm.entrypoints.cli bench latency $(variant_flag $variant) \
+      $([ $variant != sync ] && echo --profile-step) \
+      --model $MODEL --batch-sizes 1,16,64 --input-len 128 --output-len 128 --repeats 2 --json "$OUT/latency-$variant.json") \
       > "$OUT/latency-$variant.log" 2>&1
     grep -E "^ +[0-9]+ " "$OUT/latency-$variant.log" | sed "s/^/[$variant] /" || tail -3 "$OUT/latency-$variant.log"
   done
@@ -41,5 +43,13 @@ if [[ $STAGES == *serve* ]]; then
     bench_closed_loop $variant 8111 $MODEL
     curl -s localhost:8111/metrics | grep "^shardlm_worker_steps_total" | sed "s/^/[$variant] /"
     stop_server
+  done
+fi
+if [[ $STAGES == *moe* ]]; then  # MoE steps as graphs (SHARDLM_MOE_GRAPHS=1) against eager MoE steps
+  for graphs in 0 1; do
+    SHARDLM_MOE_GRAPHS=$graphs timeout 300 python3 -m shardlm.entrypoints.cli bench latency --model random:mixtral-8x7b \
+      --batch-sizes 1,16,64 --input-len 128 --output-len 64 --profile-step --json "$OUT/mixtral-graphs$graphs.json" \
+      > "$OUT/mixtral-graphs$graphs.log" 2>&1
+    grep -E "^ +[0-9]+ " "$OUT/mixtral-graphs$graphs.log" | sed "s/^/[moe graphs=$graphs] /" || tail -3 "$OUT/mixtral-graphs$graphs.log"
   done
 fi

@@ -160,3 +160,18 @@ def test_tokens_stay_on_the_device_until_asked():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
     batch = Sampler(torch.device("cpu")).sample(logits, [seq(0, temperature=0), seq(1, temperature=0)])
     assert batch.tokens.tolist() == [1, 0] and batch.ready()
+
+
+@pytest.mark.parametrize("vocab", [50, 49152, 128256, 151936, 50261])
+def test_two_stage_reductions_equal_torch(vocab):
+    """the sampler's argmax / logsumexp in parts (fast on a GPU at small batch) give torch's answer, ties and
+    NaN included; 50261 (a prime) takes the one-part path"""
+    from shardlm.worker.sampler import _argmax, _logsumexp, _parts
+    torch.manual_seed(vocab)
+    x = torch.randn(5, vocab)
+    x[1, 7] = x[1, vocab - 3] = x[1].max() + 1  # a tie: the first one wins
+    x[2, vocab // 2] = float("nan")
+    x[3] = 0.0  # every entry equal
+    assert _argmax(x).tolist() == x.argmax(-1).tolist() == [x[0].argmax(), 7, vocab // 2, 0, x[4].argmax()]
+    torch.testing.assert_close(_logsumexp(x), torch.logsumexp(x, -1), equal_nan=True)
+    assert (_parts(vocab) > 1) == (vocab in (49152, 128256, 151936))  # 50 and 50261: one part
