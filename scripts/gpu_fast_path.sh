@@ -45,9 +45,9 @@ if [[ $STAGES == *serve* ]]; then
     stop_server
   done
 fi
-if [[ $STAGES == *moe* ]]; then  # MoE steps as graphs (SHARDLM_MOE_GRAPHS=1) against eager MoE steps
+if [[ $STAGES == *moe* ]]; then  # MoE steps as graphs against eager MoE steps
   for graphs in 0 1; do
-    SHARDLM_MOE_GRAPHS=$graphs timeout 300 python3 -m shardlm.entrypoints.cli bench latency --model random:mixtral-8x7b \
+    SHARDLM_NO_MOE_GRAPHS=$((1 - graphs)) timeout 300 python3 -m shardlm.entrypoints.cli bench latency --model random:mixtral-8x7b \
       --batch-sizes 1,16,64 --input-len 128 --output-len 64 --profile-step --json "$OUT/mixtral-graphs$graphs.json" \
       > "$OUT/mixtral-graphs$graphs.log" 2>&1
     grep -E "^ +[0-9]+ " "$OUT/mixtral-graphs$graphs.log" | sed "s/^/[moe graphs=$graphs] /" || tail -3 "$OUT/mixtral-graphs$graphs.log"

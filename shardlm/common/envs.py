@@ -10,7 +10,7 @@ processes) inherit the driver's environment.
 | SHARDLM_CUDNN_SDPA | worker | 1: let torch pick cuDNN attention (off: it re-plans on every new shape) |
 | SHARDLM_GPU_WORKER_THREADS | worker | torch intra-op threads of a GPU worker (default 1; 0: torch's default) |
 | SHARDLM_UNFUSED | worker | 1: with the Triton attention kernels, keep the residual add + RMSNorm and SiLU x up on their unfused torch ops (measuring the fusions) |
-| SHARDLM_MOE_GRAPHS | worker | 1: MoE models' steps replay CUDA graphs too (where every MoE layer runs its experts as one grouped GEMM and dispatches with fixed sizes); off until validated on a GPU |
+| SHARDLM_NO_MOE_GRAPHS | worker | 1: MoE models' steps run eagerly (no CUDA graphs for them; measuring the graphs) |
 | SHARDLM_NO_STEP_GRAPHS | worker | 1: steps with prompt chunks run eagerly (no mixed-step CUDA graphs; measuring them) |
 | SHARDLM_CTX_BUCKET | worker | eager attention pads the gathered context to a multiple of this (default 1: none) |
 | SHARDLM_EP_PADDED_MAX_ROWS | worker | expert parallelism: all-to-all of at most this many rows uses padded fixed-size buffers (default 1024; 0: always exact splits) |
@@ -72,9 +72,9 @@ def unfused() -> bool:
     return _flag("SHARDLM_UNFUSED")
 
 
-def moe_graphs() -> bool:
-    """SHARDLM_MOE_GRAPHS=1."""
-    return _flag("SHARDLM_MOE_GRAPHS")
+def no_moe_graphs() -> bool:
+    """SHARDLM_NO_MOE_GRAPHS=1."""
+    return _flag("SHARDLM_NO_MOE_GRAPHS")
 
 
 def no_step_graphs() -> bool:

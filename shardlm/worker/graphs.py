@@ -155,13 +155,13 @@ class DecodeGraphs:
 def allows(runner: Any, tokens: int, capture: bool) -> bool:
     """Whether a graph of `tokens` rows may hold the model's steps. Dense models: yes. MoE models: when every
     MoE layer dispatches with fixed sizes (a graph's padding rows then travel as padding) and, for a CUDA
-    capture, runs its experts as one grouped GEMM (nothing waits for the GPU), with SHARDLM_MOE_GRAPHS=1."""
+    capture, runs its experts as one grouped GEMM (nothing waits for the GPU); SHARDLM_NO_MOE_GRAPHS=1 says no."""
     moe = list(runner.moe.values())
     if not moe:
         return True
     if not all(m.fixed_dispatch(tokens) for m in moe):
         return False
-    return not capture or (envs.moe_graphs() and all(m.grouped for m in moe))
+    return not capture or (not envs.no_moe_graphs() and all(m.grouped for m in moe))
 
 
 @contextmanager
@@ -190,6 +190,7 @@ def capture_all(graphs: DecodeGraphs | StepGraphs) -> dict[str, float]:
     graphs.pool = torch.cuda.graph_pool_handle()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_reserved(dev)
+    saved = graphs.runner.save_expert_stats()  # the warm-up runs route dummy tokens: not in the statistics
     try:
         with torch.inference_mode():
             for shape in order:
@@ -207,6 +208,8 @@ def capture_all(graphs: DecodeGraphs | StepGraphs) -> dict[str, float]:
         reset(graphs)
         # a ValueError reaches the user as the message alone, naming what to change
         raise ValueError(f"{graphs._out_of_memory(shape)} ({str(exc).splitlines()[0]})") from exc
+    finally:
+        graphs.runner.restore_expert_stats(saved)
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs' pool stays
     return {"graphs": len(graphs.graphs), "capture_s": time.perf_counter() - t0,

@@ -311,6 +311,7 @@ class ModelRunner:
         counts, steps = saved
         for i, m in self.moe.items():
             m.tokens_per_expert.copy_(counts[i])
+            m.rows.zero_()  # (rows of forwards not counted as a step yet: those being undone)
         while len(self.step_rows) > steps:
             self.step_rows.pop()
 
