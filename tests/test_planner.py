@@ -261,6 +261,23 @@ def test_profile_replaces_datasheet_numbers(l70):
     assert tp4[1].tpot_ms_b1 - tp4[0].tpot_ms_b1 == pytest.approx(161 * 28.7e-3, rel=0.1)
 
 
+def test_a_group_runs_at_its_slowest_gpus_pace(l70):
+    """the probe's per-GPU GEMV rates: a TP group holding the slow GPU 1 takes its GPU time at GPU 1's pace
+    (GPU 0's numbers scaled by 3845 / 1610); groups without it, and profiles without the field, as before"""
+    cl = make_cluster("h100-80gb", 4)
+    plain = CostModel(l70, cl, load_profile(PROFILE))
+    slow = CostModel(l70, cl, load_profile({**PROFILE, "gpu_gemv_gbps": {"0": 3845, "1": 1610, "2": 3845,
+                                                                         "3": 3900}}))
+    ratio = 3845 / 1610
+    assert slow.profile.slowdown([0, 1]) == pytest.approx(ratio) and slow.profile.slowdown([2, 3]) == 1.0
+    assert plain.profile.slowdown([0, 1]) == 1.0
+    for tp in (2, 4):
+        lay = ParallelLayout(tp=tp)
+        sh = stage_shards(l70, lay)[0]
+        a, b = (cm.stage_pass(lay, sh, 1, 1024, prefill=False) for cm in (plain, slow))
+        assert b.compute_s == pytest.approx(a.compute_s * ratio) and b.comm_s == a.comm_s
+
+
 # -- recommendations follow the hardware -------------------------------------------------------------
 
 def test_nvlink_prefers_tp_inside_the_node(l70):
@@ -366,6 +383,9 @@ def test_no_layout_fits_names_the_smallest_gpu_count():
     ({"allreduce": {"4": []}}, "allreduce.4"),
     ({"send_recv": [[0, 5.0]]}, "send_recv[0][0]"),
     ({"version": 2}, "version"),
+    ({"gpu_gemv_gbps": {"one": 3000}}, "gpu_gemv_gbps.one"),
+    ({"gpu_gemv_gbps": {"1": 0}}, "gpu_gemv_gbps.1"),
+    ({"gpu_gemv_gbps": []}, "gpu_gemv_gbps"),
 ])
 def test_malformed_profile_names_the_field(patch, field):
     with pytest.raises(PlanError, match=re.escape(f"field '{field}'")):

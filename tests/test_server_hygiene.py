@@ -209,6 +209,7 @@ class ScriptedEngine:
         self.engine = SimpleNamespace(tokenizer=tokenizer or ByteTokenizer(512, [2]), max_model_len=64,
                                       validate_prompt=lambda ids: None)
         self.healthy = self.serving = self.ready = True
+        self.replicas = []
         self.max_waiting_requests, self.on_step, self.stall_s = LIMIT, None, 60.0
         self.script, self.started, self.closed = script, asyncio.Event(), asyncio.Event()
 

@@ -16,6 +16,7 @@ processes) inherit the driver's environment.
 | SHARDLM_EP_PADDED_MAX_ROWS | worker | expert parallelism: all-to-all of at most this many rows uses padded fixed-size buffers (default 1024; 0: always exact splits) |
 | SHARDLM_PADDED_DECODE_ON_CPU | worker | testing aid: run the CUDA graphs' padded decode steps eagerly on the CPU |
 | SHARDLM_CPROFILE_STEPS | worker | debugging aid: N > 0 prints a cProfile of rank 0's steps 10 .. 10 + N to stderr |
+| SHARDLM_SLOW_RANK | worker | testing aid: `R:F` makes rank R's start-up GEMV (the straggler check) run F times per timed call, as a device F times slower would |
 | SHARDLM_FAULT_INJECT | worker | testing aid: `rank=R,step=N,point=P,action=A` makes rank R kill (A=kill: SIGKILL) or stop (A=stall: SIGSTOP) itself in its N-th step (counting the step plans it received, from 1) at point P: `step` (before the step runs), `stage_send` (before sending activations to the next pipeline stage) or `all_to_all` (before an expert-parallel MoE dispatch). The driver passes it only to the first worker group it spawns in a run (worker/faults.py) |
 """
 
@@ -70,6 +71,21 @@ def cudnn_sdpa() -> bool:
 def unfused() -> bool:
     """SHARDLM_UNFUSED=1."""
     return _flag("SHARDLM_UNFUSED")
+
+
+def slowdown(rank: int) -> int:
+    """SHARDLM_SLOW_RANK=R:F: F for rank R, else 1."""
+    raw = os.environ.get("SHARDLM_SLOW_RANK", "")
+    if not raw:
+        return 1
+    r, sep, f = raw.partition(":")
+    try:
+        slow_rank, factor = int(r), int(f)
+    except ValueError:
+        slow_rank, factor = -1, 0
+    if not sep or slow_rank < 0 or factor < 1:
+        raise ValueError(f"SHARDLM_SLOW_RANK={raw!r} must be RANK:FACTOR, two integers (rank >= 0, factor >= 1)")
+    return factor if rank == slow_rank else 1
 
 
 def no_moe_graphs() -> bool:

@@ -261,6 +261,13 @@ class WorkerReady(Message):
     """memory in use before the KV cache: weights, CUDA context, NCCL buffers, other processes"""
     attention_backend: str = "torch"
     """the attention path the worker runs ('triton' or 'torch')"""
+    gemv_gbps: float = 0.0
+    """weight read rate of the start-up GEMV, the same on every rank (the straggler check)"""
+    gpu_index: int | None = None
+    """the rank's GPU as nvidia-smi numbers it (None on the CPU)"""
+    device_name: str = ""
+    bus_id: str = ""
+    """the GPU's PCI bus id ("" on the CPU)"""
 
 
 # ---- commands (driver -> every worker) -------------------------------------------------------------

@@ -38,6 +38,7 @@ from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestMetrics, RequestOutput, Sequence
 from .stats import EngineStats, expert_report, write_trace
+from .stragglers import check_workers
 from .tokenizer import load_tokenizer
 
 
@@ -154,6 +155,7 @@ class LLMEngine:
             self.executor.kill()
             raise
         self.attention_backend = self.executor.ready[0].attention_backend  # what auto became
+        self.rank_checks = check_workers(self.executor.ready)  # names a rank slower than its peers
         # decode steps replay CUDA graphs (rank 0's count; none on CPU, with enforce_eager, or for MoE models)
         self.cuda_graphs = graphs.get("graphs", 0) > 0
         self.graph_capture = {k: graphs[k] for k in ("graphs", "capture_s", "graph_pool_bytes") if k in graphs}
@@ -451,7 +453,7 @@ class LLMEngine:
     def write_trace(self, path: str) -> None:
         """Chrome/Perfetto trace of every rank's steps: one process track per rank."""
         write_trace(path, self._call(Stats(events=True)),
-                    {"model": self.source.name, "layout": str(self.layout)})
+                    {"model": self.source.name, "layout": str(self.layout)}, self.rank_checks)
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         executor = getattr(self, "executor", None)

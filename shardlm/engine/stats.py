@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .stragglers import RankCheck
 
 
 @dataclass(frozen=True)
@@ -68,17 +71,24 @@ def expert_report(stats: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "mean_imbalance": sum(imbalance) / len(imbalance) if imbalance else 1.0}
 
 
-def write_trace(path: str, stats: dict[int, dict[str, Any]], other: dict[str, Any]) -> None:
+def write_trace(path: str, stats: dict[int, dict[str, Any]], other: dict[str, Any],
+                checks: list[RankCheck] = ()) -> None:
     """Chrome/Perfetto trace of every rank's recorded steps (stats replies with events): one process
-    track per rank, one thread track per category (compute, communication, idle)."""
+    track per rank, one thread track per category (compute, communication, idle). A rank's track names
+    its start-up GEMV rate, and a straggler says so (engine/stragglers.py)."""
     events = []
+    by_rank = {c.rank: c for c in checks}
     for rank, st in sorted(stats.items()):
-        events.append({"name": "process_name", "ph": "M", "pid": rank,
-                       "args": {"name": f"rank {rank} (pp stage {st['pp']}, tp {st['tp']})"}})
+        name = f"rank {rank} (pp stage {st['pp']}, tp {st['tp']})"
+        if rank in by_rank:
+            c = by_rank[rank]
+            name += f" GEMV {c.gemv_gbps:,.0f} GB/s" + (f", STRAGGLER ({c.slowdown:.2f}x its peers)" if c.straggler else "")
+        events.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": name}})
         events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}})
         for name, cat, start, end in st.get("events", []):
             events.append({"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": cat,
                            "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6})
-    other = dict(other, idle_fraction={r: st["idle_fraction"] for r, st in stats.items()})
+    other = dict(other, idle_fraction={r: st["idle_fraction"] for r, st in stats.items()},
+                 gemv_gbps={c.rank: c.gemv_gbps for c in checks}, stragglers=[c.rank for c in checks if c.straggler])
     with open(path, "w") as f:
         json.dump({"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}, f)

@@ -15,6 +15,7 @@ from ..common.config import check_output_path
 from ..engine.arg_utils import EngineArgs
 from ..engine.kv_cache import token_budget
 from ..engine.sampling_params import SamplingParams
+from ..engine.stragglers import slowest_rank
 from .llm import LLM
 
 
@@ -80,6 +81,9 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
     out["graph_steps"] = min(st["graph_steps"] for st in stats.values())  # of the steps, replayed as CUDA graphs
     if profile is not None:
         out["profile_decode_step"] = profile
+        slowest = slowest_rank(profile)
+        if slowest is not None:
+            out["slowest_rank"] = slowest
     return out
 
 
@@ -194,7 +198,9 @@ def run_bench(args, engine_args: EngineArgs) -> int:
                 "pipeline_parallel_size": llm.engine.layout.pp, "expert_parallel_size": llm.engine.layout.ep,
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "cuda_graphs": llm.engine.cuda_graphs,
                 "attention_backend": llm.engine.attention_backend, "async_scheduling": llm.engine.async_scheduling,
-                "graph_capture": llm.engine.graph_capture, "results": results}
+                "graph_capture": llm.engine.graph_capture,
+                "gemv_gbps_by_rank": {c.rank: c.gemv_gbps for c in llm.engine.rank_checks},
+                "stragglers": [c.rank for c in llm.engine.rank_checks if c.straggler], "results": results}
     print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'exec ms':>8} "
           f"{'tok/s':>8} {'idle':>5}")
     for r in results:
@@ -206,6 +212,10 @@ def run_bench(args, engine_args: EngineArgs) -> int:
             print("      decode step GPU time by rank (us): " + "; ".join(
                 f"rank {k}: " + ", ".join(f"{n[:-3]} {v:.0f}" for n, v in p.items() if n.endswith("_us") and n != "rank")
                 for k, p in sorted(prof.items())))
+            if "slowest_rank" in r:
+                s = r["slowest_rank"]
+                print(f"      slowest rank in that step: rank {s['rank']}, its kernels {s['kernels_us']:.0f} us against "
+                      f"{s['peers_median_us']:.0f} us on the others (median), {s['ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(meta, f, indent=2)

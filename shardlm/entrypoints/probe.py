@@ -114,7 +114,8 @@ def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: 
                     _host_times(llm, measure and i == 0, seed=r))
     times = {layers: tuple(statistics.median(x[k] for x in got) for k in range(3)) for layers, got in samples.items()}
     return times, measured, {"cuda_graphs": llms[0].engine.cuda_graphs,
-                             "attention_backend": llms[0].engine.attention_backend}
+                             "attention_backend": llms[0].engine.attention_backend,
+                             "rank_checks": llms[0].engine.rank_checks}
 
 
 def _model_to_time(model: str, device: str) -> tuple[ModelSource, dict[str, Any]]:
@@ -159,7 +160,17 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
     for n in _group_sizes(device, max_group):
         log(f"probe: group of {n} ...")
         times, measured, engine = _depth_times(n, device, list(PROBE_MODELS), measure=True)
+        checks = engine.pop("rank_checks")
         profile["engine"].update(engine)
+        for c in checks:  # each GPU's start-up GEMV (the largest group's, measured last, stands)
+            if c.gpu_index is not None:
+                profile.setdefault("gpu_gemv_gbps", {})[str(c.gpu_index)] = c.gemv_gbps
+        if n > 1 and any(c.gpu_index is not None for c in checks):
+            profile["stragglers"] = [c.gpu_index for c in checks if c.straggler]
+            for c in checks:
+                if c.straggler:
+                    log(f"probe: {c.where()} is a straggler: GEMV {c.gemv_gbps:,.0f} GB/s against "
+                        f"{c.peers_gbps:,.0f} on the other GPUs; the planner paces groups that hold it by it")
         # the same engine at two depths: a step grows by each added layer's floor (tiny layers: the host
         # launching their kernels, or with CUDA graphs the replayed kernels themselves); the intercept is
         # the step's own overhead. Prefill steps run eagerly: their line is fitted on its own.

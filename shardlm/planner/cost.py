@@ -557,6 +557,8 @@ class CostModel:
         if not prefill:
             tokens, context, graphed = self.decode_shape(tokens, context)
         work = self._work(layout, sh, tokens, context, prefill, prompts, graphed)
+        # a group runs at its slowest GPU's pace (the profile's straggler check; ranks are GPUs on one host)
+        slow = self.profile.slowdown(layout.tp_groups()[sh.stage]) if self.profile is not None else 1.0
         nbytes = sum(w.count * w.nbytes for w in work)
         act = sum(w.count * w.act_bytes for w in work)
         flops = sum(w.count * w.flops for w in work)
@@ -564,7 +566,7 @@ class CostModel:
         if not self.host_calibrated:
             compute = max(nbytes / self.hbm_bps, flops / self.flops_ps,
                           sh.n_layers * self.eff.layer_floor_us * 1e-6) + act / self.hbm_bps
-            return StepCost(compute, comm, nbytes, flops, act_bytes=act)
+            return StepCost(compute * slow, comm, nbytes, flops, act_bytes=act)
         # a profile of an eager engine measured its decode floor eagerly; one with graphs, the graph floor
         graph_floor = graphed and self.profile.cuda_graphs is not False
         calibrated = self.calibrated(layout.tp, prefill, graphed)
@@ -587,7 +589,7 @@ class CostModel:
                     compute += w.count * floor
                 else:
                     host += w.count * max(0.0, floor - gpu - w.comm_s)
-        return StepCost(compute, comm, nbytes, flops, host, act)
+        return StepCost(compute * slow, comm, nbytes, flops, host, act)
 
     def transfer(self, layout: ParallelLayout, tokens: float) -> float:
         """Slowest activation hand-off between consecutive stages (tokens x h in bf16)."""

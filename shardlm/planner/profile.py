@@ -28,6 +28,12 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
       "gemv": [[bytes, us], ...],           optional: one [1, in] x [in, out] bf16 GEMM in a CUDA graph
                                             per weight bytes, sizes ascending: decode steps read weights
                                             at the largest point's rate (past the L2 cache; cost.py)
+      "gpu_gemv_gbps": {"0": 3845, "1": 1610},
+                                            optional: each GPU's start-up GEMV rate (the straggler check,
+                                            GPU index -> GB/s); a group's GEMMs run at its slowest GPU's
+                                            pace: the planner scales a stage's GPU time by GPU 0's rate
+                                            (what the numbers above measured) over the group's slowest
+      "stragglers": [1],                    optional, informational: the GPUs the check named
       "step_overhead_us": {"1": 4100, "2": 5200, "4": 7300},
                                             optional: host time of one engine step (batch-1 decode)
                                             outside the decoder layers, per TP group size (key >= 1),
@@ -271,8 +277,17 @@ class Profile:
     profile that does not say was measured with)."""
     model_layers: ModelLayers | None = None
     """One model's own layers timed at two depths, if measured."""
+    gpu_gemv_gbps: dict[int, float] | None = None
+    """Each GPU's start-up GEMV rate (GPU index -> GB/s), if measured."""
     source: str = "<profile>"
     """Where the profile came from."""
+
+    def slowdown(self, gpus: list[int]) -> float:
+        """How much longer a group on these GPUs takes over its GEMMs than GPU 0 (which the profile's rates
+        describe): its slowest measured GPU sets the pace. 1.0 when not measured."""
+        rates = self.gpu_gemv_gbps or {}
+        known = [rates[g] for g in gpus if g in rates]
+        return max(1.0, rates[0] / min(known)) if known and 0 in rates else 1.0
 
     @property
     def host_calibrated(self) -> bool:
@@ -292,6 +307,17 @@ def _positive(value: Any, source: str, where: str) -> float:
     if not ok:
         raise _bad(source, where, "must be a positive number", value)
     return float(value)
+
+
+def _gpu_rates(value: Any, source: str) -> dict[int, float]:
+    if not isinstance(value, dict) or not value:
+        raise _bad(source, "gpu_gemv_gbps", "must be a non-empty object: GPU index -> GB/s", value)
+    out = {}
+    for key, rate in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise _bad(source, f"gpu_gemv_gbps.{key}", "must be keyed by a GPU index (0, 1, ...)", key)
+        out[int(key)] = _positive(rate, source, f"gpu_gemv_gbps.{key}")
+    return out
 
 
 def _positive_int(value: Any, source: str, where: str) -> int:
@@ -471,6 +497,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         gemv=_curve(data["gemv"], source, "gemv") if "gemv" in data else None,
         memory_gib=_positive(data["memory_gib"], source, "memory_gib") if "memory_gib" in data else None,
         gpu_count=gpu_count,
+        gpu_gemv_gbps=_gpu_rates(data["gpu_gemv_gbps"], source) if "gpu_gemv_gbps" in data else None,
         source=source,
         **_host_fields(data, source),
     )

@@ -55,7 +55,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         metrics.on_tick(rep)
 
     engine.on_tick = on_tick
-    engine.on_restart = lambda rep, restart: (metrics.on_restart(rep, restart.cause), metrics.set_ready(rep, True))
+    engine.on_restart = lambda rep, restart: (metrics.on_restart(rep, restart.cause), metrics.set_ready(rep, True),
+                                              metrics.on_workers(rep))
+    for rep in engine.replicas:
+        metrics.on_workers(rep)
     app.state.engine, app.state.metrics = engine, metrics
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes)
     tokenizer = engine.engine.tokenizer

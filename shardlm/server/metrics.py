@@ -133,6 +133,12 @@ class Metrics:
                                 ["model_name", "replica", "cause"], registry=r)
         self.ready = Gauge("shardlm_replica_ready", "1 while the replica can take requests, else 0",
                            ["model_name", "replica"], registry=r)
+        # the start-up straggler check of the replica's current worker group (engine/stragglers.py)
+        self.gemv_gbps = Gauge("shardlm_rank_gemv_gbps", "Weight read rate of the start-up GEMV, the same on every "
+                               "rank", ["model_name", "replica", "rank", "gpu", "bus_id"], registry=r)
+        self.straggler = Gauge("shardlm_rank_straggler", "1 when the rank's start-up GEMV took more than 20% "
+                               "longer than the other ranks' median, else 0", ["model_name", "replica", "rank"],
+                               registry=r)
         self._seen: dict[int, dict[str, float]] = {}
         self._ticks: dict[int, _Ticks] = {}
         self._nvml: bool | None = None  # NVML started (None: not tried yet)
@@ -205,6 +211,14 @@ class Metrics:
 
     def set_ready(self, replica, ready: bool) -> None:
         self.ready.labels(**self._labels, replica=str(replica.index)).set(1 if ready else 0)
+
+    def on_workers(self, replica) -> None:
+        """A replica's worker group started (at start-up, and each time one is replaced): its straggler check."""
+        key = str(replica.index)
+        for c in replica.engine.rank_checks:
+            gpu = "" if c.gpu_index is None else str(c.gpu_index)
+            self.gemv_gbps.labels(**self._labels, replica=key, rank=str(c.rank), gpu=gpu, bus_id=c.bus_id).set(c.gemv_gbps)
+            self.straggler.labels(**self._labels, replica=key, rank=str(c.rank)).set(1 if c.straggler else 0)
 
     def _ticks_of(self, replica) -> _Ticks:
         return self._ticks.setdefault(replica.index, _Ticks())

@@ -103,6 +103,9 @@ class Worker:
                                   async_scheduling=opts.async_scheduling, max_step_tokens=opts.profile_tokens)
         self.async_scheduling = opts.async_scheduling
         self.load_s = self.runner.load(show_progress=rank == 0)
+        # the same GEMV on every rank, before the KV cache is sized: the driver names a rank slower than its peers
+        from . import probe
+        self.device_check = {"gemv_gbps": probe.gemv_rate(device, envs.slowdown(rank)), **probe.device_identity(device)}
         self.capacity = self.runner.kv_capacity(opts.gpu_memory_utilization, opts.cpu_kv_cache_bytes,
                                                 opts.profile_tokens)
         self.runner.reset_expert_stats()  # the profiling forward's routing is not the user's
@@ -115,7 +118,7 @@ class Worker:
 
     def ready(self) -> WorkerReady:
         return WorkerReady(rank=self.rank, load_s=self.load_s, block_bytes=self.runner.block_bytes(),
-                           attention_backend=self.runner.attention_backend, **self.capacity)
+                           attention_backend=self.runner.attention_backend, **self.capacity, **self.device_check)
 
     def reply(self, event: str, **body: Any) -> None:
         wire.send(self.sock, {"type": event, "rank": self.rank, **body})

@@ -1,7 +1,9 @@
 """Measurements taken inside the workers for `shardlm probe`, through the engine's own code paths.
 
 - collectives on the TP group via ParallelContext (the path the layers use);
-- the device: copy bandwidth and GEMM rate.
+- the device: copy bandwidth and GEMM rate;
+- `gemv_rate`: the one-row GEMM every rank times at start-up, the same on every rank, so the driver can
+  name a rank that is slower than its peers (engine/stragglers.py).
 (The host's time per layer and per step is timed from the driver, through whole engine steps:
 shardlm/probe.py.)
 """
@@ -43,6 +45,43 @@ def _graph_timed(fn, device: torch.device, iters: int) -> float:
         for _ in range(iters):
             fn()
     return _timed(graph.replay, device, 3, warmup=1) / iters
+
+
+STRAGGLER_GEMV = {"cuda": (8192, 8192, torch.bfloat16), "cpu": (1024, 4096, torch.float32)}
+"""the start-up GEMV's weight (rows, columns, dtype) per device type: 128 MiB on a GPU, past its L2 cache"""
+
+
+def gemv_rate(device: torch.device, slowdown: int = 1) -> float:
+    """GB/s of weight read by one [1, in] x [in, out] GEMM, the best of a few timed runs (a decode step's
+    GEMMs are bound by this rate). `slowdown` > 1 (a testing aid, SHARDLM_SLOW_RANK) runs the GEMM that many
+    times per timed call, as a device that much slower would take."""
+    rows, cols, dtype = STRAGGLER_GEMV["cuda" if device.type == "cuda" else "cpu"]
+    best = _best_gemv_s(torch.randn(rows, cols, device=device).to(dtype), slowdown)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the weight's memory, before the KV cache is sized
+    return rows * cols * dtype.itemsize / best / 1e9
+
+
+def _best_gemv_s(w: torch.Tensor, repeat: int) -> float:
+    x = torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype)
+
+    def gemv() -> None:
+        for _ in range(repeat):
+            torch.nn.functional.linear(x, w)
+
+    return min(_timed(gemv, w.device, iters=10, warmup=2 if i == 0 else 0) for i in range(3))
+
+
+def device_identity(device: torch.device) -> dict[str, Any]:
+    """Which device a rank runs on, as a user finds it in nvidia-smi: index, name and PCI bus id."""
+    if device.type != "cuda":
+        return {"gpu_index": None, "device_name": "cpu", "bus_id": ""}
+    props = torch.cuda.get_device_properties(device)
+    bus = ""
+    if hasattr(props, "pci_bus_id"):
+        bus = f"{getattr(props, 'pci_domain_id', 0):08x}:{props.pci_bus_id:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+    return {"gpu_index": device.index if device.index is not None else torch.cuda.current_device(),
+            "device_name": props.name, "bus_id": bus}
 
 
 def collectives(runner: ModelRunner, sizes: list[int], iters: int) -> dict[str, Any]:
