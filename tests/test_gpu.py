@@ -1,5 +1,9 @@
 """GPU checks (run on the GPU host: pytest -m gpu). NCCL, one process per GPU."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +88,36 @@ def test_gpu_bf16_tp_agrees_with_tp1(tp, tiny_models):
             firsts.append(np.stack([llm.engine.logits_log[(o.request_id, 0)][0] for o in outs]))
     rel = np.abs(firsts[0] - firsts[1]).max() / np.abs(firsts[0]).max()
     assert rel < 3e-2, f"bf16 TP={tp} vs TP=1 relative logit difference {rel:.3e}"
+
+
+@pytest.mark.parametrize("same_gpu", [False, True])
+def test_gpu_peer_all_reduce_matches_nccl(same_gpu):
+    """scripts/allreduce_bench.py's checks: one-shot and two-shot give NCCL's sum for every message size the
+    dispatcher can pick, eagerly and replayed in a CUDA graph, and the fused all-reduce + residual add +
+    RMSNorm gives the all-reduce followed by the add + norm. same_gpu: two processes on GPU 0 (the kernels'
+    barriers and arithmetic on a one-GPU host; the reference sum through gloo)."""
+    if _gpus() < (1 if same_gpu else 2):
+        pytest.skip("needs 2 GPUs" if not same_gpu else "needs a GPU")
+    script = Path(__file__).parent.parent / "scripts" / "allreduce_bench.py"
+    r = subprocess.run([sys.executable, str(script)] + (["--same-gpu"] if same_gpu else ["--world", "2"]),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "checks: all equal" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_gpu_tp2_greedy_tokens_unchanged_by_the_peer_all_reduce(tiny_models):
+    """bf16 TP=2: the peer-memory all-reduce fused with the norms gives the NCCL engine's greedy tokens"""
+    if _gpus() < 2:
+        pytest.skip("needs 2 GPUs")
+    folder, _ = tiny_models["qwen2-bias-untied"]
+    tokens, paths = [], []
+    for disable in (True, False):
+        with LLM(str(folder), tensor_parallel_size=2, device="cuda", disable_custom_all_reduce=disable) as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                                SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+            tokens.append([o.outputs[0].token_ids for o in outs])
+            paths.append(llm.engine.all_reduce_path)
+    assert paths[0].startswith("NCCL (--disable-custom-all-reduce") and paths[1].startswith("peer memory"), paths
+    assert tokens[0] == tokens[1]
 
 
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=4, enable_expert_parallel=True),

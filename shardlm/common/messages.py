@@ -209,6 +209,8 @@ class WorkerOptions:
     """MoE with expert parallelism: per decoder layer, None or the experts each EP rank holds"""
     attention_backend: str = "auto"
     """'triton' (the paged attention kernels), 'torch' (the reference) or 'auto' (triton on CUDA)"""
+    custom_all_reduce: bool = True
+    """TP on GPUs: the all-reduce over peer memory where the group's GPUs allow it"""
     async_scheduling: bool = False
     """plans may name PREV_TOKEN: the worker keeps each step's sampled tokens on the device (shared over the
     TP group) and launches the next plan before it answers the previous one"""
@@ -261,6 +263,8 @@ class WorkerReady(Message):
     """memory in use before the KV cache: weights, CUDA context, NCCL buffers, other processes"""
     attention_backend: str = "torch"
     """the attention path the worker runs ('triton' or 'torch')"""
+    all_reduce_path: str = ""
+    """the TP all-reduce this rank's group runs (ParallelContext.all_reduce_path)"""
     gemv_gbps: float = 0.0
     """weight read rate of the start-up GEMV, the same on every rank (the straggler check)"""
     gpu_index: int | None = None

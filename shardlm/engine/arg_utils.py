@@ -68,6 +68,10 @@ class EngineArgs:
     """KV cache size per rank; overrides gpu_memory_utilization (default on CPU: 1 GiB)"""
     enforce_eager: bool = False
     """GPU: run every step eagerly; by default decode steps of dense models replay CUDA graphs"""
+    disable_custom_all_reduce: bool = False
+    """TP on GPUs: sum every message with NCCL; by default small messages (decode, short prefills) go over
+    peer memory in one kernel, fused with the norm after them, where every pair of the group's GPUs has
+    peer access (the start-up log says which path runs)"""
     attention_backend: AttentionBackend = "auto"
     """triton: kernels that read K/V straight from the paged cache, and the fused residual add + RMSNorm
     and SiLU x up (CUDA); torch: every layer on its torch reference path (gather + SDPA, unfused), for

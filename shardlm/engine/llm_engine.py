@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import time
 import warnings
@@ -40,6 +41,8 @@ from .sequence import RequestMetrics, RequestOutput, Sequence
 from .stats import EngineStats, expert_report, write_trace
 from .stragglers import check_workers
 from .tokenizer import load_tokenizer
+
+log = logging.getLogger("shardlm.engine")
 
 
 def visible_gpus() -> int:
@@ -156,6 +159,10 @@ class LLMEngine:
             raise
         self.attention_backend = self.executor.ready[0].attention_backend  # what auto became
         self.rank_checks = check_workers(self.executor.ready)  # names a rank slower than its peers
+        self.all_reduce_path = self.executor.ready[0].all_reduce_path
+        if self.layout.tp > 1:  # NCCL alone on GPUs that could do better is worth a warning
+            level = logging.WARNING if "no peer-to-peer" in self.all_reduce_path else logging.INFO
+            log.log(level, "shardlm: tensor-parallel all-reduce: %s", self.all_reduce_path)
         # decode steps replay CUDA graphs (rank 0's count; none on CPU, with enforce_eager, or for MoE models)
         self.cuda_graphs = graphs.get("graphs", 0) > 0
         self.graph_capture = {k: graphs[k] for k in ("graphs", "capture_s", "graph_pool_bytes") if k in graphs}
@@ -205,7 +212,7 @@ class LLMEngine:
             max_seq_len_to_capture=args.max_seq_len_to_capture,
             cuda_graphs=self.device == "cuda" and not args.enforce_eager, trace=bool(args.trace),
             attention_backend=args.attention_backend, async_scheduling=self.async_scheduling,
-            expert_placement=self.expert_placement)
+            expert_placement=self.expert_placement, custom_all_reduce=not args.disable_custom_all_reduce)
 
     # ---- requests ----------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: list[int]) -> None:

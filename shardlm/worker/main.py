@@ -77,6 +77,9 @@ class Worker:
         opts = init.options
         layout = ParallelLayout(**init.layout)
         if opts.device == "cuda":
+            # never multicast (NVLS, multimem): on shared hosts it can take GPUs out of service; set before
+            # NCCL or symmetric memory starts, whatever the environment says
+            os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
             backend = "nccl"
@@ -93,7 +96,8 @@ class Worker:
             backend = "gloo"
             torch.set_num_threads(max(1, opts.cpu_threads))
         self.ctx = init_distributed(layout, rank, backend, init.init_method, device, opts.timeout_s,
-                                    stage_layers=opts.stage_layers)
+                                    stage_layers=opts.stage_layers, custom=opts.custom_all_reduce)
+        self.ctx.fuse_norm = not envs.unfused()
         # testing aid: the graphs' padded decode steps, run eagerly on the CPU
         graphs = opts.cuda_graphs or (device.type == "cpu" and envs.padded_decode_on_cpu())
         self.runner = ModelRunner(init.model, self.ctx, getattr(torch, opts.dtype), opts.max_model_len,
@@ -118,7 +122,8 @@ class Worker:
 
     def ready(self) -> WorkerReady:
         return WorkerReady(rank=self.rank, load_s=self.load_s, block_bytes=self.runner.block_bytes(),
-                           attention_backend=self.runner.attention_backend, **self.capacity, **self.device_check)
+                           attention_backend=self.runner.attention_backend, all_reduce_path=self.ctx.all_reduce_path,
+                           **self.capacity, **self.device_check)
 
     def reply(self, event: str, **body: Any) -> None:
         wire.send(self.sock, {"type": event, "rank": self.rank, **body})

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...common import envs
+from . import triton_available
 
 BACKENDS = ("torch", "triton")
 
@@ -145,14 +146,6 @@ class SplitWorkspace:
                 self.lse[: splits * rows].view(splits, rows, self.lse.shape[1]))
 
 
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def check_backend(backend: str, device: torch.device) -> None:
     """Raise ValueError naming what to change when `backend` cannot run on `device`."""
     if backend not in BACKENDS:
@@ -161,7 +154,7 @@ def check_backend(backend: str, device: torch.device) -> None:
         if device.type != "cuda":
             raise ValueError("the triton attention backend runs on CUDA devices only: use --attention-backend torch "
                              "(or auto) on the CPU")
-        if not _triton_imports():
+        if not triton_available():
             raise ValueError("the triton attention backend needs the triton package (pip install triton), or "
                              "use --attention-backend torch")
 
@@ -169,7 +162,7 @@ def check_backend(backend: str, device: torch.device) -> None:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' -> triton on CUDA when triton imports, else torch; other names are checked."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_imports() else "torch"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
     check_backend(backend, device)
     return backend
 

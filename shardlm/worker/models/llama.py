@@ -1,7 +1,9 @@
 """Llama-family decoder (llama, mistral, qwen2/3, SmolLM; Mixtral and Qwen-MoE experts) with Hugging Face
 module names.
 
-Reads like the single-GPU model; the tensor parallelism lives in the layer classes.
+Reads like the single-GPU model; the tensor parallelism lives in the layer classes. With TP, o_proj and a
+dense MLP's down_proj leave their sums to the RMSNorm after them (`ParallelContext.all_reduce_add_norm`: the
+all-reduce, the residual add and the norm in one kernel where the peer-memory path takes the message).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from ..layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from ..weights import Reader
 
 
+def sums_in_norm(ctx: ParallelContext, bias: bool) -> bool:
+    """Whether a row-parallel output is summed by the norm after it: with TP, unless a bias must be added
+    after the sum."""
+    return ctx.tp_group is not None and not bias
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, prefix: str, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
@@ -33,8 +41,10 @@ class LlamaAttention(nn.Module):
             RowSlice("k_proj", cfg.num_key_value_heads * d, shard.kv_start * d, shard.kv_end * d),
             RowSlice("v_proj", cfg.num_key_value_heads * d, shard.kv_start * d, shard.kv_end * d),
         ], cfg.qkv_bias, ctx, dtype)
+        self.partial = sums_in_norm(ctx, cfg.o_bias)  # the output is this rank's share; the next norm sums it
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", cfg.num_attention_heads * d, h,
-                                        shard.q_start * d, shard.q_end * d, cfg.o_bias, ctx, dtype)
+                                        shard.q_start * d, shard.q_end * d, cfg.o_bias, ctx, dtype,
+                                        reduce=not self.partial)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's d features, before rotary
             self.q_norm = RMSNorm(f"{prefix}.q_norm", d, cfg.rms_norm_eps, ctx.device, dtype)
@@ -49,7 +59,7 @@ class LlamaAttention(nn.Module):
         v = qkv[:, (n_q + n_kv) * d:].view(-1, n_kv, d)
         if self.q_norm is not None:  # Qwen3 normalises each head of q and k before rotary
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(rope, q, k, v, meta))  # rotary and the cache write inside; all-reduce in o_proj
+        return self.o_proj(self.attn(rope, q, k, v, meta))  # rotary and the cache write inside
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -57,25 +67,36 @@ class LlamaDecoderLayer(nn.Module):
                  placement: list[list[int]] | None = None):
         super().__init__()
         p = f"model.layers.{index}"
-        self.index = index
+        self.index, self.ctx = index, ctx
         self.input_layernorm = RMSNorm(f"{p}.input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ctx.device, dtype)
         self.self_attn = LlamaAttention(f"{p}.self_attn", cfg, ctx, dtype)
         self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm", cfg.hidden_size,
                                                 cfg.rms_norm_eps, ctx.device, dtype)
+        self.mlp_partial = False  # a dense MLP's output is this rank's share with TP: the next norm sums it
         if cfg.is_moe_layer(index):
             name = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
             self.mlp = SparseMoE(f"{p}.{name}", cfg, ctx, dtype, placement)
         else:
-            self.mlp = GatedMLP(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, ctx, dtype)
+            self.mlp_partial = sums_in_norm(ctx, cfg.mlp_bias)
+            self.mlp = GatedMLP(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, ctx, dtype,
+                                reduce=not self.mlp_partial)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous layer's MLP output (the embeddings on the stage's first layer, residual None);
-        residual: the stream's sum before it. Returns this layer's MLP output and the sum before it: the
-        residual adds are fused into the norms (HF's x + attn(norm(x)), then + mlp(norm(..)), same values)."""
-        h, residual = self.input_layernorm.add_norm(x, residual)
-        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(rope, h, meta), residual)
+                meta: AttentionMetadata, x_partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings on the stage's first layer, residual None), this
+        rank's share of it if x_partial; residual: the stream's sum before it. Returns this layer's MLP output
+        (a share if mlp_partial) and the sum before it: the residual adds are fused into the norms (HF's
+        x + attn(norm(x)), then + mlp(norm(..)), same values)."""
+        h, residual = add_norm(self.ctx, self.input_layernorm, x, residual, x_partial)
+        h, residual = add_norm(self.ctx, self.post_attention_layernorm, self.self_attn(rope, h, meta), residual,
+                               self.self_attn.partial)
         return self.mlp(h), residual
+
+
+def add_norm(ctx: ParallelContext, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, partial: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm.add_norm(x, residual), x first summed over the TP group when it is this rank's share (partial)."""
+    return ctx.all_reduce_add_norm(x, residual, norm) if partial else norm.add_norm(x, residual)
 
 
 class LlamaModel(nn.Module):
@@ -85,6 +106,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, max_positions: int,
                  expert_placement: list | None = None):
         super().__init__()
+        self.ctx = ctx
         start, end = ctx.layers
         self.embed_tokens = (VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, ctx, dtype)
                              if ctx.is_first_stage else None)
@@ -100,11 +122,14 @@ class LlamaModel(nn.Module):
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)  # [tokens, hidden]
         rope = self.rotary.lookup(positions, x.dtype)
-        residual = None
+        residual, partial = None, False
         for layer in self.layers:
-            x, residual = layer(rope, x, residual, meta)
+            x, residual = layer(rope, x, residual, meta, partial)
+            partial = layer.mlp_partial
         if self.norm is not None:
-            return self.norm.add_norm(x, residual)[0]
+            return add_norm(self.ctx, self.norm, x, residual, partial)[0]
+        if partial:
+            self.ctx.all_reduce(x)
         return x + residual  # the next stage's input
 
 
