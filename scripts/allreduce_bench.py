@@ -30,7 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shardlm.common.layout import ParallelLayout  # noqa: E402
 from shardlm.worker.distributed import ParallelContext, setup_all_reduce  # noqa: E402
-from shardlm.worker.kernels.allreduce import NCCL, ONE_SHOT, TWO_SHOT, measured_limits, save_limits  # noqa: E402
+from shardlm.worker.kernels.allreduce import (  # noqa: E402
+    NCCL,
+    ONE_SHOT,
+    TWO_SHOT,
+    measured_limits,
+    save_limits,
+)
 from shardlm.worker.kernels.norm_act import add_rms_norm_triton  # noqa: E402
 
 SIZES = [2 << 10, 16 << 10, 64 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]
