@@ -9,8 +9,9 @@ graph; the fused all-reduce + residual add + RMSNorm equals the all-reduce follo
 times, inside CUDA graphs, NCCL, one-shot, two-shot and the fused kernel per size, prints a table and the
 limits the sweep implies (`--save`: where the engine reads them, as `shardlm probe` does).
 
-`--same-gpu` puts every rank on GPU 0 (two processes sharing one GPU: the kernels' correctness only, the
-times mean nothing; the reference sum then goes through gloo).
+`--same-gpu` puts every rank on GPU 0 (processes sharing one GPU: the kernels' correctness only, no times;
+symmetric memory refuses ranks on one device, so the buffers are plain CUDA tensors shared between the
+processes over CUDA IPC, and the reference sum goes through gloo).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from shardlm.worker.kernels.allreduce import (  # noqa: E402
     NCCL,
     ONE_SHOT,
     TWO_SHOT,
+    default_limits,
     measured_limits,
     save_limits,
 )
@@ -74,7 +76,23 @@ def _reference_sum(x: torch.Tensor, group, same_gpu: bool) -> torch.Tensor:
     return y
 
 
-def _rank(rank: int, world: int, init: str, same_gpu: bool, out_path: str, save: bool) -> None:
+def _shared_buffers(rank: int, world: int, queues, group):
+    """--same-gpu: each rank's buffer a CUDA tensor on GPU 0, handed to the other ranks over CUDA IPC."""
+    from shardlm.worker.kernels.triton_allreduce import PeerBuffers, buffer_bytes
+
+    max_bytes = default_limits(world).max_bytes
+    mine = torch.zeros(buffer_bytes(max_bytes), dtype=torch.uint8, device="cuda:0")
+    for r in range(world):
+        if r != rank:
+            queues[r].put((rank, mine))
+    theirs = dict(queues[rank].get() for _ in range(world - 1))
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    ptrs = [mine.data_ptr() if r == rank else theirs[r].data_ptr() for r in range(world)]
+    return PeerBuffers(rank, ptrs, max_bytes, torch.device("cuda:0"), keep=(mine, theirs))
+
+
+def _rank(rank: int, world: int, init: str, same_gpu: bool, out_path: str, save: bool, queues) -> None:
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     dev = torch.device("cuda", 0 if same_gpu else rank)
     torch.cuda.set_device(dev)
@@ -83,7 +101,10 @@ def _rank(rank: int, world: int, init: str, same_gpu: bool, out_path: str, save:
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, **kwargs)
     group = dist.new_group(list(range(world)))
     ctx = ParallelContext(layout=ParallelLayout(tp=world), rank=rank, device=dev, tp_group=group)
-    setup_all_reduce(ctx, custom=True)
+    if same_gpu:
+        ctx.peer, ctx.all_reduce_path = _shared_buffers(rank, world, queues, group), "CUDA IPC buffers on GPU 0"
+    else:
+        setup_all_reduce(ctx, custom=True)
     if rank == 0:
         print(f"world {world}{' (all on GPU 0)' if same_gpu else ''}: {ctx.all_reduce_path}", flush=True)
     peer = ctx.peer
@@ -187,7 +208,9 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         out = args.json or os.path.join(tmp, "out.json")
-        mp.spawn(_rank, args=(world, f"file://{tmp}/rendezvous", args.same_gpu, out, args.save), nprocs=world)
+        queues = [mp.get_context("spawn").SimpleQueue() for _ in range(world)]
+        mp.spawn(_rank, args=(world, f"file://{tmp}/rendezvous", args.same_gpu, out, args.save, queues),
+                 nprocs=world)
         with open(out) as f:
             return 1 if json.load(f)["failures"] else 0
 

@@ -187,7 +187,7 @@ def setup_all_reduce(ctx: ParallelContext, custom: bool) -> None:
     from .kernels.triton_allreduce import PeerBuffers
 
     limits = load_limits(torch.cuda.get_device_name(ctx.device), ctx.tp_size)
-    ctx.peer = PeerBuffers(ctx.tp_group, ctx.device, limits.max_bytes)
+    ctx.peer = PeerBuffers.symmetric(ctx.tp_group, ctx.device, limits.max_bytes)
     ctx.limits = limits
     kib = lambda b: f"{b >> 10} KiB"  # noqa: E731
     paths = [f"one-shot up to {kib(limits.one_shot_max)}"]

@@ -156,25 +156,37 @@ def _add_rms_norm_kernel(X, R, W, OUT, RES_OUT, DATA_PTRS, FLAG_PTRS, rows, h, e
     _barrier(FLAG_PTRS, 2, rank, WORLD, MAX_P)
 
 
-class PeerBuffers:
-    """One TP group's symmetric buffer on this rank: the peers' addresses and the kernels over them."""
+def buffer_bytes(max_bytes: int) -> int:
+    """the size of each rank's buffer for messages of up to max_bytes"""
+    return FLAG_BYTES + max_bytes
 
-    def __init__(self, group, device: torch.device, max_bytes: int):
+
+class PeerBuffers:
+    """One TP group's buffers as this rank sees them (every rank's address, in rank order; each buffer's
+    flags zeroed before any rank of the group calls in) and the kernels over them."""
+
+    def __init__(self, rank: int, ptrs: list[int], max_bytes: int, device: torch.device, keep: object = None):
+        self.world, self.rank, self.max_bytes = len(ptrs), rank, max_bytes
+        if self.world * CHANNELS * MAX_PROGRAMS * 4 > FLAG_BYTES:
+            raise ValueError(f"the peer all-reduce's flags hold groups of up to "
+                             f"{FLAG_BYTES // (CHANNELS * MAX_PROGRAMS * 4)} GPUs")
+        self.flag_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=device)
+        self.data_ptrs = torch.tensor([p + FLAG_BYTES for p in ptrs], dtype=torch.int64, device=device)
+        self.keep = keep  # what keeps the buffers mapped
+
+    @classmethod
+    def symmetric(cls, group, device: torch.device, max_bytes: int) -> PeerBuffers:
+        """Over PyTorch symmetric memory (one GPU per rank; multicast stays off: the workers set
+        TORCH_SYMM_MEM_DISABLE_MULTICAST=1). Collective over the group."""
         import torch.distributed as dist
         from torch.distributed import _symmetric_memory as symm
 
-        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        if self.world * CHANNELS * MAX_PROGRAMS * 4 > FLAG_BYTES:
-            raise ValueError(f"the peer all-reduce's flags hold groups of up to {FLAG_BYTES // (CHANNELS * MAX_PROGRAMS * 4)} GPUs")
-        self.max_bytes = max_bytes
-        self.buffer = symm.empty(FLAG_BYTES + max_bytes, dtype=torch.uint8, device=device)
-        self.buffer[:FLAG_BYTES].zero_()
-        handle = symm.rendezvous(self.buffer, group)
-        ptrs = list(handle.buffer_ptrs)
-        self.flag_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=device)
-        self.data_ptrs = torch.tensor([p + FLAG_BYTES for p in ptrs], dtype=torch.int64, device=device)
+        buffer = symm.empty(buffer_bytes(max_bytes), dtype=torch.uint8, device=device)
+        buffer[:FLAG_BYTES].zero_()
+        handle = symm.rendezvous(buffer, group)
         torch.cuda.synchronize(device)
         dist.barrier(group)  # every rank's flags are zero before anyone signals
+        return cls(dist.get_rank(group), list(handle.buffer_ptrs), max_bytes, device, keep=(buffer, handle))
 
     def all_reduce(self, x: torch.Tensor, two_shot: bool) -> torch.Tensor:
         """x (contiguous, at most max_bytes) summed over the group, in place."""
