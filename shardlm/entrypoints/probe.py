@@ -194,6 +194,12 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
             if "allreduce_graph" in measured:
                 profile.setdefault("allreduce_graph", {})[str(n)] = measured["allreduce_graph"]
             profile["all_to_all"][str(n)] = measured["all_to_all"]
+            if "allreduce_limits" in measured:  # the peer-memory paths against NCCL (worker/probe.py)
+                profile.setdefault("allreduce_paths", {})[str(n)] = measured["allreduce_paths"]
+                lim = profile.setdefault("allreduce_limits", {})[str(n)] = measured["allreduce_limits"]
+                log(f"probe: group of {n}: all-reduce over peer memory: one-shot up to {lim['one_shot_max_bytes']} B, "
+                    f"two-shot up to {lim['two_shot_max_bytes']} B, NCCL above (saved to {lim.get('saved')}, "
+                    f"read by the engine at start-up)")
             profile.setdefault("send_recv", measured["send_recv"])
         log(f"probe: group of {n}: decode layer floor {profile['layer_floor_us'][str(n)]:.0f} us, step overhead "
             f"{profile['step_overhead_us'][str(n)]:.0f} us; prefill layer floor "

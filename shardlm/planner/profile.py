@@ -34,6 +34,12 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             pace: the planner scales a stage's GPU time by GPU 0's rate
                                             (what the numbers above measured) over the group's slowest
       "stragglers": [1],                    optional, informational: the GPUs the check named
+      "allreduce_paths": {"2": {"nccl": [[bytes, us], ...], "one_shot": [...], "two_shot": [...]}},
+      "allreduce_limits": {"2": {"one_shot_max_bytes": 524288, "two_shot_max_bytes": 524288}},
+                                            optional, informational: each all-reduce path alone in a CUDA
+                                            graph, and the limits the engine takes from them (the probe
+                                            saves them where the workers read them); "allreduce" and
+                                            "allreduce_graph" time the path the engine picks per size
       "step_overhead_us": {"1": 4100, "2": 5200, "4": 7300},
                                             optional: host time of one engine step (batch-1 decode)
                                             outside the decoder layers, per TP group size (key >= 1),

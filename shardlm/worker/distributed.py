@@ -12,7 +12,14 @@ import torch.distributed as dist
 
 from ..common.layout import ParallelLayout
 from . import faults
-from .kernels.allreduce import NCCL, ONE_SHOT, TWO_SHOT, AllReduceLimits, load_limits
+from .kernels.allreduce import (
+    NCCL,
+    ONE_SHOT,
+    PEER_BUFFER_MIN,
+    TWO_SHOT,
+    AllReduceLimits,
+    load_limits,
+)
 
 # torch 2.13 renamed all_gather_into_tensor (older releases, e.g. on the GPU hosts, lack the new name)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -187,7 +194,7 @@ def setup_all_reduce(ctx: ParallelContext, custom: bool) -> None:
     from .kernels.triton_allreduce import PeerBuffers
 
     limits = load_limits(torch.cuda.get_device_name(ctx.device), ctx.tp_size)
-    ctx.peer = PeerBuffers.symmetric(ctx.tp_group, ctx.device, limits.max_bytes)
+    ctx.peer = PeerBuffers.symmetric(ctx.tp_group, ctx.device, max(limits.max_bytes, PEER_BUFFER_MIN))
     ctx.limits = limits
     kib = lambda b: f"{b >> 10} KiB"  # noqa: E731
     paths = [f"one-shot up to {kib(limits.one_shot_max)}"]

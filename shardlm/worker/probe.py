@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .kernels.allreduce import NCCL, ONE_SHOT, TWO_SHOT, measured_limits, save_limits
 from .model_runner import ModelRunner
 from .profiling import synchronize
 
@@ -104,6 +105,10 @@ def collectives(runner: ModelRunner, sizes: list[int], iters: int) -> dict[str, 
         if dev.type == "cuda":
             out["allreduce_graph"].append([elems * dtype.itemsize,
                                            _graph_timed(lambda: ctx.all_reduce(x), dev, iters) * 1e6])
+        if ctx.peer is not None and elems * dtype.itemsize <= ctx.peer.max_bytes:  # each path on its own
+            for path, fn in _paths(ctx, x).items():
+                out.setdefault("allreduce_paths", {}).setdefault(path, []).append(
+                    [elems * dtype.itemsize, _graph_timed(fn, dev, iters) * 1e6])
         out["all_to_all"].append([elems * dtype.itemsize, _timed(
             lambda: dist.all_to_all_single(y, x, group=ctx.tp_group), dev, iters) * 1e6])
         # ping-pong between the group's first two ranks; the others wait at the barrier
@@ -120,7 +125,22 @@ def collectives(runner: ModelRunner, sizes: list[int], iters: int) -> dict[str, 
         round_trip = _timed(ping_pong, dev, iters)
         dist.barrier(group=ctx.tp_group)
         out["send_recv"].append([elems * dtype.itemsize, round_trip / 2 * 1e6])
+    if "allreduce_paths" in out:  # where each path wins; saved where this host's workers read them at start-up
+        limits = measured_limits(out["allreduce_paths"])
+        out["allreduce_limits"] = {"one_shot_max_bytes": limits.one_shot_max, "two_shot_max_bytes": limits.two_shot_max}
+        if ctx.tp_rank == 0:
+            out["allreduce_limits"]["saved"] = str(save_limits(torch.cuda.get_device_name(dev), n, limits))
     return out
+
+
+def _paths(ctx, x: torch.Tensor) -> dict[str, Any]:
+    """The all-reduce's paths for x, each called directly (not through the limits): what the probe times to
+    find the limits (kernels/allreduce.measured_limits); two-shot from 4 GPUs (with 2 it moves as much)."""
+    paths = {NCCL: lambda: dist.all_reduce(x, group=ctx.tp_group),
+             ONE_SHOT: lambda: ctx.peer.all_reduce(x, two_shot=False)}
+    if ctx.tp_size > 2:
+        paths[TWO_SHOT] = lambda: ctx.peer.all_reduce(x, two_shot=True)
+    return paths
 
 
 GEMV_SHAPES = [(4096, 1024), (4096, 4096), (14336, 4096), (28672, 4096)]

@@ -32,6 +32,11 @@ measured this GPU (with 2 GPUs two-shot moves as many bytes over NVLink as one-s
 larger groups take the last entry"""
 
 
+PEER_BUFFER_MIN = 4 << 20
+"""each rank's peer buffer holds at least this much (whatever the limits), so the probe can time the custom
+paths past the default limits"""
+
+
 @dataclass(frozen=True)
 class AllReduceLimits:
     one_shot_max: int
