@@ -199,6 +199,7 @@ def run_bench(args, engine_args: EngineArgs) -> int:
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "cuda_graphs": llm.engine.cuda_graphs,
                 "attention_backend": llm.engine.attention_backend, "async_scheduling": llm.engine.async_scheduling,
                 "graph_capture": llm.engine.graph_capture,
+                "all_reduce": llm.engine.all_reduce_path,
                 "gemv_gbps_by_rank": {c.rank: c.gemv_gbps for c in llm.engine.rank_checks},
                 "stragglers": [c.rank for c in llm.engine.rank_checks if c.straggler], "results": results}
     print(f"{'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p99 ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'exec ms':>8} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from dataclasses import asdict
@@ -123,6 +124,14 @@ def run_generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.command in ("generate", "bench", "probe"):  # the engine's start-up lines (all-reduce path, ranks' speed)
+        engine_log = logging.getLogger("shardlm.engine")
+        if not engine_log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            engine_log.addHandler(handler)
+            engine_log.setLevel(logging.INFO)
+            engine_log.propagate = False
     try:
         if args.command == "generate":
             return run_generate(args)
