@@ -81,3 +81,28 @@ def test_parallel_auto_asks_the_planner(monkeypatch):
     args = build_parser().parse_args(["generate", "--parallel", "auto", "-tp", "1", "hi"])
     with pytest.raises(ValueError, match="--parallel auto chooses --tensor-parallel-size itself"):
         _engine_args(args)
+
+
+def test_every_option_with_a_default_says_it_in_help():
+    """`--help` of every (sub)command names each option's default (a new user reads them there)"""
+    import argparse
+
+    from shardlm.entrypoints.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, child in action.choices.items():
+                    walk(child, f"{name} {sub_name}")
+            elif (action.option_strings and action.help != argparse.SUPPRESS and action.default is not None
+                  and action.default is not False and not isinstance(action, argparse._HelpAction)):
+                shown = parser._get_formatter()._expand_help(action) if action.help else ""  # no help: no line
+                if "default" not in shown:
+                    missing.append(f"{name} {action.option_strings[0]}")
+        assert "usage" in text
+
+    walk(build_parser(), "shardlm")
+    assert not missing, missing

@@ -378,3 +378,23 @@ def test_tokenising_leaves_the_event_loop_free():
         assert (await slow)[0] == 200
 
     asyncio.run(scenario())
+
+
+def test_a_taken_port_fails_before_the_model_loads(monkeypatch, capsys):
+    """`serve` binds its port first: another server on it is one line naming the port, and no model load"""
+    import socket
+
+    import shardlm.server.main as server_main
+    from shardlm.entrypoints.cli import main
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the engine started before the port was checked")
+
+    monkeypatch.setattr(server_main, "AsyncEngine", must_not_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "random:tiny-llama", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "Traceback" not in err

@@ -131,8 +131,8 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     kinds = bench.add_subparsers(dest="bench_kind", required=True)
     lat = kinds.add_parser("latency", help="TTFT and TPOT per batch size for one layout")
     lat.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
-    lat.add_argument("--input-len", type=int, default=128)
-    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence (random ids)")
+    lat.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence (ignore_eos)")
     lat.add_argument("--repeats", type=int, default=1,
                      help="run the batch sizes this many rounds, in turn, and report the median of each timing")
     lat.add_argument("--profile-step", action="store_true",

@@ -126,20 +126,20 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 def add_serve_bench_parser(kinds) -> None:
     p = kinds.add_parser("serve", help="Poisson load against a running `shardlm serve` (TTFT/TPOT/E2E percentiles)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server to load (shardlm serve, vLLM, ...)")
     p.add_argument("--model", required=True, help="model name the server serves")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")
     p.add_argument("--request-rate", type=float, default=4.0, help="mean arrivals per second (0: all at once)")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="most requests in flight at once (with --request-rate 0: a closed loop of this many streams)")
-    p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=100, help="requests to send")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (mean)")
+    p.add_argument("--output-len", type=int, default=128, help="tokens to generate per request (mean; ignore_eos)")
     p.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in len*(1 +- ratio)")
     p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids are drawn below this")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    p.add_argument("--plot", default=None)
+    p.add_argument("--seed", type=int, default=0, help="of the prompts, their lengths and the arrival times")
+    p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--plot", default=None, help="write a PNG of the latency distributions")
 
 
 def run_serve_bench(args) -> int:

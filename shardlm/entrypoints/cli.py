@@ -25,8 +25,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens this likely")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--sampling-seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="generate past EOS")
@@ -51,7 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_probe_parser(sub)
     _add_engine_args(add_serve_parser(sub))
+    _show_defaults(parser)
     return parser
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """--help says each option's default, unless its text already does or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's --help with the defaults."""
+    parser.formatter_class = _DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
 
 
 def _stream_one(llm, prompt, params) -> None:

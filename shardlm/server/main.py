@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -20,7 +21,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("model_tag", nargs="?", default=None, help="model (same forms as --model)")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="engine replicas (each tp ranks)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: the model argument)")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
@@ -28,6 +29,24 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-request-body-bytes", type=int, default=8 << 20,
                    help="largest request body taken; a larger one gets 413 before it is parsed (default 8 MiB)")
     return p
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (uvicorn listens on it once the engine is up); a port another process holds
+    is a ValueError naming it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ValueError(f"--host {host!r} is not an address of this machine ({exc})") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server there? "
+                         f"pick another --port)") from None
+    return sock
 
 
 def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
@@ -42,6 +61,7 @@ def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         raise ValueError(f"--max-request-body-bytes must be a positive number, got {args.max_request_body_bytes}")
     if engine_args.max_num_batched_tokens is None:  # a server keeps decodes flowing: short prefill chunks
         engine_args = replace(engine_args, max_num_batched_tokens=SERVE_TOKEN_BUDGET)
+    sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails at once
     engine = AsyncEngine(engine_args, data_parallel_size=args.data_parallel_size,
                          max_waiting_requests=args.max_waiting_requests)
     for rep in engine.replicas:
@@ -59,7 +79,7 @@ def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
 
     app = build_app(engine, name, args.api_key, max_body_bytes=args.max_request_body_bytes)
     app.router.lifespan_context = lifespan
-    log.info("serving %s on http://%s:%d", name, args.host, args.port)
+    log.info("serving %s on http://%s:%d", name, args.host, sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=30))
     fatal: list[BaseException] = []
@@ -74,7 +94,7 @@ def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
     # absorbs that re-raise so a clean SIGTERM shutdown exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         engine.shutdown()
     return 1 if fatal else 0
