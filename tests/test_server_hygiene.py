@@ -398,3 +398,30 @@ def test_a_taken_port_fails_before_the_model_loads(monkeypatch, capsys):
         assert main(["serve", "random:tiny-llama", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "Traceback" not in err
+
+
+def test_bench_serve_without_a_server_is_one_line_naming_the_url(capsys):
+    import socket
+
+    from shardlm.entrypoints.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    assert main(["bench", "serve", "--base-url", url, "--model", "m", "--num-prompts", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"no server answers at {url}" in err and "--base-url" in err, err
+
+
+def test_bench_serve_summary_table():
+    from shardlm.entrypoints.bench_serve import summary_table
+
+    row = {"mean": 10.0, "p50": 9.0, "p90": 12.0, "p99": 20.0}
+    text = summary_table({"completed": 9, "failed": 1, "duration_s": 3.0, "requests_per_s": 3.0,
+                          "base_url": "http://h:1", "output_tok_per_s": 1234.5, "output_tokens": 3700,
+                          "errors": {"ReadError: boom": 1}, "ttft_ms": row, "tpot_ms": row, "itl_ms": row,
+                          "e2e_ms": row})
+    lines = text.splitlines()
+    assert lines[0].startswith("requests   9 completed, 1 failed in 3.0 s") and "1,234 tok/s" in lines[1]
+    assert "1 x ReadError: boom" in text and lines[-4].startswith("TTFT ms") and lines[-1].split()[-1] == "20.0"

@@ -8,6 +8,7 @@ streams, so TTFT is the time to the first token event; TPOT is (E2E - TTFT) / (t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import random
@@ -37,6 +38,16 @@ def make_workload(n: int, input_len: int, output_len: int, range_ratio: float, v
 
 
 async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int, headers: dict) -> dict[str, Any]:
+    """One streamed request; a connection that breaks counts as a failed request (status 0)."""
+    import httpx
+
+    try:
+        return await _stream(client, url, model, prompt, max_tokens, headers)
+    except httpx.HTTPError as exc:
+        return {"ok": False, "status": 0, "error": f"{type(exc).__name__}: {exc}"}
+
+
+async def _stream(client, url: str, model: str, prompt: list[int], max_tokens: int, headers: dict) -> dict[str, Any]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -65,18 +76,38 @@ async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int,
             "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}
 
 
-async def run(base_url: str, model: str, rate: float, workload, api_key: str | None, seed: int,
-              max_concurrency: int | None = None) -> dict[str, Any]:
-    """Send the workload (Poisson arrivals at `rate`, 0: all at once); with max_concurrency, at most that many
-    requests in flight (rate 0 and a limit: a closed loop of that many streams)."""
+async def check_server(base_url: str, api_key: str | None) -> None:
+    """Fail in one line naming the URL when nothing answers there (before any request is timed)."""
     import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            resp = await client.get(base_url.rstrip("/") + "/v1/models", headers=headers)
+    except httpx.HTTPError as exc:
+        raise ValueError(f"no server answers at {base_url} ({type(exc).__name__}: {exc or 'no reply'}): start one "
+                         f"(shardlm serve ...) or point --base-url at it") from None
+    if resp.status_code == 401:
+        raise ValueError(f"the server at {base_url} wants an API key: pass --api-key")
+
+
+async def run(base_url: str, model: str, rate: float, workload, api_key: str | None, seed: int,
+              max_concurrency: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Send the workload (Poisson arrivals at `rate`, 0: all at once); with max_concurrency, at most that many
+    requests in flight (rate 0 and a limit: a closed loop of that many streams). progress: a bar of the
+    finished requests on stderr."""
+    import httpx
+    from tqdm import tqdm
 
     rng = random.Random(seed + 1)
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+    bar = tqdm(total=len(workload), unit="req", desc="bench serve", disable=not progress, leave=False)
 
     async def one(prompt, max_tokens):
         async with limit:
-            return await _one(client, url, model, prompt, max_tokens, headers)
+            result = await _one(client, url, model, prompt, max_tokens, headers)
+        bar.update()
+        return result
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/v1/completions"
@@ -88,6 +119,7 @@ async def run(base_url: str, model: str, rate: float, workload, api_key: str | N
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+    bar.close()
     ok = [r for r in results if r["ok"]]
     out: dict[str, Any] = {"base_url": base_url, "model": model, "request_rate": rate,
                            "max_concurrency": max_concurrency, "num_requests": len(results),
@@ -101,7 +133,23 @@ async def run(base_url: str, model: str, rate: float, workload, api_key: str | N
     gaps = [g * 1e3 for r in ok for g in r["itl"]]  # every gap between two chunks of a stream
     out["itl_ms"] = {"mean": statistics.mean(gaps) if gaps else 0.0, **{f"p{q}": _pct(gaps, q) for q in PCTS}}
     out["per_request"] = [{k: v for k, v in r.items() if k != "itl"} for r in ok]
+    errors = [r.get("error") or f"HTTP {r['status']}" for r in results if not r["ok"]]
+    out["errors"] = dict(collections.Counter(errors).most_common(5))  # the commonest failures, counted
     return out
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """What a run measured, for a terminal (the whole record goes to --json)."""
+    lines = [f"requests   {result['completed']} completed, {result['failed']} failed in {result['duration_s']:.1f} s "
+             f"({result['requests_per_s']:.2f} req/s) against {result['base_url']}",
+             f"output     {result['output_tok_per_s']:,.0f} tok/s ({result['output_tokens']:,} tokens)"]
+    for error, count in result.get("errors", {}).items():
+        lines.append(f"failed     {count} x {error}")
+    lines.append(f"{'':10} {'mean':>9} " + " ".join(f"{'p' + str(q):>9}" for q in PCTS))
+    for key, name in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("itl_ms", "ITL ms"), ("e2e_ms", "E2E ms")):
+        row = result[key]
+        lines.append(f"{name:10} {row['mean']:>9.1f} " + " ".join(f"{row[f'p{q}']:>9.1f}" for q in PCTS))
+    return "\n".join(lines)
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -153,10 +201,10 @@ def run_serve_bench(args) -> int:
     check_output_path("--plot", args.plot)
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
                              args.seed)
+    asyncio.run(check_server(args.base_url, args.api_key))
     result = asyncio.run(run(args.base_url, args.model, args.request_rate, workload, args.api_key, args.seed,
-                             args.max_concurrency))
-    summary = {k: v for k, v in result.items() if k != "per_request"}
-    print(json.dumps(summary, indent=2))
+                             args.max_concurrency, progress=True))
+    print(summary_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
