@@ -106,3 +106,22 @@ def test_every_option_with_a_default_says_it_in_help():
 
     walk(build_parser(), "shardlm")
     assert not missing, missing
+
+
+def test_bench_profile_step_on_the_cpu_is_quiet_and_says_where_host_time_goes(capfd):
+    """no profiler chatter (kineto's USDT lines from the workers) and no all-zero GPU table on the CPU"""
+    from shardlm.entrypoints.cli import main
+
+    assert main(["bench", "latency", "--model", "random:tiny-llama", "--device", "cpu", "--batch-sizes", "1",
+                 "--input-len", "8", "--output-len", "8", "--profile-step"]) == 0
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err and "GPU time" not in out
+    assert "decode step on the CPU by rank: rank 0:" in out and "aten::" in out
+
+
+def test_bench_profile_step_needs_enough_steps(capsys):
+    from shardlm.entrypoints.cli import main
+
+    assert main(["bench", "latency", "--model", "random:tiny-llama", "--device", "cpu", "--output-len", "4",
+                 "--profile-step"]) == 2
+    assert "--output-len >= 7" in capsys.readouterr().err

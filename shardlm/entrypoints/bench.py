@@ -87,6 +87,10 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
     return out
 
 
+PROFILED_STEP = 5
+"""--profile-step profiles the step after this many (a decode step: prefill and the first decodes are past)"""
+
+
 def run_latency(llm: LLM, batch_sizes: list[int], input_len: int, output_len: int, warmup: bool = True,
                 profile_step: bool = False, repeats: int = 1) -> list[dict[str, Any]]:
     """One result per batch size (with profile_step, the first round profiles its sixth step, a decode step,
@@ -97,7 +101,7 @@ def run_latency(llm: LLM, batch_sizes: list[int], input_len: int, output_len: in
         for b in sorted(set(batch_sizes), reverse=True):
             run_batch(llm, b, input_len, min(output_len, 8), seed=99)
     rounds = [[run_batch(llm, b, input_len, output_len, seed=b + 1000 * r,
-                         profile_after=5 if profile_step and r == 0 else None) for b in batch_sizes]
+                         profile_after=PROFILED_STEP if profile_step and r == 0 else None) for b in batch_sizes]
               for r in range(repeats)]
     return rounds[0] if repeats == 1 else [_median_over_rounds(list(rows)) for rows in zip(*rounds)]
 
@@ -185,6 +189,9 @@ def run_bench(args, engine_args: EngineArgs) -> int:
         raise ValueError("batch sizes and --input-len must be >= 1, --output-len >= 2")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.profile_step and args.output_len <= PROFILED_STEP + 1:
+        raise ValueError(f"--profile-step profiles decode step {PROFILED_STEP + 1}: it needs --output-len >= "
+                         f"{PROFILED_STEP + 2}, got {args.output_len}")
     check_output_path("--json", args.json)
     check_output_path("--plot", args.plot)
     longest = max(batch_sizes) * args.input_len
@@ -210,9 +217,14 @@ def run_bench(args, engine_args: EngineArgs) -> int:
               f"{r['itl_p99_ms']:>8.2f} {r['decode_exec_ms']:>8.2f} {r['output_tok_per_s']:>8.1f} {idle:>5.2f}")
         if "profile_decode_step" in r:
             prof = r["profile_decode_step"]
-            print("      decode step GPU time by rank (us): " + "; ".join(
-                f"rank {k}: " + ", ".join(f"{n[:-3]} {v:.0f}" for n, v in p.items() if n.endswith("_us") and n != "rank")
-                for k, p in sorted(prof.items())))
+            if any(p["gpu_busy_us"] for p in prof.values()):
+                print("      decode step GPU time by rank (us): " + "; ".join(
+                    f"rank {k}: " + ", ".join(f"{n[:-3]} {v:.0f}" for n, v in p.items() if n.endswith("_us"))
+                    for k, p in sorted(prof.items())))
+            else:  # the CPU: no kernels to time; where the host's time went instead
+                print("      decode step on the CPU by rank: " + "; ".join(
+                    f"rank {k}: {p['wall_us']:.0f} us, most in " + ", ".join(f"{op} {us:.0f}" for op, us, _ in p["top_cpu_ops"][:3])
+                    for k, p in sorted(prof.items())))
             if "slowest_rank" in r:
                 s = r["slowest_rank"]
                 print(f"      slowest rank in that step: rank {s['rank']}, its kernels {s['kernels_us']:.0f} us against "

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
@@ -116,6 +118,21 @@ def _kernel_kind(name: str) -> str:
     return "other"
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) to /dev/null: the profiler's C++ side prints a line to it as
+    it starts and stops (kineto's "USDT: ... profiler_start"), which the user did not ask for."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profile_step(runner: ModelRunner, plan: StepPlan) -> dict[str, Any]:
     """Run one step under torch.profiler; return GPU time per kind of kernel (us), the largest kernels and
     CPU ops, and the step's wall time. The step runs once before without the profiler, for the host's
@@ -131,7 +148,7 @@ def profile_step(runner: ModelRunner, plan: StepPlan) -> dict[str, Any]:
     synchronize(dev)
     plain_wall = time.perf_counter() - t0
     issue, wait = runner.timer.last_split
-    with profile(activities=activities) as prof:
+    with _quiet_stderr(), profile(activities=activities) as prof:
         t0 = time.perf_counter()
         runner.execute(plan).finish()
         synchronize(dev)
