@@ -334,6 +334,26 @@ def test_heads_experts_and_slo_rejections():
     assert fits and all("misses the SLO" in " ".join(r.reasons) for r in fits)
 
 
+@pytest.mark.parametrize("gpu,slo", [
+    ("l40s", None),  # both layouts decode with their KV caches full: 65 vs 50 in the seqs column
+    ("a100-80gb", 10),  # the TPOT SLO lowers both batches (16 x 1 vs 2 x 2) far below their seqs (131 vs 116)
+])
+def test_reason_counts_the_sequences_the_table_shows(gpu, slo):
+    plan = make_plan(load_model("llama-3-8b"), make_cluster(gpu, 2, "pcie"), Workload(slo_tpot_ms=slo))
+    rec = plan.recommended
+    ru = max((r for r in plan.results if r.ok and r is not rec), key=lambda r: r.throughput_tok_s)
+    m = re.search(r"runs ([\d.]+)x as many sequences at once \(([^)]*)\)", plan.reason)
+    assert m, plan.reason
+    ratio, nums = float(m.group(1)), [int(n) for n in re.findall(r"\d+", m.group(2))]
+    if slo is None:  # the ratio of the two rows' seqs column
+        assert nums == [rec.max_seqs, ru.max_seqs] and rec.batch * rec.dp == rec.max_seqs
+        assert ratio == pytest.approx(rec.max_seqs / ru.max_seqs, abs=0.05)
+    else:  # the ratio of batch x dp, said to be that, with the seqs column's numbers beside it
+        assert "batch x dp" in m.group(2) and rec.batch * rec.dp < rec.max_seqs
+        assert nums == [rec.batch, rec.dp, ru.batch, ru.dp, rec.max_seqs, ru.max_seqs]
+        assert ratio == pytest.approx(rec.batch * rec.dp / (ru.batch * ru.dp), abs=0.05)
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 def test_unknown_presets_list_the_known_ones():
@@ -422,6 +442,25 @@ def test_run_plan_bad_profile_returns_2(tmp_path, capsys):
     assert "allreduce.4[0][1]" in capsys.readouterr().err
 
 
+def test_interconnect_defaults_to_the_gpu_presets(measured_files, capsys):
+    def planned_link(argv):
+        assert main(["plan", "llama-3-8b", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["cluster"]["interconnect"]
+
+    assert planned_link(["--gpu", "l4", "--gpus", "1"]) == "pcie"  # no NVLink on an L4
+    assert planned_link(["--gpus", "2"]) == "nvlink"  # h100-80gb
+    assert planned_link(["--gpus", "2", "--interconnect", "pcie-cross-socket"]) == "pcie-cross-socket"
+    assert make_cluster("l40s", 4).interconnect == "pcie" and make_cluster("a100-80gb", 4).interconnect == "nvlink"
+    assert validate_files([measured_files[0]], gpu="l4").interconnect == "pcie"
+    # asked for explicitly, NVLink on a GPU without it is still an error that says what to pass
+    assert main(["plan", "llama-3-8b", "--gpu", "l4", "--gpus", "2", "--interconnect", "nvlink"]) == 2
+    err = capsys.readouterr().err
+    assert "l4 has no NVLink" in err and "--interconnect pcie" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    assert "default: from the GPU preset" in " ".join(capsys.readouterr().out.split())
+
+
 # -- output --------------------------------------------------------------------------------------------
 
 def test_table_output(capsys):
@@ -458,6 +497,18 @@ def test_plot_writes_png(tmp_path, capsys):
     assert main(["plan", "llama-3-70b", "--gpus", "8", "--slo-tpot-ms", "30", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    # `shardlm plan --json | head -1`: 720 GPUs' layouts make ~180 KB of JSON, more than a pipe holds, so the
+    # reader closes it while the planner still has most of it to write
+    cmd = [sys.executable, "-m", "shardlm.entrypoints.cli", "plan", "tiny-llama", "--gpus", "720", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"{\n"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err  # the plan's own status: it has a recommendation
+    assert "BrokenPipe" not in err and "Broken pipe" not in err and "Traceback" not in err, err
 
 
 def test_planner_does_not_import_torch():

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..common.defaults import MAX_NUM_SEQS
 from . import PlanError
-from .hardware import GPUS, gpu_preset_from_name, make_cluster
+from .hardware import GPUS, default_interconnect, gpu_preset_from_name, make_cluster
 from .models import model_from_dict
 from .plan import DEGREES, Workload, check_degrees, make_plan
 from .profile import Profile, load_profile
@@ -45,9 +45,8 @@ def _interconnect(interconnect: str | None, gpu: str, profile: Profile | None) -
         return interconnect, "given"
     if profile is not None and profile.topology in TOPOLOGY_TO_INTERCONNECT:
         return TOPOLOGY_TO_INTERCONNECT[profile.topology], f"the profile's measured {profile.topology!r} topology"
-    if GPUS[gpu].nvlink_gbps > 0:
-        return "nvlink", "default"
-    return "pcie", f"default ({gpu} has no NVLink)"
+    link = default_interconnect(GPUS[gpu])
+    return link, "default" if link == "nvlink" else f"default ({gpu} has no NVLink)"
 
 
 def recommend_for_engine(model_config: dict, gpus: int, gpu: str | None, interconnect: str | None,

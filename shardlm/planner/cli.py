@@ -8,7 +8,8 @@
     shardlm plan --validate measured.json [more.json ...] [MODEL] [--gpu ...] [--interconnect ...]
                  [--profile probe.json] [--json]
 
-Exit status: 0 with a recommendation, 1 when no layout meets the SLO, 2 on bad input.
+Exit status: 0 with a recommendation, 1 when no layout meets the SLO, 2 on bad input; the same when the
+reader of stdout stops early (`| head`), which ends the output quietly.
 With --validate: compare predicted TTFT/TPOT with `shardlm bench latency --json` files (validate.py);
 MODEL may be omitted (each file names its model; MODEL, if given, replaces it) and --gpus is not used
 (each file's tensor_parallel_size is the layout). Exit status 0, or 2 on bad input.
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..common.presets import PRESETS
 from . import PlanError
-from .hardware import GPUS, INTERCONNECTS, NETWORKS, make_cluster
+from .hardware import GPUS, INTERCONNECTS, NETWORKS, default_interconnect, make_cluster
 from .models import load_model
 from .plan import Workload, make_plan
 from .profile import load_profile
@@ -41,8 +43,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         "config.json / folder; optional with --validate")
     p.add_argument("--gpus", type=int, default=None, help="GPUs in total (required unless --validate)")
     p.add_argument("--gpu", default="h100-80gb", help=f"GPU preset ({', '.join(GPUS)}); default h100-80gb")
-    p.add_argument("--interconnect", default="nvlink", choices=list(INTERCONNECTS),
-                   help="link between the GPUs of a node; default nvlink")
+    no_nvlink = [name for name, spec in GPUS.items() if default_interconnect(spec) != "nvlink"]
+    p.add_argument("--interconnect", default=None, choices=list(INTERCONNECTS),
+                   help="link between the GPUs of a node; default: from the GPU preset (nvlink, or pcie for "
+                        f"the GPUs without NVLink: {', '.join(no_nvlink)})")
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: all on one node)")
     p.add_argument("--network", default="ib-ndr", choices=list(NETWORKS),
                    help="network between nodes when --gpus > --gpus-per-node; default ib-ndr")
@@ -64,6 +68,20 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     return p
 
 
+def _print_out(text: str) -> None:
+    """Print to stdout. A reader that stopped early (`shardlm plan --json | head -1`) ends the output
+    quietly instead of with a BrokenPipeError traceback."""
+    try:
+        print(text)
+        sys.stdout.flush()  # inside the try: a write that only fails at the flush fails here too
+    except BrokenPipeError:
+        # The interpreter flushes stdout once more at exit, which would fail again (and print "Exception
+        # ignored ... BrokenPipeError"): point the descriptor at /dev/null so that flush succeeds.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def run_validate(args: argparse.Namespace) -> int:
     """--validate: print predicted vs measured TTFT/TPOT (table or JSON). Returns the exit status."""
     try:
@@ -72,7 +90,7 @@ def run_validate(args: argparse.Namespace) -> int:
     except PlanError as exc:
         print(f"shardlm plan: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(validation_to_dict(result), indent=2) if args.json else format_validation(result))
+    _print_out(json.dumps(validation_to_dict(result), indent=2) if args.json else format_validation(result))
     return 0
 
 
@@ -106,11 +124,9 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"shardlm plan: error: cannot write {args.plot}: {exc}", file=sys.stderr)
             return 2
     if args.json:
-        print(json.dumps(plan_to_dict(plan), indent=2))
+        _print_out(json.dumps(plan_to_dict(plan), indent=2))
     else:
-        print(format_table(plan))
-        if args.plot:
-            print(f"plot written to {args.plot}")
+        _print_out(format_table(plan) + (f"\nplot written to {args.plot}" if args.plot else ""))
     return 0 if plan.recommended else 1
 
 

@@ -93,6 +93,12 @@ INTERCONNECTS = {
 }
 
 
+def default_interconnect(gpu: GPUSpec) -> str:
+    """The interconnect a GPU preset implies when none is given: NVLink where the preset has an NVLink full
+    mesh (SXM boards), else PCIe (PCIe cards such as the L4 have no NVLink to default to)."""
+    return "nvlink" if gpu.nvlink_gbps > 0 else "pcie"
+
+
 def intra_links(interconnect: str, gpu: GPUSpec) -> tuple[Link, Link | None]:
     """(link inside a socket / NVLink domain, link for groups spanning two sockets or None)."""
     if interconnect == "nvlink":
@@ -238,10 +244,13 @@ def gpu_preset_from_name(name: str) -> str:
                     "(the closest in memory and bandwidth)")
 
 
-def make_cluster(gpu: str | GPUSpec, n_gpus: int, interconnect: str = "nvlink",
+def make_cluster(gpu: str | GPUSpec, n_gpus: int, interconnect: str | None = None,
                  gpus_per_node: int | None = None, network: str = "ib-ndr") -> Cluster:
-    """Validate the cluster description once, at the edge."""
+    """Validate the cluster description once, at the edge. interconnect None: the GPU preset's own
+    (default_interconnect)."""
     spec = gpu if isinstance(gpu, GPUSpec) else get_gpu(gpu)
+    if interconnect is None:
+        interconnect = default_interconnect(spec)
     if not isinstance(n_gpus, int) or n_gpus < 1:
         raise PlanError(f"--gpus must be a positive integer, got {n_gpus!r}")
     gpn = gpus_per_node or n_gpus

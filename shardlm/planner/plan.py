@@ -320,8 +320,17 @@ def _why(plan_results: list[LayoutResult], rec: LayoutResult, cluster: Cluster, 
             head += f", level with {ru.name}"
             causes.append(f"it is faster alone than {ru.name} ({rec.tpot_ms_b1:.1f} vs {ru.tpot_ms_b1:.1f} ms "
                           "TPOT at batch 1)")
-        if rec.batch * rec.dp >= 1.2 * ru.batch * ru.dp:
-            causes.append(f"its KV cache holds {rec.batch * rec.dp / (ru.batch * ru.dp):.1f}x as many sequences")
+        # Sequences decoding at once, all replicas: what the throughput follows. With both batches at the KV
+        # cache's capacity (no SLO cut them) that is the seqs column; an SLO lowers a batch below seqs/dp, and
+        # then the clause names batch x dp, the quantity it compares, so it cannot contradict the column.
+        live, ru_live = rec.batch * rec.dp, ru.batch * ru.dp
+        if live >= 1.2 * ru_live:
+            if (live, ru_live) == (rec.max_seqs, ru.max_seqs):
+                causes.append(f"it runs {live / ru_live:.1f}x as many sequences at once (seqs {live} vs {ru_live})")
+            else:
+                causes.append(f"within the SLO it runs {live / ru_live:.1f}x as many sequences at once "
+                              f"(batch x dp: {rec.batch} x {rec.dp} vs {ru.batch} x {ru.dp}, of seqs {rec.max_seqs} "
+                              f"vs {ru.max_seqs})")
         if (ru.comm_share or 0) - (rec.comm_share or 0) >= 0.05:
             causes.append(f"communication takes {rec.comm_share:.0%} of a step, not {ru.comm_share:.0%}")
         if (ru.bubble_share or 0) - (rec.bubble_share or 0) >= 0.05:

@@ -30,7 +30,7 @@ from typing import Any
 from ..common.layout import ParallelLayout
 from . import PlanError, read_json
 from .cost import CostModel, stage_shards
-from .hardware import make_cluster
+from .hardware import default_interconnect, get_gpu, make_cluster
 from .models import ModelSpec, from_engine_config, load_model
 from .plan import constraint_reasons, model_layers_note
 from .profile import Profile
@@ -260,13 +260,15 @@ def predict_row(cm: CostModel, lay: ParallelLayout, row: MeasuredRow) -> tuple[f
     return ttft, cm.decode_step(lay, shards, row.batch, context)[0], context
 
 
-def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str = "nvlink",
+def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str | None = None,
                    profile: Profile | None = None, model: str | None = None) -> Validation:
     """Predict every row of every measured file and compare. `model` (a preset or config path) replaces
-    the files' own model names."""
+    the files' own model names; interconnect None takes the GPU preset's own (default_interconnect)."""
     if not paths:
         raise PlanError("--validate needs at least one measured file")
     files = [load_measured(p) for p in paths]
+    if interconnect is None:  # resolved here, not per file by make_cluster, so the report names it
+        interconnect = default_interconnect(get_gpu(gpu))
     override = load_model(model) if model else None
     notes = [f"model {model!r} used for every file instead of the files' own"] if override else []
     if profile is not None:
