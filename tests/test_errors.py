@@ -176,3 +176,15 @@ def test_closing_a_stream_aborts_the_request(llm):
     stream.close()
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.stats().blocks.usage == 0.0
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_loading(monkeypatch):
+    """float32 Llama-3-8B on a 24 GiB host: refused at once, naming what it needs and what to change"""
+    import shardlm.engine.llm_engine as llm_engine
+    from shardlm.common.config import ConfigError
+    from shardlm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setattr(llm_engine, "available_host_bytes", lambda: 24 << 30)
+    monkeypatch.setattr(llm_engine, "Executor", lambda *a, **k: pytest.fail("workers started"))
+    with pytest.raises(ConfigError, match=r"needs ~3\d\.\d GiB .* but 24\.0 GiB is available: use --dtype bfloat16"):
+        llm_engine.LLMEngine(EngineArgs(model="random:llama-3-8b", device="cpu", dtype="float32"))

@@ -208,3 +208,15 @@ def test_real_cpu_engine_step_times_and_no_gpu_gauges(clock):
             assert 0 < value(m, "shardlm_worker_step_seconds", replica="0", rank=rank) < 10
     finally:
         engine.shutdown()
+
+
+def test_replica_load_falls_to_zero_when_idle(clock):
+    """the load gauge follows the replica between steps too (it stayed at its last step's value)"""
+    m = Metrics("m")
+    rep = replica(0)
+    rep.load = 3
+    m.on_step(rep, [])
+    assert value(m, "shardlm_replica_load", replica="0") == 3
+    rep.load = 0  # the requests finished; no step runs while idle, ticks still come
+    m.on_tick(rep)
+    assert value(m, "shardlm_replica_load", replica="0") == 0

@@ -27,6 +27,34 @@ scheduling: 5,591 output tok/s, TTFT p50 318 ms, inter-token p50/p99 19.9/37.6 m
 9.4/60.7 with 2048; 2048 had beaten 8192 before async scheduling; docs/PERFORMANCE.md)"""
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def available_host_bytes() -> int | None:
+    """Memory this machine can still give (Linux: MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(model: str, params: int, dtype: str, kv_bytes: int, available: int | None) -> None:
+    """CPU workers: refuse, before any worker loads, a model whose weights and KV caches (all ranks share this
+    machine) need more memory than the machine has available, naming both numbers and what to change."""
+    need = params * DTYPE_BYTES[dtype] + kv_bytes
+    if available is None or need <= available:
+        return
+    gib = 1 << 30
+    raise ConfigError(f"{model} in {dtype} needs ~{need / gib:.1f} GiB on this machine ({params / 1e9:.2f}B parameters "
+                      f"x {DTYPE_BYTES[dtype]} bytes + {kv_bytes / gib:.1f} GiB of KV cache) but {available / gib:.1f} "
+                      f"GiB is available: use --dtype bfloat16, a smaller model, a smaller --kv-cache-memory-bytes, "
+                      f"or GPUs")
+
+
 def token_budget(max_num_batched_tokens: int | None, max_model_len: int) -> int:
     """Tokens one step may run (prefill chunks + decodes)."""
     return max_num_batched_tokens or max(max_model_len, MIN_TOKEN_BUDGET)

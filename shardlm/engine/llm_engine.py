@@ -31,7 +31,15 @@ from ..common.model_source import ModelSource, resolve_model
 from .arg_utils import EngineArgs
 from .block_manager import BlockManager
 from .executor import Executor, WorkerError
-from .kv_cache import KVCacheSize, size_kv_cache, token_budget, worker_budget
+from .kv_cache import (
+    CPU_KV_CACHE_BYTES,
+    KVCacheSize,
+    available_host_bytes,
+    check_host_memory,
+    size_kv_cache,
+    token_budget,
+    worker_budget,
+)
 from .moe_placement import plan_placement
 from .output_processor import OutputProcessor
 from .recovery import Recovery
@@ -103,6 +111,9 @@ class LLMEngine:
             self.layout.check_world(visible_gpus() - args.first_device, "GPUs (one per rank)")
         else:
             self.layout.check_world(_max_cpu_workers(), "CPU worker processes")
+            kv = args.kv_cache_memory_bytes if args.kv_cache_memory_bytes is not None else CPU_KV_CACHE_BYTES
+            check_host_memory(source.name, cfg.num_params(), self.dtype, kv * self.layout.world_size,
+                              available_host_bytes())
         shard_heads(cfg.num_attention_heads, cfg.num_key_value_heads, self.layout.tp, 0)  # raises if tp > heads
         if cfg.vocab_size < self.layout.tp:
             raise LayoutError(f"vocab_size={cfg.vocab_size} is smaller than tensor_parallel_size={self.layout.tp}")
@@ -470,6 +481,7 @@ class LLMEngine:
             try:
                 self.drain()
                 self.write_trace(self.args.trace)
+                log.info("shardlm: trace written to %s (open it in https://ui.perfetto.dev)", self.args.trace)
             except Exception as exc:  # noqa: BLE001 - a failed trace must not stop the shutdown
                 warnings.warn(f"could not write the trace to {self.args.trace}: {exc}", stacklevel=2)
         executor.shutdown(grace_s=grace_s)

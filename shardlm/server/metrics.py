@@ -182,6 +182,7 @@ class Metrics:
         the worker step times at most every REFRESH_INTERVAL_S. The step times need a round trip to the
         workers (which drains a pipeline), so they are read only when steps ran since the last read."""
         ticks = self._ticks_of(replica)
+        self.load.labels(**self._labels, replica=str(replica.index)).set(replica.load)  # falls to 0 when idle
         now = time.monotonic()
         if now - ticks.last < REFRESH_INTERVAL_S:
             return
