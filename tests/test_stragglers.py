@@ -76,7 +76,9 @@ def test_a_rank_slowed_on_purpose_is_reported(monkeypatch, caplog, tmp_path):
         assert 'shardlm_rank_straggler{model_name="m",rank="0",replica="0"} 0.0' in text
         assert text.count("shardlm_rank_gemv_gbps{") == 2
     finally:
-        engine.shutdown()
+        with caplog.at_level(logging.INFO, logger="shardlm.engine"):
+            engine.shutdown()
+    assert any(r.getMessage().startswith(f"shardlm: trace written to {trace}") for r in caplog.records)
     data = json.loads(trace.read_text())
     names = {e["pid"]: e["args"]["name"] for e in data["traceEvents"] if e["name"] == "process_name"}
     assert "STRAGGLER" in names[1] and "STRAGGLER" not in names[0], names
