@@ -188,3 +188,20 @@ def test_a_model_too_big_for_this_machine_is_refused_before_loading(monkeypatch)
     monkeypatch.setattr(llm_engine, "Executor", lambda *a, **k: pytest.fail("workers started"))
     with pytest.raises(ConfigError, match=r"needs ~3\d\.\d GiB .* but 24\.0 GiB is available: use --dtype bfloat16"):
         llm_engine.LLMEngine(EngineArgs(model="random:llama-3-8b", device="cpu", dtype="float32"))
+
+
+def test_worker_pids_counts_only_this_runs_workers():
+    """another shardlm run on the machine (a process named like a worker, without this run's mark) is not
+    counted: `make test` passes beside a running server"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_SHARDLM_RUN"}
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "shardlm.worker.main"], env=env)
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "shardlm.worker.main"])
+    try:
+        time.sleep(0.5)
+        pids = worker_pids()
+        assert ours.pid in pids and other.pid not in pids
+    finally:
+        other.kill()
+        ours.kill()
+        other.wait()
+        ours.wait()
