@@ -33,6 +33,14 @@ from shardlm.worker.sampler import Sampler
     (dict(stop=5), "stop"), (dict(stop_token_ids=[2**63]), "stop_token_ids"),
     (dict(stop_token_ids=list(range(MAX_STOP + 1))), "stop_token_ids"),
     (dict(logprobs=-1), "logprobs"), (dict(logprobs=True), "logprobs"), (dict(max_tokens=2.0), "max_tokens"),
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(repetition_penalty=11), "repetition_penalty"), (dict(min_p=1.5), "min_p"), (dict(min_p=-0.1), "min_p"),
+    (dict(logit_bias={5: 101}), "logit_bias"), (dict(logit_bias={-1: 1}), "logit_bias"),
+    (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={i: 1 for i in range(301)}), "logit_bias"),
+    (dict(logit_bias=[1, 2]), "logit_bias"), (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=20, max_tokens=10), "min_tokens"), (dict(n=3, best_of=2), "best_of"),
+    (dict(best_of=MAX_N + 1), "best_of"), (dict(prompt_logprobs=21), "prompt_logprobs"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(SamplingError, match=field) as info:
@@ -175,3 +183,58 @@ def test_two_stage_reductions_equal_torch(vocab):
     assert _argmax(x).tolist() == x.argmax(-1).tolist() == [x[0].argmax(), 7, vocab // 2, 0, x[4].argmax()]
     torch.testing.assert_close(_logsumexp(x), torch.logsumexp(x, -1), equal_nan=True)
     assert (_parts(vocab) > 1) == (vocab in (49152, 128256, 151936))  # 50 and 50261: one part
+
+
+def row(seq_id, ban=None, history=None, **kw):
+    return SeqPlan(seq_id, [0], 0, [0], True, SamplingParams(**kw).sampling_spec(), ban=ban, history=history)
+
+
+def test_logit_bias_and_bans_move_the_pick_not_the_logprobs():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 3)
+    s = Sampler(torch.device("cpu"))
+    out = s.sample(logits, [row(0, temperature=0, logit_bias={"3": 100}), row(1, temperature=0, ban=[0, 1]),
+                            row(2, temperature=0)]).result()
+    assert [o.token for o in out] == [3, 2, 0]
+    ref = torch.log_softmax(logits[0], -1)
+    assert out[0].logprob == pytest.approx(ref[3].item()) and out[0].rank == 4  # the model's own view
+
+
+def test_penalties_follow_the_completion_on_the_device():
+    """presence/frequency count the completion (seeded from the history, then each pick); repetition also
+    counts the prompt, dividing positive logits and multiplying negative ones (Hugging Face's rule)"""
+    s = Sampler(torch.device("cpu"))
+    logits = torch.tensor([[2.0, 1.8, 1.6, -1.0]])
+    # history: prompt [1], completion [0]: presence 0.5 takes token 0 to 1.5 -> token 1 wins
+    picks = [s.sample(logits, [row(9, history=(1, [1, 0]) if i == 0 else None, temperature=0,
+                                   presence_penalty=0.5)]).result()[0].token for i in range(3)]
+    assert picks == [1, 2, 0]  # presence counts once: 0, 1 and 2 at 1.5, 1.3 and 1.1 -> 0 again
+    # frequency: each repeat costs another 0.3
+    s2 = Sampler(torch.device("cpu"))
+    picks = [s2.sample(logits, [row(4, history=(1, [3]) if i == 0 else None, temperature=0,
+                                    frequency_penalty=0.3)]).result()[0].token for i in range(4)]
+    assert picks == [0, 1, 0, 2]  # 0 (2.0 -> 1.7), 1 (1.8 -> 1.5), 0 (1.7 -> 1.4), then 2 (1.6) leads
+    # repetition over the prompt: token 0 in the prompt: 2.0 / 2 = 1.0 < 1.8
+    s3 = Sampler(torch.device("cpu"))
+    (out,) = s3.sample(logits, [row(5, history=(2, [0, 3]), temperature=0, repetition_penalty=2.0)]).result()
+    assert out.token == 1
+    s3.forget([5])
+    assert 5 not in s3.penalties.slots and s3.penalties.free
+
+
+def test_min_p_keeps_tokens_near_the_top():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    s = Sampler(torch.device("cpu"))
+    seen = {s.sample(logits, [row(1, temperature=1.0, min_p=0.5, seed=i)]).result()[0].token for i in range(200)}
+    assert seen == {0, 1}  # 0.15 and 0.05 are under 0.5 x 0.5
+
+
+def test_the_wire_carries_the_new_fields_and_stays_short_without_them():
+    plain = SamplingParams().sampling_spec()
+    assert len(plain.to_wire()) == 5 and SamplingSpec.from_wire(plain.to_wire()) == plain
+    full = SamplingParams(presence_penalty=0.5, frequency_penalty=-0.2, repetition_penalty=1.3, min_p=0.1,
+                          logit_bias={7: -100, 3: 2.5}).sampling_spec()
+    assert SamplingSpec.from_wire(full.to_wire()) == full and full.logit_bias == ((3, 2.5), (7, -100.0))
+    r = row(3, ban=[2], history=(1, [5, 6]), presence_penalty=0.5)
+    back = SeqPlan.from_wire(r.to_wire())
+    assert (back.ban, back.history, back.sampling) == ([2], (1, [5, 6]), r.sampling)
+    assert len(row(3).to_wire()) == 7

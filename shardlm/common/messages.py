@@ -48,16 +48,39 @@ class SamplingSpec:
     """seed of this sequence's own generator (None: the worker's global one)"""
     logprobs: int | None = None
     """top log-probabilities returned with the token (None: only the chosen token's)"""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    """(engine/sampling_params.py says what each penalty does)"""
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, added to its logit) pairs"""
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        """the sampler keeps this sequence's token counts (SeqPlan.history seeds them)"""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """the logits change before the pick (penalties, bias); min_p acts on the probabilities"""
+        return self.penalized or bool(self.logit_bias)
+
     def to_wire(self) -> list[Any]:
-        return [self.temperature, self.top_p, self.top_k, self.seed, self.logprobs]
+        head = [self.temperature, self.top_p, self.top_k, self.seed, self.logprobs]
+        if self == SamplingSpec(*head):  # the common case stays five values on the wire
+            return head
+        return head + [self.presence_penalty, self.frequency_penalty, self.repetition_penalty, self.min_p,
+                       [list(p) for p in self.logit_bias]]
 
     @classmethod
     def from_wire(cls, v: list[Any]) -> SamplingSpec:
+        if len(v) > 5:
+            return cls(*v[:9], tuple((int(t), float(b)) for t, b in v[9]))
         return cls(*v)
 
 
@@ -89,6 +112,11 @@ class SeqPlan:
     blocks_from: int = 0
     """the workers keep each sequence's table from step to step: the driver sends only the entries from
     this one on (those added since it last sent the table), 0 for a whole table"""
+    ban: list[int] | None = None
+    """token ids this step may not sample (min_tokens: EOS and the stop ids until enough tokens came)"""
+    history: tuple[int, list[int]] | None = None
+    """(prompt length, prompt + completion token ids so far) of a penalized sequence, on the step that ends
+    its (re)prefill: the sampler seeds its token counts from it and keeps them on the device after"""
 
     @property
     def context_len(self) -> int:
@@ -96,13 +124,18 @@ class SeqPlan:
         return self.start + len(self.tokens)
 
     def to_wire(self) -> list[Any]:
-        return [self.seq_id, self.tokens, self.start, self.blocks, self.sample, self.sampling.to_wire(),
-                self.blocks_from]
+        out = [self.seq_id, self.tokens, self.start, self.blocks, self.sample, self.sampling.to_wire(),
+               self.blocks_from]
+        if self.ban is not None or self.history is not None:
+            out += [self.ban, None if self.history is None else list(self.history)]
+        return out
 
     @classmethod
     def from_wire(cls, v: list[Any]) -> SeqPlan:
-        seq_id, tokens, start, blocks, sample, sampling, blocks_from = v
-        return cls(seq_id, tokens, start, blocks, sample, SamplingSpec.from_wire(sampling), blocks_from)
+        seq_id, tokens, start, blocks, sample, sampling, blocks_from, *extra = v
+        ban, history = extra or (None, None)
+        return cls(seq_id, tokens, start, blocks, sample, SamplingSpec.from_wire(sampling), blocks_from, ban,
+                   None if history is None else (history[0], history[1]))
 
 
 @dataclass

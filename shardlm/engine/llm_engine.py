@@ -19,6 +19,7 @@ from typing import Any
 from ..common.config import ConfigError
 from ..common.layout import LayoutError, ParallelLayout, shard_heads, split_layers
 from ..common.messages import (
+    PREV_TOKEN,
     AllocateKV,
     Command,
     ProfileStep,
@@ -43,7 +44,7 @@ from .kv_cache import (
 from .moe_placement import plan_placement
 from .output_processor import OutputProcessor
 from .recovery import Recovery
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingError, SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestMetrics, RequestOutput, Sequence
 from .stats import EngineStats, expert_report, write_trace
@@ -240,10 +241,19 @@ class LLMEngine:
                 f"shorten the prompt (it must leave room for at least one new token) or raise max_model_len"
             )
 
+    def validate_sampling(self, params: SamplingParams) -> None:
+        """Raise SamplingError naming the field if `params` names tokens outside this model's vocabulary."""
+        vocab = self.source.config.vocab_size
+        bad = [t for t in params.logit_bias or {} if t >= vocab]
+        if bad:
+            raise SamplingError("logit_bias", f"logit_bias names token ids {bad[:5]} outside the vocabulary "
+                                              f"[0, {vocab})")
+
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_ids)
+        self.validate_sampling(params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
                          logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
         self.requests[request_id] = seqs
@@ -326,10 +336,25 @@ class LLMEngine:
     def _plan(self, batch: list[ScheduledSeq], finished: list[int]) -> StepPlan:
         seqs = []
         for item in batch:
-            blocks, start = self._new_blocks(item.seq)
-            seqs.append(SeqPlan(item.seq.seq_id, item.tokens, item.start, blocks, item.sample,
-                                item.seq.sampling, blocks_from=start))
+            seq = item.seq
+            blocks, start = self._new_blocks(seq)
+            row = SeqPlan(seq.seq_id, item.tokens, item.start, blocks, item.sample, seq.sampling, blocks_from=start)
+            if item.sample:
+                # the token this step samples is the completion's k-th (one more may be in flight: PREV_TOKEN)
+                k = len(seq.output_ids) + (item.tokens[-1] == PREV_TOKEN)
+                if k < seq.params.min_tokens:
+                    row.ban = self._stop_ids(seq)
+                if seq.sampling.penalized and not seq.penalty_seeded:  # the first pick after a (re)prefill
+                    row.history = (len(seq.prompt_ids), seq.prompt_ids + seq.output_ids)
+                    seq.penalty_seeded = True
+            seqs.append(row)
         return StepPlan(seqs, finished, self.return_logits)
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        """The tokens that would end `seq` (banned before min_tokens)."""
+        vocab = self.source.config.vocab_size
+        eos = [] if seq.params.ignore_eos else [t for t in self.tokenizer.eos_token_ids if t < vocab]
+        return eos + [t for t in seq.params.stop_token_ids if t not in eos and t < vocab]
 
     @staticmethod
     def _new_blocks(seq: Sequence) -> tuple[list[int], int]:

@@ -27,7 +27,10 @@ class OutputProcessor:
         new = decode_next(tok, seq.output_ids, seq.detok, p.skip_special_tokens)
         seq.text += new
         finish: tuple[str, int | str | None] | None = None
-        if not p.ignore_eos and token in tok.eos_token_ids:
+        if len(seq.output_ids) <= p.min_tokens:  # too early to stop (EOS and the stop ids were banned)
+            if self.ends_by_length(seq):
+                finish = ("length", None)
+        elif not p.ignore_eos and token in tok.eos_token_ids:
             finish = ("stop", None)
         elif token in p.stop_token_ids:
             finish = ("stop", token)

@@ -30,6 +30,12 @@ MAX_STOP = 64
 """most stop strings (each is searched for after every token) and most stop token ids"""
 MAX_STOP_CHARS = 256
 """longest stop string: streaming holds back this many characters minus one, in case a stop completes"""
+MAX_PENALTY = 2.0
+"""presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)"""
+MAX_REPETITION_PENALTY = 10.0
+"""repetition_penalty lies in (0, MAX_REPETITION_PENALTY]: it divides (or multiplies) a logit"""
+MAX_LOGIT_BIAS = 300
+"""most entries of logit_bias (OpenAI's limit); each bias in [-100, 100]"""
 
 
 class SamplingError(ValueError):
@@ -77,6 +83,24 @@ class SamplingParams:
     0 .. MAX_LOGPROBS"""
     skip_special_tokens: bool = True
     """leave special tokens out of the text"""
+    presence_penalty: float = 0.0
+    """subtracted from the logit of every token the completion already contains, in [-2, 2]"""
+    frequency_penalty: float = 0.0
+    """subtracted from a token's logit once per time the completion already contains it, in [-2, 2]"""
+    repetition_penalty: float = 1.0
+    """tokens of the prompt or the completion so far: positive logits divided by it, negative ones multiplied
+    (as Hugging Face and vLLM do); 1 is off, in (0, MAX_REPETITION_PENALTY]"""
+    min_p: float = 0.0
+    """drop tokens less likely than min_p x the most likely one (random sampling), in [0, 1]"""
+    logit_bias: dict[int, float] | None = None
+    """token id -> added to its logit before sampling, in [-100, 100] (-100 bans it); at most MAX_LOGIT_BIAS"""
+    min_tokens: int = 0
+    """EOS and stop_token_ids cannot end the completion (nor stop strings) before this many tokens"""
+    best_of: int | None = None
+    """sample this many completions and return the n with the highest cumulative log-probability (>= n)"""
+    prompt_logprobs: int | None = None
+    """the log-probability of every prompt token after the ones before it (and this many most likely
+    alternatives), 0 .. MAX_LOGPROBS"""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -121,9 +145,52 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or not 0 <= t <= INT64_MAX:
                 fail("stop_token_ids", f"stop_token_ids must be integers in [0, 2**63 - 1], got {t!r:.100}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                fail(name, f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not 0 < rp <= MAX_REPETITION_PENALTY:
+            fail("repetition_penalty", f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}] "
+                                       f"(1 = off), got {rp!r}")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            fail("min_p", f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                fail("logit_bias", f"logit_bias must map token ids to numbers, got {self.logit_bias!r:.100}")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                fail("logit_bias", f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                tid = int(token) if isinstance(token, str) and token.isdigit() else token  # JSON keys are strings
+                if not _is_int(tid) or not 0 <= tid <= INT64_MAX:
+                    fail("logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {token!r:.100}")
+                if not _is_real(value) or not -100 <= value <= 100:
+                    fail("logit_bias", f"logit_bias values must be numbers in [-100, 100], got {value!r:.100} "
+                                       f"for token {tid}")
+                bias[tid] = float(value)
+            self.logit_bias = bias or None
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            fail("min_tokens", f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_N):
+            fail("best_of", f"best_of must be an integer in [n, {MAX_N}] (n = {self.n}), got {self.best_of!r}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            fail("prompt_logprobs", f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
+                                    f"{self.prompt_logprobs!r}")
+
+    @property
+    def completions(self) -> int:
+        """sequences sampled per prompt: best_of of them, else n"""
+        return self.best_of or self.n
 
     def sampling_spec(self, index: int = 0) -> SamplingSpec:
         """What the output rank needs to sample completion `index` (which varies the seed between the n)."""
         temperature = 0.0 if self.temperature < MIN_TEMPERATURE else float(self.temperature)
         seed = None if self.seed is None else self.seed + SEED_STRIDE * index
-        return SamplingSpec(temperature, float(self.top_p), self.top_k, seed, self.logprobs)
+        return SamplingSpec(temperature, float(self.top_p), self.top_k, seed, self.logprobs,
+                            float(self.presence_penalty), float(self.frequency_penalty),
+                            float(self.repetition_penalty), float(self.min_p),
+                            tuple(sorted((self.logit_bias or {}).items())))

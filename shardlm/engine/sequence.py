@@ -55,6 +55,9 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    penalty_seeded: bool = False
+    """the workers hold this sequence's token counts (penalties): set once a plan carried its history,
+    cleared when its KV cache goes (the workers may be new ones)"""
 
     def __post_init__(self) -> None:
         self.sampling = self.params.sampling_spec(self.index)
@@ -66,6 +69,7 @@ class Sequence:
         self.blocks = []
         self.sent_table, self.sent_len = None, 0
         self.num_computed = self.num_scheduled = 0
+        self.penalty_seeded = False
         self.status = SeqStatus.WAITING
 
     @property

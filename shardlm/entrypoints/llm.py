@@ -103,8 +103,9 @@ class LLM:
                 self.engine.drain()  # the step already sent for it (async scheduling): the engine is idle after
 
     def _submit(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams]) -> list[str]:
-        for _, ids in encoded:
+        for (_, ids), p in zip(encoded, params):
             self.engine.validate_prompt(ids)
+            self.engine.validate_sampling(p)
         order = []
         for (text, ids), p in zip(encoded, params):
             rid = str(next(self._ids))

@@ -10,6 +10,14 @@ Random rows draw with the exponential race (argmax of p / E, E ~ Exp(1), picks t
 p_i): one noise tensor for the batch; a seeded row draws its noise from its own generator, kept for the
 request's life, so a seed reproduces a completion.
 
+Before the pick (greedy or random) a row's logits may change, as vLLM orders it: its banned tokens
+(min_tokens: EOS and the stop ids) to -inf, logit_bias added, then the penalties (repetition over the
+prompt and the completion so far, frequency and presence over the completion). A penalized sequence's
+token counts live on the device, a row of `Penalties` for its life: seeded from SeqPlan.history on the
+step that ends its (re)prefill, then counted as tokens are picked, so no step sends them again. Random
+rows then apply temperature, min_p, top-k and top-p. Log-probabilities stay those of the model's own
+distribution (the logits before any of this), as vLLM reports by default.
+
 A row whose sampling fails (its values break the arithmetic, or its distribution is not finite) comes
 back with `error` set: the engine ends that request alone, and the other rows are sampled as usual.
 SamplingParams bounds every value so this should not happen; it is the last line of defence.
@@ -63,15 +71,61 @@ class SampleBatch:
         return out
 
 
+class Penalties:
+    """Token counts of the penalized sequences on the device: row `slots[seq_id]` of `counts` (times each
+    token was sampled) and `seen` (in the prompt or sampled). Rows are reused; the pool doubles when full."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.slots: dict[int, int] = {}
+        self.free: list[int] = []
+        self.counts = self.seen = None
+
+    def slot(self, seq_id: int, vocab: int) -> int:
+        if seq_id in self.slots:
+            return self.slots[seq_id]
+        if not self.free:
+            size = 0 if self.counts is None else self.counts.shape[0]
+            grown = max(8, 2 * size)
+            counts = torch.zeros(grown, vocab, dtype=torch.int32, device=self.device)
+            seen = torch.zeros(grown, vocab, dtype=torch.bool, device=self.device)
+            if size:
+                counts[:size].copy_(self.counts)
+                seen[:size].copy_(self.seen)
+            self.counts, self.seen = counts, seen
+            self.free = list(range(grown - 1, size - 1, -1))
+        self.slots[seq_id] = self.free.pop()
+        return self.slots[seq_id]
+
+    def seed(self, seq_id: int, vocab: int, prompt_len: int, ids: list[int]) -> None:
+        """(Re)start a sequence's counts from its prompt and completion so far."""
+        row = self.slot(seq_id, vocab)
+        self.counts[row].zero_()
+        self.seen[row].zero_()
+        if ids:
+            every = _to(self.device, ids, torch.long)
+            self.seen[row].index_fill_(0, every, True)
+            if len(ids) > prompt_len:
+                out = every[prompt_len:]
+                self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+
+    def forget(self, seq_id: int) -> None:
+        row = self.slots.pop(seq_id, None)
+        if row is not None:
+            self.free.append(row)
+
+
 class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
         # seeded requests keep one generator for their whole life, so a seed reproduces a completion
         self.generators: dict[int, torch.Generator] = {}
+        self.penalties = Penalties(device)
 
     def forget(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:
             self.generators.pop(sid, None)
+            self.penalties.forget(sid)
 
     def _generator(self, seq_id: int, seed: int) -> torch.Generator:
         gen = self.generators.get(seq_id)
@@ -84,16 +138,28 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[SeqPlan]) -> SampleBatch:
         """logits [n, vocab] float32, one row per sequence of `seqs` -> the token picked for each."""
         n, vocab = logits.shape
-        tokens = _argmax(logits)
+        for s in seqs:
+            if s.history is not None:
+                self.penalties.seed(s.seq_id, vocab, *s.history)
+        adjusted = [i for i, s in enumerate(seqs) if s.sampling.adjusts_logits or s.ban]
+        scores = self._adjust(logits, adjusted, seqs) if adjusted else logits
+        tokens = _argmax(scores)
         lse = _logsumexp(logits)  # log-probabilities are of the model's own distribution, as vLLM reports
         ok = torch.ones(n, dtype=torch.bool, device=logits.device)
         errors: dict[int, str] = {}
         rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if rows:
-            picked, finite = self._draw(logits, rows, [seqs[i] for i in rows], errors)
+            picked, finite = self._draw(scores, rows, [seqs[i] for i in rows], errors)
             index = _to(logits.device, rows, torch.long)
             tokens.index_copy_(0, index, torch.where(finite, picked, 0))
             ok.index_copy_(0, index, finite)
+        penalized = [i for i in adjusted if seqs[i].sampling.penalized]
+        if penalized:  # count the picked tokens where the next step's penalties read them
+            p = self.penalties
+            slots = _to(logits.device, [p.slot(seqs[i].seq_id, vocab) for i in penalized], torch.long)
+            picked = tokens.index_select(0, _to(logits.device, penalized, torch.long))
+            p.counts.index_put_((slots, picked), torch.ones_like(picked, dtype=torch.int32), accumulate=True)
+            p.seen.index_put_((slots, picked), torch.ones_like(picked, dtype=torch.bool))
         chosen = logits.gather(1, tokens.unsqueeze(1))
         ranks = _chunked(logits > chosen).sum(-1).sum(-1) + 1  # 1 = the most likely token
         want = min(max((s.sampling.logprobs or 0) for s in seqs), vocab)
@@ -104,6 +170,38 @@ class Sampler:
             packed = torch.cat([packed, top_ids.double(), (top_vals - lse.unsqueeze(1)).double()], dim=1)
         return SampleBatch(seqs, tokens, packed, want, errors)
 
+    def _adjust(self, logits: torch.Tensor, rows: list[int], seqs: list[SeqPlan]) -> torch.Tensor:
+        """The logits with rows `rows` changed by their bans, biases and penalties (a copy)."""
+        dev, vocab = logits.device, logits.shape[1]
+        index = _to(dev, rows, torch.long)
+        sub = logits.index_select(0, index)
+        where, tokens, values = [], [], []  # (row of sub, token, added): bias, and -inf for a ban
+        for j, i in enumerate(rows):
+            s = seqs[i]
+            for t, bias in s.sampling.logit_bias:
+                where.append(j), tokens.append(t), values.append(bias)
+            for t in s.ban or ():
+                where.append(j), tokens.append(t), values.append(float("-inf"))
+        if where:
+            sub.index_put_((_to(dev, where, torch.long), _to(dev, tokens, torch.long)), _to(dev, values),
+                           accumulate=True)
+        pen = [j for j, i in enumerate(rows) if seqs[i].sampling.penalized]
+        if pen:
+            specs = [seqs[rows[j]].sampling for j in pen]
+            slots = _to(dev, [self.penalties.slot(seqs[rows[j]].seq_id, vocab) for j in pen], torch.long)
+            counts = self.penalties.counts.index_select(0, slots).float()
+            seen = self.penalties.seen.index_select(0, slots)
+            local = _to(dev, pen, torch.long)
+            x = sub.index_select(0, local)
+            rp = _to(dev, [p.repetition_penalty for p in specs]).unsqueeze(1)
+            x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
+            x = (x - _to(dev, [p.frequency_penalty for p in specs]).unsqueeze(1) * counts
+                 - _to(dev, [p.presence_penalty for p in specs]).unsqueeze(1) * (counts > 0))
+            sub.index_copy_(0, local, x)
+        scores = logits.clone()
+        scores.index_copy_(0, index, sub)
+        return scores
+
     def _draw(self, logits: torch.Tensor, rows: list[int], seqs: list[SeqPlan],
               errors: dict[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the non-greedy rows (indices `rows` of logits) after temperature, top-k and top-p:
@@ -112,6 +210,9 @@ class Sampler:
         vocab, dev = logits.shape[1], logits.device
         specs = [s.sampling for s in seqs]
         scores = logits.index_select(0, _to(dev, rows, torch.long)) / _to(dev, [p.temperature for p in specs]).unsqueeze(1)
+        if any(p.min_p > 0 for p in specs):  # p_i < min_p * p_max, in log space: s_i - s_max < log(min_p)
+            floor = scores.amax(-1, keepdim=True) + torch.log(_to(dev, [p.min_p for p in specs])).unsqueeze(1)
+            scores = scores.masked_fill(scores < floor, float("-inf"))
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in specs]
         if any(ks):
             k = _to(dev, ks, torch.long)

@@ -1,0 +1,63 @@
+"""The sampling knobs vLLM users send (penalties, logit_bias, min_p, min_tokens), through the engine: against
+Hugging Face's own logits processors where it has them, at TP 1 and 2, under async scheduling and chunked
+prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import PROMPTS
+
+from shardlm import LLM, SamplingParams
+from shardlm.engine.sampling_params import SamplingError
+
+
+def hf_generate(model, prompt, steps, **kw):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_repetition_penalty_matches_hf(tp, tiny_models):
+    """Hugging Face's RepetitionPenaltyLogitsProcessor (prompt and completion, divide positive logits,
+    multiply negative) against the sampler's, greedy, float32; a 4-token budget chunks the longer prompts"""
+    folder, model = tiny_models["llama-uneven-tied"]
+    refs = [hf_generate(model, p, 12, repetition_penalty=1.8) for p in PROMPTS]
+    plain = [hf_generate(model, p, 12) for p in PROMPTS]
+    assert refs != plain  # the penalty changes what greedy decoding picks here (else this test shows nothing)
+    with LLM(str(folder), tensor_parallel_size=tp, max_num_batched_tokens=8) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.8))
+    assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def test_presence_and_frequency_penalties_stop_repeats(tiny_models):
+    """a tiny random model repeats itself greedily; a frequency penalty large enough makes every token of a
+    completion new until the vocabulary of likely tokens runs out"""
+    folder, _ = tiny_models["llama-uneven-tied"]
+    with LLM(str(folder)) as llm:
+        plain, pen = (llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(
+            max_tokens=16, temperature=0, ignore_eos=True, **kw)) for kw in ({}, {"presence_penalty": 2.0,
+                                                                                "frequency_penalty": 2.0}))
+    repeats = [len(o.outputs[0].token_ids) - len(set(o.outputs[0].token_ids)) for o in plain]
+    assert sum(repeats) > 0  # without penalties the tiny model repeats (else this test shows nothing)
+    for o in pen:
+        ids = o.outputs[0].token_ids
+        assert len(set(ids)) >= len(ids) - 2, ids
+
+
+def test_logit_bias_forces_a_token_and_min_tokens_holds_off_eos(tiny_models):
+    folder, _ = tiny_models["llama-uneven-tied"]
+    with LLM(str(folder)) as llm:
+        eos = sorted(llm.engine.tokenizer.eos_token_ids)[0]
+        (forced,) = llm.generate([{"prompt_token_ids": PROMPTS[0]}],
+                                 SamplingParams(max_tokens=5, temperature=0, logit_bias={7: 100}))
+        assert forced.outputs[0].token_ids == [7] * 5
+        # EOS pushed to the top: without min_tokens it ends at once; with it, after exactly 4 tokens
+        short, held = (llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(
+            max_tokens=10, temperature=0, logit_bias={eos: 100}, **kw))[0].outputs[0] for kw in ({}, {"min_tokens": 4}))
+        assert short.token_ids == [eos] and short.finish_reason == "stop"
+        assert len(held.token_ids) == 5 and held.token_ids[-1] == eos and eos not in held.token_ids[:4]
+        with pytest.raises(SamplingError, match="outside the vocabulary"):
+            llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(logit_bias={10**6: 1}))
