@@ -61,3 +61,19 @@ def test_logit_bias_forces_a_token_and_min_tokens_holds_off_eos(tiny_models):
         assert len(held.token_ids) == 5 and held.token_ids[-1] == eos and eos not in held.token_ids[:4]
         with pytest.raises(SamplingError, match="outside the vocabulary"):
             llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(logit_bias={10**6: 1}))
+
+
+def test_best_of_returns_the_n_most_likely_of_its_completions(tiny_models):
+    """best_of=4, n=2 samples the same 4 completions as n=4 (same seeds) and returns the 2 with the highest
+    cumulative log-probability, numbered 0 and 1 best first; it cannot stream"""
+    folder, _ = tiny_models["llama-uneven-tied"]
+    kw = dict(max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    with LLM(str(folder)) as llm:
+        (four,) = llm.generate([{"prompt_token_ids": PROMPTS[1]}], SamplingParams(n=4, **kw))
+        (best,) = llm.generate([{"prompt_token_ids": PROMPTS[1]}], SamplingParams(n=2, best_of=4, **kw))
+        with pytest.raises(SamplingError, match="best_of > n cannot stream"):
+            next(llm.stream({"prompt_token_ids": PROMPTS[1]}, SamplingParams(n=2, best_of=4, **kw)))
+    ranked = sorted(four.outputs, key=lambda o: -o.cumulative_logprob)[:2]
+    assert [o.token_ids for o in best.outputs] == [o.token_ids for o in ranked]
+    assert [o.index for o in best.outputs] == [0, 1]
+    assert len({tuple(o.token_ids) for o in four.outputs}) > 2  # the 4 differ (else the ranking shows nothing)

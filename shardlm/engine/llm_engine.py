@@ -255,7 +255,7 @@ class LLMEngine:
         self.validate_prompt(prompt_ids)
         self.validate_sampling(params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
-                         logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
+                         logprobs=[] if params.logprobs is not None else None) for i in range(params.completions)]
         self.requests[request_id] = seqs
         self.request_info[request_id] = (prompt, RequestMetrics(arrival_time=time.monotonic()))
         for s in seqs:

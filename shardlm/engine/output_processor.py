@@ -62,9 +62,13 @@ class OutputProcessor:
     @staticmethod
     def request_output(request_id: str, prompt: str | None, seqs: list[Sequence],
                        metrics: RequestMetrics, error: str | None = None) -> RequestOutput:
-        """A snapshot of the request's completions so far."""
+        """A snapshot of the request's completions so far. With best_of > n, the n of the best_of completions
+        with the highest cumulative log-probability once all are done (numbered 0 .. n-1 in that order)."""
         finished = all(s.finished for s in seqs)
-        outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.cumulative_logprob,
+        n, best_of = seqs[0].params.n, len(seqs) > seqs[0].params.n
+        if best_of:
+            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[:n] if finished else seqs[:n]
+        outs = [CompletionOutput(i if best_of else s.index, s.text, list(s.output_ids), s.cumulative_logprob,
                                  list(s.logprobs) if s.logprobs is not None else None, s.finish_reason,
-                                 s.stop_reason) for s in seqs]
+                                 s.stop_reason) for i, s in enumerate(seqs)]
         return RequestOutput(request_id, prompt, seqs[0].prompt_ids, outs, finished, metrics, error)

@@ -13,7 +13,7 @@ from typing import Any
 from ..common.model_source import ModelSource
 from ..engine.arg_utils import EngineArgs
 from ..engine.llm_engine import LLMEngine
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingError, SamplingParams
 from ..engine.sequence import RequestOutput
 
 Prompt = str | list[int] | dict[str, Any]
@@ -90,7 +90,11 @@ class LLM:
         """Yield the request's output after every step that added tokens (the last one has finished=True).
 
         Stopping early (closing the iterator) aborts the request and frees its KV cache."""
-        (rid,) = self._submit([self._tokens(prompt)], self._params(sampling_params, 1))
+        params = self._params(sampling_params, 1)
+        if params[0].completions > params[0].n:
+            raise SamplingError("best_of", "best_of > n cannot stream: which n completions are the best is known "
+                                           "only when all have finished; use generate()")
+        (rid,) = self._submit([self._tokens(prompt)], params)
         finished = False
         try:
             for out in self._run(False, total=1):
