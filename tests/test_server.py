@@ -106,6 +106,30 @@ def test_completions_and_chat_streaming_and_not(smol):
     assert sorted(ch.index for ch in two.choices) == [0, 1]
 
 
+def test_sampling_knobs_through_the_openai_client(smol):
+    """vLLM's sampling fields on both endpoints: logit_bias forces a token, the penalties and min_p are taken,
+    best_of returns n completions, echo puts the prompt first (streamed or not)"""
+    c = client(smol)
+    tok = c.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=1, temperature=0, logprobs=0)
+    forced_id = 28  # a token unlikely after "Hi": the bias alone picks it
+    forced = c.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=3, temperature=0,
+                                  logit_bias={str(forced_id): 100})
+    assert forced.usage.completion_tokens == 3 and forced.choices[0].text != tok.choices[0].text
+    chat = c.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Count: 1 1 1 1"}],
+                                     max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=1.0,
+                                     extra_body={"repetition_penalty": 1.3, "min_p": 0.05, "min_tokens": 4})
+    assert chat.usage.completion_tokens >= 4
+    best = c.completions.create(model="smollm2-135m", prompt="Once upon a time", max_tokens=5, n=2, best_of=3,
+                                temperature=1.0, seed=3)
+    assert sorted(ch.index for ch in best.choices) == [0, 1]
+    echo = c.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=4,
+                                temperature=0, echo=True)
+    assert echo.choices[0].text.startswith("The capital of France is")
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="smollm2-135m", prompt="The capital of France is", max_tokens=4, temperature=0, echo=True, stream=True))
+    assert streamed == echo.choices[0].text
+
+
 def test_64_concurrent_requests_equal_alone_and_preempt(smol):
     prompts = [f"Write {i} words about the number {i * 7}." + " Please be brief." * (i % 5) for i in range(16)]
     c = client(smol)
@@ -136,7 +160,15 @@ def test_bad_input_gets_4xx_and_server_stays_up(smol):
         (dict(model="smollm2-135m", prompt="x", temperature=-1), openai.BadRequestError, "temperature"),
         (dict(model="smollm2-135m", prompt="x", top_p=1.5), openai.BadRequestError, "top_p"),
         (dict(model="smollm2-135m", prompt="word " * 400), openai.BadRequestError, "prompt"),
-        (dict(model="smollm2-135m", prompt="x", presence_penalty=1), openai.BadRequestError, "presence_penalty"),
+        (dict(model="smollm2-135m", prompt="x", presence_penalty=3), openai.BadRequestError, "presence_penalty"),
+        (dict(model="smollm2-135m", prompt="x", logit_bias={"999999": 5}), openai.BadRequestError, "logit_bias"),
+        (dict(model="smollm2-135m", prompt="x", logit_bias={"12": 500}), openai.BadRequestError, "logit_bias"),
+        (dict(model="smollm2-135m", prompt="x", suffix="y"), openai.BadRequestError, "suffix"),
+        (dict(model="smollm2-135m", prompt="x", echo=True, logprobs=1), openai.BadRequestError, "echo"),
+        (dict(model="smollm2-135m", prompt="x", n=2, best_of=1), openai.BadRequestError, "best_of"),
+        (dict(model="smollm2-135m", prompt="x", best_of=2, stream=True), openai.BadRequestError, "best_of"),
+        (dict(model="smollm2-135m", prompt="x", extra_body={"min_tokens": 50, "max_tokens": 5}),
+         openai.BadRequestError, "min_tokens"),
     ]
     for kwargs, err, param in cases:
         with pytest.raises(err) as info:

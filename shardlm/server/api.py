@@ -22,6 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from ..engine.sampling_params import SamplingError, SamplingParams
 from ..engine.sequence import CompletionOutput, RequestOutput
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .gate import Gate
@@ -142,11 +143,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         except Overloaded as exc:
             raise _overloaded(exc) from None
 
-    def validate(ids: list[int]) -> None:
+    def validate(ids: list[int], params: SamplingParams) -> None:
         try:
             engine.engine.validate_prompt(ids)
         except ValueError as exc:
             raise APIError(400, str(exc), "prompt") from None
+        try:
+            engine.engine.validate_sampling(params)
+        except SamplingError as exc:
+            raise APIError(400, str(exc), exc.field) from None
 
     async def run(prompt_text: str | None, ids: list[int], params) -> AsyncIterator[RequestOutput]:
         try:
@@ -181,12 +186,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             raise APIError(400, "prompt is empty", "prompt")
         if req.stream and len(prompts) > 1:
             raise APIError(400, "stream=true takes one prompt per request", "prompt")
-        params = req.sampling(req.max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not served by shardlm: "
+                                "drop one of them", "echo")
+        params = req.sampling(req.max_tokens, req.logprobs, best_of=req.best_of)
 
         def encode() -> list[tuple[str | None, list[int]]]:
             encoded = [prompt_ids(p) for p in prompts]
             for _, ids in encoded:
-                validate(ids)
+                validate(ids, params)
                 check_max_tokens(req.max_tokens, len(ids), "max_tokens")
             return encoded
 
@@ -199,16 +207,26 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             return {"index": i, "text": text, "logprobs": lp,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
+        def echoed(p: int) -> str:
+            """echo: the prompt's text (a prompt of token ids decoded) before the completion's"""
+            text, ids = encoded[p]
+            return "" if not req.echo else text if text is not None else tokenizer.decode(ids)
+
         if not req.stream:
             outs = await _collect(request, [run(t, ids, params) for t, ids in encoded])  # batched together
             if outs is None:
                 return Response(status_code=CLIENT_GONE)
-            choices = [choice(p * req.n + c.index, c, c.text, 0) for p, o in enumerate(outs) for c in o.outputs]
+            choices = [choice(p * req.n + c.index, c, echoed(p) + c.text, 0) for p, o in enumerate(outs)
+                       for c in o.outputs]
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage(outs)}
 
         async def events() -> AsyncIterator[str]:
             head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+            if req.echo:  # the prompt first, one event per completion
+                for i in range(req.n):
+                    yield sse(dict(head, choices=[{"index": i, "text": echoed(0), "logprobs": None,
+                                                   "finish_reason": None, "stop_reason": None}]))
             async for c, text, start, last in stream_deltas(run(*encoded[0], params), req.n, params.stop):
                 if c is not None:
                     yield sse(dict(head, choices=[choice(c.index, c, text, start)]))
@@ -235,7 +253,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                 ids = tokenizer.apply_chat_template(conversation)
             except Exception as exc:  # noqa: BLE001 - the template's own checks (jinja2: roles must alternate, ...)
                 raise APIError(400, f"the model's chat template rejected the messages: {exc}", "messages") from None
-            validate(ids)
+            validate(ids, params)
             check_max_tokens(max_tokens, len(ids), field)
             return ids
 

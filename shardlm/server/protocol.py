@@ -15,8 +15,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 # OpenAI fields shardlm does not implement, with the values that mean "off"; any other value gets a 400
 UNSUPPORTED: dict[str, tuple] = {
-    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+    "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
     "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
 }
 
@@ -51,6 +50,12 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    presence_penalty: Finite = 0.0
+    frequency_penalty: Finite = 0.0
+    repetition_penalty: Finite = 1.0
+    min_p: Finite = 0.0
+    logit_bias: dict[str, Finite] | None = None
+    min_tokens: int = 0
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -86,23 +91,33 @@ class _Common(BaseModel):
         except UnicodeEncodeError:
             walk(body, ())
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None, names: dict[str, str] | None = None
-                 ) -> SamplingParams:
+    def sampling(self, max_tokens: int | None, logprobs: int | None, names: dict[str, str] | None = None,
+                 best_of: int | None = None) -> SamplingParams:
         """The request's SamplingParams; a bad value is a 400 naming its field (`names`: this request's
         name for a SamplingParams field, where they differ)."""
         try:
-            return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                  seed=self.seed, max_tokens=max_tokens, stop=self.stop,
-                                  stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs)
+            params = SamplingParams(
+                n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, min_p=self.min_p, logit_bias=self.logit_bias,
+                min_tokens=self.min_tokens, best_of=best_of)
         except SamplingError as exc:
             field = (names or {}).get(exc.field, exc.field)
             raise APIError(400, str(exc).replace(exc.field, field, 1), field) from None
+        if self.stream and params.completions > params.n:
+            raise APIError(400, "best_of > n cannot stream (the best n are known only at the end): set stream=false "
+                                "or best_of=n", "best_of")
+        return params
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
+    best_of: int | None = None
+    echo: bool = False
+    """the prompt's text before each completion's (with logprobs: not served, a 400)"""
 
 
 class ChatMessage(BaseModel):
