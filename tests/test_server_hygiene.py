@@ -207,7 +207,8 @@ class ScriptedEngine:
 
     def __init__(self, script, tokenizer=None):
         self.engine = SimpleNamespace(tokenizer=tokenizer or ByteTokenizer(512, [2]), max_model_len=64,
-                                      validate_prompt=lambda ids: None)
+                                      validate_prompt=lambda ids: None, validate_sampling=lambda params: None,
+                                      source=SimpleNamespace(name="random:tiny", config=SimpleNamespace(vocab_size=512)))
         self.healthy = self.serving = self.ready = True
         self.replicas = []
         self.max_waiting_requests, self.on_step, self.stall_s = LIMIT, None, 60.0
@@ -425,3 +426,41 @@ def test_bench_serve_summary_table():
     lines = text.splitlines()
     assert lines[0].startswith("requests   9 completed, 1 failed in 3.0 s") and "1,234 tok/s" in lines[1]
     assert "1 x ReadError: boom" in text and lines[-4].startswith("TTFT ms") and lines[-1].split()[-1] == "20.0"
+
+
+def test_tokenize_detokenize_version_and_models():
+    """vLLM's /tokenize (text or a conversation), /detokenize, /version; /v1/models names max_model_len"""
+    from shardlm import __version__
+
+    async def scenario():
+        app = build_app(ScriptedEngine(finishes), MODEL, max_body_bytes=1 << 20)
+        tok = ByteTokenizer(512, [2])
+        status, raw = await call(app, "/tokenize", {"model": MODEL, "prompt": "hé"})
+        assert status == 200 and json.loads(raw) == {"count": len(tok.encode("hé")), "max_model_len": 64, "tokens": tok.encode("hé")}
+        msgs = [{"role": "user", "content": "hi"}]
+        _, with_turn = await call(app, "/tokenize", {"messages": msgs})
+        _, without = await call(app, "/tokenize", {"messages": msgs, "add_generation_prompt": False})
+        assert json.loads(with_turn)["tokens"] == tok.apply_chat_template(msgs)
+        assert json.loads(without)["tokens"] == tok.apply_chat_template(msgs, add_generation_prompt=False)
+        status, raw = await call(app, "/detokenize", {"tokens": tok.encode("hé")})
+        assert status == 200 and json.loads(raw) == {"prompt": "hé"}
+        for path, body, param in (("/detokenize", {"tokens": [600]}, "tokens"),
+                                  ("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+                                  ("/tokenize", {"model": "other", "prompt": "a"}, "model")):
+            status, raw = await call(app, path, body)
+            assert status in (400, 404) and json.loads(raw)["error"]["param"] == param, raw
+        status, raw = await call(app, "/version", None)
+        assert status == 200 and json.loads(raw) == {"version": __version__}
+        status, raw = await call(app, "/v1/models", None)
+        assert json.loads(raw)["data"][0]["max_model_len"] == 64
+
+    asyncio.run(scenario())
+
+
+def test_cli_version(capsys):
+    from shardlm import __version__
+    from shardlm.entrypoints.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"shardlm {__version__}"

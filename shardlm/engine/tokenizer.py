@@ -21,7 +21,8 @@ class Tokenizer(Protocol):
 
     def token_str(self, token_id: int) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+                            ) -> list[int]: ...
 
 
 class HFTokenizer:
@@ -43,10 +44,10 @@ class HFTokenizer:
     def token_str(self, token_id: int) -> str:
         return self.tok.decode([token_id])
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         if not self.tok.chat_template:
             raise ValueError("this model's tokenizer has no chat template; pass a plain prompt instead")
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         if hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
             out = out["input_ids"]
         return list(out)
@@ -86,9 +87,9 @@ class ByteTokenizer:
     def token_str(self, token_id: int) -> str:
         return self.decode([token_id])
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages) + "<assistant>\n"
-        return self.encode(text)
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)
+        return self.encode(text + ("<assistant>\n" if add_generation_prompt else ""))
 
 
 @dataclass

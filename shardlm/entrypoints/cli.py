@@ -33,7 +33,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="shardlm", description="Split LLMs across GPUs and serve them.")
+    parser.add_argument("--version", action="version", version=f"shardlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one or more prompts (streams a single prompt)")
     gen.add_argument("prompts", nargs="+", help="prompt text")

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, and vLLM's /tokenize,
+/detokenize, /version; /health, /ready, /metrics.
 
 Every error is OpenAI-shaped JSON (`{"error": {message, type, param, code}}`), unknown paths, wrong
 methods, oversized bodies and unexpected exceptions included; a stream that fails after its 200 went
@@ -22,12 +23,19 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from .. import __version__
 from ..engine.sampling_params import SamplingError, SamplingParams
 from ..engine.sequence import CompletionOutput, RequestOutput
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .gate import Gate
 from .metrics import Metrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from .responses import (
     chat_logprobs,
     completion_logprobs,
@@ -77,7 +85,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
             message = (f"no such endpoint: {request.method} {request.url.path}; this server serves /v1/completions, "
-                       f"/v1/chat/completions, /v1/models, /health and /metrics")
+                       f"/v1/chat/completions, /v1/models, /tokenize, /detokenize, /version, /health, /ready and "
+                       f"/metrics")
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "GET")
             message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
@@ -111,13 +120,45 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "shardlm", "max_model_len": max_len}]}
+                                            "owned_by": "shardlm", "root": engine.engine.source.name,
+                                            "max_model_len": max_len}]}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"model {name!r:.200} is not served here; this server serves {model_name!r}",
+                           "model", code="model_not_found")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt (text) and messages (a conversation)", "prompt")
+        if req.prompt is not None:
+            ids = await asyncio.to_thread(tokenizer.encode, req.prompt)
+        else:
+            conversation = [{"role": m.role, "content": m.text(f"messages.{i}")} for i, m in enumerate(req.messages)]
+            try:
+                ids = await asyncio.to_thread(tokenizer.apply_chat_template, conversation, req.add_generation_prompt)
+            except Exception as exc:  # noqa: BLE001 - the template's own checks
+                raise APIError(400, f"the model's chat template rejected the messages: {exc}", "messages") from None
+        return {"count": len(ids), "max_model_len": max_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        check_model(req.model)
+        vocab = engine.engine.source.config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens {bad[:5]} are outside the vocabulary [0, {vocab})", "tokens")
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, req.tokens, False)}
 
     def check_request(req: CompletionRequest | ChatCompletionRequest) -> None:
         req.check_text()
-        if req.model != model_name:
-            raise APIError(404, f"model {req.model!r:.200} is not served here; this server serves {model_name!r}",
-                           "model", code="model_not_found")
+        check_model(req.model)
         req.check_unsupported()
 
     def check_max_tokens(value: int | None, prompt_len: int, field: str) -> int | None:

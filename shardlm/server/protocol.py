@@ -146,3 +146,22 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """/tokenize (vLLM's): a prompt's tokens, or a conversation's after the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    """(messages) end with the assistant's turn opened, as a chat completion does"""
+
+
+class DetokenizeRequest(BaseModel):
+    """/detokenize (vLLM's): token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
