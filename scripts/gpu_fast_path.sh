@@ -41,7 +41,7 @@ if [[ $STAGES == *serve* ]]; then
     [ -n "${PROFILE_SERVER:-}" ] && SERVE_LAUNCHER="python3 scripts/serve_profile.py $OUT/serve-$variant-profile.txt"
     start_server $variant 8111 $(variant_env $variant) -- $MODEL $(variant_flag $variant) || continue
     bench_closed_loop $variant 8111 $MODEL
-    curl -s localhost:8111/metrics | grep "^shardlm_worker_steps_total" | sed "s/^/[$variant] /"
+    curl -s localhost:8111/metrics | grep "^shardlm:worker_steps_total" | sed "s/^/[$variant] /"
     stop_server
   done
 fi

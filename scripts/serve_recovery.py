@@ -140,7 +140,7 @@ def main() -> None:
             result["faults"].append(row)
             print(json.dumps(row), flush=True)
         restarts = [line for line in httpx.get(base + "/metrics").text.splitlines()
-                    if line.startswith("shardlm_worker_restarts_total{")]
+                    if line.startswith("shardlm:worker_restarts_total{")]
         result["restarts_metric"] = restarts
     finally:
         server.send_signal(signal.SIGTERM)

@@ -9,8 +9,8 @@ from shardlm.engine.stats import BlockStats, EngineStats, SchedulerStats
 from shardlm.server import metrics as metrics_mod
 from shardlm.server.metrics import REFRESH_INTERVAL_S, Metrics
 
-GPU_GAUGES = ("shardlm_gpu_utilization_percent", "shardlm_gpu_memory_used_bytes", "shardlm_gpu_memory_total_bytes",
-              "shardlm_gpu_temperature_celsius", "shardlm_gpu_power_watts")
+GPU_GAUGES = ("shardlm:gpu_utilization_percent", "shardlm:gpu_memory_used_bytes", "shardlm:gpu_memory_total_bytes",
+              "shardlm:gpu_temperature_celsius", "shardlm:gpu_power_watts")
 
 
 class FakeNVML:
@@ -106,7 +106,7 @@ def value(m: Metrics, name: str, **labels) -> float | None:
 
 
 def gpu_samples(m: Metrics) -> list:
-    return [s for fam in m.registry.collect() if fam.name.startswith("shardlm_gpu_") for s in fam.samples]
+    return [s for fam in m.registry.collect() if fam.name.startswith("shardlm:gpu_") for s in fam.samples]
 
 
 def test_gpu_gauges_per_rank_of_each_replica(nvml, clock):
@@ -115,18 +115,18 @@ def test_gpu_gauges_per_rank_of_each_replica(nvml, clock):
     nvml.no_power = frozenset({3})
     m.on_tick(replica(1, first_device=2))
     lbl = {"replica": "1", "rank": "1", "gpu": "3"}
-    assert value(m, "shardlm_gpu_utilization_percent", **lbl) == 30
-    assert value(m, "shardlm_gpu_memory_used_bytes", **lbl) == 3 * 2**30
-    assert value(m, "shardlm_gpu_memory_total_bytes", **lbl) == 80 * 2**30
-    assert value(m, "shardlm_gpu_temperature_celsius", **lbl) == 43
-    assert value(m, "shardlm_gpu_power_watts", **lbl) is None  # not supported: left out, the rest is there
-    assert value(m, "shardlm_gpu_power_watts", replica="1", rank="0", gpu="2") == 102.0
+    assert value(m, "shardlm:gpu_utilization_percent", **lbl) == 30
+    assert value(m, "shardlm:gpu_memory_used_bytes", **lbl) == 3 * 2**30
+    assert value(m, "shardlm:gpu_memory_total_bytes", **lbl) == 80 * 2**30
+    assert value(m, "shardlm:gpu_temperature_celsius", **lbl) == 43
+    assert value(m, "shardlm:gpu_power_watts", **lbl) is None  # not supported: left out, the rest is there
+    assert value(m, "shardlm:gpu_power_watts", replica="1", rank="0", gpu="2") == 102.0
     assert {(s.labels["rank"], s.labels["gpu"]) for s in gpu_samples(m)} == {("0", "2"), ("1", "3")}
     assert {s.name for s in gpu_samples(m)} == set(GPU_GAUGES)
     assert all(set(s.labels) == {"model_name", "replica", "rank", "gpu"} for s in gpu_samples(m))
     assert nvml.inits == 1
     m.on_tick(replica(0, first_device=0))
-    assert value(m, "shardlm_gpu_temperature_celsius", replica="0", rank="1", gpu="1") == 41
+    assert value(m, "shardlm:gpu_temperature_celsius", replica="0", rank="1", gpu="1") == 41
     assert nvml.inits == 1  # NVML is started once
 
 
@@ -147,7 +147,7 @@ def test_no_gpu_gauges_without_local_gpus_or_nvml(nvml, clock, case):
     m.on_tick(rep)
     labels = {(s.labels["rank"], s.labels["gpu"]) for s in gpu_samples(m)}
     assert labels == ({("0", "7")} if case == "no_such_gpu" else set())
-    assert (b"shardlm_gpu_temperature_celsius{" in m.render()) == (case == "no_such_gpu")
+    assert (b"shardlm:gpu_temperature_celsius{" in m.render()) == (case == "no_such_gpu")
     assert nvml.inits == (1 if case in ("nvml_fails", "no_such_gpu") else 0)
 
 
@@ -164,10 +164,10 @@ def test_on_tick_respects_the_interval_and_reads_step_times_after_steps(nvml, cl
     clock.t += 0.01
     m.on_tick(rep)
     assert nvml.reads == 4 and rep.engine.stage_stats_calls == [True]  # read and reset
-    assert value(m, "shardlm_worker_step_seconds", replica="0", rank="1") == pytest.approx(0.1)
-    assert value(m, "shardlm_worker_step_seconds", replica="0", rank="0") is None  # it ran no step
-    assert value(m, "shardlm_worker_steps_total", replica="0", rank="1", mode="graph") == 7
-    assert value(m, "shardlm_worker_steps_total", replica="0", rank="1", mode="eager") == 3
+    assert value(m, "shardlm:worker_step_seconds", replica="0", rank="1") == pytest.approx(0.1)
+    assert value(m, "shardlm:worker_step_seconds", replica="0", rank="0") is None  # it ran no step
+    assert value(m, "shardlm:worker_steps_total", replica="0", rank="1", mode="graph") == 7
+    assert value(m, "shardlm:worker_steps_total", replica="0", rank="1", mode="eager") == 3
     clock.t += REFRESH_INTERVAL_S
     m.on_tick(rep)  # idle since: GPUs again, the workers not
     assert nvml.reads == 6 and rep.engine.stage_stats_calls == [True]
@@ -179,14 +179,14 @@ def test_restarts_and_readiness():
     m.on_restart(r1, "died")
     m.on_restart(r1, "died")
     m.on_restart(r1, "hung")
-    assert value(m, "shardlm_worker_restarts_total", replica="1", cause="died") == 2
-    assert value(m, "shardlm_worker_restarts_total", replica="1", cause="hung") == 1
-    assert value(m, "shardlm_worker_restarts_total", replica="0", cause="died") is None
+    assert value(m, "shardlm:worker_restarts_total", replica="1", cause="died") == 2
+    assert value(m, "shardlm:worker_restarts_total", replica="1", cause="hung") == 1
+    assert value(m, "shardlm:worker_restarts_total", replica="0", cause="died") is None
     m.set_ready(r0, True)
     m.set_ready(r1, True)
     m.set_ready(r1, False)
-    assert value(m, "shardlm_replica_ready", replica="0") == 1
-    assert value(m, "shardlm_replica_ready", replica="1") == 0
+    assert value(m, "shardlm:replica_ready", replica="0") == 1
+    assert value(m, "shardlm:replica_ready", replica="1") == 0
 
 
 def test_real_cpu_engine_step_times_and_no_gpu_gauges(clock):
@@ -202,10 +202,10 @@ def test_real_cpu_engine_step_times_and_no_gpu_gauges(clock):
         while engine.has_unfinished_requests():
             m.on_step(rep, engine.step())
             m.on_tick(rep)
-        assert value(m, "shardlm_generation_tokens_total") == 4
+        assert value(m, "shardlm:generation_tokens_total") == 4
         assert gpu_samples(m) == []
         for rank in ("0", "1"):
-            assert 0 < value(m, "shardlm_worker_step_seconds", replica="0", rank=rank) < 10
+            assert 0 < value(m, "shardlm:worker_step_seconds", replica="0", rank=rank) < 10
     finally:
         engine.shutdown()
 
@@ -216,7 +216,24 @@ def test_replica_load_falls_to_zero_when_idle(clock):
     rep = replica(0)
     rep.load = 3
     m.on_step(rep, [])
-    assert value(m, "shardlm_replica_load", replica="0") == 3
+    assert value(m, "shardlm:replica_load", replica="0") == 3
     rep.load = 0  # the requests finished; no step runs while idle, ticks still come
     m.on_tick(rep)
-    assert value(m, "shardlm_replica_load", replica="0") == 0
+    assert value(m, "shardlm:replica_load", replica="0") == 0
+
+
+def test_the_grafana_dashboard_reads_only_exported_metrics():
+    """docs/grafana-dashboard.json's queries name metrics the server exports (a renamed metric would leave a
+    panel empty without an error)"""
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"shardlm:[a-z0-9_]+", e)}
+    exported = set()
+    for fam in Metrics("m").registry.collect():  # (families with no sample yet: names only, no suffixes)
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}.get(fam.type, ("",))
+        exported |= {fam.name + s for s in suffixes}
+    assert len(used) >= 10 and not used - exported, used - exported

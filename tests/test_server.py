@@ -130,6 +130,30 @@ def test_sampling_knobs_through_the_openai_client(smol):
     assert streamed == echo.choices[0].text
 
 
+VLLM_METRICS = [  # vLLM v1's names (vllm: prefix) that dashboards and autoscalers read
+    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
+    "generation_tokens_total", "request_success_total", "num_preemptions_total", "prefix_cache_queries_total",
+    "prefix_cache_hits_total", "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+    "time_per_output_token_seconds_bucket", "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket",
+    "request_prefill_time_seconds_bucket", "request_decode_time_seconds_bucket",
+    "request_inference_time_seconds_bucket", "request_prompt_tokens_bucket", "request_generation_tokens_bucket"]
+
+
+def test_metrics_carry_vllms_names(smol):
+    """every vLLM metric a dashboard reads is there as shardlm:<the same name>, and moves with traffic"""
+    c = client(smol)
+    c.completions.create(model="smollm2-135m", prompt="Count to five:", max_tokens=6, temperature=0,
+                         extra_body={"ignore_eos": True})
+    text = httpx.get(smol + "/metrics").text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("shardlm:")}
+    missing = [n for n in VLLM_METRICS if f"shardlm:{n}" not in names]
+    assert not missing, missing
+    m = metrics(smol)
+    assert m["shardlm:request_success_total{finished_reason=length}"] >= 1
+    assert m["shardlm:inter_token_latency_seconds_count"] >= 5 and m["shardlm:request_queue_time_seconds_count"] >= 1
+    assert m["shardlm:request_generation_tokens_sum"] >= 6
+
+
 def test_64_concurrent_requests_equal_alone_and_preempt(smol):
     prompts = [f"Write {i} words about the number {i * 7}." + " Please be brief." * (i % 5) for i in range(16)]
     c = client(smol)
@@ -146,8 +170,8 @@ def test_64_concurrent_requests_equal_alone_and_preempt(smol):
     outs = asyncio.run(together())
     assert [o.choices[0].text for o in outs] == [alone[i % 16] for i in range(64)]
     after = metrics(smol)
-    assert after["shardlm_num_preemptions_total"] > before["shardlm_num_preemptions_total"]
-    assert after["shardlm_time_to_first_token_seconds_count"] >= before["shardlm_time_to_first_token_seconds_count"] + 64
+    assert after["shardlm:num_preemptions_total"] > before["shardlm:num_preemptions_total"]
+    assert after["shardlm:time_to_first_token_seconds_count"] >= before["shardlm:time_to_first_token_seconds_count"] + 64
 
 
 def test_bad_input_gets_4xx_and_server_stays_up(smol):
@@ -192,7 +216,7 @@ def test_disconnect_aborts_and_frees(smol):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         m = metrics(smol)
-        if m["shardlm_num_requests_running{replica=0}"] == 0 and m["shardlm_kv_cache_usage_ratio{replica=0}"] == 0:
+        if m["shardlm:num_requests_running{replica=0}"] == 0 and m["shardlm:kv_cache_usage_perc{replica=0}"] == 0:
             return
         httpx.post(smol + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": "smollm2-135m", "prompt": "x", "max_tokens": 1})  # a step refreshes the gauges
@@ -235,8 +259,8 @@ def test_data_parallel_spreads_load_and_503_when_full():
         ok = asyncio.run(burst(6, 8))
         assert all(r.status_code == 200 for r in ok)
         m = metrics(base)
-        assert m["shardlm_replica_requests_routed{replica=0}"] >= 2
-        assert m["shardlm_replica_requests_routed{replica=1}"] >= 2
+        assert m["shardlm:replica_requests_routed{replica=0}"] >= 2
+        assert m["shardlm:replica_requests_routed{replica=1}"] >= 2
         flood = asyncio.run(burst(40, 64))
         rejected = [r for r in flood if r.status_code == 503]
         assert rejected and all(r.headers.get("retry-after") for r in rejected)
@@ -257,7 +281,7 @@ def test_moe_routing_on_metrics():
         m = metrics(base)
     finally:
         assert stop_server(proc) == 0
-    routed = {k: v for k, v in m.items() if k.startswith("shardlm_moe_routed_tokens_total")}
+    routed = {k: v for k, v in m.items() if k.startswith("shardlm:moe_routed_tokens_total")}
     assert routed and sum(routed.values()) > 0
-    assert any(k.startswith("shardlm_moe_routed_tokens_total{expert=") and "layer=2" in k for k in routed)
-    assert m["shardlm_moe_step_imbalance{replica=0}"] >= 1.0
+    assert any(k.startswith("shardlm:moe_routed_tokens_total{expert=") and "layer=2" in k for k in routed)
+    assert m["shardlm:moe_step_imbalance{replica=0}"] >= 1.0

@@ -88,12 +88,12 @@ HOSTILE = [  # (endpoint, fields beyond model, the param the 400 names)
 
 
 def test_hostile_values_get_400_naming_the_field(server):
-    before = metrics(server)["shardlm_prompt_tokens_total"]
+    before = metrics(server)["shardlm:prompt_tokens_total"]
     for path, fields, param in HOSTILE:
         body = {"model": MODEL, **({"prompt": "hi"} if path == CMPL else {"messages": MSGS}), **fields}
         err = assert_openai_error(post(server, path, body), 400, param)
         assert param.split(".")[0] in err["message"], err
-    assert metrics(server)["shardlm_prompt_tokens_total"] == before  # none of them was queued
+    assert metrics(server)["shardlm:prompt_tokens_total"] == before  # none of them was queued
     assert_serving(server)
 
 
@@ -165,12 +165,12 @@ def test_requests_are_admitted_whole_and_clients_that_leave_are_aborted(server):
             for _ in range(LIMIT - 3):
                 r = await streams.enter_async_context(ac.stream("POST", server + CMPL, json=dict(long, stream=True)))
                 assert r.status_code == 200
-            before = metrics(server)["shardlm_prompt_tokens_total"]
+            before = metrics(server)["shardlm:prompt_tokens_total"]
             # 4 prompts do not fit in the 3 places left: refused whole, none queued
             r = await ac.post(server + CMPL, json=dict(long, prompt=["a", "b", "c", "d"]))
             assert_openai_error(r, 503)
             assert r.headers["retry-after"]
-            assert metrics(server)["shardlm_prompt_tokens_total"] == before
+            assert metrics(server)["shardlm:prompt_tokens_total"] == before
             for _ in range(3):
                 await streams.enter_async_context(ac.stream("POST", server + CMPL, json=dict(long, stream=True)))
             # full: a stream is refused with a 503 status, before any 200 goes out
@@ -190,9 +190,9 @@ def test_requests_are_admitted_whole_and_clients_that_leave_are_aborted(server):
     with pytest.raises(httpx.ReadTimeout):
         post(server, CMPL, long, timeout=1.0)
     time.sleep(1.0)  # the server notices the disconnect, the abort reaches the replica
-    first = metrics(server)["shardlm_generation_tokens_total"]
+    first = metrics(server)["shardlm:generation_tokens_total"]
     time.sleep(1.0)
-    assert metrics(server)["shardlm_generation_tokens_total"] == first, "the abandoned request is still generating"
+    assert metrics(server)["shardlm:generation_tokens_total"] == first, "the abandoned request is still generating"
     assert_serving(server)
 
 

@@ -102,7 +102,7 @@ def test_streams_continue_through_a_killed_rank(server):
     assert _wait_ready(base, cold_start + 5) < cold_start + 5
     assert httpx.get(base + "/health").status_code == 200
     restarts = [line for line in httpx.get(base + "/metrics").text.splitlines()
-                if line.startswith("shardlm_worker_restarts_total{")]
+                if line.startswith("shardlm:worker_restarts_total{")]
     assert restarts and float(restarts[0].rsplit(" ", 1)[1]) >= 1
 
 
@@ -178,7 +178,7 @@ def test_streams_continue_through_a_fault_inside_a_transfer(case, monkeypatch):
         assert got == expected
         _wait_ready(base, cold_start + 5)
         restarts = [line for line in httpx.get(base + "/metrics").text.splitlines()
-                    if line.startswith("shardlm_worker_restarts_total{") and 'cause="died"' in line]
+                    if line.startswith("shardlm:worker_restarts_total{") and 'cause="died"' in line]
         assert restarts and float(restarts[0].rsplit(" ", 1)[1]) == 1
     finally:
         assert stop_server(proc) == 0

@@ -72,9 +72,9 @@ def test_a_rank_slowed_on_purpose_is_reported(monkeypatch, caplog, tmp_path):
         m = Metrics("m")
         m.on_workers(SimpleNamespace(index=0, engine=engine))
         text = m.render().decode()
-        assert 'shardlm_rank_straggler{model_name="m",rank="1",replica="0"} 1.0' in text
-        assert 'shardlm_rank_straggler{model_name="m",rank="0",replica="0"} 0.0' in text
-        assert text.count("shardlm_rank_gemv_gbps{") == 2
+        assert 'shardlm:rank_straggler{model_name="m",rank="1",replica="0"} 1.0' in text
+        assert 'shardlm:rank_straggler{model_name="m",rank="0",replica="0"} 0.0' in text
+        assert text.count("shardlm:rank_gemv_gbps{") == 2
     finally:
         with caplog.at_level(logging.INFO, logger="shardlm.engine"):
             engine.shutdown()

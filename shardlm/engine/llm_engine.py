@@ -339,6 +339,9 @@ class LLMEngine:
             seq = item.seq
             blocks, start = self._new_blocks(seq)
             row = SeqPlan(seq.seq_id, item.tokens, item.start, blocks, item.sample, seq.sampling, blocks_from=start)
+            if item.start == 0:  # a prompt's first chunk: its request's queue time ends (the first time)
+                metrics = self.request_info[seq.request_id][1]
+                metrics.first_scheduled_time = metrics.first_scheduled_time or time.monotonic()
             if item.sample:
                 # the token this step samples is the completion's k-th (one more may be in flight: PREV_TOKEN)
                 k = len(seq.output_ids) + (item.tokens[-1] == PREV_TOKEN)
@@ -406,9 +409,13 @@ class LLMEngine:
             if finish is not None:
                 self._finish(seq, *finish)
             touched[seq.request_id] = None
-            metrics = self.request_info[seq.request_id][1]
+        for rid in touched:  # once per request per step: its completions' tokens arrive together
+            metrics = self.request_info[rid][1]
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
+            else:
+                metrics.token_gaps.append(now - metrics.last_token_time)
+            metrics.last_token_time = now
         return [self._output(rid) for rid in touched]
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:

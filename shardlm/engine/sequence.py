@@ -113,7 +113,12 @@ class RequestMetrics:
     """Timestamps of one request (time.monotonic seconds)."""
 
     arrival_time: float
+    first_scheduled_time: float | None = None
+    """when its prompt first went into a step (queue time ends, prefill starts)"""
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    token_gaps: list[float] = field(default_factory=list)
+    """seconds between successive steps that gave it tokens (inter-token latency)"""
     finished_time: float | None = None
 
     @property

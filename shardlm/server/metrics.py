@@ -1,5 +1,14 @@
 """Prometheus metrics of the server (one registry per server, so tests can run several).
 
+The names are vLLM's with the prefix `shardlm:` for `vllm:` (num_requests_running / _waiting,
+kv_cache_usage_perc, prompt_tokens_total, generation_tokens_total, request_success_total by finished_reason,
+num_preemptions_total, prefix_cache_queries_total / _hits_total, and the request histograms:
+time_to_first_token, inter_token_latency, time_per_output_token, e2e_request_latency, request_queue_time,
+request_prefill_time, request_decode_time, request_inference_time (seconds), request_prompt_tokens,
+request_generation_tokens), so a vLLM dashboard or an autoscaling rule on waiting requests works by
+changing the prefix (docs/grafana-dashboard.json is one). shardlm's own (replicas, workers, GPUs, MoE routing,
+stragglers) share the prefix.
+
 Everything but the request histograms is updated in the replica threads (the engine is not thread-safe):
 on_step after each step, on_tick after steps and while idle. GPU readings come from NVML, in the process
 of the server, for the GPUs its worker ranks run on; without NVML (a CPU server) those gauges are absent.
@@ -34,6 +43,7 @@ log = logging.getLogger("shardlm.serve")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 def _gpu_handle(ordinal: int) -> Any:
@@ -73,70 +83,89 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         lbl = {"model_name": model}
         self._labels = lbl
-        self.ttft = Histogram("shardlm_time_to_first_token_seconds", "Time to first token", ["model_name"],
+        self.ttft = Histogram("shardlm:time_to_first_token_seconds", "Time to first token", ["model_name"],
                               buckets=_LATENCY_BUCKETS, registry=r).labels(**lbl)
-        self.tpot = Histogram("shardlm_time_per_output_token_seconds", "Mean time per output token of a request",
+        self.tpot = Histogram("shardlm:time_per_output_token_seconds", "Mean time per output token of a request",
                               ["model_name"], buckets=_TOKEN_BUCKETS, registry=r).labels(**lbl)
-        self.e2e = Histogram("shardlm_e2e_request_latency_seconds", "End-to-end request latency", ["model_name"],
+        self.e2e = Histogram("shardlm:e2e_request_latency_seconds", "End-to-end request latency", ["model_name"],
                              buckets=_LATENCY_BUCKETS, registry=r).labels(**lbl)
-        self.running = Gauge("shardlm_num_requests_running", "Sequences in the running batch", ["model_name", "replica"],
+
+        def request_histogram(name: str, text: str, buckets: tuple) -> Any:
+            return Histogram(name, text, ["model_name"], buckets=buckets, registry=r).labels(**lbl)
+
+        self.itl = request_histogram("shardlm:inter_token_latency_seconds", "Time between a request's token steps",
+                                     _TOKEN_BUCKETS)
+        self.queue_time = request_histogram("shardlm:request_queue_time_seconds",
+                                            "Arrival to the first step that ran its prompt", _LATENCY_BUCKETS)
+        self.prefill_time = request_histogram("shardlm:request_prefill_time_seconds",
+                                              "First prompt step to the first token", _LATENCY_BUCKETS)
+        self.decode_time = request_histogram("shardlm:request_decode_time_seconds", "First token to the last",
+                                             _LATENCY_BUCKETS)
+        self.inference_time = request_histogram("shardlm:request_inference_time_seconds",
+                                                "First prompt step to the last token", _LATENCY_BUCKETS)
+        self.request_prompt = request_histogram("shardlm:request_prompt_tokens", "Prompt tokens of a finished request",
+                                                _COUNT_BUCKETS)
+        self.request_generation = request_histogram("shardlm:request_generation_tokens",
+                                                    "Tokens a finished request generated (all its completions)",
+                                                    _COUNT_BUCKETS)
+        self.running = Gauge("shardlm:num_requests_running", "Sequences in the running batch", ["model_name", "replica"],
                              registry=r)
-        self.waiting = Gauge("shardlm_num_requests_waiting", "Sequences waiting for KV blocks or prefill",
+        self.waiting = Gauge("shardlm:num_requests_waiting", "Sequences waiting for KV blocks or prefill",
                              ["model_name", "replica"], registry=r)
-        self.routed = Gauge("shardlm_replica_requests_routed", "Requests routed to each replica since start",
+        self.routed = Gauge("shardlm:replica_requests_routed", "Requests routed to each replica since start",
                             ["model_name", "replica"], registry=r)
-        self.load = Gauge("shardlm_replica_load", "Requests in flight per data-parallel replica",
+        self.load = Gauge("shardlm:replica_load", "Requests in flight per data-parallel replica",
                           ["model_name", "replica"], registry=r)
-        self.kv_usage = Gauge("shardlm_kv_cache_usage_ratio", "Fraction of KV blocks in use", ["model_name", "replica"],
+        self.kv_usage = Gauge("shardlm:kv_cache_usage_perc", "Fraction of KV blocks in use", ["model_name", "replica"],
                               registry=r)
-        self.preemptions = Counter("shardlm_num_preemptions", "Sequences preempted (KV freed, recomputed later)",
+        self.preemptions = Counter("shardlm:num_preemptions", "Sequences preempted (KV freed, recomputed later)",
                                    ["model_name"], registry=r).labels(**lbl)
-        self.prefix_queries = Counter("shardlm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+        self.prefix_queries = Counter("shardlm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       ["model_name"], registry=r).labels(**lbl)
-        self.prefix_hits = Counter("shardlm_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+        self.prefix_hits = Counter("shardlm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                    ["model_name"], registry=r).labels(**lbl)
-        self.generation_tokens = Counter("shardlm_generation_tokens", "Tokens generated", ["model_name"],
+        self.generation_tokens = Counter("shardlm:generation_tokens", "Tokens generated", ["model_name"],
                                          registry=r).labels(**lbl)
-        self.prompt_tokens = Counter("shardlm_prompt_tokens", "Prompt tokens received", ["model_name"],
+        self.prompt_tokens = Counter("shardlm:prompt_tokens", "Prompt tokens received", ["model_name"],
                                      registry=r).labels(**lbl)
-        self.tokens_per_s = Gauge("shardlm_generation_tokens_per_second", "Generated tokens per second, last step",
+        self.tokens_per_s = Gauge("shardlm:generation_tokens_per_second", "Generated tokens per second, last step",
                                   ["model_name", "replica"], registry=r)
-        self.requests = Counter("shardlm_requests", "Requests by how they ended", ["model_name", "finished_reason"],
+        self.requests = Counter("shardlm:request_success", "Requests by how they ended", ["model_name", "finished_reason"],
                                 registry=r)
         # MoE routing, read from the workers every MOE_INTERVAL_S (a round trip to every rank)
-        self.moe_tokens = Counter("shardlm_moe_routed_tokens", "Tokens routed to each expert of each MoE layer",
+        self.moe_tokens = Counter("shardlm:moe_routed_tokens", "Tokens routed to each expert of each MoE layer",
                                   ["model_name", "layer", "expert"], registry=r)
-        self.moe_imbalance = Gauge("shardlm_moe_step_imbalance",
+        self.moe_imbalance = Gauge("shardlm:moe_step_imbalance",
                                    "Mean over recent steps of max / mean rows per expert-parallel rank (1 = even)",
                                    ["model_name", "replica"], registry=r)
         # the workers' own step accounting and the GPUs they run on, read by on_tick every REFRESH_INTERVAL_S
-        self.step_seconds = Gauge("shardlm_worker_step_seconds",
+        self.step_seconds = Gauge("shardlm:worker_step_seconds",
                                   "Mean seconds each worker rank computed per step, over the last interval",
                                   ["model_name", "replica", "rank"], registry=r)
-        self.worker_steps = Counter("shardlm_worker_steps", "Steps each worker rank ran, by how: a CUDA graph "
+        self.worker_steps = Counter("shardlm:worker_steps", "Steps each worker rank ran, by how: a CUDA graph "
                                     "replay or eager launches", ["model_name", "replica", "rank", "mode"], registry=r)
         gpu = ["model_name", "replica", "rank", "gpu"]
         self._gpu_gauges: list[tuple[Gauge, Callable[[Any], float]]] = [
-            (Gauge("shardlm_gpu_utilization_percent", "Percent of the last sample period a kernel ran on the GPU",
+            (Gauge("shardlm:gpu_utilization_percent", "Percent of the last sample period a kernel ran on the GPU",
                    gpu, registry=r), lambda h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
-            (Gauge("shardlm_gpu_memory_used_bytes", "GPU memory in use (every process)", gpu, registry=r),
+            (Gauge("shardlm:gpu_memory_used_bytes", "GPU memory in use (every process)", gpu, registry=r),
              lambda h: pynvml.nvmlDeviceGetMemoryInfo(h).used),
-            (Gauge("shardlm_gpu_memory_total_bytes", "GPU memory installed", gpu, registry=r),
+            (Gauge("shardlm:gpu_memory_total_bytes", "GPU memory installed", gpu, registry=r),
              lambda h: pynvml.nvmlDeviceGetMemoryInfo(h).total),
-            (Gauge("shardlm_gpu_temperature_celsius", "GPU core temperature", gpu, registry=r),
+            (Gauge("shardlm:gpu_temperature_celsius", "GPU core temperature", gpu, registry=r),
              lambda h: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)),
-            (Gauge("shardlm_gpu_power_watts", "GPU power draw", gpu, registry=r),
+            (Gauge("shardlm:gpu_power_watts", "GPU power draw", gpu, registry=r),
              lambda h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000),
         ]
         # worker groups replaced by the engine, and which replicas can take requests
-        self.restarts = Counter("shardlm_worker_restarts", "Worker groups replaced, by cause (died, hung)",
+        self.restarts = Counter("shardlm:worker_restarts", "Worker groups replaced, by cause (died, hung)",
                                 ["model_name", "replica", "cause"], registry=r)
-        self.ready = Gauge("shardlm_replica_ready", "1 while the replica can take requests, else 0",
+        self.ready = Gauge("shardlm:replica_ready", "1 while the replica can take requests, else 0",
                            ["model_name", "replica"], registry=r)
         # the start-up straggler check of the replica's current worker group (engine/stragglers.py)
-        self.gemv_gbps = Gauge("shardlm_rank_gemv_gbps", "Weight read rate of the start-up GEMV, the same on every "
+        self.gemv_gbps = Gauge("shardlm:rank_gemv_gbps", "Weight read rate of the start-up GEMV, the same on every "
                                "rank", ["model_name", "replica", "rank", "gpu", "bus_id"], registry=r)
-        self.straggler = Gauge("shardlm_rank_straggler", "1 when the rank's start-up GEMV took more than 20% "
+        self.straggler = Gauge("shardlm:rank_straggler", "1 when the rank's start-up GEMV took more than 20% "
                                "longer than the other ranks' median, else 0", ["model_name", "replica", "rank"],
                                registry=r)
         self._seen: dict[int, dict[str, float]] = {}
@@ -258,6 +287,15 @@ class Metrics:
         n = max(len(c.token_ids) for c in out.outputs)
         if n > 1:
             self.tpot.observe((m.finished_time - m.first_token_time) / (n - 1))
+        for gap in m.token_gaps:
+            self.itl.observe(gap)
+        if m.first_scheduled_time is not None:
+            self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+            self.prefill_time.observe(m.first_token_time - m.first_scheduled_time)
+            self.inference_time.observe(m.finished_time - m.first_scheduled_time)
+        self.decode_time.observe(m.finished_time - m.first_token_time)
+        self.request_prompt.observe(len(out.prompt_token_ids))
+        self.request_generation.observe(sum(len(c.token_ids) for c in out.outputs))
         for c in out.outputs:
             self.requests.labels(**self._labels, finished_reason=c.finish_reason or "abort").inc()
 
