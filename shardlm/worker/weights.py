@@ -3,7 +3,7 @@
 - SafetensorsReader: `get_slice` on memory-mapped files, so only the requested rows/columns load.
 - GGUFReader: memory-mapped GGUF; rows of quantized tensors are cut before dequantizing, and the
   q/k rows llama.cpp interleaved for its rotary layout are put back in Hugging Face order.
-- RandomReader: random values generated on the target device, slice by slice.
+- RandomReader: random values generated on the target device, each tensor whole, the rank keeping its slice.
 """
 
 from __future__ import annotations
@@ -143,7 +143,9 @@ class GGUFReader(Reader):
 
 
 class RandomReader(Reader):
-    """Random weights made on the device: N(0, 0.02) for matrices, 1 for norms, 0.02-scaled biases."""
+    """Random weights made on the device: N(0, 0.02) for matrices, 1 for norms, 0.02-scaled biases. Each
+    tensor is drawn whole from a generator seeded by (seed, name) and the rank keeps its slice, so every
+    layout (TP, PP, EP) of a random preset is the same model on the same kind of device."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -152,16 +154,16 @@ class RandomReader(Reader):
         return True
 
     def read(self, name, shape, dim, start, end, device, dtype):
-        size = list(shape)
-        if dim is not None:
-            size[dim] = end - start
         if name.endswith("norm.weight"):
+            size = list(shape)
+            if dim is not None:
+                size[dim] = end - start
             return torch.ones(size, device=device, dtype=dtype)
-        digest = hashlib.sha1(f"{self.seed}:{name}:{dim}:{start}".encode()).digest()
+        digest = hashlib.sha1(f"{self.seed}:{name}".encode()).digest()
         gen = torch.Generator(device=device)
         gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        out = torch.empty(size, device=device, dtype=dtype)
-        return out.normal_(0.0, 0.02, generator=gen)
+        whole = torch.empty(list(shape), device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+        return whole if dim is None else whole.narrow(dim, start, end - start)
 
 
 def open_reader(kind: str, path: str | None, config: ModelConfig, seed: int = 0) -> Reader:
