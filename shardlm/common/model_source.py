@@ -1,7 +1,8 @@
 """Resolve what a user passes as `model` into a ModelSource: where the weights are and their shapes.
 
 Accepted: a built-in name (the default small model), a Hugging Face checkpoint folder
-(config.json + *.safetensors + tokenizer files), a .gguf file, or `random:<preset>`.
+(config.json + *.safetensors + tokenizer files), a Hugging Face model id (`Qwen/Qwen3-0.6B`: from the
+local Hugging Face cache, else downloaded with huggingface_hub), a .gguf file, or `random:<preset>`.
 """
 
 from __future__ import annotations
@@ -92,6 +93,41 @@ def fetch_builtin(name: str) -> Path:
     return target
 
 
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+"""what a checkpoint needs from a Hub repository (configs, weights, tokenizer, chat template); not .bin/.pt
+copies of the weights, nor the GGUF or ONNX exports some repositories carry"""
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/repo` (one slash, no path-like parts): a Hugging Face model id."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
+
+
+def fetch_from_hub(repo_id: str, download_dir: str | None = None, files: list[str] | None = None) -> Path:
+    """The folder of a Hub model: from the local cache (HF_HOME, or download_dir) when it is there, else
+    downloaded (huggingface_hub's progress bars). ModelNotFoundError naming both ways when neither works."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = files or HUB_FILES
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=download_dir, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    print(f"shardlm: downloading {repo_id} from the Hugging Face Hub ...", file=sys.stderr, flush=True)
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=download_dir, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is neither in the local Hugging Face cache "
+            f"({download_dir or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) nor downloadable from here "
+            f"({first[:300]}): download it where the network allows (`hf download {repo_id}`, then copy the cache "
+            f"or point HF_HOME / --download-dir at it), or pass a local checkpoint folder"
+        ) from None
+
+
 def with_random_layers(spec: ModelSource, layers: int) -> ModelSource:
     """A model of `spec`'s shape with `layers` decoder layers and random weights (what `shardlm probe
     --model` times: kernels depend on the shapes, not on the weights' values)."""
@@ -99,9 +135,10 @@ def with_random_layers(spec: ModelSource, layers: int) -> ModelSource:
                      replace(spec.config, num_hidden_layers=layers), spec.seed)
 
 
-def resolve_model(model: str | os.PathLike | ModelSource | None, seed: int = 0) -> ModelSource:
+def resolve_model(model: str | os.PathLike | ModelSource | None, seed: int = 0,
+                  download_dir: str | None = None) -> ModelSource:
     """Turn the user's `model` argument into a ModelSource, or raise ModelNotFoundError saying what works.
-    A ModelSource is taken as it is."""
+    A ModelSource is taken as it is. download_dir: the Hugging Face cache to read and fill (None: HF_HOME's)."""
     if isinstance(model, ModelSource):
         return model
     name = str(model) if model is not None else DEFAULT_MODEL
@@ -139,10 +176,14 @@ def resolve_model(model: str | os.PathLike | ModelSource | None, seed: int = 0) 
         return ModelSource(name, "hf", str(path), ModelConfig.from_hf(hf, str(cfg_file)))
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(name, "gguf", str(path), gguf_config(path))
+    if looks_like_hub_id(name) and not path.exists():
+        folder = fetch_from_hub(name, download_dir)
+        source = resolve_model(str(folder), seed)
+        return replace(source, name=name)
     raise ModelNotFoundError(
         f"model {name!r} not found: pass a built-in name ({', '.join(BUILTIN)}), a Hugging Face "
-        f"checkpoint folder (config.json + *.safetensors), a .gguf file, or random:<preset> "
-        f"({', '.join(runnable_presets())})"
+        f"checkpoint folder (config.json + *.safetensors), a Hugging Face model id (owner/name), a .gguf file, "
+        f"or random:<preset> ({', '.join(runnable_presets())})"
     )
 
 

@@ -66,6 +66,12 @@ class EngineArgs:
     """fraction of each GPU's memory for weights, activations and KV cache"""
     kv_cache_memory_bytes: int | None = None
     """KV cache size per rank; overrides gpu_memory_utilization (default on CPU: 1 GiB)"""
+    download_dir: str | None = None
+    """Hugging Face cache that Hub model ids (owner/name) are read from and downloaded into (default: HF_HOME's)"""
+    tokenizer: str | None = None
+    """tokenizer to use instead of the model's own: a folder or a Hub id"""
+    chat_template: str | None = None
+    """chat template (Jinja) to use instead of the tokenizer's: a file, or the template itself"""
     enforce_eager: bool = False
     """GPU: run every step eagerly; by default decode steps of dense models replay CUDA graphs"""
     disable_custom_all_reduce: bool = False

@@ -84,7 +84,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         args.validate()
         self.args = args
-        source = resolve_model(args.model, seed=args.seed)
+        source = resolve_model(args.model, seed=args.seed, download_dir=args.download_dir)
         source.config.validate()
         self.source: ModelSource = source
         cfg = source.config
@@ -124,7 +124,7 @@ class LLMEngine:
                 raise ConfigError(f"max_model_len={args.max_model_len} must be in [1, {model_len}] "
                                   f"(the model's max_position_embeddings)")
             model_len = args.max_model_len
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source, args.tokenizer, args.chat_template, args.download_dir)
         # worker groups: the first one, then a fresh one each time a group fails (recovery.py)
         self.recovery = Recovery(args.max_worker_restarts)
         self.executor: Executor | None = None

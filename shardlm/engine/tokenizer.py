@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..common.model_source import ModelSource, cache_dir
+from ..common.config import ConfigError
+from ..common.model_source import (
+    ModelSource,
+    cache_dir,
+    fetch_from_hub,
+    looks_like_hub_id,
+)
 
 
 class Tokenizer(Protocol):
@@ -120,7 +126,44 @@ def decode_next(tok: Tokenizer, ids: list[int], state: DetokenizerState, skip_sp
     return window[len(prefix):]
 
 
-def load_tokenizer(spec: ModelSource) -> Tokenizer:
+TOKENIZER_FILES = ["tokenizer*", "*.model", "*.tiktoken", "special_tokens_map.json", "vocab*", "merges.txt",
+                   "*.jinja", "config.json", "generation_config.json"]
+
+
+def load_tokenizer(spec: ModelSource, tokenizer: str | None = None, chat_template: str | None = None,
+                   download_dir: str | None = None) -> Tokenizer:
+    """The tokenizer of a model, or `tokenizer` (a folder or a Hub id) instead; `chat_template` (a Jinja file
+    or the template text) replaces its chat template."""
+    tok = _model_tokenizer(spec) if tokenizer is None else _named_tokenizer(tokenizer, spec, download_dir)
+    if chat_template is None:
+        return tok
+    if not isinstance(tok, HFTokenizer):
+        raise ConfigError(f"--chat-template needs a real tokenizer; {spec.name} has none: pass --tokenizer too")
+    path = Path(chat_template).expanduser()
+    if path.is_file():
+        tok.tok.chat_template = path.read_text()
+    elif "{{" in chat_template or "{%" in chat_template:
+        tok.tok.chat_template = chat_template
+    else:
+        raise ConfigError(f"--chat-template {chat_template!r:.100} is neither a file nor a Jinja template")
+    return tok
+
+
+def _named_tokenizer(name: str, spec: ModelSource, download_dir: str | None) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if not looks_like_hub_id(name):
+            raise ConfigError(f"--tokenizer {name!r} is neither a folder nor a Hugging Face model id (owner/name)")
+        path = fetch_from_hub(name, download_dir, TOKENIZER_FILES)
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(path)), spec.config.eos_token_id)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--tokenizer {name!r}: no tokenizer could be loaded from {path} ({exc})") from None
+
+
+def _model_tokenizer(spec: ModelSource) -> Tokenizer:
     """The tokenizer that goes with a model; GGUF tokenizers are converted once and cached."""
     eos = spec.config.eos_token_id
     if spec.kind == "random":
