@@ -46,8 +46,8 @@ def test_a_model_id_in_no_cache_names_both_ways(tmp_path, monkeypatch):
 def test_tokenizer_and_chat_template_flags(tmp_path):
     """a random model (byte tokenizer) takes a real tokenizer from a folder, and a chat template from a file
     or as text; a template on the byte tokenizer, or one that is neither, is a clear error"""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(200)} | {"[UNK]": 200, "</s>": 201}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
