@@ -30,6 +30,9 @@ class FakeEngine:
     def validate_prompt(self, ids):
         pass
 
+    def validate_sampling(self, params):
+        pass
+
     def add_request(self, rid, prompt, ids, params):
         self.requests[rid] = list(ids)
 
