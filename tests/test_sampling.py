@@ -40,7 +40,9 @@ from shardlm.worker.sampler import Sampler
     (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={i: 1 for i in range(301)}), "logit_bias"),
     (dict(logit_bias=[1, 2]), "logit_bias"), (dict(min_tokens=-1), "min_tokens"),
     (dict(min_tokens=20, max_tokens=10), "min_tokens"), (dict(n=3, best_of=2), "best_of"),
-    (dict(best_of=MAX_N + 1), "best_of"), (dict(prompt_logprobs=21), "prompt_logprobs"),
+    (dict(best_of=MAX_N + 1), "best_of"), (dict(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs"),
+    (dict(structured_outputs={"choice": []}), "structured_outputs"), (dict(structured_outputs={"jsn": {}}), "structured_outputs"),
+    (dict(structured_outputs="json"), "structured_outputs"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(SamplingError, match=field) as info:

@@ -117,6 +117,8 @@ class SeqPlan:
     history: tuple[int, list[int]] | None = None
     """(prompt length, prompt + completion token ids so far) of a penalized sequence, on the step that ends
     its (re)prefill: the sampler seeds its token counts from it and keeps them on the device after"""
+    mask_row: int | None = None
+    """structured outputs: the row of StepPlan.masks holding the tokens this pick may take"""
 
     @property
     def context_len(self) -> int:
@@ -126,16 +128,16 @@ class SeqPlan:
     def to_wire(self) -> list[Any]:
         out = [self.seq_id, self.tokens, self.start, self.blocks, self.sample, self.sampling.to_wire(),
                self.blocks_from]
-        if self.ban is not None or self.history is not None:
-            out += [self.ban, None if self.history is None else list(self.history)]
+        if self.ban is not None or self.history is not None or self.mask_row is not None:
+            out += [self.ban, None if self.history is None else list(self.history), self.mask_row]
         return out
 
     @classmethod
     def from_wire(cls, v: list[Any]) -> SeqPlan:
         seq_id, tokens, start, blocks, sample, sampling, blocks_from, *extra = v
-        ban, history = extra or (None, None)
+        ban, history, mask_row = extra or (None, None, None)
         return cls(seq_id, tokens, start, blocks, sample, SamplingSpec.from_wire(sampling), blocks_from, ban,
-                   None if history is None else (history[0], history[1]))
+                   None if history is None else (history[0], history[1]), mask_row)
 
 
 @dataclass
@@ -148,6 +150,9 @@ class StepPlan(Message):
     """sequence ids finished since the last plan (the sampler drops their generators)"""
     return_logits: bool = False
     """send the sampled rows' full logits back (tests and debugging)"""
+    masks: np.ndarray | None = None
+    """[rows, ceil(vocab / 32)] int32 (structured outputs): bit t of a row set where token t may be picked;
+    the rows SeqPlan.mask_row names"""
 
     @property
     def num_tokens(self) -> int:
@@ -159,12 +164,13 @@ class StepPlan(Message):
         return all(len(s.tokens) == 1 and s.sample for s in self.seqs)
 
     def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return {"seqs": [s.to_wire() for s in self.seqs], "finished": self.finished,
-                "return_logits": self.return_logits}, {}
+        return ({"seqs": [s.to_wire() for s in self.seqs], "finished": self.finished,
+                 "return_logits": self.return_logits}, {} if self.masks is None else {"masks": self.masks})
 
     @classmethod
     def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> StepPlan:
-        return cls([SeqPlan.from_wire(s) for s in header["seqs"]], header["finished"], header["return_logits"])
+        return cls([SeqPlan.from_wire(s) for s in header["seqs"]], header["finished"], header["return_logits"],
+                   arrays.get("masks"))
 
 
 @dataclass

@@ -49,6 +49,7 @@ from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestMetrics, RequestOutput, Sequence
 from .stats import EngineStats, expert_report, write_trace
 from .stragglers import check_workers
+from .structured import Grammars
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("shardlm.engine")
@@ -125,6 +126,7 @@ class LLMEngine:
                                   f"(the model's max_position_embeddings)")
             model_len = args.max_model_len
         self.tokenizer = load_tokenizer(source, args.tokenizer, args.chat_template, args.download_dir)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size)
         # worker groups: the first one, then a fresh one each time a group fails (recovery.py)
         self.recovery = Recovery(args.max_worker_restarts)
         self.executor: Executor | None = None
@@ -248,6 +250,8 @@ class LLMEngine:
         if bad:
             raise SamplingError("logit_bias", f"logit_bias names token ids {bad[:5]} outside the vocabulary "
                                               f"[0, {vocab})")
+        if params.structured_outputs is not None:
+            self.grammars.matcher(params.structured_outputs)  # compiles, or says why not
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -256,6 +260,9 @@ class LLMEngine:
         self.validate_sampling(params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
                          logprobs=[] if params.logprobs is not None else None) for i in range(params.completions)]
+        if params.structured_outputs is not None:
+            for s in seqs:
+                s.matcher = self.grammars.matcher(params.structured_outputs)
         self.requests[request_id] = seqs
         self.request_info[request_id] = (prompt, RequestMetrics(arrival_time=time.monotonic()))
         for s in seqs:
@@ -330,11 +337,12 @@ class LLMEngine:
         that a stop token or string ends after all wastes one row of the next step; its token is dropped."""
         if not self.async_scheduling or not self.in_flight:
             return set()
-        return {item.seq.seq_id for item in self.in_flight[-1]
-                if item.sample and not item.seq.finished and not self.outputs.ends_by_length(item.seq, coming=1)}
+        return {item.seq.seq_id for item in self.in_flight[-1]  # (a grammar's next mask needs the token first)
+                if item.sample and not item.seq.finished and item.seq.matcher is None
+                and not self.outputs.ends_by_length(item.seq, coming=1)}
 
     def _plan(self, batch: list[ScheduledSeq], finished: list[int]) -> StepPlan:
-        seqs = []
+        seqs, matchers = [], []
         for item in batch:
             seq = item.seq
             blocks, start = self._new_blocks(seq)
@@ -350,8 +358,11 @@ class LLMEngine:
                 if seq.sampling.penalized and not seq.penalty_seeded:  # the first pick after a (re)prefill
                     row.history = (len(seq.prompt_ids), seq.prompt_ids + seq.output_ids)
                     seq.penalty_seeded = True
+                if seq.matcher is not None:
+                    row.mask_row = len(matchers)
+                    matchers.append(seq.matcher)
             seqs.append(row)
-        return StepPlan(seqs, finished, self.return_logits)
+        return StepPlan(seqs, finished, self.return_logits, self.grammars.masks(matchers) if matchers else None)
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         """The tokens that would end `seq` (banned before min_tokens)."""

@@ -38,6 +38,10 @@ class OutputProcessor:
             return ("stop", hit)  # the text ends before the stop string; nothing after it is given out
         elif self.ends_by_length(seq):
             finish = ("length", None)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
+            if finish is None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+                finish = ("stop", None)  # the grammar is complete: nothing but EOS may follow
         if finish:  # a character still cut between tokens is given out as it is
             seq.text += decode_next(tok, seq.output_ids, seq.detok, p.skip_special_tokens, flush=True)
         return finish

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from ..common.messages import SamplingSpec
 
@@ -98,9 +99,9 @@ class SamplingParams:
     """EOS and stop_token_ids cannot end the completion (nor stop strings) before this many tokens"""
     best_of: int | None = None
     """sample this many completions and return the n with the highest cumulative log-probability (>= n)"""
-    prompt_logprobs: int | None = None
-    """the log-probability of every prompt token after the ones before it (and this many most likely
-    alternatives), 0 .. MAX_LOGPROBS"""
+    structured_outputs: Any = None
+    """constrain the output (engine/structured.py): a StructuredOutputs, or a dict with one of json (a JSON
+    schema), json_object (True), regex, choice (a list of strings), grammar (Lark or GBNF)"""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -176,10 +177,9 @@ class SamplingParams:
             fail("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_N):
             fail("best_of", f"best_of must be an integer in [n, {MAX_N}] (n = {self.n}), got {self.best_of!r}")
-        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
-                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
-            fail("prompt_logprobs", f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
-                                    f"{self.prompt_logprobs!r}")
+        from .structured import StructuredOutputs
+
+        self.structured_outputs = StructuredOutputs.parse(self.structured_outputs)
 
     @property
     def completions(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .sampling_params import SamplingParams
 from .tokenizer import DetokenizerState
@@ -55,6 +56,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    matcher: Any = None
+    """structured outputs: the grammar's matcher (llguidance), advanced with every token (engine/structured.py)"""
     penalty_seeded: bool = False
     """the workers hold this sequence's token counts (penalties): set once a plan carried its history,
     cleared when its KV cache goes (the workers may be new ones)"""

@@ -280,10 +280,10 @@ class ModelRunner:
         n = len(rows)
         if n > len(self.sampled):  # only the runner's own plans (the profiling forward) sample more rows
             self.sampled_rows = {}
-            return self.sampler.sample(logits, rows) if self.ctx.is_output_rank else None
+            return self.sampler.sample(logits, rows, plan.masks) if self.ctx.is_output_rank else None
         batch = None
         if self.ctx.is_output_rank:
-            batch = self.sampler.sample(logits, rows)
+            batch = self.sampler.sample(logits, rows, plan.masks)
             if plan.return_logits:  # a graph's logits buffer is rewritten by the next step: keep a copy
                 batch.logits = logits.clone()
             self.sampled[:n].copy_(batch.tokens)

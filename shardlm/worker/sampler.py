@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from ..common.messages import SampledToken, SamplingSpec, SeqPlan
@@ -135,14 +136,15 @@ class Sampler:
             self.generators[seq_id] = gen
         return gen
 
-    def sample(self, logits: torch.Tensor, seqs: list[SeqPlan]) -> SampleBatch:
-        """logits [n, vocab] float32, one row per sequence of `seqs` -> the token picked for each."""
+    def sample(self, logits: torch.Tensor, seqs: list[SeqPlan], masks: np.ndarray | None = None) -> SampleBatch:
+        """logits [n, vocab] float32, one row per sequence of `seqs` -> the token picked for each. masks: the
+        plan's structured-output bitmasks (StepPlan.masks)."""
         n, vocab = logits.shape
         for s in seqs:
             if s.history is not None:
                 self.penalties.seed(s.seq_id, vocab, *s.history)
-        adjusted = [i for i, s in enumerate(seqs) if s.sampling.adjusts_logits or s.ban]
-        scores = self._adjust(logits, adjusted, seqs) if adjusted else logits
+        adjusted = [i for i, s in enumerate(seqs) if s.sampling.adjusts_logits or s.ban or s.mask_row is not None]
+        scores = self._adjust(logits, adjusted, seqs, masks) if adjusted else logits
         tokens = _argmax(scores)
         lse = _logsumexp(logits)  # log-probabilities are of the model's own distribution, as vLLM reports
         ok = torch.ones(n, dtype=torch.bool, device=logits.device)
@@ -170,8 +172,9 @@ class Sampler:
             packed = torch.cat([packed, top_ids.double(), (top_vals - lse.unsqueeze(1)).double()], dim=1)
         return SampleBatch(seqs, tokens, packed, want, errors)
 
-    def _adjust(self, logits: torch.Tensor, rows: list[int], seqs: list[SeqPlan]) -> torch.Tensor:
-        """The logits with rows `rows` changed by their bans, biases and penalties (a copy)."""
+    def _adjust(self, logits: torch.Tensor, rows: list[int], seqs: list[SeqPlan], masks: np.ndarray | None
+                ) -> torch.Tensor:
+        """The logits with rows `rows` changed by their bans, biases, penalties and grammars (a copy)."""
         dev, vocab = logits.device, logits.shape[1]
         index = _to(dev, rows, torch.long)
         sub = logits.index_select(0, index)
@@ -198,6 +201,13 @@ class Sampler:
             x = (x - _to(dev, [p.frequency_penalty for p in specs]).unsqueeze(1) * counts
                  - _to(dev, [p.presence_penalty for p in specs]).unsqueeze(1) * (counts > 0))
             sub.index_copy_(0, local, x)
+        constrained = [j for j, i in enumerate(rows) if seqs[i].mask_row is not None]
+        if constrained:  # every token the grammar does not allow next: -inf
+            words = torch.from_numpy(masks[[seqs[rows[j]].mask_row for j in constrained]]).to(dev, non_blocking=True)
+            bits = (words.unsqueeze(-1) >> torch.arange(32, device=dev, dtype=torch.int32)) & 1
+            allowed = bits.reshape(len(constrained), -1)[:, :vocab].bool()
+            local = _to(dev, constrained, torch.long)
+            sub.index_copy_(0, local, sub.index_select(0, local).masked_fill(~allowed, float("-inf")))
         scores = logits.clone()
         scores.index_copy_(0, index, sub)
         return scores

@@ -1,0 +1,50 @@
+"""Structured outputs (engine/structured.py): on a tiny random model the mask alone must force the output
+into the schema / regex / choice / grammar, at TP 1 and 2, greedy and sampled, beside unconstrained
+requests in the same steps. (Each constraint bounds the output's length: a random model would fill an
+unbounded string until max_tokens; json_object is tested on SmolLM2 through the server.)"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from shardlm import LLM, SamplingParams
+from shardlm.engine.sampling_params import SamplingError
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_mask_alone_makes_a_random_model_follow_the_constraint(tp):
+    prompts = ["x", "a longer prompt"]
+    cases = [({"json": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA)),
+             ({"regex": r"[0-9]{3}-[a-z]{2}"}, lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t) or pytest.fail(t)),
+             ({"choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue") or pytest.fail(t)),
+             ({"grammar": 'start: "yes" | "no" " " NUMBER\nNUMBER: /[0-9]+/'},
+              lambda t: re.fullmatch(r"yes|no [0-9]+", t) or pytest.fail(t))]
+    with LLM("random:tiny-llama", tensor_parallel_size=tp) as llm:
+        for spec, check in cases:
+            for temperature in (0.0, 1.0):
+                params = SamplingParams(max_tokens=200, temperature=temperature, seed=5, structured_outputs=spec)
+                plain = SamplingParams(max_tokens=20, temperature=temperature, seed=5)
+                outs = llm.generate(prompts + prompts, [params, params, plain, plain])
+                for out in outs[:2]:
+                    c = out.outputs[0]
+                    assert c.finish_reason == "stop", (spec, c.text, c.finish_reason)
+                    check(c.text)
+
+
+def test_a_constraint_that_does_not_compile_is_refused_with_the_reason():
+    with LLM("random:tiny-llama") as llm:
+        for spec, says in (({"regex": "(unclosed"}, "unclosed group"),
+                           ({"json": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, "nonsense"),
+                           ({"grammar": "start: undefined_rule"}, "undefined_rule")):
+            with pytest.raises(SamplingError, match=says) as info:
+                llm.generate(["x"], SamplingParams(structured_outputs=spec))
+            assert info.value.field == "structured_outputs"
