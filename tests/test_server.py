@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, driven by the official `openai` client (CPU, gloo)."""
 
 import asyncio
+import re
 import signal
 import socket
 import subprocess
@@ -128,6 +129,41 @@ def test_sampling_knobs_through_the_openai_client(smol):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model="smollm2-135m", prompt="The capital of France is", max_tokens=4, temperature=0, echo=True, stream=True))
     assert streamed == echo.choices[0].text
+
+
+def test_structured_outputs_through_the_openai_client(smol):
+    """response_format json_schema / json_object and vLLM's structured_outputs (choice, regex) on SmolLM2:
+    the answers validate (jsonschema), streamed or not; a schema the engine cannot compile is a 400"""
+    import json
+
+    import jsonschema
+
+    c = client(smol)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Give the largest city of France and its population as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    out = c.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=60, temperature=0,
+                                    response_format=fmt)
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="smollm2-135m", messages=msgs, max_tokens=60, temperature=0, response_format=fmt, stream=True)
+        if ch.choices)
+    assert streamed == out.choices[0].message.content
+    obj = c.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=60, temperature=0,
+                                    response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    pick = c.completions.create(model="smollm2-135m", prompt="The sky is", max_tokens=5, temperature=0,
+                                extra_body={"structured_outputs": {"choice": ["blue", "green"]}})
+    assert pick.choices[0].text in ("blue", "green")
+    code = c.completions.create(model="smollm2-135m", prompt="A zip code:", max_tokens=8, temperature=0.7, seed=1,
+                                extra_body={"structured_outputs": {"regex": "[0-9]{5}"}})
+    assert re.fullmatch(r"[0-9]{5}", code.choices[0].text)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(model="smollm2-135m", messages=msgs, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    assert info.value.body["param"] == "response_format" and "cannot be compiled" in info.value.body["message"]
 
 
 VLLM_METRICS = [  # vLLM v1's names (vllm: prefix) that dashboards and autoscalers read

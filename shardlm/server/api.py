@@ -184,15 +184,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         except Overloaded as exc:
             raise _overloaded(exc) from None
 
-    def validate(ids: list[int], params: SamplingParams) -> None:
+    def validate(ids: list[int], params: SamplingParams, req: CompletionRequest | ChatCompletionRequest) -> None:
         try:
             engine.engine.validate_prompt(ids)
         except ValueError as exc:
             raise APIError(400, str(exc), "prompt") from None
         try:
-            engine.engine.validate_sampling(params)
+            engine.engine.validate_sampling(params)  # (a structured output is compiled here)
         except SamplingError as exc:
-            raise APIError(400, str(exc), exc.field) from None
+            field = "response_format" if exc.field == "structured_outputs" and req.response_format else exc.field
+            raise APIError(400, str(exc), field) from None
 
     async def run(prompt_text: str | None, ids: list[int], params) -> AsyncIterator[RequestOutput]:
         try:
@@ -235,7 +236,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         def encode() -> list[tuple[str | None, list[int]]]:
             encoded = [prompt_ids(p) for p in prompts]
             for _, ids in encoded:
-                validate(ids, params)
+                validate(ids, params, req)
                 check_max_tokens(req.max_tokens, len(ids), "max_tokens")
             return encoded
 
@@ -294,7 +295,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                 ids = tokenizer.apply_chat_template(conversation)
             except Exception as exc:  # noqa: BLE001 - the template's own checks (jinja2: roles must alternate, ...)
                 raise APIError(400, f"the model's chat template rejected the messages: {exc}", "messages") from None
-            validate(ids, params)
+            validate(ids, params, req)
             check_max_tokens(max_tokens, len(ids), field)
             return ids
 

@@ -15,8 +15,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 # OpenAI fields shardlm does not implement, with the values that mean "off"; any other value gets a 400
 UNSUPPORTED: dict[str, tuple] = {
-    "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
-    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "suffix": (None, ""), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
 }
 
 
@@ -56,6 +55,10 @@ class _Common(BaseModel):
     min_p: Finite = 0.0
     logit_bias: dict[str, Finite] | None = None
     min_tokens: int = 0
+    response_format: dict[str, Any] | None = None
+    """OpenAI's: {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", ...}}"""
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM's: one of json, json_object, regex, choice, grammar"""
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -91,17 +94,38 @@ class _Common(BaseModel):
         except UnicodeEncodeError:
             walk(body, ())
 
+    def constraint(self) -> dict[str, Any] | None:
+        """The structured output asked for, by vLLM's structured_outputs or OpenAI's response_format."""
+        fmt = self.response_format
+        if fmt is None or fmt.get("type") == "text":
+            return self.structured_outputs
+        if self.structured_outputs is not None:
+            raise APIError(400, "give response_format or structured_outputs, not both", "response_format")
+        if fmt.get("type") == "json_object":
+            return {"json_object": True}
+        if fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
+                               "response_format")
+            return {"json": schema}
+        raise APIError(400, f"response_format.type must be text, json_object or json_schema, got "
+                            f"{fmt.get('type')!r:.50}", "response_format")
+
     def sampling(self, max_tokens: int | None, logprobs: int | None, names: dict[str, str] | None = None,
                  best_of: int | None = None) -> SamplingParams:
         """The request's SamplingParams; a bad value is a 400 naming its field (`names`: this request's
         name for a SamplingParams field, where they differ)."""
+        constraint = self.constraint()
+        if constraint is not None and self.response_format is not None:
+            names = {**(names or {}), "structured_outputs": "response_format"}
         try:
             params = SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                 max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, min_p=self.min_p, logit_bias=self.logit_bias,
-                min_tokens=self.min_tokens, best_of=best_of)
+                min_tokens=self.min_tokens, best_of=best_of, structured_outputs=constraint)
         except SamplingError as exc:
             field = (names or {}).get(exc.field, exc.field)
             raise APIError(400, str(exc).replace(exc.field, field, 1), field) from None
