@@ -166,6 +166,40 @@ def test_structured_outputs_through_the_openai_client(smol):
     assert info.value.body["param"] == "response_format" and "cannot be compiled" in info.value.body["message"]
 
 
+def test_tool_calls_through_the_openai_client(smol):
+    """a forced named call and tool_choice required give calls whose arguments validate (streamed or not), and
+    the call and its tool answer go back through the chat template"""
+    import json
+
+    import jsonschema
+
+    c = client(smol)
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+              "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": params}}]
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = c.chat.completions.create(model="smollm2-135m", messages=msgs, tools=tools, tool_choice=named,
+                                    max_tokens=40, temperature=0)
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and out.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), params)
+    args = "".join(tc.function.arguments or "" for ch in c.chat.completions.create(
+        model="smollm2-135m", messages=msgs, tools=tools, tool_choice=named, max_tokens=40, temperature=0,
+        stream=True) if ch.choices and ch.choices[0].delta.tool_calls for tc in ch.choices[0].delta.tool_calls)
+    assert args == call.function.arguments
+    req = c.chat.completions.create(model="smollm2-135m", messages=msgs, tools=tools, tool_choice="required",
+                                    max_tokens=60, temperature=0)
+    assert req.choices[0].message.tool_calls and all(
+        t.function.name == "get_weather" for t in req.choices[0].message.tool_calls)
+    back = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                   {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    answer = c.chat.completions.create(model="smollm2-135m", messages=back, tools=tools, tool_choice="none",
+                                       max_tokens=20, temperature=0)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
 VLLM_METRICS = [  # vLLM v1's names (vllm: prefix) that dashboards and autoscalers read
     "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
     "generation_tokens_total", "request_success_total", "num_preemptions_total", "prefix_cache_queries_total",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ class Tokenizer(Protocol):
 
     def token_str(self, token_id: int) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-                            ) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]: ...
 
 
 class HFTokenizer:
@@ -50,10 +51,12 @@ class HFTokenizer:
     def token_str(self, token_id: int) -> str:
         return self.tok.decode([token_id])
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         if not self.tok.chat_template:
             raise ValueError("this model's tokenizer has no chat template; pass a plain prompt instead")
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                           tools=tools)
         if hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
             out = out["input_ids"]
         return list(out)
@@ -93,8 +96,12 @@ class ByteTokenizer:
     def token_str(self, token_id: int) -> str:
         return self.decode([token_id])
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        text = f"<tools>\n{json.dumps(tools)}\n" if tools else ""
+        for m in messages:
+            calls = f"\n{json.dumps(m['tool_calls'])}" if m.get("tool_calls") else ""
+            text += f"<{m['role']}>\n{m.get('content') or ''}{calls}\n"
         return self.encode(text + ("<assistant>\n" if add_generation_prompt else ""))
 
 

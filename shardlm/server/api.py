@@ -44,6 +44,7 @@ from .responses import (
     stream_deltas,
     usage,
 )
+from .tools import ToolCall, plan_tools
 
 log = logging.getLogger("shardlm.serve")
 
@@ -52,7 +53,8 @@ CLIENT_GONE = 499
 SHUTTING_DOWN = "the server shut down before this request finished; send it again"
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, *, max_body_bytes: int) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, *, max_body_bytes: int,
+              tool_parser=None) -> FastAPI:
     """The app serving `engine` as `model_name`; requests to /v1/* need `api_key` if given, and bodies
     over `max_body_bytes` get 413."""
     app = FastAPI(title="shardlm", docs_url=None, redoc_url=None)
@@ -140,7 +142,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         if req.prompt is not None:
             ids = await asyncio.to_thread(tokenizer.encode, req.prompt)
         else:
-            conversation = [{"role": m.role, "content": m.text(f"messages.{i}")} for i, m in enumerate(req.messages)]
+            conversation = [m.for_template(f"messages.{i}") for i, m in enumerate(req.messages)]
             try:
                 ids = await asyncio.to_thread(tokenizer.apply_chat_template, conversation, req.add_generation_prompt)
             except Exception as exc:  # noqa: BLE001 - the template's own checks
@@ -282,17 +284,24 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_request(req)
-        conversation = [{"role": m.role, "content": m.text(f"messages.{i}")} for i, m in enumerate(req.messages)]
+        conversation = [m.for_template(f"messages.{i}") for i, m in enumerate(req.messages)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        tools = plan_tools(req.tools, req.tool_choice, tool_parser)
+        if tools.constraint is not None:  # the call is forced by a grammar
+            if req.constraint() is not None:
+                raise APIError(400, "tool_choice required or a named function forces the answer's format: drop "
+                                    "response_format / structured_outputs", "tool_choice")
+            req.structured_outputs = tools.constraint
         params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                               {"logprobs": "top_logprobs", "max_tokens": field})
+        found_by = tool_parser if tools.mode == "auto" else None
 
         def encode() -> list[int]:
             try:
-                ids = tokenizer.apply_chat_template(conversation)
+                ids = tokenizer.apply_chat_template(conversation, tools=tools.tools)
             except Exception as exc:  # noqa: BLE001 - the template's own checks (jinja2: roles must alternate, ...)
                 raise APIError(400, f"the model's chat template rejected the messages: {exc}", "messages") from None
             validate(ids, params, req)
@@ -306,13 +315,21 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         def logprobs(c: CompletionOutput, start: int) -> dict[str, Any] | None:
             return chat_logprobs(c, start, tokenizer, req.top_logprobs or 0) if req.logprobs else None
 
+        def finish(c: CompletionOutput, calls: list) -> str | None:
+            return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+
         if not req.stream:
             outs = await _collect(request, [run(None, ids, params)])
             if outs is None:
                 return Response(status_code=CLIENT_GONE)
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": logprobs(c, 0), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                       for c in outs[0].outputs]
+            choices = []
+            for c in outs[0].outputs:
+                content, calls = tools.calls(c.text, found_by)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = [call.message() for call in calls]
+                choices.append({"index": c.index, "message": message, "logprobs": logprobs(c, 0),
+                                "finish_reason": finish(c, calls), "stop_reason": c.stop_reason})
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage(outs)}
 
@@ -321,13 +338,42 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             for i in range(req.n):
                 yield sse(dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]))
+            texts, shown = [""] * req.n, [0] * req.n  # per completion: its text so far, and how much went out
+            named = [None] * req.n  # tool_choice named: the call whose arguments stream as they come
             async for c, text, start, last in stream_deltas(run(None, ids, params), req.n, params.stop):
-                if c is not None:
-                    ch = {"index": c.index, "delta": {"content": text} if text else {},
-                          "logprobs": logprobs(c, start), "finish_reason": c.finish_reason}
+                if c is None:
+                    if (req.stream_options or {}).get("include_usage"):
+                        yield sse(dict(head, choices=[], usage=usage([last])))
+                    continue
+                i = c.index
+                texts[i] += text
+                delta: dict[str, Any] = {}
+                calls: list = []
+                if tools.mode == "named":  # the text is the arguments: stream them
+                    if named[i] is None:
+                        named[i] = ToolCall(tools.name, "")
+                        delta["tool_calls"] = [dict(named[i].message(0), function={"name": tools.name,
+                                                                                    "arguments": text})]
+                    elif text:
+                        delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
+                    calls = [named[i]]
+                elif c.finish_reason is not None and tools.mode in ("auto", "required"):
+                    content, calls = tools.calls(texts[i], found_by)
+                    rest = (content or "")[shown[i]:] if calls else texts[i][shown[i]:]
+                    if rest:
+                        delta["content"] = rest
+                    if calls:
+                        delta["tool_calls"] = [call.message(k) for k, call in enumerate(calls)]
+                else:  # text, less what may be the start of a call (auto) or the whole call list (required)
+                    hold = (0 if tools.mode == "required" else found_by.holds(texts[i]) if found_by is not None
+                            else len(texts[i]))
+                    if hold > shown[i]:
+                        delta["content"] = texts[i][shown[i]:hold]
+                        shown[i] = hold
+                ch = {"index": i, "delta": delta, "logprobs": logprobs(c, start),
+                      "finish_reason": finish(c, calls) if c.finish_reason is not None else None}
+                if delta or c.finish_reason is not None:
                     yield sse(dict(head, choices=[ch]))
-                elif (req.stream_options or {}).get("include_usage"):
-                    yield sse(dict(head, choices=[], usage=usage([last])))
             yield "data: [DONE]\n\n"
 
         return _EventStream(events())

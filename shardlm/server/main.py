@@ -12,6 +12,7 @@ from dataclasses import replace
 from ..engine.arg_utils import EngineArgs
 from ..engine.kv_cache import SERVE_TOKEN_BUDGET
 from .async_engine import AsyncEngine
+from .tools import PARSERS, parser
 
 log = logging.getLogger("shardlm.serve")
 
@@ -26,6 +27,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: the model argument)")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests in flight beyond which new ones get 503 + Retry-After")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="tool_choice auto: find tool calls in the model's text (needs --tool-call-parser)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="how this model writes tool calls: hermes (Hermes, Qwen 2.5+), llama3_json (Llama 3.1+)")
     p.add_argument("--max-request-body-bytes", type=int, default=8 << 20,
                    help="largest request body taken; a larger one gets 413 before it is parsed (default 8 MiB)")
     return p
@@ -59,6 +64,10 @@ def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be a positive number, got {args.max_request_body_bytes}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(sorted(PARSERS))})")
+    tool_parser = parser(args.tool_call_parser) if args.enable_auto_tool_choice else None
     if engine_args.max_num_batched_tokens is None:  # a server keeps decodes flowing: short prefill chunks
         engine_args = replace(engine_args, max_num_batched_tokens=SERVE_TOKEN_BUDGET)
     sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails at once
@@ -77,7 +86,7 @@ def run_serve(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         log.info("shutting down: stopping engine replicas")
         engine.shutdown()
 
-    app = build_app(engine, name, args.api_key, max_body_bytes=args.max_request_body_bytes)
+    app = build_app(engine, name, args.api_key, max_body_bytes=args.max_request_body_bytes, tool_parser=tool_parser)
     app.router.lifespan_context = lifespan
     log.info("serving %s on http://%s:%d", name, args.host, sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

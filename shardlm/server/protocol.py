@@ -14,9 +14,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 """a float that is not NaN or infinite (JSON bodies may carry NaN and Infinity literals)"""
 
 # OpenAI fields shardlm does not implement, with the values that mean "off"; any other value gets a 400
-UNSUPPORTED: dict[str, tuple] = {
-    "suffix": (None, ""), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-}
+UNSUPPORTED: dict[str, tuple] = {"suffix": (None, ""), "functions": (None, []), "function_call": (None, "none")}
 
 
 class APIError(Exception):
@@ -147,6 +145,32 @@ class CompletionRequest(_Common):
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """an assistant's earlier calls, fed back"""
+    tool_call_id: str | None = None
+    """a tool message: the call it answers"""
+    name: str | None = None
+
+    def for_template(self, where: str) -> dict[str, Any]:
+        """The message as chat templates take it: its text, and its tool calls with their arguments as objects
+        (templates write them with `| tojson`; OpenAI sends them as JSON text)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text(where)}
+        if self.tool_calls:
+            calls = []
+            for j, call in enumerate(self.tool_calls):
+                fn = dict(call.get("function") or {})
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except json.JSONDecodeError:
+                        raise APIError(400, f"{where}.tool_calls.{j}.function.arguments is not JSON",
+                                       f"{where}.tool_calls") from None
+                calls.append({**call, "function": fn})
+            out["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def text(self, where: str) -> str:
         """The message's text: its content, or its text parts joined (`where`: its path, for errors)."""
@@ -166,6 +190,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
