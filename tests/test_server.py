@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -200,6 +201,14 @@ def test_tool_calls_through_the_openai_client(smol):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
+def test_the_openai_client_script_passes(smol):
+    """scripts/openai_client_check.py (what the README points vLLM users to) against the server"""
+    script = Path(__file__).parent.parent / "scripts" / "openai_client_check.py"
+    r = subprocess.run([sys.executable, str(script), "--base-url", smol, "--api-key", KEY], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "FAIL" not in r.stdout and r.stdout.count("ok  ") == 6, r.stdout + r.stderr
+
+
 VLLM_METRICS = [  # vLLM v1's names (vllm: prefix) that dashboards and autoscalers read
     "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
     "generation_tokens_total", "request_success_total", "num_preemptions_total", "prefix_cache_queries_total",
@@ -258,6 +267,10 @@ def test_bad_input_gets_4xx_and_server_stays_up(smol):
         (dict(model="smollm2-135m", prompt="x", logit_bias={"999999": 5}), openai.BadRequestError, "logit_bias"),
         (dict(model="smollm2-135m", prompt="x", logit_bias={"12": 500}), openai.BadRequestError, "logit_bias"),
         (dict(model="smollm2-135m", prompt="x", suffix="y"), openai.BadRequestError, "suffix"),
+        (dict(model="smollm2-135m", prompt="x", extra_body={"guided_regex": "a+"}), openai.BadRequestError,
+         "guided_regex"),
+        (dict(model="smollm2-135m", prompt="x", extra_body={"prompt_logprobs": 1}), openai.BadRequestError,
+         "prompt_logprobs"),
         (dict(model="smollm2-135m", prompt="x", echo=True, logprobs=1), openai.BadRequestError, "echo"),
         (dict(model="smollm2-135m", prompt="x", n=2, best_of=1), openai.BadRequestError, "best_of"),
         (dict(model="smollm2-135m", prompt="x", best_of=2, stream=True), openai.BadRequestError, "best_of"),

@@ -14,7 +14,14 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 """a float that is not NaN or infinite (JSON bodies may carry NaN and Infinity literals)"""
 
 # OpenAI fields shardlm does not implement, with the values that mean "off"; any other value gets a 400
-UNSUPPORTED: dict[str, tuple] = {"suffix": (None, ""), "functions": (None, []), "function_call": (None, "none")}
+UNSUPPORTED: dict[str, tuple] = {
+    "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"), "prompt_logprobs": (None,),
+    "use_beam_search": (None, False), "allowed_token_ids": (None,), "bad_words": (None, []),
+    "truncate_prompt_tokens": (None,), "include_stop_str_in_output": (None, False),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+}
+"""(vLLM's own fields among them: a client written for vLLM gets a 400 rather than a silent difference;
+guided_* are vLLM's names before structured_outputs)"""
 
 
 class APIError(Exception):
@@ -47,6 +54,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
     presence_penalty: Finite = 0.0
     frequency_penalty: Finite = 0.0
     repetition_penalty: Finite = 1.0
@@ -65,7 +73,9 @@ class _Common(BaseModel):
         for name, neutral in UNSUPPORTED.items():
             value = (self.model_extra or {}).get(name)
             if value not in neutral:
-                raise APIError(400, f"{name}={value!r} is not supported by shardlm; remove it from the request", name)
+                hint = " (use structured_outputs)" if name.startswith("guided_") else ""
+                raise APIError(400, f"{name}={value!r:.100} is not supported by shardlm; remove it from the "
+                                    f"request{hint}", name)
 
     def check_text(self) -> None:
         """Raise APIError naming the first string that is not valid Unicode: a lone UTF-16 surrogate (JSON
@@ -121,6 +131,7 @@ class _Common(BaseModel):
             params = SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                 max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                skip_special_tokens=self.skip_special_tokens,
                 logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, min_p=self.min_p, logit_bias=self.logit_bias,
                 min_tokens=self.min_tokens, best_of=best_of, structured_outputs=constraint)
