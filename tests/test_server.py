@@ -349,6 +349,20 @@ def test_data_parallel_spreads_load_and_503_when_full():
         assert rejected and all(r.headers.get("retry-after") for r in rejected)
         assert all(r.status_code in (200, 503) for r in flood)
         assert httpx.get(base + "/health").status_code == 200
+        # a random model answers a json_schema request with valid JSON: the mask alone does it
+        import json
+
+        import jsonschema
+
+        schema = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                   "ok": {"type": "boolean"}},
+                  "required": ["id", "ok"], "additionalProperties": False}
+        time.sleep(1)  # (the flood's 503s clear)
+        out = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=2).chat.completions.create(
+            model="random:tiny-llama", messages=[{"role": "user", "content": "x"}], max_tokens=100,
+            temperature=1.0, seed=3, response_format={"type": "json_schema", "json_schema": {"name": "r",
+                                                                                            "schema": schema}})
+        jsonschema.validate(json.loads(out.choices[0].message.content), schema)
     finally:
         assert stop_server(proc) == 0
 
