@@ -125,3 +125,14 @@ def test_bench_profile_step_needs_enough_steps(capsys):
     assert main(["bench", "latency", "--model", "random:tiny-llama", "--device", "cpu", "--output-len", "4",
                  "--profile-step"]) == 2
     assert "--output-len >= 7" in capsys.readouterr().err
+
+
+def test_the_cli_runs_without_the_server_packages():
+    """generate / bench / plan work where fastapi is not installed (the GPU hosts): only serve needs it"""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
+            "from shardlm.entrypoints.cli import build_parser; build_parser().parse_args(['bench', 'latency'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -17,8 +17,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import APIError
-
 
 @dataclass
 class ToolCall:
@@ -144,6 +142,10 @@ class ToolPlan:
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, auto_parser) -> ToolPlan:
     """The request's tools and tool_choice checked (a 400 naming the field) and turned into a ToolPlan."""
+    from .protocol import (
+        APIError,  # (fastapi: `shardlm serve --help` and the parser names do without it)
+    )
+
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise APIError(400, "tool_choice needs tools", "tool_choice")
