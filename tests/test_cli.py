@@ -98,7 +98,7 @@ def test_every_option_with_a_default_says_it_in_help():
                 for sub_name, child in action.choices.items():
                     walk(child, f"{name} {sub_name}")
             elif (action.option_strings and action.help != argparse.SUPPRESS and action.default is not None
-                  and action.default is not False and not isinstance(action, argparse._HelpAction)):
+                  and action.default is not False and action.default != argparse.SUPPRESS):
                 shown = parser._get_formatter()._expand_help(action) if action.help else ""  # no help: no line
                 if "default" not in shown:
                     missing.append(f"{name} {action.option_strings[0]}")
