@@ -464,3 +464,21 @@ def test_cli_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"shardlm {__version__}"
+
+
+def test_malformed_tool_and_format_fields_are_400s():
+    """values that once reached a 500: a json_schema that is not an object, a fed-back tool call whose
+    function is not an object, a lone surrogate in /tokenize"""
+    async def scenario():
+        app = build_app(ScriptedEngine(finishes), MODEL, max_body_bytes=1 << 20)
+        msgs = [{"role": "user", "content": "hi"}]
+        bad_call = [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": "x"}]}]
+        for path, body, param in (
+                (CHAT, {"model": MODEL, "messages": msgs, "response_format": {"type": "json_schema",
+                                                                               "json_schema": "x"}}, "response_format"),
+                (CHAT, {"model": MODEL, "messages": msgs + bad_call}, "messages.1.tool_calls"),
+                ("/tokenize", {"prompt": "\ud800"}, "prompt")):
+            status, raw = await call(app, path, body)
+            assert status == 400 and json.loads(raw)["error"]["param"] == param, raw
+
+    asyncio.run(scenario())

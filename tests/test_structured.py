@@ -48,3 +48,13 @@ def test_a_constraint_that_does_not_compile_is_refused_with_the_reason():
             with pytest.raises(SamplingError, match=says) as info:
                 llm.generate(["x"], SamplingParams(structured_outputs=spec))
             assert info.value.field == "structured_outputs"
+
+
+def test_min_tokens_gives_way_to_a_grammar_that_must_end():
+    """a grammar that allows nothing but EOS now (choice [""]) with min_tokens: the ban on EOS is lifted for
+    that pick (else no token is left and token 0 would come out)"""
+    with LLM("random:tiny-llama") as llm:
+        (out,) = llm.generate(["x"], SamplingParams(max_tokens=5, temperature=0, min_tokens=3,
+                                                    structured_outputs={"choice": [""]}))
+    c = out.outputs[0]
+    assert c.text == "" and c.finish_reason == "stop" and 0 not in c.token_ids

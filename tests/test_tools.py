@@ -46,6 +46,7 @@ def test_llama3_json_parser():
     (None, "required", None, "tool_choice"), ([WEATHER], "auto", None, "tool_choice"),
     ([WEATHER], {"type": "function", "function": {"name": "nope"}}, None, "tool_choice"),
     ([{"type": "function"}], "required", None, "tools.0"), ([WEATHER], "sometimes", None, "tool_choice"),
+    ([WEATHER], {"type": "function", "function": {"name": [1]}}, None, "tool_choice"),
 ])
 def test_bad_tools_are_400s_naming_the_field(tools, choice, auto, param):
     with pytest.raises(APIError) as info:

@@ -55,6 +55,16 @@ from .tokenizer import load_tokenizer
 log = logging.getLogger("shardlm.engine")
 
 
+def _allows_other_than(mask_row, banned: list[int]) -> bool:
+    """Whether a bitmask row (32 tokens a word) allows a token not in `banned`."""
+    import numpy as np
+
+    words = mask_row.copy()
+    for t in banned:
+        words[t // 32] &= ~np.int32(1 << (t % 32)) if t % 32 < 31 else np.int32(0x7FFFFFFF)
+    return bool(words.any())
+
+
 def visible_gpus() -> int:
     """GPUs torch can see (0 without CUDA)."""
     try:
@@ -243,26 +253,27 @@ class LLMEngine:
                 f"shorten the prompt (it must leave room for at least one new token) or raise max_model_len"
             )
 
-    def validate_sampling(self, params: SamplingParams) -> None:
-        """Raise SamplingError naming the field if `params` names tokens outside this model's vocabulary."""
+    def validate_sampling(self, params: SamplingParams, grammar: bool = True) -> None:
+        """Raise SamplingError naming the field if `params` names tokens outside this model's vocabulary, or
+        (grammar) asks for a structured output that does not compile."""
         vocab = self.source.config.vocab_size
         bad = [t for t in params.logit_bias or {} if t >= vocab]
         if bad:
             raise SamplingError("logit_bias", f"logit_bias names token ids {bad[:5]} outside the vocabulary "
                                               f"[0, {vocab})")
-        if params.structured_outputs is not None:
-            self.grammars.matcher(params.structured_outputs)  # compiles, or says why not
+        if grammar and params.structured_outputs is not None:
+            self.grammars.check(params.structured_outputs)  # compiles, or says why not
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_ids)
-        self.validate_sampling(params)
+        self.validate_sampling(params, grammar=False)  # (the matchers below compile it)
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
                          logprobs=[] if params.logprobs is not None else None) for i in range(params.completions)]
         if params.structured_outputs is not None:
-            for s in seqs:
-                s.matcher = self.grammars.matcher(params.structured_outputs)
+            for s, m in zip(seqs, self.grammars.matchers(params.structured_outputs, len(seqs))):
+                s.matcher = m
         self.requests[request_id] = seqs
         self.request_info[request_id] = (prompt, RequestMetrics(arrival_time=time.monotonic()))
         for s in seqs:
@@ -347,9 +358,9 @@ class LLMEngine:
             seq = item.seq
             blocks, start = self._new_blocks(seq)
             row = SeqPlan(seq.seq_id, item.tokens, item.start, blocks, item.sample, seq.sampling, blocks_from=start)
-            if item.start == 0:  # a prompt's first chunk: its request's queue time ends (the first time)
-                metrics = self.request_info[seq.request_id][1]
-                metrics.first_scheduled_time = metrics.first_scheduled_time or time.monotonic()
+            metrics = self.request_info[seq.request_id][1]
+            if metrics.first_scheduled_time is None:  # its queue time ends (the prefix cache may skip chunks)
+                metrics.first_scheduled_time = time.monotonic()
             if item.sample:
                 # the token this step samples is the completion's k-th (one more may be in flight: PREV_TOKEN)
                 k = len(seq.output_ids) + (item.tokens[-1] == PREV_TOKEN)
@@ -362,7 +373,11 @@ class LLMEngine:
                     row.mask_row = len(matchers)
                     matchers.append(seq.matcher)
             seqs.append(row)
-        return StepPlan(seqs, finished, self.return_logits, self.grammars.masks(matchers) if matchers else None)
+        masks = self.grammars.masks(matchers) if matchers else None
+        for row in seqs:  # a grammar that allows nothing but what min_tokens bans: let it end
+            if row.ban and row.mask_row is not None and not _allows_other_than(masks[row.mask_row], row.ban):
+                row.ban = None
+        return StepPlan(seqs, finished, self.return_logits, masks)
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         """The tokens that would end `seq` (banned before min_tokens)."""

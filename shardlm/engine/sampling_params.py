@@ -163,7 +163,8 @@ class SamplingParams:
                 fail("logit_bias", f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
             bias = {}
             for token, value in self.logit_bias.items():
-                tid = int(token) if isinstance(token, str) and token.isdigit() else token  # JSON keys are strings
+                # JSON keys are strings ("²".isdigit() too, but int() refuses it)
+                tid = int(token) if isinstance(token, str) and token.isascii() and token.isdigit() else token
                 if not _is_int(tid) or not 0 <= tid <= INT64_MAX:
                     fail("logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {token!r:.100}")
                 if not _is_real(value) or not -100 <= value <= 100:

@@ -63,6 +63,8 @@ class StructuredOutputs:
         if unknown:
             raise SamplingError("structured_outputs", f"structured_outputs has unknown keys {unknown}; it takes one "
                                                       f"of {', '.join(KINDS)} (and {', '.join(options)})")
+        if not isinstance(value.get("json_object", False), bool):
+            raise SamplingError("structured_outputs", "structured_outputs.json_object must be true or false")
         if not isinstance(value.get("disable_any_whitespace", True), bool) or not isinstance(
                 value.get("whitespace_pattern", ""), (str, type(None))):
             raise SamplingError("structured_outputs", "disable_any_whitespace must be true or false and "
@@ -128,37 +130,52 @@ class Grammars:
         """int32 words of one bitmask row"""
 
     def _ll_tokenizer(self):
+        """The tokenizer as llguidance sees it, built once (or the reason it cannot be, kept)."""
         if self._lltok is None:
             import llguidance
             import llguidance.hf
 
-            if isinstance(self.tokenizer, HFTokenizer):
-                self._lltok = llguidance.hf.from_tokenizer(self.tokenizer.tok, n_vocab=self.vocab_size)
-            elif isinstance(self.tokenizer, ByteTokenizer):
-                self._lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary(self.tokenizer)))
-            else:
-                raise SamplingError("structured_outputs", "structured outputs need a Hugging Face or byte tokenizer")
+            try:
+                if isinstance(self.tokenizer, HFTokenizer):
+                    self._lltok = llguidance.hf.from_tokenizer(self.tokenizer.tok, n_vocab=self.vocab_size,
+                                                               eos_token=list(self.tokenizer.eos_token_ids))
+                elif isinstance(self.tokenizer, ByteTokenizer):
+                    self._lltok = llguidance.LLTokenizer(
+                        llguidance.TokenizerWrapper(_ByteVocabulary(self.tokenizer)))
+                else:
+                    self._lltok = "structured outputs need a Hugging Face or byte tokenizer"
+            except (ValueError, TypeError, AttributeError) as exc:  # a slow tokenizer, a vocabulary too small, ...
+                self._lltok = f"this model's tokenizer cannot drive a grammar ({exc})"
+        if isinstance(self._lltok, str):
+            raise SamplingError("structured_outputs", f"structured outputs are not available: {self._lltok}")
         return self._lltok
 
-    def matcher(self, spec: StructuredOutputs):
-        """A fresh matcher of spec's grammar; SamplingError with the engine's reason when it does not compile."""
+    def check(self, spec: StructuredOutputs) -> str:
+        """spec's grammar, checked against this tokenizer; SamplingError with llguidance's reason if it does
+        not compile."""
         import llguidance
 
         try:
             grammar = spec.grammar_text()
         except (ValueError, TypeError) as exc:
             raise SamplingError("structured_outputs", f"the structured output cannot be compiled: {exc}") from None
-        lltok = self._ll_tokenizer()
-        error = llguidance.LLMatcher.validate_grammar(grammar, lltok)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._ll_tokenizer())
         if error:
             raise SamplingError("structured_outputs", f"the structured output cannot be compiled: {error}")
-        return llguidance.LLMatcher(lltok, grammar)
+        return grammar
+
+    def matchers(self, spec: StructuredOutputs, n: int) -> list:
+        """n fresh matchers of spec's grammar (one per completion)."""
+        import llguidance
+
+        first = llguidance.LLMatcher(self._ll_tokenizer(), self.check(spec))
+        return [first] + [first.deep_copy() for _ in range(n - 1)]
 
     def masks(self, matchers: list) -> np.ndarray:
         """[len(matchers), words] int32: bit t of a row set where the matcher allows token t next."""
-        import llguidance.torch as lt
+        import llguidance.numpy as ln  # (not llguidance.torch: it compiles a kernel at import, 3 s)
 
-        out = lt.allocate_token_bitmask(len(matchers), self.vocab_size)
+        out = ln.allocate_token_bitmask(len(matchers), self.vocab_size)
         for row, m in enumerate(matchers):
-            lt.fill_next_token_bitmask(m, out, row)
-        return out.numpy()
+            ln.fill_next_token_bitmask(m, out, row)
+        return out

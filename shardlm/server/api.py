@@ -136,6 +136,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        req.check_text()
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt (text) and messages (a conversation)", "prompt")
@@ -186,7 +187,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         except Overloaded as exc:
             raise _overloaded(exc) from None
 
-    def validate(ids: list[int], params: SamplingParams, req: CompletionRequest | ChatCompletionRequest) -> None:
+    def validate(ids: list[int], params: SamplingParams, req: CompletionRequest | ChatCompletionRequest,
+                 constraint_from: str | None = None) -> None:
         try:
             engine.engine.validate_prompt(ids)
         except ValueError as exc:
@@ -194,7 +196,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         try:
             engine.engine.validate_sampling(params)  # (a structured output is compiled here)
         except SamplingError as exc:
-            field = "response_format" if exc.field == "structured_outputs" and req.response_format else exc.field
+            field = exc.field
+            if field == "structured_outputs":  # the field the client used
+                field = constraint_from or ("response_format" if req.response_format else field)
             raise APIError(400, str(exc), field) from None
 
     async def run(prompt_text: str | None, ids: list[int], params) -> AsyncIterator[RequestOutput]:
@@ -304,7 +308,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                 ids = tokenizer.apply_chat_template(conversation, tools=tools.tools)
             except Exception as exc:  # noqa: BLE001 - the template's own checks (jinja2: roles must alternate, ...)
                 raise APIError(400, f"the model's chat template rejected the messages: {exc}", "messages") from None
-            validate(ids, params, req)
+            validate(ids, params, req, "tools" if tools.constraint is not None else None)
             check_max_tokens(max_tokens, len(ids), field)
             return ids
 
@@ -316,7 +320,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             return chat_logprobs(c, start, tokenizer, req.top_logprobs or 0) if req.logprobs else None
 
         def finish(c: CompletionOutput, calls: list) -> str | None:
-            return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+            # (OpenAI: a call the request forced by name ends with "stop")
+            return "tool_calls" if calls and c.finish_reason == "stop" and tools.mode != "named" else c.finish_reason
 
         if not req.stream:
             outs = await _collect(request, [run(None, ids, params)])

@@ -280,8 +280,7 @@ class AsyncEngine:
 
         Leaving the iterator early (a client disconnect) aborts the request and frees its KV blocks.
         """
-        self.engine.validate_prompt(prompt_ids)
-        self.engine.validate_sampling(params)
+        self.engine.validate_prompt(prompt_ids)  # (the sampling values were checked by the caller: build_app)
         self.check_capacity()
         rep = self._pick()
         rep.submitted += 1

@@ -42,7 +42,34 @@ class APIError(Exception):
                         media_type="application/json")
 
 
-class _Common(BaseModel):
+class _TextCheck(BaseModel):
+    def check_text(self) -> None:
+        """Raise APIError naming the first string that is not valid Unicode: a lone UTF-16 surrogate (JSON
+        can carry "\\ud800") can be neither tokenised nor written back as UTF-8."""
+        def walk(value: Any, path: tuple[str, ...]) -> None:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    where = ".".join(path) or None
+                    raise APIError(400, f"{where or 'a field name'} has a lone UTF-16 surrogate ({value[exc.start]!r}) "
+                                        f"at character {exc.start}; send valid Unicode text", where) from None
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    walk(k, path)
+                    walk(v, (*path, k))
+            elif isinstance(value, list):
+                for i, v in enumerate(value):
+                    walk(v, (*path, str(i)))
+
+        body = self.model_dump()
+        try:  # one pass in C for the common case (a 512-token prompt is 512 list items to walk in Python)
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            walk(body, ())
+
+
+class _Common(_TextCheck):
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -77,31 +104,6 @@ class _Common(BaseModel):
                 raise APIError(400, f"{name}={value!r:.100} is not supported by shardlm; remove it from the "
                                     f"request{hint}", name)
 
-    def check_text(self) -> None:
-        """Raise APIError naming the first string that is not valid Unicode: a lone UTF-16 surrogate (JSON
-        can carry "\\ud800") can be neither tokenised nor written back as UTF-8."""
-        def walk(value: Any, path: tuple[str, ...]) -> None:
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    where = ".".join(path) or None
-                    raise APIError(400, f"{where or 'a field name'} has a lone UTF-16 surrogate ({value[exc.start]!r}) "
-                                        f"at character {exc.start}; send valid Unicode text", where) from None
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    walk(k, path)
-                    walk(v, (*path, k))
-            elif isinstance(value, list):
-                for i, v in enumerate(value):
-                    walk(v, (*path, str(i)))
-
-        body = self.model_dump()
-        try:  # one pass in C for the common case (a 512-token prompt is 512 list items to walk in Python)
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            walk(body, ())
-
     def constraint(self) -> dict[str, Any] | None:
         """The structured output asked for, by vLLM's structured_outputs or OpenAI's response_format."""
         fmt = self.response_format
@@ -112,7 +114,8 @@ class _Common(BaseModel):
         if fmt.get("type") == "json_object":
             return {"json_object": True}
         if fmt.get("type") == "json_schema":
-            schema = (fmt.get("json_schema") or {}).get("schema")
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
                 raise APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
                                "response_format")
@@ -169,7 +172,10 @@ class ChatMessage(BaseModel):
         if self.tool_calls:
             calls = []
             for j, call in enumerate(self.tool_calls):
-                fn = dict(call.get("function") or {})
+                if not isinstance(call.get("function"), dict):
+                    raise APIError(400, f"{where}.tool_calls.{j}.function must be an object with name and arguments",
+                                   f"{where}.tool_calls")
+                fn = dict(call["function"])
                 if isinstance(fn.get("arguments"), str):
                     try:
                         fn["arguments"] = json.loads(fn["arguments"])
@@ -209,7 +215,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_TextCheck):
     """/tokenize (vLLM's): a prompt's tokens, or a conversation's after the chat template."""
 
     model_config = ConfigDict(extra="forbid")
@@ -220,7 +226,7 @@ class TokenizeRequest(BaseModel):
     """(messages) end with the assistant's turn opened, as a chat completion does"""
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_TextCheck):
     """/detokenize (vLLM's): token ids back to text."""
 
     model_config = ConfigDict(extra="forbid")

@@ -176,7 +176,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, auto_parser
         return ToolPlan(tools, "required", {"json": {"type": "array", "minItems": 1, "items": {"anyOf": calls}}})
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
-        if name not in functions:
+        if not isinstance(name, str) or name not in functions:
             raise APIError(400, f"tool_choice names function {name!r:.100}, which is not among the tools "
                                 f"({', '.join(functions)})", "tool_choice")
         return ToolPlan(tools, "named", {"json": functions[name]}, name)
