@@ -363,8 +363,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                         delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
                     calls = [named[i]]
                 elif c.finish_reason is not None and tools.mode in ("auto", "required"):
-                    content, calls = tools.calls(texts[i], found_by)
-                    rest = (content or "")[shown[i]:] if calls else texts[i][shown[i]:]
+                    _, calls = tools.calls(texts[i], found_by)
+                    # the text before the calls (offsets into the text as sent: the content is stripped)
+                    end = (found_by.holds(texts[i]) if found_by is not None else shown[i]) if calls else len(texts[i])
+                    rest = texts[i][shown[i]:end]
                     if rest:
                         delta["content"] = rest
                     if calls:
