@@ -72,7 +72,7 @@ class SamplingSpec:
 
     def to_wire(self) -> list[Any]:
         head = [self.temperature, self.top_p, self.top_k, self.seed, self.logprobs]
-        if self == SamplingSpec(*head):  # the common case stays five values on the wire
+        if not self.adjusts_logits and self.min_p == 0:  # the common case stays five values on the wire
             return head
         return head + [self.presence_penalty, self.frequency_penalty, self.repetition_penalty, self.min_p,
                        [list(p) for p in self.logit_bias]]
