@@ -96,3 +96,17 @@ def test_slowest_rank_of_a_profiled_step():
     assert s["rank"] == 1 and s["ratio"] == pytest.approx(42800 / 17500)
     assert slowest_rank({0: prof[0]}) is None
     assert slowest_rank({r: dict.fromkeys(prof[0], 0.0) for r in (0, 1)}) is None  # CPU: no kernel times
+
+
+def test_kernels_where_a_rank_waits_for_the_others_count_as_communication():
+    """a slow peer shows up as a long all-reduce on the other ranks: NCCL's kernels and the peer-memory ones
+    (with or without the fused add + norm) are communication, left out of the slowest rank's arithmetic"""
+    from shardlm.worker.profiling import _kernel_kind
+
+    for name in ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)",
+                 "_all_reduce_kernel", "_all_reduce_add_norm_kernel"):
+        assert _kernel_kind(name) == "communication", name
+    assert _kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "send_recv"
+    assert _kernel_kind("_add_rms_norm_kernel") == "other"  # the plain add + norm (TP=1, or NCCL's path)
+    assert _kernel_kind("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT") == "gemm"
+    assert _kernel_kind("_attention_kernel") == "attention"

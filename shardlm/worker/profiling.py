@@ -106,10 +106,11 @@ class StepTimer:
 def _kernel_kind(name: str) -> str:
     name = name.lower()
     # send/recv kernels are the MoE all-to-all (and the pipeline hand-off); the rest of NCCL is the TP
-    # all-reduce / all-gather
+    # all-reduce / all-gather, as are the peer-memory kernels (_all_reduce_kernel, and
+    # _all_reduce_add_norm_kernel with the residual add and norm it carries): a rank waits for the others there
     if "nccl" in name and "sendrecv" in name:
         return "send_recv"
-    if "nccl" in name:
+    if "nccl" in name or "all_reduce" in name:
         return "communication"
     if any(k in name for k in ("attention", "fmha", "flash", "softmax")):  # before gemm: fmha_cutlass...
         return "attention"
