@@ -179,9 +179,10 @@ def test_decode_step_is_roofline_plus_allreduces(l70):
     act = 80 * (16 * 8192 + 4 * 2048 + 10 * 256 + 6 * 7168)
     assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
     assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
-    # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: alpha(4) = 12 us,
-    # ring 2(n-1)/n = 1.5 at busbw 360 GB/s; plus the logits all-gather (V*2 bytes, half as an all-reduce)
-    ar = 12 + 1.5 * 16384 / 360e3
+    # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: the peer kernel's alpha(4)
+    # = 5 + 2 x 1.5 us, ring 2(n-1)/n = 1.5 at busbw 360 GB/s; plus the logits all-gather (V*2 bytes, half
+    # as an all-reduce; NCCL's: alpha(4) = 9 + 2 x 1.5)
+    ar = 8 + 1.5 * 16384 / 360e3
     gather = 12 + 1.5 * 128256 / 360e3
     assert step.comm_s == pytest.approx((161 * ar + gather) * 1e-6, rel=1e-9)
     assert 160 * ar * 1e-6 < 0.2 * step.compute_s  # graph-captured NVLink: latency-bound, small
@@ -257,8 +258,8 @@ def test_profile_replaces_datasheet_numbers(l70):
     base = make_plan(l70, cl, Workload(max_model_len=4096))
     measured = make_plan(l70, cl, Workload(max_model_len=4096), prof)
     tp4 = [next(r for r in p.results if r.tp == 4) for p in (base, measured)]
-    # eager all-reduces at ~40 us instead of ~12 us: 161 x ~28 us more per token
-    assert tp4[1].tpot_ms_b1 - tp4[0].tpot_ms_b1 == pytest.approx(161 * 28.7e-3, rel=0.1)
+    # eager all-reduces at ~40 us instead of ~8 us (the peer kernel's): 161 x ~32 us more per token
+    assert tp4[1].tpot_ms_b1 - tp4[0].tpot_ms_b1 == pytest.approx(161 * 32.7e-3, rel=0.1)
 
 
 def test_a_group_runs_at_its_slowest_gpus_pace(l70):
@@ -757,7 +758,8 @@ def test_host_profile_fields_parse():
     # a one-GPU host measures no group: its TP collectives fall back to the --interconnect preset
     one = load_profile({**HOST, "allreduce": {}, "all_to_all": {}})
     cm = CostModel(TINY, make_cluster("h100-80gb", 4), one)
-    assert one.allreduce is None and cm.allreduce([0, 1, 2, 3], 16384) == pytest.approx((12 + 1.5 * 16384 / 360e3) * 1e-6)
+    assert one.allreduce is None and cm.allreduce([0, 1, 2, 3], 16384) == pytest.approx((8 + 1.5 * 16384 / 360e3) * 1e-6)
+    assert cm.allreduce([0, 1, 2, 3], 16384, nccl=True) == pytest.approx((12 + 1.5 * 16384 / 360e3) * 1e-6)
     assert "measured no all-reduce" in " ".join(make_plan(TINY, make_cluster("h100-80gb", 2), Workload(150), one).notes)
 
 

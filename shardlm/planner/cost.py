@@ -356,9 +356,10 @@ class CostModel:
 
     # -- collectives (seconds) -------------------------------------------------------------------
 
-    def allreduce(self, ranks: list[int], nbytes: float, graphed: bool = False) -> float:
+    def allreduce(self, ranks: list[int], nbytes: float, graphed: bool = False, nccl: bool = False) -> float:
         """Seconds of one all-reduce of nbytes per rank; graphed: inside a CUDA graph (the profile's in-graph
-        sweep where it has one)."""
+        sweep where it has one). Without a profile a group on one node pays its link's peer-memory latency
+        (Link.peer_alpha_us, the engine's kernel there) unless nccl: NCCL's collective latency."""
         if len(ranks) <= 1:
             return 0.0
         c = self.cluster
@@ -372,7 +373,9 @@ class CostModel:
                 us += table.time_us(local, nbytes)
             else:
                 link = c.node_link(span)
-                us += ring_allreduce_us(link.allreduce_alpha_us(local), link.busbw_gbps, local, nbytes)
+                alpha = (link.collective_alpha_us(local) if nccl or span.nodes > 1  # the peer kernel: one host
+                         else link.allreduce_alpha_us(local))
+                us += ring_allreduce_us(alpha, link.busbw_gbps, local, nbytes)
         if span.nodes > 1:
             # hierarchical: each GPU carries 1/local of the data over its share of the NICs
             net_bw = c.network.per_gpu_gbps(c.gpus_per_node)
@@ -380,8 +383,8 @@ class CostModel:
         return us * 1e-6
 
     def allgather(self, ranks: list[int], total_bytes: float, graphed: bool = False) -> float:
-        # a ring all-gather moves (n-1)/n of the output: the cost of an all-reduce of half the bytes
-        return self.allreduce(ranks, total_bytes / 2, graphed)
+        # a ring all-gather (NCCL's) moves (n-1)/n of the output: the cost of an all-reduce of half the bytes
+        return self.allreduce(ranks, total_bytes / 2, graphed, nccl=True)
 
     def all_to_all(self, ranks: list[int], buffer_bytes: float) -> float:
         """Each rank sends buffer_bytes split evenly over the group (its own chunk stays)."""
@@ -395,10 +398,10 @@ class CostModel:
             return self.profile.all_to_all.time_us(n, buffer_bytes) * 1e-6
         local = span.per_node
         intra_us = buffer_bytes * (local - 1) / n / (link.a2a_gbps * 1e3)
-        us = link.allreduce_alpha_us(max(local, 2)) + intra_us
+        us = link.collective_alpha_us(max(local, 2)) + intra_us
         if span.nodes > 1:
             inter_us = buffer_bytes * (n - local) / n / (c.network.per_gpu_gbps(c.gpus_per_node) * 1e3)
-            us = link.allreduce_alpha_us(max(local, 2)) + c.network.alpha_us + max(intra_us, inter_us)
+            us = link.collective_alpha_us(max(local, 2)) + c.network.alpha_us + max(intra_us, inter_us)
         return us * 1e-6
 
     def send_recv(self, src: int, dst: int, nbytes: float) -> float:

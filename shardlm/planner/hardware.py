@@ -81,9 +81,18 @@ class Link:
     """Send/recv bandwidth, GB/s."""
     a2a_gbps: float
     """All-to-all: bandwidth of the bytes each rank sends out, GB/s."""
+    peer_alpha_us: float | None = None
+    """Latency of the engine's peer-memory all-reduce on 2 ranks where it runs over this link, us (None:
+    every all-reduce is NCCL's, alpha_us)."""
+
+    def collective_alpha_us(self, n: int) -> float:
+        """NCCL's latency for a small collective on n ranks (the all-to-all's)"""
+        return self.alpha_us + self.alpha_per_rank_us * max(0, n - 2)
 
     def allreduce_alpha_us(self, n: int) -> float:
-        return self.alpha_us + self.alpha_per_rank_us * max(0, n - 2)
+        """a small all-reduce's latency on n ranks: the peer-memory kernel's where the engine runs it"""
+        alpha = self.alpha_us if self.peer_alpha_us is None else self.peer_alpha_us
+        return alpha + self.alpha_per_rank_us * max(0, n - 2)
 
 
 INTERCONNECTS = {
@@ -104,9 +113,11 @@ def intra_links(interconnect: str, gpu: GPUSpec) -> tuple[Link, Link | None]:
     if interconnect == "nvlink":
         if gpu.nvlink_gbps <= 0:
             raise PlanError(f"{gpu.name} has no NVLink full mesh; use --interconnect pcie or pcie-cross-socket")
-        # busbw ~0.8 of the per-direction NVLink rate: 360 GB/s on H100 (measured 336 at 4 GPUs)
+        # busbw ~0.8 of the per-direction NVLink rate: 360 GB/s on H100 (measured 336 at 4 GPUs). A small
+        # all-reduce is the engine's peer-memory kernel, its default over NVLink: 5.1 us at 2 KiB in a CUDA
+        # graph on 2 x H200, NCCL's 10.8 (docs/PERFORMANCE.md, issue 17); the all-to-all stays NCCL's
         nv = gpu.nvlink_gbps
-        return Link("nvlink", 9.0, 1.5, 0.8 * nv, 6.0, 0.8 * nv, 0.7 * nv), None
+        return Link("nvlink", 9.0, 1.5, 0.8 * nv, 6.0, 0.8 * nv, 0.7 * nv, peer_alpha_us=5.0), None
     if interconnect in ("pcie", "pcie-cross-socket"):
         pc = gpu.pcie_gbps
         same = Link("pcie", 15.0, 2.0, 0.65 * pc, 10.0, 0.7 * pc, 0.6 * pc)
