@@ -58,3 +58,40 @@ def test_min_tokens_gives_way_to_a_grammar_that_must_end():
                                                     structured_outputs={"choice": [""]}))
     c = out.outputs[0]
     assert c.text == "" and c.finish_reason == "stop" and 0 not in c.token_ids
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_masks_that_follow_the_plan_give_the_tokens_of_the_synchronous_engine(tp):
+    """Async scheduling plans a constrained sequence's next step before its token is back; the plan says its
+    masks follow (StepPlan.masks_follow) and the driver sends them (StepMasks) once the token is in, while
+    the step's forward runs. Every decode step of the constrained requests went that way, and the tokens
+    are those of the engine without async scheduling (greedy and seeded), beside unconstrained requests."""
+    spec = {"regex": r"[0-9]{6}-[a-z]{4}"}
+    prompts = ["x", "a longer prompt", "x"]
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=3, structured_outputs=spec) for t in (0.0, 1.0)]
+    params.append(SamplingParams(max_tokens=30, temperature=1.0, seed=4))
+    tokens = {}
+    for async_scheduling in (False, True):
+        with LLM("random:tiny-llama", tensor_parallel_size=tp, async_scheduling=async_scheduling) as llm:
+            ex, sent = llm.engine.executor, {"follow": 0, "masks": 0}
+            submit, send_masks = ex.submit, ex.send_masks
+
+            def counting_submit(plan, submit=submit):
+                sent["follow"] += plan.masks_follow
+                submit(plan)
+
+            def counting_send(masks, send_masks=send_masks):
+                sent["masks"] += 1
+                send_masks(masks)
+
+            ex.submit, ex.send_masks = counting_submit, counting_send
+            outs = llm.generate(prompts, params)
+        for out in outs[:2]:
+            assert re.fullmatch(r"[0-9]{6}-[a-z]{4}", out.outputs[0].text), out.outputs[0].text
+        tokens[async_scheduling] = [o.outputs[0].token_ids for o in outs]
+        steps = max(len(t) for t in tokens[async_scheduling][:2])
+        if async_scheduling:
+            assert sent["masks"] == sent["follow"] and sent["follow"] >= steps - 2, (sent, steps)
+        else:
+            assert sent == {"follow": 0, "masks": 0}
+    assert tokens[True] == tokens[False]

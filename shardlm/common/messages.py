@@ -153,6 +153,10 @@ class StepPlan(Message):
     masks: np.ndarray | None = None
     """[rows, ceil(vocab / 32)] int32 (structured outputs): bit t of a row set where token t may be picked;
     the rows SeqPlan.mask_row names"""
+    masks_follow: bool = False
+    """the masks come after the plan, in a StepMasks to the output rank: a constrained sequence's next mask
+    needs the token of the step in flight, and the driver sends it once it has that token, while this
+    step's forward runs"""
 
     @property
     def num_tokens(self) -> int:
@@ -165,12 +169,32 @@ class StepPlan(Message):
 
     def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return ({"seqs": [s.to_wire() for s in self.seqs], "finished": self.finished,
-                 "return_logits": self.return_logits}, {} if self.masks is None else {"masks": self.masks})
+                 "return_logits": self.return_logits, "masks_follow": self.masks_follow},
+                {} if self.masks is None else {"masks": self.masks})
 
     @classmethod
     def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> StepPlan:
         return cls([SeqPlan.from_wire(s) for s in header["seqs"]], header["finished"], header["return_logits"],
-                   arrays.get("masks"))
+                   arrays.get("masks"), header["masks_follow"])
+
+
+@dataclass
+class StepMasks(Message):
+    """The structured-output masks of the plan sent last (StepPlan.masks_follow), to the output rank alone;
+    it samples that step once they arrive."""
+
+    name: ClassVar[str] = "masks"
+    masks: np.ndarray
+    """as StepPlan.masks"""
+    unban: list[int] = field(default_factory=list)
+    """sequences whose min_tokens ban (SeqPlan.ban) is lifted: their grammar allows nothing else"""
+
+    def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"unban": self.unban}, {"masks": self.masks}
+
+    @classmethod
+    def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> StepMasks:
+        return cls(arrays["masks"], header["unban"])
 
 
 @dataclass
@@ -368,6 +392,6 @@ class Shutdown(Command):
     name: ClassVar[str] = "shutdown"
 
 
-DRIVER_MESSAGES: dict[str, type] = {m.name: m for m in (WorkerInit, StepPlan, AllocateKV, Stats, Probe, ProfileStep,
-                                                      Shutdown)}
+DRIVER_MESSAGES: dict[str, type] = {m.name: m for m in (WorkerInit, StepPlan, StepMasks, AllocateKV, Stats, Probe,
+                                                      ProfileStep, Shutdown)}
 """Every message the driver sends, by name (how the worker decodes what arrives)."""

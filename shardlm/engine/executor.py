@@ -41,6 +41,7 @@ from ..common.layout import ParallelLayout
 from ..common.messages import (
     Command,
     Shutdown,
+    StepMasks,
     StepPlan,
     StepResult,
     WorkerInit,
@@ -371,6 +372,12 @@ class Executor:
             self._oldest_since = time.monotonic()
         self._in_flight.append(plan.num_tokens)
         self._send_all(plan)
+
+    def send_masks(self, masks: StepMasks) -> None:
+        """The masks of the plan submitted last (StepPlan.masks_follow), to the output rank: the one that
+        samples. It waits for them after that step's forward, so they go out before the next plan."""
+        self._outbox[self.layout.output_ranks()[0]].append(memoryview(wire.encode_message(masks)))
+        self._flush()
 
     def step_deadline_s(self, tokens: int) -> float:
         """Seconds a step of `tokens` tokens may take once it is the oldest in flight."""

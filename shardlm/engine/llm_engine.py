@@ -25,6 +25,7 @@ from ..common.messages import (
     ProfileStep,
     SeqPlan,
     Stats,
+    StepMasks,
     StepPlan,
     WorkerOptions,
 )
@@ -155,6 +156,8 @@ class LLMEngine:
         self.num_generated_tokens = 0  # over the engine's life (metrics)
         self.last_step_exec_s = 0.0  # the output rank's time inside the last finished step
         self.in_flight: deque[list[ScheduledSeq]] = deque()  # batches submitted, oldest first
+        self._masks_due: tuple[list[ScheduledSeq], list[tuple[SeqPlan, Sequence]]] | None = None
+        """the batch in flight whose grammar masks follow its plan, and its constrained rows (_plan)"""
         self.max_batches_in_flight = 2 if self.async_scheduling else args.max_batches_in_flight or self.layout.pp
         self._in_flight_ids: Counter[int] = Counter()  # seq id -> its batches in flight
         self._drained: list[RequestOutput] = []
@@ -204,6 +207,7 @@ class LLMEngine:
             seq.reset_for_recompute()
         self.in_flight.clear()
         self._in_flight_ids.clear()
+        self._masks_due = None
         self._finished_seq_ids = []  # the new workers keep no per-sequence state
         while True:
             self.recovery.begin(cause)  # raises once the budget is spent
@@ -348,12 +352,14 @@ class LLMEngine:
         that a stop token or string ends after all wastes one row of the next step; its token is dropped."""
         if not self.async_scheduling or not self.in_flight:
             return set()
-        return {item.seq.seq_id for item in self.in_flight[-1]  # (a grammar's next mask needs the token first)
-                if item.sample and not item.seq.finished and item.seq.matcher is None
-                and not self.outputs.ends_by_length(item.seq, coming=1)}
+        return {item.seq.seq_id for item in self.in_flight[-1]  # (a grammar's mask follows the plan: _plan)
+                if item.sample and not item.seq.finished and not self.outputs.ends_by_length(item.seq, coming=1)}
 
     def _plan(self, batch: list[ScheduledSeq], finished: list[int]) -> StepPlan:
-        seqs, matchers = [], []
+        """The step plan of a scheduled batch. A constrained sequence whose last token is still in flight
+        (async scheduling: PREV_TOKEN) gets its grammar's mask once that token is back: the plan says the
+        masks follow and _finish_oldest sends them, while the workers run this step's forward."""
+        seqs, constrained, follow = [], [], False
         for item in batch:
             seq = item.seq
             blocks, start = self._new_blocks(seq)
@@ -370,14 +376,28 @@ class LLMEngine:
                     row.history = (len(seq.prompt_ids), seq.prompt_ids + seq.output_ids)
                     seq.penalty_seeded = True
                 if seq.matcher is not None:
-                    row.mask_row = len(matchers)
-                    matchers.append(seq.matcher)
+                    row.mask_row = len(constrained)
+                    constrained.append((row, seq))
+                    follow |= item.tokens[-1] == PREV_TOKEN
             seqs.append(row)
-        masks = self.grammars.masks(matchers) if matchers else None
-        for row in seqs:  # a grammar that allows nothing but what min_tokens bans: let it end
-            if row.ban and row.mask_row is not None and not _allows_other_than(masks[row.mask_row], row.ban):
-                row.ban = None
-        return StepPlan(seqs, finished, self.return_logits, masks)
+        plan = StepPlan(seqs, finished, self.return_logits, masks_follow=follow)
+        if follow:
+            self._masks_due = (batch, constrained)
+        elif constrained:
+            plan.masks, unban = self._grammar_masks(constrained)
+            for row, _ in constrained:
+                if row.seq_id in unban:
+                    row.ban = None
+        return plan
+
+    def _grammar_masks(self, constrained: list[tuple[SeqPlan, Sequence]]) -> tuple[Any, list[int]]:
+        """The plan's mask rows for its constrained sequences (in mask_row order), and those of them whose
+        min_tokens ban is lifted: their grammar allows nothing but what it bans, so they may end. A sequence
+        that ended meanwhile (its row in flight is dropped) gets a row that allows everything."""
+        masks = self.grammars.masks([None if seq.finished else seq.matcher for _, seq in constrained])
+        unban = [row.seq_id for row, _ in constrained
+                 if row.ban and not _allows_other_than(masks[row.mask_row], row.ban)]
+        return masks, unban
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         """The tokens that would end `seq` (banned before min_tokens)."""
@@ -442,6 +462,12 @@ class LLMEngine:
             else:
                 metrics.token_gaps.append(now - metrics.last_token_time)
             metrics.last_token_time = now
+        if self._masks_due is not None and self.in_flight and self.in_flight[0] is self._masks_due[0]:
+            # the batch in flight waits for its masks: its constrained sequences' matchers now have the
+            # tokens just collected
+            masks, unban = self._grammar_masks(self._masks_due[1])
+            self._masks_due = None
+            self.executor.send_masks(StepMasks(masks, unban))
         return [self._output(rid) for rid in touched]
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:

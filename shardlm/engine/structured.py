@@ -4,9 +4,11 @@ pick (llguidance: JSON schema, JSON object, regex, choice, Lark / GBNF grammars)
 The driver holds each constrained sequence's matcher, advances it with every token the sequence gets and,
 when it plans the sequence's next pick, packs the allowed tokens into a bitmask row of the plan
 (`StepPlan.masks`, 32 tokens a word); the output rank's sampler sets every other token's logit to -inf
-before the pick (worker/sampler.py), on any TP/PP layout. The next mask needs the token just picked, so a
-constrained sequence is never planned ahead under async scheduling (LLMEngine._ahead): its masks are
-computed while the GPU runs the other sequences' step.
+before the pick (worker/sampler.py), on any TP/PP layout. The next mask needs the token just picked: under
+async scheduling a constrained sequence is planned ahead like any other, its plan says the masks follow
+(`StepPlan.masks_follow`), and the driver sends them (`StepMasks`, to the output rank) as soon as the step
+before has answered, while the workers already run the new step's forward; the output rank samples once
+they are there (LLMEngine._plan / _finish_oldest, worker/main.py).
 
 Why llguidance (against xgrammar and outlines-core): one abi3 wheel with no Python dependencies (xgrammar
 needs torch, ninja, sentencepiece and tiktoken at install), masks computed lazily per step in tens of
@@ -172,10 +174,14 @@ class Grammars:
         return [first] + [first.deep_copy() for _ in range(n - 1)]
 
     def masks(self, matchers: list) -> np.ndarray:
-        """[len(matchers), words] int32: bit t of a row set where the matcher allows token t next."""
+        """[len(matchers), words] int32: bit t of a row set where the matcher allows token t next (every bit
+        where the matcher is None)."""
         import llguidance.numpy as ln  # (not llguidance.torch: it compiles a kernel at import, 3 s)
 
         out = ln.allocate_token_bitmask(len(matchers), self.vocab_size)
         for row, m in enumerate(matchers):
-            ln.fill_next_token_bitmask(m, out, row)
+            if m is None:
+                out[row] = -1
+            else:
+                ln.fill_next_token_bitmask(m, out, row)
         return out

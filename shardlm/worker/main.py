@@ -31,6 +31,7 @@ from ..common.messages import (
     ProfileStep,
     Shutdown,
     Stats,
+    StepMasks,
     StepPlan,
     WorkerInit,
     WorkerReady,
@@ -233,6 +234,13 @@ def serve(sock: socket.socket, rank: int, local_rank: int) -> None:
             queued = worker.step(msg)
             if pending is not None:  # the older step is answered first; the device is busy with the new one
                 worker.finish(pending)
+            if queued.awaits_masks:  # the driver sends them once it has that answer; the forward runs meanwhile
+                msg = wire.recv_message(sock, DRIVER_MESSAGES)
+                if isinstance(msg, Shutdown):
+                    break
+                if not isinstance(msg, StepMasks):
+                    raise RuntimeError(f"the driver sent {msg.name!r} where the masks of the step before were due")
+                queued.take_masks(msg)
             pending = queued
             continue
         if pending is not None:  # a command sees every step answered

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..common import envs
-from ..common.messages import PREV_TOKEN, SeqPlan, StepPlan, StepResult
+from ..common.messages import PREV_TOKEN, SeqPlan, StepMasks, StepPlan, StepResult
 from ..common.model_source import ModelSource
 from .distributed import ParallelContext
 from .graphs import DecodeGraphs, capture_all, reset
@@ -191,16 +191,20 @@ class ModelRunner:
         else:
             out = self._forward(*inputs, x)
         self._count_expert_rows()
-        batch = None
+        batch = deferred = None
         if samples:
-            batch = self._sample(plan, self._logits(plan, out) if eager else out)
+            logits = self._logits(plan, out) if eager else out
+            if plan.masks_follow and self.ctx.is_output_rank:
+                deferred = (plan, logits)  # sampled when the masks arrive (PendingStep.take_masks)
+            else:
+                batch = self._sample(plan, logits)
         span.issued()
         if not last:
             self.timer.close(span)
             with self.timer.span("send activations", "communication"):
                 self.ctx.send_next_stage(out)
             span = None
-        return PendingStep(self, started, span, batch)
+        return PendingStep(self, started, span, batch, deferred)
 
     def _complete_block_tables(self, plan: StepPlan) -> None:
         """The driver sends a sequence's block table once, then only the entries added since: make each
@@ -331,19 +335,42 @@ class PendingStep:
     the other ranks); `ready()` says whether that would wait. Under async scheduling the worker launches the
     next plan before it finishes this one, so the device never waits for the host in between."""
 
-    def __init__(self, runner: ModelRunner, started: float, span: Span | None, batch: SampleBatch | None):
+    def __init__(self, runner: ModelRunner, started: float, span: Span | None, batch: SampleBatch | None,
+                 deferred: tuple[StepPlan, torch.Tensor] | None = None):
         self.runner, self.span, self.batch = runner, span, batch
         self.started = started
         """time.perf_counter() when execute() began: the step's exec_s counts from here"""
+        self.deferred = deferred
+        """(plan, logits) of a step whose sampling waits for its masks (StepPlan.masks_follow)"""
         self.event = None
-        if span is not None and runner.ctx.device.type == "cuda":
+        if deferred is None:
+            self._record()
+
+    def _record(self) -> None:
+        if self.span is not None and self.runner.ctx.device.type == "cuda":
             self.event = torch.cuda.Event()
             self.event.record()
 
+    @property
+    def awaits_masks(self) -> bool:
+        return self.deferred is not None
+
+    def take_masks(self, msg: StepMasks) -> None:
+        """Sample the step with the masks that followed its plan (the forward may still be running)."""
+        plan, logits = self.deferred
+        plan.masks, unban = msg.masks, set(msg.unban)
+        for s in plan.seqs:
+            if s.seq_id in unban:
+                s.ban = None
+        self.batch, self.deferred = self.runner._sample(plan, logits), None
+        self._record()
+
     def ready(self) -> bool:
-        return self.event is None or self.event.query()
+        return self.deferred is None and (self.event is None or self.event.query())
 
     def finish(self) -> StepResult | None:
+        if self.deferred is not None:
+            raise RuntimeError("a step finished before the masks its plan announced (StepPlan.masks_follow)")
         if self.event is not None:
             self.event.synchronize()
         if self.span is not None:
