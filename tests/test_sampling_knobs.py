@@ -77,3 +77,41 @@ def test_best_of_returns_the_n_most_likely_of_its_completions(tiny_models):
     assert [o.token_ids for o in best.outputs] == [o.token_ids for o in ranked]
     assert [o.index for o in best.outputs] == [0, 1]
     assert len({tuple(o.token_ids) for o in four.outputs}) > 2  # the 4 differ (else the ranking shows nothing)
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_prompt_logprobs_match_hf(layout, tiny_models):
+    """prompt_logprobs=k: every prompt token after the first gets its log-probability under Hugging Face's
+    logits at the position before (float32), its rank, and the k most likely tokens there; a 5-token budget
+    cuts the prompts into chunks, and the prefix cache (the same prompt twice) must not skip positions."""
+    folder, model = tiny_models["llama-uneven-tied"]
+    prompts = PROMPTS[:2] + [PROMPTS[1]]
+    with LLM(str(folder), max_num_batched_tokens=5, block_size=4, **layout) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            [SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)] * 2
+                            + [SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0, n=2)])
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        got = out.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        k = 3 if out is not outs[2] else 0
+        for pos in range(1, len(prompt)):
+            lps, want = got[pos], ref[pos - 1]
+            token = prompt[pos]
+            assert lps[token].logprob == pytest.approx(want[token].item(), abs=1e-4)
+            assert lps[token].rank == int((want > want[token]).sum()) + 1
+            top = want.topk(k).indices.tolist()
+            assert set(lps) == set(top) | {token}
+            assert {t for t, lp in lps.items() if lp.rank <= k} == set(top)
+            for t in top:
+                assert lps[t].logprob == pytest.approx(want[t].item(), abs=1e-4)
+
+
+def test_prompt_logprobs_off_and_out_of_range():
+    with LLM("random:tiny-llama") as llm:
+        (out,) = llm.generate(["hello"], SamplingParams(max_tokens=1))
+        assert out.prompt_logprobs is None
+        for bad in (-1, 21, 1.5, True):
+            with pytest.raises(SamplingError, match="prompt_logprobs"):
+                llm.generate(["hello"], SamplingParams(prompt_logprobs=bad))

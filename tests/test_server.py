@@ -132,6 +132,42 @@ def test_sampling_knobs_through_the_openai_client(smol):
     assert streamed == echo.choices[0].text
 
 
+def test_prompt_logprobs_and_echo_with_logprobs(smol):
+    """echo + logprobs (what lm-eval's loglikelihood asks): the prompt's tokens come first with their
+    log-probabilities (none for the first), then the completion's, streamed or not; vLLM's prompt_logprobs
+    field on both endpoints. The engine's values are checked against Hugging Face in test_sampling_knobs."""
+    c = client(smol)
+    prompt = "The capital of France is"
+    out = c.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                               logprobs=2)
+    lp, n_prompt = out.choices[0].logprobs, out.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 3 and "".join(lp.tokens[:n_prompt]).replace("Ġ", " ") == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(2 <= len(t) <= 3 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    # streamed: the prompt's event first, with its log-probabilities
+    chunks = list(c.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=2, stream=True))
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[:n_prompt]
+    assert "".join(ch.choices[0].text for ch in chunks) == out.choices[0].text
+    # vLLM's prompt_logprobs: per prompt token {id: {logprob, rank, decoded_token}}, first None
+    body = c.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=1,
+                                extra_body={"prompt_logprobs": 1}).model_dump()
+    plp = body["choices"][0]["prompt_logprobs"]
+    assert len(plp) == n_prompt and plp[0] is None
+    # each entry: the prompt's token (any rank) and the most likely one (rank 1), the same as echo's
+    top = [next(v["logprob"] for v in e.values() if v["rank"] == 1) for e in plp[1:]]
+    assert top == pytest.approx([max(t.values()) for t in lp.top_logprobs[1:n_prompt]], abs=1e-4)
+    chat = c.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}],
+                                     max_tokens=1, extra_body={"prompt_logprobs": 0}).model_dump()
+    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    streamed = [ch.model_dump() for ch in c.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, stream=True,
+        extra_body={"prompt_logprobs": 0})]
+    assert [ch["prompt_logprobs"] for ch in streamed if "prompt_logprobs" in ch] == [chat["prompt_logprobs"]]
+
+
 def test_structured_outputs_through_the_openai_client(smol):
     """response_format json_schema / json_object and vLLM's structured_outputs (choice, regex) on SmolLM2:
     the answers validate (jsonschema), streamed or not; a schema the engine cannot compile is a 400"""
@@ -269,9 +305,11 @@ def test_bad_input_gets_4xx_and_server_stays_up(smol):
         (dict(model="smollm2-135m", prompt="x", suffix="y"), openai.BadRequestError, "suffix"),
         (dict(model="smollm2-135m", prompt="x", extra_body={"guided_regex": "a+"}), openai.BadRequestError,
          "guided_regex"),
-        (dict(model="smollm2-135m", prompt="x", extra_body={"prompt_logprobs": 1}), openai.BadRequestError,
+        (dict(model="smollm2-135m", prompt="x", extra_body={"prompt_logprobs": 21}), openai.BadRequestError,
          "prompt_logprobs"),
-        (dict(model="smollm2-135m", prompt="x", echo=True, logprobs=1), openai.BadRequestError, "echo"),
+        (dict(model="smollm2-135m", prompt="x", extra_body={"prompt_logprobs": -1}), openai.BadRequestError,
+         "prompt_logprobs"),
+        (dict(model="smollm2-135m", prompt="x", echo=True, logprobs=21), openai.BadRequestError, "logprobs"),
         (dict(model="smollm2-135m", prompt="x", n=2, best_of=1), openai.BadRequestError, "best_of"),
         (dict(model="smollm2-135m", prompt="x", best_of=2, stream=True), openai.BadRequestError, "best_of"),
         (dict(model="smollm2-135m", prompt="x", extra_body={"min_tokens": 50, "max_tokens": 5}),

@@ -119,6 +119,9 @@ class SeqPlan:
     its (re)prefill: the sampler seeds its token counts from it and keeps them on the device after"""
     mask_row: int | None = None
     """structured outputs: the row of StepPlan.masks holding the tokens this pick may take"""
+    prompt_logprobs: tuple[int, list[int]] | None = None
+    """(k, targets): the log-probability of targets[j], the prompt's token at position start + j + 1, under
+    the logits at position start + j, with the k most likely tokens there (SamplingParams.prompt_logprobs)"""
 
     @property
     def context_len(self) -> int:
@@ -128,16 +131,19 @@ class SeqPlan:
     def to_wire(self) -> list[Any]:
         out = [self.seq_id, self.tokens, self.start, self.blocks, self.sample, self.sampling.to_wire(),
                self.blocks_from]
-        if self.ban is not None or self.history is not None or self.mask_row is not None:
-            out += [self.ban, None if self.history is None else list(self.history), self.mask_row]
+        if (self.ban is not None or self.history is not None or self.mask_row is not None
+                or self.prompt_logprobs is not None):
+            out += [self.ban, None if self.history is None else list(self.history), self.mask_row,
+                    None if self.prompt_logprobs is None else list(self.prompt_logprobs)]
         return out
 
     @classmethod
     def from_wire(cls, v: list[Any]) -> SeqPlan:
         seq_id, tokens, start, blocks, sample, sampling, blocks_from, *extra = v
-        ban, history, mask_row = extra or (None, None, None)
+        ban, history, mask_row, plp = extra or (None, None, None, None)
         return cls(seq_id, tokens, start, blocks, sample, SamplingSpec.from_wire(sampling), blocks_from, ban,
-                   None if history is None else (history[0], history[1]), mask_row)
+                   None if history is None else (history[0], history[1]), mask_row,
+                   None if plp is None else (plp[0], plp[1]))
 
 
 @dataclass
@@ -215,6 +221,23 @@ class SampledToken:
 
 
 @dataclass
+class PromptLogprobs:
+    """One sequence's prompt log-probabilities from one step (SeqPlan.prompt_logprobs), a row per target."""
+
+    seq_id: int
+    start: int
+    """the row j holds the prompt token at position start + j + 1"""
+    logprob: np.ndarray
+    """[rows] float32: each target token's log-probability"""
+    rank: np.ndarray
+    """[rows] int64: its rank among the vocabulary (1: the most likely)"""
+    top_ids: np.ndarray
+    """[rows, k] int64: the k most likely tokens, most likely first"""
+    top_logprobs: np.ndarray
+    """[rows, k] float32: their log-probabilities"""
+
+
+@dataclass
 class StepResult(Message):
     """The output rank's answer to one StepPlan: a token per sampled sequence, in plan order."""
 
@@ -225,16 +248,25 @@ class StepResult(Message):
     while the step before ran (async scheduling), from that step's end"""
     logits: np.ndarray | None = None
     """[sampled rows, vocab] float32, when the plan asked for them"""
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    """for the plan's sequences that asked (SeqPlan.prompt_logprobs), sampled or not"""
 
     def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         toks = [[t.seq_id, t.token, t.logprob, t.rank, t.top, t.error] for t in self.tokens]
-        return {"tokens": toks, "exec_s": self.exec_s}, ({} if self.logits is None else {"logits": self.logits})
+        arrays = {} if self.logits is None else {"logits": self.logits}
+        for i, p in enumerate(self.prompt_logprobs):
+            arrays.update({f"plp{i}.logprob": p.logprob, f"plp{i}.rank": p.rank, f"plp{i}.top_ids": p.top_ids,
+                           f"plp{i}.top_logprobs": p.top_logprobs})
+        return {"tokens": toks, "exec_s": self.exec_s,
+                "prompt_logprobs": [[p.seq_id, p.start] for p in self.prompt_logprobs]}, arrays
 
     @classmethod
     def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> StepResult:
         toks = [SampledToken(sid, tok, lp, rank, None if top is None else [tuple(t) for t in top], error)
                 for sid, tok, lp, rank, top, error in header["tokens"]]
-        return cls(toks, header["exec_s"], arrays.get("logits"))
+        plps = [PromptLogprobs(sid, start, *(arrays[f"plp{i}.{k}"] for k in ("logprob", "rank", "top_ids", "top_logprobs")))
+                for i, (sid, start) in enumerate(header["prompt_logprobs"])]
+        return cls(toks, header["exec_s"], arrays.get("logits"), plps)
 
 
 # ---- start-up -----------------------------------------------------------------------------------

@@ -87,8 +87,8 @@ class BlockManager:
         At most (len(seq) - 1) // block_size blocks, so at least one token is left to compute
         (the step must produce logits). Only for a sequence that holds no blocks.
         """
-        if not self.enable_prefix_caching or seq.blocks or seq.num_computed:
-            return []
+        if not self.enable_prefix_caching or seq.blocks or seq.num_computed or seq.prompt_logprobs is not None:
+            return []  # (prompt log-probabilities need the whole prompt computed)
         ids, bs, parent, found = seq.all_ids, self.block_size, b"", []
         for i in range((len(ids) - 1) // bs):
             h = block_hash(parent, ids[i * bs:(i + 1) * bs])

@@ -23,6 +23,7 @@ from ..common.messages import (
     AllocateKV,
     Command,
     ProfileStep,
+    PromptLogprobs,
     SeqPlan,
     Stats,
     StepMasks,
@@ -47,7 +48,7 @@ from .output_processor import OutputProcessor
 from .recovery import Recovery
 from .sampling_params import SamplingError, SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
-from .sequence import RequestMetrics, RequestOutput, Sequence
+from .sequence import Logprob, RequestMetrics, RequestOutput, Sequence
 from .stats import EngineStats, expert_report, write_trace
 from .stragglers import check_workers
 from .structured import Grammars
@@ -274,7 +275,9 @@ class LLMEngine:
         self.validate_prompt(prompt_ids)
         self.validate_sampling(params, grammar=False)  # (the matchers below compile it)
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
-                         logprobs=[] if params.logprobs is not None else None) for i in range(params.completions)]
+                         logprobs=[] if params.logprobs is not None else None,
+                         prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None and i == 0
+                         else None) for i in range(params.completions)]
         if params.structured_outputs is not None:
             for s, m in zip(seqs, self.grammars.matchers(params.structured_outputs, len(seqs))):
                 s.matcher = m
@@ -367,6 +370,10 @@ class LLMEngine:
             metrics = self.request_info[seq.request_id][1]
             if metrics.first_scheduled_time is None:  # its queue time ends (the prefix cache may skip chunks)
                 metrics.first_scheduled_time = time.monotonic()
+            if seq.prompt_logprobs is not None:  # positions start .. last - 1 give prompt tokens start + 1 .. last
+                last = min(item.start + len(item.tokens), len(seq.prompt_ids) - 1)
+                if last > item.start:
+                    row.prompt_logprobs = (seq.params.prompt_logprobs, seq.prompt_ids[item.start + 1: last + 1])
             if item.sample:
                 # the token this step samples is the completion's k-th (one more may be in flight: PREV_TOKEN)
                 k = len(seq.output_ids) + (item.tokens[-1] == PREV_TOKEN)
@@ -437,6 +444,8 @@ class LLMEngine:
                 del self._in_flight_ids[item.seq.seq_id]
             item.seq.num_computed = item.start + len(item.tokens)
         by_id = {item.seq.seq_id: item.seq for item in batch}
+        for p in result.prompt_logprobs:
+            self._add_prompt_logprobs(by_id[p.seq_id], p)
         now = time.monotonic()
         touched: dict[str, None] = {}
         for row, sampled in enumerate(result.tokens):
@@ -469,6 +478,18 @@ class LLMEngine:
             self._masks_due = None
             self.executor.send_masks(StepMasks(masks, unban))
         return [self._output(rid) for rid in touched]
+
+    def _add_prompt_logprobs(self, seq: Sequence, p: PromptLogprobs) -> None:
+        """A step's prompt log-probabilities into seq.prompt_logprobs (by position: a prompt computed again
+        after a preemption or a new worker group writes the same entries)."""
+        tok = self.tokenizer
+        rows = zip(p.logprob.tolist(), p.rank.tolist(), p.top_ids.tolist(), p.top_logprobs.tolist())
+        for pos, (lp, rank, ids, lps) in enumerate(rows, start=p.start + 1):
+            target = seq.prompt_ids[pos]
+            entry = {target: Logprob(lp, rank, tok.token_str(target))}
+            for r, (t, v) in enumerate(zip(ids, lps), start=1):
+                entry.setdefault(t, Logprob(v, r, tok.token_str(t)))
+            seq.prompt_logprobs[pos] = entry
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason

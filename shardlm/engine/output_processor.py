@@ -69,10 +69,11 @@ class OutputProcessor:
         """A snapshot of the request's completions so far. With best_of > n, the n of the best_of completions
         with the highest cumulative log-probability once all are done (numbered 0 .. n-1 in that order)."""
         finished = all(s.finished for s in seqs)
+        prompt_logprobs = next((list(s.prompt_logprobs) for s in seqs if s.prompt_logprobs is not None), None)
         n, best_of = seqs[0].params.n, len(seqs) > seqs[0].params.n
         if best_of:
             seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[:n] if finished else seqs[:n]
         outs = [CompletionOutput(i if best_of else s.index, s.text, list(s.output_ids), s.cumulative_logprob,
                                  list(s.logprobs) if s.logprobs is not None else None, s.finish_reason,
                                  s.stop_reason) for i, s in enumerate(seqs)]
-        return RequestOutput(request_id, prompt, seqs[0].prompt_ids, outs, finished, metrics, error)
+        return RequestOutput(request_id, prompt, seqs[0].prompt_ids, outs, finished, metrics, error, prompt_logprobs)

@@ -82,6 +82,10 @@ class SamplingParams:
     logprobs: int | None = None
     """return the log-probabilities of this many most likely tokens (plus the sampled one) per step,
     0 .. MAX_LOGPROBS"""
+    prompt_logprobs: int | None = None
+    """return each prompt token's log-probability (after the first token) with this many most likely
+    tokens at its position, 0 .. MAX_LOGPROBS (RequestOutput.prompt_logprobs; the request's prompt is then
+    computed, not taken from the prefix cache)"""
     skip_special_tokens: bool = True
     """leave special tokens out of the text"""
     presence_penalty: float = 0.0
@@ -134,6 +138,10 @@ class SamplingParams:
             fail("seed", f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            fail("prompt_logprobs", f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+                                    f"got {self.prompt_logprobs!r}")
         if len(self.stop) > MAX_STOP:
             fail("stop", f"stop has {len(self.stop)} strings; at most {MAX_STOP} (MAX_STOP) are allowed")
         for s in self.stop:

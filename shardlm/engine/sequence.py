@@ -58,6 +58,10 @@ class Sequence:
     num_preemptions: int = 0
     matcher: Any = None
     """structured outputs: the grammar's matcher (llguidance), advanced with every token (engine/structured.py)"""
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """SamplingParams.prompt_logprobs (the request's first completion only): per prompt position, the
+    token's log-probability and the most likely ones there, filled as the prefill's chunks run (None at
+    position 0, and until computed)"""
     penalty_seeded: bool = False
     """the workers hold this sequence's token counts (penalties): set once a plan carried its history,
     cleared when its KV cache goes (the workers may be new ones)"""
@@ -142,3 +146,6 @@ class RequestOutput:
     error: str | None = None
     """why the request failed on its own (e.g. its sampling parameters broke the sampler); its completions
     then end with finish_reason "error". Other requests are unaffected."""
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """SamplingParams.prompt_logprobs: per prompt token (None for the first), its log-probability and the
+    most likely tokens at its position, as vLLM gives them"""

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import Any
 
@@ -40,6 +40,7 @@ from .responses import (
     chat_logprobs,
     completion_logprobs,
     last_output,
+    prompt_logprobs_json,
     sse,
     stream_deltas,
     usage,
@@ -234,10 +235,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             raise APIError(400, "prompt is empty", "prompt")
         if req.stream and len(prompts) > 1:
             raise APIError(400, "stream=true takes one prompt per request", "prompt")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not served by shardlm: "
-                                "drop one of them", "echo")
-        params = req.sampling(req.max_tokens, req.logprobs, best_of=req.best_of)
+        echo_lps = req.echo and req.logprobs is not None  # the prompt's log-probabilities come first
+        params = req.sampling(req.max_tokens, req.logprobs, best_of=req.best_of,
+                              prompt_logprobs=req.logprobs if echo_lps and req.prompt_logprobs is None else None)
 
         def encode() -> list[tuple[str | None, list[int]]]:
             encoded = [prompt_ids(p) for p in prompts]
@@ -250,10 +250,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         admit(len(encoded))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def choice(i: int, c: CompletionOutput, text: str, start_tok: int) -> dict[str, Any]:
-            lp = completion_logprobs(c, start_tok, tokenizer) if req.logprobs is not None else None
-            return {"index": i, "text": text, "logprobs": lp,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        def choice(i: int, c: CompletionOutput, text: str, start_tok: int, out: RequestOutput | None = None
+                   ) -> dict[str, Any]:
+            """out: the request's output whose prompt comes first (echo) and whose prompt_logprobs go with it"""
+            echoed_prompt = (out.prompt_token_ids, out.prompt_logprobs) if echo_lps and out is not None else None
+            lp = completion_logprobs(c, start_tok, tokenizer, echoed_prompt) if req.logprobs is not None else None
+            body = {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason}
+            if req.prompt_logprobs is not None and out is not None:
+                body["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
+            return body
 
         def echoed(p: int) -> str:
             """echo: the prompt's text (a prompt of token ids decoded) before the completion's"""
@@ -264,18 +270,32 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             outs = await _collect(request, [run(t, ids, params) for t, ids in encoded])  # batched together
             if outs is None:
                 return Response(status_code=CLIENT_GONE)
-            choices = [choice(p * req.n + c.index, c, echoed(p) + c.text, 0) for p, o in enumerate(outs)
+            choices = [choice(p * req.n + c.index, c, echoed(p) + c.text, 0, o) for p, o in enumerate(outs)
                        for c in o.outputs]
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage(outs)}
 
         async def events() -> AsyncIterator[str]:
             head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
-            if req.echo:  # the prompt first, one event per completion
-                for i in range(req.n):
-                    yield sse(dict(head, choices=[{"index": i, "text": echoed(0), "logprobs": None,
-                                                   "finish_reason": None, "stop_reason": None}]))
+            def prompt_first(out: RequestOutput | None) -> Iterator[str]:
+                """echo: the prompt, one event per completion (with its log-probabilities: once the first
+                tokens came, with them); prompt_logprobs: the first event carries them"""
+                for i in range(req.n if req.echo else 0):
+                    none = CompletionOutput(i, "", [], None, [])
+                    yield sse(dict(head, choices=[dict(choice(i, none, echoed(0), 0, out), finish_reason=None)]))
+                if not req.echo and out is not None and req.prompt_logprobs is not None:
+                    yield sse(dict(head, choices=[{"index": 0, "text": "", "logprobs": None, "finish_reason": None,
+                                                   "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)}]))
+
+            wait_for_prompt = echo_lps or req.prompt_logprobs is not None
+            if not wait_for_prompt:
+                for event in prompt_first(None):
+                    yield event
             async for c, text, start, last in stream_deltas(run(*encoded[0], params), req.n, params.stop):
+                if wait_for_prompt:
+                    wait_for_prompt = False
+                    for event in prompt_first(last):
+                        yield event
                 if c is not None:
                     yield sse(dict(head, choices=[choice(c.index, c, text, start)]))
                 elif (req.stream_options or {}).get("include_usage"):
@@ -335,8 +355,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                     message["tool_calls"] = [call.message() for call in calls]
                 choices.append({"index": c.index, "message": message, "logprobs": logprobs(c, 0),
                                 "finish_reason": finish(c, calls), "stop_reason": c.stop_reason})
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+            body = {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage(outs)}
+            if req.prompt_logprobs is not None:  # (vLLM's field, beside the choices)
+                body["prompt_logprobs"] = prompt_logprobs_json(outs[0].prompt_logprobs)
+            return body
 
         async def events() -> AsyncIterator[str]:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
@@ -345,7 +368,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                                                 "logprobs": None, "finish_reason": None}]))
             texts, shown = [""] * req.n, [0] * req.n  # per completion: its text so far, and how much went out
             named = [None] * req.n  # tool_choice named: the call whose arguments stream as they come
+            prompt_lps = req.prompt_logprobs is not None  # they go out with the first tokens
             async for c, text, start, last in stream_deltas(run(None, ids, params), req.n, params.stop):
+                if prompt_lps:
+                    prompt_lps = False
+                    yield sse(dict(head, choices=[], prompt_logprobs=prompt_logprobs_json(last.prompt_logprobs)))
                 if c is None:
                     if (req.stream_options or {}).get("include_usage"):
                         yield sse(dict(head, choices=[], usage=usage([last])))

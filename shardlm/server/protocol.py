@@ -15,7 +15,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 # OpenAI fields shardlm does not implement, with the values that mean "off"; any other value gets a 400
 UNSUPPORTED: dict[str, tuple] = {
-    "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"), "prompt_logprobs": (None,),
+    "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
     "use_beam_search": (None, False), "allowed_token_ids": (None,), "bad_words": (None, []),
     "truncate_prompt_tokens": (None,), "include_stop_str_in_output": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
@@ -88,6 +88,8 @@ class _Common(_TextCheck):
     min_p: Finite = 0.0
     logit_bias: dict[str, Finite] | None = None
     min_tokens: int = 0
+    prompt_logprobs: int | None = None
+    """vLLM's: each prompt token's log-probability with this many most likely tokens at its position"""
     response_format: dict[str, Any] | None = None
     """OpenAI's: {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", ...}}"""
     structured_outputs: dict[str, Any] | None = None
@@ -124,7 +126,7 @@ class _Common(_TextCheck):
                             f"{fmt.get('type')!r:.50}", "response_format")
 
     def sampling(self, max_tokens: int | None, logprobs: int | None, names: dict[str, str] | None = None,
-                 best_of: int | None = None) -> SamplingParams:
+                 best_of: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's SamplingParams; a bad value is a 400 naming its field (`names`: this request's
         name for a SamplingParams field, where they differ)."""
         constraint = self.constraint()
@@ -137,7 +139,8 @@ class _Common(_TextCheck):
                 skip_special_tokens=self.skip_special_tokens,
                 logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, min_p=self.min_p, logit_bias=self.logit_bias,
-                min_tokens=self.min_tokens, best_of=best_of, structured_outputs=constraint)
+                min_tokens=self.min_tokens, best_of=best_of, structured_outputs=constraint,
+                prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
         except SamplingError as exc:
             field = (names or {}).get(exc.field, exc.field)
             raise APIError(400, str(exc).replace(exc.field, field, 1), field) from None
@@ -153,7 +156,8 @@ class CompletionRequest(_Common):
     logprobs: int | None = None
     best_of: int | None = None
     echo: bool = False
-    """the prompt's text before each completion's (with logprobs: not served, a 400)"""
+    """the prompt's text before each completion's (with logprobs: the prompt's tokens and log-probabilities
+    before the completion's)"""
 
 
 class ChatMessage(BaseModel):

@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from ..common import envs
-from ..common.messages import PREV_TOKEN, SeqPlan, StepMasks, StepPlan, StepResult
+from ..common.messages import (
+    PREV_TOKEN,
+    PromptLogprobs,
+    SeqPlan,
+    StepMasks,
+    StepPlan,
+    StepResult,
+)
 from ..common.model_source import ModelSource
 from .distributed import ParallelContext
 from .graphs import DecodeGraphs, capture_all, reset
@@ -27,6 +34,9 @@ from .profiling import Span, StepTimer, synchronize
 from .sampler import SampleBatch, Sampler
 from .step_graphs import StepGraphs
 from .weights import open_reader
+
+PROMPT_LOGPROB_ROWS = 512
+"""prompt positions whose float32 logits are held at once (prompt_logprobs): 256 MiB at a 128k vocabulary"""
 
 
 class ModelRunner:
@@ -170,8 +180,10 @@ class ModelRunner:
         self._complete_block_tables(plan)
         if not plan.seqs:
             return PendingStep(self, started, None, None)
-        graph = self._graph_shape(plan)  # a decode graph's (batch, context)
-        mixed = self.step_graphs.size_for(plan) if graph is None and self.step_graphs is not None else None
+        prompt_lps = any(s.prompt_logprobs is not None for s in plan.seqs)  # (needs every position's hidden state)
+        graph = None if prompt_lps else self._graph_shape(plan)  # a decode graph's (batch, context)
+        mixed = (self.step_graphs.size_for(plan) if graph is None and self.step_graphs is not None and not prompt_lps
+                 else None)
         self.timer.step(graph is not None or mixed is not None)
         eager = graph is None and mixed is None
         inputs = self._prepare(plan) if eager else None  # host work done before waiting on a stage
@@ -192,6 +204,7 @@ class ModelRunner:
             out = self._forward(*inputs, x)
         self._count_expert_rows()
         batch = deferred = None
+        prompt = self._prompt_logprobs(plan, out) if prompt_lps and last else []
         if samples:
             logits = self._logits(plan, out) if eager else out
             if plan.masks_follow and self.ctx.is_output_rank:
@@ -204,7 +217,32 @@ class ModelRunner:
             with self.timer.span("send activations", "communication"):
                 self.ctx.send_next_stage(out)
             span = None
-        return PendingStep(self, started, span, batch, deferred)
+        return PendingStep(self, started, span, batch, deferred, prompt)
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> list[tuple[int, int, list[torch.Tensor]]]:
+        """For the sequences that ask (SeqPlan.prompt_logprobs): the LM head over their positions (every rank
+        of the last stage: TP gathers the vocabulary), and on the output rank each target's log-probability,
+        rank and the k most likely tokens, on the device: (seq_id, start, [logprob, rank, top ids, top
+        logprobs]). PROMPT_LOGPROB_ROWS positions at a time bound the float32 logits' memory."""
+        out, offset = [], 0
+        for s in plan.seqs:
+            if s.prompt_logprobs is not None:
+                k, targets = s.prompt_logprobs
+                want = torch.tensor(targets, dtype=torch.long).to(self.ctx.device, non_blocking=True)
+                parts = []
+                for a in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+                    rows = hidden[offset + a: offset + min(len(targets), a + PROMPT_LOGPROB_ROWS)]
+                    logits = self.model.compute_logits(rows).float()
+                    if not self.ctx.is_output_rank:
+                        continue
+                    logits -= torch.logsumexp(logits, dim=-1, keepdim=True)
+                    chosen = logits.gather(1, want[a: a + len(rows), None])
+                    top_lps, top_ids = torch.topk(logits, min(k, logits.shape[1]), dim=-1)
+                    parts.append([chosen[:, 0], (logits > chosen).sum(-1) + 1, top_ids, top_lps])
+                if parts:
+                    out.append((s.seq_id, s.start, [torch.cat(p) for p in zip(*parts)]))
+            offset += len(s.tokens)
+        return out
 
     def _complete_block_tables(self, plan: StepPlan) -> None:
         """The driver sends a sequence's block table once, then only the entries added since: make each
@@ -336,8 +374,11 @@ class PendingStep:
     next plan before it finishes this one, so the device never waits for the host in between."""
 
     def __init__(self, runner: ModelRunner, started: float, span: Span | None, batch: SampleBatch | None,
-                 deferred: tuple[StepPlan, torch.Tensor] | None = None):
+                 deferred: tuple[StepPlan, torch.Tensor] | None = None,
+                 prompt: list[tuple[int, int, list[torch.Tensor]]] | None = None):
         self.runner, self.span, self.batch = runner, span, batch
+        self.prompt = prompt or []
+        """ModelRunner._prompt_logprobs' tensors (output rank), copied out in finish()"""
         self.started = started
         """time.perf_counter() when execute() began: the step's exec_s counts from here"""
         self.deferred = deferred
@@ -377,7 +418,9 @@ class PendingStep:
             self.runner.timer.close(self.span)
         if not self.runner.ctx.is_output_rank:
             return None
+        prompt = [PromptLogprobs(sid, start, *(t.cpu().numpy() for t in ts)) for sid, start, ts in self.prompt]
         if self.batch is None:  # a step of prompt chunks samples nothing
-            return StepResult([])
+            return StepResult([], prompt_logprobs=prompt)
         logits = self.batch.logits
-        return StepResult(self.batch.result(), logits=None if logits is None else logits.cpu().numpy())
+        return StepResult(self.batch.result(), logits=None if logits is None else logits.cpu().numpy(),
+                          prompt_logprobs=prompt)
