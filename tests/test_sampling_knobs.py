@@ -115,3 +115,30 @@ def test_prompt_logprobs_off_and_out_of_range():
         for bad in (-1, 21, 1.5, True):
             with pytest.raises(SamplingError, match="prompt_logprobs"):
                 llm.generate(["hello"], SamplingParams(prompt_logprobs=bad))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_profiled_step_leaves_seeded_and_penalized_requests_as_they_were(tp, tiny_models):
+    """profile_step runs a decode step twice and throws it away: the seeded generators' draws and the
+    penalty counts it made are undone, so every token is the one a run without the profile gives (the
+    first profile of a penalized request also carries its history: the driver must send it again)."""
+    folder, _ = tiny_models["llama-uneven-tied"]
+    params = [SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True, frequency_penalty=1.5),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=12, ignore_eos=True, repetition_penalty=1.6)]
+
+    def run(profile_at: set[int]) -> list[list[int]]:
+        with LLM(str(folder), tensor_parallel_size=tp) as llm:
+            engine = llm.engine
+            for i, (p, sp) in enumerate(zip(PROMPTS[:2], params)):
+                engine.add_request(str(i), None, p, sp)
+            outs, step = {}, 0
+            while engine.has_unfinished_requests():
+                if step in profile_at and not engine.scheduler.waiting and engine.scheduler.running:
+                    engine.profile_step()
+                for o in engine.step():
+                    outs[o.request_id] = o.outputs[0].token_ids
+                step += 1
+        return [outs["0"], outs["1"]]
+
+    plain = run(set())
+    assert run({2, 3, 6}) == plain

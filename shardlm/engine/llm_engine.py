@@ -544,7 +544,11 @@ class LLMEngine:
         self.drain()
         if self.scheduler.waiting or not self.scheduler.running:
             raise RuntimeError("profile_step needs a running batch with nothing waiting")
-        plan = self._plan(self.scheduler.schedule(), [])
+        batch = self.scheduler.schedule()
+        seeded = [item.seq.penalty_seeded for item in batch]
+        plan = self._plan(batch, [])
+        for item, was in zip(batch, seeded):  # the workers undo the step's sampler state (penalty counts too)
+            item.seq.penalty_seeded = was
         for seq in plan.seqs:
             seq.sample = True
         return self._call(ProfileStep(plan))

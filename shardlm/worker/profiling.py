@@ -138,12 +138,12 @@ def profile_step(runner: ModelRunner, plan: StepPlan) -> dict[str, Any]:
     """Run one step under torch.profiler; return GPU time per kind of kernel (us), the largest kernels and
     CPU ops, and the step's wall time. The step runs once before without the profiler, for the host's
     split between queueing the layers and waiting after them. Neither run counts in the routing
-    statistics."""
+    statistics, nor in the sampler's state (seeded generators, penalty counts)."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = runner.ctx.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    saved = runner.save_expert_stats()
+    saved, sampler = runner.save_expert_stats(), runner.sampler.save_state()
     t0 = time.perf_counter()
     runner.execute(plan).finish()
     synchronize(dev)
@@ -155,6 +155,7 @@ def profile_step(runner: ModelRunner, plan: StepPlan) -> dict[str, Any]:
         synchronize(dev)
         wall = time.perf_counter() - t0
     runner.restore_expert_stats(saved)
+    runner.sampler.restore_state(sampler)
     kinds = dict.fromkeys(("communication", "send_recv", "gemm", "attention", "other"), 0.0)
     kernels, cpu_ops = [], []
     for evt in prof.key_averages():

@@ -115,6 +115,14 @@ class Penalties:
         if row is not None:
             self.free.append(row)
 
+    def save(self) -> tuple:
+        return (dict(self.slots), list(self.free),
+                None if self.counts is None else (self.counts.clone(), self.seen.clone()))
+
+    def restore(self, saved: tuple) -> None:
+        self.slots, self.free, pool = saved
+        self.counts, self.seen = pool if pool is not None else (None, None)
+
 
 class Sampler:
     def __init__(self, device: torch.device):
@@ -127,6 +135,18 @@ class Sampler:
         for sid in seq_ids:
             self.generators.pop(sid, None)
             self.penalties.forget(sid)
+
+    def save_state(self) -> tuple:
+        """What a sampled step changes (seeded generators, penalty counts): a step run only to be measured
+        (profiling) is undone with restore_state, so the requests' tokens stay those of an unprofiled run."""
+        return {sid: g.get_state() for sid, g in self.generators.items()}, self.penalties.save()
+
+    def restore_state(self, saved: tuple) -> None:
+        states, penalties = saved
+        self.generators = {sid: g for sid, g in self.generators.items() if sid in states}
+        for sid, state in states.items():
+            self.generators[sid].set_state(state)
+        self.penalties.restore(penalties)
 
     def _generator(self, seq_id: int, seed: int) -> torch.Generator:
         gen = self.generators.get(seq_id)
