@@ -142,3 +142,22 @@ def test_a_profiled_step_leaves_seeded_and_penalized_requests_as_they_were(tp, t
 
     plain = run(set())
     assert run({2, 3, 6}) == plain
+
+
+def test_a_preempted_penalized_sequence_gives_back_its_counts_and_resumes_the_same():
+    """A KV cache of a few blocks preempts sequences: each preempted penalized sequence's row of token
+    counts is released on the workers (StepPlan.release) and seeded again from its history when it resumes,
+    so the tokens equal those of a cache that never preempts."""
+    params = SamplingParams(max_tokens=24, temperature=0.9, seed=5, ignore_eos=True, frequency_penalty=1.0,
+                            presence_penalty=0.5)
+    prompts = [{"prompt_token_ids": list(range(3 + i, 40 + i))} for i in range(4)]
+    kw = dict(block_size=8, max_model_len=64)
+    with LLM("random:tiny-llama", **kw) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    block_bytes = 2 * 2 * 2 * 16 * 4 * 8  # layers x (k, v) x kv heads x head_dim x float32 x block
+    with LLM("random:tiny-llama", kv_cache_memory_bytes=12 * block_bytes, **kw) as llm:
+        released, submit = [], llm.engine.executor.submit
+        llm.engine.executor.submit = lambda plan: (released.extend(plan.release), submit(plan))
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.stats().scheduler.num_preemptions > 0 and released
+    assert got == want

@@ -163,6 +163,9 @@ class StepPlan(Message):
     """the masks come after the plan, in a StepMasks to the output rank: a constrained sequence's next mask
     needs the token of the step in flight, and the driver sends it once it has that token, while this
     step's forward runs"""
+    release: list[int] = field(default_factory=list)
+    """preempted sequences since the last plan: the sampler drops their penalty counts (not their seeded
+    generators); SeqPlan.history seeds the counts again when they resume"""
 
     @property
     def num_tokens(self) -> int:
@@ -175,13 +178,13 @@ class StepPlan(Message):
 
     def encode(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return ({"seqs": [s.to_wire() for s in self.seqs], "finished": self.finished,
-                 "return_logits": self.return_logits, "masks_follow": self.masks_follow},
+                 "return_logits": self.return_logits, "masks_follow": self.masks_follow, "release": self.release},
                 {} if self.masks is None else {"masks": self.masks})
 
     @classmethod
     def decode(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> StepPlan:
         return cls([SeqPlan.from_wire(s) for s in header["seqs"]], header["finished"], header["return_logits"],
-                   arrays.get("masks"), header["masks_follow"])
+                   arrays.get("masks"), header["masks_follow"], header["release"])
 
 
 @dataclass
@@ -352,6 +355,8 @@ class WorkerReady(Message):
     """peak activation memory of the profiling forward (GPU)"""
     graph_reserve_bytes: int = 0
     """memory the decode graphs' pool takes (GPU with graphs)"""
+    penalty_reserve_bytes: int = 0
+    """memory kept for the sampler's penalty counts (GPU: max_num_seqs rows of the vocabulary)"""
     total_bytes: int = 0
     """the GPU's memory"""
     used_bytes: int = 0

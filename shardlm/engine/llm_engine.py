@@ -387,7 +387,8 @@ class LLMEngine:
                     constrained.append((row, seq))
                     follow |= item.tokens[-1] == PREV_TOKEN
             seqs.append(row)
-        plan = StepPlan(seqs, finished, self.return_logits, masks_follow=follow)
+        plan = StepPlan(seqs, finished, self.return_logits, masks_follow=follow, release=self.scheduler.released)
+        self.scheduler.released = []
         if follow:
             self._masks_due = (batch, constrained)
         elif constrained:

@@ -40,6 +40,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.released: list[int] = []
+        """preempted penalized sequences since the last plan: the workers may drop their token counts (the
+        sequence's history seeds them again when it resumes)"""
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -62,6 +65,9 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        if seq.sampling.penalized:
+            seq.penalty_seeded = False
+            self.released.append(seq.seq_id)
         # a partly prefilled head of the queue keeps its place (and its blocks): only the head may
         # hold blocks while waiting, so the head can always finish once running sequences drain
         head_busy = bool(self.waiting) and bool(self.waiting[0].blocks)

@@ -31,7 +31,7 @@ from .kernels.paged_attention import (
 from .layers.attention import PagedAttention
 from .models.llama import LlamaForCausalLM
 from .profiling import Span, StepTimer, synchronize
-from .sampler import SampleBatch, Sampler
+from .sampler import Penalties, SampleBatch, Sampler
 from .step_graphs import StepGraphs
 from .weights import open_reader
 
@@ -130,9 +130,13 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         used_by_others = total - free  # weights, CUDA context, NCCL buffers, other processes
-        budget = int(total * gpu_memory_utilization) - used_by_others - activation - graph_bytes
+        # the sampler's penalty counts: a row per running penalized sequence (max_num_seqs at most), grown
+        # as they come: kept out of the KV cache's share
+        penalty_bytes = len(self.sampled) * Penalties.row_bytes(self.source.config.vocab_size)
+        budget = int(total * gpu_memory_utilization) - used_by_others - activation - graph_bytes - penalty_bytes
         blocks = max(0, budget // self.block_bytes() - (self.graphs is not None))  # less the scratch block
         return {"blocks": blocks, "activation_bytes": activation, "graph_reserve_bytes": graph_bytes,
+                "penalty_reserve_bytes": penalty_bytes,
                 "total_bytes": total, "used_bytes": used_by_others}
 
     def allocate_kv(self, num_blocks: int) -> None:
@@ -177,6 +181,8 @@ class ModelRunner:
         sampled tokens (None on every other rank)."""
         started = time.perf_counter()
         self.sampler.forget(plan.finished)
+        for sid in plan.release:
+            self.sampler.penalties.forget(sid)
         self._complete_block_tables(plan)
         if not plan.seqs:
             return PendingStep(self, started, None, None)

@@ -82,6 +82,11 @@ class Penalties:
         self.free: list[int] = []
         self.counts = self.seen = None
 
+    @staticmethod
+    def row_bytes(vocab: int) -> int:
+        """device bytes of one sequence's row (counts int32 + seen bool)"""
+        return vocab * 5
+
     def slot(self, seq_id: int, vocab: int) -> int:
         if seq_id in self.slots:
             return self.slots[seq_id]
