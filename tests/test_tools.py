@@ -10,7 +10,7 @@ import json
 import pytest
 from test_server_hygiene import MODEL, ScriptedEngine, call, events
 
-from shardlm.engine.sequence import CompletionOutput, RequestOutput
+from shardlm.engine.sequence import CompletionOutput, Logprob, RequestOutput
 from shardlm.server.api import build_app
 from shardlm.server.protocol import APIError
 from shardlm.server.tools import HermesParser, Llama3JsonParser, parser, plan_tools
@@ -119,5 +119,28 @@ def test_a_named_call_streams_its_arguments():
         assert deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": '}
         assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"city": "Paris"}'
         assert all("content" not in d for d in deltas)
+
+    asyncio.run(scenario())
+
+
+def test_tokens_held_back_as_a_possible_call_keep_their_logprobs():
+    """auto tool choice holds back text that may start a call; the tokens of a chunk held back send their
+    logprobs with the next chunk that goes out: every token's logprob arrives once"""
+
+    texts = ["Checking. ", "Checking. <tool_", "Checking. <tool_x> no call after all"]
+
+    async def script(prompt):
+        for k, t in enumerate(texts):
+            done = k == len(texts) - 1
+            lps = [{9: Logprob(-0.25, 1)} for _ in t]
+            yield RequestOutput("r", None, [1], [CompletionOutput(0, t, [9] * len(t), None, lps,
+                                                                  "stop" if done else None)], done, None)
+
+    async def scenario():
+        app = build_app(ScriptedEngine(script), MODEL, max_body_bytes=1 << 20, tool_parser=parser("hermes"))
+        status, raw = await call(app, "/v1/chat/completions", chat_body(stream=True, logprobs=True))
+        chunks = [e for e in events(raw) if e != "[DONE]"][1:]  # after the role chunk
+        sent = sum(len(c["choices"][0]["logprobs"]["content"]) for c in chunks if c["choices"][0]["logprobs"])
+        assert status == 200 and sent == len(texts[-1])
 
     asyncio.run(scenario())

@@ -368,8 +368,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                                                 "logprobs": None, "finish_reason": None}]))
             texts, shown = [""] * req.n, [0] * req.n  # per completion: its text so far, and how much went out
             named = [None] * req.n  # tool_choice named: the call whose arguments stream as they come
+            lp_from = [0] * req.n  # per completion: its first token whose logprobs have not gone out (a chunk
+            # held back while it may be a tool call sends none: the next one that goes out carries them)
             prompt_lps = req.prompt_logprobs is not None  # they go out with the first tokens
-            async for c, text, start, last in stream_deltas(run(None, ids, params), req.n, params.stop):
+            async for c, text, _, last in stream_deltas(run(None, ids, params), req.n, params.stop):
                 if prompt_lps:
                     prompt_lps = False
                     yield sse(dict(head, choices=[], prompt_logprobs=prompt_logprobs_json(last.prompt_logprobs)))
@@ -404,9 +406,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
                     if hold > shown[i]:
                         delta["content"] = texts[i][shown[i]:hold]
                         shown[i] = hold
-                ch = {"index": i, "delta": delta, "logprobs": logprobs(c, start),
-                      "finish_reason": finish(c, calls) if c.finish_reason is not None else None}
                 if delta or c.finish_reason is not None:
+                    ch = {"index": i, "delta": delta, "logprobs": logprobs(c, lp_from[i]),
+                          "finish_reason": finish(c, calls) if c.finish_reason is not None else None}
+                    lp_from[i] = len(c.token_ids)
                     yield sse(dict(head, choices=[ch]))
             yield "data: [DONE]\n\n"
 
