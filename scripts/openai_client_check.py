@@ -3,7 +3,7 @@
     python scripts/openai_client_check.py --base-url http://127.0.0.1:8000 --model smollm2-135m [--api-key K]
 
 json_schema answers that validate, a forced tool call (streamed and not), penalties and logit_bias, min_p and
-min_tokens through extra_body, /tokenize and /detokenize, and vLLM's metric names (shardlm: prefix) on
+min_tokens through extra_body, echo with logprobs (scoring a prompt), /tokenize and /detokenize, and vLLM's metric names (shardlm: prefix) on
 /metrics. One line per check; exit status 1 if any fails.
 """
 
@@ -56,6 +56,12 @@ def checks(c: openai.OpenAI, base: str, model: str, headers: dict) -> list[tuple
     ids = httpx.post(f"{base}/tokenize", json={"prompt": r.choices[0].text}, headers=headers).json()["tokens"]
     out.append(("penalties, logit_bias, min_p, min_tokens", r.usage.completion_tokens >= 3 and 28 not in ids,
                 r.choices[0].text))
+    r = c.completions.create(model=model, prompt="The capital of France is Paris", max_tokens=1, temperature=0,
+                             echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    scored = len(lp.token_logprobs) == r.usage.prompt_tokens + 1 and lp.token_logprobs[0] is None
+    out.append(("echo + logprobs (a prompt's log-likelihood)", scored,
+                f"sum {sum(lp.token_logprobs[1:r.usage.prompt_tokens]):.2f} over the prompt"))
     tok = httpx.post(f"{base}/tokenize", json={"prompt": "Hello world"}, headers=headers).json()
     back = httpx.post(f"{base}/detokenize", json={"tokens": tok["tokens"]}, headers=headers).json()["prompt"]
     out.append(("/tokenize, /detokenize", tok["count"] == len(tok["tokens"]) and "Hello world" in back,
