@@ -242,7 +242,7 @@ def test_the_openai_client_script_passes(smol):
     script = Path(__file__).parent.parent / "scripts" / "openai_client_check.py"
     r = subprocess.run([sys.executable, str(script), "--base-url", smol, "--api-key", KEY], capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 0 and "FAIL" not in r.stdout and r.stdout.count("ok  ") == 6, r.stdout + r.stderr
+    assert r.returncode == 0 and "FAIL" not in r.stdout and r.stdout.count("ok  ") == 7, r.stdout + r.stderr
 
 
 VLLM_METRICS = [  # vLLM v1's names (vllm: prefix) that dashboards and autoscalers read
