@@ -45,6 +45,32 @@ def hf_text_config(hf: dict[str, Any]) -> dict[str, Any]:
     return hf
 
 
+QUANTIZATIONS = ("fp8",)
+"""weight formats the engine runs (ModelConfig.quantization)"""
+
+
+def checkpoint_quantization(hf: dict[str, Any], source: str, strict: bool = True) -> str | None:
+    """The weight format a Hugging Face config's quantization_config declares: 'fp8' for FP8 (e4m3) weights
+    with per-channel or per-tensor scales (compressed-tensors float-quantized, fbgemm_fp8), None without one.
+    strict: another format is a ConfigError naming it (the planner, not strict, reads the shapes anyway)."""
+    q = hf.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    method = q.get("quant_method")
+    if method == "fbgemm_fp8":
+        return "fp8"
+    if method == "compressed-tensors":
+        weights = [g.get("weights") or {} for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
+        if weights and all(w.get("type") == "float" and w.get("num_bits") == 8
+                           and w.get("strategy") in ("channel", "tensor") for w in weights):
+            return "fp8"
+    if not strict:
+        return None
+    raise ConfigError(f"{source}: quantization_config (quant_method={method!r}) is not supported: shardlm reads FP8 "
+                      f"checkpoints with per-channel or per-tensor scales (compressed-tensors float 8-bit, "
+                      f"fbgemm_fp8) and quantises bf16/fp16 checkpoints itself with quantization='fp8'")
+
+
 @dataclass
 class ModelConfig:
     """Shapes and options of a Llama-family decoder, dense or mixture-of-experts (field names follow
@@ -111,6 +137,9 @@ class ModelConfig:
     sliding_window: int | None = None
     """attention window in tokens where the config turns one on (Mistral's sliding_window when shorter than
     the context, Qwen's with use_sliding_window); None: every token attends over the full context"""
+    quantization: str | None = None
+    """the linear layers' weights: None (in the model's dtype) or 'fp8' (e4m3 with per-output-channel scales,
+    worker/layers/fp8.py): an FP8 checkpoint's own quantization_config, or quantization='fp8' at load"""
 
     @property
     def is_moe(self) -> bool:
@@ -141,11 +170,12 @@ class ModelConfig:
             raise ConfigError(f"{source}: expected a JSON object (a Hugging Face config), got {type(hf).__name__}")
         if for_engine and (problem := _arch_problem(hf.get("model_type"))):
             raise ConfigError(f"{source}: {problem}")
+        quantization = checkpoint_quantization(hf, source, strict=for_engine)
         hf = hf_text_config(hf)
         if hf.get("kv_lora_rank"):
             raise ConfigError(f"{source}: multi-head latent attention (kv_lora_rank, DeepSeek-V2/V3) is not "
                               f"modelled; shardlm describes decoders with GQA/MHA attention")
-        cfg = cls(**_hf_fields(hf, source))
+        cfg = cls(**_hf_fields(hf, source), quantization=quantization)
         if for_engine:
             cfg.check_engine_support(source)
         return cfg
@@ -154,6 +184,11 @@ class ModelConfig:
         """Why the engine cannot run this model, with what to change; None when it can."""
         if problem := _arch_problem(self.model_type):
             return problem
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            return f"quantization={self.quantization!r} is not supported; shardlm runs {', '.join(QUANTIZATIONS)}"
+        if self.quantization == "fp8" and self.is_moe:
+            return ("FP8 weights are not implemented for mixture-of-experts models yet (their experts' grouped "
+                    "GEMM): load this model without quantization='fp8'")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ENGINE_ROPE_TYPES:
             return f"rope scaling {rope_type!r} is not supported; shardlm supports default, linear and llama3"

@@ -21,6 +21,7 @@ from ..common.model_source import ModelSource
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cuda", "cpu"]
+Quantization = Literal["fp8"]
 ExpertPlacement = Literal["round_robin", "balanced"]
 AttentionBackend = Literal["auto", "triton", "torch"]
 
@@ -49,6 +50,11 @@ class EngineArgs:
     """layers per pipeline stage (e.g. 10,14); default balances weights incl. embedding and LM head"""
     dtype: DType = "auto"
     """float32, bfloat16 or float16; auto = float32 on CPU, bfloat16 on GPU"""
+    quantization: Quantization | None = None
+    """fp8: the linear layers' weights in FP8 (e4m3, a scale per output channel), quantised as they load
+    (the embedding and LM head stay in dtype); on GPUs of compute capability 8.9+ (Ada, Hopper) the GEMMs
+    run on the FP8 tensor cores with the activations quantised per token. An FP8 checkpoint is read as it
+    is, without this flag"""
     device: Device = "auto"
     """cuda, cpu or auto (cuda when a GPU is visible)"""
     seed: int = 0

@@ -101,6 +101,9 @@ class LLMEngine:
         source.config.validate()
         self.source: ModelSource = source
         cfg = source.config
+        if args.quantization is not None:  # (an FP8 checkpoint says so itself)
+            cfg.quantization = args.quantization
+            cfg.check_engine_support(source.name)
         if args.enable_expert_parallel and not cfg.is_moe:
             raise ConfigError(f"enable_expert_parallel needs a mixture-of-experts model; {source.name} "
                               f"({cfg.model_type}) is dense: drop enable_expert_parallel")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..common import envs
+from ..common.config import ConfigError
 from ..common.messages import (
     PREV_TOKEN,
     PromptLogprobs,
@@ -29,6 +30,7 @@ from .kernels.paged_attention import (
     warm_up,
 )
 from .layers.attention import PagedAttention
+from .layers.fp8 import scaled_mm_ok
 from .models.llama import LlamaForCausalLM
 from .profiling import Span, StepTimer, synchronize
 from .sampler import Penalties, SampleBatch, Sampler
@@ -48,6 +50,11 @@ class ModelRunner:
                  max_step_tokens: int = 0):
         self.source, self.ctx, self.dtype = source, ctx, dtype
         self.block_size, self.max_model_len = block_size, max_model_len
+        if source.config.quantization == "fp8" and ctx.device.type == "cuda" and not scaled_mm_ok(ctx.device):
+            raise ConfigError(f"quantization='fp8' needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper or "
+                              f"later); {torch.cuda.get_device_name(ctx.device)} has "
+                              f"{'.'.join(map(str, torch.cuda.get_device_capability(ctx.device)))}: load the model "
+                              f"without quantization")
         self.model = LlamaForCausalLM(source.config, ctx, dtype, max_positions=max_model_len,
                                       expert_placement=expert_placement)
         # the kernel layer: Triton on CUDA, the torch references elsewhere (worker/kernels/); every module with a

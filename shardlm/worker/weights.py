@@ -30,6 +30,11 @@ class Reader:
     def has(self, name: str) -> bool:
         raise NotImplementedError
 
+    def fp8_scale_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of `<name>.weight_scale` where `<name>.weight` is stored in FP8 (e4m3), else None (a
+        weight the loader quantises itself when FP8 is asked for)."""
+        return None
+
     @staticmethod
     def _check(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
         if tuple(got) != tuple(want):
@@ -52,11 +57,25 @@ class SafetensorsReader(Reader):
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def read(self, name, shape, dim, start, end, device, dtype):
+    def _slice(self, name: str):
         if name not in self.where:
             raise WeightError(f"tensor {name} is missing from the checkpoint in {self.folder}")
-        sl = self.files[self.where[name]].get_slice(name)
+        return self.files[self.where[name]].get_slice(name)
+
+    def fp8_scale_shape(self, name: str) -> tuple[int, ...] | None:
+        if f"{name}.weight" not in self.where or self._slice(f"{name}.weight").get_dtype() != "F8_E4M3":
+            return None
+        if f"{name}.weight_scale" not in self.where:
+            raise WeightError(f"{name}.weight is stored in FP8 (e4m3) but the checkpoint in {self.folder} has no "
+                              f"{name}.weight_scale to go with it")
+        return tuple(self._slice(f"{name}.weight_scale").get_shape())
+
+    def read(self, name, shape, dim, start, end, device, dtype):
+        sl = self._slice(name)
         self._check(name, tuple(sl.get_shape()), shape)
+        if sl.get_dtype() == "F8_E4M3" and dtype != torch.float8_e4m3fn:
+            raise WeightError(f"{name} is stored in FP8 (e4m3): load this checkpoint with quantization='fp8' "
+                              f"(it is read with its scales)")
         if dim is None:
             t = sl[:]
         elif dim == 0:

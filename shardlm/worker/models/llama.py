@@ -40,11 +40,11 @@ class LlamaAttention(nn.Module):
             RowSlice("q_proj", cfg.num_attention_heads * d, shard.q_start * d, shard.q_end * d),
             RowSlice("k_proj", cfg.num_key_value_heads * d, shard.kv_start * d, shard.kv_end * d),
             RowSlice("v_proj", cfg.num_key_value_heads * d, shard.kv_start * d, shard.kv_end * d),
-        ], cfg.qkv_bias, ctx, dtype)
+        ], cfg.qkv_bias, ctx, dtype, fp8=cfg.quantization == "fp8")
         self.partial = sums_in_norm(ctx, cfg.o_bias)  # the output is this rank's share; the next norm sums it
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", cfg.num_attention_heads * d, h,
                                         shard.q_start * d, shard.q_end * d, cfg.o_bias, ctx, dtype,
-                                        reduce=not self.partial)
+                                        reduce=not self.partial, fp8=cfg.quantization == "fp8")
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's d features, before rotary
             self.q_norm = RMSNorm(f"{prefix}.q_norm", d, cfg.rms_norm_eps, ctx.device, dtype)
@@ -79,7 +79,7 @@ class LlamaDecoderLayer(nn.Module):
         else:
             self.mlp_partial = sums_in_norm(ctx, cfg.mlp_bias)
             self.mlp = GatedMLP(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, ctx, dtype,
-                                reduce=not self.mlp_partial)
+                                reduce=not self.mlp_partial, fp8=cfg.quantization == "fp8")
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata, x_partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,148 @@
+"""FP8 weights (worker/layers/fp8.py) on the CPU reference path: quantised at load, or read from an FP8
+checkpoint with its scales, at TP 1/2/3 and PP 2, against a float32 Hugging Face model built from the same
+dequantised weights (greedy tokens equal, logits within 1e-4 relative); bad FP8 checkpoints fail at load
+naming the tensor."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from hf_models import PROMPTS, STEPS, check_against_hf, hf_greedy
+from safetensors.torch import load_file, save_file
+
+from shardlm import LLM
+from shardlm.common.config import ConfigError
+from shardlm.worker.layers.fp8 import FP8, dequantize_rows, quantize_rows
+
+LAYOUTS = [dict(), dict(tensor_parallel_size=2), dict(tensor_parallel_size=3), dict(pipeline_parallel_size=2)]
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NAME = "llama-uneven-tied"  # 9 heads over 3 KV heads, a vocabulary no TP degree divides
+
+
+def is_linear(name: str) -> bool:
+    return name.startswith("model.layers.") and name.endswith(".weight") and name.split(".")[-2] in LINEARS
+
+
+def dequantised_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The float32 model whose every decoder linear weight is quantise-then-dequantise of the original."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if is_linear(name):
+                p.copy_(dequantize_rows(*quantize_rows(p), torch.float32))
+    return ref
+
+
+def refs_of(model):
+    return [hf_greedy(model, p, STEPS) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def quantised_refs(tiny_models):
+    return refs_of(dequantised_model(tiny_models[NAME][1]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_quantised_at_load_is_the_dequantised_model(layout, tiny_models, quantised_refs):
+    folder, _ = tiny_models[NAME]
+    with LLM(str(folder), quantization="fp8", block_size=8, **layout) as llm:
+        check_against_hf(llm, quantised_refs)
+
+
+def test_fp8_is_close_to_the_model_but_not_the_same(tiny_models, quantised_refs):
+    """the test above could not pass by accident: the dequantised model's first logits (after the prompt,
+    before greedy paths can part) differ from the original's, by a little"""
+    _, model = tiny_models[NAME]
+    plain = refs_of(model)
+    diff = max((a[1][0] - b[1][0]).abs().max().item() / a[1][0].abs().max().item()
+               for a, b in zip(plain, quantised_refs))
+    assert 1e-3 < diff < 0.1
+
+
+def write_fp8_checkpoint(src, dst, per_tensor: set[str]) -> None:
+    """src's checkpoint with every decoder linear weight in e4m3 and a weight_scale beside it (per output
+    channel as [out, 1], or one per tensor for the module names in per_tensor), compressed-tensors style."""
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if not is_linear(name):
+            out[name] = t
+            continue
+        module = name.split(".")[-2]
+        if module in per_tensor:
+            scale = (t.abs().max() / 448.0).reshape(1)
+            out[name], out[name.replace(".weight", ".weight_scale")] = (t / scale).to(FP8), scale
+        else:
+            q, s = quantize_rows(t)
+            out[name], out[name.replace(".weight", ".weight_scale")] = q, s[:, None]
+    save_file(out, str(dst / "model.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+        "weights": {"type": "float", "num_bits": 8, "strategy": "channel"}, "targets": ["Linear"]}},
+        "ignore": ["lm_head"]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
+def checkpoint_model(model, folder):
+    """The float32 HF model of an FP8 checkpoint: its weights dequantised"""
+    ref = copy.deepcopy(model)
+    tensors = load_file(str(folder / "model.safetensors"))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if is_linear(name):
+                scale = tensors[name.replace(".weight", ".weight_scale")].reshape(-1)
+                p.copy_(tensors[name].float() * (scale[:, None] if scale.numel() > 1 else scale))
+    return ref
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tiny_models, tmp_path_factory):
+    folder, model = tiny_models[NAME]
+    dst = tmp_path_factory.mktemp("fp8") / "ckpt"
+    write_fp8_checkpoint(folder, dst, per_tensor={"k_proj", "o_proj"})
+    return dst, refs_of(checkpoint_model(model, dst))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_fp8_checkpoint_loads_with_its_scales_at_any_layout(layout, fp8_checkpoint):
+    """per-channel and per-tensor scales, cut like their rows (q/k/v, gate/up) or whole (o_proj, down_proj
+    split by columns); the config's quantization_config turns FP8 on without the flag"""
+    folder, refs = fp8_checkpoint
+    with LLM(str(folder), block_size=8, **layout) as llm:
+        check_against_hf(llm, refs)
+
+
+def test_bad_fp8_checkpoints_fail_at_load_naming_the_tensor(fp8_checkpoint, tmp_path):
+    folder, _ = fp8_checkpoint
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight_scale"
+    for label, change, says in (
+            ("missing", lambda t: t.pop(name), f"model.layers.1.mlp.down_proj.weight is stored in FP8.*no {name}"),
+            ("shape", lambda t: t.__setitem__(name, torch.ones(3, 2)), f"{name} has shape \\(3, 2\\)")):
+        bad = tmp_path / label
+        shutil.copytree(folder, bad)
+        broken = dict(tensors)
+        change(broken)
+        save_file(broken, str(bad / "model.safetensors"))
+        with pytest.raises(Exception, match=says):
+            LLM(str(bad), tensor_parallel_size=2)
+
+
+def test_unsupported_quantization_is_refused_naming_it(tiny_models, tmp_path):
+    folder, _ = tiny_models[NAME]
+    bad = tmp_path / "gptq"
+    shutil.copytree(folder, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="quant_method='gptq'.*not supported"):
+        LLM(str(bad))
+    with pytest.raises(ConfigError, match="quantization must be"):
+        LLM(str(folder), quantization="int4")
+    with pytest.raises(ConfigError, match="mixture-of-experts"):
+        LLM(str(tiny_models["mixtral"][0]), quantization="fp8")
