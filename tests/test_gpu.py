@@ -196,3 +196,38 @@ def test_gpu_a_full_kv_cache_decodes_without_running_out_of_memory():
         prompts = [{"prompt_token_ids": [(i * 7 + j) % 30000 + 10 for j in range(per_seq)]} for i in range(n)]
         outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+
+
+def test_gpu_fp8_linear_matches_its_reference():
+    """the FP8 kernels against the dequantising reference: up to SMALL_M rows the weight-only Triton kernel
+    (within bf16 rounding), above them torch._scaled_mm with per-token activation scales (the activations'
+    rounding to e4m3, 3 mantissa bits, is the difference: a few percent of an output at most); bias added"""
+    from shardlm.worker.layers.fp8 import fp8_linear_kernels as fp8_linear
+    from shardlm.worker.layers.fp8 import fp8_linear_torch, quantize_rows, scaled_mm_ok
+
+    dev = torch.device("cuda")
+    if not scaled_mm_ok(dev):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for tokens, k, n in ((1, 4096, 6144), (7, 4096, 1024), (64, 14336, 4096), (33, 100, 70), (300, 4096, 1024)):
+        x = torch.randn(tokens, k, device=dev, generator=gen).to(torch.bfloat16)
+        w, s = quantize_rows(torch.randn(n, k, device=dev, generator=gen) * 0.02)
+        bias = torch.randn(n, device=dev, generator=gen).to(torch.bfloat16)
+        got, want = fp8_linear(x, w, s, bias).float(), fp8_linear_torch(x, w, s, bias).float()
+        rel = (got - want).norm() / want.norm()
+        assert rel < (0.01 if tokens <= 64 else 0.05), (tokens, k, n, rel.item())
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min()
+        assert cos > 0.998, (tokens, k, n, cos.item())
+
+
+def test_gpu_fp8_engine_replays_graphs_like_its_eager_steps(tiny_models):
+    """an FP8 engine (every linear through scaled_mm: the tiny Mistral's sizes are multiples of 16) gives the
+    same greedy tokens with decode graphs as eagerly"""
+    folder, _ = tiny_models["mistral"]
+    outs = []
+    for eager in (True, False):
+        with LLM(str(folder), quantization="fp8", enforce_eager=eager) as llm:
+            outs.append([o.outputs[0].token_ids for o in llm.generate(
+                [{"prompt_token_ids": p} for p in ([5, 6, 7], [100, 101])],
+                SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))])
+    assert outs[0] == outs[1]

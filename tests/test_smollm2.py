@@ -38,3 +38,12 @@ def test_greedy_text_equals_hf(tp, hf_reference):
         assert out.prompt_token_ids == ids
         assert out.outputs[0].token_ids == hf_tokens
         assert out.outputs[0].text == hf_text
+
+
+def test_fp8_still_knows_the_capital_of_france():
+    """the real checkpoint with its linear layers quantised to FP8 at load (TP=2): the demo's kind of answer
+    survives (on the CPU the reference path: the dequantised weights)"""
+    with LLM("smollm2-135m", tensor_parallel_size=2, quantization="fp8") as llm:
+        (out,) = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
+                          SamplingParams(max_tokens=16, temperature=0))
+    assert "Paris" in out.outputs[0].text, out.outputs[0].text

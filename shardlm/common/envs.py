@@ -10,6 +10,7 @@ processes) inherit the driver's environment.
 | SHARDLM_CUDNN_SDPA | worker | 1: let torch pick cuDNN attention (off: it re-plans on every new shape) |
 | SHARDLM_GPU_WORKER_THREADS | worker | torch intra-op threads of a GPU worker (default 1; 0: torch's default) |
 | SHARDLM_UNFUSED | worker | 1: with the Triton attention kernels, keep the residual add + RMSNorm and SiLU x up on their unfused torch ops (measuring the fusions) |
+| SHARDLM_FP8_REFERENCE | worker | 1: FP8 linear layers on a GPU multiply by their dequantised weights (the reference path) instead of the FP8 kernels (checking the kernels' accuracy) |
 | SHARDLM_NO_MOE_GRAPHS | worker | 1: MoE models' steps run eagerly (no CUDA graphs for them; measuring the graphs) |
 | SHARDLM_NO_STEP_GRAPHS | worker | 1: steps with prompt chunks run eagerly (no mixed-step CUDA graphs; measuring them) |
 | SHARDLM_CTX_BUCKET | worker | eager attention pads the gathered context to a multiple of this (default 1: none) |
@@ -86,6 +87,10 @@ def slowdown(rank: int) -> int:
     if not sep or slow_rank < 0 or factor < 1:
         raise ValueError(f"SHARDLM_SLOW_RANK={raw!r} must be RANK:FACTOR, two integers (rank >= 0, factor >= 1)")
     return factor if rank == slow_rank else 1
+
+
+def fp8_reference() -> bool:
+    return _flag("SHARDLM_FP8_REFERENCE")
 
 
 def no_moe_graphs() -> bool:

@@ -52,6 +52,8 @@ from ..common.model_source import ModelSource
 
 log = logging.getLogger("shardlm.engine")
 
+KILLED_GRACE_S = 0.5
+"""a worker's error waits this long for another rank's death to show (the cause, then named first)"""
 HELLO_TIMEOUT_S = 5.0
 """a connection to the driver's port must send its whole hello within this"""
 HELLO_MAX_BYTES = 1024
@@ -184,6 +186,10 @@ class Executor:
             if code is not None and code != 0:
                 raise WorkerError(f"worker rank {rank} exited with code {code} before reporting an error")
 
+    def _killed(self) -> list[tuple[int, int]]:
+        """(rank, exit code) of the local workers a signal ended"""
+        return [(r, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None and p.returncode < 0]
+
     def _stopped_ranks(self) -> list[int]:
         """Local workers the kernel has stopped (SIGSTOP, a debugger): state T or t in /proc."""
         stopped = []
@@ -278,7 +284,13 @@ class Executor:
                 self.procs[rank].wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 pass
-        dead = [(r, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None and p.returncode < 0]
+        dead = self._killed()
+        if not dead and msg is not None and self.procs:
+            # a peer's report of the broken collective can come before the kernel has reaped the rank that died
+            deadline = time.monotonic() + KILLED_GRACE_S
+            while not dead and time.monotonic() < deadline:
+                time.sleep(0.02)
+                dead = self._killed()
         if msg is None and self.procs and self.procs[rank].poll() is not None:
             dead = [(rank, self.procs[rank].returncode)] + [d for d in dead if d[0] != rank]
         if dead:

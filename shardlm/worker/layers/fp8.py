@@ -2,11 +2,12 @@
 
 A linear layer in FP8 holds `weight` as float8_e4m3fn [out, in] and `weight_scale` float32 [out]: row o of
 the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (compute capability 8.9+:
-Ada, Hopper and later) `fp8_linear` quantises the activations per token (each row's absolute maximum maps
-to the e4m3 maximum, 448) and runs torch._scaled_mm with both scales (rowwise scaling), the output in the
-activations' dtype. Everywhere else, and as the reference the GPU path is tested against, it multiplies
-by the dequantised weights in the activations' dtype (`fp8_linear_torch`: on the CPU, float32, exactly the
-model a float32 checkpoint of the dequantised weights gives).
+Ada, Hopper and later) `fp8_linear_kernels` runs decode batches (up to SMALL_M rows) through a weight-only
+Triton kernel (the e4m3 weights widened in registers, the activations left in bf16) and larger ones
+through torch._scaled_mm with the activations quantised per token (each row's absolute maximum maps to the
+e4m3 maximum, 448; rowwise scaling). Everywhere else, and as the reference the GPU path is tested against,
+`fp8_linear_torch` multiplies by the dequantised weights in the activations' dtype (on the CPU, float32:
+exactly the model a float32 checkpoint of the dequantised weights gives). `fp8_path(device)` picks one.
 
 Checkpoints: a tensor `<name>.weight` stored as float8_e4m3fn with `<name>.weight_scale` beside it (per
 output channel, [out] or [out, 1], or one per tensor, [] or [1]) is read as it is: the format of
@@ -47,28 +48,45 @@ def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return F.linear(x, dequantize_rows(weight, scale, x.dtype), bias)
 
 
-def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [tokens, in] quantised per token, times the e4m3 weights on the FP8 tensor cores."""
+SMALL_M = 64
+"""up to this many rows (decode batches) the weight-only kernel runs: weights widened in registers, the
+activations left in bf16; above, the activations are quantised per token for torch._scaled_mm"""
+
+
+def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): few rows through the weight-only Triton
+    kernel; more through torch._scaled_mm with per-token activation scales (both dimensions of W multiples
+    of 16, else the reference)."""
+    from ..kernels.triton_fp8 import fp8_gemm_small_m
+    from ..kernels.triton_fp8 import quantize_rows as quantize_activations
+
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
-    xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
-    if bias is not None:
-        y = y + bias
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] <= SMALL_M:
+        y = fp8_gemm_small_m(x2, weight, scale, bias)
+    elif weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0:
+        xq, x_scale = quantize_activations(x2)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
+        if bias is not None:
+            y = y + bias
+    else:
+        return fp8_linear_torch(x, weight, scale, bias)
     return y.reshape(*shape[:-1], weight.shape[0])
 
 
 def scaled_mm_ok(device: torch.device) -> bool:
-    """Whether torch._scaled_mm's FP8 path runs on this device (a CUDA GPU of compute capability 8.9+)."""
+    """Whether the device has FP8 tensor cores (a CUDA GPU of compute capability 8.9+: Ada, Hopper, later)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) for e4m3 W with per-row scales: the FP8 tensor cores where the device has them
-    and the shapes suit them (both dimensions of W multiples of 16), else the reference."""
-    if x.is_cuda and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0 and scaled_mm_ok(x.device):
-        return fp8_linear_scaled_mm(x, weight, scale, bias)
-    return fp8_linear_torch(x, weight, scale, bias)
+def fp8_path(device: torch.device):
+    """The FP8 linear function a layer on `device` uses: the kernels on a GPU with FP8 tensor cores (unless
+    SHARDLM_FP8_REFERENCE=1), else the reference. Same signature: (x, weight, scale, bias=None)."""
+    from ...common import envs
+
+    if scaled_mm_ok(device) and not envs.fp8_reference():
+        return fp8_linear_kernels
+    return fp8_linear_torch

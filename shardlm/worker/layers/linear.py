@@ -13,7 +13,7 @@ from ...common.layout import split_evenly
 from ..distributed import ParallelContext
 from ..kernels.norm_act import PATHS
 from ..weights import Reader, WeightError
-from .fp8 import FP8, fp8_linear, quantize_rows
+from .fp8 import FP8, fp8_path, quantize_rows
 
 
 def _weight(rows: int, cols: int, ctx: ParallelContext, dtype: torch.dtype, fp8: bool) -> nn.Parameter:
@@ -82,6 +82,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight_scale = (nn.Parameter(torch.empty(rows, device=ctx.device), requires_grad=False)
                              if fp8 else None)
         """fp8: float32 [rows], the real row o is weight[o] * weight_scale[o] (layers/fp8.py)"""
+        self._fp8_linear = fp8_path(ctx.device) if fp8 else None
         self.bias = (nn.Parameter(torch.empty(rows, device=ctx.device, dtype=dtype), requires_grad=False)
                      if bias else None)
 
@@ -102,8 +103,8 @@ class ColumnParallelLinear(nn.Module):
             row += p.size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale is not None:
-            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        if self._fp8_linear is not None:
+            return self._fp8_linear(x, self.weight, self.weight_scale, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -125,6 +126,7 @@ class RowParallelLinear(nn.Module):
         self.weight_scale = (nn.Parameter(torch.empty(out_features, device=ctx.device), requires_grad=False)
                              if fp8 else None)
         """fp8: float32 [out] (every rank holds every row: the input features are what is split)"""
+        self._fp8_linear = fp8_path(ctx.device) if fp8 else None
         self.bias = (nn.Parameter(torch.empty(out_features, device=ctx.device, dtype=dtype), requires_grad=False)
                      if bias else None)
 
@@ -140,7 +142,7 @@ class RowParallelLinear(nn.Module):
             self.bias.data.copy_(reader.read(f"{self.name}.bias", (self.out_features,), None, 0, 0, dev, self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.weight_scale) if self.weight_scale is not None else F.linear(x, self.weight)
+        y = self._fp8_linear(x, self.weight, self.weight_scale) if self._fp8_linear is not None else F.linear(x, self.weight)
         if not self.reduce:
             return y
         self.ctx.all_reduce(y)  # [tokens, out]: sum of the TP ranks' partial products

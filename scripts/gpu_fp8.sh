@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 19 on a GPU with FP8 tensor cores (device tool): the FP8 GPU tests, FP8 against bf16 on a random
+# 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement), and decode latency
+# of both in the same call (bf16 the baseline). Results under $OUT.
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
+MODEL=${MODEL:-random:llama-3-8b}
+STAGES=${STAGES:-tests check latency}
+if [[ $STAGES == *tests* ]]; then
+  timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py -k fp8 -p no:cacheprovider --tb=short -rs \
+    > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | tail -5
+fi
+if [[ $STAGES == *check* ]]; then
+  timeout 300 python3 scripts/fp8_check.py --model "$MODEL" --reference --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3
+fi
+if [[ $STAGES == *latency* ]]; then
+  for q in bf16 fp8; do
+    flag=""; [ $q = fp8 ] && flag="--quantization fp8"
+    timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
+      --input-len 128 --output-len 128 --profile-step --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1
+    grep -E "^ +[0-9]+ " "$OUT/latency-$q.log" | sed "s/^/[$q] /" || tail -3 "$OUT/latency-$q.log"
+  done
+fi
