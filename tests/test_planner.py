@@ -1002,3 +1002,42 @@ def test_recommend_for_engine_names_the_smallest_gpu_count():
         recommend_for_engine(big, 2, "h100", None, 1024)
     with pytest.raises(PlanError, match="smallest GPU count that fits is 3"):
         recommend_for_engine(big, 2, "h100", None, 1024, supported=("tp", "pp", "dp"))
+
+
+def test_fp8_weights_halve_the_linear_layers_and_may_be_recommended():
+    """quantization='fp8' (the engine's): the decoder's linear layers at a byte a weight, the embedding and
+    LM head at two; decode reads half the linear bytes; --allow-fp8 adds an FP8 row per layout and the
+    recommendation may take one (Llama-3-70B on 2 x H200: FP8 at TP=2 beats every bf16 layout)"""
+    from shardlm.planner.cost import weights_per_gpu
+
+    m = load_model("llama-3-70b")
+    fp8 = replace(m, quantization="fp8")
+    other = m.embedding_params() + m.n_layers * m.norm_params()
+    assert weights_per_gpu(fp8, 1) == (m.total_params() - other) + 2 * other
+    assert weights_per_gpu(m, 1) == 2 * m.total_params()
+    cluster = make_cluster("h200", 2)
+    lay = ParallelLayout(tp=2)
+    sh = stage_shards(m, lay)[0]
+    bf16_step = CostModel(m, cluster).stage_pass(lay, sh, 1, 1024, prefill=False)
+    fp8_step = CostModel(fp8, cluster).stage_pass(lay, stage_shards(fp8, lay)[0], 1, 1024, prefill=False)
+    layers = sh.n_layers * (sh.attn + sh.mlp)
+    assert bf16_step.hbm_bytes - fp8_step.hbm_bytes == pytest.approx(layers, rel=1e-9)
+    plain = make_plan(m, cluster, Workload(max_model_len=8192))
+    assert all(r.quantization is None for r in plain.results)
+    both = make_plan(m, cluster, Workload(max_model_len=8192), allow_fp8=True)
+    assert len(both.results) == 2 * len(plain.results)
+    assert both.recommended.quantization == "fp8" and both.recommended.name.endswith(" fp8")
+    one_gpu = next(r for r in both.results if r.quantization == "fp8" and r.dp == 2)
+    assert one_gpu.fits and not next(r for r in plain.results if r.dp == 2).fits  # 70B in FP8 fits one H200
+    assert any("fp8" in n for n in both.notes)
+
+
+def test_an_fp8_checkpoint_config_plans_as_fp8(tmp_path):
+    cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "quantization_config": {"quant_method": "fbgemm_fp8"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_model(str(tmp_path)).quantization == "fp8"
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}  # the planner still reads the shapes
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_model(str(tmp_path)).quantization is None

@@ -3,7 +3,8 @@
     shardlm plan MODEL --gpus N [--gpu h100-80gb] [--interconnect nvlink|pcie|pcie-cross-socket]
                  [--gpus-per-node N] [--network ib-ndr|ib-hdr|eth-400g|eth-100g]
                  [--max-model-len 8192] [--input-len N] [--output-len N] [--max-num-seqs 256]
-                 [--kv-dtype bf16|fp8] [--slo-tpot-ms X] [--slo-ttft-ms X] [--profile probe.json]
+                 [--kv-dtype bf16|fp8] [--quantization fp8] [--allow-fp8]
+                 [--slo-tpot-ms X] [--slo-ttft-ms X] [--profile probe.json]
                  [--json] [--plot out.png]
     shardlm plan --validate measured.json [more.json ...] [MODEL] [--gpu ...] [--interconnect ...]
                  [--profile probe.json] [--json]
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 from ..common.presets import PRESETS
 from . import PlanError
@@ -57,6 +59,11 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--max-num-seqs", type=int, default=Workload.max_num_seqs,
                    help=f"most sequences per replica; default {Workload.max_num_seqs}")
     p.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="KV cache element type")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="the weights as the engine's quantization='fp8' serves them (decoder linear layers in FP8); "
+                        "default: the checkpoint's own format (bf16 unless its config says FP8)")
+    p.add_argument("--allow-fp8", action="store_true",
+                   help="also plan every layout with FP8 weights (rows marked fp8) and recommend among both")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target, ms")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token target, ms")
     p.add_argument("--profile", default=None, help="measured profile JSON (from `shardlm probe`)")
@@ -104,13 +111,15 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(args.model)
+        if args.quantization is not None:
+            model = replace(model, quantization=args.quantization)
         cluster = make_cluster(args.gpu, args.gpus, args.interconnect, args.gpus_per_node, args.network)
         profile = load_profile(args.profile) if args.profile else None
         workload = Workload(max_model_len=args.max_model_len, input_len=args.input_len,
                             output_len=args.output_len, max_num_seqs=args.max_num_seqs,
                             slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
                             kv_bytes=1 if args.kv_dtype == "fp8" else 2)
-        plan = make_plan(model, cluster, workload, profile)
+        plan = make_plan(model, cluster, workload, profile, allow_fp8=args.allow_fp8)
     except PlanError as exc:
         print(f"shardlm plan: error: {exc}", file=sys.stderr)
         return 2

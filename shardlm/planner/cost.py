@@ -155,6 +155,9 @@ class StageShard:
     """LM head vocab rows on the busiest rank (last stage), else 0."""
     weight_params: int
     """Total parameters held by the busiest rank of the stage (exact, per-rank max)."""
+    weight_bytes: float = 0.0
+    """Bytes of weights on the stage's fullest rank (linear layers at model.linear_bytes, the rest at
+    bytes_per_param)."""
 
 
 def stage_shards(model: ModelSpec, layout: ParallelLayout) -> list[StageShard]:
@@ -179,14 +182,14 @@ def stage_shards(model: ModelSpec, layout: ParallelLayout) -> list[StageShard]:
         first, last = p == 0, p == layout.pp - 1
         # the LM head is its own matrix unless tied and on the embedding's stage (pp == 1)
         own_head = last and not (model.tied_embeddings and first)
-        totals = []
+        totals, nbytes = [], []
         for d in range(layout.dp if layout.ep > 1 else 1):
             for r in range(t):
                 cnt, size = expert_of(r, d) if model.is_moe else (0, 0)
-                w = n * (attn_r[r] + model.norm_params()) + (n - n_moe) * mlp_r[r]
-                w += n_moe * (shared_r[r] + cnt * size)
-                w += vocab_r[r] * h * (int(first) + int(own_head)) + (h if last else 0)
-                totals.append(w)
+                linear = n * attn_r[r] + (n - n_moe) * mlp_r[r] + n_moe * (shared_r[r] + cnt * size)
+                other = n * model.norm_params() + vocab_r[r] * h * (int(first) + int(own_head)) + (h if last else 0)
+                totals.append(linear + other)
+                nbytes.append(linear * model.linear_bytes + other * model.bytes_per_param)
         cnts = [expert_of(r, d) for d in range(layout.dp if layout.ep > 1 else 1) for r in range(t)]
         out.append(StageShard(
             stage=p, n_layers=n, n_moe=n_moe, q_heads=max(s.n_q for s in heads),
@@ -195,14 +198,14 @@ def stage_shards(model: ModelSpec, layout: ParallelLayout) -> list[StageShard]:
             experts_local=max(c for c, _ in cnts) if model.is_moe else 0,
             expert=max(s for _, s in cnts) if model.is_moe else 0,
             shared_router=max(shared_r) if model.is_moe else 0,
-            head_rows=max(vocab_r) if last else 0, weight_params=max(totals)))
+            head_rows=max(vocab_r) if last else 0, weight_params=max(totals), weight_bytes=max(nbytes)))
     return out
 
 
 def weights_per_gpu(model: ModelSpec, tp: int, pp: int = 1, ep: int = 1, dp: int = 1) -> float:
     """Bytes of weights on the fullest GPU of the layout."""
     layout = ParallelLayout(tp=tp, pp=pp, dp=dp, ep=ep)
-    return max(s.weight_params for s in stage_shards(model, layout)) * model.bytes_per_param
+    return max(s.weight_bytes for s in stage_shards(model, layout))
 
 
 def kv_bytes_per_token_per_gpu(model: ModelSpec, tp: int, pp: int = 1, kv_bytes: int = 2) -> float:
@@ -419,7 +422,8 @@ class CostModel:
     def _work(self, layout: ParallelLayout, sh: StageShard, tokens: float, context: float, prefill: bool,
               prompts: int, graphed: bool = False) -> list[_Work]:
         """The stage's work split into its dense layers, its MoE layers and the non-layer part."""
-        m, b = self.model, self.model.bytes_per_param
+        m, b, lb = self.model, self.model.bytes_per_param, self.model.linear_bytes
+        lin_f = 0.5 if m.quantization == "fp8" else 1.0  # FP8 tensor cores: the GEMMs' FLOPs at twice the rate
         d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
         kv_layer = 2 * sh.kv_heads * d * self.kv_bytes  # per token
         if prefill:  # `prompts` prompts of tokens/prompts tokens: KV written once, causal attention
@@ -440,8 +444,9 @@ class CostModel:
         out = []
         if n_dense:
             act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden), paged) + gather
-            out.append(_Work(n_dense, b * (sh.attn + sh.norms + sh.mlp) + kv_b,
-                             2 * tokens * (sh.attn + sh.mlp) + attn_f, ar, act_b, kv_b, gemms=4))  # qkv o gate_up down
+            out.append(_Work(n_dense, lb * (sh.attn + sh.mlp) + b * sh.norms + kv_b,
+                             lin_f * 2 * tokens * (sh.attn + sh.mlp) + attn_f, ar, act_b, kv_b,
+                             gemms=4))  # qkv o gate_up down
         if sh.n_moe:
             ep_tokens = tokens * (layout.dp if layout.ep > 1 and not prefill else 1)
             if layout.ep > 1:  # whole experts on this rank; each is hit with probability 1-(1-k/E)^T
@@ -460,9 +465,9 @@ class CostModel:
             expert_width, shared_width = sh.expert / (3 * m.hidden), -(-m.shared_ffn // layout.tp)
             act_b = (tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, shared_width, paged)
                      + 10 * expert_tok * expert_width + gather)
-            out.append(_Work(sh.n_moe, b * (sh.attn + sh.norms + sh.shared_router + touched * sh.expert) + kv_b,
-                             2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert + attn_f,
-                             ar + a2a, act_b, kv_b, gemms=4))  # qkv, o, router, experts
+            out.append(_Work(sh.n_moe, lb * (sh.attn + sh.shared_router + touched * sh.expert) + b * sh.norms + kv_b,
+                             lin_f * (2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert)
+                             + attn_f, ar + a2a, act_b, kv_b, gemms=4))  # qkv, o, router, experts
         logits_tokens = prompts if prefill else tokens  # prefill samples only each prompt's last token
         head_comm = 0.0
         if layout.tp > 1:
@@ -674,8 +679,7 @@ class CostModel:
 
     def kv_room(self, layout: ParallelLayout, sh: StageShard, max_num_seqs: int) -> float:
         """Bytes left for the KV cache on the stage's fullest GPU (may be negative)."""
-        weights = sh.weight_params * self.model.bytes_per_param
-        return self.memory_bytes - weights - self.reserved_bytes(layout, sh, max_num_seqs)
+        return self.memory_bytes - sh.weight_bytes - self.reserved_bytes(layout, sh, max_num_seqs)
 
     def kv_per_token(self, sh: StageShard) -> float:
         return 2 * sh.n_layers * sh.kv_heads * self.model.head_dim * self.kv_bytes

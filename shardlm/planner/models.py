@@ -65,12 +65,20 @@ class ModelSpec:
     """Longest context the model was trained for (0 if unknown)."""
     bytes_per_param: int = 2
     """Weight bytes per element as served (bf16)."""
+    quantization: str | None = None
+    """'fp8': the decoder's linear layers (attention, MLP, router, experts) in FP8, one byte a weight, with
+    the FP8 tensor cores' doubled rate for their GEMMs; embedding, LM head and norms stay in bytes_per_param"""
     notes: tuple[str, ...] = field(default=(), compare=False)
     """Remarks gathered while reading the config."""
 
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def linear_bytes(self) -> int:
+        """Bytes per weight of the decoder's linear layers."""
+        return 1 if self.quantization == "fp8" else self.bytes_per_param
 
     @property
     def layer_shape(self) -> tuple[tuple[str, Any], ...]:
@@ -154,7 +162,7 @@ def from_engine_config(cfg: ModelConfig | dict[str, Any], name: str = "engine co
         name=name, hidden=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
         n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, ffn=cfg.intermediate_size,
         vocab=cfg.vocab_size, tied_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.qkv_bias,
-        qk_norm=cfg.qk_norm, max_position=cfg.max_position_embeddings, **moe)
+        qk_norm=cfg.qk_norm, max_position=cfg.max_position_embeddings, quantization=cfg.quantization, **moe)
 
 
 def from_hf_config(cfg: dict[str, Any], name: str = "config.json") -> ModelSpec:

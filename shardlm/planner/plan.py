@@ -15,7 +15,7 @@ among those that fit and meet the SLOs (within 3%, the lower batch-1 TPOT wins).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..common.defaults import MAX_NUM_SEQS
@@ -81,6 +81,8 @@ class LayoutResult:
     """Expert-parallel degree (1, or tp*dp for MoE models)."""
     dp: int
     """Data-parallel replicas."""
+    quantization: str | None = None
+    """the weights' format: None (bf16) or 'fp8' (ModelSpec.quantization)"""
     ok: bool = False
     """Fits, meets the constraints and the SLOs."""
     reasons: list[str] = field(default_factory=list)
@@ -118,7 +120,7 @@ class LayoutResult:
 
     @property
     def name(self) -> str:
-        return f"tp={self.tp} pp={self.pp} ep={self.ep} dp={self.dp}"
+        return f"tp={self.tp} pp={self.pp} ep={self.ep} dp={self.dp}" + (" fp8" if self.quantization == "fp8" else "")
 
     @property
     def fits(self) -> bool:
@@ -230,8 +232,8 @@ def evaluate(cm: CostModel, lay: ParallelLayout, wl: Workload) -> LayoutResult:
     if res.reasons:
         return res
     shards = stage_shards(cm.model, lay)
-    b = cm.model.bytes_per_param
-    res.weights_gb = max(sh.weight_params for sh in shards) * b / 1e9
+    res.quantization = cm.model.quantization
+    res.weights_gb = max(sh.weight_bytes for sh in shards) / 1e9
     res.kv_kib_per_token = max(cm.kv_per_token(sh) for sh in shards) / 1024
     seqs, room = _fit(cm, lay, shards, wl)
     res.kv_room_gb = room / 1e9
@@ -397,11 +399,12 @@ def candidate_layouts(model: ModelSpec, n_gpus: int, degrees: tuple[str, ...] = 
 
 def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = None,
               profile: Profile | None = None, eff: Efficiency | None = None,
-              degrees: tuple[str, ...] = DEGREES, fewer_gpus: bool = False) -> Plan:
+              degrees: tuple[str, ...] = DEGREES, fewer_gpus: bool = False, allow_fp8: bool = False) -> Plan:
     """Predict every layout of `model` on `cluster`; raise PlanError if none fits at all.
 
     degrees: the parallelism degrees layouts may use (others stay 1). fewer_gpus: also consider layouts
-    that leave some of the cluster's GPUs idle (useful when the degrees cannot fill them)."""
+    that leave some of the cluster's GPUs idle (useful when the degrees cannot fill them). allow_fp8: every
+    layout also with FP8 weights (ModelSpec.quantization), rows of their own that may be recommended."""
     wl = (workload or Workload()).resolved()
     degrees = check_degrees(degrees)
     cm = CostModel(model, cluster, profile, eff, kv_bytes=wl.kv_bytes)
@@ -410,6 +413,9 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
         raise PlanError(f"no layout of {cluster.n_gpus} GPUs uses only {', '.join(degrees) or 'no'} parallelism; "
                         "allow more degrees or change the GPU count")
     results = [evaluate(cm, lay, wl) for lay in layouts]
+    if allow_fp8 and model.quantization != "fp8":
+        cm_fp8 = CostModel(replace(model, quantization="fp8"), cluster, profile, eff, kv_bytes=wl.kv_bytes)
+        results += [evaluate(cm_fp8, lay, wl) for lay in layouts]
     notes = list(model.notes)
     if model.max_position and wl.max_model_len > model.max_position:
         notes.append(f"max-model-len {wl.max_model_len} exceeds the model's {model.max_position} positions")
@@ -424,6 +430,10 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
         elif measured < min(cluster.gpus_per_node, max(lay.tp for lay in layouts)):
             notes.append(f"all-reduce measured up to {measured} GPUs; larger groups are extrapolated")
     notes += _host_notes(cm, layouts, cluster)
+    if model.quantization == "fp8" or allow_fp8:
+        notes.append("fp8: the FP8 GEMMs are assumed to read their weights at the HBM rate; the engine's FP8 decode "
+                     "kernel reached 2.0 TB/s on an H200 so far (docs/PERFORMANCE.md), so FP8 TPOT predictions are "
+                     "optimistic until it is faster")
     if not any(r.fits for r in results):
         raise PlanError(_no_fit_message(cm, wl, degrees))
     ok = [r for r in results if r.ok]

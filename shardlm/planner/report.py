@@ -17,7 +17,7 @@ def _pct(v: float | None) -> str:
 
 
 _COLUMNS = [  # header, width, cell
-    ("layout", 21, lambda r: r.name),
+    ("layout", 25, lambda r: r.name),
     ("W/GPU GB", 8, lambda r: _f(r.weights_gb, ".1f")),
     ("KV/tok KiB", 10, lambda r: _f(r.kv_kib_per_token, ".1f")),
     ("seqs", 5, lambda r: _f(r.max_seqs, "d")),
@@ -32,13 +32,22 @@ _COLUMNS = [  # header, width, cell
 ]
 
 
+def _fp8_size(plan: Plan) -> str:
+    """', X GB fp8' where the plan has FP8 rows: the linear layers at a byte, the rest at bf16"""
+    if not any(r.quantization == "fp8" for r in plan.results):
+        return ""
+    m = plan.model
+    other = m.embedding_params() + m.n_layers * m.norm_params()
+    return f", {((m.total_params() - other) + other * m.bytes_per_param) / 1e9:.1f} GB fp8"
+
+
 def format_table(plan: Plan) -> str:
     m, wl, c, a = plan.model, plan.workload, plan.cluster, plan.assumptions
     kind = f"MoE {m.n_experts} experts top-{m.top_k}, {m.active_params() / 1e9:.1f}B active, " if m.is_moe else ""
     lines = [
         f"model    {m.name}: {m.total_params() / 1e9:.1f}B params ({kind}"
-        f"{m.total_params() * m.bytes_per_param / 1e9:.1f} GB bf16), KV {m.kv_bytes_per_token(wl.kv_bytes) / 1024:g} "
-        "KiB/token",
+        f"{m.total_params() * m.bytes_per_param / 1e9:.1f} GB bf16{_fp8_size(plan)}), KV "
+        f"{m.kv_bytes_per_token(wl.kv_bytes) / 1024:g} KiB/token",
         f"cluster  {c.describe()}; {a['hardware_source']} numbers after efficiency factors: "
         f"{a['hbm_gbps_effective']:.0f} GB/s HBM, {a['tflops_effective']:.0f} TFLOP/s, {a['memory_gib']:.1f} GiB",
         f"workload {wl.input_len} prompt + {wl.output_len} output tokens (max-model-len {wl.max_model_len}), "
