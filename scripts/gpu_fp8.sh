@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issue 19 on a GPU with FP8 tensor cores (device tool): the FP8 GPU tests, FP8 against bf16 on a random
 # 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement), and decode latency
-# of both in the same call (bf16 the baseline). Results under $OUT.
+# of both in the same call (bf16 the baseline); kv: sequences of 8k tokens the KV cache holds, bf16 against
+# kv_cache_dtype fp8 at the same memory setting. Results under $OUT.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 MODEL=${MODEL:-random:llama-3-8b}
-STAGES=${STAGES:-tests check latency}
+STAGES=${STAGES:-tests check latency kv}
 if [[ $STAGES == *tests* ]]; then
   timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py -k fp8 -p no:cacheprovider --tb=short -rs \
     > "$OUT/gpu_tests.txt" 2>&1
@@ -23,4 +24,17 @@ if [[ $STAGES == *latency* ]]; then
       --input-len 128 --output-len 128 --profile-step --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1
     grep -E "^ +[0-9]+ " "$OUT/latency-$q.log" | sed "s/^/[$q] /" || tail -3 "$OUT/latency-$q.log"
   done
+fi
+if [[ $STAGES == *kv* ]]; then
+  timeout 200 python3 - "$MODEL" "${CTX:-8192}" <<'PY' 2>&1 | grep -v "^shardlm:" | tee "$OUT/kv.txt"
+import sys
+from shardlm import LLM
+model, ctx, seqs = sys.argv[1], int(sys.argv[2]), {}
+for kv in ("auto", "fp8"):
+    with LLM(model, kv_cache_dtype=kv, max_model_len=ctx, gpu_memory_utilization=0.9) as llm:
+        b = llm.engine.stats().blocks
+        seqs[kv] = b.num_blocks * llm.engine.args.block_size // ctx
+        print(f"kv_cache_dtype={kv}: {b.num_blocks} blocks, {seqs[kv]} sequences of {ctx} tokens")
+print(f"fp8 / bf16: {seqs['fp8'] / seqs['auto']:.2f}x")
+PY
 fi

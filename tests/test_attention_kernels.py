@@ -133,6 +133,35 @@ def test_the_torch_path_is_plain_causal_attention_over_the_blocks(case):
     assert torch.allclose(got.double(), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_an_fp8_cache_reads_as_its_rounded_values(case):
+    """kv_cache_dtype fp8: the torch path over an e4m3 cache equals it over a float32 cache holding the same
+    rounded values (widened as read, scale 1); the cache write rounds K and V to e4m3"""
+    n_q, n_kv, d, bs, q_lens, starts, kv_index = CASES[case]
+    q, kc, vc, tables, heads = random_batch(n_q, n_kv, d, bs, q_lens, starts, torch.float32, CPU, kv_index)
+    meta = pa.build_metadata(starts, q_lens, tables, bs, CPU, torch.float32, "torch")
+    k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    got = pa.paged_attention_torch(q, k8, v8, meta, heads)
+    assert torch.equal(got, pa.paged_attention_torch(q, k8.float(), v8.float(), meta, heads))
+    assert not torch.equal(got, pa.paged_attention_torch(q, kc, vc, meta, heads))  # the rounding shows
+
+
+def test_the_cache_write_rounds_to_fp8():
+    from shardlm.worker.kernels import rope_cache
+    from shardlm.worker.layers.norm_rope import RotaryEmbedding
+
+    d = 16
+    rope = RotaryEmbedding(d, 64, 10000.0, None, CPU).lookup(torch.tensor([0, 3, 7]), torch.float32)
+    q, k, v = torch.randn(3, 4, d), torch.randn(3, 2, d), torch.randn(3, 2, d)
+    slots = torch.tensor([5, 0, 7])
+    k8, v8 = (torch.zeros(8, 2, d, dtype=torch.float8_e4m3fn) for _ in range(2))
+    kf, vf = torch.zeros(8, 2, d), torch.zeros(8, 2, d)
+    _, k_rot = rope_cache.rope_and_cache_torch(rope, q, k, v, k8, v8, slots)
+    rope_cache.rope_and_cache_torch(rope, q, k, v, kf, vf, slots)
+    assert torch.equal(k8.float(), kf.to(torch.float8_e4m3fn).float()) and torch.equal(v8[slots].float(),
+                                                                                       v.to(torch.float8_e4m3fn).float())
+
+
 INTERPRETED = """
 import torch
 from shardlm.worker.kernels import paged_attention as pa, rope_cache
@@ -148,6 +177,11 @@ for n_q, n_kv, d, bs, q_lens, starts, kv_index in CASES + SPLIT:
     got = pa.paged_attention_triton(q, kc, vc, meta, heads)
     assert (got - ref).abs().max() < 1e-5, (q_lens, starts, (got - ref).abs().max())
     assert 1100 not in starts or meta.launches[0].splits > 1
+    # an FP8 cache: the kernel widens what it reads (scale 1)
+    k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    ref8 = pa.paged_attention_torch(q, k8, v8, pa.build_metadata(starts, q_lens, tables, bs, cpu, torch.float32), heads)
+    got8 = pa.paged_attention_triton(q, k8, v8, meta, heads)
+    assert (got8 - ref8).abs().max() < 1e-5, (q_lens, starts, (got8 - ref8).abs().max())
 for d in (16, 24):
     rope = RotaryEmbedding(d, 64, 10000.0, None, cpu).lookup(torch.tensor([0, 3, 7]), torch.float32)
     qkv = torch.randn(3, 8 * d)

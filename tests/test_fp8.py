@@ -14,7 +14,7 @@ import torch
 from hf_models import PROMPTS, STEPS, check_against_hf, hf_greedy
 from safetensors.torch import load_file, save_file
 
-from shardlm import LLM
+from shardlm import LLM, SamplingParams
 from shardlm.common.config import ConfigError
 from shardlm.worker.layers.fp8 import FP8, dequantize_rows, quantize_rows
 
@@ -146,3 +146,24 @@ def test_unsupported_quantization_is_refused_naming_it(tiny_models, tmp_path):
         LLM(str(folder), quantization="int4")
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         LLM(str(tiny_models["mixtral"][0]), quantization="fp8")
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_an_fp8_kv_cache_holds_four_times_the_float32_tokens_and_stays_close(layout, tiny_models):
+    """kv_cache_dtype='fp8': K and V in e4m3 (a byte each; float32 on the CPU takes four), so the same memory
+    holds 4x the blocks; the first logits move by the rounding of K and V (more than float32 noise, less
+    than 10% of the largest; with FP8 weights too, less than 20%)"""
+    folder, _ = tiny_models[NAME]
+    kw = dict(block_size=8, kv_cache_memory_bytes=1 << 20, **layout)
+    blocks, first = {}, {}
+    for name, extra in (("plain", {}), ("kv", dict(kv_cache_dtype="fp8")),
+                        ("both", dict(kv_cache_dtype="fp8_e4m3", quantization="fp8"))):
+        with LLM(str(folder), **kw, **extra) as llm:
+            blocks[name] = llm.engine.stats().blocks.num_blocks
+            llm.engine.return_logits = True
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=1, temperature=0))
+            first[name] = torch.stack([torch.from_numpy(llm.engine.logits_log[(o.request_id, 0)][0]) for o in outs])
+    assert blocks["kv"] == blocks["both"] and 4 * blocks["plain"] <= blocks["kv"] < 4 * (blocks["plain"] + 1)
+    for name, most in (("kv", 0.1), ("both", 0.2)):
+        rel = ((first[name] - first["plain"]).abs().max() / first["plain"].abs().max()).item()
+        assert 1e-4 < rel < most, (name, rel)

@@ -231,3 +231,24 @@ def test_gpu_fp8_engine_replays_graphs_like_its_eager_steps(tiny_models):
                 [{"prompt_token_ids": p} for p in ([5, 6, 7], [100, 101])],
                 SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))])
     assert outs[0] == outs[1]
+
+
+def test_gpu_fp8_kv_cache_reads_the_same_through_both_attention_paths(tiny_models):
+    """kv_cache_dtype fp8 on the GPU: the Triton rotary/cache-write and attention kernels (graphs on) give the
+    torch path's greedy tokens and logits within bf16 rounding; the cache holds twice the bf16 blocks"""
+    folder, _ = tiny_models["mistral"]
+    outs, blocks = [], []
+    for backend in ("torch", "triton"):
+        with LLM(str(folder), kv_cache_dtype="fp8", attention_backend=backend, enforce_eager=backend == "torch",
+                 gpu_memory_utilization=0.3) as llm:
+            llm.engine.return_logits = True
+            got = llm.generate([{"prompt_token_ids": p} for p in ([5, 6, 7], list(range(10, 60)))],
+                               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+            outs.append(([o.outputs[0].token_ids for o in got],
+                         [np.stack(llm.engine.logits_log[(o.request_id, 0)]) for o in got]))
+            blocks.append(llm.engine.stats().blocks.num_blocks)
+    assert outs[0][0] == outs[1][0]
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert np.abs(a - b).max() / np.abs(a).max() < 2e-2
+    with LLM(str(folder), gpu_memory_utilization=0.3) as llm:
+        assert blocks[1] >= 1.9 * llm.engine.stats().blocks.num_blocks

@@ -307,6 +307,8 @@ class WorkerOptions:
     """MoE with expert parallelism: per decoder layer, None or the experts each EP rank holds"""
     attention_backend: str = "auto"
     """'triton' (the paged attention kernels), 'torch' (the reference) or 'auto' (triton on CUDA)"""
+    kv_cache_dtype: str = "auto"
+    """'auto' (the model dtype) or 'fp8' (e4m3, scale 1): the KV cache's elements"""
     custom_all_reduce: bool = True
     """TP on GPUs: the all-reduce over peer memory where the group's GPUs allow it"""
     async_scheduling: bool = False

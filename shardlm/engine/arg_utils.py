@@ -22,6 +22,7 @@ from ..common.model_source import ModelSource
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cuda", "cpu"]
 Quantization = Literal["fp8"]
+KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
 ExpertPlacement = Literal["round_robin", "balanced"]
 AttentionBackend = Literal["auto", "triton", "torch"]
 
@@ -50,6 +51,9 @@ class EngineArgs:
     """layers per pipeline stage (e.g. 10,14); default balances weights incl. embedding and LM head"""
     dtype: DType = "auto"
     """float32, bfloat16 or float16; auto = float32 on CPU, bfloat16 on GPU"""
+    kv_cache_dtype: KVCacheDType = "auto"
+    """auto (the model dtype) or fp8 (also fp8_e4m3): K and V stored as FP8 e4m3 (scale 1, as vLLM's
+    uncalibrated FP8 cache), half the bytes of bf16: twice the tokens in the same memory"""
     quantization: Quantization | None = None
     """fp8: the linear layers' weights in FP8 (e4m3, a scale per output channel), quantised as they load
     (the embedding and LM head stay in dtype); on GPUs of compute capability 8.9+ (Ada, Hopper) the GEMMs

@@ -244,7 +244,8 @@ class LLMEngine:
             max_seq_len_to_capture=args.max_seq_len_to_capture,
             cuda_graphs=self.device == "cuda" and not args.enforce_eager, trace=bool(args.trace),
             attention_backend=args.attention_backend, async_scheduling=self.async_scheduling,
-            expert_placement=self.expert_placement, custom_all_reduce=not args.disable_custom_all_reduce)
+            expert_placement=self.expert_placement, custom_all_reduce=not args.disable_custom_all_reduce,
+            kv_cache_dtype="auto" if args.kv_cache_dtype == "auto" else "fp8")
 
     # ---- requests ----------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: list[int]) -> None:

@@ -105,7 +105,8 @@ class Worker:
                                   opts.block_size, opts.expert_placement, cuda_graphs=graphs,
                                   max_num_seqs=opts.max_num_seqs, max_seq_len_to_capture=opts.max_seq_len_to_capture,
                                   attention_backend=opts.attention_backend,
-                                  async_scheduling=opts.async_scheduling, max_step_tokens=opts.profile_tokens)
+                                  async_scheduling=opts.async_scheduling, max_step_tokens=opts.profile_tokens,
+                                  kv_cache_dtype=opts.kv_cache_dtype)
         self.async_scheduling = opts.async_scheduling
         self.load_s = self.runner.load(show_progress=rank == 0)
         # the same GEMV on every rank, before the KV cache is sized: the driver names a rank slower than its peers

@@ -47,8 +47,10 @@ class ModelRunner:
     def __init__(self, source: ModelSource, ctx: ParallelContext, dtype: torch.dtype, max_model_len: int,
                  block_size: int, expert_placement: list | None, cuda_graphs: bool, max_num_seqs: int,
                  max_seq_len_to_capture: int | None, attention_backend: str = "auto", async_scheduling: bool = False,
-                 max_step_tokens: int = 0):
+                 max_step_tokens: int = 0, kv_cache_dtype: str = "auto"):
         self.source, self.ctx, self.dtype = source, ctx, dtype
+        self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else dtype
+        """the KV cache's element type (FP8: e4m3, scale 1; the attention paths widen it as they read)"""
         self.block_size, self.max_model_len = block_size, max_model_len
         if source.config.quantization == "fp8" and ctx.device.type == "cuda" and not scaled_mm_ok(ctx.device):
             raise ConfigError(f"quantization='fp8' needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper or "
@@ -109,7 +111,7 @@ class ModelRunner:
     def block_bytes(self) -> int:
         """Bytes one KV block takes on this rank (K and V, every layer)."""
         layers = self.model.attention_layers()
-        per_token = sum(2 * a.n_kv * a.head_dim for a in layers) * self.dtype.itemsize
+        per_token = sum(2 * a.n_kv * a.head_dim for a in layers) * self.kv_dtype.itemsize
         return per_token * self.block_size
 
     def kv_capacity(self, gpu_memory_utilization: float, cpu_kv_cache_bytes: int, profile_tokens: int) -> dict[str, Any]:
@@ -152,8 +154,8 @@ class ModelRunner:
         self.scratch_block = num_blocks
         slots = (num_blocks + (self.graphs is not None)) * self.block_size
         for a in layers:
-            a.k_cache = torch.empty(slots, a.n_kv, a.head_dim, device=self.ctx.device, dtype=self.dtype)
-            a.v_cache = torch.empty(slots, a.n_kv, a.head_dim, device=self.ctx.device, dtype=self.dtype)
+            a.k_cache = torch.empty(slots, a.n_kv, a.head_dim, device=self.ctx.device, dtype=self.kv_dtype)
+            a.v_cache = torch.empty(slots, a.n_kv, a.head_dim, device=self.ctx.device, dtype=self.kv_dtype)
         self.num_blocks = num_blocks
 
     def capture_graphs(self) -> dict[str, float]:

@@ -361,8 +361,8 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     d = heads.head_dim
     # index_select: the same gather as advanced indexing, with less work per launch on the CPU
     flat_slots = g.context_slots.view(-1)
-    keys = k_cache.index_select(0, flat_slots).view(n_seqs, max_ctx, heads.n_kv, d)
-    values = v_cache.index_select(0, flat_slots).view(n_seqs, max_ctx, heads.n_kv, d)
+    keys = k_cache.index_select(0, flat_slots).view(n_seqs, max_ctx, heads.n_kv, d).to(q.dtype)  # (FP8 cache: widened)
+    values = v_cache.index_select(0, flat_slots).view(n_seqs, max_ctx, heads.n_kv, d).to(q.dtype)
     group = heads.group
     if group:
         kv_heads = heads.n_kv

@@ -2,7 +2,8 @@
 
 Two paths with one signature, `fn(rope, q, k, v, k_cache, v_cache, slot_mapping) -> (q, k)`:
 - `rope_and_cache_torch`, the reference: Hugging Face's rotation (x * cos + rotate_half(x) * sin, in the
-  model dtype) into new tensors, then index_copy_ of K and V into the cache.
+  model dtype) into new tensors, then index_copy_ of K and V into the cache (an FP8 cache: K and V rounded
+  to e4m3 with scale 1, as vLLM's uncalibrated FP8 KV cache does).
 - `rope_and_cache_triton`: one kernel rotates q and k in place (float32 inside) and writes K and V to
   their slots; 4 launches per layer become 1.
 
@@ -26,8 +27,13 @@ def rotate(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Te
 
 def rope_and_cache_torch(rope, q, k, v, k_cache, v_cache, slot_mapping):
     q, k = rotate(rope, q), rotate(rope, k)
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    if k_cache.dtype == torch.float8_e4m3fn:  # an FP8 cache (scale 1): rounded to e4m3, then copied as bytes
+        # (index_copy_ has no FP8 kernel on the CPU)
+        k_cache.view(torch.uint8).index_copy_(0, slot_mapping, k.to(k_cache.dtype).view(torch.uint8))
+        v_cache.view(torch.uint8).index_copy_(0, slot_mapping, v.to(v_cache.dtype).view(torch.uint8))
+    else:
+        k_cache.index_copy_(0, slot_mapping, k)
+        v_cache.index_copy_(0, slot_mapping, v)
     return q, k
 
 

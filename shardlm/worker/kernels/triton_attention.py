@@ -74,18 +74,20 @@ def _attention_kernel(Q, K, V, O, PART_O, PART_LSE, BT, SEQ_START, Q_START, TILE
         pos = n + cols
         slot = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         if BLOCK_D == HEAD_DIM:
-            k = tl.load(K + slot[None, :] * stride_kt + kvh * stride_kh + d[:, None])  # [BLOCK_D, BLOCK_N]
+            k = tl.load(K + slot[None, :] * stride_kt + kvh * stride_kh + d[:, None]).to(q.dtype)  # [BLOCK_D, BLOCK_N]
         else:
-            k = tl.load(K + slot[None, :] * stride_kt + kvh * stride_kh + d[:, None], mask=d_ok[:, None], other=0.0)
+            k = tl.load(K + slot[None, :] * stride_kt + kvh * stride_kh + d[:, None], mask=d_ok[:, None],
+                        other=0.0).to(q.dtype)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if BLOCK_D == HEAD_DIM:
-            v = tl.load(V + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :])  # [BLOCK_N, BLOCK_D]
+            v = tl.load(V + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :]).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         else:
-            v = tl.load(V + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(V + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=d_ok[None, :],
+                        other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     for n in range(full_hi, hi, BLOCK_N):
@@ -93,7 +95,7 @@ def _attention_kernel(Q, K, V, O, PART_O, PART_LSE, BT, SEQ_START, Q_START, TILE
         key_ok = pos < hi
         slot = tl.load(bt_row + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k = tl.load(K + slot[None, :] * stride_kt + kvh * stride_kh + d[:, None], mask=key_ok[None, :] & d_ok[:, None],
-                    other=0.0)
+                    other=0.0).to(q.dtype)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         s = tl.where(key_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -102,7 +104,7 @@ def _attention_kernel(Q, K, V, O, PART_O, PART_LSE, BT, SEQ_START, Q_START, TILE
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=key_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+                    other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 

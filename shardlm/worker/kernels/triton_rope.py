@@ -38,9 +38,10 @@ def _rope_cache_kernel(Q, K, V, KC, VC, COS, SIN, SLOTS, n_q, n_kv,
     xr = tl.load(k_ptr + rolled[None, :], mask=is_k, other=0.0).to(tl.float32)
     k_rot = (x * cos[None, :] + xr * sin[None, :]).to(K.dtype.element_ty)
     tl.store(k_ptr + d[None, :], k_rot, mask=is_k)
-    tl.store(KC + slot * stride_ct + kh[:, None] * stride_ch + d[None, :], k_rot, mask=is_k)
+    # (an FP8 cache: rounded to e4m3 as stored, scale 1)
+    tl.store(KC + slot * stride_ct + kh[:, None] * stride_ch + d[None, :], k_rot.to(KC.dtype.element_ty), mask=is_k)
     v = tl.load(V + tok * stride_vt + kh[:, None] * stride_vh + d[None, :], mask=is_k, other=0.0)
-    tl.store(VC + slot * stride_vct + kh[:, None] * stride_vch + d[None, :], v, mask=is_k)
+    tl.store(VC + slot * stride_vct + kh[:, None] * stride_vch + d[None, :], v.to(VC.dtype.element_ty), mask=is_k)
 
 
 def rope_and_cache(rope, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
