@@ -8,11 +8,14 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 MODEL=${MODEL:-random:llama-3-8b}
-STAGES=${STAGES:-tests check latency kv}
+STAGES=${STAGES:-tests gemm check latency kv}
 if [[ $STAGES == *tests* ]]; then
   timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py -k fp8 -p no:cacheprovider --tb=short -rs \
     > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | tail -5
+fi
+if [[ $STAGES == *gemm* ]]; then  # the FP8 kernels alone on the 8B shapes, bf16 beside them
+  timeout 200 python3 scripts/fp8_gemm_bench.py --json "$OUT/fp8_gemm.json" 2>&1 | tail -24
 fi
 if [[ $STAGES == *check* ]]; then
   timeout 300 python3 scripts/fp8_check.py --model "$MODEL" --reference --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3

@@ -17,6 +17,8 @@ weight is quantised here as it is loaded, so the bf16 copy of a layer never outl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -54,10 +56,10 @@ activations left in bf16; above, the activations are quantised per token for tor
 
 
 def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, gemv: bool = True) -> torch.Tensor:
     """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): few rows through the weight-only Triton
-    kernel; more through torch._scaled_mm with per-token activation scales (both dimensions of W multiples
-    of 16, else the reference)."""
+    kernels (gemv: the CUDA-core one for 1-4 rows); more through torch._scaled_mm with per-token activation
+    scales (both dimensions of W multiples of 16, else the reference)."""
     from ..kernels.triton_fp8 import fp8_gemm_small_m
     from ..kernels.triton_fp8 import quantize_rows as quantize_activations
 
@@ -66,7 +68,7 @@ def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[0] <= SMALL_M:
-        y = fp8_gemm_small_m(x2, weight, scale, bias)
+        y = fp8_gemm_small_m(x2, weight, scale, bias, gemv)
     elif weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0:
         xq, x_scale = quantize_activations(x2)
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
@@ -88,5 +90,5 @@ def fp8_path(device: torch.device):
     from ...common import envs
 
     if scaled_mm_ok(device) and not envs.fp8_reference():
-        return fp8_linear_kernels
+        return functools.partial(fp8_linear_kernels, gemv=envs.fp8_gemv())
     return fp8_linear_torch
