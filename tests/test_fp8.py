@@ -27,13 +27,22 @@ def is_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith(".weight") and name.split(".")[-2] in LINEARS
 
 
+def is_experts(name: str) -> bool:
+    """transformers' fused expert weights: [E, out, in] (gate_up_proj: gate rows, then up rows)"""
+    return name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")
+
+
 def dequantised_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The float32 model whose every decoder linear weight is quantise-then-dequantise of the original."""
+    """The float32 model whose every decoder linear weight (each expert's too) is quantise-then-dequantise of
+    the original, row by row; the router stays as it is."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if is_linear(name):
                 p.copy_(dequantize_rows(*quantize_rows(p), torch.float32))
+            elif is_experts(name):
+                for e in range(p.shape[0]):
+                    p[e].copy_(dequantize_rows(*quantize_rows(p[e]), torch.float32))
     return ref
 
 
@@ -144,8 +153,18 @@ def test_unsupported_quantization_is_refused_naming_it(tiny_models, tmp_path):
         LLM(str(bad))
     with pytest.raises(ConfigError, match="quantization must be"):
         LLM(str(folder), quantization="int4")
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
-        LLM(str(tiny_models["mixtral"][0]), quantization="fp8")
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("qwen2-moe", dict()), ("qwen2-moe", dict(tensor_parallel_size=2)),
+    ("qwen2-moe", dict(tensor_parallel_size=2, enable_expert_parallel=True)),
+    ("mixtral", dict(tensor_parallel_size=3)), ("mixtral", dict(tensor_parallel_size=2, enable_expert_parallel=True))])
+def test_fp8_experts_are_the_dequantised_model(name, layout, tiny_models):
+    """every expert (sliced over TP: the down projection's scales from whole rows; whole under EP) and the
+    shared expert in FP8, the router in the model dtype"""
+    folder, model = tiny_models[name]
+    with LLM(str(folder), quantization="fp8", block_size=8, **layout) as llm:
+        check_against_hf(llm, refs_of(dequantised_model(model)))
 
 
 @pytest.mark.parametrize("layout", [dict(), dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])

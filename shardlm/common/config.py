@@ -186,9 +186,7 @@ class ModelConfig:
             return problem
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             return f"quantization={self.quantization!r} is not supported; shardlm runs {', '.join(QUANTIZATIONS)}"
-        if self.quantization == "fp8" and self.is_moe:
-            return ("FP8 weights are not implemented for mixture-of-experts models yet (their experts' grouped "
-                    "GEMM): load this model without quantization='fp8'")
+
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ENGINE_ROPE_TYPES:
             return f"rope scaling {rope_type!r} is not supported; shardlm supports default, linear and llama3"

@@ -20,7 +20,7 @@ def _weight(rows: int, cols: int, ctx: ParallelContext, dtype: torch.dtype, fp8:
     return nn.Parameter(torch.empty(rows, cols, device=ctx.device, dtype=FP8 if fp8 else dtype), requires_grad=False)
 
 
-def _read_fp8(reader: Reader, name: str, shape: tuple[int, int], dim: int, start: int, end: int,
+def read_fp8(reader: Reader, name: str, shape: tuple[int, int], dim: int, start: int, end: int,
               ctx: ParallelContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows/columns [start, end) along dim of `<name>.weight` in FP8 with their per-row scales: as stored in
     an FP8 checkpoint (its scales cut like the rows), else read in `dtype` and quantised here (columns split
@@ -30,7 +30,7 @@ def _read_fp8(reader: Reader, name: str, shape: tuple[int, int], dim: int, start
     if scale_shape is None:
         w = reader.read(f"{name}.weight", shape, dim, start, end, device, dtype)
         row_max = None
-        if dim == 1 and ctx.tp_group is not None:
+        if dim == 1 and end - start < shape[1] and ctx.tp_group is not None:  # (a whole expert: no group)
             row_max = w.float().abs().amax(dim=1)
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=ctx.tp_group)
         return quantize_rows(w, row_max)
@@ -92,7 +92,7 @@ class ColumnParallelLinear(nn.Module):
             name = f"{self.prefix}.{p.name}"
             shape = (p.full_out, self.in_features)
             if self.weight_scale is not None:
-                w, s = _read_fp8(reader, name, shape, 0, p.start, p.end, self.ctx, self.dtype)
+                w, s = read_fp8(reader, name, shape, 0, p.start, p.end, self.ctx, self.dtype)
                 self.weight_scale.data[row:row + p.size].copy_(s)
             else:
                 w = reader.read(f"{name}.weight", shape, 0, p.start, p.end, dev, self.dtype)
@@ -133,7 +133,7 @@ class RowParallelLinear(nn.Module):
     def load(self, reader: Reader) -> None:
         shape, dev = (self.out_features, self.in_features), self.weight.device
         if self.weight_scale is not None:
-            w, s = _read_fp8(reader, self.name, shape, 1, self.start, self.end, self.ctx, self.dtype)
+            w, s = read_fp8(reader, self.name, shape, 1, self.start, self.end, self.ctx, self.dtype)
             self.weight_scale.data.copy_(s)
         else:
             w = reader.read(f"{self.name}.weight", shape, 1, self.start, self.end, dev, self.dtype)

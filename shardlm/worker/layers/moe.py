@@ -34,7 +34,8 @@ from ...common.layout import split_evenly
 from .. import faults
 from ..distributed import ParallelContext
 from ..weights import Reader
-from .linear import GatedMLP
+from .fp8 import FP8, fp8_path
+from .linear import GatedMLP, read_fp8
 
 
 def _grouped_mm_usable(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
@@ -97,14 +98,22 @@ class SparseMoE(nn.Module):
             self.local = list(range(E))
             self.f_start, self.f_end = split_evenly(f, ctx.tp_size)[ctx.tp_rank]
         n, fl = len(self.local), self.f_end - self.f_start
-        self.w13 = nn.Parameter(torch.empty(n, 2 * fl, h, device=ctx.device, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(n, h, fl, device=ctx.device, dtype=dtype), requires_grad=False)
+        fp8 = cfg.quantization == "fp8"
+        wdt = FP8 if fp8 else dtype
+        self.ctx, self.dtype = ctx, dtype
+        self.w13 = nn.Parameter(torch.empty(n, 2 * fl, h, device=ctx.device, dtype=wdt), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(n, h, fl, device=ctx.device, dtype=wdt), requires_grad=False)
+        # FP8 (layers/fp8.py): a float32 scale per output row of every expert; the experts then run one by one
+        # through the FP8 linear path (no grouped FP8 GEMM yet: such steps run eagerly, not as graphs)
+        self.w13_scale = nn.Parameter(torch.empty(n, 2 * fl, device=ctx.device), requires_grad=False) if fp8 else None
+        self.w2_scale = nn.Parameter(torch.empty(n, h, device=ctx.device), requires_grad=False) if fp8 else None
+        self._fp8_linear = fp8_path(ctx.device) if fp8 else None
         self.router = nn.Parameter(torch.empty(E, h, device=ctx.device, dtype=dtype), requires_grad=False)
-        self.grouped = _grouped_mm_usable(ctx.device, dtype, h, fl)
+        self.grouped = not fp8 and _grouped_mm_usable(ctx.device, dtype, h, fl)
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(f"{prefix}.shared_expert", h, cfg.shared_expert_intermediate_size, False,
-                                          ctx, dtype, reduce=False)
+                                          ctx, dtype, reduce=False, fp8=fp8)
             self.shared_gate = nn.Parameter(torch.empty(1, h, device=ctx.device, dtype=dtype), requires_grad=False)
         # routing statistics: tokens per (logical) expert since the last reset, and rows this rank's
         # experts processed in the current step (read and cleared by the runner after every step)
@@ -134,21 +143,29 @@ class SparseMoE(nn.Module):
 
     # ---- weights ----------------------------------------------------------------------------
     def _expert_names(self, e: int) -> tuple[str, str, str]:
+        """the expert's gate, up and down matrices (without the .weight suffix)"""
         p = f"{self.prefix}.experts.{e}"
         if self.mixtral:
-            return f"{p}.w1.weight", f"{p}.w3.weight", f"{p}.w2.weight"
-        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+            return f"{p}.w1", f"{p}.w3", f"{p}.w2"
+        return f"{p}.gate_proj", f"{p}.up_proj", f"{p}.down_proj"
 
     def load(self, reader: Reader) -> None:
         h, f = self.hidden, self.cfg.moe_intermediate_size
-        dev, dt = self.w13.device, self.w13.dtype
+        dev, dt = self.w13.device, self.dtype
         s, t = self.f_start, self.f_end
         self.router.data.copy_(reader.read(f"{self.prefix}.gate.weight", (self.num_experts, h), None, 0, 0, dev, dt))
         for slot, e in enumerate(self.local):
             gate, up, down = self._expert_names(e)
-            self.w13.data[slot, : t - s].copy_(reader.read(gate, (f, h), 0, s, t, dev, dt))
-            self.w13.data[slot, t - s:].copy_(reader.read(up, (f, h), 0, s, t, dev, dt))
-            self.w2.data[slot].copy_(reader.read(down, (h, f), 1, s, t, dev, dt))
+            for rows, name, dim, target, scale in ((slice(0, t - s), gate, 0, self.w13, self.w13_scale),
+                                                   (slice(t - s, None), up, 0, self.w13, self.w13_scale),
+                                                   (slice(None), down, 1, self.w2, self.w2_scale)):
+                shape = (f, h) if dim == 0 else (h, f)
+                if scale is None:
+                    target.data[slot, rows].copy_(reader.read(f"{name}.weight", shape, dim, s, t, dev, dt))
+                else:
+                    w, sc = read_fp8(reader, name, shape, dim, s, t, self.ctx, dt)
+                    target.data[slot, rows].copy_(w)
+                    scale.data[slot, rows].copy_(sc)
         if self.shared_expert is not None:
             self.shared_gate.data.copy_(reader.read(f"{self.prefix}.shared_expert_gate.weight", (1, h), None, 0, 0, dev, dt))
 
@@ -187,12 +204,15 @@ class SparseMoE(nn.Module):
             start = 0
             for s, n in enumerate(counts.tolist()):
                 if n:
-                    gate, up = F.linear(xs[start:start + n], self.w13[s]).chunk(2, dim=-1)
-                    ys[start:start + n] = F.linear(F.silu(gate) * up, self.w2[s])
+                    gate, up = self._expert_linear(xs[start:start + n], self.w13, self.w13_scale, s).chunk(2, dim=-1)
+                    ys[start:start + n] = self._expert_linear(F.silu(gate) * up, self.w2, self.w2_scale, s)
                     start += n
         out = torch.empty_like(ys)
         out[order] = ys
         return out
+
+    def _expert_linear(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, s: int) -> torch.Tensor:
+        return F.linear(x, w[s]) if scale is None else self._fp8_linear(x, w[s], scale[s])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, k = x.shape[0], self.top_k
