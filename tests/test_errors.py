@@ -156,7 +156,10 @@ def test_ctrl_c_stops_everything():
     before = worker_pids()
     proc = subprocess.Popen([sys.executable, "-m", "shardlm.entrypoints.cli", "generate", "--model", TINY, "-tp", "2",
                              "--max-tokens", "100000", "--max-model-len", "1024", "--ignore-eos", "hi"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a test run started in the background by a shell ignores SIGINT, and so would
+                            # this child: give it the default disposition, as a terminal's command has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the first generated character: the workers are up and the generation (1,000 tokens) under way, however
     # slow this machine is today
     assert proc.stdout.read(1), proc.stderr.read()
