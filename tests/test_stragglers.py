@@ -34,6 +34,15 @@ def test_more_than_20_percent_slower_than_the_median_of_the_others(slow, named):
         assert [c.straggler for c in checks] == [False] * (n - 1) + [named], (n, slow)
 
 
+def test_cpu_ranks_are_named_only_when_far_slower():
+    """CPU ranks share the host's cores: a loaded host makes one 1.3-1.6x slower with nothing wrong (seen on
+    the 2-core CI machine during the test suite), so a CPU rank is named past 3x"""
+    cpu = lambda *gbps: {r: (g, None, "cpu", "") for r, g in enumerate(gbps)}  # noqa: E731
+    assert [c.straggler for c in check_ranks(cpu(79, 50))] == [False, False]
+    assert [c.straggler for c in check_ranks(cpu(79, 25))] == [False, True]
+    assert check_ranks(cpu(79, 25))[1].where() == "rank 1 (cpu)"
+
+
 def test_one_rank_or_a_slow_majority():
     assert not check_ranks(rates(100.0))[0].straggler  # no peers: nothing to compare
     assert check_ranks(rates(100.0))[0].slowdown == 1.0
@@ -65,7 +74,7 @@ def test_a_rank_slowed_on_purpose_is_reported(monkeypatch, caplog, tmp_path):
         checks = engine.rank_checks
         assert [c.rank for c in checks] == [0, 1] and all(c.gemv_gbps > 0 for c in checks)
         # 8x the work; the two ranks share this machine's memory, and rank 0 is done first: less than 8x
-        assert checks[1].straggler and checks[1].slowdown > 2, checks
+        assert checks[1].straggler and checks[1].slowdown > 3, checks
         assert not checks[0].straggler
         warned = [r.getMessage() for r in caplog.records if "straggler" in r.getMessage()]
         assert len(warned) == 1 and warned[0].startswith("shardlm: rank 1 (cpu) is a straggler"), warned
