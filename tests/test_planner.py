@@ -878,6 +878,21 @@ def test_validate_reads_the_pipeline_and_expert_layout(tmp_path):
     assert validate_files([str(path)]).rows[0].layout == "tp=4 pp=1 ep=4"
 
 
+def test_validate_predicts_an_fp8_run_as_fp8(tmp_path):
+    """bench writes the engine's quantization and kv_cache_dtype: an FP8 run of the 8B model is predicted
+    with its linear layers at a byte (and its KV cache at a byte), a bf16 one as before"""
+    runs = {}
+    for name, extra in (("bf16", {}), ("fp8", {"quantization": "fp8"}), ("fp8kv", {"kv_cache_dtype": "fp8"})):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**_measured("llama-3-8b", [(1, 0, 0)]), "cuda_graphs": True, **extra}))
+        runs[name] = validate_files([str(path)], gpu="h200").rows[0].tpot_ms_pred
+    assert runs["fp8"] < 0.6 * runs["bf16"] and runs["fp8kv"] < runs["bf16"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**_measured("llama-3-8b", [(1, 0, 0)]), "quantization": "int4"}))
+    with pytest.raises(PlanError, match="quantization"):
+        validate_files([str(path)])
+
+
 def test_validate_predicts_the_whole_batch_prefill(tmp_path):
     # 1 GFLOP/s: batch 2 x 8 prompt tokens = 16 tokens of tiny-llama's 43008 matmul parameters per layer plus
     # causal attention per prompt (2 x 4 heads x 16 x 8^2) is 1392.64 us of FLOPs, over the 1000 us floor,

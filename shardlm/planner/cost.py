@@ -494,7 +494,8 @@ class CostModel:
         """The profile timed this model's own layers (a dense model of the same layer shape)."""
         ml = self.profile.model_layers if self.host_calibrated else None
         return (ml is not None and not self.model.is_moe and ml.shape == self.model.layer_shape
-                and self.kv_bytes == self.model.bytes_per_param)  # the engine's KV cache is in the model dtype
+                and self.kv_bytes == self.model.bytes_per_param  # (timed with the KV cache in the model dtype
+                and self.model.quantization is None)  # and bf16 weights)
 
     def calibrated(self, tp: int, prefill: bool, graphed: bool) -> tuple[float, float, float] | None:
         """(per-layer floor, per-layer GPU correction, step overhead), seconds, from the profile's timed layers

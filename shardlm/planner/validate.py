@@ -78,6 +78,10 @@ class MeasuredFile:
     """Expert-parallel size (1: experts split like the MLP)."""
     cuda_graphs: bool | None = None
     """Whether the engine replayed decode steps as CUDA graphs (None: the file does not say)."""
+    quantization: str | None = None
+    """'fp8' where the engine ran FP8 weights (ModelSpec.quantization; absent: the model dtype)"""
+    kv_fp8: bool = False
+    """the engine's KV cache was FP8 (kv_cache_dtype; absent: the model dtype)"""
     attention_backend: str = "torch"
     """The engine's attention path: 'triton' or 'torch' (files from before the kernels do not say: torch)."""
     async_scheduling: bool = False
@@ -219,8 +223,15 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
     overlap = data.get("async_scheduling", False)
     if not isinstance(overlap, bool):
         raise _bad(path, "async_scheduling", "must be true or false", overlap)
+    quant = data.get("quantization")
+    if quant not in (None, "fp8"):
+        raise _bad(path, "quantization", "must be null or 'fp8'", quant)
+    kv = data.get("kv_cache_dtype", "auto")
+    if kv not in ("auto", "fp8"):
+        raise _bad(path, "kv_cache_dtype", "must be 'auto' or 'fp8'", kv)
     return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows),
-                        pp=pp, ep=ep, cuda_graphs=graphs, attention_backend=attention, async_scheduling=overlap)
+                        pp=pp, ep=ep, cuda_graphs=graphs, attention_backend=attention, async_scheduling=overlap,
+                        quantization=quant, kv_fp8=kv == "fp8")
 
 
 def load_measured(path: str) -> MeasuredFile:
@@ -278,15 +289,15 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
     timed_notes: dict[str, list[str]] = {}  # note on the timed model layers -> the files it is about
     for mf in files:
         spec = override or model_for_measured(mf.model, mf.path)
-        spec = replace(spec, bytes_per_param=mf.bytes_per_param)
+        spec = replace(spec, bytes_per_param=mf.bytes_per_param, quantization=mf.quantization)
         lay = mf.layout
         bad = constraint_reasons(spec, lay)
         if bad:
             raise PlanError(f"measured file {mf.path}: layout {lay}: {bad[0]}")
-        # predict the engine as it ran: eager or with decode graphs, its attention path, async or not; the
-        # engine keeps its KV cache in the model dtype
+        # predict the engine as it ran: eager or with decode graphs, its attention path, async or not, its
+        # weights' and KV cache's formats
         cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile, cuda_graphs=mf.cuda_graphs,
-                       kv_bytes=mf.bytes_per_param, attention_backend=mf.attention_backend,
+                       kv_bytes=1 if mf.kv_fp8 else mf.bytes_per_param, attention_backend=mf.attention_backend,
                        async_scheduling=mf.async_scheduling)
         if profile is not None and None not in (mf.cuda_graphs, profile.cuda_graphs) and mf.cuda_graphs != profile.cuda_graphs:
             notes.append(f"{mf.path} ran {'with' if mf.cuda_graphs else 'without'} CUDA graphs, the profile's engine "
