@@ -168,7 +168,9 @@ def test_decode_step_is_roofline_plus_allreduces(l70):
     step = torch_path.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1024, prefill=False)  # a graph's exact shape
     act = 80 * (28 * 8192 + 30 * 2048 + 26 * 256 + 10 * 7168 + 2 * 1024 * KiB)
     assert act == 80 * (369152 + 2097152)
-    assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
+    # replayed as a graph: each layer's small kernels add their latency (the graph floor, 15 us a layer)
+    floor = 80 * 15e-6
+    assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw + floor, rel=1e-9)
     assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
     # the engine's kernels (the default): residual adds fused into the norms (16h), rotary + cache write in
     # one kernel (4 per q, 10 per KV element), SiLU x up in one (6 per MLP element), attention reads the
@@ -178,7 +180,7 @@ def test_decode_step_is_roofline_plus_allreduces(l70):
     step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1, 1024, prefill=False)
     act = 80 * (16 * 8192 + 4 * 2048 + 10 * 256 + 6 * 7168)
     assert step.act_bytes == act and step.hbm_bytes == pytest.approx(hbm + 1024 * 80 * KiB)
-    assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw, rel=1e-9)
+    assert step.compute_s == pytest.approx((hbm + 1024 * 80 * KiB + act) / bw + floor, rel=1e-9)
     # 2 all-reduces per layer + 1 for the vocab-parallel embedding, 16 KiB each: the peer kernel's alpha(4)
     # = 5 + 2 x 1.5 us, ring 2(n-1)/n = 1.5 at busbw 360 GB/s; plus the logits all-gather (V*2 bytes, half
     # as an all-reduce; NCCL's: alpha(4) = 9 + 2 x 1.5)
@@ -886,7 +888,7 @@ def test_validate_predicts_an_fp8_run_as_fp8(tmp_path):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({**_measured("llama-3-8b", [(1, 0, 0)]), "cuda_graphs": True, **extra}))
         runs[name] = validate_files([str(path)], gpu="h200").rows[0].tpot_ms_pred
-    assert runs["fp8"] < 0.6 * runs["bf16"] and runs["fp8kv"] < runs["bf16"]
+    assert runs["fp8"] < 0.7 * runs["bf16"] and runs["fp8kv"] < runs["bf16"]
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({**_measured("llama-3-8b", [(1, 0, 0)]), "quantization": "int4"}))
     with pytest.raises(PlanError, match="quantization"):

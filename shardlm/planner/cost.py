@@ -28,7 +28,8 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
                 (prefill_overhead[tp] for a prefill, if measured) + sum over layers of
                 max(layer_floor[tp], layer GPU time + its collectives) + the non-layer GPU work
                 (eager_layer_floor[tp] for a step run eagerly, if measured); without it,
-                graph-captured decode (Efficiency's floor and overhead).
+                graph-captured decode: the roofline plus Efficiency's layer floor per layer (the small
+                kernels between the GEMMs run one after another) and its step overhead.
   CUDA graphs   unless the profile says the engine ran eagerly, a decode step runs at its graph's
                 padded shape (graph_shapes.py): batch up to the next captured size, every sequence's
                 context gathered to the next captured length (the mean context stands for the longest).
@@ -66,7 +67,10 @@ class Efficiency:
     flops_measured: float = 0.85
     """Share of a profile's measured large-GEMM rate that a model's smaller GEMMs reach."""
     layer_floor_us: float = 15.0
-    """Least time a layer takes however small (a dozen kernels inside a CUDA graph)."""
+    """A decode layer's small kernels (norms, rotary + cache write, SiLU, split-K reductions, attention at a
+    short context: ~2 us each in a CUDA graph, ~20 us a layer measured on an H200) run one after another
+    with its GEMMs: with graphs this latency adds to the layer's roofline; eagerly it is the least a layer
+    takes."""
     step_overhead_us: float = 500.0
     """Host work per engine step: scheduling, sampling, graph launch, returning tokens."""
     cuda_context_gb: float = 1.0
@@ -555,8 +559,8 @@ class CostModel:
         """Forward pass of one stage over `tokens` tokens: decode (one token per sequence, each with
         `context` tokens of KV) or prefill (`prompts` prompts of tokens/prompts tokens each).
 
-        Datasheet mode (no measured host floor): roofline of the whole stage, at least layers x the graph
-        floor, plus collectives. Host mode: step overhead + per layer max(floor, GPU + collectives) +
+        Datasheet mode (no measured host floor): roofline of the whole stage plus layers x the graph floor
+        when the step replays a graph (at least layers x the floor when eager), plus collectives. Host mode: step overhead + per layer max(floor, GPU + collectives) +
         the non-layer part's GPU + collectives (profile.py explains why); for a decode step replayed as a
         CUDA graph, with a profile measured that way, per layer GPU + collectives + the graph floor less
         the floor's own two all-reduces: the small kernels run one after another, none hides. Where the
@@ -573,8 +577,11 @@ class CostModel:
         flops = sum(w.count * w.flops for w in work)
         comm = sum(w.count * w.comm_s for w in work)
         if not self.host_calibrated:
-            compute = max(nbytes / self.hbm_bps, flops / self.flops_ps,
-                          sh.n_layers * self.eff.layer_floor_us * 1e-6) + act / self.hbm_bps
+            floor = sh.n_layers * self.eff.layer_floor_us * 1e-6
+            roofline = max(nbytes / self.hbm_bps, flops / self.flops_ps)
+            # a replayed graph runs each layer's small kernels one after another, after its GEMMs: their
+            # latency adds; run eagerly, the host's launches set a floor the GPU work hides in
+            compute = (roofline + floor if graphed else max(roofline, floor)) + act / self.hbm_bps
             return StepCost(compute * slow, comm, nbytes, flops, act_bytes=act)
         # a profile of an eager engine measured its decode floor eagerly; one with graphs, the graph floor
         graph_floor = graphed and self.profile.cuda_graphs is not False
