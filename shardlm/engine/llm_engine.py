@@ -23,7 +23,6 @@ from ..common.messages import (
     AllocateKV,
     Command,
     ProfileStep,
-    PromptLogprobs,
     SeqPlan,
     Stats,
     StepMasks,
@@ -48,7 +47,7 @@ from .output_processor import OutputProcessor
 from .recovery import Recovery
 from .sampling_params import SamplingError, SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
-from .sequence import Logprob, RequestMetrics, RequestOutput, Sequence
+from .sequence import RequestMetrics, RequestOutput, Sequence
 from .stats import EngineStats, expert_report, write_trace
 from .stragglers import check_workers
 from .structured import Grammars
@@ -450,7 +449,7 @@ class LLMEngine:
             item.seq.num_computed = item.start + len(item.tokens)
         by_id = {item.seq.seq_id: item.seq for item in batch}
         for p in result.prompt_logprobs:
-            self._add_prompt_logprobs(by_id[p.seq_id], p)
+            self.outputs.add_prompt_logprobs(by_id[p.seq_id], p)
         now = time.monotonic()
         touched: dict[str, None] = {}
         for row, sampled in enumerate(result.tokens):
@@ -483,18 +482,6 @@ class LLMEngine:
             self._masks_due = None
             self.executor.send_masks(StepMasks(masks, unban))
         return [self._output(rid) for rid in touched]
-
-    def _add_prompt_logprobs(self, seq: Sequence, p: PromptLogprobs) -> None:
-        """A step's prompt log-probabilities into seq.prompt_logprobs (by position: a prompt computed again
-        after a preemption or a new worker group writes the same entries)."""
-        tok = self.tokenizer
-        rows = zip(p.logprob.tolist(), p.rank.tolist(), p.top_ids.tolist(), p.top_logprobs.tolist())
-        for pos, (lp, rank, ids, lps) in enumerate(rows, start=p.start + 1):
-            target = seq.prompt_ids[pos]
-            entry = {target: Logprob(lp, rank, tok.token_str(target))}
-            for r, (t, v) in enumerate(zip(ids, lps), start=1):
-                entry.setdefault(t, Logprob(v, r, tok.token_str(t)))
-            seq.prompt_logprobs[pos] = entry
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason

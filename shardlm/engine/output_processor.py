@@ -3,9 +3,19 @@ and the RequestOutput of each request."""
 
 from __future__ import annotations
 
-from ..common.messages import SampledToken
+from ..common.messages import PromptLogprobs, SampledToken
 from .sequence import CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence
 from .tokenizer import Tokenizer, decode_next
+
+
+def logprob_entry(tok: Tokenizer, token: int, logprob: float, rank: int,
+                  top: list[tuple[int, float]]) -> dict[int, Logprob]:
+    """One position's log-probabilities as vLLM gives them: the token's own, then the most likely ones (their
+    rank their place in `top`) that are not it."""
+    entry = {token: Logprob(logprob, rank, tok.token_str(token))}
+    for r, (tid, lp) in enumerate(top, start=1):
+        entry.setdefault(tid, Logprob(lp, r, tok.token_str(tid)))
+    return entry
 
 
 class OutputProcessor:
@@ -19,10 +29,7 @@ class OutputProcessor:
         seq.output_ids.append(token)
         seq.cumulative_logprob += sampled.logprob
         if seq.logprobs is not None:
-            entry = {token: Logprob(sampled.logprob, sampled.rank, tok.token_str(token))}
-            for rank, (tid, lp) in enumerate(sampled.top or [], start=1):
-                entry.setdefault(tid, Logprob(lp, rank, tok.token_str(tid)))
-            seq.logprobs.append(entry)
+            seq.logprobs.append(logprob_entry(tok, token, sampled.logprob, sampled.rank, sampled.top or []))
         # only the new token's text: decoding the whole output every step costs O(length) per token
         new = decode_next(tok, seq.output_ids, seq.detok, p.skip_special_tokens)
         seq.text += new
@@ -45,6 +52,13 @@ class OutputProcessor:
         if finish:  # a character still cut between tokens is given out as it is
             seq.text += decode_next(tok, seq.output_ids, seq.detok, p.skip_special_tokens, flush=True)
         return finish
+
+    def add_prompt_logprobs(self, seq: Sequence, p: PromptLogprobs) -> None:
+        """A step's prompt log-probabilities into seq.prompt_logprobs (by position: a prompt computed again
+        after a preemption or a new worker group writes the same entries)."""
+        rows = zip(p.logprob.tolist(), p.rank.tolist(), p.top_ids.tolist(), p.top_logprobs.tolist())
+        for pos, (lp, rank, ids, lps) in enumerate(rows, start=p.start + 1):
+            seq.prompt_logprobs[pos] = logprob_entry(self.tokenizer, seq.prompt_ids[pos], lp, rank, list(zip(ids, lps)))
 
     def ends_by_length(self, seq: Sequence, coming: int = 0) -> bool:
         """Whether `seq` ends by length (max_tokens or max_model_len) once `coming` more tokens are added."""
