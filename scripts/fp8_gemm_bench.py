@@ -25,8 +25,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from shardlm.worker.kernels.triton_fp8 import fp8_gemm_small_m
-    from shardlm.worker.kernels.triton_fp8 import quantize_rows as quantize_activations
+    from shardlm.worker.kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
     from shardlm.worker.layers.fp8 import fp8_linear_torch, quantize_rows, scaled_mm_ok
 
     dev = torch.device("cuda")

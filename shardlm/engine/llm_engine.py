@@ -117,6 +117,8 @@ class LLMEngine:
         layer_params = (cfg.num_params() - embed - h) / cfg.num_hidden_layers  # mean over dense and MoE layers
         self.stage_layers = split_layers(cfg.num_hidden_layers, self.layout.pp, layer_params, vocab * h,
                                          vocab * h + h, args.pp_layer_split)
+        self.kv_cache_dtype = "auto" if args.kv_cache_dtype == "auto" else "fp8"
+        """the KV cache's elements: the model dtype, or FP8 (kv_cache_dtype fp8 and fp8_e4m3 are one format)"""
         self.device = resolve_device(args.device)
         self.dtype = self._pick_dtype(args.dtype)
         if args.attention_backend == "triton" and self.device != "cuda":
@@ -244,7 +246,7 @@ class LLMEngine:
             cuda_graphs=self.device == "cuda" and not args.enforce_eager, trace=bool(args.trace),
             attention_backend=args.attention_backend, async_scheduling=self.async_scheduling,
             expert_placement=self.expert_placement, custom_all_reduce=not args.disable_custom_all_reduce,
-            kv_cache_dtype="auto" if args.kv_cache_dtype == "auto" else "fp8")
+            kv_cache_dtype=self.kv_cache_dtype)
 
     # ---- requests ----------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: list[int]) -> None:

@@ -206,7 +206,7 @@ def run_bench(args, engine_args: EngineArgs) -> int:
                 "dtype": llm.engine.dtype, "device": llm.engine.device, "cuda_graphs": llm.engine.cuda_graphs,
                 "attention_backend": llm.engine.attention_backend, "async_scheduling": llm.engine.async_scheduling,
                 "quantization": llm.engine.source.config.quantization,
-                "kv_cache_dtype": "auto" if llm.engine.args.kv_cache_dtype == "auto" else "fp8",
+                "kv_cache_dtype": llm.engine.kv_cache_dtype,
                 "graph_capture": llm.engine.graph_capture,
                 "all_reduce": llm.engine.all_reduce_path,
                 "gemv_gbps_by_rank": {c.rank: c.gemv_gbps for c in llm.engine.rank_checks},

@@ -6,8 +6,9 @@
   and no activation rounding is added). A program owns BLOCK_N output features and walks all of K. With
   gemv, 1-4 rows go through `_fp8_gemv_kernel` instead: CUDA-core products, no padding of the rows to the
   tensor cores' 16, 16 features a program.
-- `quantize_rows(x)`: x [rows, k] -> (e4m3 rows, float32 scales [rows, 1]) in one kernel, a program per row:
-  the per-token activation scales torch._scaled_mm takes for larger batches.
+- `quantize_activations(x)`: x [rows, k] -> (e4m3 rows, float32 scales [rows, 1]) in one kernel, a program
+  per row: the per-token activation scales torch._scaled_mm takes for larger batches (the arithmetic of
+  layers/fp8.py's quantize_rows: each row's max |x| at 448, scales at least 1e-12).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-FP8_MAX = 448.0
 
 
 @triton.jit
@@ -98,7 +97,7 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
 
 
 @triton.jit
-def _quantize_rows_kernel(X, Q, S, K, stride_x, BLOCK_K: tl.constexpr):
+def _quantize_activations_kernel(X, Q, S, K, stride_x, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -108,11 +107,11 @@ def _quantize_rows_kernel(X, Q, S, K, stride_x, BLOCK_K: tl.constexpr):
     tl.store(S + row, scale)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, k] -> (e4m3 [rows, k], float32 [rows, 1]) with x ~ q * scale, each row's max |x| at 448."""
     rows, k = x.shape
     q = torch.empty(rows, k, device=x.device, dtype=torch.float8_e4m3fn)
     s = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    _quantize_rows_kernel[(rows,)](x, q, s, k, x.stride(0), BLOCK_K=block, num_warps=min(16, max(4, block // 1024)))
+    _quantize_activations_kernel[(rows,)](x, q, s, k, x.stride(0), BLOCK_K=block, num_warps=min(16, max(4, block // 1024)))
     return q, s

@@ -60,8 +60,7 @@ def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): few rows through the weight-only Triton
     kernels (gemv: the CUDA-core one for 1-4 rows); more through torch._scaled_mm with per-token activation
     scales (both dimensions of W multiples of 16, else the reference)."""
-    from ..kernels.triton_fp8 import fp8_gemm_small_m
-    from ..kernels.triton_fp8 import quantize_rows as quantize_activations
+    from ..kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
