@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
+from .cost import weights_per_gpu
 from .plan import LayoutResult, Plan
 
 
@@ -36,9 +37,7 @@ def _fp8_size(plan: Plan) -> str:
     """', X GB fp8' where the plan has FP8 rows: the linear layers at a byte, the rest at bf16"""
     if not any(r.quantization == "fp8" for r in plan.results):
         return ""
-    m = plan.model
-    other = m.embedding_params() + m.n_layers * m.norm_params()
-    return f", {((m.total_params() - other) + other * m.bytes_per_param) / 1e9:.1f} GB fp8"
+    return f", {weights_per_gpu(replace(plan.model, quantization='fp8'), 1) / 1e9:.1f} GB fp8"  # (one GPU: all of it)
 
 
 def format_table(plan: Plan) -> str:
