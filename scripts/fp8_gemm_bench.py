@@ -1,48 +1,63 @@
-"""The FP8 linear kernels against bf16 on Llama-3-8B's GEMM shapes, replayed in CUDA graphs (a GPU with FP8
+"""The FP8 linear kernels against bf16 on Llama-3's GEMM shapes, replayed in CUDA graphs (a GPU with FP8
 tensor cores): microseconds per call and the weight bytes per second they stream, at a few batch sizes.
 
-    python scripts/fp8_gemm_bench.py [--json out.json]
+    python scripts/fp8_gemm_bench.py [--json out.json]               # the kernels as the engine runs them
+    python scripts/fp8_gemm_bench.py --tune [--budget 240] [--json]  # search kernel_configs per shape and batch
 
-Columns: bf16 (F.linear: cuBLAS), fp8-dot (the tensor-core Triton kernel), fp8-gemv (the CUDA-core kernel,
-1-4 rows), fp8-scaled_mm (per-token activation scales + torch._scaled_mm). The weight-only kernels' results
-are checked against the dequantising reference first.
+Each timed graph cycles through enough copies of the weights (>= 256 MB) that they come from HBM, not from
+the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (fp8_gemm_small_m with small_m_config: weight-only),
+fp8-a8 (activations quantised per token, then the Triton kernel on the FP8 tensor cores), fp8-scaled_mm
+(the same activations through torch._scaled_mm). Every result is checked against the dequantising reference
+first. --tune: coordinate descent over the weight-only kernel's tiles, split and warps from small_m_config's
+choice, printing the best configuration found beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES = {"8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+          "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}}
+SPACE = {"split_k": (1, 2, 4, 8, 16), "block_n": (8, 16, 32, 64, 128), "block_k": (64, 128, 256, 512, 1024),
+         "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", default="1,2,4,8,16,64")
+    p.add_argument("--batches", default=None, help="default 1,2,4,8,16,32,64; with --tune 1,4,16,64")
+    p.add_argument("--models", default=None, help="default 8b,70b; with --tune 8b")
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--budget", type=float, default=240.0, help="seconds of --tune in all")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     import torch
     import torch.nn.functional as F
 
-    from shardlm.worker.kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
+    from shardlm.worker.kernels.triton_fp8 import GEMV_MAX_M, fp8_gemm_small_m, quantize_activations, small_m_config
     from shardlm.worker.layers.fp8 import fp8_linear_torch, quantize_rows, scaled_mm_ok
 
     dev = torch.device("cuda")
     if not torch.cuda.is_available() or not scaled_mm_ok(dev):
         print("needs a GPU with FP8 tensor cores (compute capability 8.9+)", file=sys.stderr)
         return 2
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
 
-    def graph_us(fn) -> float:
+    def graph_us(fn, copies: int) -> float:
+        """one call's microseconds: a graph of calls over every weight copy, best of 5 replays"""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            fn()
+            fn(0)
         torch.cuda.current_stream().wait_stream(s)
+        calls = max(copies, 8)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            for _ in range(20):
-                fn()
+            for i in range(calls):
+                fn(i % copies)
         g.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -52,38 +67,89 @@ def main() -> int:
             g.replay()
             end.record()
             end.synchronize()
-            best = min(best, start.elapsed_time(end) * 1e3 / 20)
+            best = min(best, start.elapsed_time(end) * 1e3 / calls)
         return best
 
-    def scaled_mm(x, w, s):
-        xq, xs = quantize_activations(x)
-        return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s[None, :], out_dtype=x.dtype)
-
-    rows = []
-    for name, (n, k) in SHAPES.items():
-        wb = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
-        w8, s8 = quantize_rows(wb)
-        for m in [int(b) for b in a.batches.split(",")]:
+    rows, tuned = [], []
+    batches = [int(b) for b in (a.batches or ("1,4,16,64" if a.tune else "1,2,4,8,16,32,64")).split(",")]
+    models = (a.models or ("8b" if a.tune else "8b,70b")).split(",")
+    shapes = [(model, name, n, k) for model in models for name, (n, k) in SHAPES[model].items()]
+    deadline = time.monotonic() + a.budget
+    per_problem = a.budget / max(1, len(shapes) * len(batches))
+    for model, name, n, k in shapes:
+        wb = [(torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
+              for _ in range(math.ceil(256e6 / (2 * n * k)))]
+        w8 = [quantize_rows(wb[i % len(wb)]) for i in range(math.ceil(256e6 / (n * k)))]
+        for m in batches:
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-            want = fp8_linear_torch(x, w8, s8).float()
-            cells = {"bf16": (graph_us(lambda: F.linear(x, wb)), 2 * n * k)}
-            variants = {"fp8-dot": lambda: fp8_gemm_small_m(x, w8, s8, None, gemv=False)}
-            if m <= 4:
-                variants["fp8-gemv"] = lambda: fp8_gemm_small_m(x, w8, s8, None, gemv=True)
-            for label, fn in variants.items():
-                err = ((fn().float() - want).norm() / want.norm()).item()
-                assert err < 1e-2, (name, m, label, err)
-                cells[label] = (graph_us(fn), n * k)
-            cells["fp8-scaled_mm"] = (graph_us(lambda: scaled_mm(x, w8, s8)), n * k)
-            row = {"shape": name, "n": n, "k": k, "m": m,
-                   **{f"{lbl}_us": us for lbl, (us, _) in cells.items()},
-                   **{f"{lbl}_gbps": nbytes / us / 1e3 for lbl, (us, nbytes) in cells.items()}}
-            rows.append(row)
-            print(f"{name:>8} m={m:<3} " + "  ".join(f"{lbl} {us:7.1f} us {nbytes / us / 1e3:6.0f} GB/s"
-                                                     for lbl, (us, nbytes) in cells.items()), flush=True)
+            want = fp8_linear_torch(x, *w8[0]).float()
+
+            def check(y, tol):
+                err = ((y.float() - want).norm() / want.norm()).item()
+                assert err < tol, (model, name, m, err)
+
+            def weight_only(cfg):
+                check(fp8_gemm_small_m(x, *w8[0], None, config=cfg), 1e-2)
+                return graph_us(lambda i: fp8_gemm_small_m(x, *w8[i], None, config=cfg), len(w8))
+
+            cfg0 = small_m_config(m, n, k, sms)
+            if a.tune:
+                best, best_us, tried = cfg0, weight_only(cfg0), 1
+                kinds = [True, False] if m <= GEMV_MAX_M else [False]
+                starts = [best] + [cfg0._replace(gemv=g) for g in kinds if g != cfg0.gemv]
+                for start in starts:
+                    stop = min(deadline, time.monotonic() + per_problem / len(starts))
+                    cur, cur_us = start, (best_us if start == best else float("inf"))
+                    for _ in range(2):
+                        for field, values in SPACE.items():
+                            for v in values:
+                                cand = cur._replace(**{field: v})
+                                if cand == cur or time.monotonic() > stop:
+                                    continue
+                                try:
+                                    us = weight_only(cand)
+                                except AssertionError as e:
+                                    print(f"WRONG RESULT {tuple(cand)}: {e}", flush=True)
+                                    continue
+                                except Exception:  # out of shared memory or registers: not a candidate
+                                    continue
+                                tried += 1
+                                if us < cur_us:
+                                    cur, cur_us = cand, us
+                    if cur_us < best_us:
+                        best, best_us = cur, cur_us
+                gbps = n * k / best_us / 1e3
+                tuned.append({"model": model, "shape": name, "n": n, "k": k, "m": m, "default": cfg0._asdict(),
+                              "default_us": weight_only(cfg0), "best": best._asdict(), "best_us": best_us,
+                              "best_gbps": gbps, "tried": tried})
+                print(f"{model:>3} {name:>8} m={m:<3} default {tuned[-1]['default_us']:7.1f} us  best {best_us:7.1f} us"
+                      f" {gbps:5.0f} GB/s  {tuple(best)}  ({tried} tried)", flush=True)
+                continue
+            cells = {"bf16": (graph_us(lambda i: F.linear(x, wb[i % len(wb)]), len(wb)), 2 * n * k),
+                     "fp8": (weight_only(cfg0), n * k)}
+            if m > GEMV_MAX_M:
+                def a8(i):
+                    xq, xs = quantize_activations(x)
+                    return fp8_gemm_small_m(xq, *w8[i], None, x_scale=xs, out_dtype=x.dtype)
+                check(a8(0), 6e-2)
+                cells["fp8-a8"] = (graph_us(a8, len(w8)), n * k)
+
+            def scaled_mm(i):
+                xq, xs = quantize_activations(x)
+                q, s = w8[i]
+                return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s[None, :], out_dtype=x.dtype)
+            check(scaled_mm(0), 6e-2)
+            cells["fp8-scaled_mm"] = (graph_us(scaled_mm, len(w8)), n * k)
+            rows.append({"model": model, "shape": name, "n": n, "k": k, "m": m, "config": tuple(cfg0),
+                         **{f"{lbl}_us": us for lbl, (us, _) in cells.items()},
+                         **{f"{lbl}_gbps": nbytes / us / 1e3 for lbl, (us, nbytes) in cells.items()}})
+            print(f"{model:>3} {name:>8} m={m:<3} " + "  ".join(f"{lbl} {us:7.1f} us {nbytes / us / 1e3:5.0f} GB/s"
+                                                             for lbl, (us, nbytes) in cells.items()), flush=True)
+        wb = w8 = None  # (free before the next shape)
+        torch.cuda.empty_cache()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows, "tuned": tuned}, f, indent=1)
     return 0
 
 

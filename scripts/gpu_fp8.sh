@@ -2,20 +2,28 @@
 # Issue 19 on a GPU with FP8 tensor cores (device tool): the FP8 GPU tests, FP8 against bf16 on a random
 # 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement), and decode latency
 # of both in the same call (bf16 the baseline); kv: sequences of 8k tokens the KV cache holds, bf16 against
-# kv_cache_dtype fp8 at the same memory setting. Results under $OUT.
+# kv_cache_dtype fp8 at the same memory setting; tune: scripts/fp8_gemm_bench.py --tune (the small-batch
+# kernels' configurations, TUNE_BUDGET seconds); gemm: the kernels as the engine runs them, 8B and 70B shapes.
+# Results under $OUT.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 MODEL=${MODEL:-random:llama-3-8b}
 STAGES=${STAGES:-tests gemm check latency kv}
+if [[ $STAGES == *tune* ]]; then
+  timeout $(( ${TUNE_BUDGET:-200} + 120 )) python3 scripts/fp8_gemm_bench.py --tune --budget ${TUNE_BUDGET:-200} \
+    --json "$OUT/fp8_tune.json" > "$OUT/fp8_tune.txt" 2>&1
+  tail -20 "$OUT/fp8_tune.txt"
+fi
 if [[ $STAGES == *tests* ]]; then
   timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py -k fp8 -p no:cacheprovider --tb=short -rs \
     > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | tail -5
 fi
 if [[ $STAGES == *gemm* ]]; then  # the FP8 kernels alone on the 8B shapes, bf16 beside them
-  timeout 200 python3 scripts/fp8_gemm_bench.py --json "$OUT/fp8_gemm.json" 2>&1 | tail -24
+  timeout 200 python3 scripts/fp8_gemm_bench.py --json "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.txt" 2>&1
+  tail -60 "$OUT/fp8_gemm.txt"
 fi
 if [[ $STAGES == *check* ]]; then
   timeout 300 python3 scripts/fp8_check.py --model "$MODEL" --reference --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3

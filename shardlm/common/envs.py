@@ -11,7 +11,6 @@ processes) inherit the driver's environment.
 | SHARDLM_GPU_WORKER_THREADS | worker | torch intra-op threads of a GPU worker (default 1; 0: torch's default) |
 | SHARDLM_UNFUSED | worker | 1: with the Triton attention kernels, keep the residual add + RMSNorm and SiLU x up on their unfused torch ops (measuring the fusions) |
 | SHARDLM_FP8_REFERENCE | worker | 1: FP8 linear layers on a GPU multiply by their dequantised weights (the reference path) instead of the FP8 kernels (checking the kernels' accuracy) |
-| SHARDLM_FP8_GEMV | worker | 1: FP8 decode batches of 1-4 rows take the CUDA-core GEMV instead of the tensor-core kernel (not yet measured on a GPU: scripts/fp8_gemm_bench.py compares them) |
 | SHARDLM_NO_MOE_GRAPHS | worker | 1: MoE models' steps run eagerly (no CUDA graphs for them; measuring the graphs) |
 | SHARDLM_NO_STEP_GRAPHS | worker | 1: steps with prompt chunks run eagerly (no mixed-step CUDA graphs; measuring them) |
 | SHARDLM_CTX_BUCKET | worker | eager attention pads the gathered context to a multiple of this (default 1: none) |
@@ -92,10 +91,6 @@ def slowdown(rank: int) -> int:
 
 def fp8_reference() -> bool:
     return _flag("SHARDLM_FP8_REFERENCE")
-
-
-def fp8_gemv() -> bool:
-    return _flag("SHARDLM_FP8_GEMV")
 
 
 def no_moe_graphs() -> bool:

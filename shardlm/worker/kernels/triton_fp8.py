@@ -1,36 +1,41 @@
 """Triton kernels of the FP8 linear layers (layers/fp8.py; imported only where triton and CUDA are).
 
-- `fp8_gemm_small_m(x, w, scale, bias)`: y = x (w * scale[:, None])^T for few rows of x (decode): the e4m3
-  weights are read once, widened to x's dtype in registers and multiplied on the tensor cores with float32
-  accumulation; x stays in bf16/fp16 (weight-only FP8: at batch 1-64 a step reads weights, not activations,
-  and no activation rounding is added). A program owns BLOCK_N output features and walks all of K. With
-  gemv, 1-4 rows go through `_fp8_gemv_kernel` instead: CUDA-core products, no padding of the rows to the
-  tensor cores' 16, 16 features a program.
+- `fp8_gemm_small_m(x, w, scale, bias)`: y = x (w * scale[:, None])^T for few rows of x (decode batches):
+  the e4m3 weights are read once and widened in registers; x stays in bf16/fp16 (weight-only FP8: at batch
+  1-64 a step reads weights, not activations, and no activation rounding is added). Two kernels share the
+  epilogue: `_fp8_gemv_kernel` (1-4 rows on the CUDA cores, no padding of the rows to the tensor cores' 16)
+  and `_fp8_dot_kernel` (tensor cores, float32 accumulation). With `a8`, the dot kernel takes activations
+  already in e4m3 (quantize_activations) and multiplies e4m3 by e4m3 on the FP8 tensor cores, scaling by
+  both sides' scales at the end.
+- Split-K: a decode GEMM with few output blocks (o_proj, down_proj: 4096 features) would leave most SMs idle
+  and the HBM under-read, so its K range is cut in `split_k` pieces run by separate programs. Each adds its
+  partial sums into a float32 workspace; the last program of an output block (a counter per block says
+  which) reads the sums from L2, zeroes them, applies scales and bias and writes y, and resets
+  the counter: the workspace is all zeros again after every call, so one per device serves every layer,
+  in CUDA graphs too (calls on one stream; `workspace(device)` allocates it, at a layer's construction).
+- `small_m_config(m, n, k)`: the tile sizes, split and kernel each shape runs with (tuned on an H200 by
+  scripts/fp8_gemm_bench.py --tune; its table is in docs/PERFORMANCE.md).
 - `quantize_activations(x)`: x [rows, k] -> (e4m3 rows, float32 scales [rows, 1]) in one kernel, a program
-  per row: the per-token activation scales torch._scaled_mm takes for larger batches (the arithmetic of
-  layers/fp8.py's quantize_rows: each row's max |x| at 448, scales at least 1e-12).
+  per row: the per-token activation scales torch._scaled_mm (and a8) take for larger batches (the arithmetic
+  of layers/fp8.py's quantize_rows: each row's max |x| at 448, scales at least 1e-12).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..layers.fp8 import SMALL_M
+
 
 @triton.jit
-def _fp8_gemm_small_m_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_ym, HAS_BIAS: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        w = tl.load(W + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+def _write(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr):
     acc = acc * tl.load(S + rn, mask=rn < N, other=0.0)[None, :]
+    if HAS_XS:
+        acc = acc * tl.load(XS + rm, mask=rm < M, other=0.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
@@ -38,17 +43,64 @@ def _fp8_gemm_small_m_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_ym, HAS_B
 
 
 @triton.jit
-def _fp8_gemv_kernel(X, W, S, B, Y, N, K, stride_xm, stride_ym, M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """M (1-4) rows on the CUDA cores: no tensor-core padding to 16 rows, narrow BLOCK_N so that many
-    programs stream the weights at once"""
+def _epilogue(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, WS, CNT, SPLIT_K,
+              HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] float32: whole (SPLIT_K 1) or partial sums of rows rm, features rn -> y"""
+    if SPLIT_K > 1:
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        ws = WS + rm[:, None] * N + rn[None, :]
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums before the counter's release
+        done = tl.atomic_add(CNT + tl.program_id(0), 1, sem="acq_rel")
+        if done == SPLIT_K - 1:  # the last of this block's programs: the sums are complete
+            acc = tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")  # (from L2, where the sums are)
+            tl.store(ws, tl.zeros_like(acc), mask=mask)
+            tl.store(CNT + tl.program_id(0), 0)
+            _write(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, HAS_BIAS, HAS_XS)
+    else:
+        _write(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, HAS_BIAS, HAS_XS)
+
+
+@triton.jit
+def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
+    """program_id(1)'s piece of K: whole BLOCK_K blocks, the pieces as even as they go"""
+    chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    lo = tl.program_id(1) * chunk
+    return lo, tl.minimum(lo + chunk, K)
+
+
+@triton.jit
+def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, SPLIT_K,
+                    HAS_BIAS: tl.constexpr, A8: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    lo, hi = _k_range(K, SPLIT_K, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(W + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+        if A8:
+            acc += tl.dot(x, tl.trans(w))
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    _epilogue(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, WS, CNT, SPLIT_K, HAS_BIAS, A8)
+
+
+@triton.jit
+def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K, M: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """M (1-4) rows on the CUDA cores, one accumulator each"""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    lo, hi = _k_range(K, SPLIT_K, BLOCK_K)
     acc0 = tl.zeros((BLOCK_N,), tl.float32)
     acc1 = tl.zeros((BLOCK_N,), tl.float32)
     acc2 = tl.zeros((BLOCK_N,), tl.float32)
     acc3 = tl.zeros((BLOCK_N,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(lo, hi, BLOCK_K):
         kk = k0 + rk
         w = tl.load(W + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
         w = w.to(tl.float32)
@@ -59,40 +111,85 @@ def _fp8_gemv_kernel(X, W, S, B, Y, N, K, stride_xm, stride_ym, M: tl.constexpr,
             acc2 += tl.sum(w * tl.load(X + 2 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :], axis=1)
         if M > 3:
             acc3 += tl.sum(w * tl.load(X + 3 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :], axis=1)
-    s = tl.load(S + rn, mask=rn < N, other=0.0)
-    b = tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BLOCK_N,), tl.float32)
-    tl.store(Y + rn, (acc0 * s + b).to(Y.dtype.element_ty), mask=rn < N)
-    if M > 1:
-        tl.store(Y + stride_ym + rn, (acc1 * s + b).to(Y.dtype.element_ty), mask=rn < N)
-    if M > 2:
-        tl.store(Y + 2 * stride_ym + rn, (acc2 * s + b).to(Y.dtype.element_ty), mask=rn < N)
-    if M > 3:
-        tl.store(Y + 3 * stride_ym + rn, (acc3 * s + b).to(Y.dtype.element_ty), mask=rn < N)
+    rm = tl.arange(0, 4)[:, None]
+    acc = (tl.where(rm == 0, acc0[None, :], 0.0) + tl.where(rm == 1, acc1[None, :], 0.0)
+           + tl.where(rm == 2, acc2[None, :], 0.0) + tl.where(rm == 3, acc3[None, :], 0.0))
+    _epilogue(acc, tl.arange(0, 4), rn, M, N, Y, stride_ym, S, S, B, WS, CNT, SPLIT_K, HAS_BIAS, False)
 
 
 GEMV_MAX_M = 4
-"""up to this many rows the CUDA-core kernel may run (fp8_gemm_small_m's gemv; SHARDLM_FP8_GEMV=1 turns it
-on in the engine until scripts/fp8_gemm_bench.py has measured which is faster)"""
+"""up to this many rows the CUDA-core kernel may run"""
+
+
+class Config(NamedTuple):
+    """how fp8_gemm_small_m runs one shape: gemv (CUDA cores, m <= GEMV_MAX_M) or the tensor-core kernel"""
+    gemv: bool
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def small_m_config(m: int, n: int, k: int, sms: int = 132) -> Config:
+    """The configuration a decode GEMM of m rows (<= 64) of [n, k] e4m3 weights runs with: split-K until the
+    output blocks times the pieces keep every SM (sms of them) streaming, each piece at least 4 K blocks."""
+    if m <= GEMV_MAX_M:
+        cfg = Config(True, 16, 512, 1, 4, 4)
+    else:
+        cfg = Config(False, 64, 256 if m <= 16 else 128, 1, 4, 4)
+    blocks, split = triton.cdiv(n, cfg.block_n), 1
+    while blocks * split < 2 * sms and k >= 8 * split * cfg.block_k:
+        split *= 2
+    return cfg._replace(split_k=split)
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+WORKSPACE_COLS = 1 << 16
+"""the split-K workspace holds SMALL_M rows of this many features (wider layers run without split)"""
+
+
+def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 sums [SMALL_M * WORKSPACE_COLS], int32 counters [WORKSPACE_COLS]) on device, zeros: allocated
+    once (call it before capturing graphs; FP8 layers do at construction) and left zero by every call"""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _WORKSPACES:
+        _WORKSPACES[device] = (torch.zeros(SMALL_M * WORKSPACE_COLS, device=device, dtype=torch.float32),
+                               torch.zeros(WORKSPACE_COLS, device=device, dtype=torch.int32))
+    return _WORKSPACES[device]
 
 
 def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                     gemv: bool = True) -> torch.Tensor:
-    """x [m, k] (m <= 64, rows contiguous), w [n, k] e4m3 contiguous, scale [n] float32 -> [m, n] in x's dtype.
-    gemv: the CUDA-core kernel for m <= GEMV_MAX_M."""
+                     x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                     config: Config | None = None) -> torch.Tensor:
+    """x [m, k] (m <= SMALL_M, rows contiguous; bf16/fp16, or e4m3 with x_scale [m, 1] float32: the FP8 tensor
+    cores), w [n, k] e4m3 contiguous, scale [n] float32 -> [m, n] in out_dtype (x's dtype by default).
+    config: small_m_config's by default."""
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if gemv and m <= GEMV_MAX_M:
-        _fp8_gemv_kernel[(triton.cdiv(n, 16),)](
-            x, w, scale, bias if bias is not None else scale, y, n, k, x.stride(0), y.stride(0), M=m,
-            HAS_BIAS=bias is not None, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=4)
-        return y
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 32 if n <= 8192 else 64  # enough programs to keep every SM reading
-    block_k = 256 if block_m == 16 else 128
-    _fp8_gemm_small_m_kernel[(triton.cdiv(n, block_n),)](
-        x, w, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    assert m <= SMALL_M, m
+    a8 = x_scale is not None
+    cfg = config or small_m_config(m, n, k)
+    if a8 and cfg.gemv:
+        cfg = cfg._replace(gemv=False)
+    if n > WORKSPACE_COLS:
+        cfg = cfg._replace(split_k=1)
+    y = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
+    ws, cnt = workspace(x.device)
+    b = bias if bias is not None else scale
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+    if cfg.gemv:
+        _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, M=m,
+                               HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        _fp8_dot_kernel[grid](x, w, scale, x_scale if a8 else scale, b, y, ws, cnt, m, n, k, x.stride(0),
+                              y.stride(0), cfg.split_k, HAS_BIAS=bias is not None, A8=a8, BLOCK_M=block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                              num_stages=cfg.num_stages)
     return y
 
 

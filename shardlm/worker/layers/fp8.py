@@ -2,8 +2,8 @@
 
 A linear layer in FP8 holds `weight` as float8_e4m3fn [out, in] and `weight_scale` float32 [out]: row o of
 the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (compute capability 8.9+:
-Ada, Hopper and later) `fp8_linear_kernels` runs decode batches (up to SMALL_M rows) through a weight-only
-Triton kernel (the e4m3 weights widened in registers, the activations left in bf16) and larger ones
+Ada, Hopper and later) `fp8_linear_kernels` runs decode batches (up to SMALL_M rows) through weight-only
+Triton kernels (the e4m3 weights widened in registers, the activations left in bf16) and larger ones
 through torch._scaled_mm with the activations quantised per token (each row's absolute maximum maps to the
 e4m3 maximum, 448; rowwise scaling). Everywhere else, and as the reference the GPU path is tested against,
 `fp8_linear_torch` multiplies by the dequantised weights in the activations' dtype (on the CPU, float32:
@@ -16,8 +16,6 @@ weight is quantised here as it is loaded, so the bf16 copy of a layer never outl
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +54,10 @@ activations left in bf16; above, the activations are quantised per token for tor
 
 
 def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None = None, gemv: bool = True) -> torch.Tensor:
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): few rows through the weight-only Triton
-    kernels (gemv: the CUDA-core one for 1-4 rows); more through torch._scaled_mm with per-token activation
-    scales (both dimensions of W multiples of 16, else the reference)."""
+    kernels; more through torch._scaled_mm with per-token activation scales (both dimensions of W multiples
+    of 16, else the reference)."""
     from ..kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
 
     shape = x.shape
@@ -67,7 +65,7 @@ def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[0] <= SMALL_M:
-        y = fp8_gemm_small_m(x2, weight, scale, bias, gemv)
+        y = fp8_gemm_small_m(x2, weight, scale, bias)
     elif weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0:
         xq, x_scale = quantize_activations(x2)
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
@@ -89,5 +87,8 @@ def fp8_path(device: torch.device):
     from ...common import envs
 
     if scaled_mm_ok(device) and not envs.fp8_reference():
-        return functools.partial(fp8_linear_kernels, gemv=envs.fp8_gemv())
+        from ..kernels.triton_fp8 import workspace
+
+        workspace(device)  # the split-K sums' zeros, allocated before any graph is captured
+        return fp8_linear_kernels
     return fp8_linear_torch
