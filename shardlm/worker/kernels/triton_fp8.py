@@ -63,10 +63,11 @@ def _epilogue(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, WS, CNT, SPLIT_K,
 
 @triton.jit
 def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
-    """program_id(1)'s piece of K: whole BLOCK_K blocks, the pieces as even as they go"""
-    chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    lo = tl.program_id(1) * chunk
-    return lo, tl.minimum(lo + chunk, K)
+    """program_id(1)'s piece of K: (its first column, how many BLOCK_K blocks), the pieces as even as they go"""
+    blocks = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(blocks, SPLIT_K)
+    first = tl.program_id(1) * per
+    return first * BLOCK_K, tl.maximum(tl.minimum(per, blocks - first), 0)
 
 
 @triton.jit
@@ -75,45 +76,56 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    lo, hi = _k_range(K, SPLIT_K, BLOCK_K)
+    lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
+    kk = lo + tl.arange(0, BLOCK_K)
+    xp = X + rm[:, None] * stride_xm + kk[None, :]
+    wp = W + rn[:, None] * K + kk[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(lo, hi, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        w = tl.load(W + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+    for _ in range(0, steps):  # (from 0: Triton's pipeliner mis-handled a loop from lo with few steps)
+        x = tl.load(xp, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
         if A8:
             acc += tl.dot(x, tl.trans(w))
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        kk += BLOCK_K
+        xp += BLOCK_K
+        wp += BLOCK_K
     _epilogue(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, WS, CNT, SPLIT_K, HAS_BIAS, A8)
 
 
 @triton.jit
 def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K, M: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """M (1-4) rows on the CUDA cores, one accumulator each"""
+    """M (1-4) rows on the CUDA cores: products accumulated elementwise over [BLOCK_N, BLOCK_K] tiles, one
+    per row, and summed across K once at the end (no cross-thread reduction in the loop)"""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    lo, hi = _k_range(K, SPLIT_K, BLOCK_K)
-    acc0 = tl.zeros((BLOCK_N,), tl.float32)
-    acc1 = tl.zeros((BLOCK_N,), tl.float32)
-    acc2 = tl.zeros((BLOCK_N,), tl.float32)
-    acc3 = tl.zeros((BLOCK_N,), tl.float32)
-    for k0 in range(lo, hi, BLOCK_K):
-        kk = k0 + rk
-        w = tl.load(W + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-        w = w.to(tl.float32)
-        acc0 += tl.sum(w * tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :], axis=1)
+    lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
+    kk = lo + tl.arange(0, BLOCK_K)
+    wp = W + rn[:, None] * K + kk[None, :]
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for _ in range(0, steps):
+        w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0).to(tl.float32)
+        acc0 += w * tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
         if M > 1:
-            acc1 += tl.sum(w * tl.load(X + stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :], axis=1)
+            acc1 += w * tl.load(X + stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
         if M > 2:
-            acc2 += tl.sum(w * tl.load(X + 2 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :], axis=1)
+            acc2 += w * tl.load(X + 2 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
         if M > 3:
-            acc3 += tl.sum(w * tl.load(X + 3 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :], axis=1)
+            acc3 += w * tl.load(X + 3 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+        kk += BLOCK_K
+        wp += BLOCK_K
     rm = tl.arange(0, 4)[:, None]
-    acc = (tl.where(rm == 0, acc0[None, :], 0.0) + tl.where(rm == 1, acc1[None, :], 0.0)
-           + tl.where(rm == 2, acc2[None, :], 0.0) + tl.where(rm == 3, acc3[None, :], 0.0))
+    acc = tl.where(rm == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+    if M > 1:
+        acc += tl.where(rm == 1, tl.sum(acc1, axis=1)[None, :], 0.0)
+    if M > 2:
+        acc += tl.where(rm == 2, tl.sum(acc2, axis=1)[None, :], 0.0)
+    if M > 3:
+        acc += tl.where(rm == 3, tl.sum(acc3, axis=1)[None, :], 0.0)
     _epilogue(acc, tl.arange(0, 4), rn, M, N, Y, stride_ym, S, S, B, WS, CNT, SPLIT_K, HAS_BIAS, False)
 
 
@@ -135,7 +147,7 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132) -> Config:
     """The configuration a decode GEMM of m rows (<= 64) of [n, k] e4m3 weights runs with: split-K until the
     output blocks times the pieces keep every SM (sms of them) streaming, each piece at least 4 K blocks."""
     if m <= GEMV_MAX_M:
-        cfg = Config(True, 16, 512, 1, 4, 4)
+        cfg = Config(True, 16, 512 // triton.next_power_of_2(m), 1, 4, 4)
     else:
         cfg = Config(False, 64, 256 if m <= 16 else 128, 1, 4, 4)
     blocks, split = triton.cdiv(n, cfg.block_n), 1
