@@ -5,11 +5,11 @@ tensor cores): microseconds per call and the weight bytes per second they stream
     python scripts/fp8_gemm_bench.py --tune [--budget 240] [--json]  # search kernel_configs per shape and batch
 
 Each timed graph cycles through enough copies of the weights (>= 256 MB) that they come from HBM, not from
-the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (fp8_gemm_small_m with small_m_config: weight-only),
-fp8-a8 (activations quantised per token, then the Triton kernel on the FP8 tensor cores), fp8-scaled_mm
-(the same activations through torch._scaled_mm). Every result is checked against the dequantising reference
-first. --tune: coordinate descent over the weight-only kernel's tiles, split and warps from small_m_config's
-choice, printing the best configuration found beside it.
+the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (layers/fp8.py's fp8_linear_kernels, as the engine runs
+it: weight-only up to A8_ABOVE rows, e4m3 activations above), fp8-scaled_mm (the activations quantised per
+token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
+coordinate descent over fp8_gemm_small_m's tiles, split and warps from small_m_config's choice, printing the
+best configuration found beside it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> int:
     import torch.nn.functional as F
 
     from shardlm.worker.kernels.triton_fp8 import GEMV_MAX_M, fp8_gemm_small_m, quantize_activations, small_m_config
-    from shardlm.worker.layers.fp8 import fp8_linear_torch, quantize_rows, scaled_mm_ok
+    from shardlm.worker.layers.fp8 import A8_ABOVE, fp8_linear_kernels, fp8_linear_torch, quantize_rows, scaled_mm_ok
 
     dev = torch.device("cuda")
     if not torch.cuda.is_available() or not scaled_mm_ok(dev):
@@ -88,19 +88,30 @@ def main() -> int:
                 err = ((y.float() - want).norm() / want.norm()).item()
                 assert err < tol, (model, name, m, err)
 
-            def weight_only(cfg):
+            a8 = m > A8_ABOVE  # (as the engine runs it: e4m3 activations above A8_ABOVE rows)
+            if a8:  # the reference multiplies the same e4m3 activations: only the kernel's own error is left
+                xq, xs = quantize_activations(x)
+                want = fp8_linear_torch((xq.float() * xs).to(x.dtype), *w8[0]).float()
+
+            def small_m(cfg, i):
+                if not a8:
+                    return fp8_gemm_small_m(x, *w8[i], None, config=cfg)
+                xq, xs = quantize_activations(x)
+                return fp8_gemm_small_m(xq, *w8[i], None, x_scale=xs, out_dtype=x.dtype, config=cfg)
+
+            def timed(cfg):
                 try:
-                    check(fp8_gemm_small_m(x, *w8[0], None, config=cfg), 1e-2)
+                    check(small_m(cfg, 0), 1e-2)
                 except AssertionError as e:
                     print(f"WRONG RESULT {tuple(cfg)}: {e}", flush=True)
                     return float("inf")
-                return graph_us(lambda i: fp8_gemm_small_m(x, *w8[i], None, config=cfg), len(w8))
+                return graph_us(lambda i: small_m(cfg, i), len(w8))
 
-            cfg0 = small_m_config(m, n, k, sms)
+            cfg0 = small_m_config(m, n, k, sms, a8=a8)
             if a.tune:
-                best, best_us, tried = cfg0, weight_only(cfg0), 1
+                best, best_us, tried = cfg0, timed(cfg0), 1
                 seen = [(best_us, tuple(cfg0))]
-                kinds = [True, False] if m <= GEMV_MAX_M else [False]
+                kinds = [True, False] if m <= GEMV_MAX_M and not a8 else [False]
                 starts = [best] + [cfg0._replace(gemv=g) for g in kinds if g != cfg0.gemv]
                 for start in starts:
                     stop = min(deadline, time.monotonic() + per_problem / len(starts))
@@ -112,7 +123,7 @@ def main() -> int:
                                 if cand == cur or time.monotonic() > stop:
                                     continue
                                 try:
-                                    us = weight_only(cand)
+                                    us = timed(cand)
                                 except Exception:  # out of shared memory or registers: not a candidate
                                     continue
                                 tried += 1
@@ -122,24 +133,19 @@ def main() -> int:
                     if cur_us < best_us:
                         best, best_us = cur, cur_us
                 gbps = n * k / best_us / 1e3
-                tuned.append({"model": model, "shape": name, "n": n, "k": k, "m": m, "default": cfg0._asdict(),
-                              "default_us": weight_only(cfg0), "best": best._asdict(), "best_us": best_us,
-                              "best_gbps": gbps, "tried": tried, "top": sorted(seen)[:8]})
+                tuned.append({"model": model, "shape": name, "n": n, "k": k, "m": m, "a8": a8,
+                              "default": cfg0._asdict(), "default_us": timed(cfg0), "best": best._asdict(),
+                              "best_us": best_us, "best_gbps": gbps, "tried": tried, "top": sorted(seen)[:8]})
                 print(f"{model:>3} {name:>8} m={m:<3} default {tuned[-1]['default_us']:7.1f} us  best {best_us:7.1f} us"
                       f" {gbps:5.0f} GB/s  {tuple(best)}  ({tried} tried)", flush=True)
                 print("      next: " + "  ".join(f"{us:.1f} {c}" for us, c in sorted(seen)[1:4]), flush=True)
                 continue
-            cells = {"bf16": (graph_us(lambda i: F.linear(x, wb[i % len(wb)]), len(wb)), 2 * n * k),
-                     "fp8": (weight_only(cfg0), n * k)}
-            if m > GEMV_MAX_M:
-                def a8(i):
-                    xq, xs = quantize_activations(x)
-                    return fp8_gemm_small_m(xq, *w8[i], None, x_scale=xs, out_dtype=x.dtype)
-                try:
-                    check(a8(0), 6e-2)
-                    cells["fp8-a8"] = (graph_us(a8, len(w8)), n * k)
-                except AssertionError as e:
-                    print(f"WRONG RESULT a8: {e}", flush=True)
+            cells = {"bf16": (graph_us(lambda i: F.linear(x, wb[i % len(wb)]), len(wb)), 2 * n * k)}
+            try:
+                check(fp8_linear_kernels(x, *w8[0]), 1e-2)
+                cells["fp8"] = (graph_us(lambda i: fp8_linear_kernels(x, *w8[i]), len(w8)), n * k)
+            except AssertionError as e:
+                print(f"WRONG RESULT fp8_linear_kernels: {e}", flush=True)
 
             def scaled_mm(i):
                 xq, xs = quantize_activations(x)

@@ -212,8 +212,7 @@ for m, n, k, cfg in [(1, 40, 96, Config(True, 16, 32, 3, 4, 2)), (3, 33, 100, Co
         xq, xs = quantize_activations(x)
         got = fp8_gemm_small_m(xq, w, s, bias, x_scale=xs, out_dtype=torch.float16, config=cfg).float()
         assert ((got - want).norm() / want.norm()).item() < 6e-2, (m, "a8")
-    ws, cnt = workspace(torch.device("cpu"))
-    assert not ws.any() and not cnt.any(), "split-K left its workspace dirty"
+    assert not workspace(torch.device("cpu"))[1].any(), "split-K left a counter set"
 print("interpreted kernels agree")
 """
 
@@ -221,8 +220,8 @@ print("interpreted kernels agree")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_the_fp8_kernels_in_the_cpu_interpreter():
     """The FP8 small-batch kernels' indexing, masking and split-K (partial sums through the workspace, the
-    last program of a block finishing it and leaving zeros), run by Triton's interpreter, against the
-    dequantising reference"""
+    last program of a block adding them up and resetting its counter), run by Triton's interpreter, against
+    the dequantising reference"""
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", KERNELS], env=env, capture_output=True, text=True, timeout=600)
     if "only 0-dimensional arrays can be converted" in out.stderr:

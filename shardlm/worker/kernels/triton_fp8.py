@@ -8,13 +8,14 @@
   already in e4m3 (quantize_activations) and multiplies e4m3 by e4m3 on the FP8 tensor cores, scaling by
   both sides' scales at the end.
 - Split-K: a decode GEMM with few output blocks (o_proj, down_proj: 4096 features) would leave most SMs idle
-  and the HBM under-read, so its K range is cut in `split_k` pieces run by separate programs. Each adds its
-  partial sums into a float32 workspace; the last program of an output block (a counter per block says
-  which) reads the sums from L2, zeroes them, applies scales and bias and writes y, and resets
-  the counter: the workspace is all zeros again after every call, so one per device serves every layer,
-  in CUDA graphs too (calls on one stream; `workspace(device)` allocates it, at a layer's construction).
+  and the HBM under-read, so its K range is cut in `split_k` pieces run by separate programs. Each stores
+  its partial sums in its own slice of a float32 workspace (plain stores: an atomic add of the tensor-core
+  accumulator gave wrong sums on an H200); the last program of an output block (a counter per block says
+  which) adds the slices in a fixed order from L2, applies scales and bias, writes y and resets the
+  counter to zero. One workspace per device serves every layer, in CUDA graphs too (calls on one stream;
+  `workspace(device)` allocates it, at a layer's construction).
 - `small_m_config(m, n, k)`: the tile sizes, split and kernel each shape runs with (tuned on an H200 by
-  scripts/fp8_gemm_bench.py --tune; its table is in docs/PERFORMANCE.md).
+  scripts/fp8_gemm_bench.py --tune; the measurements are in docs/PERFORMANCE.md).
 - `quantize_activations(x)`: x [rows, k] -> (e4m3 rows, float32 scales [rows, 1]) in one kernel, a program
   per row: the per-token activation scales torch._scaled_mm (and a8) take for larger batches (the arithmetic
   of layers/fp8.py's quantize_rows: each row's max |x| at 448, scales at least 1e-12).
@@ -48,13 +49,14 @@ def _epilogue(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, WS, CNT, SPLIT_K,
     """acc [BLOCK_M, BLOCK_N] float32: whole (SPLIT_K 1) or partial sums of rows rm, features rn -> y"""
     if SPLIT_K > 1:
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        ws = WS + rm[:, None] * N + rn[None, :]
-        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        offs = rm[:, None] * N + rn[None, :]
+        tl.store(WS + tl.program_id(1) * M * N + offs, acc, mask=mask)  # this piece's slice of the workspace
         tl.debug_barrier()  # every thread's partial sums before the counter's release
         done = tl.atomic_add(CNT + tl.program_id(0), 1, sem="acq_rel")
-        if done == SPLIT_K - 1:  # the last of this block's programs: the sums are complete
-            acc = tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")  # (from L2, where the sums are)
-            tl.store(ws, tl.zeros_like(acc), mask=mask)
+        if done == SPLIT_K - 1:  # the last of this block's programs: every slice is written
+            acc = tl.zeros_like(acc)
+            for piece in range(0, SPLIT_K):  # (a fixed order: the same sums whichever program came last)
+                acc += tl.load(WS + piece * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(CNT + tl.program_id(0), 0)
             _write(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, HAS_BIAS, HAS_XS)
     else:
@@ -143,27 +145,33 @@ class Config(NamedTuple):
     num_stages: int
 
 
-def small_m_config(m: int, n: int, k: int, sms: int = 132) -> Config:
-    """The configuration a decode GEMM of m rows (<= 64) of [n, k] e4m3 weights runs with: split-K until the
-    output blocks times the pieces keep every SM (sms of them) streaming, each piece at least 4 K blocks."""
-    if m <= GEMV_MAX_M:
-        cfg = Config(True, 16, 512 // triton.next_power_of_2(m), 1, 4, 4)
+def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> Config:
+    """The configuration a decode GEMM of m rows (<= SMALL_M) of [n, k] e4m3 weights runs with (a8: e4m3
+    activations), from scripts/fp8_gemm_bench.py --tune on an H200: one row on the CUDA cores, more on the
+    tensor cores; split-K until the output blocks times the pieces keep every SM (sms of them) streaming,
+    each piece at least 4 K blocks long."""
+    if m == 1 and not a8:
+        cfg, programs = Config(True, 16, 512, 1, 8, 4), 2 * sms
+    elif m <= 16 and not a8:
+        cfg, programs = Config(False, 32, 128 if m <= 4 else 256, 1, 4, 4), 4 * sms
     else:
-        cfg = Config(False, 64, 256 if m <= 16 else 128, 1, 4, 4)
+        cfg, programs = Config(False, 64, 128, 1, 4, 4), 4 * sms
     blocks, split = triton.cdiv(n, cfg.block_n), 1
-    while blocks * split < 2 * sms and k >= 8 * split * cfg.block_k:
+    while blocks * split < programs and k >= 8 * split * cfg.block_k:
         split *= 2
     return cfg._replace(split_k=split)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 WORKSPACE_COLS = 1 << 16
-"""the split-K workspace holds SMALL_M rows of this many features (wider layers run without split)"""
+"""the split-K workspace holds SMALL_M * WORKSPACE_COLS partial sums (split pieces x rows x features: a
+call that would need more runs with fewer pieces)"""
 
 
 def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 sums [SMALL_M * WORKSPACE_COLS], int32 counters [WORKSPACE_COLS]) on device, zeros: allocated
-    once (call it before capturing graphs; FP8 layers do at construction) and left zero by every call"""
+    """(float32 partial sums [SMALL_M * WORKSPACE_COLS], int32 counters [WORKSPACE_COLS], zeros) on device:
+    allocated once (call it before capturing graphs; FP8 layers do at construction); every call leaves the
+    counters zero"""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -183,11 +191,11 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
     n = w.shape[0]
     assert m <= SMALL_M, m
     a8 = x_scale is not None
-    cfg = config or small_m_config(m, n, k)
+    cfg = config or small_m_config(m, n, k, a8=a8)
     if a8 and cfg.gemv:
         cfg = cfg._replace(gemv=False)
-    if n > WORKSPACE_COLS:
-        cfg = cfg._replace(split_k=1)
+    while cfg.split_k > 1 and (cfg.split_k * m * n > SMALL_M * WORKSPACE_COLS or n > WORKSPACE_COLS):
+        cfg = cfg._replace(split_k=cfg.split_k // 2)
     y = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
     ws, cnt = workspace(x.device)
     b = bias if bias is not None else scale

@@ -2,10 +2,11 @@
 
 A linear layer in FP8 holds `weight` as float8_e4m3fn [out, in] and `weight_scale` float32 [out]: row o of
 the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (compute capability 8.9+:
-Ada, Hopper and later) `fp8_linear_kernels` runs decode batches (up to SMALL_M rows) through weight-only
-Triton kernels (the e4m3 weights widened in registers, the activations left in bf16) and larger ones
-through torch._scaled_mm with the activations quantised per token (each row's absolute maximum maps to the
-e4m3 maximum, 448; rowwise scaling). Everywhere else, and as the reference the GPU path is tested against,
+Ada, Hopper and later) `fp8_linear_kernels` runs small decode batches (up to A8_ABOVE rows) through
+weight-only Triton kernels (the e4m3 weights widened in registers, the activations left in bf16) and larger
+ones with the activations quantised per token too (each row's absolute maximum maps to the e4m3 maximum,
+448): up to SMALL_M rows through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm
+(rowwise scaling). Everywhere else, and as the reference the GPU path is tested against,
 `fp8_linear_torch` multiplies by the dequantised weights in the activations' dtype (on the CPU, float32:
 exactly the model a float32 checkpoint of the dequantised weights gives). `fp8_path(device)` picks one.
 
@@ -49,23 +50,29 @@ def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 
 SMALL_M = 64
-"""up to this many rows (decode batches) the weight-only kernel runs: weights widened in registers, the
-activations left in bf16; above, the activations are quantised per token for torch._scaled_mm"""
+"""up to this many rows (decode batches) the Triton kernels run; above, torch._scaled_mm"""
+A8_ABOVE = 16
+"""above this many rows the activations are quantised per token too (e4m3 x e4m3 on the tensor cores: at
+16-64 rows widening the weights costs more than reading them); up to it the kernels are weight-only"""
 
 
 def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): few rows through the weight-only Triton
-    kernels; more through torch._scaled_mm with per-token activation scales (both dimensions of W multiples
-    of 16, else the reference)."""
+    """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): up to A8_ABOVE rows through the weight-only
+    Triton kernels, up to SMALL_M through the Triton kernel on e4m3 activations (per-token scales), more
+    through torch._scaled_mm with the same activation scales (both dimensions of W multiples of 16, else
+    the reference)."""
     from ..kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.shape[0] <= SMALL_M:
+    if x2.shape[0] <= A8_ABOVE:
         y = fp8_gemm_small_m(x2, weight, scale, bias)
+    elif x2.shape[0] <= SMALL_M:
+        xq, x_scale = quantize_activations(x2)
+        y = fp8_gemm_small_m(xq, weight, scale, bias, x_scale=x_scale, out_dtype=x.dtype)
     elif weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0:
         xq, x_scale = quantize_activations(x2)
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
