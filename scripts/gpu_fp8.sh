@@ -3,7 +3,8 @@
 # 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement), and decode latency
 # of both in the same call (bf16 the baseline); kv: sequences of 8k tokens the KV cache holds, bf16 against
 # kv_cache_dtype fp8 at the same memory setting; tune: scripts/fp8_gemm_bench.py --tune (the small-batch
-# kernels' configurations, TUNE_BUDGET seconds); gemm: the kernels as the engine runs them, 8B and 70B shapes.
+# kernels' configurations, TUNE_BUDGET seconds); gemm: the kernels as the engine runs them, 8B and 70B shapes;
+# big: BIG_MODEL (default random:llama-3-70b) in FP8 weights and KV on this GPU.
 # Results under $OUT.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -33,8 +34,15 @@ if [[ $STAGES == *latency* ]]; then
     flag=""; [ $q = fp8 ] && flag="--quantization fp8"
     timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
       --input-len 128 --output-len 128 --profile-step --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1
-    grep -E "^ +[0-9]+ " "$OUT/latency-$q.log" | sed "s/^/[$q] /" || tail -3 "$OUT/latency-$q.log"
+    grep -E "^ +[0-9]+ |rank 0:" "$OUT/latency-$q.log" | sed "s/^/[$q] /" || tail -3 "$OUT/latency-$q.log"
   done
+fi
+if [[ $STAGES == *big* ]]; then  # a model bf16 would not fit on this GPU, FP8 (weights and KV) only
+  BIG=${BIG_MODEL:-random:llama-3-70b}
+  timeout 300 python3 -m shardlm.entrypoints.cli bench latency --model "$BIG" --quantization fp8 --kv-cache-dtype fp8 \
+    --batch-sizes ${BIG_BATCHES:-1,32} --input-len 128 --output-len 64 --profile-step --json "$OUT/latency-big-fp8.json" \
+    > "$OUT/latency-big-fp8.log" 2>&1
+  grep -E "^ +[0-9]+ |rank 0:" "$OUT/latency-big-fp8.log" | sed "s/^/[$BIG fp8] /" || tail -3 "$OUT/latency-big-fp8.log"
 fi
 if [[ $STAGES == *kv* ]]; then
   timeout 200 python3 - "$MODEL" "${CTX:-8192}" <<'PY' 2>&1 | grep -v "^shardlm:" | tee "$OUT/kv.txt"

@@ -199,14 +199,24 @@ def test_gpu_a_full_kv_cache_decodes_without_running_out_of_memory():
 
 
 def test_gpu_fp8_linear_matches_its_reference():
-    """the FP8 kernels against the dequantising reference: up to SMALL_M rows the weight-only Triton kernels
-    (within bf16 rounding) with the tuned configurations and with split-K forced on both kernels, above them
-    torch._scaled_mm with per-token activation scales (the activations' rounding to e4m3, 3 mantissa bits, is
-    the difference: a few percent of an output at most), as is the FP8-tensor-core Triton kernel's; bias
-    added; the split-K counters left zero"""
-    from shardlm.worker.kernels.triton_fp8 import Config, fp8_gemm_small_m, quantize_activations, workspace
+    """the FP8 kernels against the dequantising reference: up to A8_ABOVE rows the weight-only Triton kernels
+    (within bf16 rounding) with the tuned configurations and with split-K forced on both kernels; above, the
+    activations in e4m3 too (the Triton kernel up to SMALL_M rows, torch._scaled_mm above: the activations'
+    rounding to 3 mantissa bits is the difference, a few percent of an output at most); bias added; the
+    split-K counters left zero"""
+    from shardlm.worker.kernels.triton_fp8 import (
+        Config,
+        fp8_gemm_small_m,
+        quantize_activations,
+        workspace,
+    )
+    from shardlm.worker.layers.fp8 import (
+        A8_ABOVE,
+        fp8_linear_torch,
+        quantize_rows,
+        scaled_mm_ok,
+    )
     from shardlm.worker.layers.fp8 import fp8_linear_kernels as fp8_linear
-    from shardlm.worker.layers.fp8 import fp8_linear_torch, quantize_rows, scaled_mm_ok
 
     dev = torch.device("cuda")
     if not scaled_mm_ok(dev):
@@ -224,7 +234,7 @@ def test_gpu_fp8_linear_matches_its_reference():
         w, s = quantize_rows(torch.randn(n, k, device=dev, generator=gen) * 0.02)
         bias = torch.randn(n, device=dev, generator=gen).to(torch.bfloat16)
         want = fp8_linear_torch(x, w, s, bias)
-        close(fp8_linear(x, w, s, bias), want, 0.01 if tokens <= 64 else 0.05)
+        close(fp8_linear(x, w, s, bias), want, 0.01 if tokens <= A8_ABOVE else 0.05)
         if tokens > 64:
             continue
         for cfg in (Config(True, 16, 256, 4, 4, 3), Config(False, 32, 128, 3, 4, 3)):
@@ -251,7 +261,8 @@ def test_gpu_fp8_engine_replays_graphs_like_its_eager_steps(tiny_models):
 
 def test_gpu_fp8_kv_cache_reads_the_same_through_both_attention_paths(tiny_models):
     """kv_cache_dtype fp8 on the GPU: the Triton rotary/cache-write and attention kernels (graphs on) give the
-    torch path's greedy tokens and logits within bf16 rounding; the cache holds twice the bf16 blocks"""
+    torch path's logits within 2% (the two paths round rotary's results differently before e4m3) and its
+    greedy tokens, at least until a near tie of the random model; the cache holds twice the bf16 blocks"""
     folder, _ = tiny_models["mistral"]
     outs, blocks = [], []
     for backend in ("torch", "triton"):
@@ -263,28 +274,33 @@ def test_gpu_fp8_kv_cache_reads_the_same_through_both_attention_paths(tiny_model
             outs.append(([o.outputs[0].token_ids for o in got],
                          [np.stack(llm.engine.logits_log[(o.request_id, 0)]) for o in got]))
             blocks.append(llm.engine.stats().blocks.num_blocks)
-    assert outs[0][0] == outs[1][0]
-    for a, b in zip(outs[0][1], outs[1][1]):
-        assert np.abs(a - b).max() / np.abs(a).max() < 2e-2
+    for (tok_a, tok_b), a, b in zip(zip(outs[0][0], outs[1][0]), outs[0][1], outs[1][1]):
+        same = next((i for i, (x, y) in enumerate(zip(tok_a, tok_b)) if x != y), len(tok_a))
+        assert same >= 4, (tok_a, tok_b)  # (later, a near tie of this random model may fall either way)
+        assert np.abs(a[:same + 1] - b[:same + 1]).max() / np.abs(a).max() < 2e-2
     with LLM(str(folder), gpu_memory_utilization=0.3) as llm:
         assert blocks[1] >= 1.9 * llm.engine.stats().blocks.num_blocks
 
 
 @pytest.mark.parametrize("name", ["mistral", "mixtral"])
 def test_gpu_fp8_kernels_give_the_reference_paths_tokens(name, tiny_models, monkeypatch):
-    """FP8 weights on the GPU kernels (Triton small-batch GEMMs, scaled_mm for the prompts; MoE experts one
-    by one) against the same engine on the reference path (SHARDLM_FP8_REFERENCE=1: dequantised weights):
-    greedy tokens equal, logits within 2% of their largest"""
+    """FP8 weights on the GPU kernels (weight-only Triton kernels for steps of up to A8_ABOVE tokens; MoE
+    experts one by one) against the same engine on the reference path (SHARDLM_FP8_REFERENCE=1: dequantised
+    weights): greedy tokens equal, logits within 2% of their largest. A long prompt's step (e4m3 activations
+    through torch._scaled_mm) stays within 6% of the reference's logits (relative norm)."""
     folder, _ = tiny_models[name]
     runs = []
     for reference in ("1", "0"):
         monkeypatch.setenv("SHARDLM_FP8_REFERENCE", reference)  # (the workers inherit it)
         with LLM(str(folder), quantization="fp8", gpu_memory_utilization=0.3) as llm:
             llm.engine.return_logits = True
-            outs = llm.generate([{"prompt_token_ids": p} for p in ([5, 6, 7], list(range(10, 90)))],
+            outs = llm.generate([{"prompt_token_ids": p} for p in ([5, 6, 7], list(range(10, 18)))],
                                 SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+            long = llm.generate([{"prompt_token_ids": list(range(10, 90))}], SamplingParams(max_tokens=1))
             runs.append(([o.outputs[0].token_ids for o in outs],
-                         [np.stack(llm.engine.logits_log[(o.request_id, 0)]) for o in outs]))
+                         [np.stack(llm.engine.logits_log[(o.request_id, 0)]) for o in outs + long]))
     assert runs[0][0] == runs[1][0]
-    for a, b in zip(runs[0][1], runs[1][1]):
+    for a, b in zip(runs[0][1][:2], runs[1][1][:2]):
         assert np.abs(a - b).max() / np.abs(a).max() < 2e-2
+    a, b = runs[0][1][2], runs[1][1][2]
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.06

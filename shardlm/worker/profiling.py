@@ -114,7 +114,7 @@ def _kernel_kind(name: str) -> str:
         return "communication"
     if any(k in name for k in ("attention", "fmha", "flash", "softmax")):  # before gemm: fmha_cutlass...
         return "attention"
-    if any(k in name for k in ("gemm", "nvjet", "cutlass", "matmul", "sm90")):
+    if any(k in name for k in ("gemm", "gemv", "fp8_dot", "nvjet", "cutlass", "matmul", "sm90")):  # (fp8: ours)
         return "gemm"
     return "other"
 

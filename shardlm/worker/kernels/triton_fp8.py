@@ -150,12 +150,13 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> 
     activations), from scripts/fp8_gemm_bench.py --tune on an H200: one row on the CUDA cores, more on the
     tensor cores; split-K until the output blocks times the pieces keep every SM (sms of them) streaming,
     each piece at least 4 K blocks long."""
+    wide = n >= 16384  # (gate_up: enough output blocks without split, wider tiles read faster)
     if m == 1 and not a8:
-        cfg, programs = Config(True, 16, 512, 1, 8, 4), 2 * sms
+        cfg, programs = Config(True, 32 if wide else 16, 256 if wide else 512, 1, 8, 4), 2 * sms
     elif m <= 16 and not a8:
         cfg, programs = Config(False, 32, 128 if m <= 4 else 256, 1, 4, 4), 4 * sms
-    else:
-        cfg, programs = Config(False, 64, 128, 1, 4, 4), 4 * sms
+    else:  # e4m3 activations, 17-64 rows: at most two pieces (more partial sums to add cost more than they gain)
+        cfg, programs = Config(False, 128 if wide else 32, 128, 1, 4, 4), sms
     blocks, split = triton.cdiv(n, cfg.block_n), 1
     while blocks * split < programs and k >= 8 * split * cfg.block_k:
         split *= 2
