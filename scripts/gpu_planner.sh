@@ -3,6 +3,7 @@
 # Afterwards, here: shardlm plan --validate $OUT/bench-*.json --profile $OUT/probe.json --gpu h100-80gb
 # LAYOUTS: bench file name:flags entries separated by ';' (default: TP 1/2/4; add e.g. "pp4:-pp 4"; empty: no benches).
 # REPEATS: rounds per bench (the median of each timing is reported). GPU_TESTS=1: run tests/test_gpu.py first.
+# BATCHES (default 1,8,32) and INPUT_LENS (prompt lengths, default 128; each its own bench-NAME-inLEN.json).
 # PROBE=0: benches only (e.g. a before/after with BASELINE, below, in a call of its own).
 # PROFILED: layouts (same form as LAYOUTS) benched again with --profile-step, to profile-NAME.json (kernel time per
 # decode step by rank; kept out of the bench-*.json that plan --validate reads), e.g. PROFILED="tp4:-tp 4".
@@ -24,14 +25,17 @@ if [ "${PROBE:-1}" = 1 ]; then
     | grep -v -E "it/s\]|_warn_once|warn\(" | tail -12
 fi
 IFS=';' read -ra layouts <<< "${LAYOUTS-tp1:-tp 1;tp2:-tp 2;tp4:-tp 4}"
-bench() {  # $1: label, $2: flags, $3: the engine to run (PYTHONPATH), $4: result file
+bench() {  # $1: label, $2: flags, $3: the engine to run (PYTHONPATH), $4: result file, $5: prompt length
   (cd "$3" && PYTHONPATH=$3 timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model random:llama-3-8b $2 \
-    --batch-sizes 1,8,32 --repeats "${REPEATS:-1}" --input-len 128 --output-len 64 --json "$4" 2>&1) \
+    --batch-sizes "${BATCHES:-1,8,32}" --repeats "${REPEATS:-1}" --input-len "${5:-128}" --output-len 64 --json "$4" 2>&1) \
     | grep -E "^ +[0-9]|batch|Error" | cut -c1-300 | sed "s/^/[$1] /"
 }
 for cfg in "${layouts[@]}"; do
   name=${cfg%%:*}; flags=${cfg#*:}
-  bench "$name" "$flags" "$PWD" "$OUT/bench-$name.json"
+  for len in ${INPUT_LENS:-128}; do
+    file=$OUT/bench-$name.json; [ -n "${INPUT_LENS:-}" ] && file=$OUT/bench-$name-in$len.json
+    bench "$name in$len" "$flags" "$PWD" "$file" "$len"
+  done
   # BASELINE: a folder holding an older checkout (e.g. `git archive REV | tar -x -C .base`, carried along):
   # the same bench on that engine right after, for a same-call before/after (base-NAME.json, kept out of
   # the bench-*.json that plan --validate reads)

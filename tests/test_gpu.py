@@ -198,6 +198,19 @@ def test_gpu_a_full_kv_cache_decodes_without_running_out_of_memory():
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
 
 
+def same_tokens_but_near_ties(tok_a, tok_b, logits_a, logits_b, tol):
+    """Two greedy runs through different rounding: logits within tol of the largest up to and including the
+    first step where the tokens part, and there only because the first run's top two were within tol (a
+    near tie of a random model may fall either way; after it the runs see different tokens)."""
+    part = next((i for i, (x, y) in enumerate(zip(tok_a, tok_b)) if x != y), None)
+    upto = len(tok_a) if part is None else part + 1
+    scale = np.abs(logits_a[:upto]).max()
+    assert np.abs(logits_a[:upto] - logits_b[:upto]).max() / scale < tol
+    if part is not None:
+        gap = logits_a[part][tok_a[part]] - logits_a[part][tok_b[part]]
+        assert gap / scale < tol, (part, tok_a, tok_b, gap / scale)
+
+
 def test_gpu_fp8_linear_matches_its_reference():
     """the FP8 kernels against the dequantising reference: up to A8_ABOVE rows the weight-only Triton kernels
     (within bf16 rounding) with the tuned configurations and with split-K forced on both kernels; above, the
@@ -262,7 +275,7 @@ def test_gpu_fp8_engine_replays_graphs_like_its_eager_steps(tiny_models):
 def test_gpu_fp8_kv_cache_reads_the_same_through_both_attention_paths(tiny_models):
     """kv_cache_dtype fp8 on the GPU: the Triton rotary/cache-write and attention kernels (graphs on) give the
     torch path's logits within 2% (the two paths round rotary's results differently before e4m3) and its
-    greedy tokens, at least until a near tie of the random model; the cache holds twice the bf16 blocks"""
+    greedy tokens but for near ties; the cache holds twice the bf16 blocks"""
     folder, _ = tiny_models["mistral"]
     outs, blocks = [], []
     for backend in ("torch", "triton"):
@@ -274,10 +287,8 @@ def test_gpu_fp8_kv_cache_reads_the_same_through_both_attention_paths(tiny_model
             outs.append(([o.outputs[0].token_ids for o in got],
                          [np.stack(llm.engine.logits_log[(o.request_id, 0)]) for o in got]))
             blocks.append(llm.engine.stats().blocks.num_blocks)
-    for (tok_a, tok_b), a, b in zip(zip(outs[0][0], outs[1][0]), outs[0][1], outs[1][1]):
-        same = next((i for i, (x, y) in enumerate(zip(tok_a, tok_b)) if x != y), len(tok_a))
-        assert same >= 4, (tok_a, tok_b)  # (later, a near tie of this random model may fall either way)
-        assert np.abs(a[:same + 1] - b[:same + 1]).max() / np.abs(a).max() < 2e-2
+    for tok_a, tok_b, a, b in zip(outs[0][0], outs[1][0], outs[0][1], outs[1][1]):
+        same_tokens_but_near_ties(tok_a, tok_b, a, b, 2e-2)
     with LLM(str(folder), gpu_memory_utilization=0.3) as llm:
         assert blocks[1] >= 1.9 * llm.engine.stats().blocks.num_blocks
 
@@ -286,8 +297,9 @@ def test_gpu_fp8_kv_cache_reads_the_same_through_both_attention_paths(tiny_model
 def test_gpu_fp8_kernels_give_the_reference_paths_tokens(name, tiny_models, monkeypatch):
     """FP8 weights on the GPU kernels (weight-only Triton kernels for steps of up to A8_ABOVE tokens; MoE
     experts one by one) against the same engine on the reference path (SHARDLM_FP8_REFERENCE=1: dequantised
-    weights): greedy tokens equal, logits within 2% of their largest. A long prompt's step (e4m3 activations
-    through torch._scaled_mm) stays within 6% of the reference's logits (relative norm)."""
+    weights, rounded to bf16): logits within 2% of their largest, greedy tokens equal but for near ties. A
+    long prompt's step (e4m3 activations through torch._scaled_mm) stays within 6% of the reference's logits
+    (relative norm)."""
     folder, _ = tiny_models[name]
     runs = []
     for reference in ("1", "0"):
@@ -299,8 +311,7 @@ def test_gpu_fp8_kernels_give_the_reference_paths_tokens(name, tiny_models, monk
             long = llm.generate([{"prompt_token_ids": list(range(10, 90))}], SamplingParams(max_tokens=1))
             runs.append(([o.outputs[0].token_ids for o in outs],
                          [np.stack(llm.engine.logits_log[(o.request_id, 0)]) for o in outs + long]))
-    assert runs[0][0] == runs[1][0]
-    for a, b in zip(runs[0][1][:2], runs[1][1][:2]):
-        assert np.abs(a - b).max() / np.abs(a).max() < 2e-2
+    for tok_a, tok_b, a, b in zip(runs[0][0], runs[1][0], runs[0][1], runs[1][1]):
+        same_tokens_but_near_ties(tok_a, tok_b, a, b, 2e-2)
     a, b = runs[0][1][2], runs[1][1][2]
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.06
