@@ -16,8 +16,6 @@ from ..common.messages import WorkerReady
 
 CPU_KV_CACHE_BYTES = 1 << 30
 """KV cache per rank on CPU when kv_cache_memory_bytes is not given"""
-MAX_PROFILE_TOKENS = 8192
-"""the profiling forward runs at most this many tokens (a larger step budget is profiled at this size)"""
 MIN_TOKEN_BUDGET = 2048
 """a step's token budget when max_num_batched_tokens is not given: max(max_model_len, this)"""
 SERVE_TOKEN_BUDGET = 1024
@@ -69,7 +67,7 @@ class WorkerBudget:
 def worker_budget(kv_cache_memory_bytes: int | None, max_num_batched_tokens: int | None,
                   max_model_len: int) -> WorkerBudget:
     return WorkerBudget(kv_cache_memory_bytes if kv_cache_memory_bytes is not None else CPU_KV_CACHE_BYTES,
-                        min(token_budget(max_num_batched_tokens, max_model_len), MAX_PROFILE_TOKENS))
+                        token_budget(max_num_batched_tokens, max_model_len))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ tiny model at two depths (4 and 48 layers, both up at once, taking turns): the m
 decode step grows by the host floor of each added layer (kernel launches + the layer's
 all-reduces), and what is left at zero layers is the step's own overhead; the first token of a
 128-token prompt gives a prefill step's. With `--model` it also times that model's own layers the
-same way (random weights at MODEL_DEPTHS layers), for the planner to use on models of that shape
+same way (random weights at model_depths' two depths), for the planner to use on models of that shape
 (the tiny layer's kernels run shorter than wide ones). The output follows the schema in
 shardlm/planner/profile.py; it is written after each group size, so a probe cut short keeps the
 sizes it finished.
@@ -39,8 +39,18 @@ CPU_SIZES = [16 << 10, 256 << 10, 1 << 20]
 # the same tiny layer at two depths: the host floor per layer is the slope of the step time, the step's
 # own overhead what is left at zero layers (the shallow model sits close to it)
 PROBE_MODELS = ("random:probe-tiny-shallow", "random:probe-tiny-deep")
-MODEL_DEPTHS = (2, 8)
-"""layer counts at which `--model` times the model's own layers"""
+MODEL_DEEPEST = 32
+
+
+def model_depths(layers: int, device: str) -> tuple[int, int]:
+    """The two layer counts at which `--model` times a model of `layers` layers on `device`. On a GPU up to
+    MODEL_DEEPEST deep and half that: the step must outlast the host's work at both depths, or the slope
+    between them shows host time, not the layers' (depths 2 and 8 of Llama-3-8B on an H200 gave 66 us a
+    layer; its weights alone take 104 us to read). On the CPU a layer outlasts the host's work: 2 and 8."""
+    if device != "cuda":
+        return 2, 8
+    deep = max(2, min(layers, MODEL_DEEPEST))
+    return deep // 2, deep
 DECODE_INPUT, DECODE_OUTPUT, PROMPT_LEN = 8, 48, 128
 """the timed decode (prompt, new tokens) and the timed first token's prompt"""
 DTYPES = {"cuda": ("bfloat16", 2), "cpu": ("float32", 4)}
@@ -223,7 +233,8 @@ def _without_empty_model_layers(profile: dict[str, Any]) -> dict[str, Any]:
 def _time_model_layers(spec: ModelSource, n: int, device: str, out: dict[str, Any], log) -> None:
     """Time `spec`'s layers at TP size n into out[str(n)]; a size the model cannot run at is left out."""
     try:
-        times, _, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in MODEL_DEPTHS], measure=False)
+        depths = model_depths(spec.config.num_hidden_layers, device)
+        times, _, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in depths], measure=False)
     except (ConfigError, LayoutError, RuntimeError, OSError) as exc:  # heads not divisible, out of memory, ...
         log(f"probe: {spec.name} at TP={n} not timed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
         return

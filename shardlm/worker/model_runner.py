@@ -128,8 +128,12 @@ class ModelRunner:
         self.allocate_kv(sum(per_seq))
         kv_bytes = torch.cuda.memory_allocated(dev) - before
         first = [sum(per_seq[:i]) for i in range(len(lens))]
-        self.execute(StepPlan([SeqPlan(-1 - i, [0] * n, 0, list(range(b0, b0 + nb)), sample=True)
-                               for i, (n, b0, nb) in enumerate(zip(lens, first, per_seq))])).finish()
+        try:  # (the whole step budget: a step the scheduler may send must fit beside the cache)
+            self.execute(StepPlan([SeqPlan(-1 - i, [0] * n, 0, list(range(b0, b0 + nb)), sample=True)
+                                   for i, (n, b0, nb) in enumerate(zip(lens, first, per_seq))])).finish()
+        except torch.cuda.OutOfMemoryError:
+            raise ValueError(f"a step of {profile_tokens} tokens (max_num_batched_tokens) does not fit in GPU "
+                             f"memory beside the weights: lower max_num_batched_tokens") from None
         synchronize(self.ctx.device)
         activation = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         # the decode graphs keep a memory pool of their own: capture them once over this temporary cache to
