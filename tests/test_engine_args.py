@@ -109,6 +109,7 @@ def test_defaults_and_full_settings_are_valid(tmp_path):
     (dict(max_num_seqs=0), ConfigError, "max_num_seqs must be >= 1, got 0"),
     (dict(block_size=0), ConfigError, "block_size must be >= 1, got 0"),
     (dict(max_num_batched_tokens=0), ConfigError, "max_num_batched_tokens must be >= 1, got 0"),
+    (dict(max_num_batched_tokens=32769), ConfigError, "max_num_batched_tokens must be <= 32768"),
     (dict(max_batches_in_flight=0), ConfigError, "max_batches_in_flight must be >= 1, got 0"),
     (dict(max_seq_len_to_capture=0), ConfigError, "max_seq_len_to_capture must be >= 1, got 0"),
     (dict(max_model_len=0), ConfigError, "max_model_len must be >= 1, got 0"),

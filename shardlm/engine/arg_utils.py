@@ -18,6 +18,7 @@ from ..common.config import ConfigError, check_output_path
 from ..common.defaults import MAX_NUM_SEQS
 from ..common.layout import LayoutError
 from ..common.model_source import ModelSource
+from .kv_cache import MAX_STEP_TOKENS
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cuda", "cpu"]
@@ -145,6 +146,10 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens > MAX_STEP_TOKENS:
+            raise ConfigError(f"max_num_batched_tokens must be <= {MAX_STEP_TOKENS} (a step's kernels index its "
+                              f"activations in 32 bits; longer prompts are prefilled in chunks), got "
+                              f"{self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.first_device < 0:

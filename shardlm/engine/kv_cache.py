@@ -53,9 +53,14 @@ def check_host_memory(model: str, params: int, dtype: str, kv_bytes: int, availa
                       f"or GPUs")
 
 
+MAX_STEP_TOKENS = 32768
+"""the most tokens one step may run: the kernels index a step's [tokens, intermediate] activations in 32 bits
+(a 262,144-token step of Llama-3-8B failed on an H200); longer prompts are prefilled in chunks"""
+
+
 def token_budget(max_num_batched_tokens: int | None, max_model_len: int) -> int:
     """Tokens one step may run (prefill chunks + decodes)."""
-    return max_num_batched_tokens or max(max_model_len, MIN_TOKEN_BUDGET)
+    return max_num_batched_tokens or min(max(max_model_len, MIN_TOKEN_BUDGET), MAX_STEP_TOKENS)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..common.config import check_output_path
 from ..engine.arg_utils import EngineArgs
-from ..engine.kv_cache import token_budget
+from ..engine.kv_cache import MAX_STEP_TOKENS, token_budget
 from ..engine.sampling_params import SamplingParams
 from ..engine.stragglers import slowest_rank
 from .llm import LLM
@@ -194,8 +194,9 @@ def run_bench(args, engine_args: EngineArgs) -> int:
                          f"{PROFILED_STEP + 2}, got {args.output_len}")
     check_output_path("--json", args.json)
     check_output_path("--plot", args.plot)
-    longest = max(batch_sizes) * args.input_len
-    # a batch's prompts in one step (unless --max-num-batched-tokens is given), and all its sequences at once
+    longest = min(max(batch_sizes) * args.input_len, MAX_STEP_TOKENS)
+    # a batch's prompts in one step (unless --max-num-batched-tokens is given, or they exceed a step's most
+    # tokens: then in chunks), and all its sequences at once
     engine_args = replace(engine_args, max_num_batched_tokens=token_budget(engine_args.max_num_batched_tokens, longest),
                           max_num_seqs=max(engine_args.max_num_seqs, max(batch_sizes)))
     with LLM(**asdict(engine_args)) as llm:
