@@ -669,8 +669,16 @@ def test_timed_model_layers_reproduce_the_measured_line(graphs):
     # other shapes, and TP sizes the probe did not time, keep the tiny model's floor
     for other in (replace(TINY, ffn=256), replace(TINY, bytes_per_param=4)):  # another shape or weight dtype
         assert _step(timed, other, 1) == _step(base, other, 1)
-    fp8_kv = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(timed), kv_bytes=1)
-    assert not fp8_kv.model_layers_apply  # the engine timed its KV cache in the model dtype
+    # FP8 weights or KV cache: the timed layers apply, corrected by what the formulas missed for the model as
+    # timed (bf16 weights and KV), the reads their own: the same calibration, and a shorter step where the GPU's
+    # work shows (graph-replayed: the layer is its GPU work plus the correction; an eager one here is host-bound)
+    as_timed = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(timed))
+    for fp8 in (CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(timed), kv_bytes=1),
+                CostModel(replace(TINY, quantization="fp8"), make_cluster("h100-80gb", 1), load_profile(timed))):
+        assert fp8.model_layers_apply
+        assert fp8.calibrated(1, prefill=False, graphed=False) == as_timed.calibrated(1, prefill=False, graphed=False)
+    fp8_step, bf16_step = _step(timed, replace(TINY, quantization="fp8"), 1), _step(timed, TINY, 1)
+    assert fp8_step < bf16_step if graphs else fp8_step == bf16_step
     only_tp1 = {**base, "model_layers": {**TIMED, "times_ms": {"1": TIMED["times_ms"]["1"]}}}
     assert _step(only_tp1, TINY, 2) == _step(base, TINY, 2)
     assert _step(only_tp1, TINY, 1) == _step(timed, TINY, 1)
@@ -1058,3 +1066,29 @@ def test_an_fp8_checkpoint_config_plans_as_fp8(tmp_path):
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}  # the planner still reads the shapes
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert load_model(str(tmp_path)).quantization is None
+
+
+def test_the_recommendation_check_compares_the_planners_pick_with_the_best_measured():
+    """plan --validate's recommendation check: per workload measured at two layouts or more, the layout the
+    planner predicts best (latency: the shortest TPOT; throughput: decode tokens/s per GPU) against the best
+    measured, missing past 10%; a layout measured at one workload only is not compared"""
+    from shardlm.planner.validate import ValidationRow, recommendation_checks
+
+    def row(layout, gpus, pred, meas, batch=8):
+        return ValidationRow(file="f", model="m", layout=layout, tp=gpus, gpus=gpus, batch=batch, input_len=128,
+                             output_len=64, context=160, ttft_ms_pred=1, ttft_ms_meas=1, ttft_err_pct=0,
+                             tpot_ms_pred=pred, tpot_ms_meas=meas, tpot_err_pct=0)
+
+    # tp=2 predicted fastest and measured fastest (latency); per GPU tp=1 is predicted to make more tokens
+    # (8 / 10 > 8 / 6 / 2) but measures 8 / 12 = 0.67 against tp=2's 8 / 5 / 2 = 0.8 a ms: 16.7% short
+    checks = recommendation_checks([row("tp=1", 1, 10.0, 12.0), row("tp=2", 2, 6.0, 5.0), row("tp=4", 4, 20, 20, 1)])
+    latency, throughput = checks
+    assert (latency.objective, latency.recommended, latency.best, latency.shortfall_pct, latency.ok) == (
+        "latency", "tp=2", "tp=2", 0.0, True)
+    assert (throughput.recommended, throughput.best, throughput.layouts) == ("tp=1", "tp=2", 2)
+    assert throughput.shortfall_pct == pytest.approx(100 * (0.8 - 8 / 12) / 0.8) and not throughput.ok
+    # a pick within 10% of the best passes; a layout measured twice counts at its median
+    close = recommendation_checks([row("a", 1, 5.0, 10.5), row("b", 1, 6.0, 10.0), row("b", 1, 6.0, 30.0),
+                                   row("b", 1, 6.0, 9.0)])[0]
+    assert (close.recommended, close.best, close.ok) == ("a", "b", True)
+    assert close.shortfall_pct == pytest.approx(5.0)

@@ -42,7 +42,7 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..common.defaults import MAX_NUM_SEQS, MAX_SEQ_LEN_TO_CAPTURE
 from ..common.graph_shapes import GRAPH_TOKENS, graph_pairs, padded_shape
@@ -495,11 +495,17 @@ class CostModel:
 
     @property
     def model_layers_apply(self) -> bool:
-        """The profile timed this model's own layers (a dense model of the same layer shape)."""
+        """The profile timed this model's own layers (a dense model of the same layer shape; its weights or
+        KV cache may be FP8: calibrated() then corrects by what the timed model's formulas missed)."""
         ml = self.profile.model_layers if self.host_calibrated else None
-        return (ml is not None and not self.model.is_moe and ml.shape == self.model.layer_shape
-                and self.kv_bytes == self.model.bytes_per_param  # (timed with the KV cache in the model dtype
-                and self.model.quantization is None)  # and bf16 weights)
+        return ml is not None and not self.model.is_moe and ml.shape == self.model.layer_shape
+
+    def _as_timed(self) -> CostModel:
+        """This cost model for the model as the probe times it: weights and KV cache in the model dtype"""
+        if self.model.quantization is None and self.kv_bytes == self.model.bytes_per_param:
+            return self
+        return CostModel(replace(self.model, quantization=None), self.cluster, self.profile, self.eff,
+                         self.model.bytes_per_param, self._cuda_graphs, self._attention_backend, self.async_scheduling)
 
     def calibrated(self, tp: int, prefill: bool, graphed: bool) -> tuple[float, float, float] | None:
         """(per-layer floor, per-layer GPU correction, step overhead), seconds, from the profile's timed layers
@@ -520,14 +526,17 @@ class CostModel:
         key = (tp, prefill, graphed)
         if key not in self._calibrations:
             lay = ParallelLayout(tp=tp)
-            sh = stage_shards(self.model, lay)[0]
+            # (the timed model's predicted work: with FP8 weights or KV the correction stays what the formulas
+            # missed beyond the reads, and the reads are this model's own)
+            timed = self._as_timed()
+            sh = stage_shards(timed.model, lay)[0]
             if prefill:
                 line, tokens, context = ml.prefill[tp], ml.prompt_len, 0.0
             else:
                 line = ml.decode[tp]
                 tokens, context, _ = self.decode_shape(1, ml.decode_context) if graphed else (1, ml.decode_context, False)
-            layer, rest = (self._work(lay, sh, tokens, context, prefill, 1, graphed)[i] for i in (0, -1))
-            layer_s, rest_s = (self._gpu_s(w, prefill) + w.comm_s for w in (layer, rest))
+            layer, rest = (timed._work(lay, sh, tokens, context, prefill, 1, graphed)[i] for i in (0, -1))
+            layer_s, rest_s = (timed._gpu_s(w, prefill) + w.comm_s for w in (layer, rest))
             per_layer = line.per_layer_us * 1e-6
             missed = per_layer - layer_s
             floor, gpu_fix = (missed, 0.0) if graphed else (per_layer, min(0.0, missed))

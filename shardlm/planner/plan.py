@@ -353,8 +353,8 @@ def model_layers_note(cm: CostModel, tps: set[int]) -> str | None:
     if ml is None:
         return f"this model's own layers not timed: its layers take the tiny model's floor, which may predict short; {advice}"
     if not cm.model_layers_apply:
-        return (f"the profile timed the layers of {ml.model}, of another layer shape or dtype (or this model's KV cache "
-                f"is in another dtype): its layers take the tiny model's floor, which may predict short; {advice}")
+        return (f"the profile timed the layers of {ml.model}, of another layer shape or dtype: its layers take the "
+                f"tiny model's floor, which may predict short; {advice}")
     timed = sorted(t for t in tps if t in ml.decode)
     others = sorted(t for t in tps if t not in ml.decode)
     text = f"layers of this shape timed by the probe ({ml.model})"

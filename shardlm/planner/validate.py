@@ -101,9 +101,11 @@ class ValidationRow:
     model: str
     """Model as the file names it."""
     layout: str
-    """Layout predicted ("tp=2 pp=1 dp=1")."""
+    """Layout predicted ("tp=2 pp=1 ep=1"; " fp8" where the weights were FP8, " kv-fp8" where the KV cache)."""
     tp: int
     """Tensor-parallel size."""
+    gpus: int
+    """GPUs the layout ran on."""
     batch: int
     """Sequences per step."""
     input_len: int
@@ -132,6 +134,33 @@ class ValidationRow:
     """100 * (predicted TPOT - median inter-token latency) / that latency, if measured."""
 
 
+RECOMMENDATION_TOLERANCE_PCT = 10.0
+"""the recommendation check's margin: the planner's pick may measure this much worse than the best"""
+
+
+@dataclass(frozen=True)
+class RecommendationCheck:
+    """The layout the planner predicts best among the measured ones for a workload and objective, against
+    the one measured best."""
+
+    model: str
+    batch: int
+    input_len: int
+    output_len: int
+    objective: str
+    """"latency" (the shortest decode step, TPOT) or "throughput" (the most decode tokens/s per GPU)."""
+    layouts: int
+    """Layouts measured at this workload."""
+    recommended: str
+    """The planner's pick (best predicted)."""
+    best: str
+    """The best measured."""
+    shortfall_pct: float
+    """How much worse the pick measured than the best, in % of the best (0 where they are the same)."""
+    ok: bool
+    """Within RECOMMENDATION_TOLERANCE_PCT."""
+
+
 @dataclass
 class Validation:
     """Every row's comparison and the summary."""
@@ -154,6 +183,8 @@ class Validation:
     """"measured" (profile's host floor) or "graph-captured" (the default assumptions)."""
     notes: list[str] = field(default_factory=list)
     """Remarks (profile used, model override)."""
+    recommendations: list[RecommendationCheck] = field(default_factory=list)
+    """Per workload measured at two layouts or more, per objective: the planner's pick against the best."""
 
 
 def _bad(path: str, where: str, what: str, got: Any) -> PlanError:
@@ -306,10 +337,12 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
         timed = model_layers_note(cm, {lay.tp})
         if timed:
             timed_notes.setdefault(timed, []).append(mf.path)
+        label = (f"tp={lay.tp} pp={lay.pp} ep={lay.ep}" + (" fp8" if mf.quantization else "")
+                 + (" kv-fp8" if mf.kv_fp8 else ""))
         for r in mf.rows:
             ttft, tpot, ctx = predict_row(cm, lay, r)
             rows.append(ValidationRow(
-                file=mf.path, model=mf.model, layout=f"tp={lay.tp} pp={lay.pp} ep={lay.ep}", tp=mf.tp, batch=r.batch,
+                file=mf.path, model=mf.model, layout=label, tp=mf.tp, gpus=lay.world_size, batch=r.batch,
                 input_len=r.input_len, output_len=r.output_len, context=ctx,
                 ttft_ms_pred=ttft * 1e3, ttft_ms_meas=r.ttft_ms, ttft_err_pct=_err(ttft * 1e3, r.ttft_ms),
                 tpot_ms_pred=tpot * 1e3, tpot_ms_meas=r.tpot_ms, tpot_err_pct=_err(tpot * 1e3, r.tpot_ms),
@@ -323,7 +356,31 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
         median_abs_tpot_err_pct=statistics.median(abs(r.tpot_err_pct) for r in rows),
         median_abs_itl_err_pct=statistics.median(itl_errs) if itl_errs else None,
         gpu=gpu, interconnect=interconnect, hardware_source="profile" if profile else "datasheet",
-        host_model=host, notes=notes)
+        host_model=host, notes=notes, recommendations=recommendation_checks(rows))
+
+
+def recommendation_checks(rows: list[ValidationRow]) -> list[RecommendationCheck]:
+    """For every workload (model, batch, prompt and output lengths) measured at two layouts or more (tp, pp,
+    ep, FP8 weights or KV), and each objective: is the layout the planner predicts best within
+    RECOMMENDATION_TOLERANCE_PCT of the best measured? Latency: the mean decode step (TPOT); throughput:
+    decode tokens per second per GPU (batch / TPOT / GPUs). A layout measured twice counts at its median."""
+    groups: dict[tuple[str, int, int, int], dict[str, list[ValidationRow]]] = {}
+    for r in rows:
+        groups.setdefault((r.model, r.batch, r.input_len, r.output_len), {}).setdefault(r.layout, []).append(r)
+    out = []
+    for (model, batch, inp, outp), by_layout in groups.items():
+        if len(by_layout) < 2:
+            continue
+        pred = {k: statistics.median(r.tpot_ms_pred for r in v) for k, v in by_layout.items()}
+        meas = {k: statistics.median(r.tpot_ms_meas for r in v) for k, v in by_layout.items()}
+        gpus = {k: v[0].gpus for k, v in by_layout.items()}
+        for objective, better in (("latency", lambda t, k: -t[k]), ("throughput", lambda t, k: batch / t[k] / gpus[k])):
+            pick = max(pred, key=lambda k: better(pred, k))
+            best = max(meas, key=lambda k: better(meas, k))
+            shortfall = 100.0 * (better(meas, best) - better(meas, pick)) / abs(better(meas, best))
+            out.append(RecommendationCheck(model, batch, inp, outp, objective, len(by_layout), pick, best, shortfall,
+                                           shortfall <= RECOMMENDATION_TOLERANCE_PCT))
+    return out
 
 
 def format_validation(v: Validation) -> str:
@@ -331,13 +388,13 @@ def format_validation(v: Validation) -> str:
     host = ("host time measured by the profile" if v.host_model == "measured"
             else "graph-captured host assumptions (no measured host time)")
     lines = [f"validate  predicted on {v.gpu}, {v.interconnect}; {v.hardware_source} hardware numbers, {host}", ""]
-    head = (f"{'file':<24} {'model':<20} {'layout':<15} {'batch':>5} {'in/out':>9}  "
+    head = (f"{'file':<24} {'model':<20} {'layout':<22} {'batch':>5} {'in/out':>9}  "
             f"{'TTFT pred':>9} {'meas':>8} {'err':>7}  {'TPOT pred':>9} {'meas':>8} {'err':>7}  {'ITL p50':>8} {'err':>7}")
     lines.append(head)
     for r in v.rows:
         name = r.file if len(r.file) <= 24 else "..." + r.file[-21:]
         model = r.model if len(r.model) <= 20 else "..." + r.model[-17:]
-        lines.append(f"{name:<24} {model:<20} {r.layout:<15} {r.batch:>5} {f'{r.input_len}/{r.output_len}':>9}  "
+        lines.append(f"{name:<24} {model:<20} {r.layout:<22} {r.batch:>5} {f'{r.input_len}/{r.output_len}':>9}  "
                      f"{r.ttft_ms_pred:>9.1f} {r.ttft_ms_meas:>8.1f} {r.ttft_err_pct:>+6.0f}%  "
                      f"{r.tpot_ms_pred:>9.2f} {r.tpot_ms_meas:>8.2f} {r.tpot_err_pct:>+6.0f}%  "
                      + (f"{r.itl_p50_ms_meas:>8.2f} {r.itl_err_pct:>+6.0f}%" if r.itl_err_pct is not None
@@ -348,6 +405,19 @@ def format_validation(v: Validation) -> str:
     itl = "" if v.median_abs_itl_err_pct is None else f", TPOT vs ITL p50 {v.median_abs_itl_err_pct:.1f}%"
     lines.append(f"median |error| over {len(v.rows)} rows: TTFT {v.median_abs_ttft_err_pct:.1f}%, "
                  f"TPOT {v.median_abs_tpot_err_pct:.1f}%{itl}")
+    if v.recommendations:
+        lines += ["", f"recommendation check: the layout the planner predicts best among those measured at a workload, "
+                      f"against the best measured (ok within {RECOMMENDATION_TOLERANCE_PCT:.0f}%)",
+                  f"{'model':<20} {'batch':>5} {'in/out':>9}  {'objective':<10} {'layouts':>7}  {'recommended':<22} "
+                  f"{'best measured':<22} {'short':>6}"]
+        for c in v.recommendations:
+            model = c.model if len(c.model) <= 20 else "..." + c.model[-17:]
+            lines.append(f"{model:<20} {c.batch:>5} {f'{c.input_len}/{c.output_len}':>9}  {c.objective:<10} "
+                         f"{c.layouts:>7}  {c.recommended:<22} {c.best:<22} {c.shortfall_pct:>5.1f}%"
+                         + ("" if c.ok else "  MISS"))
+        ok = sum(c.ok for c in v.recommendations)
+        lines.append(f"recommended within {RECOMMENDATION_TOLERANCE_PCT:.0f}% of the best measured in {ok} of "
+                     f"{len(v.recommendations)} cases")
     return "\n".join(lines)
 
 
