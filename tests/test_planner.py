@@ -1092,3 +1092,20 @@ def test_the_recommendation_check_compares_the_planners_pick_with_the_best_measu
                                    row("b", 1, 6.0, 9.0)])[0]
     assert (close.recommended, close.best, close.ok) == ("a", "b", True)
     assert close.shortfall_pct == pytest.approx(5.0)
+
+
+def test_validate_predicts_the_chunked_prefills_a_batch_decodes_beside(tmp_path):
+    """bench writes its step budget: a batch whose prompts exceed it prefills in chunks, and its mean TPOT
+    carries the chunks the early sequences decode beside (a request of chunk c waits on C - c of them, each
+    about a chunk's prefill); the decode step, compared with the median inter-token latency, does not"""
+    data = _measured("random:tiny-llama", [(8, 0, 0)])
+    data["results"][0]["itl_p50_ms"] = 1.0
+    whole, chunked = tmp_path / "whole.json", tmp_path / "chunked.json"
+    whole.write_text(json.dumps(data))
+    chunked.write_text(json.dumps({**data, "max_num_batched_tokens": 256}))
+    a, b = validate_files([str(whole), str(chunked)]).rows
+    chunks, steps = 8 * 128 // 256, 63  # 4 chunks; output_len 64
+    waits = sum(min(chunks - c, steps) for c in range(1, chunks + 1)) / chunks  # 1.5 chunks a request
+    assert b.ttft_ms_pred == pytest.approx(a.ttft_ms_pred)
+    assert b.tpot_ms_pred == pytest.approx(a.tpot_ms_pred + a.ttft_ms_pred / chunks * waits / steps)
+    assert b.itl_err_pct == pytest.approx(a.itl_err_pct)

@@ -208,6 +208,7 @@ def run_bench(args, engine_args: EngineArgs) -> int:
                 "attention_backend": llm.engine.attention_backend, "async_scheduling": llm.engine.async_scheduling,
                 "quantization": llm.engine.source.config.quantization,
                 "kv_cache_dtype": llm.engine.kv_cache_dtype,
+                "max_num_batched_tokens": engine_args.max_num_batched_tokens,
                 "graph_capture": llm.engine.graph_capture,
                 "all_reduce": llm.engine.all_reduce_path,
                 "gemv_gbps_by_rank": {c.rank: c.gemv_gbps for c in llm.engine.rank_checks},

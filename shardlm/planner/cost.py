@@ -280,6 +280,12 @@ def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float, p
     return 28 * hidden + 30 * q_dims + 26 * kv_dims + 10 * ffn_dims
 
 
+FP8_GEMM_TIME = 0.6
+"""an FP8 GEMM's FLOPs cost this much of bf16's: the tensor cores' double rate, less the activations'
+quantisation and the FP8 kernels' efficiency (H200, session 14: FP8 prefill of Llama-3-8B took 0.63-0.67 of
+bf16's time, attention included)"""
+
+
 class CostModel:
     """Times and memory for layouts of one model on one cluster."""
 
@@ -427,7 +433,7 @@ class CostModel:
               prompts: int, graphed: bool = False) -> list[_Work]:
         """The stage's work split into its dense layers, its MoE layers and the non-layer part."""
         m, b, lb = self.model, self.model.bytes_per_param, self.model.linear_bytes
-        lin_f = 0.5 if m.quantization == "fp8" else 1.0  # FP8 tensor cores: the GEMMs' FLOPs at twice the rate
+        lin_f = FP8_GEMM_TIME if m.quantization == "fp8" else 1.0
         d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
         kv_layer = 2 * sh.kv_heads * d * self.kv_bytes  # per token
         if prefill:  # `prompts` prompts of tokens/prompts tokens: KV written once, causal attention

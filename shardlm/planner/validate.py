@@ -86,6 +86,8 @@ class MeasuredFile:
     """The engine's attention path: 'triton' or 'torch' (files from before the kernels do not say: torch)."""
     async_scheduling: bool = False
     """Whether the engine overlapped its host work with the previous step (files from before it: False)."""
+    max_num_batched_tokens: int | None = None
+    """The engine's step budget (None: files from before bench wrote it, whose batches prefilled in one step)."""
 
     @property
     def layout(self) -> ParallelLayout:
@@ -131,7 +133,8 @@ class ValidationRow:
     itl_p50_ms_meas: float | None = None
     """Measured median inter-token latency, ms, if the file has it."""
     itl_err_pct: float | None = None
-    """100 * (predicted TPOT - median inter-token latency) / that latency, if measured."""
+    """100 * (predicted decode step - median inter-token latency) / that latency, if measured (the step
+    without the share of chunked prefills that TPOT carries)."""
 
 
 RECOMMENDATION_TOLERANCE_PCT = 10.0
@@ -260,9 +263,11 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
     kv = data.get("kv_cache_dtype", "auto")
     if kv not in ("auto", "fp8"):
         raise _bad(path, "kv_cache_dtype", "must be 'auto' or 'fp8'", kv)
+    budget = data.get("max_num_batched_tokens")
     return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows),
                         pp=pp, ep=ep, cuda_graphs=graphs, attention_backend=attention, async_scheduling=overlap,
-                        quantization=quant, kv_fp8=kv == "fp8")
+                        quantization=quant, kv_fp8=kv == "fp8",
+                        max_num_batched_tokens=None if budget is None else _int(budget, path, "max_num_batched_tokens"))
 
 
 def load_measured(path: str) -> MeasuredFile:
@@ -294,12 +299,23 @@ def _err(pred: float, meas: float) -> float:
     return 100.0 * (pred - meas) / meas
 
 
-def predict_row(cm: CostModel, lay: ParallelLayout, row: MeasuredRow) -> tuple[float, float, float]:
-    """(TTFT s, TPOT s, context) predicted for one measured row on the file's layout."""
+def predict_row(cm: CostModel, lay: ParallelLayout, row: MeasuredRow, budget: int | None = None
+                ) -> tuple[float, float, float, float]:
+    """(TTFT s, TPOT s, decode step s, context) predicted for one measured row on the file's layout. A batch
+    whose prompts exceed the step budget prefills in C chunks; the sequences of chunk c decode beside the C - c
+    chunks after it, each such step taking about a chunk's prefill, and the measured TPOT (each request's
+    mean decode step, averaged) carries that share; the decode step (against the median inter-token latency)
+    does not."""
     shards = stage_shards(cm.model, lay)
     ttft, _ = cm.prefill_step(lay, shards, row.batch * row.input_len, prompts=row.batch)
     context = row.input_len + row.output_len / 2
-    return ttft, cm.decode_step(lay, shards, row.batch, context)[0], context
+    step = tpot = cm.decode_step(lay, shards, row.batch, context)[0]
+    chunks = -(-row.batch * row.input_len // budget) if budget else 1
+    if chunks > 1 and row.output_len > 1:
+        steps = row.output_len - 1
+        waits = statistics.mean(min(chunks - c, steps) for c in range(1, chunks + 1))
+        tpot += ttft / chunks * waits / steps
+    return ttft, tpot, step, context
 
 
 def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str | None = None,
@@ -340,14 +356,14 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
         label = (f"tp={lay.tp} pp={lay.pp} ep={lay.ep}" + (" fp8" if mf.quantization else "")
                  + (" kv-fp8" if mf.kv_fp8 else ""))
         for r in mf.rows:
-            ttft, tpot, ctx = predict_row(cm, lay, r)
+            ttft, tpot, step, ctx = predict_row(cm, lay, r, mf.max_num_batched_tokens)
             rows.append(ValidationRow(
                 file=mf.path, model=mf.model, layout=label, tp=mf.tp, gpus=lay.world_size, batch=r.batch,
                 input_len=r.input_len, output_len=r.output_len, context=ctx,
                 ttft_ms_pred=ttft * 1e3, ttft_ms_meas=r.ttft_ms, ttft_err_pct=_err(ttft * 1e3, r.ttft_ms),
                 tpot_ms_pred=tpot * 1e3, tpot_ms_meas=r.tpot_ms, tpot_err_pct=_err(tpot * 1e3, r.tpot_ms),
                 tpot_p50_ms_meas=r.tpot_p50_ms, itl_p50_ms_meas=r.itl_p50_ms,
-                itl_err_pct=None if r.itl_p50_ms is None else _err(tpot * 1e3, r.itl_p50_ms)))
+                itl_err_pct=None if r.itl_p50_ms is None else _err(step * 1e3, r.itl_p50_ms)))
     notes += [note if len(about) == len(files) else f"{', '.join(about)}: {note}" for note, about in timed_notes.items()]
     itl_errs = [abs(r.itl_err_pct) for r in rows if r.itl_err_pct is not None]
     return Validation(
@@ -388,19 +404,20 @@ def format_validation(v: Validation) -> str:
     host = ("host time measured by the profile" if v.host_model == "measured"
             else "graph-captured host assumptions (no measured host time)")
     lines = [f"validate  predicted on {v.gpu}, {v.interconnect}; {v.hardware_source} hardware numbers, {host}", ""]
-    head = (f"{'file':<24} {'model':<20} {'layout':<22} {'batch':>5} {'in/out':>9}  "
+    head = (f"{'file':<24} {'model':<20} {'layout':<26} {'batch':>5} {'in/out':>9}  "
             f"{'TTFT pred':>9} {'meas':>8} {'err':>7}  {'TPOT pred':>9} {'meas':>8} {'err':>7}  {'ITL p50':>8} {'err':>7}")
     lines.append(head)
     for r in v.rows:
         name = r.file if len(r.file) <= 24 else "..." + r.file[-21:]
         model = r.model if len(r.model) <= 20 else "..." + r.model[-17:]
-        lines.append(f"{name:<24} {model:<20} {r.layout:<22} {r.batch:>5} {f'{r.input_len}/{r.output_len}':>9}  "
+        lines.append(f"{name:<24} {model:<20} {r.layout:<26} {r.batch:>5} {f'{r.input_len}/{r.output_len}':>9}  "
                      f"{r.ttft_ms_pred:>9.1f} {r.ttft_ms_meas:>8.1f} {r.ttft_err_pct:>+6.0f}%  "
                      f"{r.tpot_ms_pred:>9.2f} {r.tpot_ms_meas:>8.2f} {r.tpot_err_pct:>+6.0f}%  "
                      + (f"{r.itl_p50_ms_meas:>8.2f} {r.itl_err_pct:>+6.0f}%" if r.itl_err_pct is not None
                         else f"{'-':>8} {'-':>7}"))
     lines += ["", "times in ms; err = (predicted - measured) / measured; TPOT measured = mean decode step; "
-              "ITL p50 = median inter-token latency (the TPOT prediction against the typical step)"]
+              "ITL p50 = median inter-token latency (against the predicted decode step: the typical step, without "
+              "chunked prefills)"]
     lines += [f"note: {n}" for n in v.notes]
     itl = "" if v.median_abs_itl_err_pct is None else f", TPOT vs ITL p50 {v.median_abs_itl_err_pct:.1f}%"
     lines.append(f"median |error| over {len(v.rows)} rows: TTFT {v.median_abs_ttft_err_pct:.1f}%, "
@@ -408,12 +425,12 @@ def format_validation(v: Validation) -> str:
     if v.recommendations:
         lines += ["", f"recommendation check: the layout the planner predicts best among those measured at a workload, "
                       f"against the best measured (ok within {RECOMMENDATION_TOLERANCE_PCT:.0f}%)",
-                  f"{'model':<20} {'batch':>5} {'in/out':>9}  {'objective':<10} {'layouts':>7}  {'recommended':<22} "
-                  f"{'best measured':<22} {'short':>6}"]
+                  f"{'model':<20} {'batch':>5} {'in/out':>9}  {'objective':<10} {'layouts':>7}  {'recommended':<26} "
+                  f"{'best measured':<26} {'short':>6}"]
         for c in v.recommendations:
             model = c.model if len(c.model) <= 20 else "..." + c.model[-17:]
             lines.append(f"{model:<20} {c.batch:>5} {f'{c.input_len}/{c.output_len}':>9}  {c.objective:<10} "
-                         f"{c.layouts:>7}  {c.recommended:<22} {c.best:<22} {c.shortfall_pct:>5.1f}%"
+                         f"{c.layouts:>7}  {c.recommended:<26} {c.best:<26} {c.shortfall_pct:>5.1f}%"
                          + ("" if c.ok else "  MISS"))
         ok = sum(c.ok for c in v.recommendations)
         lines.append(f"recommended within {RECOMMENDATION_TOLERANCE_PCT:.0f}% of the best measured in {ok} of "
