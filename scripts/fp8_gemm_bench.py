@@ -37,8 +37,19 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from shardlm.worker.kernels.triton_fp8 import GEMV_MAX_M, fp8_gemm_small_m, quantize_activations, small_m_config
-    from shardlm.worker.layers.fp8 import A8_ABOVE, fp8_linear_kernels, fp8_linear_torch, quantize_rows, scaled_mm_ok
+    from shardlm.worker.kernels.triton_fp8 import (
+        GEMV_MAX_M,
+        fp8_gemm_small_m,
+        quantize_activations,
+        small_m_config,
+    )
+    from shardlm.worker.layers.fp8 import (
+        A8_ABOVE,
+        fp8_linear_kernels,
+        fp8_linear_torch,
+        quantize_rows,
+        scaled_mm_ok,
+    )
 
     dev = torch.device("cuda")
     if not torch.cuda.is_available() or not scaled_mm_ok(dev):
