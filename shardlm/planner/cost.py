@@ -545,7 +545,11 @@ class CostModel:
             layer_s, rest_s = (timed._gpu_s(w, prefill) + w.comm_s for w in (layer, rest))
             per_layer = line.per_layer_us * 1e-6
             missed = per_layer - layer_s
-            floor, gpu_fix = (missed, 0.0) if graphed else (per_layer, min(0.0, missed))
+            saved = 0.0  # (FP8 weights or KV: the GPU work this model's layer does not do that the timed one did,
+            if timed is not self:  # off an eager floor that the timed model's GPU work may have set)
+                own = self._work(lay, stage_shards(self.model, lay)[0], tokens, context, prefill, 1, graphed)[0]
+                saved = max(0.0, layer_s - self._gpu_s(own, prefill) - own.comm_s)
+            floor, gpu_fix = (missed, 0.0) if graphed else (per_layer - saved, min(0.0, missed))
             self._calibrations[key] = (floor, gpu_fix, max(0.0, line.zero_layers_us * 1e-6 - rest_s))
         return self._calibrations[key]
 
