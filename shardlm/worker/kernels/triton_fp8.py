@@ -83,7 +83,7 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
     xp = X + rm[:, None] * stride_xm + kk[None, :]
     wp = W + rn[:, None] * K + kk[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for _ in range(0, steps):  # (from 0: Triton's pipeliner mis-handled a loop from lo with few steps)
+    for _ in range(0, steps):
         x = tl.load(xp, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
         if A8:
