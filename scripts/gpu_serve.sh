@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Issue 5 serving benchmark on the GPU host: random:llama-3-8b at TP=2 and TP=4, Poisson arrivals.
+# Serving benchmark on the GPU host: random:llama-3-8b at TP=2 and TP=4 (TPS), Poisson arrivals at RATES.
+# Afterwards, here: shardlm plan --validate $OUT/serve-*.json --profile probe.json --gpu h200 (each run's
+# requests replayed through the planner's serving simulation on the engine the server reported).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -13,8 +15,9 @@ for tp in ${TPS:-2 4}; do
   for rate in ${RATES:-2 8}; do
     timeout 240 python3 -m shardlm.entrypoints.cli bench serve --base-url http://127.0.0.1:$port --model random:llama-3-8b \
       --request-rate "$rate" --num-prompts ${NUM:-64} --input-len 512 --output-len 128 --vocab-size 128000 \
-      --json "$OUT/serve-tp$tp-rate$rate.json" \
-      | python3 -c "import json,sys; d=json.load(sys.stdin); print('tp=$tp rate=$rate', {k: d[k] for k in ('completed','output_tok_per_s')}, 'TTFT', d['ttft_ms'], 'TPOT', d['tpot_ms'])"
+      --json "$OUT/serve-tp$tp-rate$rate.json" > "$OUT/serve-tp$tp-rate$rate.txt" 2>&1
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('tp=$tp rate=$rate', {k: d[k] for k in ('completed','output_tok_per_s')}, 'TTFT', d['ttft_ms'], 'TPOT', d['tpot_ms'])" \
+      "$OUT/serve-tp$tp-rate$rate.json" || tail -3 "$OUT/serve-tp$tp-rate$rate.txt"
   done
   curl -s localhost:$port/metrics | grep -E "^shardlm_(num_preemptions|prefix_cache|generation_tokens)_total" > "$OUT/metrics-tp$tp.txt"
   stop_server; echo "server tp=$tp exit $?"

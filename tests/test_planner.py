@@ -38,7 +38,7 @@ from shardlm.planner.cost import (
 )
 from shardlm.planner.hardware import gpu_preset_from_name
 from shardlm.planner.models import ModelSpec, from_engine_config, from_hf_config
-from shardlm.planner.validate import validate_files
+from shardlm.planner.validate import format_validation, validate_files
 
 GB, KiB = 1e9, 1024
 
@@ -1110,3 +1110,88 @@ def test_validate_predicts_the_chunked_prefills_a_batch_decodes_beside(tmp_path)
     assert b.ttft_ms_pred == pytest.approx(a.ttft_ms_pred)
     assert b.tpot_ms_pred == pytest.approx(a.tpot_ms_pred + a.ttft_ms_pred / chunks * waits / steps)
     assert b.itl_err_pct == pytest.approx(a.itl_err_pct)
+
+
+def _serve_cm():
+    return CostModel(load_model("llama-3-8b"), make_cluster("h200", 1))
+
+
+def test_the_serving_simulation_follows_the_schedulers_steps():
+    """planner/serving.py: a request alone waits one prefill step for its first token and then a decode step
+    a token; requests sent together share steps (decodes first, prompts in arrival order within the token
+    budget, a long prompt chunked over steps); max_num_seqs holds the rest back; replicas take the least
+    loaded"""
+    from shardlm.planner.serving import Request, percentile, simulate
+
+    cm, lay = _serve_cm(), ParallelLayout(tp=1)
+    shards = stage_shards(cm.model, lay)
+    alone = simulate(cm, lay, [Request(0.0, 100, 10)], 8, 1024)[0]
+    assert alone.ttft_s == pytest.approx(cm.prefill_step(lay, shards, 100, prompts=1)[0])
+    steps = [cm.decode_step(lay, shards, 1, round(100 + g, -1))[0] for g in range(1, 10)]
+    assert alone.tpot_s == pytest.approx(sum(steps) / 9) and alone.e2e_s == pytest.approx(alone.ttft_s + sum(steps))
+    # three prompts of 600 tokens at once, 1024 a step: step 1 the first and 424 of the second, step 2 the
+    # first's decode, the second's other 176 and the third whole
+    three = simulate(cm, lay, [Request(0.0, 600, 4)] * 3, 8, 1024)
+    first = cm.prefill_step(lay, shards, 1024, prompts=2)[0]
+    assert three[0].ttft_s == pytest.approx(first)
+    assert three[1].ttft_s == three[2].ttft_s == pytest.approx(
+        first + cm.prefill_step(lay, shards, 777, prompts=3)[0] + 600 * cm.kv_per_token(shards[0]) / cm.hbm_bps)
+    # one running sequence at most: the second request starts when the first is done
+    one_seq = simulate(cm, lay, [Request(0.0, 100, 10), Request(0.0, 100, 10)], 1, 1024)
+    assert one_seq[1].ttft_s > one_seq[0].e2e_s
+    # two replicas: two requests at once run apart, each as if alone
+    apart = simulate(cm, lay, [Request(0.0, 100, 10), Request(0.0, 100, 10)], 8, 1024, replicas=2)
+    assert all(s == pytest.approx(alone) for s in apart)
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) == 0.0
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        simulate(cm, lay, [Request(0.0, 1, 2)], 0, 1024)
+
+
+def _serve_file(tmp_path, **engine):
+    requests = [{"sent_s": 0.05 * i, "prompt": 100 + 10 * i, "tokens": 16, "ttft": 0.01, "tpot": 0.005,
+                 "e2e": 0.1, "ok": True} for i in range(20)]
+    data = {"request_rate": 20.0, "per_request": requests,
+            "ttft_ms": {"mean": 12.0, "p50": 10.0, "p90": 20.0, "p99": 30.0},
+            "tpot_ms": {"mean": 5.0, "p50": 5.0, "p90": 6.0, "p99": 7.0},
+            "engine": {"model": "random:llama-3-8b", "tensor_parallel_size": 1, "dtype": "bfloat16",
+                       "device": "cuda", "cuda_graphs": True, "attention_backend": "triton",
+                       "async_scheduling": True, "quantization": None, "kv_cache_dtype": "auto",
+                       "max_num_seqs": 256, "max_num_batched_tokens": 1024, "data_parallel_size": 1, **engine}}
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps(data))
+    return str(path), data
+
+
+def test_validate_simulates_a_bench_serve_run(tmp_path):
+    """plan --validate takes bench serve's JSON: its requests (when sent, prompt, tokens) replayed through the
+    serving simulation on the engine it recorded (the server's /engine), percentiles against the measured"""
+    from shardlm.planner.serving import Request, percentiles_ms, simulate
+
+    path, data = _serve_file(tmp_path)
+    v = validate_files([path], gpu="h200")
+    assert v.rows == [] and v.median_abs_tpot_err_pct is None and [r.metric for r in v.serving] == ["ttft", "tpot"]
+    cm = CostModel(load_model("llama-3-8b"), make_cluster("h200", 1), cuda_graphs=True, attention_backend="triton")
+    want = percentiles_ms(simulate(cm, ParallelLayout(tp=1), [Request(r["sent_s"], r["prompt"], r["tokens"])
+                                                              for r in data["per_request"]], 256, 1024))
+    ttft = v.serving[0]
+    assert ttft.pred_ms == pytest.approx(want["ttft_ms"]) and ttft.requests == 20 and ttft.request_rate == 20.0
+    assert ttft.err_pct["p90"] == pytest.approx(100 * (want["ttft_ms"]["p90"] - 20.0) / 20.0)
+    text = format_validation(v)
+    assert "serving (bench serve runs" in text and "median |error| over the serving percentiles" in text
+    two = validate_files([_serve_file(tmp_path, data_parallel_size=2)[0]], gpu="h200").serving[1]
+    assert two.layout.endswith(" dp=2") and two.pred_ms["p99"] <= v.serving[1].pred_ms["p99"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("engine"), "without the server's engine settings"),
+    (lambda d: d["engine"].pop("max_num_seqs"), "'engine.max_num_seqs'"),
+    (lambda d: d["engine"].update(tensor_parallel_size=0), "'engine.tensor_parallel_size'"),
+    (lambda d: d["per_request"][3].pop("sent_s"), "per_request[3]"),
+    (lambda d: d["ttft_ms"].pop("p90"), "'ttft_ms.p90'"),
+])
+def test_a_bad_bench_serve_file_is_refused_naming_the_field(tmp_path, change, message):
+    path, data = _serve_file(tmp_path)
+    change(data)
+    (tmp_path / "serve.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=re.escape(message)):
+        validate_files([path], gpu="h200")

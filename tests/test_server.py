@@ -363,6 +363,11 @@ def test_bench_serve_reports_percentiles(tmp_path):
         assert data["ttft_ms"]["p50"] > 0 and data["output_tok_per_s"] > 0
         # lengths are drawn in [4, 12) around 8: usage counts what the server generated
         assert all(4 <= r["tokens"] <= 12 for r in data["per_request"])
+        # what plan --validate replays: when each request went out, and the engine that served them (/engine)
+        assert all(r["sent_s"] >= 0 for r in data["per_request"])
+        engine = data["engine"]
+        assert (engine["model"], engine["tensor_parallel_size"], engine["data_parallel_size"]) == ("random:tiny-llama", 2, 1)
+        assert engine["max_num_batched_tokens"] == 1024 and engine["max_num_seqs"] >= 1
         assert png.read_bytes()[:4] == b"\x89PNG"
     finally:
         assert stop_server(proc) == 0

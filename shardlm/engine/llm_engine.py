@@ -524,6 +524,17 @@ class LLMEngine:
         return max(1, -(-live // self.max_batches_in_flight))
 
     # ---- what the engine reports -------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """How this engine runs, in the names `plan --validate` reads from a bench result (bench latency's
+        JSON, and the server's /engine that bench serve records)."""
+        return {"model": self.source.name, "tensor_parallel_size": self.layout.tp,
+                "pipeline_parallel_size": self.layout.pp, "expert_parallel_size": self.layout.ep,
+                "dtype": self.dtype, "device": self.device, "cuda_graphs": self.cuda_graphs,
+                "attention_backend": self.attention_backend, "async_scheduling": self.async_scheduling,
+                "quantization": self.source.config.quantization, "kv_cache_dtype": self.kv_cache_dtype,
+                "max_num_seqs": self.scheduler.max_num_seqs,
+                "max_num_batched_tokens": self.scheduler.max_num_batched_tokens}
+
     def stats(self) -> EngineStats:
         """Counters of the scheduler, the KV blocks and the tokens generated (cheap: no worker round trip)."""
         return EngineStats(self.scheduler.stats(), self.block_manager.stats(), self.num_generated_tokens,

@@ -202,13 +202,7 @@ def run_bench(args, engine_args: EngineArgs) -> int:
     with LLM(**asdict(engine_args)) as llm:
         results = run_latency(llm, batch_sizes, args.input_len, args.output_len, profile_step=args.profile_step,
                               repeats=args.repeats)
-        meta = {"model": llm.engine.source.name, "tensor_parallel_size": llm.engine.layout.tp,
-                "pipeline_parallel_size": llm.engine.layout.pp, "expert_parallel_size": llm.engine.layout.ep,
-                "dtype": llm.engine.dtype, "device": llm.engine.device, "cuda_graphs": llm.engine.cuda_graphs,
-                "attention_backend": llm.engine.attention_backend, "async_scheduling": llm.engine.async_scheduling,
-                "quantization": llm.engine.source.config.quantization,
-                "kv_cache_dtype": llm.engine.kv_cache_dtype,
-                "max_num_batched_tokens": engine_args.max_num_batched_tokens,
+        meta = {**llm.engine.settings(),
                 "graph_capture": llm.engine.graph_capture,
                 "all_reduce": llm.engine.all_reduce_path,
                 "gemv_gbps_by_rank": {c.rank: c.gemv_gbps for c in llm.engine.rank_checks},

@@ -17,15 +17,7 @@ import time
 from typing import Any
 
 from ..common.config import check_output_path
-
-PCTS = (50, 90, 99)
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+from ..planner.serving import PCTS, percentile
 
 
 def make_workload(n: int, input_len: int, output_len: int, range_ratio: float, vocab: int, seed: int):
@@ -76,8 +68,9 @@ async def _stream(client, url: str, model: str, prompt: list[int], max_tokens: i
             "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}
 
 
-async def check_server(base_url: str, api_key: str | None) -> None:
-    """Fail in one line naming the URL when nothing answers there (before any request is timed)."""
+async def check_server(base_url: str, api_key: str | None) -> dict[str, Any] | None:
+    """Fail in one line naming the URL when nothing answers there (before any request is timed). The server's
+    engine settings where it tells them (shardlm's /engine), for `plan --validate`; else None."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -89,6 +82,9 @@ async def check_server(base_url: str, api_key: str | None) -> None:
                          f"(shardlm serve ...) or point --base-url at it") from None
     if resp.status_code == 401:
         raise ValueError(f"the server at {base_url} wants an API key: pass --api-key")
+    async with httpx.AsyncClient(timeout=10) as client:
+        resp = await client.get(base_url.rstrip("/") + "/engine", headers=headers)
+    return resp.json() if resp.status_code == 200 else None
 
 
 async def run(base_url: str, model: str, rate: float, workload, api_key: str | None, seed: int,
@@ -105,9 +101,10 @@ async def run(base_url: str, model: str, rate: float, workload, api_key: str | N
 
     async def one(prompt, max_tokens):
         async with limit:
+            sent = time.perf_counter() - start
             result = await _one(client, url, model, prompt, max_tokens, headers)
         bar.update()
-        return result
+        return {**result, "sent_s": sent}
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/v1/completions"
@@ -129,9 +126,9 @@ async def run(base_url: str, model: str, rate: float, workload, api_key: str | N
                            "requests_per_s": len(ok) / duration}
     for key in ("ttft", "tpot", "e2e"):
         vals = [r[key] * 1e3 for r in ok]
-        out[f"{key}_ms"] = {"mean": statistics.mean(vals) if vals else 0.0, **{f"p{q}": _pct(vals, q) for q in PCTS}}
+        out[f"{key}_ms"] = {"mean": statistics.mean(vals) if vals else 0.0, **{f"p{q}": percentile(vals, q) for q in PCTS}}
     gaps = [g * 1e3 for r in ok for g in r["itl"]]  # every gap between two chunks of a stream
-    out["itl_ms"] = {"mean": statistics.mean(gaps) if gaps else 0.0, **{f"p{q}": _pct(gaps, q) for q in PCTS}}
+    out["itl_ms"] = {"mean": statistics.mean(gaps) if gaps else 0.0, **{f"p{q}": percentile(gaps, q) for q in PCTS}}
     out["per_request"] = [{k: v for k, v in r.items() if k != "itl"} for r in ok]
     errors = [r.get("error") or f"HTTP {r['status']}" for r in results if not r["ok"]]
     out["errors"] = dict(collections.Counter(errors).most_common(5))  # the commonest failures, counted
@@ -201,9 +198,10 @@ def run_serve_bench(args) -> int:
     check_output_path("--plot", args.plot)
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
                              args.seed)
-    asyncio.run(check_server(args.base_url, args.api_key))
+    engine = asyncio.run(check_server(args.base_url, args.api_key))
     result = asyncio.run(run(args.base_url, args.model, args.request_rate, workload, args.api_key, args.seed,
                              args.max_concurrency, progress=True))
+    result["engine"] = engine  # (None from a server that does not tell: plan --validate cannot predict it)
     print(summary_table(result))
     if args.json:
         with open(args.json, "w") as f:

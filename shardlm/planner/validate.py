@@ -34,6 +34,7 @@ from .hardware import default_interconnect, get_gpu, make_cluster
 from .models import ModelSpec, from_engine_config, load_model
 from .plan import constraint_reasons, model_layers_note
 from .profile import Profile
+from .serving import PCTS, Request, percentiles_ms, simulate
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4, "float": 4}
 
@@ -88,6 +89,10 @@ class MeasuredFile:
     """Whether the engine overlapped its host work with the previous step (files from before it: False)."""
     max_num_batched_tokens: int | None = None
     """The engine's step budget (None: files from before bench wrote it, whose batches prefilled in one step)."""
+    max_num_seqs: int | None = None
+    """The engine's limit of running sequences (serve files)."""
+    data_parallel_size: int = 1
+    """Engine replicas behind the server (serve files)."""
 
     @property
     def layout(self) -> ParallelLayout:
@@ -137,6 +142,29 @@ class ValidationRow:
     without the share of chunked prefills that TPOT carries)."""
 
 
+@dataclass(frozen=True)
+class ServingRow:
+    """A bench serve run's percentiles, predicted by simulating its requests (planner/serving.py) and
+    measured."""
+
+    file: str
+    model: str
+    layout: str
+    """As ValidationRow's, with " dp=N" for several replicas."""
+    request_rate: float
+    """Mean arrivals per second the run sent (0: all at once)."""
+    requests: int
+    """Requests completed (the ones simulated)."""
+    metric: str
+    """"ttft" or "tpot"."""
+    pred_ms: dict[str, float]
+    """{"p50": .., "p90": .., "p99": ..} predicted."""
+    meas_ms: dict[str, float]
+    """The same measured."""
+    err_pct: dict[str, float]
+    """100 * (predicted - measured) / measured per percentile."""
+
+
 RECOMMENDATION_TOLERANCE_PCT = 10.0
 """the recommendation check's margin: the planner's pick may measure this much worse than the best"""
 
@@ -169,11 +197,11 @@ class Validation:
     """Every row's comparison and the summary."""
 
     rows: list[ValidationRow]
-    """One per measured result row, file by file."""
-    median_abs_ttft_err_pct: float
-    """Median of |TTFT error %| over all rows."""
-    median_abs_tpot_err_pct: float
-    """Median of |TPOT error %| over all rows."""
+    """One per measured result row of the bench latency files, file by file."""
+    median_abs_ttft_err_pct: float | None
+    """Median of |TTFT error %| over all rows (None without bench latency files)."""
+    median_abs_tpot_err_pct: float | None
+    """Median of |TPOT error %| over all rows (None without bench latency files)."""
     median_abs_itl_err_pct: float | None
     """Median of |error %| against the median inter-token latency, over the rows that have it."""
     gpu: str
@@ -188,6 +216,8 @@ class Validation:
     """Remarks (profile used, model override)."""
     recommendations: list[RecommendationCheck] = field(default_factory=list)
     """Per workload measured at two layouts or more, per objective: the planner's pick against the best."""
+    serving: list[ServingRow] = field(default_factory=list)
+    """Per bench serve file, TTFT and TPOT percentiles predicted and measured."""
 
 
 def _bad(path: str, where: str, what: str, got: Any) -> PlanError:
@@ -208,7 +238,7 @@ def _ms(value: Any, path: str, where: str) -> float:
 
 
 def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
-    """Validate a measured dict; errors name the file and the field."""
+    """Validate a measured dict (bench latency's JSON); errors name the file and the field."""
     if not isinstance(data, dict):
         raise PlanError(f"measured file {path}: must be a JSON object (`shardlm bench latency --json` output), "
                         f"got {type(data).__name__}")
@@ -216,20 +246,6 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
         if key not in data:
             raise PlanError(f"measured file {path}: missing required field {key!r} "
                             "(write it with `shardlm bench latency --json FILE`)")
-    if not isinstance(data["model"], str) or not data["model"].strip():
-        raise _bad(path, "model", "must be a non-empty string", data["model"])
-    tp = _int(data["tensor_parallel_size"], path, "tensor_parallel_size")
-    pp = _int(data.get("pipeline_parallel_size", 1), path, "pipeline_parallel_size")
-    ep = _int(data.get("expert_parallel_size", 1), path, "expert_parallel_size")
-    if ep not in (1, tp):
-        raise _bad(path, "expert_parallel_size", f"must be 1 or tensor_parallel_size ({tp}): the engine's experts "
-                   "are split over the TP ranks", ep)
-    dtype = data.get("dtype", "bfloat16")
-    if not isinstance(dtype, str) or dtype.lower().removeprefix("torch.") not in DTYPE_BYTES:
-        raise _bad(path, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}", dtype)
-    device = data.get("device", "cuda")
-    if not isinstance(device, str) or not device.startswith("cuda"):
-        raise _bad(path, "device", "must be a GPU device ('cuda'): the planner predicts GPU runs", device)
     results = data["results"]
     if not isinstance(results, list) or not results:
         raise _bad(path, "results", "must be a non-empty list of result rows", results)
@@ -248,31 +264,110 @@ def parse_measured(data: Any, path: str = "<measured>") -> MeasuredFile:
             ttft_ms=_ms(r["ttft_ms"], path, f"{where}.ttft_ms"), tpot_ms=_ms(r["tpot_ms"], path, f"{where}.tpot_ms"),
             tpot_p50_ms=None if p50 is None else _ms(p50, path, f"{where}.tpot_p50_ms"),
             itl_p50_ms=None if itl is None else _ms(itl, path, f"{where}.itl_p50_ms")))
+    return _engine_file(data, path, tuple(rows))
+
+
+def _engine_file(data: dict[str, Any], path: str, rows: tuple[MeasuredRow, ...], where: str = "") -> MeasuredFile:
+    """The engine's settings in a measured file (at the top of bench latency's JSON, under `engine` in bench
+    serve's: `where` prefixes the field names) as a MeasuredFile with these rows."""
+    def field_name(key: str) -> str:
+        return where + key
+
+    for key in ("model", "tensor_parallel_size"):
+        if key not in data:
+            raise PlanError(f"measured file {path}: missing required field {field_name(key)!r}")
+    if not isinstance(data["model"], str) or not data["model"].strip():
+        raise _bad(path, field_name("model"), "must be a non-empty string", data["model"])
+    tp = _int(data["tensor_parallel_size"], path, field_name("tensor_parallel_size"))
+    pp = _int(data.get("pipeline_parallel_size", 1), path, field_name("pipeline_parallel_size"))
+    ep = _int(data.get("expert_parallel_size", 1), path, field_name("expert_parallel_size"))
+    if ep not in (1, tp):
+        raise _bad(path, field_name("expert_parallel_size"), f"must be 1 or tensor_parallel_size ({tp}): the "
+                   "engine's experts are split over the TP ranks", ep)
+    dtype = data.get("dtype", "bfloat16")
+    if not isinstance(dtype, str) or dtype.lower().removeprefix("torch.") not in DTYPE_BYTES:
+        raise _bad(path, field_name("dtype"), f"must be one of {', '.join(DTYPE_BYTES)}", dtype)
+    device = data.get("device", "cuda")
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        raise _bad(path, field_name("device"), "must be a GPU device ('cuda'): the planner predicts GPU runs", device)
     graphs = data.get("cuda_graphs")
     if graphs is not None and not isinstance(graphs, bool):
-        raise _bad(path, "cuda_graphs", "must be true or false", graphs)
+        raise _bad(path, field_name("cuda_graphs"), "must be true or false", graphs)
     attention = data.get("attention_backend", "torch")
     if attention not in ("torch", "triton"):
-        raise _bad(path, "attention_backend", "must be 'torch' or 'triton'", attention)
+        raise _bad(path, field_name("attention_backend"), "must be 'torch' or 'triton'", attention)
     overlap = data.get("async_scheduling", False)
     if not isinstance(overlap, bool):
-        raise _bad(path, "async_scheduling", "must be true or false", overlap)
+        raise _bad(path, field_name("async_scheduling"), "must be true or false", overlap)
     quant = data.get("quantization")
     if quant not in (None, "fp8"):
-        raise _bad(path, "quantization", "must be null or 'fp8'", quant)
+        raise _bad(path, field_name("quantization"), "must be null or 'fp8'", quant)
     kv = data.get("kv_cache_dtype", "auto")
     if kv not in ("auto", "fp8"):
-        raise _bad(path, "kv_cache_dtype", "must be 'auto' or 'fp8'", kv)
-    budget = data.get("max_num_batched_tokens")
-    return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], tuple(rows),
+        raise _bad(path, field_name("kv_cache_dtype"), "must be 'auto' or 'fp8'", kv)
+    budget, seqs = data.get("max_num_batched_tokens"), data.get("max_num_seqs")
+    return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], rows,
                         pp=pp, ep=ep, cuda_graphs=graphs, attention_backend=attention, async_scheduling=overlap,
                         quantization=quant, kv_fp8=kv == "fp8",
-                        max_num_batched_tokens=None if budget is None else _int(budget, path, "max_num_batched_tokens"))
+                        max_num_batched_tokens=None if budget is None else _int(budget, path, field_name(
+                            "max_num_batched_tokens")),
+                        max_num_seqs=None if seqs is None else _int(seqs, path, field_name("max_num_seqs")),
+                        data_parallel_size=_int(data.get("data_parallel_size", 1), path,
+                                                field_name("data_parallel_size")))
 
 
 def load_measured(path: str) -> MeasuredFile:
-    """Read and validate one measured file."""
+    """Read and validate one bench latency file."""
     return parse_measured(read_json(path, "measured file"), path)
+
+
+@dataclass(frozen=True)
+class ServeRun:
+    """A `shardlm bench serve --json` result: the engine that served it, its requests and percentiles."""
+
+    engine: MeasuredFile
+    """The server's engine settings (its /engine, recorded by bench serve; no result rows)."""
+    request_rate: float
+    requests: list[Request]
+    """What was sent: when, the prompt's length, the tokens generated (completed requests)."""
+    measured_ms: dict[str, dict[str, float]]
+    """{"ttft_ms": {"p50": ..}, "tpot_ms": {..}} as bench serve wrote them."""
+
+
+def parse_serve(data: dict[str, Any], path: str) -> ServeRun:
+    """Validate a bench serve result; errors name the file and the field."""
+    engine = data.get("engine")
+    if not isinstance(engine, dict):
+        raise PlanError(f"measured file {path}: a bench serve result without the server's engine settings (field "
+                        "'engine'): bench serve records them from a shardlm server's /engine")
+    mf = _engine_file(engine, path, (), where="engine.")
+    for key, value in (("engine.max_num_seqs", mf.max_num_seqs), ("engine.max_num_batched_tokens",
+                                                                  mf.max_num_batched_tokens)):
+        if value is None:
+            raise PlanError(f"measured file {path}: missing required field {key!r}")
+    per = data.get("per_request")
+    if not isinstance(per, list) or not per:
+        raise _bad(path, "per_request", "must be a non-empty list of the completed requests", per)
+    requests = []
+    for i, r in enumerate(per):
+        where = f"per_request[{i}]"
+        if not isinstance(r, dict) or any(k not in r for k in ("sent_s", "prompt", "tokens")):
+            raise _bad(path, where, "must be an object with sent_s, prompt and tokens (bench serve since session 14)", r)
+        sent = r["sent_s"]
+        if not isinstance(sent, (int, float)) or isinstance(sent, bool) or not math.isfinite(sent) or sent < 0:
+            raise _bad(path, f"{where}.sent_s", "must be a number of seconds >= 0", sent)
+        requests.append(Request(float(sent), _int(r["prompt"], path, f"{where}.prompt"),
+                                _int(r["tokens"], path, f"{where}.tokens")))
+    measured = {}
+    for key in ("ttft_ms", "tpot_ms"):
+        got = data.get(key)
+        if not isinstance(got, dict):
+            raise _bad(path, key, "must be an object of percentiles (p50, p90, p99)", got)
+        measured[key] = {f"p{q}": _ms(got.get(f"p{q}"), path, f"{key}.p{q}") for q in PCTS}
+    rate = data.get("request_rate", 0.0)
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate < 0:
+        raise _bad(path, "request_rate", "must be a number >= 0", rate)
+    return ServeRun(mf, float(rate), requests, measured)
 
 
 def model_for_measured(name: str, path: str = "<measured>") -> ModelSpec:
@@ -324,7 +419,11 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
     the files' own model names; interconnect None takes the GPU preset's own (default_interconnect)."""
     if not paths:
         raise PlanError("--validate needs at least one measured file")
-    files = [load_measured(p) for p in paths]
+    files: list[MeasuredFile | ServeRun] = []
+    for p in paths:
+        data = read_json(p, "measured file")
+        files.append(parse_serve(data, p) if isinstance(data, dict) and "per_request" in data
+                     else parse_measured(data, p))
     if interconnect is None:  # resolved here, not per file by make_cluster, so the report names it
         interconnect = default_interconnect(get_gpu(gpu))
     override = load_model(model) if model else None
@@ -332,9 +431,11 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
     if profile is not None:
         notes.append(f"hardware numbers measured on {profile.device} ({profile.source})")
     rows: list[ValidationRow] = []
+    serving: list[ServingRow] = []
     host = "graph-captured"
     timed_notes: dict[str, list[str]] = {}  # note on the timed model layers -> the files it is about
-    for mf in files:
+    for f in files:
+        mf = f.engine if isinstance(f, ServeRun) else f
         spec = override or model_for_measured(mf.model, mf.path)
         spec = replace(spec, bytes_per_param=mf.bytes_per_param, quantization=mf.quantization)
         lay = mf.layout
@@ -355,6 +456,16 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
             timed_notes.setdefault(timed, []).append(mf.path)
         label = (f"tp={lay.tp} pp={lay.pp} ep={lay.ep}" + (" fp8" if mf.quantization else "")
                  + (" kv-fp8" if mf.kv_fp8 else ""))
+        if isinstance(f, ServeRun):
+            served = simulate(cm, lay, f.requests, mf.max_num_seqs, mf.max_num_batched_tokens, mf.data_parallel_size)
+            pred = percentiles_ms(served)
+            for key in ("ttft", "tpot"):
+                meas = f.measured_ms[f"{key}_ms"]
+                serving.append(ServingRow(
+                    mf.path, mf.model, label + (f" dp={mf.data_parallel_size}" if mf.data_parallel_size > 1 else ""),
+                    f.request_rate, len(f.requests), key, pred[f"{key}_ms"], meas,
+                    {q: _err(pred[f"{key}_ms"][q], meas[q]) for q in meas}))
+            continue
         for r in mf.rows:
             ttft, tpot, step, ctx = predict_row(cm, lay, r, mf.max_num_batched_tokens)
             rows.append(ValidationRow(
@@ -368,11 +479,11 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
     itl_errs = [abs(r.itl_err_pct) for r in rows if r.itl_err_pct is not None]
     return Validation(
         rows=rows,
-        median_abs_ttft_err_pct=statistics.median(abs(r.ttft_err_pct) for r in rows),
-        median_abs_tpot_err_pct=statistics.median(abs(r.tpot_err_pct) for r in rows),
+        median_abs_ttft_err_pct=statistics.median(abs(r.ttft_err_pct) for r in rows) if rows else None,
+        median_abs_tpot_err_pct=statistics.median(abs(r.tpot_err_pct) for r in rows) if rows else None,
         median_abs_itl_err_pct=statistics.median(itl_errs) if itl_errs else None,
         gpu=gpu, interconnect=interconnect, hardware_source="profile" if profile else "datasheet",
-        host_model=host, notes=notes, recommendations=recommendation_checks(rows))
+        host_model=host, notes=notes, recommendations=recommendation_checks(rows), serving=serving)
 
 
 def recommendation_checks(rows: list[ValidationRow]) -> list[RecommendationCheck]:
@@ -399,37 +510,59 @@ def recommendation_checks(rows: list[ValidationRow]) -> list[RecommendationCheck
     return out
 
 
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
 def format_validation(v: Validation) -> str:
     """The comparison as a text table with the medians at the end."""
     host = ("host time measured by the profile" if v.host_model == "measured"
             else "graph-captured host assumptions (no measured host time)")
     lines = [f"validate  predicted on {v.gpu}, {v.interconnect}; {v.hardware_source} hardware numbers, {host}", ""]
-    head = (f"{'file':<24} {'model':<20} {'layout':<26} {'batch':>5} {'in/out':>9}  "
-            f"{'TTFT pred':>9} {'meas':>8} {'err':>7}  {'TPOT pred':>9} {'meas':>8} {'err':>7}  {'ITL p50':>8} {'err':>7}")
-    lines.append(head)
-    for r in v.rows:
-        name = r.file if len(r.file) <= 24 else "..." + r.file[-21:]
-        model = r.model if len(r.model) <= 20 else "..." + r.model[-17:]
-        lines.append(f"{name:<24} {model:<20} {r.layout:<26} {r.batch:>5} {f'{r.input_len}/{r.output_len}':>9}  "
-                     f"{r.ttft_ms_pred:>9.1f} {r.ttft_ms_meas:>8.1f} {r.ttft_err_pct:>+6.0f}%  "
-                     f"{r.tpot_ms_pred:>9.2f} {r.tpot_ms_meas:>8.2f} {r.tpot_err_pct:>+6.0f}%  "
-                     + (f"{r.itl_p50_ms_meas:>8.2f} {r.itl_err_pct:>+6.0f}%" if r.itl_err_pct is not None
-                        else f"{'-':>8} {'-':>7}"))
-    lines += ["", "times in ms; err = (predicted - measured) / measured; TPOT measured = mean decode step; "
-              "ITL p50 = median inter-token latency (against the predicted decode step: the typical step, without "
-              "chunked prefills)"]
+    if v.rows:
+        head = (f"{'file':<24} {'model':<20} {'layout':<26} {'batch':>5} {'in/out':>9}  "
+                f"{'TTFT pred':>9} {'meas':>8} {'err':>7}  {'TPOT pred':>9} {'meas':>8} {'err':>7}  {'ITL p50':>8} "
+                f"{'err':>7}")
+        lines.append(head)
+        for r in v.rows:
+            lines.append(f"{_short(r.file, 24):<24} {_short(r.model, 20):<20} {r.layout:<26} {r.batch:>5} "
+                         f"{f'{r.input_len}/{r.output_len}':>9}  "
+                         f"{r.ttft_ms_pred:>9.1f} {r.ttft_ms_meas:>8.1f} {r.ttft_err_pct:>+6.0f}%  "
+                         f"{r.tpot_ms_pred:>9.2f} {r.tpot_ms_meas:>8.2f} {r.tpot_err_pct:>+6.0f}%  "
+                         + (f"{r.itl_p50_ms_meas:>8.2f} {r.itl_err_pct:>+6.0f}%" if r.itl_err_pct is not None
+                            else f"{'-':>8} {'-':>7}"))
+        lines += ["", "times in ms; err = (predicted - measured) / measured; TPOT measured = mean decode step; "
+                  "ITL p50 = median inter-token latency (against the predicted decode step: the typical step, without "
+                  "chunked prefills)"]
+    if v.serving:
+        if v.rows:
+            lines.append("")
+        lines.append("serving (bench serve runs, each request simulated on the cost model: engine/scheduler.py's "
+                     "continuous batching)")
+        lines.append(f"{'file':<24} {'layout':<26} {'req/s':>6} {'reqs':>5}  {'':<5} "
+                     + "  ".join(f"{f'p{q} pred':>9} {'meas':>8} {'err':>6}" for q in PCTS))
+        for r in v.serving:
+            lines.append(f"{_short(r.file, 24):<24} {r.layout:<26} {r.request_rate:>6.1f} {r.requests:>5}  "
+                         f"{r.metric.upper():<5} " + "  ".join(
+                             f"{r.pred_ms[f'p{q}']:>9.1f} {r.meas_ms[f'p{q}']:>8.1f} {r.err_pct[f'p{q}']:>+5.0f}%"
+                             for q in PCTS))
     lines += [f"note: {n}" for n in v.notes]
-    itl = "" if v.median_abs_itl_err_pct is None else f", TPOT vs ITL p50 {v.median_abs_itl_err_pct:.1f}%"
-    lines.append(f"median |error| over {len(v.rows)} rows: TTFT {v.median_abs_ttft_err_pct:.1f}%, "
-                 f"TPOT {v.median_abs_tpot_err_pct:.1f}%{itl}")
+    if v.rows:
+        itl = "" if v.median_abs_itl_err_pct is None else f", TPOT vs ITL p50 {v.median_abs_itl_err_pct:.1f}%"
+        lines.append(f"median |error| over {len(v.rows)} rows: TTFT {v.median_abs_ttft_err_pct:.1f}%, "
+                     f"TPOT {v.median_abs_tpot_err_pct:.1f}%{itl}")
+    if v.serving:
+        errs = {m: statistics.median(abs(e) for r in v.serving if r.metric == m for e in r.err_pct.values())
+                for m in ("ttft", "tpot")}
+        lines.append(f"median |error| over the serving percentiles (p50/p90/p99 of {len(v.serving) // 2} runs): "
+                     f"TTFT {errs['ttft']:.1f}%, TPOT {errs['tpot']:.1f}%")
     if v.recommendations:
         lines += ["", f"recommendation check: the layout the planner predicts best among those measured at a workload, "
                       f"against the best measured (ok within {RECOMMENDATION_TOLERANCE_PCT:.0f}%)",
                   f"{'model':<20} {'batch':>5} {'in/out':>9}  {'objective':<10} {'layouts':>7}  {'recommended':<26} "
                   f"{'best measured':<26} {'short':>6}"]
         for c in v.recommendations:
-            model = c.model if len(c.model) <= 20 else "..." + c.model[-17:]
-            lines.append(f"{model:<20} {c.batch:>5} {f'{c.input_len}/{c.output_len}':>9}  {c.objective:<10} "
+            lines.append(f"{_short(c.model, 20):<20} {c.batch:>5} {f'{c.input_len}/{c.output_len}':>9}  {c.objective:<10} "
                          f"{c.layouts:>7}  {c.recommended:<26} {c.best:<26} {c.shortfall_pct:>5.1f}%"
                          + ("" if c.ok else "  MISS"))
         ok = sum(c.ok for c in v.recommendations)

@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, and vLLM's /tokenize,
-/detokenize, /version; /health, /ready, /metrics.
+/detokenize, /version; /health, /ready, /metrics; /engine (how the engine runs, for bench serve).
 
 Every error is OpenAI-shaped JSON (`{"error": {message, type, param, code}}`), unknown paths, wrong
 methods, oversized bodies and unexpected exceptions included; a stream that fails after its 200 went
@@ -88,8 +88,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
             message = (f"no such endpoint: {request.method} {request.url.path}; this server serves /v1/completions, "
-                       f"/v1/chat/completions, /v1/models, /tokenize, /detokenize, /version, /health, /ready and "
-                       f"/metrics")
+                       f"/v1/chat/completions, /v1/models, /tokenize, /detokenize, /version, /engine, /health, "
+                       f"/ready and /metrics")
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "GET")
             message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
@@ -129,6 +129,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
+
+    @app.get("/engine")
+    async def engine_settings() -> dict[str, Any]:
+        """How the engine runs (layout, dtypes, graphs, its scheduler's limits) and how many replicas: what
+        bench serve records for `plan --validate` to predict the run."""
+        return {**engine.engine.settings(), "data_parallel_size": len(engine.replicas)}
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
