@@ -105,7 +105,7 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
 
     def start_step(r: int, now: float) -> None:
         rep = engines[r]
-        decodes = list(rep.running)  # (never more than max_num_seqs)
+        decodes = rep.running[:token_budget]  # (never more than max_num_seqs; the budget may allow fewer)
         budget = token_budget - len(decodes)
         chunks: list[tuple[_Seq, int]] = []
         running = len(rep.running)
