@@ -55,6 +55,8 @@ class Served:
 
 
 class _Seq:
+    """A request in an engine: how much of its prompt is done, the tokens it has, when its first came."""
+
     __slots__ = ("req", "index", "done_prompt", "generated", "first_s")
 
     def __init__(self, req: Request, index: int):
@@ -62,7 +64,7 @@ class _Seq:
 
 
 class _Replica:
-    """One engine: its waiting prompts, its running sequences and when its current step ends."""
+    """One engine: its waiting prompts, its running sequences and the step under way."""
 
     def __init__(self):
         self.waiting: deque[_Seq] = deque()
