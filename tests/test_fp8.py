@@ -228,3 +228,22 @@ def test_the_fp8_kernels_in_the_cpu_interpreter():
         pytest.skip("this triton's interpreter cannot run with this numpy (scalar loads are 1-d arrays)")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "interpreted kernels agree" in out.stdout
+
+
+def test_the_grouped_fp8_expert_gemm_takes_the_experts_as_stored():
+    """fp8_grouped_mm (torch._scaled_grouped_mm, Hopper) on tensors shaped as SparseMoE stores its FP8 experts
+    (w13 [experts, 2f, h] with a scale per row [experts, 2f]; w2 [experts, h, f], [experts, h]): torch's own
+    shape and layout checks, run on meta tensors here, accept them and refuse a scale of the wrong shape"""
+    from shardlm.worker.layers.fp8 import fp8_grouped_mm
+
+    meta, E, h, f, rows = torch.device("meta"), 4, 64, 48, 10
+    offs = torch.empty(E, device=meta, dtype=torch.int32)
+    x = torch.empty(rows, h, device=meta, dtype=FP8)
+    w13, s13 = torch.empty(E, 2 * f, h, device=meta, dtype=FP8), torch.empty(E, 2 * f, device=meta)
+    w2, s2 = torch.empty(E, h, f, device=meta, dtype=FP8), torch.empty(E, h, device=meta)
+    gate_up = fp8_grouped_mm(x, torch.empty(rows, device=meta), w13, s13, offs, torch.bfloat16)
+    assert gate_up.shape == (rows, 2 * f) and gate_up.dtype == torch.bfloat16
+    act = torch.empty(rows, f, device=meta, dtype=FP8)
+    assert fp8_grouped_mm(act, torch.empty(rows, device=meta), w2, s2, offs, torch.bfloat16).shape == (rows, h)
+    with pytest.raises(RuntimeError, match="scale_b"):
+        fp8_grouped_mm(x, torch.empty(rows, device=meta), w13, torch.empty(E, h, device=meta), offs, torch.bfloat16)

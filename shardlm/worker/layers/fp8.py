@@ -83,6 +83,25 @@ def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return y.reshape(*shape[:-1], weight.shape[0])
 
 
+def fp8_grouped_mm(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                   offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows of e4m3 xq [rows, k] (float32 x_scale [rows]) grouped by expert (offs: int32 cumulative row
+    counts, a group per expert) times each expert's e4m3 w [experts, n, k] (float32 w_scale [experts, n]):
+    [rows, n] in out_dtype (torch._scaled_grouped_mm, Hopper: rows past the last offset come back undefined)."""
+    return torch._scaled_grouped_mm(xq, w.transpose(1, 2), x_scale, w_scale, offs=offs, out_dtype=out_dtype)
+
+
+def fp8_grouped_ok(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Whether fp8_grouped_mm runs here: torch's grouped FP8 GEMM (CUDA, compute capability 9.0 or 10.0),
+    bfloat16 results, every dimension a multiple of 16, the FP8 kernels not turned off
+    (SHARDLM_FP8_REFERENCE)."""
+    from ...common import envs
+
+    return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm")
+            and torch.cuda.get_device_capability(device) in ((9, 0), (10, 0)) and all(d % 16 == 0 for d in dims)
+            and not envs.fp8_reference())
+
+
 def scaled_mm_ok(device: torch.device) -> bool:
     """Whether the device has FP8 tensor cores (a CUDA GPU of compute capability 8.9+: Ada, Hopper, later)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)

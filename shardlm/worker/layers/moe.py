@@ -34,7 +34,7 @@ from ...common.layout import split_evenly
 from .. import faults
 from ..distributed import ParallelContext
 from ..weights import Reader
-from .fp8 import FP8, fp8_path
+from .fp8 import FP8, fp8_grouped_mm, fp8_grouped_ok, fp8_path
 from .linear import GatedMLP, read_fp8
 
 
@@ -103,13 +103,14 @@ class SparseMoE(nn.Module):
         self.ctx, self.dtype = ctx, dtype
         self.w13 = nn.Parameter(torch.empty(n, 2 * fl, h, device=ctx.device, dtype=wdt), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(n, h, fl, device=ctx.device, dtype=wdt), requires_grad=False)
-        # FP8 (layers/fp8.py): a float32 scale per output row of every expert; the experts then run one by one
-        # through the FP8 linear path (no grouped FP8 GEMM yet: such steps run eagerly, not as graphs)
+        # FP8 (layers/fp8.py): a float32 scale per output row of every expert; the experts run as one grouped
+        # FP8 GEMM on the activations quantised per row where torch has it (Hopper), else one by one through
+        # the FP8 linear path (such steps run eagerly, not as graphs)
         self.w13_scale = nn.Parameter(torch.empty(n, 2 * fl, device=ctx.device), requires_grad=False) if fp8 else None
         self.w2_scale = nn.Parameter(torch.empty(n, h, device=ctx.device), requires_grad=False) if fp8 else None
         self._fp8_linear = fp8_path(ctx.device) if fp8 else None
         self.router = nn.Parameter(torch.empty(E, h, device=ctx.device, dtype=dtype), requires_grad=False)
-        self.grouped = not fp8 and _grouped_mm_usable(ctx.device, dtype, h, fl)
+        self.grouped = fp8_grouped_ok(ctx.device, dtype, h, fl) if fp8 else _grouped_mm_usable(ctx.device, dtype, h, fl)
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(f"{prefix}.shared_expert", h, cfg.shared_expert_intermediate_size, False,
@@ -195,7 +196,15 @@ class SparseMoE(nn.Module):
         xs = x[order]
         counts = count(slot.clamp(max=n_local), n_local + 1)[:n_local]  # (padding rows: a slot past the local ones)
         self.rows += counts.sum()
-        if self.grouped:
+        if self.grouped and self.w13_scale is not None:  # FP8: e4m3 activations, a scale per row
+            from ..kernels.triton_fp8 import quantize_activations
+
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            xq, x_scale = quantize_activations(xs)
+            gate, up = fp8_grouped_mm(xq, x_scale.reshape(-1), self.w13, self.w13_scale, offs, xs.dtype).chunk(2, dim=-1)
+            hq, h_scale = quantize_activations((F.silu(gate) * up).contiguous())
+            ys = fp8_grouped_mm(hq, h_scale.reshape(-1), self.w2, self.w2_scale, offs, xs.dtype)
+        elif self.grouped:
             offs = torch.cumsum(counts, 0).to(torch.int32)
             gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             ys = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.transpose(1, 2), offs=offs)
