@@ -40,6 +40,7 @@ CPU_SIZES = [16 << 10, 256 << 10, 1 << 20]
 # own overhead what is left at zero layers (the shallow model sits close to it)
 PROBE_MODELS = ("random:probe-tiny-shallow", "random:probe-tiny-deep")
 MODEL_DEEPEST = 32
+"""the deepest `--model` times a model on a GPU (model_depths)"""
 
 
 def model_depths(layers: int, device: str) -> tuple[int, int]:

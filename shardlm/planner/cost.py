@@ -525,7 +525,8 @@ class CostModel:
         small steps) and, where c < 0, corrects its GPU work by c (GPU-bound ones). Either way a layer at
         the timed shape costs the measured time, and a larger step grows by what the formulas add. The
         step: the zero-layer time less the predicted non-layer work (embedding, LM head, collectives),
-        at least 0."""
+        at least 0. The probe times the model in its own dtype: for FP8 weights or KV c comes from that
+        model's predicted work (`_as_timed`), and an eager floor is lowered by the GPU work FP8 saves."""
         ml = self.profile.model_layers if self.model_layers_apply else None
         if ml is None or tp not in ml.decode or (not prefill and graphed != (self.profile.cuda_graphs is not False)):
             return None
@@ -545,8 +546,10 @@ class CostModel:
             layer_s, rest_s = (timed._gpu_s(w, prefill) + w.comm_s for w in (layer, rest))
             per_layer = line.per_layer_us * 1e-6
             missed = per_layer - layer_s
-            saved = 0.0  # (FP8 weights or KV: the GPU work this model's layer does not do that the timed one did,
-            if timed is not self:  # off an eager floor that the timed model's GPU work may have set)
+            # FP8 weights or KV: an eager floor may have been the timed layer's GPU work; it loses the work this
+            # model's layer does not do
+            saved = 0.0
+            if timed is not self:
                 own = self._work(lay, stage_shards(self.model, lay)[0], tokens, context, prefill, 1, graphed)[0]
                 saved = max(0.0, layer_s - self._gpu_s(own, prefill) - own.comm_s)
             floor, gpu_fix = (missed, 0.0) if graphed else (per_layer - saved, min(0.0, missed))
