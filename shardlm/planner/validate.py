@@ -17,7 +17,15 @@ with the GPU, interconnect and profile given on the command line. The signed err
 100 * (predicted - measured) / measured; the summary is the median of its absolute values. The measured
 TPOT is the mean step (tpot_ms), host jitter and all. Where the file has itl_p50_ms (the median gap
 between two tokens of a request; bench writes it) the prediction is also compared with that, the typical
-step without the tail; tpot_p50_ms, when present, is carried along in the JSON.
+step without the tail; tpot_p50_ms, when present, is carried along in the JSON. Where the file names the
+step budget (max_num_batched_tokens) and a batch's prompts exceed it, they prefill in chunks and the TPOT
+prediction carries the chunks the early sequences decode beside (predict_row).
+
+Files measured at two layouts or more for one workload also get a recommendation check (recommendation_checks).
+
+A `shardlm bench serve --json` file (it has per_request) is replayed instead: its completed requests (when
+sent, prompt and generated tokens) through planner/serving.py's simulation of the engine the server
+reported (its /engine settings, under "engine"), and the TTFT and TPOT p50/p90/p99 compared.
 """
 
 from __future__ import annotations
