@@ -259,6 +259,21 @@ def test_gpu_fp8_linear_matches_its_reference():
     assert not workspace(dev)[1].any()
 
 
+def test_gpu_the_probe_times_the_fp8_path_per_weight_size():
+    """device_rates' gemv_fp8 (GPUs with FP8 tensor cores): the engine's FP8 path at 1, 8 and 32 rows over
+    the probe's weight sizes, in the shape planner/profile.py reads"""
+    from shardlm.planner.profile import _curves_by_rows
+    from shardlm.worker.layers.fp8 import scaled_mm_ok
+    from shardlm.worker.probe import FP8_GEMV_ROWS, GEMV_SHAPES, device_rates
+
+    dev = torch.device("cuda")
+    if not scaled_mm_ok(dev):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    curves = _curves_by_rows(device_rates(dev)["gemv_fp8"], "probe", "gemv_fp8")
+    assert sorted(curves) == list(FP8_GEMV_ROWS)
+    assert all(len(c.points) == len(GEMV_SHAPES) for c in curves.values())
+
+
 def test_gpu_grouped_fp8_experts_match_the_expert_by_expert_reference():
     """fp8_grouped_mm (torch._scaled_grouped_mm) against each expert's dequantised weights times the same e4m3
     activations, empty experts included; rows past the last group are not looked at"""

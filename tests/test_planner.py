@@ -633,6 +633,25 @@ def test_decode_reads_weights_at_the_one_row_gemm_rate_and_each_further_sequence
         _tiny_step(gpu_bound, 1, prefill=True, tokens=50), rel=1e-12)
 
 
+def test_fp8_decode_reads_weights_at_the_measured_fp8_rate_for_its_rows():
+    """a profile's gemv_fp8 (the engine's FP8 path per weight bytes at 1, 8, 32 rows): an FP8 model's decode
+    GEMMs read at the curve of the fewest measured rows at least its batch (else the most); its LM head, in
+    the model dtype, at the one-row bf16 curve; prefill and bf16 models as before"""
+    fp8_curves = {"1": [[1000, 4.0], [2000, 8.0]], "8": [[1000, 8.0], [2000, 16.0]], "32": [[1000, 16.0], [2000, 32.0]]}
+    base = {**HOST, "layer_floor_us": {"1": 50, "2": 50}, "gemv": [[1000, 2.0], [2000, 4.0]]}
+    prof = load_profile({**base, "gemv_fp8": fp8_curves})
+    assert sorted(prof.gemv_fp8) == [1, 8, 32]
+    cm = CostModel(replace(TINY, quantization="fp8"), make_cluster("h100-80gb", 1), prof)
+    for rows, per_byte_us in ((1, 4e-3), (4, 8e-3), (8, 8e-3), (9, 16e-3), (64, 16e-3)):
+        assert cm.decode_read_s(4 * 1500, 4, 0, fp8_rows=rows) == pytest.approx(4 * 1500 * per_byte_us * 1e-6)
+    assert cm.decode_read_s(4 * 1500, 4, 0) == pytest.approx(4 * 3e-6)  # not FP8: the bf16 curve
+    fp8 = replace(TINY, quantization="fp8")
+    assert _step({**base, "gemv_fp8": fp8_curves}, fp8, 1) > _step(base, fp8, 1)  # slower than the bf16 curve here
+    assert _step({**base, "gemv_fp8": fp8_curves}, TINY, 1) == _step(base, TINY, 1)
+    with pytest.raises(PlanError, match="gemv_fp8"):
+        load_profile({**base, "gemv_fp8": {"0": [[1000, 1.0]]}})
+
+
 # TINY's own layers timed at 2 and 6 layers (decode at context 100, a 50-token prompt): decode 300 us a layer
 # + 900 us at no layers, prefill 400 us a layer + 2200 us (tp=1); decode 100 us + 800 us (tp=2)
 TIMED = {"model": "random:tiny", "shape": dict(TINY.layer_shape), "decode_context": 100, "prompt_len": 50,

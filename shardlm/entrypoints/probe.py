@@ -198,8 +198,9 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
         if n == 1:
             profile.update(measured["device_info"])  # the card (or CPU) the profile describes, read by rank 0
             profile["hbm_gbps"], profile["gemm_tflops"] = measured["hbm_gbps"], measured["gemm_tflops"]
-            if "gemv" in measured:
-                profile["gemv"] = measured["gemv"]
+            for key in ("gemv", "gemv_fp8"):
+                if key in measured:
+                    profile[key] = measured[key]
         else:
             profile["allreduce"][str(n)] = measured["allreduce"]
             if "allreduce_graph" in measured:

@@ -262,6 +262,9 @@ class _Work:
     """Of nbytes, the KV cache's (the rest are weights)."""
     gemms: int = 1
     """Weight GEMMs per instance (a decode step reads each at the rate of its size, see decode_read_s)."""
+    fp8_rows: float = 0.0
+    """Where the instance's GEMMs are FP8 (the model's quantization) in a decode step: the rows each
+    multiplies, which picks the profile's measured FP8 rate (decode_read_s); 0: weights in the model dtype."""
 
 
 def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float, paged_kernels: bool = True) -> float:
@@ -434,6 +437,7 @@ class CostModel:
         """The stage's work split into its dense layers, its MoE layers and the non-layer part."""
         m, b, lb = self.model, self.model.bytes_per_param, self.model.linear_bytes
         lin_f = FP8_GEMM_TIME if m.quantization == "fp8" else 1.0
+        fp8_rows = tokens if m.quantization == "fp8" and not prefill else 0.0
         d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
         kv_layer = 2 * sh.kv_heads * d * self.kv_bytes  # per token
         if prefill:  # `prompts` prompts of tokens/prompts tokens: KV written once, causal attention
@@ -456,7 +460,7 @@ class CostModel:
             act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden), paged) + gather
             out.append(_Work(n_dense, lb * (sh.attn + sh.mlp) + b * sh.norms + kv_b,
                              lin_f * 2 * tokens * (sh.attn + sh.mlp) + attn_f, ar, act_b, kv_b,
-                             gemms=4))  # qkv o gate_up down
+                             gemms=4, fp8_rows=fp8_rows))  # qkv o gate_up down
         if sh.n_moe:
             ep_tokens = tokens * (layout.dp if layout.ep > 1 and not prefill else 1)
             if layout.ep > 1:  # whole experts on this rank; each is hit with probability 1-(1-k/E)^T
@@ -477,7 +481,7 @@ class CostModel:
                      + 10 * expert_tok * expert_width + gather)
             out.append(_Work(sh.n_moe, lb * (sh.attn + sh.shared_router + touched * sh.expert) + b * sh.norms + kv_b,
                              lin_f * (2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert)
-                             + attn_f, ar + a2a, act_b, kv_b, gemms=4))  # qkv, o, router, experts
+                             + attn_f, ar + a2a, act_b, kv_b, gemms=4, fp8_rows=fp8_rows))  # qkv, o, router, experts
         logits_tokens = prompts if prefill else tokens  # prefill samples only each prompt's last token
         head_comm = 0.0
         if layout.tp > 1:
@@ -490,14 +494,22 @@ class CostModel:
                          2 * logits_tokens * sh.head_rows * m.hidden, head_comm))
         return out
 
-    def decode_read_s(self, weight_bytes: float, gemms: int, kv_bytes: float) -> float:
+    def decode_read_s(self, weight_bytes: float, gemms: int, kv_bytes: float, fp8_rows: float = 0.0) -> float:
         """Seconds a decode step's skinny GEMMs take to read `weight_bytes` over `gemms` kernels, plus the KV
         cache: at the profile's one-row GEMM rate for a GEMM of that average size (smaller ones stream
-        slower), else at the copy rate's share."""
-        if self.profile is None or self.profile.gemv is None or weight_bytes <= 0:
+        slower), else at the copy rate's share. FP8 GEMMs of `fp8_rows` rows: at the profile's measured rate
+        of the engine's FP8 path for the fewest measured rows at least as many (else the most), where it
+        has them."""
+        if self.profile is None or weight_bytes <= 0:
+            return (weight_bytes + kv_bytes) / self.hbm_bps
+        curve = self.profile.gemv
+        if fp8_rows and self.profile.gemv_fp8:
+            measured = sorted(self.profile.gemv_fp8)
+            curve = self.profile.gemv_fp8[next((r for r in measured if r >= fp8_rows), measured[-1])]
+        if curve is None:
             return (weight_bytes + kv_bytes) / self.hbm_bps
         size = weight_bytes / max(1, gemms)
-        return gemms * self.profile.gemv.time_us(size) * 1e-6 + kv_bytes / self.hbm_bps
+        return gemms * curve.time_us(size) * 1e-6 + kv_bytes / self.hbm_bps
 
     @property
     def model_layers_apply(self) -> bool:
@@ -570,7 +582,7 @@ class CostModel:
         docs/PERFORMANCE.md, session 6)."""
         if prefill:
             return max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
-        return self.decode_read_s(w.nbytes - w.kv_bytes, w.gemms, w.kv_bytes) + w.flops / self.flops_ps
+        return self.decode_read_s(w.nbytes - w.kv_bytes, w.gemms, w.kv_bytes, w.fp8_rows) + w.flops / self.flops_ps
 
     def _gpu_s(self, w: _Work, prefill: bool) -> float:
         """Host mode's GPU time of one instance: its GEMMs and reads, then its elementwise kernels."""

@@ -28,6 +28,10 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
       "gemv": [[bytes, us], ...],           optional: one [1, in] x [in, out] bf16 GEMM in a CUDA graph
                                             per weight bytes, sizes ascending: decode steps read weights
                                             at the largest point's rate (past the L2 cache; cost.py)
+      "gemv_fp8": {"1": [[bytes, us], ...], "8": [...], "32": [...]},
+                                            optional: the engine's FP8 linear path at that many rows, per
+                                            FP8 weight bytes, in a CUDA graph (GPUs with FP8 tensor cores):
+                                            what an FP8 model's decode GEMMs read weights at
       "gpu_gemv_gbps": {"0": 3845, "1": 1610},
                                             optional: each GPU's start-up GEMV rate (the straggler check,
                                             GPU index -> GB/s); a group's GEMMs run at its slowest GPU's
@@ -258,6 +262,8 @@ class Profile:
     """Point-to-point time, if measured."""
     gemv: Curve | None = None
     """One-row GEMM time per weight bytes, in a CUDA graph, if measured."""
+    gemv_fp8: dict[int, Curve] | None = None
+    """The FP8 linear path's time per FP8 weight bytes, by rows, if measured."""
     memory_gib: float | None = None
     """Device memory, if measured."""
     gpu_count: int | None = None
@@ -344,6 +350,12 @@ def _curve(points: Any, source: str, where: str) -> Curve:
     if len({b for b, _ in out}) != len(out):
         raise _bad(source, where, "has two points with the same byte size", points)
     return Curve(tuple(out))
+
+
+def _curves_by_rows(value: Any, source: str, where: str) -> dict[int, Curve]:
+    if not isinstance(value, dict) or not value:
+        raise _bad(source, where, 'must be a non-empty object mapping rows ("1", "8", ...) to points', value)
+    return {_size_key(k, 1, "a row count", source, where): _curve(v, source, f"{where}.{k}") for k, v in value.items()}
 
 
 def _size_key(key: Any, minimum: int, what: str, source: str, where: str) -> int:
@@ -501,6 +513,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         all_to_all=_table(data["all_to_all"], source, "all_to_all") if "all_to_all" in data else None,
         send_recv=_curve(data["send_recv"], source, "send_recv") if "send_recv" in data else None,
         gemv=_curve(data["gemv"], source, "gemv") if "gemv" in data else None,
+        gemv_fp8=_curves_by_rows(data["gemv_fp8"], source, "gemv_fp8") if "gemv_fp8" in data else None,
         memory_gib=_positive(data["memory_gib"], source, "memory_gib") if "memory_gib" in data else None,
         gpu_count=gpu_count,
         gpu_gemv_gbps=_gpu_rates(data["gpu_gemv_gbps"], source) if "gpu_gemv_gbps" in data else None,

@@ -168,6 +168,35 @@ def _gemv_times(device: torch.device) -> list[list[float]]:
     return out
 
 
+FP8_GEMV_ROWS = (1, 8, 32)
+"""decode batches at which the probe times the FP8 kernels (one row, the weight-only tensor-core kernel, the
+e4m3-activation kernel: layers/fp8.py's three small-batch paths)"""
+
+
+def _fp8_gemv_times(device: torch.device) -> dict[str, list[list[float]]]:
+    """{rows: [[weight bytes, us], ...]} of the engine's FP8 linear path (layers/fp8.py fp8_linear_kernels)
+    at FP8_GEMV_ROWS rows, replayed in a CUDA graph past the L2 cache like _gemv_times: what a decode step's
+    FP8 GEMMs read weights at."""
+    from .layers.fp8 import fp8_linear_kernels, quantize_rows
+
+    out: dict[str, list[list[float]]] = {}
+    for m in FP8_GEMV_ROWS:
+        points = []
+        for rows, cols in GEMV_SHAPES:
+            nbytes = rows * cols
+            copies = max(1, min(64, -(-GEMV_STREAM_BYTES // nbytes)))
+            ws = [quantize_rows(torch.randn(rows, cols, device=device) * 0.02) for _ in range(copies)]
+            x = torch.randn(m, cols, device=device, dtype=torch.bfloat16)
+
+            def one_round() -> None:
+                for w, s in ws:
+                    fp8_linear_kernels(x, w, s)
+
+            points.append([nbytes, _graph_timed(one_round, device, max(1, 64 // copies)) / copies * 1e6])
+        out[str(m)] = points
+    return out
+
+
 def device_rates(device: torch.device) -> dict[str, Any]:
     """Copy bandwidth (bytes read + written) and matrix-multiply rate of this rank's device; on GPU the
     one-row GEMM times too."""
@@ -184,6 +213,10 @@ def device_rates(device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"hbm_gbps": 2 * nbytes / copy_s / 1e9, "gemm_tflops": 2 * n ** 3 / gemm_s / 1e12}
     if gpu:
         out["gemv"] = _gemv_times(device)
+        from .layers.fp8 import scaled_mm_ok
+
+        if scaled_mm_ok(device):  # (FP8 tensor cores)
+            out["gemv_fp8"] = _fp8_gemv_times(device)
         props = torch.cuda.get_device_properties(device)
         out["device_info"] = {"device": props.name, "gpu_count": torch.cuda.device_count(),
                               "memory_gib": props.total_memory / 2**30}
