@@ -72,6 +72,7 @@ HOSTILE = [  # (endpoint, fields beyond model, the param the 400 names)
     *[(CMPL, {"stop": v}, "stop") for v in (["x"] * 1000, "y" * 10_000, [None], "\ud800")],
     *[(CMPL, {"stop_token_ids": v}, "stop_token_ids") for v in ([2**64], [-1], list(range(1000)))],
     *[(CMPL, {"logprobs": v}, "logprobs") for v in (10**9, -1)],
+    *[(path, {"prompt_logprobs": v}, "prompt_logprobs") for path in (CMPL, CHAT) for v in (10**9, -1, 1.5)],
     *[(CMPL, {"max_tokens": v}, "max_tokens") for v in (10**30, 0)],
     (CMPL, {"prompt": "ok \ud800"}, "prompt"), (CMPL, {"prompt": [2**64]}, "prompt"),
     (CMPL, {"prompt": [[]]}, "prompt"),
