@@ -100,7 +100,7 @@ class SparseMoE(nn.Module):
         n, fl = len(self.local), self.f_end - self.f_start
         fp8 = cfg.quantization == "fp8"
         wdt = FP8 if fp8 else dtype
-        self.ctx, self.dtype = ctx, dtype
+        self.dtype = dtype
         self.w13 = nn.Parameter(torch.empty(n, 2 * fl, h, device=ctx.device, dtype=wdt), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(n, h, fl, device=ctx.device, dtype=wdt), requires_grad=False)
         # FP8 (layers/fp8.py): a float32 scale per output row of every expert; the experts run as one grouped
@@ -196,16 +196,15 @@ class SparseMoE(nn.Module):
         xs = x[order]
         counts = count(slot.clamp(max=n_local), n_local + 1)[:n_local]  # (padding rows: a slot past the local ones)
         self.rows += counts.sum()
+        offs = torch.cumsum(counts, 0).to(torch.int32) if self.grouped else None
         if self.grouped and self.w13_scale is not None:  # FP8: e4m3 activations, a scale per row
             from ..kernels.triton_fp8 import quantize_activations
 
-            offs = torch.cumsum(counts, 0).to(torch.int32)
             xq, x_scale = quantize_activations(xs)
             gate, up = fp8_grouped_mm(xq, x_scale.reshape(-1), self.w13, self.w13_scale, offs, xs.dtype).chunk(2, dim=-1)
             hq, h_scale = quantize_activations((F.silu(gate) * up).contiguous())
             ys = fp8_grouped_mm(hq, h_scale.reshape(-1), self.w2, self.w2_scale, offs, xs.dtype)
         elif self.grouped:
-            offs = torch.cumsum(counts, 0).to(torch.int32)
             gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             ys = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.transpose(1, 2), offs=offs)
         else:
