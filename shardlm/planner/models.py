@@ -67,7 +67,7 @@ class ModelSpec:
     """Weight bytes per element as served (bf16)."""
     quantization: str | None = None
     """'fp8': the decoder's linear layers (attention, MLP, router, experts) in FP8, one byte a weight, with
-    the FP8 tensor cores' doubled rate for their GEMMs; embedding, LM head and norms stay in bytes_per_param"""
+    their GEMM FLOPs at cost.FP8_GEMM_TIME of bf16's; embedding, LM head and norms stay in bytes_per_param"""
     notes: tuple[str, ...] = field(default=(), compare=False)
     """Remarks gathered while reading the config."""
 
