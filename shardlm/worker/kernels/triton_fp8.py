@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -163,6 +164,12 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> 
     return cfg._replace(split_k=split)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """the device's streaming multiprocessors (small_m_config's split targets; the H200's 132 off a GPU)"""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 WORKSPACE_COLS = 1 << 16
 """the split-K workspace holds SMALL_M * WORKSPACE_COLS partial sums (split pieces x rows x features: a
@@ -192,7 +199,7 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
     n = w.shape[0]
     assert m <= SMALL_M, m
     a8 = x_scale is not None
-    cfg = config or small_m_config(m, n, k, a8=a8)
+    cfg = config or small_m_config(m, n, k, _sm_count(x.device), a8=a8)
     if a8 and cfg.gemv:
         cfg = cfg._replace(gemv=False)
     while cfg.split_k > 1 and (cfg.split_k * m * n > SMALL_M * WORKSPACE_COLS or n > WORKSPACE_COLS):
