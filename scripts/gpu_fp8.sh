@@ -22,7 +22,7 @@ if [[ $STAGES == *tests* ]]; then
     > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | tail -5
 fi
-if [[ $STAGES == *gemm* ]]; then  # the FP8 kernels alone on the 8B shapes, bf16 beside them
+if [[ $STAGES == *gemm* ]]; then  # the FP8 kernels alone on the 8B and 70B shapes, bf16 beside them
   timeout 200 python3 scripts/fp8_gemm_bench.py --json "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.txt" 2>&1
   tail -60 "$OUT/fp8_gemm.txt"
 fi
