@@ -8,8 +8,8 @@ Each timed graph cycles through enough copies of the weights (>= 256 MB) that th
 the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (layers/fp8.py's fp8_linear_kernels, as the engine runs
 it: weight-only up to A8_ABOVE rows, e4m3 activations above), fp8-scaled_mm (the activations quantised per
 token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
-coordinate descent over fp8_gemm_small_m's tiles, split and warps from small_m_config's choice, printing the
-best configuration found beside it.
+coordinate descent over fp8_gemm_small_m's tiles, split, warps, unrolling and operand order from
+small_m_config's choice (and from the other kernel's), printing the best configuration found beside it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 SHAPES = {"8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
           "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}}
 SPACE = {"split_k": (1, 2, 4, 8, 16), "block_n": (8, 16, 32, 64, 128), "block_k": (64, 128, 256, 512, 1024),
-         "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8)}
+         "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8), "unroll": (1, 2, 4), "swap": (False, True)}
 
 
 def main() -> int:
@@ -124,6 +124,8 @@ def main() -> int:
                 seen = [(best_us, tuple(cfg0))]
                 kinds = [True, False] if m <= GEMV_MAX_M and not a8 else [False]
                 starts = [best] + [cfg0._replace(gemv=g) for g in kinds if g != cfg0.gemv]
+                if not cfg0.swap:  # (the weights as the MMA's 64-row side: coordinate steps from cfg0 miss it)
+                    starts.append(cfg0._replace(gemv=False, swap=True, block_n=max(64, cfg0.block_n)))
                 for start in starts:
                     stop = min(deadline, time.monotonic() + per_problem / len(starts))
                     cur, cur_us = start, (best_us if start == best else float("inf"))
@@ -131,7 +133,7 @@ def main() -> int:
                         for field, values in SPACE.items():
                             for v in values:
                                 cand = cur._replace(**{field: v})
-                                if cand == cur or time.monotonic() > stop:
+                                if cand == cur or time.monotonic() > stop or (cand.swap if cand.gemv else cand.unroll > 1):
                                     continue
                                 try:
                                     us = timed(cand)

@@ -75,52 +75,85 @@ def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, SPLIT_K,
-                    HAS_BIAS: tl.constexpr, A8: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """SWAP: y^T = w x^T, the weights the MMA's first operand (its 64-row side, which on Hopper may come from
+    registers: the e4m3 -> bf16 widening feeds the tensor cores without a trip through shared memory) and the
+    few rows of x its narrow side"""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
     kk = lo + tl.arange(0, BLOCK_K)
     xp = X + rm[:, None] * stride_xm + kk[None, :]
     wp = W + rn[:, None] * K + kk[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
     for _ in range(0, steps):
         x = tl.load(xp, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-        if A8:
-            acc += tl.dot(x, tl.trans(w))
+        if not A8:
+            w = w.to(x.dtype)
+        if SWAP:
+            acc += tl.dot(w, tl.trans(x))
         else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            acc += tl.dot(x, tl.trans(w))
         kk += BLOCK_K
         xp += BLOCK_K
         wp += BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
     _epilogue(acc, rm, rn, M, N, Y, stride_ym, S, XS, B, WS, CNT, SPLIT_K, HAS_BIAS, A8)
 
 
 @triton.jit
+def _gemv_load(W, rn, kk, hi, N, K):
+    """the e4m3 tile w[rn, kk] (kk past hi or K, rn past N: zeros)"""
+    return tl.load(W + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < hi), other=0.0)
+
+
+@triton.jit
+def _gemv_fma(acc0, acc1, acc2, acc3, w, X, kk, hi, stride_xm, M: tl.constexpr):
+    """acc_r += w * x[r, kk] for the M rows"""
+    w = w.to(tl.float32)
+    acc0 += w * tl.load(X + kk, mask=kk < hi, other=0.0).to(tl.float32)[None, :]
+    if M > 1:
+        acc1 += w * tl.load(X + stride_xm + kk, mask=kk < hi, other=0.0).to(tl.float32)[None, :]
+    if M > 2:
+        acc2 += w * tl.load(X + 2 * stride_xm + kk, mask=kk < hi, other=0.0).to(tl.float32)[None, :]
+    if M > 3:
+        acc3 += w * tl.load(X + 3 * stride_xm + kk, mask=kk < hi, other=0.0).to(tl.float32)[None, :]
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K, M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     UNROLL: tl.constexpr):
     """M (1-4) rows on the CUDA cores: products accumulated elementwise over [BLOCK_N, BLOCK_K] tiles, one
-    per row, and summed across K once at the end (no cross-thread reduction in the loop)"""
+    per row, and summed across K once at the end (no cross-thread reduction in the loop). UNROLL (1, 2, 4)
+    tiles a loop step, every load issued before the products: more bytes in flight per program than one
+    tile holds, with the accumulator registers of one."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
+    hi = tl.minimum(lo + steps * BLOCK_K, K)
     kk = lo + tl.arange(0, BLOCK_K)
-    wp = W + rn[:, None] * K + kk[None, :]
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for _ in range(0, steps):
-        w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0).to(tl.float32)
-        acc0 += w * tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        if M > 1:
-            acc1 += w * tl.load(X + stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        if M > 2:
-            acc2 += w * tl.load(X + 2 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        if M > 3:
-            acc3 += w * tl.load(X + 3 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        kk += BLOCK_K
-        wp += BLOCK_K
+    for _ in range(0, steps, UNROLL):
+        w0 = _gemv_load(W, rn, kk, hi, N, K)
+        if UNROLL > 1:
+            w1 = _gemv_load(W, rn, kk + BLOCK_K, hi, N, K)
+        if UNROLL > 2:
+            w2 = _gemv_load(W, rn, kk + 2 * BLOCK_K, hi, N, K)
+            w3 = _gemv_load(W, rn, kk + 3 * BLOCK_K, hi, N, K)
+        acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w0, X, kk, hi, stride_xm, M)
+        if UNROLL > 1:
+            acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w1, X, kk + BLOCK_K, hi, stride_xm, M)
+        if UNROLL > 2:
+            acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w2, X, kk + 2 * BLOCK_K, hi, stride_xm, M)
+            acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w3, X, kk + 3 * BLOCK_K, hi, stride_xm, M)
+        kk += UNROLL * BLOCK_K
     rm = tl.arange(0, 4)[:, None]
     acc = tl.where(rm == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
     if M > 1:
@@ -144,6 +177,8 @@ class Config(NamedTuple):
     split_k: int
     num_warps: int
     num_stages: int
+    unroll: int = 1  # gemv: tiles loaded per loop step (1, 2, 4)
+    swap: bool = False  # tensor-core kernel: the weights as the MMA's first operand (y^T = w x^T)
 
 
 def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> Config:
@@ -211,11 +246,11 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
     if cfg.gemv:
         _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, M=m,
                                HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                               UNROLL=cfg.unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         _fp8_dot_kernel[grid](x, w, scale, x_scale if a8 else scale, b, y, ws, cnt, m, n, k, x.stride(0),
-                              y.stride(0), cfg.split_k, HAS_BIAS=bias is not None, A8=a8, BLOCK_M=block_m,
+                              y.stride(0), cfg.split_k, HAS_BIAS=bias is not None, A8=a8, SWAP=cfg.swap, BLOCK_M=block_m,
                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
                               num_stages=cfg.num_stages)
     return y
