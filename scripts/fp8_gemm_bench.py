@@ -22,8 +22,8 @@ import time
 
 SHAPES = {"8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
           "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}}
-SPACE = {"split_k": (1, 2, 4, 8, 16), "block_n": (8, 16, 32, 64, 128), "block_k": (64, 128, 256, 512, 1024),
-         "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8), "unroll": (1, 2, 4), "swap": (False, True)}
+SPACE = {"bits": (False, True), "swap": (False, True), "split_k": (1, 2, 4, 8, 16), "block_n": (8, 16, 32, 64, 128),
+         "block_k": (64, 128, 256, 512, 1024), "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8)}
 
 
 def main() -> int:
@@ -86,91 +86,92 @@ def main() -> int:
     models = (a.models or ("8b" if a.tune else "8b,70b")).split(",")
     shapes = [(model, name, n, k) for model in models for name, (n, k) in SHAPES[model].items()]
     deadline = time.monotonic() + a.budget
-    per_problem = a.budget / max(1, len(shapes) * len(batches))
+    per_problem = a.budget / max(1, len(shapes) * (len(batches) + sum(m <= A8_ABOVE for m in batches)))
     for model, name, n, k in shapes:
         wb = [(torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
               for _ in range(math.ceil(256e6 / (2 * n * k)))]
         w8 = [quantize_rows(wb[i % len(wb)]) for i in range(math.ceil(256e6 / (n * k)))]
         for m in batches:
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-            want = fp8_linear_torch(x, *w8[0]).float()
+            # as the engine runs it (e4m3 activations above A8_ABOVE rows); tuning, e4m3 activations at fewer too
+            for a8 in [m > A8_ABOVE] + ([True] if a.tune and m <= A8_ABOVE else []):
+                want = fp8_linear_torch(x, *w8[0]).float()
 
-            def check(y, tol):
-                err = ((y.float() - want).norm() / want.norm()).item()
-                assert err < tol, (model, name, m, err)
+                def check(y, tol):
+                    err = ((y.float() - want).norm() / want.norm()).item()
+                    assert err < tol, (model, name, m, err)
 
-            a8 = m > A8_ABOVE  # (as the engine runs it: e4m3 activations above A8_ABOVE rows)
-            if a8:  # the reference multiplies the same e4m3 activations: only the kernel's own error is left
-                xq, xs = quantize_activations(x)
-                want = fp8_linear_torch((xq.float() * xs).to(x.dtype), *w8[0]).float()
+                if a8:  # the reference multiplies the same e4m3 activations: only the kernel's own error is left
+                    xq, xs = quantize_activations(x)
+                    want = fp8_linear_torch((xq.float() * xs).to(x.dtype), *w8[0]).float()
 
-            def small_m(cfg, i):
-                if not a8:
-                    return fp8_gemm_small_m(x, *w8[i], None, config=cfg)
-                xq, xs = quantize_activations(x)
-                return fp8_gemm_small_m(xq, *w8[i], None, x_scale=xs, out_dtype=x.dtype, config=cfg)
+                def small_m(cfg, i):
+                    if not a8:
+                        return fp8_gemm_small_m(x, *w8[i], None, config=cfg)
+                    xq, xs = quantize_activations(x)
+                    return fp8_gemm_small_m(xq, *w8[i], None, x_scale=xs, out_dtype=x.dtype, config=cfg)
 
-            def timed(cfg):
+                def timed(cfg):
+                    try:
+                        check(small_m(cfg, 0), 1e-2)
+                    except AssertionError as e:
+                        print(f"WRONG RESULT {tuple(cfg)}: {e}", flush=True)
+                        return float("inf")
+                    return graph_us(lambda i: small_m(cfg, i), len(w8))
+
+                cfg0 = small_m_config(m, n, k, sms, a8=a8)
+                if a.tune:
+                    best, best_us, tried = cfg0, timed(cfg0), 1
+                    seen = [(best_us, tuple(cfg0))]
+                    kinds = [True, False] if m <= GEMV_MAX_M and not a8 else [False]
+                    starts = [best] + [cfg0._replace(gemv=g) for g in kinds if g != cfg0.gemv]
+                    if not cfg0.swap:  # (the weights as the MMA's 64-row side: coordinate steps from cfg0 miss it)
+                        starts.append(cfg0._replace(gemv=False, swap=True, block_n=max(64, cfg0.block_n)))
+                    for start in starts:
+                        stop = min(deadline, time.monotonic() + per_problem / len(starts))
+                        cur, cur_us = start, (best_us if start == best else float("inf"))
+                        for _ in range(2):
+                            for field, values in SPACE.items():
+                                for v in values:
+                                    cand = cur._replace(**{field: v})
+                                    if cand == cur or time.monotonic() > stop or (cand.swap if cand.gemv else cand.bits):
+                                        continue
+                                    try:
+                                        us = timed(cand)
+                                    except Exception:  # out of shared memory or registers: not a candidate
+                                        continue
+                                    tried += 1
+                                    seen.append((us, tuple(cand)))
+                                    if us < cur_us:
+                                        cur, cur_us = cand, us
+                        if cur_us < best_us:
+                            best, best_us = cur, cur_us
+                    gbps = n * k / best_us / 1e3
+                    tuned.append({"model": model, "shape": name, "n": n, "k": k, "m": m, "a8": a8,
+                                  "default": cfg0._asdict(), "default_us": timed(cfg0), "best": best._asdict(),
+                                  "best_us": best_us, "best_gbps": gbps, "tried": tried, "top": sorted(seen)[:8]})
+                    print(f"{model:>3} {name:>8} m={m:<3}{' a8' if a8 else '   '} default {tuned[-1]['default_us']:7.1f} us  best {best_us:7.1f} us"
+                          f" {gbps:5.0f} GB/s  {tuple(best)}  ({tried} tried)", flush=True)
+                    print("      next: " + "  ".join(f"{us:.1f} {c}" for us, c in sorted(seen)[1:4]), flush=True)
+                    continue
+                cells = {"bf16": (graph_us(lambda i: F.linear(x, wb[i % len(wb)]), len(wb)), 2 * n * k)}
                 try:
-                    check(small_m(cfg, 0), 1e-2)
+                    check(fp8_linear_kernels(x, *w8[0]), 1e-2)
+                    cells["fp8"] = (graph_us(lambda i: fp8_linear_kernels(x, *w8[i]), len(w8)), n * k)
                 except AssertionError as e:
-                    print(f"WRONG RESULT {tuple(cfg)}: {e}", flush=True)
-                    return float("inf")
-                return graph_us(lambda i: small_m(cfg, i), len(w8))
+                    print(f"WRONG RESULT fp8_linear_kernels: {e}", flush=True)
 
-            cfg0 = small_m_config(m, n, k, sms, a8=a8)
-            if a.tune:
-                best, best_us, tried = cfg0, timed(cfg0), 1
-                seen = [(best_us, tuple(cfg0))]
-                kinds = [True, False] if m <= GEMV_MAX_M and not a8 else [False]
-                starts = [best] + [cfg0._replace(gemv=g) for g in kinds if g != cfg0.gemv]
-                if not cfg0.swap:  # (the weights as the MMA's 64-row side: coordinate steps from cfg0 miss it)
-                    starts.append(cfg0._replace(gemv=False, swap=True, block_n=max(64, cfg0.block_n)))
-                for start in starts:
-                    stop = min(deadline, time.monotonic() + per_problem / len(starts))
-                    cur, cur_us = start, (best_us if start == best else float("inf"))
-                    for _ in range(2):
-                        for field, values in SPACE.items():
-                            for v in values:
-                                cand = cur._replace(**{field: v})
-                                if cand == cur or time.monotonic() > stop or (cand.swap if cand.gemv else cand.unroll > 1):
-                                    continue
-                                try:
-                                    us = timed(cand)
-                                except Exception:  # out of shared memory or registers: not a candidate
-                                    continue
-                                tried += 1
-                                seen.append((us, tuple(cand)))
-                                if us < cur_us:
-                                    cur, cur_us = cand, us
-                    if cur_us < best_us:
-                        best, best_us = cur, cur_us
-                gbps = n * k / best_us / 1e3
-                tuned.append({"model": model, "shape": name, "n": n, "k": k, "m": m, "a8": a8,
-                              "default": cfg0._asdict(), "default_us": timed(cfg0), "best": best._asdict(),
-                              "best_us": best_us, "best_gbps": gbps, "tried": tried, "top": sorted(seen)[:8]})
-                print(f"{model:>3} {name:>8} m={m:<3} default {tuned[-1]['default_us']:7.1f} us  best {best_us:7.1f} us"
-                      f" {gbps:5.0f} GB/s  {tuple(best)}  ({tried} tried)", flush=True)
-                print("      next: " + "  ".join(f"{us:.1f} {c}" for us, c in sorted(seen)[1:4]), flush=True)
-                continue
-            cells = {"bf16": (graph_us(lambda i: F.linear(x, wb[i % len(wb)]), len(wb)), 2 * n * k)}
-            try:
-                check(fp8_linear_kernels(x, *w8[0]), 1e-2)
-                cells["fp8"] = (graph_us(lambda i: fp8_linear_kernels(x, *w8[i]), len(w8)), n * k)
-            except AssertionError as e:
-                print(f"WRONG RESULT fp8_linear_kernels: {e}", flush=True)
-
-            def scaled_mm(i):
-                xq, xs = quantize_activations(x)
-                q, s = w8[i]
-                return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s[None, :], out_dtype=x.dtype)
-            check(scaled_mm(0), 6e-2)
-            cells["fp8-scaled_mm"] = (graph_us(scaled_mm, len(w8)), n * k)
-            rows.append({"model": model, "shape": name, "n": n, "k": k, "m": m, "config": tuple(cfg0),
-                         **{f"{lbl}_us": us for lbl, (us, _) in cells.items()},
-                         **{f"{lbl}_gbps": nbytes / us / 1e3 for lbl, (us, nbytes) in cells.items()}})
-            print(f"{model:>3} {name:>8} m={m:<3} " + "  ".join(f"{lbl} {us:7.1f} us {nbytes / us / 1e3:5.0f} GB/s"
-                                                             for lbl, (us, nbytes) in cells.items()), flush=True)
+                def scaled_mm(i):
+                    xq, xs = quantize_activations(x)
+                    q, s = w8[i]
+                    return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s[None, :], out_dtype=x.dtype)
+                check(scaled_mm(0), 6e-2)
+                cells["fp8-scaled_mm"] = (graph_us(scaled_mm, len(w8)), n * k)
+                rows.append({"model": model, "shape": name, "n": n, "k": k, "m": m, "config": tuple(cfg0),
+                             **{f"{lbl}_us": us for lbl, (us, _) in cells.items()},
+                             **{f"{lbl}_gbps": nbytes / us / 1e3 for lbl, (us, nbytes) in cells.items()}})
+                print(f"{model:>3} {name:>8} m={m:<3} " + "  ".join(f"{lbl} {us:7.1f} us {nbytes / us / 1e3:5.0f} GB/s"
+                                                                 for lbl, (us, nbytes) in cells.items()), flush=True)
         wb = w8 = None  # (free before the next shape)
         torch.cuda.empty_cache()
     if a.json:

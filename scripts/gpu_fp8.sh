@@ -3,7 +3,7 @@
 # 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement), and decode latency
 # of both in the same call (bf16 the baseline); kv: sequences of 8k tokens the KV cache holds, bf16 against
 # kv_cache_dtype fp8 at the same memory setting; tune: scripts/fp8_gemm_bench.py --tune (the small-batch
-# kernels' configurations, TUNE_BUDGET seconds); gemm: the kernels as the engine runs them, 8B and 70B shapes;
+# kernels' configurations, TUNE_BUDGET seconds, batches TUNE_BATCHES); gemm: the kernels as the engine runs them, 8B and 70B shapes;
 # big: BIG_MODEL (default random:llama-3-70b) in FP8 weights and KV on this GPU.
 # Results under $OUT.
 set -u
@@ -13,7 +13,7 @@ OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 MODEL=${MODEL:-random:llama-3-8b}
 STAGES=${STAGES:-tests gemm check latency kv}
 if [[ $STAGES == *tune* ]]; then
-  timeout $(( ${TUNE_BUDGET:-200} + 120 )) python3 scripts/fp8_gemm_bench.py --tune --budget ${TUNE_BUDGET:-200} \
+  timeout $(( ${TUNE_BUDGET:-200} + 120 )) python3 scripts/fp8_gemm_bench.py --tune --budget ${TUNE_BUDGET:-200} ${TUNE_BATCHES:+--batches $TUNE_BATCHES} \
     --json "$OUT/fp8_tune.json" > "$OUT/fp8_tune.txt" 2>&1
   tail -20 "$OUT/fp8_tune.txt"
 fi

@@ -213,10 +213,10 @@ def same_tokens_but_near_ties(tok_a, tok_b, logits_a, logits_b, tol):
 
 def test_gpu_fp8_linear_matches_its_reference():
     """the FP8 kernels against the dequantising reference: up to A8_ABOVE rows the weight-only Triton kernels
-    (within bf16 rounding) with the tuned configurations and with split-K forced on both kernels (unrolled, and
-    with the operands swapped, too); above, the activations in e4m3 too (the Triton kernel up to SMALL_M rows,
-    torch._scaled_mm above: the activations' rounding to 3 mantissa bits is the difference, a few percent of an
-    output at most); bias added; the split-K counters left zero"""
+    (within bf16 rounding) with the tuned configurations and with split-K forced on both kernels (the weights
+    widened by integer operations, and the operands swapped, too); above, the activations in e4m3 too (the
+    Triton kernel up to SMALL_M rows, torch._scaled_mm above: the activations' rounding to 3 mantissa bits is
+    the difference, a few percent of an output at most); bias added; the split-K counters left zero"""
     from shardlm.worker.kernels.triton_fp8 import (
         Config,
         fp8_gemm_small_m,
@@ -251,7 +251,7 @@ def test_gpu_fp8_linear_matches_its_reference():
         if tokens > 64:
             continue
         for cfg in (Config(True, 16, 256, 4, 4, 3), Config(False, 32, 128, 3, 4, 3),
-                    Config(True, 16, 256, 3, 8, 3, unroll=4), Config(False, 64, 128, 3, 4, 3, swap=True)):
+                    Config(True, 16, 256, 3, 8, 3, bits=True), Config(False, 64, 128, 3, 4, 3, swap=True)):
             if cfg.gemv and tokens > 4:
                 continue
             close(fp8_gemm_small_m(x, w, s, bias, config=cfg), want, 0.01)

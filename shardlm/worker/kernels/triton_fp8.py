@@ -105,55 +105,43 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
 
 
 @triton.jit
-def _gemv_load(W, rn, kk, hi, N, K):
-    """the e4m3 tile w[rn, kk] (kk past hi or K, rn past N: zeros)"""
-    return tl.load(W + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < hi), other=0.0)
-
-
-@triton.jit
-def _gemv_fma(acc0, acc1, acc2, acc3, w, X, kk, hi, stride_xm, M: tl.constexpr):
-    """acc_r += w * x[r, kk] for the M rows"""
-    w = w.to(tl.float32)
-    acc0 += w * tl.load(X + kk, mask=kk < hi, other=0.0).to(tl.float32)[None, :]
+def _gemv_fma(acc0, acc1, acc2, acc3, w, X, kk, K, stride_xm, M: tl.constexpr, BITS: tl.constexpr):
+    """acc_r += w * x[r, kk] for the M rows. BITS: w widened by integer operations, not the conversion
+    instructions: the e4m3 sign to float32's, its exponent and mantissa bits under float32's (so the float32
+    is the e4m3 value times 2^-120, which the caller multiplies back at the end)"""
+    if BITS:
+        b = w.to(tl.uint8, bitcast=True).to(tl.uint32)
+        w = (((b & 0x80) << 24) | ((b & 0x7F) << 20)).to(tl.float32, bitcast=True)
+    else:
+        w = w.to(tl.float32)
+    acc0 += w * tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
     if M > 1:
-        acc1 += w * tl.load(X + stride_xm + kk, mask=kk < hi, other=0.0).to(tl.float32)[None, :]
+        acc1 += w * tl.load(X + stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
     if M > 2:
-        acc2 += w * tl.load(X + 2 * stride_xm + kk, mask=kk < hi, other=0.0).to(tl.float32)[None, :]
+        acc2 += w * tl.load(X + 2 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
     if M > 3:
-        acc3 += w * tl.load(X + 3 * stride_xm + kk, mask=kk < hi, other=0.0).to(tl.float32)[None, :]
+        acc3 += w * tl.load(X + 3 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
     return acc0, acc1, acc2, acc3
 
 
 @triton.jit
 def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K, M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     UNROLL: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
     """M (1-4) rows on the CUDA cores: products accumulated elementwise over [BLOCK_N, BLOCK_K] tiles, one
-    per row, and summed across K once at the end (no cross-thread reduction in the loop). UNROLL (1, 2, 4)
-    tiles a loop step, every load issued before the products: more bytes in flight per program than one
-    tile holds, with the accumulator registers of one."""
+    per row, and summed across K once at the end (no cross-thread reduction in the loop)"""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
-    hi = tl.minimum(lo + steps * BLOCK_K, K)
     kk = lo + tl.arange(0, BLOCK_K)
+    wp = W + rn[:, None] * K + kk[None, :]
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for _ in range(0, steps, UNROLL):
-        w0 = _gemv_load(W, rn, kk, hi, N, K)
-        if UNROLL > 1:
-            w1 = _gemv_load(W, rn, kk + BLOCK_K, hi, N, K)
-        if UNROLL > 2:
-            w2 = _gemv_load(W, rn, kk + 2 * BLOCK_K, hi, N, K)
-            w3 = _gemv_load(W, rn, kk + 3 * BLOCK_K, hi, N, K)
-        acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w0, X, kk, hi, stride_xm, M)
-        if UNROLL > 1:
-            acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w1, X, kk + BLOCK_K, hi, stride_xm, M)
-        if UNROLL > 2:
-            acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w2, X, kk + 2 * BLOCK_K, hi, stride_xm, M)
-            acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w3, X, kk + 3 * BLOCK_K, hi, stride_xm, M)
-        kk += UNROLL * BLOCK_K
+    for _ in range(0, steps):
+        w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+        acc0, acc1, acc2, acc3 = _gemv_fma(acc0, acc1, acc2, acc3, w, X, kk, K, stride_xm, M, BITS)
+        kk += BLOCK_K
+        wp += BLOCK_K
     rm = tl.arange(0, 4)[:, None]
     acc = tl.where(rm == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
     if M > 1:
@@ -162,6 +150,8 @@ def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K
         acc += tl.where(rm == 2, tl.sum(acc2, axis=1)[None, :], 0.0)
     if M > 3:
         acc += tl.where(rm == 3, tl.sum(acc3, axis=1)[None, :], 0.0)
+    if BITS:
+        acc = acc * 1.329227995784916e36  # 2^120 (exact)
     _epilogue(acc, tl.arange(0, 4), rn, M, N, Y, stride_ym, S, S, B, WS, CNT, SPLIT_K, HAS_BIAS, False)
 
 
@@ -177,7 +167,7 @@ class Config(NamedTuple):
     split_k: int
     num_warps: int
     num_stages: int
-    unroll: int = 1  # gemv: tiles loaded per loop step (1, 2, 4)
+    bits: bool = False  # gemv: the weights widened by integer operations, not conversion instructions
     swap: bool = False  # tensor-core kernel: the weights as the MMA's first operand (y^T = w x^T)
 
 
@@ -191,8 +181,8 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> 
         cfg, programs = Config(True, 32 if wide else 16, 256 if wide else 512, 1, 8, 4), 2 * sms
     elif m <= 16 and not a8:
         cfg, programs = Config(False, 32, 128 if m <= 4 else 256, 1, 4, 4), 4 * sms
-    else:  # e4m3 activations, 17-64 rows: at most two pieces (more partial sums to add cost more than they gain)
-        cfg, programs = Config(False, 128 if wide else 32, 128, 1, 4, 4), sms
+    else:  # e4m3 activations, 17-64 rows: long-K shapes (down_proj) on wider tiles in more pieces
+        cfg, programs = Config(False, 128 if wide else 64 if k >= 3 * n else 32, 128, 1, 4, 4), 3 * sms // 2
     blocks, split = triton.cdiv(n, cfg.block_n), 1
     while blocks * split < programs and k >= 8 * split * cfg.block_k:
         split *= 2
@@ -246,7 +236,7 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
     if cfg.gemv:
         _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, M=m,
                                HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                               UNROLL=cfg.unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                               BITS=cfg.bits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         _fp8_dot_kernel[grid](x, w, scale, x_scale if a8 else scale, b, y, ws, cnt, m, n, k, x.stride(0),
