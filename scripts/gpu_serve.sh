@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out}; mkdir -p "$OUT"
 source scripts/serve_lib.sh
 # the GPU image has no web stack: install it from wheels carried along in .wheels/ if present
-[ -d .wheels ] && pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
+[ -d .wheels ] && python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
 for tp in ${TPS:-2 4}; do
   port=$((8100 + tp))
   start_server tp$tp $port -- random:llama-3-8b -tp "$tp" || continue

@@ -2,11 +2,10 @@
 
 A linear layer in FP8 holds `weight` as float8_e4m3fn [out, in] and `weight_scale` float32 [out]: row o of
 the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (compute capability 8.9+:
-Ada, Hopper and later) `fp8_linear_kernels` runs small decode batches (up to A8_ABOVE rows) through
-weight-only Triton kernels (the e4m3 weights widened in registers, the activations left in bf16) and larger
-ones with the activations quantised per token too (each row's absolute maximum maps to the e4m3 maximum,
-448): up to SMALL_M rows through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm
-(rowwise scaling). Everywhere else, and as the reference the GPU path is tested against,
+Ada, Hopper and later) `fp8_linear_kernels` runs one-row steps through a weight-only Triton kernel (the
+e4m3 weights widened in registers, the activations left in bf16) and larger ones with the activations
+quantised per token too (each row's absolute maximum maps to the e4m3 maximum, 448): up to SMALL_M rows
+through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm (rowwise scaling). Everywhere else, and as the reference the GPU path is tested against,
 `fp8_linear_torch` multiplies by the dequantised weights in the activations' dtype (on the CPU, float32:
 exactly the model a float32 checkpoint of the dequantised weights gives). `fp8_path(device)` picks one.
 
@@ -51,15 +50,15 @@ def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 SMALL_M = 64
 """up to this many rows (decode batches) the Triton kernels run; above, torch._scaled_mm"""
-A8_ABOVE = 16
-"""above this many rows the activations are quantised per token too (e4m3 x e4m3 on the tensor cores: at
-16-64 rows widening the weights costs more than reading them); up to it the kernels are weight-only"""
+A8_ABOVE = 1
+"""above this many rows the activations are quantised per token too (e4m3 x e4m3 on the tensor cores: from
+two rows up widening the weights costs more than reading them); up to it the kernel is weight-only"""
 
 
 def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): up to A8_ABOVE rows through the weight-only
-    Triton kernels, up to SMALL_M through the Triton kernel on e4m3 activations (per-token scales), more
+    Triton kernel, up to SMALL_M through the Triton kernel on e4m3 activations (per-token scales), more
     through torch._scaled_mm with the same activation scales (both dimensions of W multiples of 16, else
     the reference)."""
     from ..kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
