@@ -353,9 +353,10 @@ def test_gpu_fp8_kernels_give_the_reference_paths_tokens(name, tiny_models, monk
     model's layers: up to 10.7% measured for Mistral on an H200, mean 6-9%; split-K's wrong sums gave 20-50%
     in one GEMM, a wrong scale or layout gives ~100%). Mixtral's steps are bounded at 35%: a token whose
     router scores are near a tie goes to other experts once its activations are rounded (26% measured on one
-    prefill position, 4.6% mean over a prompt's 12 steps). Greedy tokens equal up to a step where the
-    reference's top two were within 15% of its largest logit (a near tie may fall either way; after it the
-    runs see different tokens)."""
+    prefill position, 4.6% mean over a prompt's 12 steps). The two prompts' greedy tokens equal up to a step
+    where the reference's top two were within 15% of its largest logit (a near tie may fall either way;
+    after it the runs see different tokens). Measured on an H200 after the last change: the long prompt's
+    token was compared too (sampled: it failed), the bounds held."""
     folder, _ = tiny_models[name]
     runs = []
     for reference in ("1", "0"):
@@ -368,9 +369,9 @@ def test_gpu_fp8_kernels_give_the_reference_paths_tokens(name, tiny_models, monk
             runs.append(([o.outputs[0].token_ids for o in outs],
                          [np.stack(llm.engine.logits_log[(o.request_id, 0)]).astype(np.float32) for o in outs]))
     errors = []
-    for tok_a, tok_b, a, b in zip(runs[0][0], runs[1][0], runs[0][1], runs[1][1]):
-        part = next((i for i, (x, y) in enumerate(zip(tok_a, tok_b)) if x != y), None)
-        upto = len(tok_a) if part is None else part + 1
+    for i, (tok_a, tok_b, a, b) in enumerate(zip(runs[0][0], runs[1][0], runs[0][1], runs[1][1])):
+        part = next((j for j, (x, y) in enumerate(zip(tok_a, tok_b)) if x != y), None) if i < 2 else None
+        upto = len(tok_a) if part is None else part + 1  # (the long prompt's one token was sampled: not compared)
         rel = np.linalg.norm(a[:upto] - b[:upto], axis=1) / np.linalg.norm(a[:upto], axis=1)
         print(f"{name}: {upto} steps compared, parted at {part}, logits' relative error per step: max "
               f"{rel.max():.4f}, mean {rel.mean():.4f}")
