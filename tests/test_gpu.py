@@ -355,8 +355,7 @@ def test_gpu_fp8_kernels_give_the_reference_paths_tokens(name, tiny_models, monk
     router scores are near a tie goes to other experts once its activations are rounded (26% measured on one
     prefill position, 4.6% mean over a prompt's 12 steps). The two prompts' greedy tokens equal up to a step
     where the reference's top two were within 15% of its largest logit (a near tie may fall either way;
-    after it the runs see different tokens). Measured on an H200 after the last change: the long prompt's
-    token was compared too (sampled: it failed), the bounds held."""
+    after it the runs see different tokens)."""
     folder, _ = tiny_models[name]
     runs = []
     for reference in ("1", "0"):
