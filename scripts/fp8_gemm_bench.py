@@ -8,8 +8,9 @@ Each timed graph cycles through enough copies of the weights (>= 256 MB) that th
 the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (layers/fp8.py's fp8_linear_kernels, as the engine runs
 it: weight-only up to A8_ABOVE rows, e4m3 activations above), fp8-scaled_mm (the activations quantised per
 token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
-coordinate descent over fp8_gemm_small_m's tiles, split, warps and operand order from
-small_m_config's choice (and from the other kernel's), printing the best configuration found beside it.
+coordinate descent over fp8_gemm_small_m's tiles, split, warps and operand order from small_m_config's
+choice (and from the other kernel's, and swapped), printing the best configuration found beside it; up to
+A8_ABOVE rows both weight-only and on e4m3 activations (rows marked a8).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 19 on a GPU with FP8 tensor cores (device tool): the FP8 GPU tests, FP8 against bf16 on a random
 # 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement), and decode latency
-# of bf16, FP8 weights, and FP8 weights and KV in the same call (bf16 the baseline); kv: sequences of 8k tokens the KV cache holds, bf16 against
-# kv_cache_dtype fp8 at the same memory setting; tune: scripts/fp8_gemm_bench.py --tune (the small-batch
-# kernels' configurations, TUNE_BUDGET seconds, batches TUNE_BATCHES); gemm: the kernels as the engine runs them, 8B and 70B shapes;
-# big: BIG_MODEL (default random:llama-3-70b) in FP8 weights and KV on this GPU.
+# of bf16, FP8 weights, and FP8 weights and KV in the same call (bf16 the baseline); kv: sequences of 8k
+# tokens the KV cache holds, bf16 against kv_cache_dtype fp8 at the same memory setting; tune:
+# scripts/fp8_gemm_bench.py --tune (the small-batch kernels' configurations, TUNE_BUDGET seconds, batches
+# TUNE_BATCHES); gemm: the kernels as the engine runs them, 8B and 70B shapes; big: BIG_MODEL (default
+# random:llama-3-70b) in FP8 weights and KV on this GPU.
 # Results under $OUT.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

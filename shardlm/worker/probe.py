@@ -169,8 +169,8 @@ def _gemv_times(device: torch.device) -> list[list[float]]:
 
 
 FP8_GEMV_ROWS = (1, 8, 32)
-"""decode batches at which the probe times the FP8 kernels (one row, the weight-only tensor-core kernel, the
-e4m3-activation kernel: layers/fp8.py's three small-batch paths)"""
+"""decode batches at which the probe times the FP8 path (one row: the weight-only GEMV; 8: e4m3 activations on
+the swapped-operand tensor-core kernel; 32: e4m3 activations, unswapped)"""
 
 
 def _fp8_gemv_times(device: torch.device) -> dict[str, list[list[float]]]:

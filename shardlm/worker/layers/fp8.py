@@ -5,9 +5,10 @@ the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (
 Ada, Hopper and later) `fp8_linear_kernels` runs one-row steps through a weight-only Triton kernel (the
 e4m3 weights widened in registers, the activations left in bf16) and larger ones with the activations
 quantised per token too (each row's absolute maximum maps to the e4m3 maximum, 448): up to SMALL_M rows
-through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm (rowwise scaling). Everywhere else, and as the reference the GPU path is tested against,
-`fp8_linear_torch` multiplies by the dequantised weights in the activations' dtype (on the CPU, float32:
-exactly the model a float32 checkpoint of the dequantised weights gives). `fp8_path(device)` picks one.
+through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm (rowwise scaling).
+Everywhere else, and as the reference the GPU path is tested against, `fp8_linear_torch` multiplies by the
+dequantised weights in the activations' dtype (on the CPU, float32: exactly the model a float32 checkpoint
+of the dequantised weights gives). `fp8_path(device)` picks one.
 
 Checkpoints: a tensor `<name>.weight` stored as float8_e4m3fn with `<name>.weight_scale` beside it (per
 output channel, [out] or [out, 1], or one per tensor, [] or [1]) is read as it is: the format of
