@@ -262,19 +262,40 @@ def test_gpu_fp8_linear_matches_its_reference():
     assert not workspace(dev)[1].any()
 
 
-def test_gpu_the_probe_times_the_fp8_path_per_weight_size():
-    """device_rates' gemv_fp8 (GPUs with FP8 tensor cores): the engine's FP8 path at 1, 8 and 32 rows over
-    the probe's weight sizes, in the shape planner/profile.py reads"""
+def test_gpu_the_probe_times_the_decode_gemms_per_weight_size_and_rows():
+    """device_rates' gemv_rows (bf16 at GEMM_ROWS rows) and, on GPUs with FP8 tensor cores, gemv_fp8 (the
+    engine's FP8 path at FP8_GEMV_ROWS rows) over the probe's weight sizes, in the shape planner/profile.py
+    reads; more rows take no less time"""
     from shardlm.planner.profile import _curves_by_rows
     from shardlm.worker.layers.fp8 import scaled_mm_ok
-    from shardlm.worker.probe import FP8_GEMV_ROWS, GEMV_SHAPES, device_rates
+    from shardlm.worker.probe import FP8_GEMV_ROWS, GEMM_ROWS, GEMV_SHAPES, device_rates
 
     dev = torch.device("cuda")
-    if not scaled_mm_ok(dev):
-        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
-    curves = _curves_by_rows(device_rates(dev)["gemv_fp8"], "probe", "gemv_fp8")
-    assert sorted(curves) == list(FP8_GEMV_ROWS)
-    assert all(len(c.points) == len(GEMV_SHAPES) for c in curves.values())
+    rates = device_rates(dev)
+    tables = [("gemv_rows", GEMM_ROWS)] + ([("gemv_fp8", FP8_GEMV_ROWS)] if scaled_mm_ok(dev) else [])
+    for key, rows in tables:
+        curves = _curves_by_rows(rates[key], "probe", key)
+        assert sorted(curves) == list(rows)
+        assert all(len(c.points) == len(GEMV_SHAPES) for c in curves.values())
+    largest = GEMV_SHAPES[-1][0] * GEMV_SHAPES[-1][1] * 2  # (bf16 bytes)
+    one, most = rates["gemv"][-1][1], _curves_by_rows(rates["gemv_rows"], "probe", "gemv_rows")[GEMM_ROWS[-1]]
+    assert most.time_us(largest) > 0.9 * one
+
+
+def test_gpu_the_probe_times_decode_attention_by_batch_and_context():
+    """Probe(attention=True): one layer's decode attention on the rank's heads (worker/probe.py), per batch a
+    curve over the contexts in the shape planner/profile.py reads; a longer context takes no less time"""
+    from shardlm.common.messages import Probe
+    from shardlm.planner.profile import _curves_by_rows
+    from shardlm.worker.probe import ATTENTION_BATCHES, ATTENTION_CONTEXTS
+
+    with LLM("random:tiny-llama", device="cuda", kv_cache_memory_bytes=256 << 20) as llm:
+        got = llm.engine.executor.call(Probe([], 1, False, attention=True))[0]["attention"]
+    curves = _curves_by_rows(got, "probe", "attention_us")
+    assert sorted(curves) == list(ATTENTION_BATCHES)
+    for curve in curves.values():
+        assert [c for c, _ in curve.points] == list(ATTENTION_CONTEXTS)
+        assert curve.points[-1][1] >= 0.9 * curve.points[0][1]
 
 
 def test_gpu_grouped_fp8_experts_match_the_expert_by_expert_reference():

@@ -635,14 +635,15 @@ def test_decode_reads_weights_at_the_one_row_gemm_rate_and_each_further_sequence
 
 def test_fp8_decode_reads_weights_at_the_measured_fp8_rate_for_its_rows():
     """a profile's gemv_fp8 (the engine's FP8 path per weight bytes at 1, 8, 32 rows): an FP8 model's decode
-    GEMMs read at the curve of the fewest measured rows at least its batch (else the most); its LM head, in
-    the model dtype, at the one-row bf16 curve; prefill and bf16 models as before"""
+    GEMMs take the curves' time at its batch, interpolated linearly between the measured rows (past the
+    most: theirs); its LM head, in the model dtype, at the one-row bf16 curve; prefill and bf16 models as
+    before"""
     fp8_curves = {"1": [[1000, 4.0], [2000, 8.0]], "8": [[1000, 8.0], [2000, 16.0]], "32": [[1000, 16.0], [2000, 32.0]]}
     base = {**HOST, "layer_floor_us": {"1": 50, "2": 50}, "gemv": [[1000, 2.0], [2000, 4.0]]}
     prof = load_profile({**base, "gemv_fp8": fp8_curves})
     assert sorted(prof.gemv_fp8) == [1, 8, 32]
     cm = CostModel(replace(TINY, quantization="fp8"), make_cluster("h100-80gb", 1), prof)
-    for rows, per_byte_us in ((1, 4e-3), (4, 8e-3), (8, 8e-3), (9, 16e-3), (64, 16e-3)):
+    for rows, per_byte_us in ((1, 4e-3), (4, 4e-3 + 4e-3 * 3 / 7), (8, 8e-3), (9, 8e-3 + 8e-3 / 24), (64, 16e-3)):
         assert cm.decode_read_s(4 * 1500, 4, 0, fp8_rows=rows) == pytest.approx(4 * 1500 * per_byte_us * 1e-6)
     assert cm.decode_read_s(4 * 1500, 4, 0) == pytest.approx(4 * 3e-6)  # not FP8: the bf16 curve
     fp8 = replace(TINY, quantization="fp8")
@@ -650,6 +651,32 @@ def test_fp8_decode_reads_weights_at_the_measured_fp8_rate_for_its_rows():
     assert _step({**base, "gemv_fp8": fp8_curves}, TINY, 1) == _step(base, TINY, 1)
     with pytest.raises(PlanError, match="gemv_fp8"):
         load_profile({**base, "gemv_fp8": {"0": [[1000, 1.0]]}})
+
+
+def test_decode_gemms_take_the_measured_curve_at_their_rows_with_the_math_inside():
+    """gemv_rows (bf16 GEMMs measured at 8 rows): a decode step of 8 sequences reads its weights at that
+    curve and adds none of its GEMMs' FLOPs (the curve timed them); between 1 and 8 rows the curves are
+    interpolated; past 8 rows the rows beyond add their share of the math"""
+    base = {**HOST, "layer_floor_us": {"1": 50, "2": 50}, "gemv": [[1000, 2.0], [2000, 4.0]]}
+    rows8 = {**base, "gemv_rows": {"8": [[1000, 6.0], [2000, 12.0]]}}
+    cm = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(rows8))
+    assert cm.measured_rows(False) == 8 and cm.measured_rows(True) == 8  # (no FP8 curves: the bf16 ones)
+    assert CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(base)).measured_rows(False) == 1
+    assert cm.decode_read_s(4 * 1500, 4, 0, rows=8) == pytest.approx(4 * 1500 * 6e-3 * 1e-6)
+    assert cm.decode_read_s(4 * 1500, 4, 0, rows=4) == pytest.approx(4 * 1500 * (2e-3 + 4e-3 * 3 / 7) * 1e-6)
+    assert cm.decode_read_s(4 * 1500, 4, 0, rows=20) == pytest.approx(4 * 1500 * 6e-3 * 1e-6)
+    # batch 8: a layer's 73,984 bytes of weights take 443.904 us instead of 147.968 (one-row curve) and its
+    # GEMMs' 589,824 FLOPs (0.589824 us) are not added; the LM head's 32,896 bytes 197.376 instead of 65.792
+    # us, less its 262,144 FLOPs
+    diff = 2 * (443.904 - 147.968 - 0.589824) + (197.376 - 65.792 - 0.262144)
+    assert _tiny_step(rows8, 1, tokens=8) - _tiny_step(base, 1, tokens=8) == pytest.approx(diff * 1e-6, rel=1e-9)
+    # batch 16: past the curve's 8 rows, half the GEMMs' FLOPs are added back
+    gemm_flops = 2 * 2 * 16 * (12288 + 24576) + 2 * 16 * 256 * 64  # (2 layers' GEMMs, then the head)
+    reads_1row, reads_8rows = (2 * 147.968 + 65.792) * 1e-6, (2 * 443.904 + 197.376) * 1e-6
+    want = _tiny_step(base, 1, tokens=16) - reads_1row - gemm_flops * 1e-12 + reads_8rows + gemm_flops / 2 * 1e-12
+    assert _tiny_step(rows8, 1, tokens=16) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(PlanError, match="gemv_rows"):
+        load_profile({**base, "gemv_rows": {"x": [[1000, 1.0]]}})
 
 
 # TINY's own layers timed at 2 and 6 layers (decode at context 100, a 50-token prompt): decode 300 us a layer
@@ -702,6 +729,37 @@ def test_timed_model_layers_reproduce_the_measured_line(graphs):
     only_tp1 = {**base, "model_layers": {**TIMED, "times_ms": {"1": TIMED["times_ms"]["1"]}}}
     assert _step(only_tp1, TINY, 2) == _step(base, TINY, 2)
     assert _step(only_tp1, TINY, 1) == _step(timed, TINY, 1)
+
+
+def test_timed_attention_takes_the_place_of_the_kv_read_and_the_attention_math():
+    """model_layers' attention_us (the engine's decode attention on one rank's heads, per batch, against
+    context): a dense layer's decode attention takes the curves' time, interpolated between the measured
+    batches, instead of its KV read and attention FLOPs; the timed line is still reproduced at its own shape
+    (the correction takes the curve in); an FP8 KV cache, the torch attention path and untimed TP sizes keep
+    the formula"""
+    attn = {"1": {"1": [[100, 10.0], [1000, 40.0]], "4": [[100, 20.0], [1000, 100.0]]}}
+    base = {**HOST, "engine": {"cuda_graphs": True, "attention_backend": "triton"},
+            "allreduce_graph": HOST["allreduce"], "model_layers": TIMED}
+    timed = {**base, "model_layers": {**TIMED, "attention_us": attn}}
+    prof = load_profile(timed)
+    ml = prof.model_layers
+    assert ml.attention_us(1, 1, 550) == pytest.approx(25.0)
+    assert ml.attention_us(1, 2.5, 100) == pytest.approx(15.0)  # halfway from batch 1 to 4
+    assert ml.attention_us(1, 8, 1000) == pytest.approx(200.0)  # past the most measured: scaled by the batch
+    assert ml.attention_us(2, 1, 100) is None
+    one_gpu = make_cluster("h100-80gb", 1)
+    assert CostModel(TINY, one_gpu, prof).timed_attention_s(1, 1, 550) == pytest.approx(25e-6)
+    assert CostModel(TINY, one_gpu, prof, kv_bytes=1).timed_attention_s(1, 1, 550) == 0.0
+    assert CostModel(TINY, one_gpu, prof, attention_backend="torch").timed_attention_s(1, 1, 550) == 0.0
+    model = replace(TINY, n_layers=4)
+    assert _step(timed, model, 1) == pytest.approx(2.1e-3, rel=1e-9)  # (the line through the timed depths)
+    # a context of 1000: each graph layer's attention takes 30 us more, and nothing else changes
+    assert _step(timed, model, 1, context=1000) - _step(timed, model, 1) == pytest.approx(4 * 30e-6, rel=1e-9)
+    # without the curve the layer reads 900 more tokens of KV (115.2 us) and does their attention math
+    grow = _step(base, model, 1, context=1000) - _step(base, model, 1)
+    assert grow == pytest.approx(4 * (115.2 + 4 * 4 * 16 * 900 / 1e6) * 1e-6, rel=1e-9)
+    with pytest.raises(PlanError, match="attention_us"):
+        load_profile({**base, "model_layers": {**TIMED, "attention_us": {"1": {"0": [[100, 1.0]]}}}})
 
 
 def test_timed_layers_faster_than_predicted_correct_the_gpu_work():

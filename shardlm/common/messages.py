@@ -401,12 +401,14 @@ class Stats(Command):
 
 @dataclass
 class Probe(Command):
-    """Time collectives of `sizes` bytes (and, on rank 0, the device's rates)."""
+    """Time collectives of `sizes` bytes (and, on rank 0, the device's rates; with `attention`, every rank's
+    decode attention on its heads)."""
 
     name: ClassVar[str] = "probe"
     sizes: list[int]
     iters: int
     device_rates: bool
+    attention: bool = False
 
 
 @dataclass

@@ -265,6 +265,14 @@ class _Work:
     fp8_rows: float = 0.0
     """Where the instance's GEMMs are FP8 (the model's quantization) in a decode step: the rows each
     multiplies, which picks the profile's measured FP8 rate (decode_read_s); 0: weights in the model dtype."""
+    rows: float = 0.0
+    """In a decode step, the rows each of the instance's GEMMs multiplies (a row per sequence); 0: prefill."""
+    gemm_flops: float = 0.0
+    """Of flops, the weight GEMMs' (the rest: attention's), which a measured curve at the step's rows
+    already times (decode_read_s)."""
+    attention_s: float = 0.0
+    """A decode step's attention as the profile timed it for this model (its KV read and math then come
+    from here, not from kv_bytes and flops); 0: not timed."""
 
 
 def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float, paged_kernels: bool = True) -> float:
@@ -437,7 +445,9 @@ class CostModel:
         """The stage's work split into its dense layers, its MoE layers and the non-layer part."""
         m, b, lb = self.model, self.model.bytes_per_param, self.model.linear_bytes
         lin_f = FP8_GEMM_TIME if m.quantization == "fp8" else 1.0
-        fp8_rows = tokens if m.quantization == "fp8" and not prefill else 0.0
+        rows = 0.0 if prefill else tokens
+        fp8_rows = rows if m.quantization == "fp8" else 0.0
+        attn_s = 0.0 if prefill else self.timed_attention_s(layout.tp, tokens, context)
         d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
         kv_layer = 2 * sh.kv_heads * d * self.kv_bytes  # per token
         if prefill:  # `prompts` prompts of tokens/prompts tokens: KV written once, causal attention
@@ -458,9 +468,10 @@ class CostModel:
         out = []
         if n_dense:
             act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden), paged) + gather
-            out.append(_Work(n_dense, lb * (sh.attn + sh.mlp) + b * sh.norms + kv_b,
-                             lin_f * 2 * tokens * (sh.attn + sh.mlp) + attn_f, ar, act_b, kv_b,
-                             gemms=4, fp8_rows=fp8_rows))  # qkv o gate_up down
+            gemm_f = lin_f * 2 * tokens * (sh.attn + sh.mlp)
+            out.append(_Work(n_dense, lb * (sh.attn + sh.mlp) + b * sh.norms + kv_b, gemm_f + attn_f, ar, act_b,
+                             kv_b, gemms=4, fp8_rows=fp8_rows, rows=rows, gemm_flops=gemm_f,
+                             attention_s=attn_s))  # qkv o gate_up down
         if sh.n_moe:
             ep_tokens = tokens * (layout.dp if layout.ep > 1 and not prefill else 1)
             if layout.ep > 1:  # whole experts on this rank; each is hit with probability 1-(1-k/E)^T
@@ -479,9 +490,10 @@ class CostModel:
             expert_width, shared_width = sh.expert / (3 * m.hidden), -(-m.shared_ffn // layout.tp)
             act_b = (tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, shared_width, paged)
                      + 10 * expert_tok * expert_width + gather)
+            gemm_f = lin_f * (2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert)
             out.append(_Work(sh.n_moe, lb * (sh.attn + sh.shared_router + touched * sh.expert) + b * sh.norms + kv_b,
-                             lin_f * (2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert)
-                             + attn_f, ar + a2a, act_b, kv_b, gemms=4, fp8_rows=fp8_rows))  # qkv, o, router, experts
+                             gemm_f + attn_f, ar + a2a, act_b, kv_b, gemms=4, fp8_rows=fp8_rows, rows=rows,
+                             gemm_flops=gemm_f))  # qkv, o, router, experts
         logits_tokens = prompts if prefill else tokens  # prefill samples only each prompt's last token
         head_comm = 0.0
         if layout.tp > 1:
@@ -490,26 +502,45 @@ class CostModel:
             if sh.head_rows:
                 head_comm += self.allgather(layout.tp_groups()[sh.stage], logits_tokens * m.vocab * ACT_BYTES, graphed)
         final_norm = m.hidden if sh.head_rows else 0
-        out.append(_Work(1, b * (sh.head_rows * m.hidden + final_norm),
-                         2 * logits_tokens * sh.head_rows * m.hidden, head_comm))
+        head_f = 2 * logits_tokens * sh.head_rows * m.hidden
+        out.append(_Work(1, b * (sh.head_rows * m.hidden + final_norm), head_f, head_comm, rows=rows,
+                         gemm_flops=head_f))
         return out
 
-    def decode_read_s(self, weight_bytes: float, gemms: int, kv_bytes: float, fp8_rows: float = 0.0) -> float:
-        """Seconds a decode step's skinny GEMMs take to read `weight_bytes` over `gemms` kernels, plus the KV
-        cache: at the profile's one-row GEMM rate for a GEMM of that average size (smaller ones stream
-        slower), else at the copy rate's share. FP8 GEMMs of `fp8_rows` rows: at the profile's measured rate
-        of the engine's FP8 path for the fewest measured rows at least as many (else the most), where it
-        has them."""
-        if self.profile is None or weight_bytes <= 0:
+    def decode_read_s(self, weight_bytes: float, gemms: int, kv_bytes: float, fp8_rows: float = 0.0,
+                      rows: float = 0.0) -> float:
+        """Seconds a decode step's skinny GEMMs take over `weight_bytes` in `gemms` kernels of `rows` rows
+        (FP8 weights: `fp8_rows`), plus the KV cache read: at the profile's GEMM curve for a GEMM of that
+        average size (smaller ones stream slower) measured at the step's rows, interpolated linearly between
+        the measured row counts (fewer than the fewest: theirs; more than the most: theirs, and _gemm_s adds
+        the math of the rows past them); FP8 weights at the engine's FP8 path's curves (gemv_fp8) where the
+        profile has them. Without curves: at the copy rate's share."""
+        curves = self.profile.decode_gemm_curves(bool(fp8_rows)) if self.profile is not None else {}
+        if not curves or weight_bytes <= 0:
             return (weight_bytes + kv_bytes) / self.hbm_bps
-        curve = self.profile.gemv
-        if fp8_rows and self.profile.gemv_fp8:
-            measured = sorted(self.profile.gemv_fp8)
-            curve = self.profile.gemv_fp8[next((r for r in measured if r >= fp8_rows), measured[-1])]
-        if curve is None:
-            return (weight_bytes + kv_bytes) / self.hbm_bps
-        size = weight_bytes / max(1, gemms)
-        return gemms * curve.time_us(size) * 1e-6 + kv_bytes / self.hbm_bps
+        size, r = weight_bytes / max(1, gemms), max(1.0, fp8_rows or rows)
+        measured = sorted(curves)
+        hi = next((n for n in measured if n >= r), measured[-1])
+        lo = max((n for n in measured if n <= r), default=hi)
+        us = curves[lo].time_us(size)
+        if hi != lo:
+            us += (curves[hi].time_us(size) - us) * (r - lo) / (hi - lo)
+        return gemms * us * 1e-6 + kv_bytes / self.hbm_bps
+
+    def timed_attention_s(self, tp: int, batch: float, context: float) -> float:
+        """One dense layer's decode attention for `batch` sequences of `context` tokens as the profile timed
+        it for this model (model_layers' attention_us at tp, the engine's kernels, the KV cache in the
+        timed model's dtype); 0 where it has none."""
+        ml = self.profile.model_layers if self.model_layers_apply else None
+        if ml is None or not self.paged_kernels or self.kv_bytes != self.model.bytes_per_param:
+            return 0.0
+        us = ml.attention_us(tp, batch, context)
+        return 0.0 if us is None else us * 1e-6
+
+    def measured_rows(self, fp8: bool) -> int:
+        """The most rows the profile's GEMM curves for these weights were measured at (0: none)"""
+        curves = self.profile.decode_gemm_curves(fp8) if self.profile is not None else {}
+        return max(curves, default=0)
 
     @property
     def model_layers_apply(self) -> bool:
@@ -576,13 +607,20 @@ class CostModel:
 
     def _gemm_s(self, w: _Work, prefill: bool) -> float:
         """Time of the weight and KV reads and the math: a prefill's wide GEMMs overlap the two (roofline
-        max); a decode step's skinny ones (a row per sequence) do not, and read at the one-row GEMM rate:
-        read time + FLOPs / GEMM rate matched the GEMM kernel time of Llama-3-8B at TP 1 and 2,
-        batch 1, 8 and 32 on H100 within a few % (the max came out up to 11% short at batch 32;
-        docs/PERFORMANCE.md, session 6)."""
+        max); a decode step's skinny ones (a row per sequence) do not: read time + FLOPs / GEMM rate matched
+        the GEMM kernel time of Llama-3-8B at TP 1 and 2, batch 1, 8 and 32 on H100 within a few % (the max
+        came out up to 11% short at batch 32; docs/PERFORMANCE.md, session 6), with a one-row curve. Where
+        the profile has GEMM curves at more rows (decode_read_s) they time the math of the rows they cover
+        (at 128 rows on an H200 read + math over-predicted by 24%, session 15), and where it timed this
+        model's attention (timed_attention_s) that replaces the KV read and attention's FLOPs."""
         if prefill:
             return max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
-        return self.decode_read_s(w.nbytes - w.kv_bytes, w.gemms, w.kv_bytes, w.fp8_rows) + w.flops / self.flops_ps
+        rows, most = max(1.0, w.rows), self.measured_rows(bool(w.fp8_rows))
+        timed = min(1.0, most / rows) if most > 1 else 0.0  # (a one-row curve times no math worth the name)
+        untimed_flops = (1 - timed) * w.gemm_flops + (0.0 if w.attention_s else w.flops - w.gemm_flops)
+        kv = 0.0 if w.attention_s else w.kv_bytes
+        return (self.decode_read_s(w.nbytes - w.kv_bytes, w.gemms, kv, w.fp8_rows, w.rows) + w.attention_s
+                + untimed_flops / self.flops_ps)
 
     def _gpu_s(self, w: _Work, prefill: bool) -> float:
         """Host mode's GPU time of one instance: its GEMMs and reads, then its elementwise kernels."""

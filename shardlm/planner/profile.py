@@ -28,10 +28,14 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
       "gemv": [[bytes, us], ...],           optional: one [1, in] x [in, out] bf16 GEMM in a CUDA graph
                                             per weight bytes, sizes ascending: decode steps read weights
                                             at the largest point's rate (past the L2 cache; cost.py)
-      "gemv_fp8": {"1": [[bytes, us], ...], "8": [...], "32": [...]},
+      "gemv_rows": {"8": [[bytes, us], ...], "32": [...], "128": [...]},
+                                            optional: the bf16 GEMM of that many rows, per weight bytes, in
+                                            a CUDA graph: with "gemv" (one row), a decode step's GEMMs at
+                                            its batch, the math included (cost.py decode_read_s)
+      "gemv_fp8": {"1": [[bytes, us], ...], "8": [...], "32": [...], "128": [...]},
                                             optional: the engine's FP8 linear path at that many rows, per
                                             FP8 weight bytes, in a CUDA graph (GPUs with FP8 tensor cores):
-                                            what an FP8 model's decode GEMMs read weights at
+                                            what an FP8 model's decode GEMMs take
       "gpu_gemv_gbps": {"0": 3845, "1": 1610},
                                             optional: each GPU's start-up GEMV rate (the straggler check,
                                             GPU index -> GB/s); a group's GEMMs run at its slowest GPU's
@@ -88,6 +92,10 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
           "times_ms": {"1": {"2": {"decode_step": 1.9, "ttft": 6.1}, "8": {...}}, "2": ...}
                                             per TP size, per depth (exactly two depths): the median
                                             batch-1 decode step and the first token's time, ms
+          "attention_us": {"1": {"1": [[context, us], ...], "8": [...], ...}, "2": ...}
+                                            optional: per TP size, per decode batch, one layer's decode
+                                            attention (the engine's kernels on one rank's heads, the KV
+                                            in the model dtype) against each sequence's context, us
       }
     }
 
@@ -240,6 +248,23 @@ class ModelLayers:
     """TP size -> batch-1 decode step line."""
     prefill: dict[int, LayerLine]
     """TP size -> first-token (prefill step) line."""
+    attention: dict[int, dict[int, Curve]] | None = None
+    """TP size -> decode batch -> one layer's decode attention time against context, if measured."""
+
+    def attention_us(self, tp: int, batch: float, context: float) -> float | None:
+        """One layer's decode attention at `tp` for `batch` sequences of `context` tokens: each measured
+        batch's curve at the context, interpolated linearly between the measured batches (fewer than the
+        fewest: theirs; more than the most: theirs scaled by the batch); None where not measured at tp."""
+        curves = (self.attention or {}).get(tp)
+        if not curves:
+            return None
+        batches = sorted(curves)
+        hi = next((b for b in batches if b >= batch), batches[-1])
+        lo = max((b for b in batches if b <= batch), default=hi)
+        us = curves[lo].time_us(context)
+        if hi != lo:
+            return us + (curves[hi].time_us(context) - us) * (batch - lo) / (hi - lo)
+        return us * batch / hi if batch > hi else us
 
 
 @dataclass(frozen=True)
@@ -262,6 +287,8 @@ class Profile:
     """Point-to-point time, if measured."""
     gemv: Curve | None = None
     """One-row GEMM time per weight bytes, in a CUDA graph, if measured."""
+    gemv_rows: dict[int, Curve] | None = None
+    """The bf16 GEMM's time per weight bytes at more rows than one, by rows, if measured."""
     gemv_fp8: dict[int, Curve] | None = None
     """The FP8 linear path's time per FP8 weight bytes, by rows, if measured."""
     memory_gib: float | None = None
@@ -300,6 +327,13 @@ class Profile:
         rates = self.gpu_gemv_gbps or {}
         known = [rates[g] for g in gpus if g in rates]
         return max(1.0, rates[0] / min(known)) if known and 0 in rates else 1.0
+
+    def decode_gemm_curves(self, fp8: bool) -> dict[int, Curve]:
+        """The measured GEMM curves by rows for weights in FP8 (gemv_fp8) or in the model dtype (gemv at one
+        row, gemv_rows above); {} where none was measured."""
+        if fp8 and self.gemv_fp8:
+            return self.gemv_fp8
+        return {**({1: self.gemv} if self.gemv is not None else {}), **(self.gemv_rows or {})}
 
     @property
     def host_calibrated(self) -> bool:
@@ -484,9 +518,18 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
             (d1, t1), (d2, t2) = [(d, _number(points[d].get(kind), source, f"{at}.{d}.{kind}",
                                               "must be a time in ms >= 0") * 1e3) for d in sorted(points)]
             fitted[tp] = LayerLine.through(d1, t1, d2, t2)
+    attention = None
+    if "attention_us" in value:
+        at = f"{where}.attention_us"
+        if not isinstance(value["attention_us"], dict):
+            raise _bad(source, at, 'must map TP size ("1", "2", ...) to {batch: [[context, us], ...]}',
+                       value["attention_us"])
+        attention = {_size_key(tp, 1, "TP size", source, at): _curves_by_rows(curves, source, f"{at}.{tp}")
+                     for tp, curves in value["attention_us"].items()}
     return ModelLayers(model=str(value["model"]), shape=tuple((k, shape[k]) for k in LAYER_SHAPE_KEYS),
                        decode_context=_number(value["decode_context"], source, f"{where}.decode_context"),
-                       prompt_len=prompt_len, decode=lines["decode_step"], prefill=lines["ttft"])
+                       prompt_len=prompt_len, decode=lines["decode_step"], prefill=lines["ttft"],
+                       attention=attention)
 
 
 def parse_profile(data: Any, source: str = "<profile>") -> Profile:
@@ -513,6 +556,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         all_to_all=_table(data["all_to_all"], source, "all_to_all") if "all_to_all" in data else None,
         send_recv=_curve(data["send_recv"], source, "send_recv") if "send_recv" in data else None,
         gemv=_curve(data["gemv"], source, "gemv") if "gemv" in data else None,
+        gemv_rows=_curves_by_rows(data["gemv_rows"], source, "gemv_rows") if "gemv_rows" in data else None,
         gemv_fp8=_curves_by_rows(data["gemv_fp8"], source, "gemv_fp8") if "gemv_fp8" in data else None,
         memory_gib=_positive(data["memory_gib"], source, "memory_gib") if "memory_gib" in data else None,
         gpu_count=gpu_count,

@@ -10,6 +10,7 @@ shardlm/probe.py.)
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from typing import Any
@@ -150,56 +151,84 @@ GEMV_STREAM_BYTES = 512 << 20
 a decode step's weights stream through once"""
 
 
-def _gemv_times(device: torch.device) -> list[list[float]]:
-    """[weight bytes, us] of one [1, in] x [in, out] bf16 GEMM replayed in a CUDA graph: a decode step's
-    GEMMs (the planner reads a layer's weights at the rate of its GEMMs' size)."""
+def _gemm_times(device: torch.device, rows: int, fp8: bool) -> list[list[float]]:
+    """[weight bytes, us] of a [rows, in] x [in, out] GEMM per GEMV_SHAPES weight, replayed in a CUDA graph
+    past the L2 cache: bf16 through F.linear (cuBLAS, as the layers run it), or FP8 through the engine's FP8
+    path (layers/fp8.py fp8_linear_kernels). A decode step's GEMMs at its batch: the planner reads a layer's
+    weights at the time of its GEMMs' size and rows."""
+    from .layers.fp8 import fp8_linear_kernels, quantize_rows
+
     out = []
-    for rows, cols in GEMV_SHAPES:
-        nbytes = rows * cols * 2
+    for n, k in GEMV_SHAPES:
+        nbytes = n * k * (1 if fp8 else 2)
         copies = max(1, min(64, -(-GEMV_STREAM_BYTES // nbytes)))
-        ws = [torch.randn(rows, cols, device=device, dtype=torch.bfloat16) for _ in range(copies)]
-        x = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
+        if fp8:
+            ws = [quantize_rows(torch.randn(n, k, device=device) * 0.02) for _ in range(copies)]
+        else:
+            ws = [(torch.randn(n, k, device=device, dtype=torch.bfloat16), None) for _ in range(copies)]
+        x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
 
         def one_round() -> None:
-            for w in ws:
-                torch.nn.functional.linear(x, w)
+            for w, s in ws:
+                if fp8:
+                    fp8_linear_kernels(x, w, s)
+                else:
+                    torch.nn.functional.linear(x, w)
 
         out.append([nbytes, _graph_timed(one_round, device, max(1, 64 // copies)) / copies * 1e6])
     return out
 
 
-FP8_GEMV_ROWS = (1, 8, 32)
+GEMM_ROWS = (8, 32, 128)
+"""decode batches at which the probe times the bf16 GEMMs beside the one-row GEMV ("gemv_rows")"""
+FP8_GEMV_ROWS = (1, 8, 32, 128)
 """decode batches at which the probe times the FP8 path (one row: the weight-only GEMV; 8: e4m3 activations on
-the swapped-operand tensor-core kernel; 32: e4m3 activations, unswapped)"""
+the swapped-operand tensor-core kernel; 32: e4m3 activations, unswapped; 128: torch._scaled_mm)"""
 
 
-def _fp8_gemv_times(device: torch.device) -> dict[str, list[list[float]]]:
-    """{rows: [[weight bytes, us], ...]} of the engine's FP8 linear path (layers/fp8.py fp8_linear_kernels)
-    at FP8_GEMV_ROWS rows, replayed in a CUDA graph past the L2 cache like _gemv_times: what a decode step's
-    FP8 GEMMs read weights at."""
-    from .layers.fp8 import fp8_linear_kernels, quantize_rows
+ATTENTION_BATCHES = (1, 8, 32, 128)
+ATTENTION_CONTEXTS = (128, 512, 2048, 8192)
+ATTENTION_MAX_BYTES = 4 << 30
+"""the K and V of one timed shape at most (a batch of 128 at 8k tokens of Llama-3-8B's heads is past it)"""
 
+
+def attention_times(runner: ModelRunner) -> dict[str, list[list[float]]]:
+    """{batch: [[context, us], ...]}: one layer's decode attention on this rank's heads (the engine's Triton
+    kernels, split-KV as a step plans it, the KV in the cache's dtype) for ATTENTION_BATCHES sequences of
+    ATTENTION_CONTEXTS tokens each, replayed in a CUDA graph; {} where the engine's attention is not the
+    kernels (CPU, the torch path): the planner prices the KV read then."""
+    from .kernels.paged_attention import build_metadata, paged_attention_triton
+
+    if runner.attention_backend != "triton":
+        return {}
+    dev, heads, bs = runner.ctx.device, runner.heads, runner.block_size
     out: dict[str, list[list[float]]] = {}
-    for m in FP8_GEMV_ROWS:
+    for b in ATTENTION_BATCHES:
         points = []
-        for rows, cols in GEMV_SHAPES:
-            nbytes = rows * cols
-            copies = max(1, min(64, -(-GEMV_STREAM_BYTES // nbytes)))
-            ws = [quantize_rows(torch.randn(rows, cols, device=device) * 0.02) for _ in range(copies)]
-            x = torch.randn(m, cols, device=device, dtype=torch.bfloat16)
-
-            def one_round() -> None:
-                for w, s in ws:
-                    fp8_linear_kernels(x, w, s)
-
-            points.append([nbytes, _graph_timed(one_round, device, max(1, 64 // copies)) / copies * 1e6])
-        out[str(m)] = points
+        for c in ATTENTION_CONTEXTS:
+            blocks = -(-c // bs)
+            shape = (b * blocks * bs, heads.n_kv, heads.head_dim)
+            if 2 * math.prod(shape) * runner.kv_dtype.itemsize > ATTENTION_MAX_BYTES:
+                continue
+            try:
+                k, v = (torch.randn(shape, device=dev, dtype=runner.dtype).to(runner.kv_dtype) for _ in range(2))
+            except torch.cuda.OutOfMemoryError:  # (beside the engine's own memory: the shapes that fit)
+                torch.cuda.empty_cache()
+                continue
+            tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(b)]
+            meta = build_metadata([c - 1] * b, [1] * b, tables, bs, dev, runner.dtype, "triton", heads, runner.sms)
+            meta.workspace = runner.attn_workspace
+            q = torch.randn(b, heads.n_q, heads.head_dim, device=dev, dtype=runner.dtype)
+            points.append([c, _graph_timed(lambda: paged_attention_triton(q, k, v, meta, heads), dev, 20) * 1e6])
+        if points:
+            out[str(b)] = points
+    torch.cuda.empty_cache()
     return out
 
 
 def device_rates(device: torch.device) -> dict[str, Any]:
     """Copy bandwidth (bytes read + written) and matrix-multiply rate of this rank's device; on GPU the
-    one-row GEMM times too."""
+    decode GEMMs' times too (bf16 at 1 and GEMM_ROWS rows, FP8 at FP8_GEMV_ROWS)."""
     gpu = device.type == "cuda"
     nbytes = (1 << 30) if gpu else (1 << 27)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -212,11 +241,12 @@ def device_rates(device: torch.device) -> dict[str, Any]:
     gemm_s = _timed(lambda: a @ b, device, iters=20 if gpu else 3)
     out: dict[str, Any] = {"hbm_gbps": 2 * nbytes / copy_s / 1e9, "gemm_tflops": 2 * n ** 3 / gemm_s / 1e12}
     if gpu:
-        out["gemv"] = _gemv_times(device)
+        out["gemv"] = _gemm_times(device, 1, fp8=False)
+        out["gemv_rows"] = {str(m): _gemm_times(device, m, fp8=False) for m in GEMM_ROWS}
         from .layers.fp8 import scaled_mm_ok
 
         if scaled_mm_ok(device):  # (FP8 tensor cores)
-            out["gemv_fp8"] = _fp8_gemv_times(device)
+            out["gemv_fp8"] = {str(m): _gemm_times(device, m, fp8=True) for m in FP8_GEMV_ROWS}
         props = torch.cuda.get_device_properties(device)
         out["device_info"] = {"device": props.name, "gpu_count": torch.cuda.device_count(),
                               "memory_gib": props.total_memory / 2**30}
