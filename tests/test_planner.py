@@ -1257,6 +1257,13 @@ def test_validate_simulates_a_bench_serve_run(tmp_path):
     assert "serving (bench serve runs" in text and "median |error| over the serving percentiles" in text
     two = validate_files([_serve_file(tmp_path, data_parallel_size=2)[0]], gpu="h200").serving[1]
     assert two.layout.endswith(" dp=2") and two.pred_ms["p99"] <= v.serving[1].pred_ms["p99"]
+    assert not any("prefix cache" in n for n in v.notes)
+    # a run whose prompts the server's prefix cache held (bench serve's prefix_cache): named in a note
+    for hits, named in ((40.0, False), (600.0, True)):
+        data["prefix_cache"] = {"query_tokens": 3000.0, "hit_tokens": hits}
+        (tmp_path / "serve.json").write_text(json.dumps(data))
+        notes = validate_files([path], gpu="h200").notes
+        assert any("20% of its prompt tokens came from the server's prefix cache" in n for n in notes) == named
 
 
 @pytest.mark.parametrize("change, message", [
@@ -1265,6 +1272,7 @@ def test_validate_simulates_a_bench_serve_run(tmp_path):
     (lambda d: d["engine"].update(tensor_parallel_size=0), "'engine.tensor_parallel_size'"),
     (lambda d: d["per_request"][3].pop("sent_s"), "per_request[3]"),
     (lambda d: d["ttft_ms"].pop("p90"), "'ttft_ms.p90'"),
+    (lambda d: d.update(prefix_cache={"query_tokens": 10}), "'prefix_cache'"),
 ])
 def test_a_bad_bench_serve_file_is_refused_naming_the_field(tmp_path, change, message):
     path, data = _serve_file(tmp_path)

@@ -368,6 +368,9 @@ def test_bench_serve_reports_percentiles(tmp_path):
         engine = data["engine"]
         assert (engine["model"], engine["tensor_parallel_size"], engine["data_parallel_size"]) == ("random:tiny-llama", 2, 1)
         assert engine["max_num_batched_tokens"] == 1024 and engine["max_num_seqs"] >= 1
+        # the run's prompt tokens the server looked up in its prefix cache (its /metrics, before and after)
+        assert data["prefix_cache"]["query_tokens"] >= 0.9 * sum(r["prompt"] for r in data["per_request"])
+        assert 0 <= data["prefix_cache"]["hit_tokens"] <= data["prefix_cache"]["query_tokens"]
         assert png.read_bytes()[:4] == b"\x89PNG"
     finally:
         assert stop_server(proc) == 0

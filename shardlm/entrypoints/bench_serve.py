@@ -87,6 +87,30 @@ async def check_server(base_url: str, api_key: str | None) -> dict[str, Any] | N
     return resp.json() if resp.status_code == 200 else None
 
 
+PREFIX_METRICS = {"shardlm:prefix_cache_queries_total": "query_tokens", "shardlm:prefix_cache_hits_total": "hit_tokens"}
+
+
+async def prefix_cache_counts(base_url: str, api_key: str | None) -> dict[str, float] | None:
+    """The server's prefix-cache counters (prompt tokens looked up, found; every replica's summed) from a
+    shardlm server's /metrics; None where the server has none."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            resp = await client.get(base_url.rstrip("/") + "/metrics", headers=headers)
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    counts: dict[str, float] = {}
+    for line in resp.text.splitlines():
+        name, _, rest = line.partition("{") if "{" in line.split(" ")[0] else line.partition(" ")
+        if name in PREFIX_METRICS:
+            counts[PREFIX_METRICS[name]] = counts.get(PREFIX_METRICS[name], 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts if len(counts) == len(PREFIX_METRICS) else None
+
+
 async def run(base_url: str, model: str, rate: float, workload, api_key: str | None, seed: int,
               max_concurrency: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Send the workload (Poisson arrivals at `rate`, 0: all at once); with max_concurrency, at most that many
@@ -182,7 +206,9 @@ def add_serve_bench_parser(kinds) -> None:
     p.add_argument("--output-len", type=int, default=128, help="tokens to generate per request (mean; ignore_eos)")
     p.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in len*(1 +- ratio)")
     p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids are drawn below this")
-    p.add_argument("--seed", type=int, default=0, help="of the prompts, their lengths and the arrival times")
+    p.add_argument("--seed", type=int, default=0, help="of the prompts, their lengths and the arrival times (runs "
+                   "against one server with the same seed send the same prompts, which its prefix cache then "
+                   "serves: give each run its own seed for cold prefills)")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--plot", default=None, help="write a PNG of the latency distributions")
 
@@ -199,9 +225,13 @@ def run_serve_bench(args) -> int:
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
                              args.seed)
     engine = asyncio.run(check_server(args.base_url, args.api_key))
+    before = asyncio.run(prefix_cache_counts(args.base_url, args.api_key))
     result = asyncio.run(run(args.base_url, args.model, args.request_rate, workload, args.api_key, args.seed,
                              args.max_concurrency, progress=True))
     result["engine"] = engine  # (None from a server that does not tell: plan --validate cannot predict it)
+    after = asyncio.run(prefix_cache_counts(args.base_url, args.api_key)) if before is not None else None
+    if after is not None:  # this run's prompt tokens the server found cached (plan --validate names a warm run)
+        result["prefix_cache"] = {k: after[k] - before[k] for k in after}
     print(summary_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -329,6 +329,10 @@ def load_measured(path: str) -> MeasuredFile:
     return parse_measured(read_json(path, "measured file"), path)
 
 
+WARM_SHARE = 0.05
+"""a bench serve run whose prompt tokens came from the prefix cache more than this is named in a note"""
+
+
 @dataclass(frozen=True)
 class ServeRun:
     """A `shardlm bench serve --json` result: the engine that served it, its requests and percentiles."""
@@ -340,6 +344,9 @@ class ServeRun:
     """What was sent: when, the prompt's length, the tokens generated (completed requests)."""
     measured_ms: dict[str, dict[str, float]]
     """{"ttft_ms": {"p50": ..}, "tpot_ms": {..}} as bench serve wrote them."""
+    cached_share: float | None = None
+    """Of the run's prompt tokens, the share the server's prefix cache held (bench serve's prefix_cache, from
+    the server's /metrics); None where not recorded."""
 
 
 def parse_serve(data: dict[str, Any], path: str) -> ServeRun:
@@ -375,7 +382,14 @@ def parse_serve(data: dict[str, Any], path: str) -> ServeRun:
     rate = data.get("request_rate", 0.0)
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate < 0:
         raise _bad(path, "request_rate", "must be a number >= 0", rate)
-    return ServeRun(mf, float(rate), requests, measured)
+    cached = None
+    pc = data.get("prefix_cache")
+    if pc is not None:
+        if not isinstance(pc, dict) or not all(isinstance(pc.get(k), (int, float)) and not isinstance(pc.get(k), bool)
+                                               and pc[k] >= 0 for k in ("query_tokens", "hit_tokens")):
+            raise _bad(path, "prefix_cache", "must be an object of query_tokens and hit_tokens >= 0", pc)
+        cached = pc["hit_tokens"] / pc["query_tokens"] if pc["query_tokens"] else 0.0
+    return ServeRun(mf, float(rate), requests, measured, cached)
 
 
 def model_for_measured(name: str, path: str = "<measured>") -> ModelSpec:
@@ -465,6 +479,10 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
         label = (f"tp={lay.tp} pp={lay.pp} ep={lay.ep}" + (" fp8" if mf.quantization else "")
                  + (" kv-fp8" if mf.kv_fp8 else ""))
         if isinstance(f, ServeRun):
+            if f.cached_share is not None and f.cached_share > WARM_SHARE:
+                notes.append(f"{mf.path}: {f.cached_share:.0%} of its prompt tokens came from the server's prefix "
+                             "cache (prompts an earlier run sent: give each run its own --seed); the simulation "
+                             "prefills every prompt cold, so its TTFT is not comparable")
             served = simulate(cm, lay, f.requests, mf.max_num_seqs, mf.max_num_batched_tokens, mf.data_parallel_size)
             pred = percentiles_ms(served)
             for key in ("ttft", "tpot"):
