@@ -5,7 +5,7 @@
 # tokens the KV cache holds, bf16 against kv_cache_dtype fp8 at the same memory setting; tune:
 # scripts/fp8_gemm_bench.py --tune (the small-batch kernels' configurations, TUNE_BUDGET seconds, batches
 # TUNE_BATCHES); gemm: the kernels as the engine runs them, 8B and 70B shapes; big: BIG_MODEL (default
-# random:llama-3-70b) in FP8 weights and KV on this GPU.
+# random:llama-3-70b) in FP8 weights and KV on this GPU (BIG_FLAGS: more bench flags, e.g. "-tp 2").
 # Results under $OUT.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -40,7 +40,7 @@ if [[ $STAGES == *latency* ]]; then
 fi
 if [[ $STAGES == *big* ]]; then  # a model bf16 would not fit on this GPU, FP8 (weights and KV) only
   BIG=${BIG_MODEL:-random:llama-3-70b}
-  timeout 300 python3 -m shardlm.entrypoints.cli bench latency --model "$BIG" --quantization fp8 --kv-cache-dtype fp8 \
+  timeout 300 python3 -m shardlm.entrypoints.cli bench latency --model "$BIG" --quantization fp8 --kv-cache-dtype fp8 ${BIG_FLAGS:-} \
     --batch-sizes ${BIG_BATCHES:-1,32} --input-len 128 --output-len 64 --profile-step --json "$OUT/latency-big-fp8.json" \
     > "$OUT/latency-big-fp8.log" 2>&1
   grep -E "^ +[0-9]+ |rank 0:" "$OUT/latency-big-fp8.log" | sed "s/^/[$BIG fp8] /" || tail -3 "$OUT/latency-big-fp8.log"
