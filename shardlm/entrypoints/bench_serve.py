@@ -104,8 +104,8 @@ async def prefix_cache_counts(base_url: str, api_key: str | None) -> dict[str, f
     if resp.status_code != 200:
         return None
     counts: dict[str, float] = {}
-    for line in resp.text.splitlines():
-        name, _, rest = line.partition("{") if "{" in line.split(" ")[0] else line.partition(" ")
+    for line in resp.text.splitlines():  # (`name{labels} value`; comments start with #)
+        name = line.split(" ", 1)[0].split("{", 1)[0]
         if name in PREFIX_METRICS:
             counts[PREFIX_METRICS[name]] = counts.get(PREFIX_METRICS[name], 0.0) + float(line.rsplit(" ", 1)[1])
     return counts if len(counts) == len(PREFIX_METRICS) else None
