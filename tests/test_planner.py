@@ -1264,6 +1264,12 @@ def test_validate_simulates_a_bench_serve_run(tmp_path):
         (tmp_path / "serve.json").write_text(json.dumps(data))
         notes = validate_files([path], gpu="h200").notes
         assert any("20% of its prompt tokens came from the server's prefix cache" in n for n in notes) == named
+    # the engine's own mean TTFT (bench serve's engine_ms): what the server and the client add, named
+    data["engine_ms"] = {"ttft_mean": 7.5, "queue_mean": 1.0, "prefill_mean": 6.5}
+    (tmp_path / "serve.json").write_text(json.dumps(data))
+    notes = validate_files([path], gpu="h200").notes
+    assert any("mean TTFT 12.0 ms at the client, 7.5 ms in the engine" in n and "4.5 ms is the server's" in n
+               for n in notes), notes
 
 
 @pytest.mark.parametrize("change, message", [
@@ -1273,6 +1279,7 @@ def test_validate_simulates_a_bench_serve_run(tmp_path):
     (lambda d: d["per_request"][3].pop("sent_s"), "per_request[3]"),
     (lambda d: d["ttft_ms"].pop("p90"), "'ttft_ms.p90'"),
     (lambda d: d.update(prefix_cache={"query_tokens": 10}), "'prefix_cache'"),
+    (lambda d: d.update(engine_ms={"ttft_mean": -1}), "'engine_ms.ttft_mean'"),
 ])
 def test_a_bad_bench_serve_file_is_refused_naming_the_field(tmp_path, change, message):
     path, data = _serve_file(tmp_path)

@@ -371,6 +371,9 @@ def test_bench_serve_reports_percentiles(tmp_path):
         # the run's prompt tokens the server looked up in its prefix cache (its /metrics, before and after)
         assert data["prefix_cache"]["query_tokens"] >= 0.9 * sum(r["prompt"] for r in data["per_request"])
         assert 0 <= data["prefix_cache"]["hit_tokens"] <= data["prefix_cache"]["query_tokens"]
+        # the engine's own mean TTFT, queueing and prefill over the run (the server's request histograms)
+        eng = data["engine_ms"]
+        assert 0 < eng["ttft_mean"] <= data["ttft_ms"]["mean"] and eng["queue_mean"] + eng["prefill_mean"] > 0
         assert png.read_bytes()[:4] == b"\x89PNG"
     finally:
         assert stop_server(proc) == 0

@@ -87,12 +87,14 @@ async def check_server(base_url: str, api_key: str | None) -> dict[str, Any] | N
     return resp.json() if resp.status_code == 200 else None
 
 
-PREFIX_METRICS = {"shardlm:prefix_cache_queries_total": "query_tokens", "shardlm:prefix_cache_hits_total": "hit_tokens"}
+SERVER_COUNTERS = ("shardlm:prefix_cache_queries_total", "shardlm:prefix_cache_hits_total",
+                   *(f"shardlm:{h}_seconds_{part}" for h in ("time_to_first_token", "request_queue_time",
+                                                             "request_prefill_time") for part in ("sum", "count")))
+"""the counters of a shardlm server's /metrics bench serve reads before and after a run (every replica's summed)"""
 
 
-async def prefix_cache_counts(base_url: str, api_key: str | None) -> dict[str, float] | None:
-    """The server's prefix-cache counters (prompt tokens looked up, found; every replica's summed) from a
-    shardlm server's /metrics; None where the server has none."""
+async def server_counters(base_url: str, api_key: str | None) -> dict[str, float] | None:
+    """SERVER_COUNTERS from the server's /metrics; None where it does not have them all (not shardlm's)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -106,9 +108,23 @@ async def prefix_cache_counts(base_url: str, api_key: str | None) -> dict[str, f
     counts: dict[str, float] = {}
     for line in resp.text.splitlines():  # (`name{labels} value`; comments start with #)
         name = line.split(" ", 1)[0].split("{", 1)[0]
-        if name in PREFIX_METRICS:
-            counts[PREFIX_METRICS[name]] = counts.get(PREFIX_METRICS[name], 0.0) + float(line.rsplit(" ", 1)[1])
-    return counts if len(counts) == len(PREFIX_METRICS) else None
+        if name in SERVER_COUNTERS:
+            counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts if len(counts) == len(SERVER_COUNTERS) else None
+
+
+def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the server saw of one run, from its counters before and after: the prompt tokens its prefix cache
+    was asked for and held, and the engine's own mean TTFT, queueing and prefill (from a request's arrival
+    in the engine: no HTTP, no streaming), ms"""
+    d = {k: after[k] - before[k] for k in SERVER_COUNTERS}
+    means = {}
+    for h, key in (("time_to_first_token", "ttft_mean"), ("request_queue_time", "queue_mean"),
+                   ("request_prefill_time", "prefill_mean")):
+        n = d[f"shardlm:{h}_seconds_count"]
+        means[key] = 1e3 * d[f"shardlm:{h}_seconds_sum"] / n if n else 0.0
+    return {"prefix_cache": {"query_tokens": d["shardlm:prefix_cache_queries_total"],
+                             "hit_tokens": d["shardlm:prefix_cache_hits_total"]}, "engine_ms": means}
 
 
 async def run(base_url: str, model: str, rate: float, workload, api_key: str | None, seed: int,
@@ -225,13 +241,13 @@ def run_serve_bench(args) -> int:
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
                              args.seed)
     engine = asyncio.run(check_server(args.base_url, args.api_key))
-    before = asyncio.run(prefix_cache_counts(args.base_url, args.api_key))
+    before = asyncio.run(server_counters(args.base_url, args.api_key))
     result = asyncio.run(run(args.base_url, args.model, args.request_rate, workload, args.api_key, args.seed,
                              args.max_concurrency, progress=True))
     result["engine"] = engine  # (None from a server that does not tell: plan --validate cannot predict it)
-    after = asyncio.run(prefix_cache_counts(args.base_url, args.api_key)) if before is not None else None
-    if after is not None:  # this run's prompt tokens the server found cached (plan --validate names a warm run)
-        result["prefix_cache"] = {k: after[k] - before[k] for k in after}
+    after = asyncio.run(server_counters(args.base_url, args.api_key)) if before is not None else None
+    if after is not None:  # (plan --validate names a run the prefix cache served, and what the engine took)
+        result.update(server_view(before, after))
     print(summary_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -347,6 +347,11 @@ class ServeRun:
     cached_share: float | None = None
     """Of the run's prompt tokens, the share the server's prefix cache held (bench serve's prefix_cache, from
     the server's /metrics); None where not recorded."""
+    engine_ttft_ms: float | None = None
+    """The engine's own mean TTFT over the run (from a request's arrival in the engine; bench serve's
+    engine_ms, from the server's /metrics); None where not recorded."""
+    client_ttft_ms: float | None = None
+    """The mean TTFT the client measured."""
 
 
 def parse_serve(data: dict[str, Any], path: str) -> ServeRun:
@@ -389,7 +394,13 @@ def parse_serve(data: dict[str, Any], path: str) -> ServeRun:
                                                and pc[k] >= 0 for k in ("query_tokens", "hit_tokens")):
             raise _bad(path, "prefix_cache", "must be an object of query_tokens and hit_tokens >= 0", pc)
         cached = pc["hit_tokens"] / pc["query_tokens"] if pc["query_tokens"] else 0.0
-    return ServeRun(mf, float(rate), requests, measured, cached)
+    engine_ttft = None
+    if data.get("engine_ms") is not None:
+        got = data["engine_ms"]
+        engine_ttft = _ms(got.get("ttft_mean") if isinstance(got, dict) else None, path, "engine_ms.ttft_mean")
+    client = data["ttft_ms"].get("mean")
+    client = float(client) if isinstance(client, (int, float)) and not isinstance(client, bool) else None
+    return ServeRun(mf, float(rate), requests, measured, cached, engine_ttft, client)
 
 
 def model_for_measured(name: str, path: str = "<measured>") -> ModelSpec:
@@ -485,6 +496,12 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
                              "prefills every prompt cold, so its TTFT is not comparable")
             served = simulate(cm, lay, f.requests, mf.max_num_seqs, mf.max_num_batched_tokens, mf.data_parallel_size)
             pred = percentiles_ms(served)
+            if f.engine_ttft_ms is not None and f.client_ttft_ms is not None:
+                sim = statistics.mean(x.ttft_s for x in served) * 1e3
+                notes.append(f"{mf.path}: mean TTFT {f.client_ttft_ms:.1f} ms at the client, {f.engine_ttft_ms:.1f} ms "
+                             f"in the engine (from a request's arrival there), {sim:.1f} ms simulated: "
+                             f"{f.client_ttft_ms - f.engine_ttft_ms:.1f} ms is the server's and the client's own "
+                             "(HTTP, tokens in and out, streaming), which the simulation does not model")
             for key in ("ttft", "tpot"):
                 meas = f.measured_ms[f"{key}_ms"]
                 serving.append(ServingRow(
