@@ -49,7 +49,7 @@ from ..common.graph_shapes import GRAPH_TOKENS, graph_pairs, padded_shape
 from ..common.layout import ParallelLayout, shard_heads, split_evenly
 from .hardware import Cluster
 from .models import ModelSpec
-from .profile import Profile
+from .profile import Profile, curves_at
 
 ACT_BYTES = 2  # activations travel in bf16
 
@@ -518,13 +518,7 @@ class CostModel:
         curves = self.profile.decode_gemm_curves(bool(fp8_rows)) if self.profile is not None else {}
         if not curves or weight_bytes <= 0:
             return (weight_bytes + kv_bytes) / self.hbm_bps
-        size, r = weight_bytes / max(1, gemms), max(1.0, fp8_rows or rows)
-        measured = sorted(curves)
-        hi = next((n for n in measured if n >= r), measured[-1])
-        lo = max((n for n in measured if n <= r), default=hi)
-        us = curves[lo].time_us(size)
-        if hi != lo:
-            us += (curves[hi].time_us(size) - us) * (r - lo) / (hi - lo)
+        us = curves_at(curves, max(1.0, fp8_rows or rows), weight_bytes / max(1, gemms))
         return gemms * us * 1e-6 + kv_bytes / self.hbm_bps
 
     def timed_attention_s(self, tp: int, batch: float, context: float) -> float:

@@ -258,13 +258,18 @@ class ModelLayers:
         curves = (self.attention or {}).get(tp)
         if not curves:
             return None
-        batches = sorted(curves)
-        hi = next((b for b in batches if b >= batch), batches[-1])
-        lo = max((b for b in batches if b <= batch), default=hi)
-        us = curves[lo].time_us(context)
-        if hi != lo:
-            return us + (curves[hi].time_us(context) - us) * (batch - lo) / (hi - lo)
-        return us * batch / hi if batch > hi else us
+        most = max(curves)
+        return curves_at(curves, batch, context) * (batch / most if batch > most else 1.0)
+
+
+def curves_at(curves: dict[int, Curve], key: float, x: float) -> float:
+    """Curves measured at some keys (rows, a batch): their time at x, interpolated linearly between the two
+    measured keys around `key` (below the smallest: its curve; above the largest: its curve)."""
+    keys = sorted(curves)
+    hi = next((k for k in keys if k >= key), keys[-1])
+    lo = max((k for k in keys if k <= key), default=hi)
+    t = curves[lo].time_us(x)
+    return t if hi == lo else t + (curves[hi].time_us(x) - t) * (key - lo) / (hi - lo)
 
 
 @dataclass(frozen=True)
