@@ -16,12 +16,8 @@ from ..engine.arg_utils import EngineArgs
 from ..engine.kv_cache import MAX_STEP_TOKENS, token_budget
 from ..engine.sampling_params import SamplingParams
 from ..engine.stragglers import slowest_rank
+from ..planner.serving import percentile
 from .llm import LLM
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int = 0,
@@ -67,10 +63,10 @@ def run_batch(llm: LLM, batch: int, input_len: int, output_len: int, seed: int =
     out = {
         "batch": batch, "input_len": input_len, "output_len": output_len,
         "ttft_ms": max(ttfts) * 1e3, "tpot_ms": statistics.mean(tpots) * 1e3,
-        "tpot_p50_ms": _percentile(tpots, 50) * 1e3, "tpot_p99_ms": _percentile(tpots, 99) * 1e3,
+        "tpot_p50_ms": percentile(tpots, 50) * 1e3, "tpot_p99_ms": percentile(tpots, 99) * 1e3,
         # inter-token latency over every token of every request: the typical step and its tail
-        "itl_p50_ms": _percentile(gaps or [0.0], 50) * 1e3, "itl_p99_ms": _percentile(gaps or [0.0], 99) * 1e3,
-        "step_p50_ms": _percentile(steps, 50) * 1e3, "step_p99_ms": _percentile(steps, 99) * 1e3,
+        "itl_p50_ms": percentile(gaps, 50) * 1e3, "itl_p99_ms": percentile(gaps, 99) * 1e3,
+        "step_p50_ms": percentile(steps, 50) * 1e3, "step_p99_ms": percentile(steps, 99) * 1e3,
         "e2e_s": e2e, "output_tok_per_s": batch * output_len / e2e,
         # time the output rank spent inside the step (forward + sampling) vs. the whole step
         "decode_exec_ms": statistics.mean(exec_s[1:]) * 1e3 if len(exec_s) > 1 else 0.0,
