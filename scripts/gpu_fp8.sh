@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 19 on a GPU with FP8 tensor cores (device tool): the FP8 GPU tests, FP8 against bf16 on a random
 # 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement), and decode latency
-# of bf16, FP8 weights, and FP8 weights and KV in the same call (bf16 the baseline); kv: sequences of 8k
-# tokens the KV cache holds, bf16 against kv_cache_dtype fp8 at the same memory setting; tune:
+# of bf16, FP8 weights, and FP8 weights and KV in the same call (bf16 the baseline; VARIANTS picks some);
+# kv: sequences of 8k tokens the KV cache holds, bf16 against kv_cache_dtype fp8 at the same memory setting; tune:
 # scripts/fp8_gemm_bench.py --tune (the small-batch kernels' configurations, TUNE_BUDGET seconds, batches
 # TUNE_BATCHES); gemm: the kernels as the engine runs them, 8B and 70B shapes; big: BIG_MODEL (default
 # random:llama-3-70b) in FP8 weights and KV on this GPU (BIG_FLAGS: more bench flags, e.g. "-tp 2").
@@ -31,7 +31,7 @@ if [[ $STAGES == *check* ]]; then
   timeout 300 python3 scripts/fp8_check.py --model "$MODEL" --reference --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3
 fi
 if [[ $STAGES == *latency* ]]; then
-  for q in bf16 fp8 fp8kv; do  # (fp8kv: FP8 weights and KV cache)
+  for q in ${VARIANTS:-bf16 fp8 fp8kv}; do  # (fp8kv: FP8 weights and KV cache)
     flag=""; [ $q = fp8 ] && flag="--quantization fp8"; [ $q = fp8kv ] && flag="--quantization fp8 --kv-cache-dtype fp8"
     timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
       --input-len 128 --output-len 128 --profile-step --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1
