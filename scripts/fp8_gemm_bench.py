@@ -8,9 +8,9 @@ Each timed graph cycles through enough copies of the weights (>= 256 MB) that th
 the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (layers/fp8.py's fp8_linear_kernels, as the engine runs
 it: weight-only up to A8_ABOVE rows, e4m3 activations above), fp8-scaled_mm (the activations quantised per
 token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
-coordinate descent over fp8_gemm_small_m's tiles, split, warps, operand order and the GEMV's unrolling from
-small_m_config's choice (and from the other kernel's, and swapped), printing the best configuration found
-beside it; up to A8_ABOVE rows both weight-only and on e4m3 activations (rows marked a8).
+coordinate descent over fp8_gemm_small_m's tiles, split, warps and operand order from small_m_config's
+choice (and from the other kernel's, and swapped), printing the best configuration found beside it; up to
+A8_ABOVE rows both weight-only and on e4m3 activations (rows marked a8).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import time
 SHAPES = {"8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
           "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}}
 SPACE = {"swap": (False, True), "split_k": (1, 2, 4, 8, 16), "block_n": (8, 16, 32, 64, 128),
-         "block_k": (64, 128, 256, 512, 1024), "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8),
-         "unroll": (1, 2, 4)}
+         "block_k": (64, 128, 256, 512, 1024), "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8)}
 
 
 def main() -> int:
@@ -136,8 +135,7 @@ def main() -> int:
                             for field, values in SPACE.items():
                                 for v in values:
                                     cand = cur._replace(**{field: v})
-                                    if (cand == cur or time.monotonic() > stop or (cand.gemv and cand.swap)
-                                            or (cand.unroll > 1 and not cand.gemv)):
+                                    if cand == cur or time.monotonic() > stop or (cand.gemv and cand.swap):
                                         continue
                                     try:
                                         us = timed(cand)

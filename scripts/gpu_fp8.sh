@@ -24,16 +24,20 @@ if [[ $STAGES == *tests* ]]; then
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | tail -5
 fi
 if [[ $STAGES == *gemm* ]]; then  # the FP8 kernels alone on the 8B and 70B shapes, bf16 beside them
-  timeout 200 python3 scripts/fp8_gemm_bench.py --json "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.txt" 2>&1
-  tail -60 "$OUT/fp8_gemm.txt"
+  for pdl in ${GEMM_PDL:-1}; do  # (GEMM_PDL="1 0": also without programmatic dependent launch)
+    SHARDLM_NO_PDL=$((1 - pdl)) timeout 200 python3 scripts/fp8_gemm_bench.py ${GEMM_ARGS:-} --json "$OUT/fp8_gemm-pdl$pdl.json" \
+      > "$OUT/fp8_gemm-pdl$pdl.txt" 2>&1
+    tail -60 "$OUT/fp8_gemm-pdl$pdl.txt" | sed "s/^/[pdl=$pdl] /"
+  done
 fi
 if [[ $STAGES == *check* ]]; then
   timeout 300 python3 scripts/fp8_check.py --model "$MODEL" --reference --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3
 fi
 if [[ $STAGES == *latency* ]]; then
-  for q in ${VARIANTS:-bf16 fp8 fp8kv}; do  # (fp8kv: FP8 weights and KV cache)
+  for q in ${VARIANTS:-bf16 fp8 fp8kv}; do  # (fp8kv: FP8 weights and KV cache; fp8nopdl: FP8, SHARDLM_NO_PDL=1)
     flag=""; [ $q = fp8 ] && flag="--quantization fp8"; [ $q = fp8kv ] && flag="--quantization fp8 --kv-cache-dtype fp8"
-    timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
+    [ $q = fp8nopdl ] && flag="--quantization fp8"
+    SHARDLM_NO_PDL=$([ $q = fp8nopdl ] && echo 1 || echo 0) timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
       --input-len 128 --output-len 128 --profile-step --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1
     grep -E "^ +[0-9]+ |rank 0:" "$OUT/latency-$q.log" | sed "s/^/[$q] /" || tail -3 "$OUT/latency-$q.log"
   done

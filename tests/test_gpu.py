@@ -250,8 +250,8 @@ def test_gpu_fp8_linear_matches_its_reference():
         close(fp8_linear(x, w, s, bias), want, 0.01 if tokens <= A8_ABOVE else 0.05)
         if tokens > 64:
             continue
-        for cfg in (Config(True, 16, 256, 4, 4, 3), Config(True, 32, 256, 3, 8, 3, unroll=2),
-                    Config(False, 32, 128, 3, 4, 3), Config(False, 64, 128, 3, 4, 3, swap=True)):
+        for cfg in (Config(True, 16, 256, 4, 4, 3), Config(False, 32, 128, 3, 4, 3),
+                    Config(False, 64, 128, 3, 4, 3, swap=True)):
             if cfg.gemv and tokens > 4:
                 continue
             close(fp8_gemm_small_m(x, w, s, bias, config=cfg), want, 0.01)

@@ -31,8 +31,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..layers.fp8 import SMALL_M
+from . import pdl
 
 
 @triton.jit
@@ -77,7 +79,7 @@ def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, SPLIT_K,
-                    HAS_BIAS: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """SWAP: y^T = w x^T, the weights the MMA's first operand (its 64-row side) and the few rows of x its
     narrow one (faster on e4m3 activations at up to 16 rows on an H200; a tie at 17-64)"""
@@ -88,6 +90,8 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
     xp = X + rm[:, None] * stride_xm + kk[None, :]
     wp = W + rn[:, None] * K + kk[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
+    if PDL:  # x (and the workspace) only once the kernel before has finished
+        gdc_wait()
     for _ in range(0, steps):
         x = tl.load(xp, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
@@ -106,46 +110,35 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
 
 
 @triton.jit
-def _gemv_tile(wp, xp, rn, kk, N, K, stride_xm, acc0, acc1, acc2, acc3, M: tl.constexpr):
-    """one [BLOCK_N, BLOCK_K] weight tile's products with up to 4 rows of x, added to acc0..acc3"""
-    w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0).to(tl.float32)
-    xmask = kk[None, :] < K
-    acc0 += w * tl.load(xp, mask=xmask, other=0.0).to(tl.float32)
-    if M > 1:
-        acc1 += w * tl.load(xp + stride_xm, mask=xmask, other=0.0).to(tl.float32)
-    if M > 2:
-        acc2 += w * tl.load(xp + 2 * stride_xm, mask=xmask, other=0.0).to(tl.float32)
-    if M > 3:
-        acc3 += w * tl.load(xp + 3 * stride_xm, mask=xmask, other=0.0).to(tl.float32)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
 def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K, M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M (1-4) rows on the CUDA cores: products accumulated elementwise over [BLOCK_N, BLOCK_K] tiles, one
-    per row, and summed across K once at the end (no cross-thread reduction in the loop). x is read in the
-    weights' own register layout (each thread the 8 columns of x its 8 weights of a row need, from L1/L2)
-    and both at 8 columns a thread: a 1-D x, or 16 e4m3 columns a thread, would make the compiler move x
-    between layouts through shared memory, two block-wide barriers an iteration. UNROLL tiles an iteration
-    (their loads issued together: more bytes in flight a warp)."""
+    per row, and summed across K once at the end (no cross-thread reduction in the loop). Each iteration
+    loads the next weight tile before its products; the first is loaded before gdc_wait (PDL: while the
+    kernel before this one still runs)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    lo, steps = _k_range(K, SPLIT_K, BLOCK_K * UNROLL)
-    kk = tl.max_contiguous(tl.multiple_of(lo + tl.arange(0, BLOCK_K), 8), 8)
+    lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
+    kk = lo + tl.arange(0, BLOCK_K)
     wp = W + rn[:, None] * K + kk[None, :]
-    xp = X + kk[None, :] + 0 * rn[:, None]
+    w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K) & (steps > 0), other=0.0)
+    if PDL:  # x (and the workspace) only once the kernel before has finished
+        gdc_wait()
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for _ in range(0, steps):
-        acc0, acc1, acc2, acc3 = _gemv_tile(wp, xp, rn, kk, N, K, stride_xm, acc0, acc1, acc2, acc3, M)
-        if UNROLL > 1:
-            acc0, acc1, acc2, acc3 = _gemv_tile(wp + BLOCK_K, xp + BLOCK_K, rn, kk + BLOCK_K, N, K,
-                                                stride_xm, acc0, acc1, acc2, acc3, M)
-        kk += BLOCK_K * UNROLL
-        wp += BLOCK_K * UNROLL
-        xp += BLOCK_K * UNROLL
+    for i in range(0, steps):
+        wf = w.to(tl.float32)
+        wp += BLOCK_K
+        w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] + BLOCK_K < K) & (i + 1 < steps), other=0.0)
+        acc0 += wf * tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+        if M > 1:
+            acc1 += wf * tl.load(X + stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+        if M > 2:
+            acc2 += wf * tl.load(X + 2 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+        if M > 3:
+            acc3 += wf * tl.load(X + 3 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+        kk += BLOCK_K
     rm = tl.arange(0, 4)[:, None]
     acc = tl.where(rm == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
     if M > 1:
@@ -170,7 +163,6 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     swap: bool = False  # tensor-core kernel: the weights as the MMA's first operand (y^T = w x^T)
-    unroll: int = 1  # gemv: weight tiles an iteration of its loop
 
 
 def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> Config:
@@ -180,7 +172,7 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> 
     times the pieces keep every SM (sms of them) streaming, each piece at least 4 K blocks long."""
     wide = n >= 16384  # (gate_up: enough output blocks without split, wider tiles read faster)
     if m == 1 and not a8:
-        cfg, programs = Config(True, 32 if wide else 16, 256 if wide else 512, 1, 8, 4, unroll=2), 2 * sms
+        cfg, programs = Config(True, 32 if wide else 16, 256 if wide else 512, 1, 8, 4), 2 * sms
     elif not a8:
         cfg, programs = Config(False, 32, 128 if m <= 4 else 256, 1, 4, 4), 4 * sms
     elif m <= 16:  # e4m3 activations, few rows: the weights the MMA's 64-row side, the rows its narrow one
@@ -237,21 +229,25 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
     ws, cnt = workspace(x.device)
     b = bias if bias is not None else scale
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+    use_pdl = pdl(x.device)
     if cfg.gemv:
         _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, M=m,
-                               HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                               HAS_BIAS=bias is not None, PDL=use_pdl, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         _fp8_dot_kernel[grid](x, w, scale, x_scale if a8 else scale, b, y, ws, cnt, m, n, k, x.stride(0),
-                              y.stride(0), cfg.split_k, HAS_BIAS=bias is not None, A8=a8, SWAP=cfg.swap,
+                              y.stride(0), cfg.split_k, HAS_BIAS=bias is not None, A8=a8, SWAP=cfg.swap, PDL=use_pdl,
                               BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
     return y
 
 
 @triton.jit
-def _quantize_activations_kernel(X, Q, S, K, stride_x, BLOCK_K: tl.constexpr):
+def _quantize_activations_kernel(X, Q, S, K, stride_x, PDL: tl.constexpr, BLOCK_K: tl.constexpr):
+    if PDL:  # (launched with PDL too: x once the kernel before has finished; the GEMM after may start)
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -267,5 +263,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows, k, device=x.device, dtype=torch.float8_e4m3fn)
     s = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    _quantize_activations_kernel[(rows,)](x, q, s, k, x.stride(0), BLOCK_K=block, num_warps=min(16, max(4, block // 1024)))
+    use_pdl = pdl(x.device)
+    _quantize_activations_kernel[(rows,)](x, q, s, k, x.stride(0), PDL=use_pdl, BLOCK_K=block,
+                                          num_warps=min(16, max(4, block // 1024)), launch_pdl=use_pdl)
     return q, s
