@@ -110,12 +110,26 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
 
 
 @triton.jit
+def _gemv_products(w, X, kk, K, stride_xm, acc0, acc1, acc2, acc3, M: tl.constexpr):
+    """one [BLOCK_N, BLOCK_K] e4m3 weight tile times up to 4 rows of x at columns kk, added to acc0..acc3"""
+    w = w.to(tl.float32)
+    acc0 += w * tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+    if M > 1:
+        acc1 += w * tl.load(X + stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+    if M > 2:
+        acc2 += w * tl.load(X + 2 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+    if M > 3:
+        acc3 += w * tl.load(X + 3 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K, M: tl.constexpr,
                      HAS_BIAS: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M (1-4) rows on the CUDA cores: products accumulated elementwise over [BLOCK_N, BLOCK_K] tiles, one
-    per row, and summed across K once at the end (no cross-thread reduction in the loop). Each iteration
-    loads the next weight tile before its products; the first is loaded before gdc_wait (PDL: while the
-    kernel before this one still runs)."""
+    per row, and summed across K once at the end (no cross-thread reduction in the loop). The first weight
+    tile is loaded before gdc_wait (PDL: while the kernel before this one still runs), its products taken
+    before the loop over the others."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
     kk = lo + tl.arange(0, BLOCK_K)
@@ -123,22 +137,13 @@ def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K
     w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K) & (steps > 0), other=0.0)
     if PDL:  # x (and the workspace) only once the kernel before has finished
         gdc_wait()
-    acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for i in range(0, steps):
-        wf = w.to(tl.float32)
-        wp += BLOCK_K
-        w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] + BLOCK_K < K) & (i + 1 < steps), other=0.0)
-        acc0 += wf * tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        if M > 1:
-            acc1 += wf * tl.load(X + stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        if M > 2:
-            acc2 += wf * tl.load(X + 2 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        if M > 3:
-            acc3 += wf * tl.load(X + 3 * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+    zeros = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc0, acc1, acc2, acc3 = _gemv_products(w, X, kk, K, stride_xm, zeros, zeros, zeros, zeros, M)
+    for _ in range(1, steps):
         kk += BLOCK_K
+        wp += BLOCK_K
+        w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+        acc0, acc1, acc2, acc3 = _gemv_products(w, X, kk, K, stride_xm, acc0, acc1, acc2, acc3, M)
     rm = tl.arange(0, 4)[:, None]
     acc = tl.where(rm == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
     if M > 1:
