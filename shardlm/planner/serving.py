@@ -7,7 +7,9 @@ parallel) takes the requests the server's least-loaded rule gives it; a step fir
 sequence (a token each), then prefills waiting prompts in arrival order within what is left of the step's
 token budget, a prompt cut where the budget ends and finished in the next steps; at most max_num_seqs run.
 A request's first token comes at the end of the step that finishes its prompt, each further token at the end
-of each step it decodes in. A step's time: decode only, the cost model's decode step at the batch and mean
+of each step it decodes in. With async scheduling (the engine's default with one pipeline stage) the next
+step is planned as the current one starts, so a request that arrives during a step waits for the step after
+the next (unless nothing else would run: an engine with nothing in flight plans at once). A step's time: decode only, the cost model's decode step at the batch and mean
 context; with prompt tokens, its prefill step over all the step's tokens (the weights read once, decodes as
 one-token rows) plus the decodes' KV reads. Not modelled: the KV cache running out (preemption), prefix
 caching, the server's own per-request work.
@@ -52,15 +54,20 @@ class Served:
     ttft_s: float
     tpot_s: float
     e2e_s: float
+    engine_ttft_s: float = 0.0
+    """TTFT from when the engine takes the request in: a server's engine thread adds the requests that came
+    during a step once that step returns (at once when idle), so this leaves out that wait (what the
+    server's own TTFT histogram measures)"""
 
 
 class _Seq:
     """A request in an engine: how much of its prompt is done, the tokens it has, when its first came."""
 
-    __slots__ = ("req", "index", "done_prompt", "generated", "first_s")
+    __slots__ = ("req", "index", "done_prompt", "generated", "first_s", "taken_s")
 
-    def __init__(self, req: Request, index: int):
+    def __init__(self, req: Request, index: int, taken_s: float | None):
         self.req, self.index, self.done_prompt, self.generated, self.first_s = req, index, 0, 0, 0.0
+        self.taken_s = taken_s  # when the engine took it in (None: not yet, a step is under way)
 
 
 class _Replica:
@@ -70,6 +77,7 @@ class _Replica:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.step: tuple[list[_Seq], list[tuple[_Seq, int]]] = ([], [])  # the step under way: decodes, chunks
+        self.planned_s: float | None = None  # async scheduling: when the next step's plan was made (None: idle)
 
     @property
     def load(self) -> int:
@@ -77,9 +85,10 @@ class _Replica:
 
 
 def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max_num_seqs: int,
-             token_budget: int, replicas: int = 1) -> list[Served]:
+             token_budget: int, replicas: int = 1, async_scheduling: bool = False) -> list[Served]:
     """Each request's TTFT, TPOT ((E2E - TTFT) / (tokens - 1)) and E2E, in the order given, on `replicas`
-    engines of `layout` (the server's data parallelism)."""
+    engines of `layout` (the server's data parallelism; async_scheduling: each step planned as the one before
+    it starts)."""
     if max_num_seqs < 1 or token_budget < 1:
         raise ValueError(f"max_num_seqs and token_budget must be >= 1, got {max_num_seqs}, {token_budget}")
     shards = stage_shards(cm.model, layout)
@@ -105,14 +114,14 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
     heapq.heapify(events)
     idle = set(range(replicas))
 
-    def start_step(r: int, now: float) -> None:
-        rep = engines[r]
+    def plan(rep: _Replica, cutoff: float) -> tuple[list[_Seq], list[tuple[_Seq, int]]]:
+        """the next step's decodes and prompt chunks, from the prompts that had arrived by `cutoff`"""
         decodes = rep.running[:token_budget]  # (never more than max_num_seqs; the budget may allow fewer)
         budget = token_budget - len(decodes)
         chunks: list[tuple[_Seq, int]] = []
         running = len(rep.running)
         for seq in rep.waiting:
-            if budget <= 0 or running >= max_num_seqs:
+            if budget <= 0 or running >= max_num_seqs or seq.req.sent_s > cutoff:
                 break
             take = min(seq.req.prompt - seq.done_prompt, budget)
             chunks.append((seq, take))
@@ -120,15 +129,27 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
             if seq.done_prompt + take < seq.req.prompt:
                 break  # the rest of this prompt in the next step, before anyone behind it
             running += 1
+        return decodes, chunks
+
+    def start_step(r: int, now: float) -> None:
+        rep = engines[r]
+        decodes, chunks = plan(rep, rep.planned_s if async_scheduling and rep.planned_s is not None else now)
+        if not decodes and not chunks:
+            decodes, chunks = plan(rep, now)  # (nothing planned ahead: the engine plans now)
         if not decodes and not chunks:
             idle.add(r)
+            rep.planned_s = None
             return
+        rep.planned_s = now
         context = statistics.mean(s.req.prompt + s.generated for s in decodes) if decodes else 0.0
         rep.step = (decodes, chunks)
         heapq.heappush(events, (now + step_s(len(decodes), context, sum(t for _, t in chunks), len(chunks)), 0, r))
 
     def end_step(r: int, now: float) -> None:
         rep = engines[r]
+        for seq in rep.waiting:
+            if seq.taken_s is None:
+                seq.taken_s = now
         decodes, chunks = rep.step
         for seq in decodes:
             seq.generated += 1
@@ -143,7 +164,8 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
             ttft = seq.first_s - seq.req.sent_s
             e2e = now - seq.req.sent_s
             tokens = seq.req.output
-            out[seq.index] = Served(ttft, (e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0, e2e)
+            out[seq.index] = Served(ttft, (e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0, e2e,
+                                    seq.first_s - seq.taken_s)
         idle.add(r)  # (its next step starts once this moment's arrivals are in)
 
     while events:
@@ -154,7 +176,7 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
                 end_step(i, now)
             else:
                 r = min(range(replicas), key=lambda k: (engines[k].load, k))
-                engines[r].waiting.append(_Seq(requests[i], i))
+                engines[r].waiting.append(_Seq(requests[i], i, now if r in idle else None))
         for r in sorted(idle):
             idle.discard(r)
             start_step(r, now)

@@ -494,14 +494,18 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
                 notes.append(f"{mf.path}: {f.cached_share:.0%} of its prompt tokens came from the server's prefix "
                              "cache (prompts an earlier run sent: give each run its own --seed); the simulation "
                              "prefills every prompt cold, so its TTFT is not comparable")
-            served = simulate(cm, lay, f.requests, mf.max_num_seqs, mf.max_num_batched_tokens, mf.data_parallel_size)
+            served = simulate(cm, lay, f.requests, mf.max_num_seqs, mf.max_num_batched_tokens, mf.data_parallel_size,
+                              async_scheduling=mf.async_scheduling and lay.pp == 1)
             pred = percentiles_ms(served)
             if f.engine_ttft_ms is not None and f.client_ttft_ms is not None:
                 sim = statistics.mean(x.ttft_s for x in served) * 1e3
-                notes.append(f"{mf.path}: mean TTFT {f.client_ttft_ms:.1f} ms at the client, {f.engine_ttft_ms:.1f} ms "
-                             f"in the engine (from a request's arrival there), {sim:.1f} ms simulated: "
-                             f"{f.client_ttft_ms - f.engine_ttft_ms:.1f} ms is the server's and the client's own "
-                             "(HTTP, tokens in and out, streaming), which the simulation does not model")
+                sim_engine = statistics.mean(x.engine_ttft_s for x in served) * 1e3
+                notes.append(f"{mf.path}: mean TTFT {f.client_ttft_ms:.1f} ms at the client, {sim:.1f} simulated; "
+                             f"in the engine (from when its thread took the request in) {f.engine_ttft_ms:.1f} ms, "
+                             f"{sim_engine:.1f} simulated ({_err(sim_engine, f.engine_ttft_ms):+.0f}%). The rest, "
+                             f"{f.client_ttft_ms - f.engine_ttft_ms:.1f} ms measured against "
+                             f"{sim - sim_engine:.1f} simulated, is the wait for the engine's step under way "
+                             "(simulated) and HTTP, the server's own work and streaming (not simulated)")
             for key in ("ttft", "tpot"):
                 meas = f.measured_ms[f"{key}_ms"]
                 serving.append(ServingRow(
