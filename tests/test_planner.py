@@ -751,6 +751,13 @@ def test_timed_attention_takes_the_place_of_the_kv_read_and_the_attention_math()
     assert CostModel(TINY, one_gpu, prof).timed_attention_s(1, 1, 550) == pytest.approx(25e-6)
     assert CostModel(TINY, one_gpu, prof, kv_bytes=1).timed_attention_s(1, 1, 550) == 0.0
     assert CostModel(TINY, one_gpu, prof, attention_backend="torch").timed_attention_s(1, 1, 550) == 0.0
+    # a mixed step's decodes (the serving simulation) take the same curve over every layer, else their KV read
+    lay, shards = ParallelLayout(tp=1), stage_shards(TINY, ParallelLayout(tp=1))
+    layers = sum(sh.n_layers for sh in shards)
+    assert CostModel(TINY, one_gpu, prof).decode_attention_s(lay, shards, 1, 550) == pytest.approx(layers * 25e-6)
+    untimed = CostModel(TINY, one_gpu, prof, kv_bytes=1)
+    assert untimed.decode_attention_s(lay, shards, 2, 550) == pytest.approx(
+        2 * 550 * untimed.kv_per_token(shards[0]) / untimed.hbm_bps)
     model = replace(TINY, n_layers=4)
     assert _step(timed, model, 1) == pytest.approx(2.1e-3, rel=1e-9)  # (the line through the timed depths)
     # a context of 1000: each graph layer's attention takes 30 us more, and nothing else changes

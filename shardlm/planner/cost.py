@@ -531,6 +531,18 @@ class CostModel:
         us = ml.attention_us(tp, batch, context)
         return 0.0 if us is None else us * 1e-6
 
+    def decode_attention_s(self, layout: ParallelLayout, shards: list[StageShard], batch: float,
+                           context: float) -> float:
+        """The decode attention of `batch` sequences of `context` tokens over every stage's layers: the
+        profile's timed attention where it has it (timed_attention_s), else their KV read at the copy rate;
+        what a mixed step (prompt chunks and decodes) adds for its decodes."""
+        if batch <= 0:
+            return 0.0
+        timed = self.timed_attention_s(layout.tp, batch, context)
+        if timed:
+            return timed * sum(sh.n_layers for sh in shards)
+        return batch * context * sum(self.kv_per_token(sh) for sh in shards) / self.hbm_bps
+
     def measured_rows(self, fp8: bool) -> int:
         """The most rows the profile's GEMM curves for these weights were measured at (0: none)"""
         curves = self.profile.decode_gemm_curves(fp8) if self.profile is not None else {}

@@ -9,10 +9,12 @@ token budget, a prompt cut where the budget ends and finished in the next steps;
 A request's first token comes at the end of the step that finishes its prompt, each further token at the end
 of each step it decodes in. With async scheduling (the engine's default with one pipeline stage) the next
 step is planned as the current one starts, so a request that arrives during a step waits for the step after
-the next (unless nothing else would run: an engine with nothing in flight plans at once). A step's time: decode only, the cost model's decode step at the batch and mean
-context; with prompt tokens, its prefill step over all the step's tokens (the weights read once, decodes as
-one-token rows) plus the decodes' KV reads. Not modelled: the KV cache running out (preemption), prefix
-caching, the server's own per-request work.
+the next (unless nothing else would run: an engine with nothing in flight plans at once). A step's time:
+decode only, the cost model's decode step at the batch and mean context; with prompt tokens, its prefill
+step over all the step's tokens (the weights read once, decodes as one-token rows) plus the decodes'
+attention (the probe's timed attention where it has one, else their KV reads at the copy rate:
+cost.decode_attention_s). Not modelled: the KV cache running out (preemption), prefix caching, the
+server's own per-request work (HTTP, streaming).
 """
 
 from __future__ import annotations
@@ -92,7 +94,6 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
     if max_num_seqs < 1 or token_budget < 1:
         raise ValueError(f"max_num_seqs and token_budget must be >= 1, got {max_num_seqs}, {token_budget}")
     shards = stage_shards(cm.model, layout)
-    kv_per_token = sum(cm.kv_per_token(sh) for sh in shards)
     step_cache: dict[tuple[int, int, int, int], float] = {}
 
     def step_s(decodes: int, context: float, prompt_tokens: int, prompts: int) -> float:
@@ -102,7 +103,7 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
                 step_cache[key] = cm.decode_step(layout, shards, decodes, key[1])[0]
             else:
                 t = cm.prefill_step(layout, shards, prompt_tokens + decodes, prompts=prompts + decodes)[0]
-                step_cache[key] = t + decodes * key[1] * kv_per_token / cm.hbm_bps
+                step_cache[key] = t + cm.decode_attention_s(layout, shards, decodes, key[1])
         return step_cache[key]
 
     engines = [_Replica() for _ in range(replicas)]
