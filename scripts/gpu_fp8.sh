@@ -34,10 +34,16 @@ if [[ $STAGES == *check* ]]; then
   timeout 300 python3 scripts/fp8_check.py --model "$MODEL" --reference --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3
 fi
 if [[ $STAGES == *latency* ]]; then
-  for q in ${VARIANTS:-bf16 fp8 fp8kv}; do  # (fp8kv: FP8 weights and KV cache; fp8nopdl: FP8, SHARDLM_NO_PDL=1)
-    flag=""; [ $q = fp8 ] && flag="--quantization fp8"; [ $q = fp8kv ] && flag="--quantization fp8 --kv-cache-dtype fp8"
-    [ $q = fp8nopdl ] && flag="--quantization fp8"
-    SHARDLM_NO_PDL=$([ $q = fp8nopdl ] && echo 1 || echo 0) timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
+  # fp8kv: FP8 weights and KV cache; fp8nopf: FP8 without the L2 prefetch; fp8nopdl: FP8 without PDL (nor prefetch)
+  for q in ${VARIANTS:-bf16 fp8 fp8kv}; do
+    flag="--quantization fp8"; env=()
+    case $q in
+      bf16) flag="" ;;
+      fp8kv) flag="--quantization fp8 --kv-cache-dtype fp8" ;;
+      fp8nopf) env=(SHARDLM_FP8_PREFETCH_MB=0) ;;
+      fp8nopdl) env=(SHARDLM_NO_PDL=1) ;;
+    esac
+    env "${env[@]}" timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
       --input-len 128 --output-len 128 --profile-step --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1
     grep -E "^ +[0-9]+ |rank 0:" "$OUT/latency-$q.log" | sed "s/^/[$q] /" || tail -3 "$OUT/latency-$q.log"
   done
