@@ -34,13 +34,12 @@ if [[ $STAGES == *check* ]]; then
   timeout 300 python3 scripts/fp8_check.py --model "$MODEL" --reference --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3
 fi
 if [[ $STAGES == *latency* ]]; then
-  # fp8kv: FP8 weights and KV cache; fp8nopf: FP8 without the L2 prefetch; fp8nopdl: FP8 without PDL (nor prefetch)
+  # fp8kv: FP8 weights and KV cache; fp8nopdl: FP8 without programmatic dependent launch
   for q in ${VARIANTS:-bf16 fp8 fp8kv}; do
     flag="--quantization fp8"; env=()
     case $q in
       bf16) flag="" ;;
       fp8kv) flag="--quantization fp8 --kv-cache-dtype fp8" ;;
-      fp8nopf) env=(SHARDLM_FP8_PREFETCH_MB=0) ;;
       fp8nopdl) env=(SHARDLM_NO_PDL=1) ;;
     esac
     env "${env[@]}" timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \

@@ -12,7 +12,6 @@ processes) inherit the driver's environment.
 | SHARDLM_UNFUSED | worker | 1: with the Triton attention kernels, keep the residual add + RMSNorm and SiLU x up on their unfused torch ops (measuring the fusions) |
 | SHARDLM_FP8_REFERENCE | worker | 1: FP8 linear layers on a GPU multiply by their dequantised weights (the reference path) instead of the FP8 kernels (checking the kernels' accuracy) |
 | SHARDLM_NO_PDL | worker | 1: launch the FP8 GEMM kernels without programmatic dependent launch (measuring it; kernels/__init__.py's `pdl`) |
-| SHARDLM_FP8_PREFETCH_MB | worker | with programmatic dependent launch: how many MB of an FP8 GEMM's weights its programs ask the L2 cache for while the kernel before it still runs (default 24; 0: none) |
 | SHARDLM_NO_MOE_GRAPHS | worker | 1: MoE models' steps run eagerly (no CUDA graphs for them; measuring the graphs) |
 | SHARDLM_NO_STEP_GRAPHS | worker | 1: steps with prompt chunks run eagerly (no mixed-step CUDA graphs; measuring them) |
 | SHARDLM_CTX_BUCKET | worker | eager attention pads the gathered context to a multiple of this (default 1: none) |
@@ -98,11 +97,6 @@ def fp8_reference() -> bool:
 def no_pdl() -> bool:
     """SHARDLM_NO_PDL=1."""
     return _flag("SHARDLM_NO_PDL")
-
-
-def fp8_prefetch_mb() -> int:
-    """SHARDLM_FP8_PREFETCH_MB (default 24, at least 0)."""
-    return max(0, _int("SHARDLM_FP8_PREFETCH_MB", 24))
 
 
 def no_moe_graphs() -> bool:

@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ...common import envs
 from ..layers.fp8 import SMALL_M
 from . import pdl
 
@@ -79,22 +78,9 @@ def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(W, rn, N, K, lo, span, LINES: tl.constexpr):
-    """Ask the L2 cache for the first LINES 128-byte lines of rows rn's columns [lo, lo + span) of W [N, K]
-    (bytes: e4m3): issued before gdc_wait, while the kernel before still runs and the HBM has time to
-    spare, so that the loop finds them in L2"""
-    off = lo + tl.arange(0, LINES) * 128
-    ok = (rn[:, None] < N) & (off[None, :] < lo + span) & (off[None, :] < K)
-    ptrs = tl.where(ok, W + rn[:, None] * K + off[None, :], W)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
-@triton.jit
-def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, SPLIT_K, prefetch,
+def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, SPLIT_K,
                     HAS_BIAS: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
-                    PREFETCH_LINES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """SWAP: y^T = w x^T, the weights the MMA's first operand (its 64-row side) and the few rows of x its
     narrow one (faster on e4m3 activations at up to 16 rows on an H200; a tie at 17-64)"""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,8 +90,6 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
     xp = X + rm[:, None] * stride_xm + kk[None, :]
     wp = W + rn[:, None] * K + kk[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
-    if PREFETCH_LINES > 0:
-        _prefetch_l2(W, rn, N, K, lo, tl.minimum(prefetch, steps * BLOCK_K), PREFETCH_LINES)
     if PDL:  # x (and the workspace) only once the kernel before has finished
         gdc_wait()
     for _ in range(0, steps):
@@ -140,9 +124,8 @@ def _gemv_products(w, X, kk, K, stride_xm, acc0, acc1, acc2, acc3, M: tl.constex
 
 
 @triton.jit
-def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K, prefetch, M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K, M: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M (1-4) rows on the CUDA cores: products accumulated elementwise over [BLOCK_N, BLOCK_K] tiles, one
     per row, and summed across K once at the end (no cross-thread reduction in the loop). The first weight
     tile is loaded before gdc_wait (PDL: while the kernel before this one still runs), its products taken
@@ -151,8 +134,6 @@ def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K
     lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
     kk = lo + tl.arange(0, BLOCK_K)
     wp = W + rn[:, None] * K + kk[None, :]
-    if PREFETCH_LINES > 0:
-        _prefetch_l2(W, rn, N, K, lo, tl.minimum(prefetch, steps * BLOCK_K), PREFETCH_LINES)
     w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K) & (steps > 0), other=0.0)
     if PDL:  # x (and the workspace) only once the kernel before has finished
         gdc_wait()
@@ -254,42 +235,24 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
     b = bias if bias is not None else scale
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
     use_pdl = pdl(x.device)
-    prefetch = prefetch_bytes(n, k, cfg) if use_pdl else 0
-    lines = triton.next_power_of_2(triton.cdiv(prefetch, 128)) if prefetch else 0
     if cfg.gemv:
-        _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, prefetch,
-                               M=m, HAS_BIAS=bias is not None, PDL=use_pdl, PREFETCH_LINES=lines,
-                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages, launch_pdl=use_pdl)
+        _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, M=m,
+                               HAS_BIAS=bias is not None, PDL=use_pdl, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         _fp8_dot_kernel[grid](x, w, scale, x_scale if a8 else scale, b, y, ws, cnt, m, n, k, x.stride(0),
-                              y.stride(0), cfg.split_k, prefetch, HAS_BIAS=bias is not None, A8=a8, SWAP=cfg.swap,
-                              PDL=use_pdl, PREFETCH_LINES=lines, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-                              BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              launch_pdl=use_pdl)
+                              y.stride(0), cfg.split_k, HAS_BIAS=bias is not None, A8=a8, SWAP=cfg.swap, PDL=use_pdl,
+                              BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
     return y
-
-
-PREFETCH_MAX_LINES = 64
-"""the most 128-byte lines of each row a program asks L2 for ahead (8 KB a row)"""
-
-
-def prefetch_bytes(n: int, k: int, cfg: Config) -> int:
-    """Bytes of each of its rows a program of a PDL launch asks the L2 cache for before gdc_wait: its whole
-    piece of K where the weights (n x k e4m3) fit SHARDLM_FP8_PREFETCH_MB, else as much of each piece as
-    that budget spreads over (in whole 128-byte lines; 0: none)"""
-    budget = envs.fp8_prefetch_mb() << 20
-    piece = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
-    per_row = min(piece, budget // (n * cfg.split_k), PREFETCH_MAX_LINES * 128)
-    return per_row // 128 * 128
 
 
 @triton.jit
 def _quantize_activations_kernel(X, Q, S, K, stride_x, PDL: tl.constexpr, BLOCK_K: tl.constexpr):
-    if PDL:  # (launched with PDL too: the GEMM after may start, x once the kernel before has finished)
-        gdc_launch_dependents()
+    if PDL:  # (launched with PDL too: x once the kernel before has finished; the GEMM after may start)
         gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
