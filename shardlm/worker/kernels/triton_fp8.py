@@ -16,6 +16,8 @@
   which) adds the slices in a fixed order from L2, applies scales and bias, writes y and resets the
   counter to zero. One workspace per device serves every layer, in CUDA graphs too (calls on one stream;
   `workspace(device)` allocates it, at a layer's construction).
+- PDL (Hopper and later, kernels/__init__.py `pdl`): both GEMM kernels and the quantisation are launched to
+  start while the kernel before them runs; nothing reads x, the workspace or the counters before `gdc_wait`.
 - `small_m_config(m, n, k)`: the tile sizes, split and kernel each shape runs with (tuned on an H200 by
   scripts/fp8_gemm_bench.py --tune; the measurements are in docs/PERFORMANCE.md).
 - `quantize_activations(x)`: x [rows, k] -> (e4m3 rows, float32 scales [rows, 1]) in one kernel, a program
