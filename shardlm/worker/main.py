@@ -111,7 +111,7 @@ class Worker:
         self.load_s = self.runner.load(show_progress=rank == 0)
         # the same GEMV on every rank, before the KV cache is sized: the driver names a rank slower than its peers
         from . import probe
-        self.device_check = {"gemv_gbps": probe.gemv_rate(device, envs.slowdown(rank)), **probe.device_identity(device)}
+        self.device_check = {"gemv_gbps": self._gemv_rate(device, layout.world_size), **probe.device_identity(device)}
         self.capacity = self.runner.kv_capacity(opts.gpu_memory_utilization, opts.cpu_kv_cache_bytes,
                                                 opts.profile_tokens)
         self.runner.reset_expert_stats()  # the profiling forward's routing is not the user's
@@ -121,6 +121,23 @@ class Worker:
         self.cprofile_steps = envs.cprofile_steps() if rank == 0 else 0
         self.step_no = 0
         self.last_finish = 0.0  # time.perf_counter() when the last step was answered
+
+    def _gemv_rate(self, device, world: int) -> float:
+        """This rank's start-up GEMV rate (probe.gemv_rate). CPU ranks share the host's cores and memory: they
+        time it in turn (a barrier between turns), so that no rank's number is another's load"""
+        import torch.distributed as dist
+
+        from . import probe
+
+        if device.type != "cpu" or world == 1:
+            return probe.gemv_rate(device, envs.slowdown(self.rank))
+        rate = 0.0
+        for turn in range(world):
+            dist.barrier()
+            if turn == self.rank:
+                rate = probe.gemv_rate(device, envs.slowdown(self.rank))
+        dist.barrier()
+        return rate
 
     def ready(self) -> WorkerReady:
         return WorkerReady(rank=self.rank, load_s=self.load_s, block_bytes=self.runner.block_bytes(),
