@@ -636,8 +636,7 @@ def test_decode_reads_weights_at_the_one_row_gemm_rate_and_each_further_sequence
 def test_fp8_decode_reads_weights_at_the_measured_fp8_rate_for_its_rows():
     """a profile's gemv_fp8 (the engine's FP8 path per weight bytes at 1, 8, 32 rows): an FP8 model's decode
     GEMMs take the curves' time at its batch, interpolated linearly between the measured rows (past the
-    most: theirs); its LM head, in the model dtype, at the one-row bf16 curve; prefill and bf16 models as
-    before"""
+    most: theirs); its LM head, in the model dtype, at the one-row bf16 curve; bf16 models as before"""
     fp8_curves = {"1": [[1000, 4.0], [2000, 8.0]], "8": [[1000, 8.0], [2000, 16.0]], "32": [[1000, 16.0], [2000, 32.0]]}
     base = {**HOST, "layer_floor_us": {"1": 50, "2": 50}, "gemv": [[1000, 2.0], [2000, 4.0]]}
     prof = load_profile({**base, "gemv_fp8": fp8_curves})
@@ -677,6 +676,22 @@ def test_decode_gemms_take_the_measured_curve_at_their_rows_with_the_math_inside
     assert _tiny_step(rows8, 1, tokens=16) == pytest.approx(want, rel=1e-9)
     with pytest.raises(PlanError, match="gemv_rows"):
         load_profile({**base, "gemv_rows": {"x": [[1000, 1.0]]}})
+
+
+def test_a_prefill_within_the_measured_rows_takes_the_curves_time():
+    """a prefill of no more tokens than the GEMM curves' rows prices its dense layers' GEMMs at the curve for
+    that many rows (the math inside), its attention math and KV write beside them; a longer one, and the
+    head, the roofline as before"""
+    base = {**HOST, "layer_floor_us": {"1": 50, "2": 50}, "gemv": [[1000, 2.0], [2000, 4.0]]}
+    rows8 = {**base, "gemv_rows": {"8": [[1000, 6.0], [2000, 12.0]]}}
+    assert _tiny_step(rows8, 1, prefill=True, tokens=16) == _tiny_step(base, 1, prefill=True, tokens=16)
+    cm = CostModel(TINY, make_cluster("h100-80gb", 2), load_profile(rows8))
+    # a layer of 8 prompt tokens: 73,984 bytes of weights in 4 GEMMs, 1,024 of KV written, 589,824 GEMM
+    # FLOPs and 8,192 of attention (2 x 4 heads x 16 x 8 x 8)
+    curve = cm.decode_read_s(73984, 4, 1024, rows=8) + 8192 / cm.flops_ps
+    roofline = max((73984 + 1024) / cm.hbm_bps, (589824 + 8192) / cm.flops_ps)
+    got = _tiny_step(rows8, 1, prefill=True, tokens=8) - _tiny_step(base, 1, prefill=True, tokens=8)
+    assert got == pytest.approx(TINY.n_layers * (curve - roofline), rel=1e-9)
 
 
 # TINY's own layers timed at 2 and 6 layers (decode at context 100, a 50-token prompt): decode 300 us a layer

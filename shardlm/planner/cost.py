@@ -263,10 +263,12 @@ class _Work:
     gemms: int = 1
     """Weight GEMMs per instance (a decode step reads each at the rate of its size, see decode_read_s)."""
     fp8_rows: float = 0.0
-    """Where the instance's GEMMs are FP8 (the model's quantization) in a decode step: the rows each
-    multiplies, which picks the profile's measured FP8 rate (decode_read_s); 0: weights in the model dtype."""
+    """Where the instance's GEMMs are FP8 (the model's quantization): the rows each multiplies, which picks
+    the profile's measured FP8 rate (decode_read_s); 0: weights in the model dtype."""
     rows: float = 0.0
-    """In a decode step, the rows each of the instance's GEMMs multiplies (a row per sequence); 0: prefill."""
+    """The rows each of the instance's GEMMs multiplies: in a decode step a row per sequence, in a dense
+    layer's prefill its tokens (priced by the measured curves where they reach that many rows); 0: prefill
+    at the roofline."""
     gemm_flops: float = 0.0
     """Of flops, the weight GEMMs' (the rest: attention's), which a measured curve at the step's rows
     already times (decode_read_s)."""
@@ -445,7 +447,7 @@ class CostModel:
         """The stage's work split into its dense layers, its MoE layers and the non-layer part."""
         m, b, lb = self.model, self.model.bytes_per_param, self.model.linear_bytes
         lin_f = FP8_GEMM_TIME if m.quantization == "fp8" else 1.0
-        rows = 0.0 if prefill else tokens
+        rows = tokens  # (a dense layer's GEMMs; prefill MoE experts and the head keep the roofline)
         fp8_rows = rows if m.quantization == "fp8" else 0.0
         attn_s = 0.0 if prefill else self.timed_attention_s(layout.tp, tokens, context)
         d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
@@ -492,8 +494,8 @@ class CostModel:
                      + 10 * expert_tok * expert_width + gather)
             gemm_f = lin_f * (2 * tokens * (sh.attn + sh.shared_router) + 2 * expert_tok * sh.expert)
             out.append(_Work(sh.n_moe, lb * (sh.attn + sh.shared_router + touched * sh.expert) + b * sh.norms + kv_b,
-                             gemm_f + attn_f, ar + a2a, act_b, kv_b, gemms=4, fp8_rows=fp8_rows, rows=rows,
-                             gemm_flops=gemm_f))  # qkv, o, router, experts
+                             gemm_f + attn_f, ar + a2a, act_b, kv_b, gemms=4, fp8_rows=0.0 if prefill else fp8_rows,
+                             rows=0.0 if prefill else rows, gemm_flops=gemm_f))  # qkv, o, router, experts
         logits_tokens = prompts if prefill else tokens  # prefill samples only each prompt's last token
         head_comm = 0.0
         if layout.tp > 1:
@@ -503,8 +505,8 @@ class CostModel:
                 head_comm += self.allgather(layout.tp_groups()[sh.stage], logits_tokens * m.vocab * ACT_BYTES, graphed)
         final_norm = m.hidden if sh.head_rows else 0
         head_f = 2 * logits_tokens * sh.head_rows * m.hidden
-        out.append(_Work(1, b * (sh.head_rows * m.hidden + final_norm), head_f, head_comm, rows=rows,
-                         gemm_flops=head_f))
+        out.append(_Work(1, b * (sh.head_rows * m.hidden + final_norm), head_f, head_comm,
+                         rows=0.0 if prefill else rows, gemm_flops=head_f))
         return out
 
     def decode_read_s(self, weight_bytes: float, gemms: int, kv_bytes: float, fp8_rows: float = 0.0,
@@ -618,10 +620,17 @@ class CostModel:
         came out up to 11% short at batch 32; docs/PERFORMANCE.md, session 6), with a one-row curve. Where
         the profile has GEMM curves at more rows (decode_read_s) they time the math of the rows they cover
         (at 128 rows on an H200 read + math over-predicted by 24%, session 15), and where it timed this
-        model's attention (timed_attention_s) that replaces the KV read and attention's FLOPs."""
-        if prefill:
-            return max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
+        model's attention (timed_attention_s) that replaces the KV read and attention's FLOPs. A prefill
+        of no more tokens than the curves' rows takes their time too (its GEMMs are as measured: at 128 rows
+        the FP8 path's quantisation and torch._scaled_mm make a 128-token FP8 prefill about as long as
+        bf16's, where the FP8 FLOP rate priced it 30% shorter; session 16), its attention math and KV write
+        beside them; longer ones the roofline."""
         rows, most = max(1.0, w.rows), self.measured_rows(bool(w.fp8_rows))
+        if prefill:
+            if not w.rows or w.rows > most or most <= 1:
+                return max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
+            return (self.decode_read_s(w.nbytes - w.kv_bytes, w.gemms, w.kv_bytes, w.fp8_rows, w.rows)
+                    + (w.flops - w.gemm_flops) / self.flops_ps)
         timed = min(1.0, most / rows) if most > 1 else 0.0  # (a one-row curve times no math worth the name)
         untimed_flops = (1 - timed) * w.gemm_flops + (0.0 if w.attention_s else w.flops - w.gemm_flops)
         kv = 0.0 if w.attention_s else w.kv_bytes
