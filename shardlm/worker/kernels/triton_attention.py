@@ -40,7 +40,7 @@ def _attention_kernel(Q, K, V, O, PART_O, PART_LSE, BT, SEQ_START, Q_START, TILE
                       G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                       PDL: tl.constexpr):
-    if PDL:  # the kernel after may start (an FP8 GEMM reads its weights meanwhile: kernels/__init__.py)
+    if PDL:  # the kernel after may launch now (a PDL-launched FP8 GEMM: kernels/__init__.py)
         gdc_launch_dependents()
     tile = tl.program_id(0)
     kvh = tl.program_id(1)

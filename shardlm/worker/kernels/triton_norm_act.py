@@ -15,7 +15,7 @@ from . import pdl
 @triton.jit
 def _add_rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n, eps,
                          HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
-    if PDL:  # the kernel after may start (an FP8 GEMM reads its weights meanwhile: kernels/__init__.py)
+    if PDL:  # the kernel after may launch now (a PDL-launched FP8 GEMM: kernels/__init__.py)
         gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
