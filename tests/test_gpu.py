@@ -282,20 +282,32 @@ def test_gpu_the_probe_times_the_decode_gemms_per_weight_size_and_rows():
     assert most.time_us(largest) > 0.9 * one
 
 
-def test_gpu_the_probe_times_decode_attention_by_batch_and_context():
-    """Probe(attention=True): one layer's decode attention on the rank's heads (worker/probe.py), per batch a
-    curve over the contexts in the shape planner/profile.py reads; a longer context takes no less time"""
+def test_gpu_the_probe_times_decode_attention_and_a_layers_gemms():
+    """Probe(model_kernels=True): one layer's decode attention on the rank's heads (worker/probe.py), per batch
+    a curve over the contexts, and a dense layer's four GEMMs on the rank's shards per rows, bf16 and (FP8
+    tensor cores) FP8, in the shapes planner/profile.py reads; a longer context, and more rows, take no less
+    time"""
     from shardlm.common.messages import Probe
-    from shardlm.planner.profile import _curves_by_rows
-    from shardlm.worker.probe import ATTENTION_BATCHES, ATTENTION_CONTEXTS
+    from shardlm.planner.profile import _curves_by_rows, _layer_gemms
+    from shardlm.worker.layers.fp8 import scaled_mm_ok
+    from shardlm.worker.probe import (
+        ATTENTION_BATCHES,
+        ATTENTION_CONTEXTS,
+        LAYER_GEMM_ROWS,
+    )
 
     with LLM("random:tiny-llama", device="cuda", kv_cache_memory_bytes=256 << 20) as llm:
-        got = llm.engine.executor.call(Probe([], 1, False, attention=True))[0]["attention"]
-    curves = _curves_by_rows(got, "probe", "attention_us")
+        got = llm.engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
+    curves = _curves_by_rows(got["attention"], "probe", "attention_us")
     assert sorted(curves) == list(ATTENTION_BATCHES)
     for curve in curves.values():
         assert [c for c, _ in curve.points] == list(ATTENTION_CONTEXTS)
         assert curve.points[-1][1] >= 0.9 * curve.points[0][1]
+    gemms = _layer_gemms({"1": got["layer_gemms"]}, "probe", "gemm_us")[1]
+    assert sorted(gemms) == (["bf16", "fp8"] if scaled_mm_ok(torch.device("cuda")) else ["bf16"])
+    for times in gemms.values():
+        assert sorted(times) == list(LAYER_GEMM_ROWS)
+        assert times[LAYER_GEMM_ROWS[-1]] >= 0.9 * times[1]
 
 
 def test_gpu_grouped_fp8_experts_match_the_expert_by_expert_reference():

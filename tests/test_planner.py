@@ -784,6 +784,44 @@ def test_timed_attention_takes_the_place_of_the_kv_read_and_the_attention_math()
         load_profile({**base, "model_layers": {**TIMED, "attention_us": {"1": {"0": [[100, 1.0]]}}}})
 
 
+def test_timed_layer_gemms_take_the_place_of_the_weight_curves():
+    """model_layers' gemm_us (a dense layer's four GEMMs of this model per rows, bf16 and FP8): a decode step
+    of a timed batch, and a prefill of no more tokens than the most rows, take the timed GEMMs instead of the
+    weight reads and the GEMMs' FLOPs, interpolated between the measured rows; an FP8 model takes the FP8
+    times; past the most rows, an untimed TP size or format, the curves as before; bad tables are refused"""
+    gemms = {"1": {"bf16": {"1": 100.0, "8": 140.0}, "fp8": {"1": 60.0, "8": 90.0}}}
+    base = {**HOST, "engine": {"cuda_graphs": True, "attention_backend": "triton"},
+            "allreduce_graph": HOST["allreduce"], "model_layers": TIMED}
+    timed = {**base, "model_layers": {**TIMED, "gemm_us": gemms}}
+    ml = load_profile(timed).model_layers
+    assert ml.gemm_us(1, 1, False) == 100.0 and ml.gemm_us(1, 4.5, False) == pytest.approx(120.0)
+    assert ml.gemm_us(1, 8, True) == 90.0 and ml.gemm_us(1, 9, False) is None and ml.gemm_us(2, 1, False) is None
+    one_gpu = make_cluster("h100-80gb", 1)
+    model = replace(TINY, n_layers=4)
+    lay, shards = ParallelLayout(tp=1), stage_shards(model, ParallelLayout(tp=1))
+    untimed, cm = (CostModel(model, one_gpu, load_profile(p)) for p in (base, timed))
+    assert cm.timed_gemm_s(1, 8, False) == pytest.approx(140e-6) and untimed.timed_gemm_s(1, 8, False) == 0.0
+    # the timed model's own line is still reproduced (the correction takes the timed GEMMs in) ...
+    assert _step(timed, model, 1) == pytest.approx(_step(base, model, 1), rel=1e-9)
+    # ... and a batch of 8 adds each layer's timed growth (40 us) where the curves gave their own
+    grow = cm.decode_step(lay, shards, 8, 100)[0] - cm.decode_step(lay, shards, 1, 100)[0]
+    grow_untimed = untimed.decode_step(lay, shards, 8, 100)[0] - untimed.decode_step(lay, shards, 1, 100)[0]
+    dense = [w for w in cm._work(lay, shards[0], 8, 100, prefill=False, prompts=1) if w.gemms == 4]
+    old = [w for w in untimed._work(lay, shards[0], 8, 100, prefill=False, prompts=1) if w.gemms == 4]
+    assert dense[0].timed_gemm_s == pytest.approx(140e-6) and old[0].timed_gemm_s == 0.0
+    # (without curves the untimed layer's GEMMs grow by their FLOPs: 7 rows x 2 x 36,864 weights)
+    assert grow - grow_untimed == pytest.approx(4 * (40e-6 - 7 * 2 * 36864 / cm.flops_ps), rel=1e-6)
+    # a prefill of 8 tokens: its layers' GEMMs as timed at 8 rows; of 9 (past the most rows): as before
+    assert cm._work(lay, shards[0], 8, 0, prefill=True, prompts=1)[0].timed_gemm_s == pytest.approx(140e-6)
+    assert cm._work(lay, shards[0], 9, 0, prefill=True, prompts=1)[0].timed_gemm_s == 0.0
+    fp8 = CostModel(replace(model, quantization="fp8"), one_gpu, load_profile(timed))
+    assert fp8._work(lay, shards[0], 1, 100, prefill=False, prompts=1)[0].timed_gemm_s == pytest.approx(60e-6)
+    for bad, message in (({"1": {"int4": {"1": 1.0}}}, '"bf16" and/or "fp8"'), ({"1": {"bf16": {}}}, "map rows"),
+                         ({"1": {"bf16": {"1": -2.0}}}, "gemm_us.1.bf16.1"), ({"x": {"bf16": {"1": 1.0}}}, "gemm_us")):
+        with pytest.raises(PlanError, match=message):
+            load_profile({**base, "model_layers": {**TIMED, "gemm_us": bad}})
+
+
 def test_timed_layers_faster_than_predicted_correct_the_gpu_work():
     # tp=1 decode timed at 50 us a layer (1.0 ms at 2 layers, 1.2 at 6): under the 118.3 us the formulas give
     fast = {**TIMED, "times_ms": {"1": {"2": {"decode_step": 1.0, "ttft": 3.0}, "6": {"decode_step": 1.2, "ttft": 4.6}}}}

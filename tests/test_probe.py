@@ -137,3 +137,27 @@ def test_probe_out_folder_must_exist(tmp_path):
     res = subprocess.run([sys.executable, "-m", "shardlm.entrypoints.cli", "probe", "--out", str(tmp_path / "no" / "p.json")],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "does not exist" in res.stderr and "probe: group" not in res.stderr
+
+
+def test_a_layers_gemm_shapes_are_the_models_own():
+    """worker/probe.py layer_gemm_shapes: [out, in] of qkv, o, gate_up and down of the first dense layer on
+    this rank (what `probe --model` times on a GPU); none for an MoE stage. On the CPU the probe times none
+    (Probe(model_kernels=True) answers empty tables)"""
+    import torch
+
+    from shardlm.common.messages import Probe
+    from shardlm.common.presets import preset
+    from shardlm.worker.distributed import ParallelContext
+    from shardlm.worker.models.llama import LlamaForCausalLM
+    from shardlm.worker.probe import layer_gemm_shapes
+
+    ctx = ParallelContext(ParallelLayout(), 0, torch.device("cpu"), None, (0, 2))
+    cfg = preset("tiny-llama")
+    q, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    model = LlamaForCausalLM(cfg, ctx, torch.float32, max_positions=64)
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    assert layer_gemm_shapes(model) == [((q + 2 * kv) * d, h), (h, q * d), (2 * f, h), (h, f)]
+    assert layer_gemm_shapes(LlamaForCausalLM(preset("tiny-mixtral"), ctx, torch.float32, max_positions=64)) == []
+    with LLM("random:tiny-llama", device="cpu", max_model_len=128) as llm:
+        got = llm.engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
+    assert got["attention"] == {} and got["layer_gemms"] == {}

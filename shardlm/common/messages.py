@@ -401,14 +401,14 @@ class Stats(Command):
 
 @dataclass
 class Probe(Command):
-    """Time collectives of `sizes` bytes (and, on rank 0, the device's rates; with `attention`, every rank's
-    decode attention on its heads)."""
+    """Time collectives of `sizes` bytes (and, on rank 0, the device's rates; with `model_kernels`, every
+    rank's decode attention on its heads and a dense layer's GEMMs on its shards)."""
 
     name: ClassVar[str] = "probe"
     sizes: list[int]
     iters: int
     device_rates: bool
-    attention: bool = False
+    model_kernels: bool = False
 
 
 @dataclass

@@ -104,11 +104,13 @@ def _host_times(llm: LLM, wide: bool, seed: int) -> tuple[float, float, float]:
 
 
 def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: bool, rounds: int = 3,
-                 attention: bool = False) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], dict[str, Any]]:
+                 model_kernels: bool = False
+                 ) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], dict[str, Any]]:
     """Host times of `models` (one model at different depths) at each depth; with `measure`, the
-    collective/device measurements and a wide batch on the first model (with `attention`, its decode
-    attention on rank 0's heads: worker/probe.py attention_times); and how the engines ran (the profile's
-    "engine": CUDA graphs for decode, the attention path).
+    collective/device measurements and a wide batch on the first model (with `model_kernels`, its decode
+    attention on rank 0's heads and a dense layer's GEMMs on rank 0's shards: worker/probe.py
+    attention_times, layer_gemm_times); and how the engines ran (the profile's "engine": CUDA graphs for
+    decode, the attention path).
 
     The depths stay up side by side and take turns, `rounds` times; each number is the median over
     the rounds, so a slow spell of a shared host weighs on every depth alike.
@@ -119,8 +121,9 @@ def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: 
                                         max_model_len=512, kv_cache_memory_bytes=256 << 20)) for m in models]
         measured = (llms[0].engine.executor.call(Probe(sizes if n > 1 else [], iters, device_rates=n == 1))[0]
                     if measure else {})
-        if attention:
-            measured["attention"] = llms[0].engine.executor.call(Probe([], 1, False, attention=True))[0]["attention"]
+        if model_kernels:
+            rank0 = llms[0].engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
+            measured.update(attention=rank0["attention"], layer_gemms=rank0["layer_gemms"])
         samples: dict[int, list[tuple[float, float, float]]] = {}
         for r in range(rounds):
             for i, llm in enumerate(llms):
@@ -237,18 +240,20 @@ def _without_empty_model_layers(profile: dict[str, Any]) -> dict[str, Any]:
 
 def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str, Any], log) -> None:
     """Time `spec`'s layers at TP size n into layers["times_ms"][str(n)] and, where the engine runs the
-    attention kernels, its decode attention into layers["attention_us"][str(n)]; a size the model cannot
-    run at is left out."""
+    attention kernels, its decode attention into layers["attention_us"][str(n)] and a dense layer's GEMMs
+    into layers["gemm_us"][str(n)]; a size the model cannot run at is left out."""
     try:
         depths = model_depths(spec.config.num_hidden_layers, device)
         times, measured, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in depths], measure=False,
-                                          attention=device == "cuda")
+                                          model_kernels=device == "cuda")
     except (ConfigError, LayoutError, RuntimeError, OSError) as exc:  # heads not divisible, out of memory, ...
         log(f"probe: {spec.name} at TP={n} not timed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
         return
     layers["times_ms"][str(n)] = _points_ms(times)
     if measured.get("attention"):
         layers.setdefault("attention_us", {})[str(n)] = measured["attention"]
+    if measured.get("layer_gemms"):
+        layers.setdefault("gemm_us", {})[str(n)] = measured["layer_gemms"]
     (d1, (s1, f1, _)), (d2, (s2, f2, _)) = sorted(times.items())
     decode, prefill = (LayerLine.through(d1, a * 1e6, d2, b * 1e6) for a, b in ((s1, s2), (f1, f2)))
     log(f"probe: {spec.name} at TP={n}: decode {decode.per_layer_us:.0f} us a layer, prefill of "

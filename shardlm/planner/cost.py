@@ -275,6 +275,9 @@ class _Work:
     attention_s: float = 0.0
     """A decode step's attention as the profile timed it for this model (its KV read and math then come
     from here, not from kv_bytes and flops); 0: not timed."""
+    timed_gemm_s: float = 0.0
+    """The instance's four weight GEMMs at its rows as the profile timed them for this model (they then
+    replace the weight reads and gemm_flops); 0: not timed."""
 
 
 def elementwise_bytes(hidden: int, q_dims: int, kv_dims: int, ffn_dims: float, paged_kernels: bool = True) -> float:
@@ -450,6 +453,7 @@ class CostModel:
         rows = tokens  # (a dense layer's GEMMs; prefill MoE experts and the head keep the roofline)
         fp8_rows = rows if m.quantization == "fp8" else 0.0
         attn_s = 0.0 if prefill else self.timed_attention_s(layout.tp, tokens, context)
+        gemm_s = self.timed_gemm_s(layout.tp, tokens, m.quantization == "fp8")
         d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
         kv_layer = 2 * sh.kv_heads * d * self.kv_bytes  # per token
         if prefill:  # `prompts` prompts of tokens/prompts tokens: KV written once, causal attention
@@ -473,7 +477,7 @@ class CostModel:
             gemm_f = lin_f * 2 * tokens * (sh.attn + sh.mlp)
             out.append(_Work(n_dense, lb * (sh.attn + sh.mlp) + b * sh.norms + kv_b, gemm_f + attn_f, ar, act_b,
                              kv_b, gemms=4, fp8_rows=fp8_rows, rows=rows, gemm_flops=gemm_f,
-                             attention_s=attn_s))  # qkv o gate_up down
+                             attention_s=attn_s, timed_gemm_s=gemm_s))  # qkv o gate_up down
         if sh.n_moe:
             ep_tokens = tokens * (layout.dp if layout.ep > 1 and not prefill else 1)
             if layout.ep > 1:  # whole experts on this rank; each is hit with probability 1-(1-k/E)^T
@@ -531,6 +535,13 @@ class CostModel:
         if ml is None or not self.paged_kernels or self.kv_bytes != self.model.bytes_per_param:
             return 0.0
         us = ml.attention_us(tp, batch, context)
+        return 0.0 if us is None else us * 1e-6
+
+    def timed_gemm_s(self, tp: int, rows: float, fp8: bool) -> float:
+        """One dense layer's four weight GEMMs over `rows` rows as the profile timed them for this model
+        (model_layers' gemm_us at tp, its own shapes, FP8 or the model dtype); 0 where it has none."""
+        ml = self.profile.model_layers if self.model_layers_apply else None
+        us = None if ml is None else ml.gemm_us(tp, rows, fp8)
         return 0.0 if us is None else us * 1e-6
 
     def decode_attention_s(self, layout: ParallelLayout, shards: list[StageShard], batch: float,
@@ -624,7 +635,12 @@ class CostModel:
         of no more tokens than the curves' rows takes their time too (its GEMMs are as measured: at 128 rows
         the FP8 path's quantisation and torch._scaled_mm make a 128-token FP8 prefill about as long as
         bf16's, where the FP8 FLOP rate priced it 30% shorter; session 16), its attention math and KV write
-        beside them; longer ones the roofline."""
+        beside them; longer ones the roofline. Where the probe timed this model's own GEMMs at the rows
+        (timed_gemm_s) they take the place of the curves, in decode steps and such prefills."""
+        if w.timed_gemm_s:  # this model's own GEMMs as timed: the rest as below
+            kv = 0.0 if w.attention_s else w.kv_bytes
+            return (w.timed_gemm_s + kv / self.hbm_bps + w.attention_s
+                    + (0.0 if w.attention_s else w.flops - w.gemm_flops) / self.flops_ps)
         rows, most = max(1.0, w.rows), self.measured_rows(bool(w.fp8_rows))
         if prefill:
             if not w.rows or w.rows > most or most <= 1:

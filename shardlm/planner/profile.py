@@ -96,6 +96,12 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             optional: per TP size, per decode batch, one layer's decode
                                             attention (the engine's kernels on one rank's heads, the KV
                                             in the model dtype) against each sequence's context, us
+          "gemm_us": {"1": {"bf16": {"1": 75.0, "8": 80.1, ...}, "fp8": {...}}, "2": ...}
+                                            optional: per TP size, per weight format, per rows, one dense
+                                            layer's four GEMMs (qkv, o, gate_up, down: this model's own
+                                            shapes on one rank) streamed past the L2 cache in a CUDA graph,
+                                            us: a decode step (or a prefill no longer than the most rows)
+                                            takes this instead of the weight-size curves
       }
     }
 
@@ -250,6 +256,20 @@ class ModelLayers:
     """TP size -> first-token (prefill step) line."""
     attention: dict[int, dict[int, Curve]] | None = None
     """TP size -> decode batch -> one layer's decode attention time against context, if measured."""
+    gemms: dict[int, dict[str, dict[int, float]]] | None = None
+    """TP size -> "bf16" / "fp8" -> rows -> one dense layer's four GEMMs, us, if measured."""
+
+    def gemm_us(self, tp: int, rows: float, fp8: bool) -> float | None:
+        """One dense layer's four GEMMs at `tp` over `rows` rows as timed, in FP8 or the model dtype: linear
+        between the measured rows (fewer than the fewest: theirs); None past the most, at an untimed TP size
+        or format."""
+        times = ((self.gemms or {}).get(tp) or {}).get("fp8" if fp8 else "bf16")
+        if not times or rows > max(times):
+            return None
+        keys = sorted(times)
+        hi = next(k for k in keys if k >= rows)
+        lo = max((k for k in keys if k <= rows), default=hi)
+        return times[lo] if hi == lo else times[lo] + (times[hi] - times[lo]) * (rows - lo) / (hi - lo)
 
     def attention_us(self, tp: int, batch: float, context: float) -> float | None:
         """One layer's decode attention at `tp` for `batch` sequences of `context` tokens: each measured
@@ -531,10 +551,32 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
                        value["attention_us"])
         attention = {_size_key(tp, 1, "TP size", source, at): _curves_by_rows(curves, source, f"{at}.{tp}")
                      for tp, curves in value["attention_us"].items()}
+    gemms = None
+    if "gemm_us" in value:
+        gemms = _layer_gemms(value["gemm_us"], source, f"{where}.gemm_us")
     return ModelLayers(model=str(value["model"]), shape=tuple((k, shape[k]) for k in LAYER_SHAPE_KEYS),
                        decode_context=_number(value["decode_context"], source, f"{where}.decode_context"),
                        prompt_len=prompt_len, decode=lines["decode_step"], prefill=lines["ttft"],
-                       attention=attention)
+                       attention=attention, gemms=gemms)
+
+
+def _layer_gemms(value: Any, source: str, where: str) -> dict[int, dict[str, dict[int, float]]]:
+    """model_layers.gemm_us: {TP size: {"bf16" | "fp8": {rows: us > 0}}}"""
+    if not isinstance(value, dict):
+        raise _bad(source, where, 'must map TP size ("1", "2", ...) to {"bf16": {rows: us}, "fp8": ...}', value)
+    out: dict[int, dict[str, dict[int, float]]] = {}
+    for tp_key, formats in value.items():
+        tp = _size_key(tp_key, 1, "TP size", source, where)
+        at = f"{where}.{tp_key}"
+        if not isinstance(formats, dict) or not formats or not set(formats) <= {"bf16", "fp8"}:
+            raise _bad(source, at, 'must be an object with "bf16" and/or "fp8": {rows: us}', formats)
+        out[tp] = {}
+        for fmt, times in formats.items():
+            if not isinstance(times, dict) or not times:
+                raise _bad(source, f"{at}.{fmt}", "must map rows (1, 8, ...) to one layer's GEMM time, us", times)
+            out[tp][fmt] = {_size_key(rows, 1, "row count", source, f"{at}.{fmt}"):
+                            _positive(us, source, f"{at}.{fmt}.{rows}") for rows, us in times.items()}
+    return out
 
 
 def parse_profile(data: Any, source: str = "<profile>") -> Profile:

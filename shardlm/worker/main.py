@@ -204,8 +204,9 @@ class Worker:
         result = probe.collectives(self.runner, cmd.sizes, cmd.iters)
         if cmd.device_rates and self.ctx.rank == 0:
             result.update(probe.device_rates(self.ctx.device))
-        if cmd.attention:
+        if cmd.model_kernels:
             result["attention"] = probe.attention_times(self.runner)
+            result["layer_gemms"] = probe.layer_gemm_times(self.runner)
         self.reply(cmd.name, **result)
 
     def profile_step(self, cmd: ProfileStep) -> None:

@@ -154,15 +154,16 @@ GEMV_STREAM_BYTES = 512 << 20
 a decode step's weights stream through once"""
 
 
-def _gemm_times(device: torch.device, rows: int, fp8: bool) -> list[list[float]]:
-    """[weight bytes, us] of a [rows, in] x [in, out] GEMM per GEMV_SHAPES weight, replayed in a CUDA graph
-    past the L2 cache: bf16 through F.linear (cuBLAS, as the layers run it), or FP8 through the engine's FP8
-    path (layers/fp8.py fp8_linear_kernels). A decode step's GEMMs at its batch: the planner reads a layer's
-    weights at the time of its GEMMs' size and rows."""
+def _gemm_times(device: torch.device, rows: int, fp8: bool,
+                shapes: list[tuple[int, int]] = GEMV_SHAPES) -> list[list[float]]:
+    """[weight bytes, us] of a [rows, in] x [in, out] GEMM per [out, in] weight shape (GEMV_SHAPES by
+    default), replayed in a CUDA graph past the L2 cache: bf16 through F.linear (cuBLAS, as the layers run
+    it), or FP8 through the engine's FP8 path (layers/fp8.py fp8_linear_kernels). A decode step's GEMMs at its
+    batch: the planner reads a layer's weights at the time of its GEMMs' size and rows."""
     from .layers.fp8 import fp8_linear_kernels, quantize_rows
 
     out = []
-    for n, k in GEMV_SHAPES:
+    for n, k in shapes:
         nbytes = n * k * (1 if fp8 else 2)
         copies = max(1, min(64, -(-GEMV_STREAM_BYTES // nbytes)))
         if fp8:
@@ -188,6 +189,39 @@ FP8_GEMV_ROWS = (1, 8, 32, 64, 128)
 """decode batches at which the probe times the FP8 path (one row: the weight-only GEMV; 8: e4m3 activations on
 the swapped-operand tensor-core kernel; 32 and 64 (SMALL_M, the last on it): e4m3 activations, unswapped;
 128: torch._scaled_mm, slower a row: a curve from 32 to 128 alone over-priced 64 rows by ~20%)"""
+
+
+LAYER_GEMM_ROWS = (1, 8, 32, 64, 128)
+"""decode batches (and short prefills) at which `probe --model` times a dense layer's own GEMMs"""
+
+
+def layer_gemm_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """[out, in] of this rank's qkv, o, gate_up and down weights in the first decoder layer with a dense
+    (gated) MLP; [] if the stage has none (MoE layers only)."""
+    from .layers.linear import GatedMLP
+
+    for m in model.modules():
+        mlp, attn = getattr(m, "mlp", None), getattr(m, "self_attn", None)
+        if isinstance(mlp, GatedMLP) and attn is not None:
+            return [tuple(lin.weight.shape) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    return []
+
+
+def layer_gemm_times(runner: ModelRunner) -> dict[str, dict[str, float]]:
+    """{"bf16": {rows: us}, "fp8": {rows: us}}: one dense layer's four GEMMs (this model's own shapes on this
+    rank) at LAYER_GEMM_ROWS rows, as _gemm_times runs them (in the model dtype through F.linear; on a GPU
+    with FP8 tensor cores the FP8 path too); {} off a GPU or without a dense layer."""
+    from .layers.fp8 import scaled_mm_ok
+
+    dev = runner.ctx.device
+    shapes = layer_gemm_shapes(runner.model)
+    if dev.type != "cuda" or not shapes:
+        return {}
+    out = {"bf16": {str(m): sum(us for _, us in _gemm_times(dev, m, False, shapes)) for m in LAYER_GEMM_ROWS}}
+    if scaled_mm_ok(dev):
+        out["fp8"] = {str(m): sum(us for _, us in _gemm_times(dev, m, True, shapes)) for m in LAYER_GEMM_ROWS}
+    torch.cuda.empty_cache()
+    return out
 
 
 ATTENTION_BATCHES = (1, 8, 32, 128)
