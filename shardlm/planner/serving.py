@@ -56,7 +56,7 @@ class Served:
     ttft_s: float
     tpot_s: float
     e2e_s: float
-    engine_ttft_s: float = 0.0
+    engine_ttft_s: float
     """TTFT from when the engine takes the request in: a server's engine thread adds the requests that came
     during a step once that step returns (at once when idle), so this leaves out that wait (what the
     server's own TTFT histogram measures)"""
