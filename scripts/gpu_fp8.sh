@@ -41,6 +41,8 @@ if [[ $STAGES == *latency* ]]; then
       bf16) flag="" ;;
       fp8kv) flag="--quantization fp8 --kv-cache-dtype fp8" ;;
       fp8nopdl) env=(SHARDLM_NO_PDL=1) ;;
+      fp8) ;;
+      *) echo "unknown variant $q (bf16, fp8, fp8kv, fp8nopdl)"; continue ;;
     esac
     env "${env[@]}" timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
       --input-len 128 --output-len 128 --profile-step --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1

@@ -822,6 +822,23 @@ def test_timed_layer_gemms_take_the_place_of_the_weight_curves():
             load_profile({**base, "model_layers": {**TIMED, "gemm_us": bad}})
 
 
+def test_a_timed_correction_is_found_the_way_the_step_it_corrects_is_priced():
+    """calibrated() prices the timed shape as the corrected step is priced: a prefill past the curves' rows
+    (the roofline) takes a correction found at the roofline, though the timed prompt is within the curves'
+    rows; a decode batch past the timed GEMMs' rows one found on the curves"""
+    fast = {**TIMED, "times_ms": {"1": {"2": {"decode_step": 1.5, "ttft": 3.0}, "6": {"decode_step": 2.7, "ttft": 3.04}}}}
+    base = {**HOST, "layer_floor_us": {"1": 50, "2": 50}, "gemv": [[1000, 2.0], [2000, 4.0]], "model_layers": fast}
+    curves = {**base, "gemv_rows": {"64": [[1000, 9.0], [2000, 18.0]]}}  # (the timed 50-token prompt is within)
+    model = replace(TINY, n_layers=4)
+    assert _step(curves, model, 1, prefill=True, tokens=1024) == pytest.approx(
+        _step(base, model, 1, prefill=True, tokens=1024), rel=1e-12)
+    # (within the curves' rows they price it: the timed prompt is reproduced either way, a longer one is not)
+    assert _step(curves, model, 1, prefill=True, tokens=50) == pytest.approx(_step(base, model, 1, prefill=True, tokens=50))
+    assert _step(curves, model, 1, prefill=True, tokens=64) != pytest.approx(_step(base, model, 1, prefill=True, tokens=64))
+    gemms = {**curves, "model_layers": {**fast, "gemm_us": {"1": {"bf16": {"1": 30.0, "64": 60.0}}}}}
+    assert _step(gemms, model, 1, tokens=200) == pytest.approx(_step(curves, model, 1, tokens=200), rel=1e-12)
+
+
 def test_timed_layers_faster_than_predicted_correct_the_gpu_work():
     # tp=1 decode timed at 50 us a layer (1.0 ms at 2 layers, 1.2 at 6): under the 118.3 us the formulas give
     fast = {**TIMED, "times_ms": {"1": {"2": {"decode_step": 1.0, "ttft": 3.0}, "6": {"decode_step": 1.2, "ttft": 4.6}}}}

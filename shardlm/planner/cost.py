@@ -575,7 +575,24 @@ class CostModel:
         return CostModel(replace(self.model, quantization=None), self.cluster, self.profile, self.eff,
                          self.model.bytes_per_param, self._cuda_graphs, self._attention_backend, self.async_scheduling)
 
-    def calibrated(self, tp: int, prefill: bool, graphed: bool) -> tuple[float, float, float] | None:
+    def _pricing(self, w: _Work, prefill: bool) -> str:
+        """How _gemm_s prices w's weight GEMMs: "timed" (this model's own, timed_gemm_s), "curves" (the
+        measured curves at its rows; a decode step without curves: its reads at the copy rate) or "roofline"
+        (a prefill past the curves' rows)."""
+        if w.timed_gemm_s:
+            return "timed"
+        most = self.measured_rows(bool(w.fp8_rows))
+        return "roofline" if prefill and (not w.rows or w.rows > most or most <= 1) else "curves"
+
+    @staticmethod
+    def _priced_as(w: _Work, pricing: str) -> _Work:
+        """w to be priced as `pricing` says (calibrated: the timed shape priced the way the step it corrects is)"""
+        if pricing == "timed":
+            return w
+        return replace(w, timed_gemm_s=0.0) if pricing == "curves" else replace(w, timed_gemm_s=0.0, rows=0.0)
+
+    def calibrated(self, tp: int, prefill: bool, graphed: bool, pricing: str = "curves"
+                   ) -> tuple[float, float, float] | None:
         """(per-layer floor, per-layer GPU correction, step overhead), seconds, from the profile's timed layers
         of this model at `tp` (profile.py, model_layers); None where it has none: another shape, a TP size
         not timed, or a decode step run in the other mode (graph vs eager) than the timed one.
@@ -588,11 +605,13 @@ class CostModel:
         the timed shape costs the measured time, and a larger step grows by what the formulas add. The
         step: the zero-layer time less the predicted non-layer work (embedding, LM head, collectives),
         at least 0. The probe times the model in its own dtype: for FP8 weights or KV c comes from that
-        model's predicted work (`_as_timed`), and an eager floor is lowered by the GPU work FP8 saves."""
+        model's predicted work (`_as_timed`), and an eager floor is lowered by the GPU work FP8 saves. The
+        timed shape is priced as the corrected step is (`pricing`, _pricing): a correction found where the
+        curves or timed GEMMs price a layer is not one for a step the roofline prices."""
         ml = self.profile.model_layers if self.model_layers_apply else None
         if ml is None or tp not in ml.decode or (not prefill and graphed != (self.profile.cuda_graphs is not False)):
             return None
-        key = (tp, prefill, graphed)
+        key = (tp, prefill, graphed, pricing)
         if key not in self._calibrations:
             lay = ParallelLayout(tp=tp)
             # (the timed model's predicted work: with FP8 weights or KV the correction stays what the formulas
@@ -604,7 +623,8 @@ class CostModel:
             else:
                 line = ml.decode[tp]
                 tokens, context, _ = self.decode_shape(1, ml.decode_context) if graphed else (1, ml.decode_context, False)
-            layer, rest = (timed._work(lay, sh, tokens, context, prefill, 1, graphed)[i] for i in (0, -1))
+            work = timed._work(lay, sh, tokens, context, prefill, 1, graphed)
+            layer, rest = self._priced_as(work[0], pricing), work[-1]
             layer_s, rest_s = (timed._gpu_s(w, prefill) + w.comm_s for w in (layer, rest))
             per_layer = line.per_layer_us * 1e-6
             missed = per_layer - layer_s
@@ -612,7 +632,8 @@ class CostModel:
             # model's layer does not do
             saved = 0.0
             if timed is not self:
-                own = self._work(lay, stage_shards(self.model, lay)[0], tokens, context, prefill, 1, graphed)[0]
+                own = self._priced_as(self._work(lay, stage_shards(self.model, lay)[0], tokens, context, prefill, 1,
+                                                 graphed)[0], pricing)
                 saved = max(0.0, layer_s - self._gpu_s(own, prefill) - own.comm_s)
             floor, gpu_fix = (missed, 0.0) if graphed else (per_layer - saved, min(0.0, missed))
             self._calibrations[key] = (floor, gpu_fix, max(0.0, line.zero_layers_us * 1e-6 - rest_s))
@@ -688,7 +709,7 @@ class CostModel:
             return StepCost(compute * slow, comm, nbytes, flops, act_bytes=act)
         # a profile of an eager engine measured its decode floor eagerly; one with graphs, the graph floor
         graph_floor = graphed and self.profile.cuda_graphs is not False
-        calibrated = self.calibrated(layout.tp, prefill, graphed)
+        calibrated = self.calibrated(layout.tp, prefill, graphed, self._pricing(work[0], prefill))
         if calibrated is not None:  # this model's own layers were timed
             floor, gpu_fix, host = calibrated
         else:

@@ -209,19 +209,23 @@ def layer_gemm_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
 
 def layer_gemm_times(runner: ModelRunner) -> dict[str, dict[str, float]]:
     """{"bf16": {rows: us}, "fp8": {rows: us}}: one dense layer's four GEMMs (this model's own shapes on this
-    rank) at LAYER_GEMM_ROWS rows, as _gemm_times runs them (in the model dtype through F.linear; on a GPU
-    with FP8 tensor cores the FP8 path too); {} off a GPU or without a dense layer."""
+    rank) at LAYER_GEMM_ROWS rows, as _gemm_times runs them (bf16 through F.linear; on a GPU with FP8 tensor
+    cores the FP8 path too); {} off a GPU, without a dense layer, or where the weights' copies do not fit
+    beside the engine (the planner keeps the weight-size curves then)."""
     from .layers.fp8 import scaled_mm_ok
 
     dev = runner.ctx.device
     shapes = layer_gemm_shapes(runner.model)
     if dev.type != "cuda" or not shapes:
         return {}
-    out = {"bf16": {str(m): sum(us for _, us in _gemm_times(dev, m, False, shapes)) for m in LAYER_GEMM_ROWS}}
-    if scaled_mm_ok(dev):
-        out["fp8"] = {str(m): sum(us for _, us in _gemm_times(dev, m, True, shapes)) for m in LAYER_GEMM_ROWS}
-    torch.cuda.empty_cache()
-    return out
+    formats = [("bf16", False)] + ([("fp8", True)] if scaled_mm_ok(dev) else [])
+    try:
+        return {name: {str(m): sum(us for _, us in _gemm_times(dev, m, fp8, shapes)) for m in LAYER_GEMM_ROWS}
+                for name, fp8 in formats}
+    except torch.cuda.OutOfMemoryError:
+        return {}
+    finally:
+        torch.cuda.empty_cache()
 
 
 ATTENTION_BATCHES = (1, 8, 32, 128)
