@@ -658,16 +658,17 @@ class CostModel:
         bf16's, where the FP8 FLOP rate priced it 30% shorter; session 16), its attention math and KV write
         beside them; longer ones the roofline. Where the probe timed this model's own GEMMs at the rows
         (timed_gemm_s) they take the place of the curves, in decode steps and such prefills."""
-        if w.timed_gemm_s:  # this model's own GEMMs as timed: the rest as below
+        pricing = self._pricing(w, prefill)
+        if pricing == "roofline":
+            return max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
+        if pricing == "timed":  # this model's own GEMMs as timed: the rest as below
             kv = 0.0 if w.attention_s else w.kv_bytes
             return (w.timed_gemm_s + kv / self.hbm_bps + w.attention_s
                     + (0.0 if w.attention_s else w.flops - w.gemm_flops) / self.flops_ps)
-        rows, most = max(1.0, w.rows), self.measured_rows(bool(w.fp8_rows))
-        if prefill:
-            if not w.rows or w.rows > most or most <= 1:
-                return max(w.nbytes / self.hbm_bps, w.flops / self.flops_ps)
+        if prefill:  # (within the curves' rows)
             return (self.decode_read_s(w.nbytes - w.kv_bytes, w.gemms, w.kv_bytes, w.fp8_rows, w.rows)
                     + (w.flops - w.gemm_flops) / self.flops_ps)
+        rows, most = max(1.0, w.rows), self.measured_rows(bool(w.fp8_rows))
         timed = min(1.0, most / rows) if most > 1 else 0.0  # (a one-row curve times no math worth the name)
         untimed_flops = (1 - timed) * w.gemm_flops + (0.0 if w.attention_s else w.flops - w.gemm_flops)
         kv = 0.0 if w.attention_s else w.kv_bytes

@@ -266,10 +266,8 @@ class ModelLayers:
         times = ((self.gemms or {}).get(tp) or {}).get("fp8" if fp8 else "bf16")
         if not times or rows > max(times):
             return None
-        keys = sorted(times)
-        hi = next(k for k in keys if k >= rows)
-        lo = max((k for k in keys if k <= rows), default=hi)
-        return times[lo] if hi == lo else times[lo] + (times[hi] - times[lo]) * (rows - lo) / (hi - lo)
+        lo, hi, frac = _around(times, rows)
+        return times[lo] + (times[hi] - times[lo]) * frac
 
     def attention_us(self, tp: int, batch: float, context: float) -> float | None:
         """One layer's decode attention at `tp` for `batch` sequences of `context` tokens: each measured
@@ -282,14 +280,21 @@ class ModelLayers:
         return curves_at(curves, batch, context) * (batch / most if batch > most else 1.0)
 
 
+def _around(measured: dict[int, Any], key: float) -> tuple[int, int, float]:
+    """The measured keys (rows, a batch) around `key` and how far key lies from the lower to the upper (0..1;
+    below the smallest: the smallest alone, above the largest: the largest alone)."""
+    keys = sorted(measured)
+    hi = next((k for k in keys if k >= key), keys[-1])
+    lo = max((k for k in keys if k <= key), default=hi)
+    return lo, hi, 0.0 if hi == lo else (key - lo) / (hi - lo)
+
+
 def curves_at(curves: dict[int, Curve], key: float, x: float) -> float:
     """Curves measured at some keys (rows, a batch): their time at x, interpolated linearly between the two
     measured keys around `key` (below the smallest: its curve; above the largest: its curve)."""
-    keys = sorted(curves)
-    hi = next((k for k in keys if k >= key), keys[-1])
-    lo = max((k for k in keys if k <= key), default=hi)
+    lo, hi, frac = _around(curves, key)
     t = curves[lo].time_us(x)
-    return t if hi == lo else t + (curves[hi].time_us(x) - t) * (key - lo) / (hi - lo)
+    return t + (curves[hi].time_us(x) - t) * frac if frac else t
 
 
 @dataclass(frozen=True)
