@@ -96,6 +96,7 @@ SERVER_COUNTERS = ("shardlm:prefix_cache_queries_total", "shardlm:prefix_cache_h
 async def server_counters(base_url: str, api_key: str | None) -> dict[str, float] | None:
     """SERVER_COUNTERS from the server's /metrics; None where it does not have them all (not shardlm's)."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -106,10 +107,9 @@ async def server_counters(base_url: str, api_key: str | None) -> dict[str, float
     if resp.status_code != 200:
         return None
     counts: dict[str, float] = {}
-    for line in resp.text.splitlines():  # (`name{labels} value`; comments start with #)
-        name = line.split(" ", 1)[0].split("{", 1)[0]
-        if name in SERVER_COUNTERS:
-            counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for sample in (s for family in text_string_to_metric_families(resp.text) for s in family.samples):
+        if sample.name in SERVER_COUNTERS:
+            counts[sample.name] = counts.get(sample.name, 0.0) + sample.value
     return counts if len(counts) == len(SERVER_COUNTERS) else None
 
 
