@@ -9,7 +9,8 @@ reference path for a tiny model):
    prompt + those tokens (prompt_logprobs) and the fraction of positions where its most likely token is
    bf16's choice is reported.
 With --reference, FP8 also runs on its reference path (dequantised weights): what the kernels add to
-the error of the FP8 weights themselves.
+the error of the FP8 weights themselves. With --fp8-lm-head, FP8 also runs with its LM head in FP8
+(fp8_lm_head): what that adds.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> int:
     p.add_argument("--forced", type=int, default=4, help="prompts whose greedy continuation is teacher-forced")
     p.add_argument("--reference", action="store_true",
                    help="also FP8 on its reference path (SHARDLM_FP8_REFERENCE=1): the kernels' share of the error")
+    p.add_argument("--fp8-lm-head", action="store_true", help="also FP8 with the LM head in FP8 (fp8_lm_head)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
@@ -39,10 +41,12 @@ def main() -> int:
 
     rng = random.Random(0)
     prompts, runs = None, {}
-    variants = [("bf16", None), ("fp8", "fp8")] + ([("fp8-reference", "fp8")] if a.reference else [])
-    for name, quantization in variants:
+    fp8 = {"quantization": "fp8"}
+    variants = ([("bf16", {}), ("fp8", fp8)] + ([("fp8-reference", fp8)] if a.reference else [])
+                + ([("fp8-head", {**fp8, "fp8_lm_head": True})] if a.fp8_lm_head else []))
+    for name, settings in variants:
         os.environ["SHARDLM_FP8_REFERENCE"] = "1" if name == "fp8-reference" else "0"  # (the workers inherit it)
-        with LLM(a.model, quantization=quantization) as llm:
+        with LLM(a.model, **settings) as llm:
             vocab = llm.engine.source.config.vocab_size
             if prompts is None:
                 prompts = [[rng.randrange(10, min(vocab, 30000)) for _ in range(a.prompt_len)] for _ in range(a.prompts)]

@@ -6,7 +6,7 @@ tensor cores): microseconds per call and the weight bytes per second they stream
 
 Each timed graph cycles through enough copies of the weights (>= 256 MB) that they come from HBM, not from
 the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (layers/fp8.py's fp8_linear_kernels, as the engine runs
-it: weight-only up to A8_ABOVE rows, e4m3 activations above), fp8-scaled_mm (the activations quantised per
+it: weight-only up to A8_ABOVE rows of a matrix narrower than WIDE_N, e4m3 activations otherwise), fp8-scaled_mm (the activations quantised per
 token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
 coordinate descent over fp8_gemm_small_m's tiles, split, warps and operand order from small_m_config's
 choice (and from the other kernel's, and swapped), printing the best configuration found beside it; up to
@@ -38,6 +38,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
+    from shardlm.worker.kernels import pdl_launches
     from shardlm.worker.kernels.triton_fp8 import (
         GEMV_MAX_M,
         fp8_gemm_small_m,
@@ -46,6 +47,7 @@ def main() -> int:
     )
     from shardlm.worker.layers.fp8 import (
         A8_ABOVE,
+        e4m3_activations,
         fp8_linear_kernels,
         fp8_linear_torch,
         quantize_rows,
@@ -59,15 +61,16 @@ def main() -> int:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
 
     def graph_us(fn, copies: int) -> float:
-        """one call's microseconds: a graph of calls over every weight copy, best of 5 replays"""
+        """one call's microseconds: a graph of calls over every weight copy (captured as the engine's decode
+        graphs are: programmatic dependent launch unless SHARDLM_NO_PDL=1), best of 5 replays"""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        with torch.cuda.stream(s), pdl_launches():
             fn(0)
         torch.cuda.current_stream().wait_stream(s)
         calls = max(copies, 8)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g), pdl_launches():
             for i in range(calls):
                 fn(i % copies)
         g.replay()
@@ -94,8 +97,9 @@ def main() -> int:
         w8 = [quantize_rows(wb[i % len(wb)]) for i in range(math.ceil(256e6 / (n * k)))]
         for m in batches:
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-            # as the engine runs it (e4m3 activations above A8_ABOVE rows); tuning, e4m3 activations at fewer too
-            for a8 in [m > A8_ABOVE] + ([True] if a.tune and m <= A8_ABOVE else []):
+            # as the engine runs it (layers/fp8.py e4m3_activations); tuning, e4m3 activations at fewer rows too
+            engine_a8 = e4m3_activations(m, n)
+            for a8 in [engine_a8] + ([True] if a.tune and not engine_a8 else []):
                 want = fp8_linear_torch(x, *w8[0]).float()
 
                 def check(y, tol):

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issue 19 on a GPU with FP8 tensor cores (device tool): the FP8 GPU tests, FP8 against bf16 on a random
-# 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement), and decode latency
+# 8B model (scripts/fp8_check.py: logits cosine, teacher-forced greedy top-1 agreement; CHECK_ARGS: its flags,
+# default --reference), and decode latency
 # of bf16, FP8 weights, and FP8 weights and KV in the same call (bf16 the baseline; VARIANTS picks some);
 # kv: sequences of 8k tokens the KV cache holds, bf16 against kv_cache_dtype fp8 at the same memory setting; tune:
 # scripts/fp8_gemm_bench.py --tune (the small-batch kernels' configurations, TUNE_BUDGET seconds, batches
 # TUNE_BATCHES); gemm: the kernels as the engine runs them, 8B and 70B shapes; big: BIG_MODEL (default
 # random:llama-3-70b) in FP8 weights and KV on this GPU (BIG_FLAGS: more bench flags, e.g. "-tp 2").
+# LATENCY_FLAGS: the latency benches' further flags (default --profile-step; e.g. "--repeats 3").
 # Results under $OUT.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -19,7 +21,7 @@ if [[ $STAGES == *tune* ]]; then
   tail -20 "$OUT/fp8_tune.txt"
 fi
 if [[ $STAGES == *tests* ]]; then
-  timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py -k fp8 -p no:cacheprovider --tb=short -rs \
+  timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py -k "${TESTS_K:-fp8}" -p no:cacheprovider --tb=short -rs \
     > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | tail -5
 fi
@@ -31,21 +33,24 @@ if [[ $STAGES == *gemm* ]]; then  # the FP8 kernels alone on the 8B and 70B shap
   done
 fi
 if [[ $STAGES == *check* ]]; then
-  timeout 300 python3 scripts/fp8_check.py --model "$MODEL" --reference --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3
+  timeout 300 python3 scripts/fp8_check.py --model "$MODEL" ${CHECK_ARGS---reference} --json "$OUT/fp8_check.json" 2>&1 | grep -v "^shardlm:" | tail -3
 fi
 if [[ $STAGES == *latency* ]]; then
-  # fp8kv: FP8 weights and KV cache; fp8nopdl: FP8 without programmatic dependent launch
+  # fp8kv: FP8 weights and KV cache; fp8head: the LM head in FP8 too; fp8nopdl, bf16nopdl: without programmatic
+  # dependent launch
   for q in ${VARIANTS:-bf16 fp8 fp8kv}; do
     flag="--quantization fp8"; env=()
     case $q in
       bf16) flag="" ;;
+      bf16nopdl) flag=""; env=(SHARDLM_NO_PDL=1) ;;
       fp8kv) flag="--quantization fp8 --kv-cache-dtype fp8" ;;
+      fp8head) flag="--quantization fp8 --fp8-lm-head" ;;
       fp8nopdl) env=(SHARDLM_NO_PDL=1) ;;
       fp8) ;;
-      *) echo "unknown variant $q (bf16, fp8, fp8kv, fp8nopdl)"; continue ;;
+      *) echo "unknown variant $q (bf16, bf16nopdl, fp8, fp8kv, fp8head, fp8nopdl)"; continue ;;
     esac
     env "${env[@]}" timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
-      --input-len 128 --output-len 128 --profile-step --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1
+      --input-len 128 --output-len 128 ${LATENCY_FLAGS---profile-step} --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1
     grep -E "^ +[0-9]+ |rank 0:" "$OUT/latency-$q.log" | sed "s/^/[$q] /" || tail -3 "$OUT/latency-$q.log"
   done
 fi

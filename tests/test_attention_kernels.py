@@ -324,3 +324,24 @@ def test_gpu_add_norm_and_silu_mul_match_the_reference(dtype):
             assert torch.allclose(a.float(), b.float(), **tol)
     gu = torch.randn(37, 2 * 14336, device=dev).to(dtype)
     assert torch.allclose(norm_act.silu_mul_torch(gu).float(), norm_act.silu_mul_triton(gu).float(), **tol)
+
+
+def test_programmatic_dependent_launch_only_within_pdl_launches(monkeypatch):
+    """kernels.pdl: on a capable GPU only inside pdl_launches (the decode graphs' capture), nested scopes restore
+    the outer one, and SHARDLM_NO_PDL=1 turns it off there too; never on the CPU"""
+    from shardlm.worker import kernels
+
+    monkeypatch.setattr(kernels, "_pdl_capable", lambda index: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("SHARDLM_NO_PDL", raising=False)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert not kernels.pdl(gpu)
+    with kernels.pdl_launches():
+        assert kernels.pdl(gpu) and not kernels.pdl(cpu)
+        with kernels.pdl_launches():
+            assert kernels.pdl(gpu)
+        assert kernels.pdl(gpu)
+        monkeypatch.setenv("SHARDLM_NO_PDL", "1")
+        assert not kernels.pdl(gpu)
+    monkeypatch.delenv("SHARDLM_NO_PDL")
+    assert not kernels.pdl(gpu)

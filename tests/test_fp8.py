@@ -76,6 +76,35 @@ def test_fp8_is_close_to_the_model_but_not_the_same(tiny_models, quantised_refs)
     assert 1e-3 < diff < 0.1
 
 
+def fp8_head_model(model: torch.nn.Module) -> torch.nn.Module:
+    """dequantised_model with an LM head of its own: the tied embedding's rows quantised and dequantised (the
+    embedding itself as it is)"""
+    ref = dequantised_model(model)
+    head = dequantize_rows(*quantize_rows(ref.get_input_embeddings().weight.detach()), torch.float32)
+    ref.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
+    return ref
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(tensor_parallel_size=3), dict(pipeline_parallel_size=2)])
+def test_an_fp8_lm_head_is_the_dequantised_head(layout, tiny_models, quantised_refs):
+    """fp8_lm_head: the tied head quantised per vocab row into a copy of its own, at TP 3 (a vocabulary no
+    degree divides: uneven row shards) and PP 2 (the head on another stage than the embedding); its first
+    logits differ from the bf16-head model's (the test can fail), by a little"""
+    folder, model = tiny_models[NAME]
+    refs = refs_of(fp8_head_model(model))
+    diff = max((a[1][0] - b[1][0]).abs().max().item() / a[1][0].abs().max().item()
+               for a, b in zip(refs, quantised_refs))
+    assert 1e-4 < diff < 0.1
+    with LLM(str(folder), quantization="fp8", fp8_lm_head=True, block_size=8, **layout) as llm:
+        check_against_hf(llm, refs)
+
+
+def test_an_fp8_lm_head_needs_fp8_weights(tiny_models):
+    folder, _ = tiny_models[NAME]
+    with pytest.raises(ConfigError, match="fp8_lm_head.*quantization='fp8'"):
+        LLM(str(folder), fp8_lm_head=True)
+
+
 def write_fp8_checkpoint(src, dst, per_tensor: set[str]) -> None:
     """src's checkpoint with every decoder linear weight in e4m3 and a weight_scale beside it (per output
     channel as [out, 1], or one per tensor for the module names in per_tensor), compressed-tensors style."""

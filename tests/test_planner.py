@@ -1212,6 +1212,34 @@ def test_fp8_weights_halve_the_linear_layers_and_may_be_recommended():
     assert any("fp8" in n for n in both.notes)
 
 
+def test_an_fp8_lm_head_holds_and_reads_the_head_at_a_byte(tmp_path):
+    """fp8_lm_head (the engine's): the head at a byte a weight in memory and in a decode step's reads, a tied
+    head as a copy of its own beside the bf16 embedding; validate reads it from the bench file, which may only
+    say so with quantization 'fp8'"""
+    from shardlm.planner.cost import weights_per_gpu
+
+    m = replace(load_model("llama-3-8b"), quantization="fp8")
+    head = m.vocab * m.hidden
+    assert weights_per_gpu(m, 1) - weights_per_gpu(replace(m, fp8_lm_head=True), 1) == head
+    tied = replace(m, tied_embeddings=True)
+    assert weights_per_gpu(replace(tied, fp8_lm_head=True), 1) - weights_per_gpu(tied, 1) == head
+    cluster, lay = make_cluster("h200", 1), ParallelLayout(tp=1)
+    steps = [CostModel(spec, cluster).stage_pass(lay, stage_shards(spec, lay)[0], 1, 1024, prefill=False)
+             for spec in (m, replace(m, fp8_lm_head=True))]
+    assert steps[0].hbm_bytes - steps[1].hbm_bytes == pytest.approx(head, rel=1e-9)
+    tpot = {}
+    for name, extra in (("bf16-head", {}), ("fp8-head", {"fp8_lm_head": True})):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**_measured("llama-3-8b", [(1, 0, 0)]), "cuda_graphs": True,
+                                    "quantization": "fp8", **extra}))
+        tpot[name] = validate_files([str(path)], gpu="h200").rows[0].tpot_ms_pred
+    assert tpot["fp8-head"] < tpot["bf16-head"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**_measured("llama-3-8b", [(1, 0, 0)]), "fp8_lm_head": True}))
+    with pytest.raises(PlanError, match="fp8_lm_head"):
+        validate_files([str(path)])
+
+
 def test_an_fp8_checkpoint_config_plans_as_fp8(tmp_path):
     cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,

@@ -140,6 +140,8 @@ class ModelConfig:
     quantization: str | None = None
     """the linear layers' weights: None (in the model's dtype) or 'fp8' (e4m3 with per-output-channel scales,
     worker/layers/fp8.py): an FP8 checkpoint's own quantization_config, or quantization='fp8' at load"""
+    fp8_lm_head: bool = False
+    """with quantization 'fp8': the LM head in FP8 too (EngineArgs.fp8_lm_head)"""
 
     @property
     def is_moe(self) -> bool:

@@ -11,7 +11,7 @@ processes) inherit the driver's environment.
 | SHARDLM_GPU_WORKER_THREADS | worker | torch intra-op threads of a GPU worker (default 1; 0: torch's default) |
 | SHARDLM_UNFUSED | worker | 1: with the Triton attention kernels, keep the residual add + RMSNorm and SiLU x up on their unfused torch ops (measuring the fusions) |
 | SHARDLM_FP8_REFERENCE | worker | 1: FP8 linear layers on a GPU multiply by their dequantised weights (the reference path) instead of the FP8 kernels (checking the kernels' accuracy) |
-| SHARDLM_NO_PDL | worker | 1: launch the FP8 GEMM kernels without programmatic dependent launch (measuring it; kernels/__init__.py's `pdl`) |
+| SHARDLM_NO_PDL | worker | 1: launch the Triton kernels without programmatic dependent launch (measuring it; kernels/__init__.py's `pdl`) |
 | SHARDLM_NO_MOE_GRAPHS | worker | 1: MoE models' steps run eagerly (no CUDA graphs for them; measuring the graphs) |
 | SHARDLM_NO_STEP_GRAPHS | worker | 1: steps with prompt chunks run eagerly (no mixed-step CUDA graphs; measuring them) |
 | SHARDLM_CTX_BUCKET | worker | eager attention pads the gathered context to a multiple of this (default 1: none) |

@@ -60,6 +60,12 @@ class EngineArgs:
     (the embedding and LM head stay in dtype); on GPUs of compute capability 8.9+ (Ada, Hopper) the GEMMs
     run on the FP8 tensor cores with the activations quantised per token. An FP8 checkpoint is read as it
     is, without this flag"""
+    fp8_lm_head: bool = False
+    """with FP8 weights: the LM head in FP8 too (quantised at load, a scale per vocab row; a tied head gets an
+    FP8 copy of the embedding): half the head's bytes a step (Llama-3-8B: 0.5 of 1.05 GB). Off by default, as
+    in vLLM: the logits then carry the head's e4m3 rounding too, which is not harmless (SmolLM2-135M: greedy
+    agreement with bf16 0.957 against FP8 weights' 0.969, and the demo's answer no longer says Paris;
+    docs/PERFORMANCE.md)"""
     device: Device = "auto"
     """cuda, cpu or auto (cuda when a GPU is visible)"""
     seed: int = 0

@@ -103,6 +103,10 @@ class LLMEngine:
         if args.quantization is not None:  # (an FP8 checkpoint says so itself)
             cfg.quantization = args.quantization
             cfg.check_engine_support(source.name)
+        if args.fp8_lm_head and cfg.quantization != "fp8":
+            raise ConfigError(f"fp8_lm_head puts the LM head in FP8 beside FP8 weights; {source.name} is not an FP8 "
+                              f"checkpoint: add quantization='fp8' (--quantization fp8) or drop fp8_lm_head")
+        cfg.fp8_lm_head = args.fp8_lm_head
         if args.enable_expert_parallel and not cfg.is_moe:
             raise ConfigError(f"enable_expert_parallel needs a mixture-of-experts model; {source.name} "
                               f"({cfg.model_type}) is dense: drop enable_expert_parallel")
@@ -531,7 +535,8 @@ class LLMEngine:
                 "pipeline_parallel_size": self.layout.pp, "expert_parallel_size": self.layout.ep,
                 "dtype": self.dtype, "device": self.device, "cuda_graphs": self.cuda_graphs,
                 "attention_backend": self.attention_backend, "async_scheduling": self.async_scheduling,
-                "quantization": self.source.config.quantization, "kv_cache_dtype": self.kv_cache_dtype,
+                "quantization": self.source.config.quantization, "fp8_lm_head": self.source.config.fp8_lm_head,
+                "kv_cache_dtype": self.kv_cache_dtype,
                 "max_num_seqs": self.scheduler.max_num_seqs,
                 "max_num_batched_tokens": self.scheduler.max_num_batched_tokens}
 

@@ -184,16 +184,18 @@ def stage_shards(model: ModelSpec, layout: ParallelLayout) -> list[StageShard]:
     for p, (lo, hi) in enumerate(split_evenly(model.n_layers, layout.pp)):
         n, n_moe = hi - lo, model.moe_layers_in(lo, hi)
         first, last = p == 0, p == layout.pp - 1
-        # the LM head is its own matrix unless tied and on the embedding's stage (pp == 1)
-        own_head = last and not (model.tied_embeddings and first)
+        # the LM head is its own matrix unless tied and on the embedding's stage (pp == 1) in the same format
+        own_head = last and not (model.tied_embeddings and first and not model.fp8_lm_head)
+        head_b = 1 if model.fp8_lm_head else model.bytes_per_param
         totals, nbytes = [], []
         for d in range(layout.dp if layout.ep > 1 else 1):
             for r in range(t):
                 cnt, size = expert_of(r, d) if model.is_moe else (0, 0)
                 linear = n * attn_r[r] + (n - n_moe) * mlp_r[r] + n_moe * (shared_r[r] + cnt * size)
-                other = n * model.norm_params() + vocab_r[r] * h * (int(first) + int(own_head)) + (h if last else 0)
-                totals.append(linear + other)
-                nbytes.append(linear * model.linear_bytes + other * model.bytes_per_param)
+                head = vocab_r[r] * h * int(own_head)
+                other = n * model.norm_params() + vocab_r[r] * h * int(first) + (h if last else 0)
+                totals.append(linear + head + other)
+                nbytes.append(linear * model.linear_bytes + head * head_b + other * model.bytes_per_param)
         cnts = [expert_of(r, d) for d in range(layout.dp if layout.ep > 1 else 1) for r in range(t)]
         out.append(StageShard(
             stage=p, n_layers=n, n_moe=n_moe, q_heads=max(s.n_q for s in heads),
@@ -508,8 +510,9 @@ class CostModel:
             if sh.head_rows:
                 head_comm += self.allgather(layout.tp_groups()[sh.stage], logits_tokens * m.vocab * ACT_BYTES, graphed)
         final_norm = m.hidden if sh.head_rows else 0
-        head_f = 2 * logits_tokens * sh.head_rows * m.hidden
-        out.append(_Work(1, b * (sh.head_rows * m.hidden + final_norm), head_f, head_comm,
+        head_f = 2 * logits_tokens * sh.head_rows * m.hidden * (FP8_GEMM_TIME if m.fp8_lm_head else 1.0)
+        head_b = (1 if m.fp8_lm_head else b) * sh.head_rows * m.hidden + b * final_norm
+        out.append(_Work(1, head_b, head_f, head_comm, fp8_rows=fp8_rows if m.fp8_lm_head and not prefill else 0.0,
                          rows=0.0 if prefill else rows, gemm_flops=head_f))
         return out
 

@@ -68,6 +68,9 @@ class ModelSpec:
     quantization: str | None = None
     """'fp8': the decoder's linear layers (attention, MLP, router, experts) in FP8, one byte a weight, with
     their GEMM FLOPs at cost.FP8_GEMM_TIME of bf16's; embedding, LM head and norms stay in bytes_per_param"""
+    fp8_lm_head: bool = False
+    """with quantization 'fp8': the LM head in FP8 too (one byte a weight, its own copy where tied;
+    EngineArgs.fp8_lm_head)"""
     notes: tuple[str, ...] = field(default=(), compare=False)
     """Remarks gathered while reading the config."""
 
@@ -162,7 +165,8 @@ def from_engine_config(cfg: ModelConfig | dict[str, Any], name: str = "engine co
         name=name, hidden=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
         n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, ffn=cfg.intermediate_size,
         vocab=cfg.vocab_size, tied_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.qkv_bias,
-        qk_norm=cfg.qk_norm, max_position=cfg.max_position_embeddings, quantization=cfg.quantization, **moe)
+        qk_norm=cfg.qk_norm, max_position=cfg.max_position_embeddings, quantization=cfg.quantization,
+        fp8_lm_head=cfg.fp8_lm_head, **moe)
 
 
 def from_hf_config(cfg: dict[str, Any], name: str = "config.json") -> ModelSpec:

@@ -89,6 +89,8 @@ class MeasuredFile:
     """Whether the engine replayed decode steps as CUDA graphs (None: the file does not say)."""
     quantization: str | None = None
     """'fp8' where the engine ran FP8 weights (ModelSpec.quantization; absent: the model dtype)"""
+    fp8_lm_head: bool = False
+    """the engine's LM head was FP8 too (absent: in the model dtype)"""
     kv_fp8: bool = False
     """the engine's KV cache was FP8 (kv_cache_dtype; absent: the model dtype)"""
     attention_backend: str = "torch"
@@ -310,13 +312,16 @@ def _engine_file(data: dict[str, Any], path: str, rows: tuple[MeasuredRow, ...],
     quant = data.get("quantization")
     if quant not in (None, "fp8"):
         raise _bad(path, field_name("quantization"), "must be null or 'fp8'", quant)
+    fp8_head = data.get("fp8_lm_head", False)
+    if not isinstance(fp8_head, bool) or (fp8_head and quant != "fp8"):
+        raise _bad(path, field_name("fp8_lm_head"), "must be true (with quantization 'fp8') or false", fp8_head)
     kv = data.get("kv_cache_dtype", "auto")
     if kv not in ("auto", "fp8"):
         raise _bad(path, field_name("kv_cache_dtype"), "must be 'auto' or 'fp8'", kv)
     budget, seqs = data.get("max_num_batched_tokens"), data.get("max_num_seqs")
     return MeasuredFile(path, data["model"], tp, DTYPE_BYTES[dtype.lower().removeprefix("torch.")], rows,
                         pp=pp, ep=ep, cuda_graphs=graphs, attention_backend=attention, async_scheduling=overlap,
-                        quantization=quant, kv_fp8=kv == "fp8",
+                        quantization=quant, fp8_lm_head=fp8_head, kv_fp8=kv == "fp8",
                         max_num_batched_tokens=None if budget is None else _int(budget, path, field_name(
                             "max_num_batched_tokens")),
                         max_num_seqs=None if seqs is None else _int(seqs, path, field_name("max_num_seqs")),
@@ -470,7 +475,8 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
     for f in files:
         mf = f.engine if isinstance(f, ServeRun) else f
         spec = override or model_for_measured(mf.model, mf.path)
-        spec = replace(spec, bytes_per_param=mf.bytes_per_param, quantization=mf.quantization)
+        spec = replace(spec, bytes_per_param=mf.bytes_per_param, quantization=mf.quantization,
+                       fp8_lm_head=mf.fp8_lm_head)
         lay = mf.layout
         bad = constraint_reasons(spec, lay)
         if bad:
@@ -488,6 +494,7 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
         if timed:
             timed_notes.setdefault(timed, []).append(mf.path)
         label = (f"tp={lay.tp} pp={lay.pp} ep={lay.ep}" + (" fp8" if mf.quantization else "")
+                 + (" fp8-head" if mf.fp8_lm_head else "")
                  + (" kv-fp8" if mf.kv_fp8 else ""))
         if isinstance(f, ServeRun):
             if f.cached_share is not None and f.cached_share > WARM_SHARE:

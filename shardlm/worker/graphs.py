@@ -22,7 +22,7 @@ their result into one output buffer, so nothing but the pool grows with the numb
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -32,6 +32,7 @@ from ..common import envs
 from ..common.defaults import MAX_SEQ_LEN_TO_CAPTURE
 from ..common.graph_shapes import graph_pairs, padded_shape
 from ..common.messages import SeqPlan, StepPlan
+from .kernels import pdl_launches
 from .kernels.paged_attention import Launch, decode_launch, decode_metadata
 
 if TYPE_CHECKING:
@@ -45,7 +46,11 @@ class DecodeGraphs:
     last step's sampled tokens that PREV_TOKENs read (-1: the id is given; async scheduling) and the block
     tables ([batch, context / block_size], padded with the scratch block): one int64 buffer the host fills
     with one copy. The attention metadata is computed from them inside the graph (decode_metadata).
+    Captured with programmatic dependent launch (kernels.pdl_launches).
     """
+
+    programmatic = True
+    """capture_all captures these graphs within kernels.pdl_launches (StepGraphs: not)"""
 
     def __init__(self, runner: Any, max_num_seqs: int, max_context: int | None, capture: bool):
         self.runner, self.capture = runner, capture
@@ -197,11 +202,11 @@ def capture_all(graphs: DecodeGraphs | StepGraphs) -> dict[str, float]:
                 graphs._prepare_warm_up(shape)  # valid indices for the warm-up run
                 side = torch.cuda.Stream(dev)
                 side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):
+                with torch.cuda.stream(side), _launches(graphs):
                     graphs._forward(shape)
                 torch.cuda.current_stream(dev).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=graphs.pool):
+                with torch.cuda.graph(graph, pool=graphs.pool), _launches(graphs):
                     graphs._forward(shape)
                 graphs.graphs[shape] = graph
     except torch.cuda.OutOfMemoryError as exc:
@@ -214,6 +219,10 @@ def capture_all(graphs: DecodeGraphs | StepGraphs) -> dict[str, float]:
     torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs' pool stays
     return {"graphs": len(graphs.graphs), "capture_s": time.perf_counter() - t0,
             "graph_pool_bytes": torch.cuda.memory_reserved(dev) - before}
+
+
+def _launches(graphs: DecodeGraphs | StepGraphs):
+    return pdl_launches() if graphs.programmatic else nullcontext()
 
 
 def reset(graphs: DecodeGraphs | StepGraphs) -> None:

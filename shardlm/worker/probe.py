@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .kernels import pdl_launches
 from .kernels.allreduce import NCCL, ONE_SHOT, TWO_SHOT, measured_limits, save_limits
 from .model_runner import ModelRunner
 from .profiling import synchronize
@@ -36,14 +37,15 @@ def _timed(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
 
 
 def _graph_timed(fn, device: torch.device, iters: int) -> float:
-    """Mean seconds per call of fn() replayed inside a CUDA graph of `iters` calls (no launch cost)."""
+    """Mean seconds per call of fn() replayed inside a CUDA graph of `iters` calls (no launch cost), captured
+    as the decode graphs are (programmatic dependent launch: kernels.pdl_launches)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), pdl_launches():
         fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), pdl_launches():
         for _ in range(iters):
             fn()
     return _timed(graph.replay, device, 3, warmup=1) / iters

@@ -58,6 +58,10 @@ def _r4(n: int) -> int:
 class StepGraphs:
     """One rank's mixed-step graphs. The model runner asks `size_for` a step and, if it gets a size, calls `run`."""
 
+    programmatic = False
+    """captured without programmatic dependent launch: with it, steps with prompt tokens took longer
+    (kernels/__init__.py)"""
+
     def __init__(self, runner: Any, max_num_seqs: int, max_tokens: int, capture: bool):
         self.runner, self.capture = runner, capture
         self.model, ctx = runner.model, runner.ctx

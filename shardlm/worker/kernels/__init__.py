@@ -11,16 +11,22 @@ reference it replaces; the reference runs on the CPU and in CI and is what the G
 
 The triton_* modules import triton and are loaded only on the triton path.
 
-Programmatic dependent launch (`pdl`, Hopper and later): the FP8 GEMM kernels (and the activation
-quantisation) are launched so that their programs may start while the kernel before them is still running;
-nothing in them reads their input or writes anything before `gdc_wait`, which returns once that kernel has
-finished and its writes are visible (the one-row GEMV loads its first weight tile, which nothing writes,
-before it). The kernels that come before them (the fused norm, SiLU x up, the quantisation, attention)
-signal at their start (`gdc_launch_dependents`) that the next kernel may launch: what a decode step's small
-GEMMs lose to launch and ramp-up then overlaps the kernel before them (2.5-3.5% of an 8B FP8 decode step at
-batches 1 and 8 on an H200, docs/PERFORMANCE.md session 16).
+Programmatic dependent launch (`pdl`, Hopper and later), in the decode steps' CUDA graphs (captured within
+`pdl_launches()`): every Triton kernel of the step (the fused norm and SiLU x up, rotary + cache write,
+attention and its combine, the FP8 GEMMs and the activation quantisation) is launched so that its programs
+may start while the kernel before it is still running, and lets the kernel after it launch as soon as it has
+started (triton_pdl.py `pdl_start`: `gdc_wait`, then
+`gdc_launch_dependents`). Nothing in them reads their input or writes anything before `gdc_wait`, which
+returns once the kernel before has finished and its writes are visible (the one-row FP8 GEMV loads its
+first weight tile, which nothing writes, before it). Since every program of every such kernel waits, a
+kernel's completion implies its predecessors'. Kernels that torch or cuBLAS launch are launched the usual
+way and wait for the kernel before them to finish. What a decode step's small kernels lose to launch and
+ramp-up then overlaps the kernel before them: an 8B decode step at batch 1 on an H200, FP8 6% shorter, bf16
+1.5%. Steps with prompt tokens (the mixed graphs, eager steps) launch the usual way: with PDL their time to
+first token grew 0.4-1.0 ms (5-6% at 128 and 1024 prompt tokens; docs/PERFORMANCE.md session 17).
 """
 
+import contextlib
 import functools
 import os
 
@@ -42,9 +48,25 @@ def _pdl_capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+_pdl_on = False
+
+
+@contextlib.contextmanager
+def pdl_launches():
+    """Within: the kernels launched use programmatic dependent launch where `pdl` allows (the decode graphs
+    are captured within; so are the probe's and the benchmarks' timings of decode-sized kernels)."""
+    global _pdl_on
+    before, _pdl_on = _pdl_on, True
+    try:
+        yield
+    finally:
+        _pdl_on = before
+
+
 def pdl(device: torch.device) -> bool:
-    """Whether kernels on `device` use programmatic dependent launch: a CUDA GPU of compute capability 9.0+
-    (griddepcontrol), not Triton's CPU interpreter, not turned off (SHARDLM_NO_PDL=1)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or envs.no_pdl():
+    """Whether a kernel launched now on `device` uses programmatic dependent launch: within `pdl_launches`, on a
+    CUDA GPU of compute capability 9.0+ (griddepcontrol), not Triton's CPU interpreter, not turned off
+    (SHARDLM_NO_PDL=1)."""
+    if not _pdl_on or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or envs.no_pdl():
         return False
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())

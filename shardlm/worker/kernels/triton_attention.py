@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from . import pdl
 from .paged_attention import BLOCK_N, SMALL_M
+from .triton_pdl import pdl_start
 
 
 @triton.jit
@@ -40,8 +40,7 @@ def _attention_kernel(Q, K, V, O, PART_O, PART_LSE, BT, SEQ_START, Q_START, TILE
                       G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                       PDL: tl.constexpr):
-    if PDL:  # the kernel after may launch now (a PDL-launched FP8 GEMM: kernels/__init__.py)
-        gdc_launch_dependents()
+    pdl_start(PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.load(TILE_SEQ + tile)
@@ -133,8 +132,7 @@ def _combine_kernel(O, PART_O, PART_LSE, Q_START, TILE_SEQ, TILE_Q0, splits,
                     BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """One program per (tile, query head): merge the parts of each of the tile's tokens, weighting each
     part's output by exp2(its log-sum-exp - the largest). Part 0 always holds keys (position 0)."""
-    if PDL:
-        gdc_launch_dependents()
+    pdl_start(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(TILE_SEQ + tile)
@@ -178,6 +176,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
     block_m = launch.block_m
     large = block_m > SMALL_M
     block_d = max(16, triton.next_power_of_2(heads.head_dim))
+    use_pdl = pdl(q.device)
     _attention_kernel[(tiles, heads.n_kv, launch.splits)](
         q, k_cache, v_cache, out, part_o, part_lse, meta.block_tables, meta.seq_starts, meta.query_start,
         launch.tile_seq, launch.tile_q0, heads.head_map, heads.scale * LOG2E, launch.split_len,
@@ -186,12 +185,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         G_PAD=heads.g_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HEAD_DIM=heads.head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size,
-        SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl(q.device),
-        num_warps=8 if large else 4, num_stages=2 if large else 3)
+        SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=use_pdl,
+        num_warps=8 if large else 4, num_stages=2 if large else 3, launch_pdl=use_pdl)
     if split:
         _combine_kernel[(tiles, heads.n_q)](
             out, part_o, part_lse, meta.query_start, launch.tile_seq, launch.tile_q0, launch.splits,
             out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
-            BLOCK_Q=max(1, block_m // heads.g_pad), HEAD_DIM=heads.head_dim, BLOCK_D=block_d, PDL=pdl(q.device),
-            num_warps=1)
+            BLOCK_Q=max(1, block_m // heads.g_pad), HEAD_DIM=heads.head_dim, BLOCK_D=block_d, PDL=use_pdl,
+            num_warps=1, launch_pdl=use_pdl)

@@ -33,10 +33,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ..layers.fp8 import SMALL_M
+from ..layers.fp8 import SMALL_M, WIDE_N
 from . import pdl
+from .triton_pdl import pdl_start
 
 
 @triton.jit
@@ -92,8 +92,7 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
     xp = X + rm[:, None] * stride_xm + kk[None, :]
     wp = W + rn[:, None] * K + kk[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
-    if PDL:  # x (and the workspace) only once the kernel before has finished
-        gdc_wait()
+    pdl_start(PDL)  # x (and the workspace) only once the kernel before has finished
     for _ in range(0, steps):
         x = tl.load(xp, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
@@ -137,8 +136,7 @@ def _fp8_gemv_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_xm, stride_ym, SPLIT_K
     kk = lo + tl.arange(0, BLOCK_K)
     wp = W + rn[:, None] * K + kk[None, :]
     w = tl.load(wp, mask=(rn[:, None] < N) & (kk[None, :] < K) & (steps > 0), other=0.0)
-    if PDL:  # x (and the workspace) only once the kernel before has finished
-        gdc_wait()
+    pdl_start(PDL)  # x (and the workspace) only once the kernel before has finished
     zeros = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc0, acc1, acc2, acc3 = _gemv_products(w, X, kk, K, stride_xm, zeros, zeros, zeros, zeros, M)
     for _ in range(1, steps):
@@ -177,7 +175,7 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> 
     activations), from scripts/fp8_gemm_bench.py --tune on an H200: one row on the CUDA cores, more on the
     tensor cores (e4m3 activations at up to 16 rows with swapped operands); split-K until the output blocks
     times the pieces keep every SM (sms of them) streaming, each piece at least 4 K blocks long."""
-    wide = n >= 16384  # (gate_up: enough output blocks without split, wider tiles read faster)
+    wide = n >= WIDE_N  # (gate_up: enough output blocks without split, wider tiles read faster)
     if m == 1 and not a8:
         cfg, programs = Config(True, 32 if wide else 16, 256 if wide else 512, 1, 8, 4), 2 * sms
     elif not a8:
@@ -252,9 +250,7 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
 
 @triton.jit
 def _quantize_activations_kernel(X, Q, S, K, stride_x, PDL: tl.constexpr, BLOCK_K: tl.constexpr):
-    if PDL:  # (launched with PDL too: x once the kernel before has finished; the GEMM after may start)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)

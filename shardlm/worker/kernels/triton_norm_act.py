@@ -7,16 +7,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from . import pdl
+from .triton_pdl import pdl_start
 
 
 @triton.jit
 def _add_rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro, n, eps,
                          HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
-    if PDL:  # the kernel after may launch now (a PDL-launched FP8 GEMM: kernels/__init__.py)
-        gdc_launch_dependents()
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -34,8 +33,7 @@ def _add_rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, st
 
 @triton.jit
 def _silu_mul_kernel(GU, OUT, stride_gu, stride_o, f, PDL: tl.constexpr, BLOCK: tl.constexpr):
-    if PDL:
-        gdc_launch_dependents()
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < f
@@ -59,9 +57,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     new_residual = x if residual is None else torch.empty_like(x)
     r = x if residual is None else _rows(residual)
     block = triton.next_power_of_2(n)
+    use_pdl = pdl(x.device)
     _add_rms_norm_kernel[(x.shape[0],)](x, r, weight, out, new_residual, x.stride(0), r.stride(0), out.stride(0),
                                         new_residual.stride(0), n, eps, HAS_RESIDUAL=residual is not None,
-                                        PDL=pdl(x.device), BLOCK=block, num_warps=min(16, max(1, block // 512)))
+                                        PDL=use_pdl, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+                                        launch_pdl=use_pdl)
     return out, new_residual
 
 
@@ -70,6 +70,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     f = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], f, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
+    use_pdl = pdl(gate_up.device)
     _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(f, block))](gate_up, out, gate_up.stride(0), out.stride(0), f,
-                                                                PDL=pdl(gate_up.device), BLOCK=block, num_warps=4)
+                                                                PDL=use_pdl, BLOCK=block, num_warps=4,
+                                                                launch_pdl=use_pdl)
     return out

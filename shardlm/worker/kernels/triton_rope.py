@@ -8,6 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .triton_pdl import pdl_start
+
 BLOCK_H = 4
 
 
@@ -15,7 +18,8 @@ BLOCK_H = 4
 def _rope_cache_kernel(Q, K, V, KC, VC, COS, SIN, SLOTS, n_q, n_kv,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_ct, stride_ch, stride_vct, stride_vch, stride_cos, stride_sin,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     tok = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)  # the head dimension padded to a power of two
@@ -52,8 +56,9 @@ def rope_and_cache(rope, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
     if min(t.stride(-1) for t in (q, k, v, k_cache, v_cache, cos, sin)) != 1 or cos.shape[-1] != d:
         raise ValueError("rope_and_cache needs the head dimension contiguous")
     grid = (tokens, triton.cdiv(n_q + n_kv, BLOCK_H))
+    use_pdl = pdl(q.device)
     _rope_cache_kernel[grid](q, k, v, k_cache, v_cache, cos, sin, slot_mapping, n_q, n_kv,
                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                              k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
                              cos.stride(0), sin.stride(0), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_H=BLOCK_H,
-                             num_warps=1)
+                             PDL=use_pdl, num_warps=1, launch_pdl=use_pdl)

@@ -3,7 +3,7 @@
 A linear layer in FP8 holds `weight` as float8_e4m3fn [out, in] and `weight_scale` float32 [out]: row o of
 the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (compute capability 8.9+:
 Ada, Hopper and later) `fp8_linear_kernels` runs one-row steps through a weight-only Triton kernel (the
-e4m3 weights widened in registers, the activations left in bf16) and larger ones with the activations
+e4m3 weights widened in registers, the activations left in bf16; a wide matrix excepted, WIDE_N) and larger ones with the activations
 quantised per token too (each row's absolute maximum maps to the e4m3 maximum, 448): up to SMALL_M rows
 through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm (rowwise scaling).
 Everywhere else, and as the reference the GPU path is tested against, `fp8_linear_torch` multiplies by the
@@ -54,21 +54,31 @@ SMALL_M = 64
 A8_ABOVE = 1
 """above this many rows the activations are quantised per token too (e4m3 x e4m3 on the tensor cores: from
 two rows up widening the weights costs more than reading them); up to it the kernel is weight-only"""
+WIDE_N = 16384
+"""a matrix of at least this many output rows (Llama-3-8B's gate_up, an LM head) is wide: enough output
+blocks without split-K, so its one-row step also runs on e4m3 activations, where the tensor-core kernel (the
+weights as the MMA's 64-row side, fed by cp.async) reads it faster than the weight-only GEMV, the
+activations' quantisation included (8B gate_up at one row on an H200: 31.9 us against 33-35, session 16)"""
+
+
+def e4m3_activations(rows: int, n: int) -> bool:
+    """Whether a step of `rows` rows through an FP8 matrix of n output rows quantises its activations."""
+    return rows > A8_ABOVE or n >= WIDE_N
 
 
 def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): up to A8_ABOVE rows through the weight-only
-    Triton kernel, up to SMALL_M through the Triton kernel on e4m3 activations (per-token scales), more
-    through torch._scaled_mm with the same activation scales (both dimensions of W multiples of 16, else
-    the reference)."""
+    """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): up to A8_ABOVE rows of a matrix narrower than
+    WIDE_N through the weight-only Triton kernel, other steps of up to SMALL_M rows through the Triton kernel
+    on e4m3 activations (per-token scales), more through torch._scaled_mm with the same activation scales
+    (both dimensions of W multiples of 16, else the reference)."""
     from ..kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.shape[0] <= A8_ABOVE:
+    if not e4m3_activations(x2.shape[0], weight.shape[0]):
         y = fp8_gemm_small_m(x2, weight, scale, bias)
     elif x2.shape[0] <= SMALL_M:
         xq, x_scale = quantize_activations(x2)

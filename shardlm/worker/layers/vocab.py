@@ -9,6 +9,8 @@ from torch import nn
 from ...common.layout import split_evenly
 from ..distributed import ParallelContext
 from ..weights import Reader
+from .fp8 import FP8, fp8_path
+from .linear import read_fp8
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -36,25 +38,39 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """LM head split by vocab rows like the embedding; logits are gathered only where we sample."""
+    """LM head split by vocab rows like the embedding; logits are gathered only where we sample. fp8: the
+    head's rows in e4m3 with a scale each (layers/fp8.py; a tied head quantises its own copy of the
+    embedding's rows, `name` then naming the embedding)."""
 
     def __init__(self, name: str, vocab_size: int, hidden: int, ctx: ParallelContext, dtype: torch.dtype,
-                 tied: VocabParallelEmbedding | None = None):
+                 tied: VocabParallelEmbedding | None = None, fp8: bool = False):
         super().__init__()
-        self.name, self.ctx, self.vocab_size, self.hidden = name, ctx, vocab_size, hidden
+        self.name, self.ctx, self.vocab_size, self.hidden, self.dtype = name, ctx, vocab_size, hidden, dtype
         self.shards = split_evenly(vocab_size, ctx.tp_size)
         self.start, self.end = self.shards[ctx.tp_rank]
-        self.tied = tied is not None
+        self.tied = tied is not None and not fp8
         # a tied head reuses the embedding's shard (same vocab split), so no second copy exists
-        self.weight = tied.weight if tied is not None else nn.Parameter(
-            torch.empty(self.end - self.start, hidden, device=ctx.device, dtype=dtype), requires_grad=False)
+        self.weight = tied.weight if self.tied else nn.Parameter(
+            torch.empty(self.end - self.start, hidden, device=ctx.device, dtype=FP8 if fp8 else dtype),
+            requires_grad=False)
+        self.weight_scale = (nn.Parameter(torch.empty(self.end - self.start, device=ctx.device), requires_grad=False)
+                             if fp8 else None)
+        self._fp8_linear = fp8_path(ctx.device) if fp8 else None
 
     def load(self, reader: Reader) -> None:
-        if not self.tied:
-            self.weight.data.copy_(reader.read(f"{self.name}.weight", (self.vocab_size, self.hidden), 0,
-                                               self.start, self.end, self.weight.device, self.weight.dtype))
+        shape = (self.vocab_size, self.hidden)
+        if self.weight_scale is not None:
+            w, s = read_fp8(reader, self.name, shape, 0, self.start, self.end, self.ctx, self.dtype)
+            self.weight.data.copy_(w)
+            self.weight_scale.data.copy_(s)
+        elif not self.tied:
+            self.weight.data.copy_(reader.read(f"{self.name}.weight", shape, 0, self.start, self.end,
+                                               self.weight.device, self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight)  # [n, local vocab]
+        if self._fp8_linear is not None:
+            local = self._fp8_linear(x, self.weight, self.weight_scale)
+        else:
+            local = F.linear(x, self.weight)  # [n, local vocab]
         sizes = [e - s for s, e in self.shards]
         return self.ctx.all_gather_last_dim(local, sizes).float()  # [n, vocab] on every TP rank

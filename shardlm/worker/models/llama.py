@@ -144,9 +144,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None
         if ctx.is_last_stage:
             # tied: share the embedding's shard on one stage; across stages the head reads its own copy
+            # (an FP8 head quantises its own copy of a tied embedding)
             tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
-            name = "model.embed_tokens" if cfg.tie_word_embeddings and tied is None else "lm_head"
-            self.lm_head = ParallelLMHead(name, cfg.vocab_size, cfg.hidden_size, ctx, dtype, tied=tied)
+            name = "model.embed_tokens" if cfg.tie_word_embeddings and (tied is None or cfg.fp8_lm_head) else "lm_head"
+            self.lm_head = ParallelLMHead(name, cfg.vocab_size, cfg.hidden_size, ctx, dtype, tied=tied,
+                                          fp8=cfg.fp8_lm_head)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """This stage's output [tokens, hidden]: final hidden states on the last stage (call
