@@ -531,8 +531,8 @@ HOST = {"version": 1, "device": "test GPU", "hbm_gbps": 1 / 0.95, "gemm_tflops":
         "layer_floor_us": {"1": 200, "2": 50}, "engine": {"cuda_graphs": False}}
 
 
-def _tiny_step(profile, tp, prefill=False, tokens=1, prompts=1, context=100):
-    cm = CostModel(TINY, make_cluster("h100-80gb", 2), load_profile(profile))
+def _tiny_step(profile, tp, prefill=False, tokens=1, prompts=1, context=100, async_scheduling=True):
+    cm = CostModel(TINY, make_cluster("h100-80gb", 2), load_profile(profile), async_scheduling=async_scheduling)
     lay = ParallelLayout(tp=tp)
     shards = stage_shards(TINY, lay)
     if prefill:
@@ -626,9 +626,14 @@ def test_decode_reads_weights_at_the_one_row_gemm_rate_and_each_further_sequence
     # tp=1 batch 1 context 100: each layer's 73.984 us of weights take twice as long, the head's 32.896 us too
     assert _tiny_step({**gpu_bound, **extra}, 1) == pytest.approx(
         _tiny_step(gpu_bound, 1) + (2 * 73.984 + 32.896) * 1e-6, rel=1e-9)
-    # 2 further sequences: 20 us of host time each
+    # 2 further sequences: 20 us of host time each, added in full without async scheduling; with it (the
+    # engine's default) done while the GPU runs the step before, so only what passes the step's time costs
     no_seq = {**gpu_bound, **extra, "step_overhead_per_seq_us": {"1": 0}}
-    assert _tiny_step({**gpu_bound, **extra}, 1, tokens=3) - _tiny_step(no_seq, 1, tokens=3) == pytest.approx(40e-6)
+    assert _tiny_step({**gpu_bound, **extra}, 1, tokens=3, async_scheduling=False) - _tiny_step(
+        no_seq, 1, tokens=3, async_scheduling=False) == pytest.approx(40e-6)
+    assert _tiny_step({**gpu_bound, **extra}, 1, tokens=3) == pytest.approx(_tiny_step(no_seq, 1, tokens=3))
+    host_bound = {**gpu_bound, **extra, "step_overhead_per_seq_us": {"1": 1e5}}  # 0.2 s for the two
+    assert 0.2 < _tiny_step(host_bound, 1, tokens=3) < 0.2 + _tiny_step(no_seq, 1, tokens=3) - 1e-6
     assert _tiny_step({**gpu_bound, **extra}, 1, prefill=True, tokens=50) == pytest.approx(
         _tiny_step(gpu_bound, 1, prefill=True, tokens=50), rel=1e-12)
 

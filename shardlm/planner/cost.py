@@ -693,7 +693,9 @@ class CostModel:
         CUDA graph, with a profile measured that way, per layer GPU + collectives + the graph floor less
         the floor's own two all-reduces: the small kernels run one after another, none hides. Where the
         profile timed this model's own layers, their floors and overhead replace the tiny model's
-        (`calibrated`)."""
+        (`calibrated`). A decode step's host time per further sequence (the probe's, from a host-bound tiny
+        model) adds in full, or with async scheduling and one stage only what exceeds the step's GPU time and
+        collectives: the engine does it while the GPU runs the step before."""
         graphed, seqs = False, tokens
         if not prefill:
             tokens, context, graphed = self.decode_shape(tokens, context)
@@ -722,8 +724,6 @@ class CostModel:
                 floor = max(0.0, floor - 2 * self.allreduce(layout.tp_groups()[sh.stage], 0, graphed=True))
             gpu_fix, host = 0.0, self.prefill_overhead_s(layout.tp) if prefill else self.step_overhead_s(layout.tp)
         compute = 0.0
-        if not prefill:
-            host += self.step_overhead_per_seq_s(layout.tp) * max(0.0, seqs - 1)
         for i, w in enumerate(work):
             layer = i < len(work) - 1  # decoder layers; the last entry is the non-layer part
             gpu = max(0.0, self._gpu_s(w, prefill) + (gpu_fix if layer else 0.0))
@@ -733,6 +733,11 @@ class CostModel:
                     compute += w.count * floor
                 else:
                     host += w.count * max(0.0, floor - gpu - w.comm_s)
+        if not prefill:  # the host's work for each further sequence (the probe: on a host-bound tiny model)
+            per_seq = self.step_overhead_per_seq_s(layout.tp) * max(0.0, seqs - 1)
+            if self.async_scheduling and layout.pp == 1:  # done while the GPU runs the step before: what it
+                per_seq = max(0.0, per_seq - compute * slow - comm)  # takes past that step's time
+            host += per_seq
         return StepCost(compute * slow, comm, nbytes, flops, host, act)
 
     def transfer(self, layout: ParallelLayout, tokens: float) -> float:
