@@ -6,11 +6,12 @@ tensor cores): microseconds per call and the weight bytes per second they stream
 
 Each timed graph cycles through enough copies of the weights (>= 256 MB) that they come from HBM, not from
 the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (layers/fp8.py's fp8_linear_kernels, as the engine runs
-it: weight-only up to A8_ABOVE rows of a matrix narrower than WIDE_N, e4m3 activations otherwise), fp8-scaled_mm (the activations quantised per
-token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
+it: weight-only up to A8_ABOVE rows of a matrix narrower than WIDE_N, e4m3 activations otherwise),
+fp8-scaled_mm (the activations quantised per token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
 coordinate descent over fp8_gemm_small_m's tiles, split, warps and operand order from small_m_config's
-choice (and from the other kernel's, and swapped), printing the best configuration found beside it; up to
-A8_ABOVE rows both weight-only and on e4m3 activations (rows marked a8).
+choice (and from the other kernel's, and swapped), printing the best configuration found beside it; where
+the engine runs weight-only (up to A8_ABOVE rows of a matrix narrower than WIDE_N) both weight-only and on
+e4m3 activations (rows marked a8).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ def main() -> int:
         small_m_config,
     )
     from shardlm.worker.layers.fp8 import (
-        A8_ABOVE,
         e4m3_activations,
         fp8_linear_kernels,
         fp8_linear_torch,
@@ -90,7 +90,8 @@ def main() -> int:
     models = (a.models or ("8b" if a.tune else "8b,70b")).split(",")
     shapes = [(model, name, n, k) for model in models for name, (n, k) in SHAPES[model].items()]
     deadline = time.monotonic() + a.budget
-    per_problem = a.budget / max(1, len(shapes) * (len(batches) + sum(m <= A8_ABOVE for m in batches)))
+    problems = sum(1 + (not e4m3_activations(m, n)) for _, _, n, _ in shapes for m in batches)
+    per_problem = a.budget / max(1, problems)
     for model, name, n, k in shapes:
         wb = [(torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
               for _ in range(math.ceil(256e6 / (2 * n * k)))]

@@ -99,6 +99,25 @@ def test_an_fp8_lm_head_is_the_dequantised_head(layout, tiny_models, quantised_r
         check_against_hf(llm, refs)
 
 
+def test_a_checkpoint_with_an_fp8_lm_head_is_read_with_fp8_lm_head(tiny_models, tmp_path):
+    """an FP8 checkpoint whose (untied) LM head is stored in e4m3 with its scales too: read as stored with
+    fp8_lm_head, exactly the dequantised model; without it, refused naming the flag"""
+    folder, model = tiny_models["qwen2-bias-untied"]
+    dst = tmp_path / "ckpt"
+    write_fp8_checkpoint(folder, dst, per_tensor=set())
+    tensors = load_file(str(dst / "model.safetensors"))
+    q, s = quantize_rows(tensors["lm_head.weight"])
+    tensors["lm_head.weight"], tensors["lm_head.weight_scale"] = q, s[:, None]
+    save_file(tensors, str(dst / "model.safetensors"))
+    ref = checkpoint_model(model, dst)
+    with torch.no_grad():
+        ref.lm_head.weight.copy_(q.float() * s[:, None])
+    with pytest.raises(Exception, match=r"lm_head.weight is stored in FP8.*fp8_lm_head=True"):
+        LLM(str(dst))
+    with LLM(str(dst), fp8_lm_head=True, tensor_parallel_size=2, block_size=8) as llm:
+        check_against_hf(llm, refs_of(ref))
+
+
 def test_an_fp8_lm_head_needs_fp8_weights(tiny_models):
     folder, _ = tiny_models[NAME]
     with pytest.raises(ConfigError, match="fp8_lm_head.*quantization='fp8'"):
@@ -224,7 +243,7 @@ def test_an_fp8_kv_cache_holds_four_times_the_float32_tokens_and_stays_close(lay
 KERNELS = """
 import torch
 from shardlm.worker.kernels.triton_fp8 import Config, fp8_gemm_small_m, quantize_activations, workspace
-from shardlm.worker.layers.fp8 import fp8_linear_torch, quantize_rows
+from shardlm.worker.layers.fp8 import fp8_linear_kernels, fp8_linear_torch, quantize_rows
 torch.manual_seed(0)
 for m, n, k, cfg in [(1, 40, 96, Config(True, 16, 32, 3, 4, 2)), (3, 33, 100, Config(True, 16, 32, 2, 4, 2)),
                      (4, 64, 128, Config(True, 16, 32, 1, 4, 2)), (5, 40, 96, Config(False, 16, 32, 2, 4, 2)),
@@ -244,6 +263,11 @@ for m, n, k, cfg in [(1, 40, 96, Config(True, 16, 32, 3, 4, 2)), (3, 33, 100, Co
         got = fp8_gemm_small_m(xq, w, s, bias, x_scale=xs, out_dtype=torch.float16, config=cfg).float()
         assert ((got - want).norm() / want.norm()).item() < 6e-2, (m, "a8")
     assert not workspace(torch.device("cpu"))[1].any(), "split-K left a counter set"
+# more rows than SMALL_M through a matrix torch._scaled_mm does not take (40 rows: no multiple of 16): the
+# Triton kernel, SMALL_M rows at a time
+x, (w, s) = torch.randn(70, 96).to(torch.float16), quantize_rows(torch.randn(40, 96) * 0.02)
+want = fp8_linear_torch(x.float(), w, s)
+assert ((fp8_linear_kernels(x, w, s).float() - want).norm() / want.norm()).item() < 6e-2, "chunks"
 print("interpreted kernels agree")
 """
 

@@ -214,9 +214,10 @@ def same_tokens_but_near_ties(tok_a, tok_b, logits_a, logits_b, tol):
 def test_gpu_fp8_linear_matches_its_reference():
     """the FP8 kernels against the dequantising reference: up to A8_ABOVE rows of a matrix narrower than WIDE_N
     the weight-only Triton kernels (within bf16 rounding) with the tuned configurations and with split-K forced
-    on both kernels (and the operands swapped); above, and for a wide matrix, the activations in e4m3 too (the Triton kernel up to SMALL_M rows, swapped
-    operands too, torch._scaled_mm above: the activations' rounding to 3 mantissa bits is the difference, a
-    few percent of an output at most); bias added; the split-K counters left zero"""
+    on both kernels (and the operands swapped); above, and for a wide matrix, the activations in e4m3 too (the
+    Triton kernel up to SMALL_M rows, swapped operands too; torch._scaled_mm above, or the Triton kernel 64
+    rows at a time where a dimension is no multiple of 16: the activations' rounding to 3 mantissa bits is
+    the difference, a few percent of an output at most); bias added; the split-K counters left zero"""
     from shardlm.worker.kernels.triton_fp8 import (
         Config,
         fp8_gemm_small_m,
@@ -242,7 +243,7 @@ def test_gpu_fp8_linear_matches_its_reference():
         assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.998
 
     for tokens, k, n in ((1, 4096, 6144), (1, 4096, 28672), (3, 4096, 4096), (7, 4096, 1024), (64, 14336, 4096),
-                         (33, 100, 70), (300, 4096, 1024)):
+                         (33, 100, 70), (300, 4096, 1024), (130, 96, 40)):
         x = torch.randn(tokens, k, device=dev, generator=gen).to(torch.bfloat16)
         w, s = quantize_rows(torch.randn(n, k, device=dev, generator=gen) * 0.02)
         bias = torch.randn(n, device=dev, generator=gen).to(torch.bfloat16)

@@ -745,7 +745,10 @@ def test_timed_model_layers_reproduce_the_measured_line(graphs):
         (floor, fix, over), (floor0, fix0, over0) = (c.calibrated(1, prefill=False, graphed=graphs)
                                                      for c in (fp8, as_timed))
         assert (fix, over) == (fix0, over0) and (floor == floor0 if graphs else floor < floor0)
-    assert _step(timed, replace(TINY, quantization="fp8"), 1) < _step(timed, TINY, 1)
+    fp8 = replace(TINY, quantization="fp8")
+    assert _step(timed, fp8, 1) < _step(timed, TINY, 1)
+    # an FP8 LM head: the same correction (found for the model as timed, its head in bf16), its reads halved
+    assert _step(timed, replace(fp8, fp8_lm_head=True), 1) < _step(timed, fp8, 1)
     only_tp1 = {**base, "model_layers": {**TIMED, "times_ms": {"1": TIMED["times_ms"]["1"]}}}
     assert _step(only_tp1, TINY, 2) == _step(base, TINY, 2)
     assert _step(only_tp1, TINY, 1) == _step(timed, TINY, 1)

@@ -57,15 +57,15 @@ class EngineArgs:
     uncalibrated FP8 cache), half the bytes of bf16: twice the tokens in the same memory"""
     quantization: Quantization | None = None
     """fp8: the linear layers' weights in FP8 (e4m3, a scale per output channel), quantised as they load
-    (the embedding and LM head stay in dtype); on GPUs of compute capability 8.9+ (Ada, Hopper) the GEMMs
+    (the embedding and, unless fp8_lm_head, the LM head stay in dtype); on GPUs of compute capability 8.9+ (Ada, Hopper) the GEMMs
     run on the FP8 tensor cores with the activations quantised per token. An FP8 checkpoint is read as it
     is, without this flag"""
     fp8_lm_head: bool = False
     """with FP8 weights: the LM head in FP8 too (quantised at load, a scale per vocab row; a tied head gets an
     FP8 copy of the embedding): half the head's bytes a step (Llama-3-8B: 0.5 of 1.05 GB). Off by default, as
     in vLLM: the logits then carry the head's e4m3 rounding too, which is not harmless (SmolLM2-135M: greedy
-    agreement with bf16 0.957 against FP8 weights' 0.969, and the demo's answer no longer says Paris;
-    docs/PERFORMANCE.md)"""
+    agreement with the float32 model 0.957 against FP8 weights' 0.969, and the demo's answer no longer says
+    Paris; docs/PERFORMANCE.md)"""
     device: Device = "auto"
     """cuda, cpu or auto (cuda when a GPU is visible)"""
     seed: int = 0

@@ -572,10 +572,11 @@ class CostModel:
         return ml is not None and not self.model.is_moe and ml.shape == self.model.layer_shape
 
     def _as_timed(self) -> CostModel:
-        """This cost model for the model as the probe times it: weights and KV cache in the model dtype"""
-        if self.model.quantization is None and self.kv_bytes == self.model.bytes_per_param:
+        """This cost model for the model as the probe times it: weights, LM head and KV cache in the model dtype"""
+        if (self.model.quantization is None and not self.model.fp8_lm_head
+                and self.kv_bytes == self.model.bytes_per_param):
             return self
-        return CostModel(replace(self.model, quantization=None), self.cluster, self.profile, self.eff,
+        return CostModel(replace(self.model, quantization=None, fp8_lm_head=False), self.cluster, self.profile, self.eff,
                          self.model.bytes_per_param, self._cuda_graphs, self._attention_backend, self.async_scheduling)
 
     def _pricing(self, w: _Work, prefill: bool) -> str:

@@ -67,12 +67,18 @@ class ModelSpec:
     """Weight bytes per element as served (bf16)."""
     quantization: str | None = None
     """'fp8': the decoder's linear layers (attention, MLP, router, experts) in FP8, one byte a weight, with
-    their GEMM FLOPs at cost.FP8_GEMM_TIME of bf16's; embedding, LM head and norms stay in bytes_per_param"""
+    their GEMM FLOPs at cost.FP8_GEMM_TIME of bf16's; embedding, LM head (unless fp8_lm_head) and norms stay in
+    bytes_per_param"""
     fp8_lm_head: bool = False
     """with quantization 'fp8': the LM head in FP8 too (one byte a weight, its own copy where tied;
     EngineArgs.fp8_lm_head)"""
     notes: tuple[str, ...] = field(default=(), compare=False)
     """Remarks gathered while reading the config."""
+
+    def __post_init__(self):
+        if self.fp8_lm_head and self.quantization != "fp8":
+            raise PlanError(f"{self.name}: fp8_lm_head puts the LM head in FP8 beside FP8 weights: set quantization "
+                            f"'fp8' too, or drop fp8_lm_head")
 
     @property
     def is_moe(self) -> bool:

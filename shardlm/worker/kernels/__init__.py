@@ -12,18 +12,19 @@ reference it replaces; the reference runs on the CPU and in CI and is what the G
 The triton_* modules import triton and are loaded only on the triton path.
 
 Programmatic dependent launch (`pdl`, Hopper and later), in the decode steps' CUDA graphs (captured within
-`pdl_launches()`): every Triton kernel of the step (the fused norm and SiLU x up, rotary + cache write,
-attention and its combine, the FP8 GEMMs and the activation quantisation) is launched so that its programs
-may start while the kernel before it is still running, and lets the kernel after it launch as soon as it has
-started (triton_pdl.py `pdl_start`: `gdc_wait`, then
+`pdl_launches()`): the Triton kernels of the step (the fused norm and SiLU x up, rotary + cache write,
+attention and its combine, the FP8 GEMMs and the activation quantisation; not the peer all-reduce's) are
+launched so that each one's programs may start while the kernel before it is still running, and each lets
+the kernel after it launch as soon as it has started (triton_pdl.py `pdl_start`: `gdc_wait`, then
 `gdc_launch_dependents`). Nothing in them reads their input or writes anything before `gdc_wait`, which
 returns once the kernel before has finished and its writes are visible (the one-row FP8 GEMV loads its
 first weight tile, which nothing writes, before it). Since every program of every such kernel waits, a
-kernel's completion implies its predecessors'. Kernels that torch or cuBLAS launch are launched the usual
-way and wait for the kernel before them to finish. What a decode step's small kernels lose to launch and
-ramp-up then overlaps the kernel before them: an 8B decode step at batch 1 on an H200, FP8 6% shorter, bf16
-1.5%. Steps with prompt tokens (the mixed graphs, eager steps) launch the usual way: with PDL their time to
-first token grew 0.4-1.0 ms (5-6% at 128 and 1024 prompt tokens; docs/PERFORMANCE.md session 17).
+kernel's completion implies its predecessors'. Kernels that torch, cuBLAS or NCCL launch (and the peer
+all-reduce) are launched the usual way and wait for the kernel before them to finish. What a decode step's
+small kernels lose to launch and ramp-up then overlaps the kernel before them: an 8B decode step at batch 1
+on an H200, FP8 6% shorter, bf16 1.5%. Steps with prompt tokens (the mixed graphs, eager steps) launch the
+usual way: with PDL their time to first token grew 2-6% (0.4-1.0 ms at 128 and 1024 prompt tokens;
+docs/PERFORMANCE.md session 17).
 """
 
 import contextlib

@@ -176,7 +176,7 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> 
     tensor cores (e4m3 activations at up to 16 rows with swapped operands); split-K until the output blocks
     times the pieces keep every SM (sms of them) streaming, each piece at least 4 K blocks long."""
     wide = n >= WIDE_N  # (gate_up: enough output blocks without split, wider tiles read faster)
-    if m == 1 and not a8:
+    if m == 1 and not a8:  # (the engine runs a wide matrix's one-row step on e4m3 activations: layers/fp8.py)
         cfg, programs = Config(True, 32 if wide else 16, 256 if wide else 512, 1, 8, 4), 2 * sms
     elif not a8:
         cfg, programs = Config(False, 32, 128 if m <= 4 else 256, 1, 4, 4), 4 * sms

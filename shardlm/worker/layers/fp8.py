@@ -71,25 +71,26 @@ def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): up to A8_ABOVE rows of a matrix narrower than
     WIDE_N through the weight-only Triton kernel, other steps of up to SMALL_M rows through the Triton kernel
     on e4m3 activations (per-token scales), more through torch._scaled_mm with the same activation scales
-    (both dimensions of W multiples of 16, else the reference)."""
+    (both dimensions of W multiples of 16; else the Triton kernel, SMALL_M rows at a time: e.g. an LM head
+    shard of a vocabulary the TP degree cuts into rows no multiple of 16)."""
     from ..kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if not e4m3_activations(x2.shape[0], weight.shape[0]):
-        y = fp8_gemm_small_m(x2, weight, scale, bias)
-    elif x2.shape[0] <= SMALL_M:
-        xq, x_scale = quantize_activations(x2)
-        y = fp8_gemm_small_m(xq, weight, scale, bias, x_scale=x_scale, out_dtype=x.dtype)
-    elif weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0:
-        xq, x_scale = quantize_activations(x2)
+    rows = x2.shape[0]
+    if not e4m3_activations(rows, weight.shape[0]):
+        return fp8_gemm_small_m(x2, weight, scale, bias).reshape(*shape[:-1], weight.shape[0])
+    xq, x_scale = quantize_activations(x2)
+    if rows > SMALL_M and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0:
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
         if bias is not None:
             y = y + bias
     else:
-        return fp8_linear_torch(x, weight, scale, bias)
+        parts = [fp8_gemm_small_m(xq[i:i + SMALL_M], weight, scale, bias, x_scale=x_scale[i:i + SMALL_M],
+                                  out_dtype=x.dtype) for i in range(0, rows, SMALL_M)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
     return y.reshape(*shape[:-1], weight.shape[0])
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from ...common.layout import split_evenly
 from ..distributed import ParallelContext
-from ..weights import Reader
+from ..weights import Reader, WeightError
 from .fp8 import FP8, fp8_path
 from .linear import read_fp8
 
@@ -64,6 +64,9 @@ class ParallelLMHead(nn.Module):
             self.weight.data.copy_(w)
             self.weight_scale.data.copy_(s)
         elif not self.tied:
+            if reader.fp8_scale_shape(self.name) is not None:
+                raise WeightError(f"{self.name}.weight is stored in FP8 (e4m3): load this checkpoint with "
+                                  f"fp8_lm_head=True (--fp8-lm-head) to read the LM head with its scales")
             self.weight.data.copy_(reader.read(f"{self.name}.weight", shape, 0, self.start, self.end,
                                                self.weight.device, self.weight.dtype))
 

@@ -146,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
             # tied: share the embedding's shard on one stage; across stages the head reads its own copy
             # (an FP8 head quantises its own copy of a tied embedding)
             tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
-            name = "model.embed_tokens" if cfg.tie_word_embeddings and (tied is None or cfg.fp8_lm_head) else "lm_head"
+            name = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"  # (unread by a shared head)
             self.lm_head = ParallelLMHead(name, cfg.vocab_size, cfg.hidden_size, ctx, dtype, tied=tied,
                                           fp8=cfg.fp8_lm_head)
 
