@@ -258,7 +258,7 @@ def attention_times(runner: ModelRunner) -> dict[str, list[list[float]]]:
             kv_bytes = 2 * math.prod(shape) * runner.kv_dtype.itemsize
             if kv_bytes > ATTENTION_MAX_BYTES:
                 continue
-            copies = max(1, min(16, -(-GEMV_STREAM_BYTES // kv_bytes)))
+            copies = max(1, min(64, -(-GEMV_STREAM_BYTES // kv_bytes)))
             try:
                 kvs = [[torch.randn(shape, device=dev, dtype=runner.dtype).to(runner.kv_dtype) for _ in range(2)]
                        for _ in range(copies)]
