@@ -1220,7 +1220,7 @@ def test_fp8_weights_halve_the_linear_layers_and_may_be_recommended():
     assert any("fp8" in n for n in both.notes)
 
 
-def test_an_fp8_lm_head_holds_and_reads_the_head_at_a_byte(tmp_path):
+def test_an_fp8_lm_head_holds_and_reads_the_head_at_a_byte(tmp_path, capsys):
     """fp8_lm_head (the engine's): the head at a byte a weight in memory and in a decode step's reads, a tied
     head as a copy of its own beside the bf16 embedding; validate reads it from the bench file, which may only
     say so with quantization 'fp8'"""
@@ -1246,6 +1246,15 @@ def test_an_fp8_lm_head_holds_and_reads_the_head_at_a_byte(tmp_path):
     path.write_text(json.dumps({**_measured("llama-3-8b", [(1, 0, 0)]), "fp8_lm_head": True}))
     with pytest.raises(PlanError, match="fp8_lm_head"):
         validate_files([str(path)])
+    # `plan --fp8-lm-head`: with --quantization fp8 (the weights a byte less a head row); alone, refused
+    argv = ["plan", "llama-3-8b", "--gpus", "1", "--gpu", "h200", "--quantization", "fp8", "--json"]
+    weights = []
+    for extra in ([], ["--fp8-lm-head"]):
+        assert main(argv + extra) == 0
+        weights.append(json.loads(capsys.readouterr().out)["layouts"][0]["weights_gb"])
+    assert weights[0] - weights[1] == pytest.approx(head / 1e9, abs=0.01)
+    assert main(["plan", "llama-3-8b", "--gpus", "1", "--fp8-lm-head"]) == 2
+    assert "set quantization 'fp8' too" in capsys.readouterr().err
 
 
 def test_an_fp8_checkpoint_config_plans_as_fp8(tmp_path):

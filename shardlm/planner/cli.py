@@ -3,7 +3,7 @@
     shardlm plan MODEL --gpus N [--gpu h100-80gb] [--interconnect nvlink|pcie|pcie-cross-socket]
                  [--gpus-per-node N] [--network ib-ndr|ib-hdr|eth-400g|eth-100g]
                  [--max-model-len 8192] [--input-len N] [--output-len N] [--max-num-seqs 256]
-                 [--kv-dtype bf16|fp8] [--quantization fp8] [--allow-fp8]
+                 [--kv-dtype bf16|fp8] [--quantization fp8 [--fp8-lm-head]] [--allow-fp8]
                  [--slo-tpot-ms X] [--slo-ttft-ms X] [--profile probe.json]
                  [--json] [--plot out.png]
     shardlm plan --validate measured.json [more.json ...] [MODEL] [--gpu ...] [--interconnect ...]
@@ -62,6 +62,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="the weights as the engine's quantization='fp8' serves them (decoder linear layers in FP8); "
                         "default: the checkpoint's own format (bf16 unless its config says FP8)")
+    p.add_argument("--fp8-lm-head", action="store_true",
+                   help="with --quantization fp8: the LM head in FP8 too, as the engine's fp8_lm_head runs it")
     p.add_argument("--allow-fp8", action="store_true",
                    help="also plan every layout with FP8 weights (rows marked fp8) and recommend among both")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target, ms")
@@ -111,8 +113,8 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(args.model)
-        if args.quantization is not None:
-            model = replace(model, quantization=args.quantization)
+        if args.quantization is not None or args.fp8_lm_head:
+            model = replace(model, quantization=args.quantization or model.quantization, fp8_lm_head=args.fp8_lm_head)
         cluster = make_cluster(args.gpu, args.gpus, args.interconnect, args.gpus_per_node, args.network)
         profile = load_profile(args.profile) if args.profile else None
         workload = Workload(max_model_len=args.max_model_len, input_len=args.input_len,
