@@ -57,9 +57,9 @@ class EngineArgs:
     uncalibrated FP8 cache), half the bytes of bf16: twice the tokens in the same memory"""
     quantization: Quantization | None = None
     """fp8: the linear layers' weights in FP8 (e4m3, a scale per output channel), quantised as they load
-    (the embedding and, unless fp8_lm_head, the LM head stay in dtype); on GPUs of compute capability 8.9+ (Ada, Hopper) the GEMMs
-    run on the FP8 tensor cores with the activations quantised per token. An FP8 checkpoint is read as it
-    is, without this flag"""
+    (the embedding and, unless fp8_lm_head, the LM head stay in dtype); on GPUs of compute capability 8.9+
+    (Ada, Hopper) the GEMMs run on the FP8 tensor cores with the activations quantised per token. An FP8
+    checkpoint is read as it is, without this flag"""
     fp8_lm_head: bool = False
     """with FP8 weights: the LM head in FP8 too (quantised at load, a scale per vocab row; a tied head gets an
     FP8 copy of the embedding): half the head's bytes a step (Llama-3-8B: 0.5 of 1.05 GB). Off by default, as
