@@ -156,6 +156,21 @@ GEMV_STREAM_BYTES = 512 << 20
 a decode step's weights stream through once"""
 
 
+def _stream_copies(nbytes: int) -> int:
+    """copies of an operand of nbytes a timing cycles through to read GEMV_STREAM_BYTES a round (at most 64)"""
+    return max(1, min(64, -(-GEMV_STREAM_BYTES // nbytes)))
+
+
+def _cycled_us(call, operands: list, device: torch.device, calls: int) -> float:
+    """Microseconds of one call(*operand), each of `operands` (copies of one shape) in turn, replayed in a CUDA
+    graph of about `calls` calls: the operands come from HBM, not from the L2 cache"""
+    def one_round() -> None:
+        for ops in operands:
+            call(*ops)
+
+    return _graph_timed(one_round, device, max(1, calls // len(operands))) / len(operands) * 1e6
+
+
 def _gemm_times(device: torch.device, rows: int, fp8: bool,
                 shapes: list[tuple[int, int]] = GEMV_SHAPES) -> list[list[float]]:
     """[weight bytes, us] of a [rows, in] x [in, out] GEMM per [out, in] weight shape (GEMV_SHAPES by
@@ -167,21 +182,14 @@ def _gemm_times(device: torch.device, rows: int, fp8: bool,
     out = []
     for n, k in shapes:
         nbytes = n * k * (1 if fp8 else 2)
-        copies = max(1, min(64, -(-GEMV_STREAM_BYTES // nbytes)))
+        copies = _stream_copies(nbytes)
+        x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         if fp8:
             ws = [quantize_rows(torch.randn(n, k, device=device) * 0.02) for _ in range(copies)]
+            out.append([nbytes, _cycled_us(lambda w, s: fp8_linear_kernels(x, w, s), ws, device, 64)])
         else:
-            ws = [(torch.randn(n, k, device=device, dtype=torch.bfloat16), None) for _ in range(copies)]
-        x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-
-        def one_round() -> None:
-            for w, s in ws:
-                if fp8:
-                    fp8_linear_kernels(x, w, s)
-                else:
-                    torch.nn.functional.linear(x, w)
-
-        out.append([nbytes, _graph_timed(one_round, device, max(1, 64 // copies)) / copies * 1e6])
+            ws = [(torch.randn(n, k, device=device, dtype=torch.bfloat16),) for _ in range(copies)]
+            out.append([nbytes, _cycled_us(lambda w: torch.nn.functional.linear(x, w), ws, device, 64)])
     return out
 
 
@@ -242,8 +250,8 @@ def attention_times(runner: ModelRunner) -> dict[str, list[list[float]]]:
     kernels, split-KV as a step plans it, the KV in the cache's dtype) for ATTENTION_BATCHES sequences of
     ATTENTION_CONTEXTS tokens each, replayed in a CUDA graph over enough copies of the K/V that they come from
     HBM, as a step's layers read theirs (one copy replayed can stay in the L2 cache: with one copy, batch 64
-    interpolated 16% under the engine's profiled attention, session 17); {} where the engine's attention is not the kernels (CPU, the torch path): the
-    planner prices the KV read then."""
+    interpolated 16% under the engine's profiled attention, session 17); {} where the engine's attention is
+    not the kernels (CPU, the torch path): the planner prices the KV read then."""
     from .kernels.paged_attention import build_metadata, paged_attention_triton
 
     if runner.attention_backend != "triton":
@@ -258,10 +266,9 @@ def attention_times(runner: ModelRunner) -> dict[str, list[list[float]]]:
             kv_bytes = 2 * math.prod(shape) * runner.kv_dtype.itemsize
             if kv_bytes > ATTENTION_MAX_BYTES:
                 continue
-            copies = max(1, min(64, -(-GEMV_STREAM_BYTES // kv_bytes)))
             try:
                 kvs = [[torch.randn(shape, device=dev, dtype=runner.dtype).to(runner.kv_dtype) for _ in range(2)]
-                       for _ in range(copies)]
+                       for _ in range(_stream_copies(kv_bytes))]
             except torch.cuda.OutOfMemoryError:  # (beside the engine's own memory: the shapes that fit)
                 torch.cuda.empty_cache()
                 continue
@@ -269,12 +276,7 @@ def attention_times(runner: ModelRunner) -> dict[str, list[list[float]]]:
             meta = build_metadata([c - 1] * b, [1] * b, tables, bs, dev, runner.dtype, "triton", heads, runner.sms)
             meta.workspace = runner.attn_workspace
             q = torch.randn(b, heads.n_q, heads.head_dim, device=dev, dtype=runner.dtype)
-
-            def one_round() -> None:
-                for k, v in kvs:
-                    paged_attention_triton(q, k, v, meta, heads)
-
-            points.append([c, _graph_timed(one_round, dev, max(1, 20 // copies)) / copies * 1e6])
+            points.append([c, _cycled_us(lambda k, v: paged_attention_triton(q, k, v, meta, heads), kvs, dev, 20)])
             kvs.clear()  # (before the next shape's copies are made)
         if points:
             out[str(b)] = points

@@ -3,9 +3,10 @@
 A linear layer in FP8 holds `weight` as float8_e4m3fn [out, in] and `weight_scale` float32 [out]: row o of
 the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (compute capability 8.9+:
 Ada, Hopper and later) `fp8_linear_kernels` runs one-row steps through a weight-only Triton kernel (the
-e4m3 weights widened in registers, the activations left in bf16; a wide matrix excepted, WIDE_N) and larger ones with the activations
-quantised per token too (each row's absolute maximum maps to the e4m3 maximum, 448): up to SMALL_M rows
-through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm (rowwise scaling).
+e4m3 weights widened in registers, the activations left in bf16; a wide matrix excepted, WIDE_N) and larger
+ones with the activations quantised per token too (each row's absolute maximum maps to the e4m3 maximum,
+448): up to SMALL_M rows through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm
+(rowwise scaling).
 Everywhere else, and as the reference the GPU path is tested against, `fp8_linear_torch` multiplies by the
 dequantised weights in the activations' dtype (on the CPU, float32: exactly the model a float32 checkpoint
 of the dequantised weights gives). `fp8_path(device)` picks one.

@@ -9,8 +9,8 @@ from torch import nn
 from ...common.layout import split_evenly
 from ..distributed import ParallelContext
 from ..weights import Reader, WeightError
-from .fp8 import FP8, fp8_path
-from .linear import read_fp8
+from .fp8 import fp8_path
+from .linear import _weight, read_fp8
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -50,9 +50,7 @@ class ParallelLMHead(nn.Module):
         self.start, self.end = self.shards[ctx.tp_rank]
         self.tied = tied is not None and not fp8
         # a tied head reuses the embedding's shard (same vocab split), so no second copy exists
-        self.weight = tied.weight if self.tied else nn.Parameter(
-            torch.empty(self.end - self.start, hidden, device=ctx.device, dtype=FP8 if fp8 else dtype),
-            requires_grad=False)
+        self.weight = tied.weight if self.tied else _weight(self.end - self.start, hidden, ctx, dtype, fp8)
         self.weight_scale = (nn.Parameter(torch.empty(self.end - self.start, device=ctx.device), requires_grad=False)
                              if fp8 else None)
         self._fp8_linear = fp8_path(ctx.device) if fp8 else None
