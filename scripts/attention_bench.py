@@ -80,13 +80,63 @@ def _paths(q_lens, starts, heads, workspace, sms, with_reference=True):
     return out, meta, rel
 
 
+def sweep(heads, workspace, sms) -> list[dict]:
+    """The decode launch (small tiles) at other key blocks (BLOCK_N), warps and pipeline stages than the
+    engine's, on decode shapes (batch, context): ms per call and GB/s of KV read, best first per shape;
+    every variant checked against the engine's own output."""
+    from shardlm.worker.kernels import triton_attention as ta
+
+    engine = (pa.BLOCK_N, dict(ta.SMALL_TILE_LAUNCH))
+    rows = []
+    for batch, ctx in ((64, 256), (128, 1024), (1, 4096), (32, 8192)):
+        q, kc, vc, tables = _batch([1] * batch, [ctx - 1] * batch)
+        kv_bytes = batch * ctx * 2 * N_KV * D * 2
+        want, shape_rows = None, []
+        for block_n in (64, 32, 128):
+            for warps in (4, 2, 8):
+                for stages in (3, 1, 2, 4):
+                    pa.BLOCK_N = ta.BLOCK_N = block_n
+                    ta.SMALL_TILE_LAUNCH = {"num_warps": warps, "num_stages": stages}
+                    try:
+                        meta = pa.build_metadata([ctx - 1] * batch, [1] * batch, tables, BS, DEV, DT, "triton", heads, sms)
+                        meta.workspace = workspace
+                        fn = lambda: pa.paged_attention_triton(q, kc, vc, meta, heads)  # noqa: E731
+                        got = fn().float()
+                        want = got if want is None else want  # (the first variant is the engine's)
+                        err = ((got - want).norm() / want.norm()).item()
+                        ms = _ms(fn)
+                    except Exception as e:  # out of shared memory or registers: not a candidate
+                        print(f"  {batch}x{ctx} BLOCK_N {block_n} warps {warps} stages {stages}: {type(e).__name__}")
+                        continue
+                    shape_rows.append({"batch": batch, "context": ctx, "block_n": block_n, "num_warps": warps,
+                                       "num_stages": stages, "splits": meta.launches[0].splits, "ms": round(ms, 4),
+                                       "GBps": round(kv_bytes / ms / 1e6), "rel_err": err})
+        shape_rows.sort(key=lambda r: r["ms"])
+        for r in shape_rows[:5]:
+            print(json.dumps(r), flush=True)
+        print(json.dumps({"engine": [r for r in shape_rows if (r["block_n"], r["num_warps"], r["num_stages"])
+                                     == (engine[0], engine[1]["num_warps"], engine[1]["num_stages"])]}), flush=True)
+        rows += shape_rows
+        torch.cuda.empty_cache()
+    pa.BLOCK_N = ta.BLOCK_N = engine[0]
+    ta.SMALL_TILE_LAUNCH = engine[1]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--sweep", action="store_true", help="only the decode launch's block, warps and stages")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     heads = pa.HeadLayout(N_Q, N_KV, D, tuple(i // (N_Q // N_KV) for i in range(N_Q)), DEV)
     workspace = pa.SplitWorkspace(N_Q, D, DEV)
+    if args.sweep:
+        rows = sweep(heads, workspace, sms)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"card": torch.cuda.get_device_name(DEV), "sweep": rows}, f, indent=1)
+        return
     hbm = copy_bandwidth()
     result = {"card": torch.cuda.get_device_name(DEV), "copy_GBps": round(hbm), "decode": [], "prefill": []}
     print(f"HBM copy: {hbm:.0f} GB/s", flush=True)

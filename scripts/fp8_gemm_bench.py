@@ -8,8 +8,8 @@ Each timed graph cycles through enough copies of the weights (>= 256 MB) that th
 the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (layers/fp8.py's fp8_linear_kernels, as the engine runs
 it: weight-only up to A8_ABOVE rows of a matrix narrower than WIDE_N, e4m3 activations otherwise),
 fp8-scaled_mm (the activations quantised per token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
-coordinate descent over fp8_gemm_small_m's tiles, split, warps and operand order from small_m_config's
-choice (and from the other kernel's, and swapped), printing the best configuration found beside it; where
+coordinate descent over fp8_gemm_small_m's tiles, split, warps, operand order and loads (TMA or not) from
+small_m_config's choice (and from the other kernel's, swapped, with the other loads), printing the best configuration found beside it; where
 the engine runs weight-only (up to A8_ABOVE rows of a matrix narrower than WIDE_N) both weight-only and on
 e4m3 activations (rows marked a8).
 """
@@ -24,7 +24,7 @@ import time
 
 SHAPES = {"8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
           "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}}
-SPACE = {"swap": (False, True), "split_k": (1, 2, 4, 8, 16), "block_n": (8, 16, 32, 64, 128),
+SPACE = {"tma": (False, True), "swap": (False, True), "split_k": (1, 2, 4, 8, 16), "block_n": (8, 16, 32, 64, 128),
          "block_k": (64, 128, 256, 512, 1024), "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8)}
 
 
@@ -33,6 +33,7 @@ def main() -> int:
     p.add_argument("--batches", default=None, help="default 1,2,4,8,16,32,64; with --tune 1,4,16,64")
     p.add_argument("--models", default=None, help="default 8b,70b; with --tune 8b")
     p.add_argument("--tune", action="store_true")
+    p.add_argument("--tma-only", action="store_true", help="--tune: e4m3-activation rows tried on the TMA kernel only")
     p.add_argument("--budget", type=float, default=240.0, help="seconds of --tune in all")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -133,14 +134,22 @@ def main() -> int:
                     starts = [best] + [cfg0._replace(gemv=g) for g in kinds if g != cfg0.gemv]
                     if not cfg0.swap:  # (the weights as the MMA's 64-row side: coordinate steps from cfg0 miss it)
                         starts.append(cfg0._replace(gemv=False, swap=True, block_n=max(64, cfg0.block_n)))
+                    if a8:  # (the TMA kernel wants other tiles than the pointer-load kernel: start it from both)
+                        starts += [c._replace(tma=not c.tma) for c in starts if not c.gemv]
+                        if a.tma_only:
+                            starts = [c for c in starts if c.tma]
                     for start in starts:
                         stop = min(deadline, time.monotonic() + per_problem / len(starts))
-                        cur, cur_us = start, (best_us if start == best else float("inf"))
+                        cur, cur_us = start, (best_us if start == best else timed(start))
+                        if start != best:
+                            tried += 1
+                            seen.append((cur_us, tuple(start)))
                         for _ in range(2):
                             for field, values in SPACE.items():
                                 for v in values:
                                     cand = cur._replace(**{field: v})
-                                    if cand == cur or time.monotonic() > stop or (cand.gemv and cand.swap):
+                                    if (cand == cur or time.monotonic() > stop or (cand.gemv and (cand.swap or cand.tma))
+                                            or (a.tma_only and a8 and not cand.tma)):
                                         continue
                                     try:
                                         us = timed(cand)

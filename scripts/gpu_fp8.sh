@@ -5,7 +5,7 @@
 # of bf16, FP8 weights, and FP8 weights and KV in the same call (bf16 the baseline; VARIANTS picks some);
 # kv: sequences of 8k tokens the KV cache holds, bf16 against kv_cache_dtype fp8 at the same memory setting; tune:
 # scripts/fp8_gemm_bench.py --tune (the small-batch kernels' configurations, TUNE_BUDGET seconds, batches
-# TUNE_BATCHES); gemm: the kernels as the engine runs them, 8B and 70B shapes; big: BIG_MODEL (default
+# TUNE_BATCHES, more flags TUNE_ARGS e.g. --tma-only); gemm: the kernels as the engine runs them, 8B and 70B shapes; big: BIG_MODEL (default
 # random:llama-3-70b) in FP8 weights and KV on this GPU (BIG_FLAGS: more bench flags, e.g. "-tp 2").
 # LATENCY_FLAGS: the latency benches' further flags (default --profile-step; e.g. "--repeats 3").
 # Results under $OUT.
@@ -16,7 +16,7 @@ OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 MODEL=${MODEL:-random:llama-3-8b}
 STAGES=${STAGES:-tests gemm check latency kv}
 if [[ $STAGES == *tune* ]]; then
-  timeout $(( ${TUNE_BUDGET:-200} + 120 )) python3 scripts/fp8_gemm_bench.py --tune --budget ${TUNE_BUDGET:-200} ${TUNE_BATCHES:+--batches $TUNE_BATCHES} \
+  timeout $(( ${TUNE_BUDGET:-200} + 120 )) python3 scripts/fp8_gemm_bench.py --tune --budget ${TUNE_BUDGET:-200} ${TUNE_BATCHES:+--batches $TUNE_BATCHES} ${TUNE_ARGS:-} \
     --json "$OUT/fp8_tune.json" > "$OUT/fp8_tune.txt" 2>&1
   tail -20 "$OUT/fp8_tune.txt"
 fi

@@ -249,7 +249,9 @@ for m, n, k, cfg in [(1, 40, 96, Config(True, 16, 32, 3, 4, 2)), (3, 33, 100, Co
                      (4, 64, 128, Config(True, 16, 32, 1, 4, 2)), (5, 40, 96, Config(False, 16, 32, 2, 4, 2)),
                      (17, 48, 80, Config(False, 32, 16, 4, 4, 2)), (64, 32, 64, Config(False, 16, 16, 1, 4, 2)),
                      (6, 40, 96, Config(False, 16, 32, 2, 4, 2, swap=True)),
-                     (20, 70, 80, Config(False, 32, 16, 1, 4, 2, swap=True))]:
+                     (20, 70, 80, Config(False, 32, 16, 1, 4, 2, swap=True)),
+                     (20, 70, 80, Config(False, 32, 16, 1, 4, 2, tma=True)),
+                     (5, 40, 96, Config(False, 16, 32, 2, 4, 2, swap=True, tma=True))]:
     # (the interpreter's bf16 tl.dot is wrong: the tensor-core kernel runs on fp16 here, bf16 on the GPU)
     x = torch.randn(m, k).to(torch.bfloat16 if cfg.gemv else torch.float16)
     w, s = quantize_rows(torch.randn(n, k) * 0.02)
@@ -274,7 +276,7 @@ print("interpreted kernels agree")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_the_fp8_kernels_in_the_cpu_interpreter():
-    """The FP8 small-batch kernels' indexing, masking and split-K (partial sums through the workspace, the
+    """The FP8 small-batch kernels' indexing, masking (TMA loads too) and split-K (partial sums through the workspace, the
     last program of a block adding them up and resetting its counter), run by Triton's interpreter, against
     the dequantising reference"""
     env = dict(os.environ, TRITON_INTERPRET="1")

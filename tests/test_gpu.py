@@ -215,7 +215,7 @@ def test_gpu_fp8_linear_matches_its_reference():
     """the FP8 kernels against the dequantising reference: up to A8_ABOVE rows of a matrix narrower than WIDE_N
     the weight-only Triton kernels (within bf16 rounding) with the tuned configurations and with split-K forced
     on both kernels (and the operands swapped); above, and for a wide matrix, the activations in e4m3 too (the
-    Triton kernel up to SMALL_M rows, swapped operands too; torch._scaled_mm above, or the Triton kernel 64
+    Triton kernel up to SMALL_M rows, swapped operands and TMA loads too; torch._scaled_mm above, or the Triton kernel 64
     rows at a time where a dimension is no multiple of 16: the activations' rounding to 3 mantissa bits is
     the difference, a few percent of an output at most); bias added; the split-K counters left zero"""
     from shardlm.worker.kernels.triton_fp8 import (
@@ -258,8 +258,9 @@ def test_gpu_fp8_linear_matches_its_reference():
             close(fp8_gemm_small_m(x, w, s, bias, config=cfg), want, 0.01)
         xq, xs = quantize_activations(x)
         close(fp8_gemm_small_m(xq, w, s, bias, x_scale=xs, out_dtype=x.dtype), want, 0.05)
-        close(fp8_gemm_small_m(xq, w, s, bias, x_scale=xs, out_dtype=x.dtype,
-                               config=Config(False, 64, 128, 2, 4, 3, swap=True)), want, 0.05)
+        for cfg in (Config(False, 64, 128, 2, 4, 3, swap=True), Config(False, 128, 128, 2, 4, 4, tma=True),
+                    Config(False, 64, 128, 3, 4, 4, swap=True, tma=True)):
+            close(fp8_gemm_small_m(xq, w, s, bias, x_scale=xs, out_dtype=x.dtype, config=cfg), want, 0.05)
     assert not workspace(dev)[1].any()
 
 

@@ -161,6 +161,10 @@ def _combine_kernel(O, PART_O, PART_LSE, Q_START, TILE_SEQ, TILE_Q0, splits,
 
 
 LOG2E = 1.4426950408889634
+SMALL_TILE_LAUNCH = {"num_warps": 4, "num_stages": 3}
+"""how the small tiles' launch (decodes, short chunks) runs (scripts/attention_bench.py --sweep tries others)"""
+LARGE_TILE_LAUNCH = {"num_warps": 8, "num_stages": 2}
+"""how the large tiles' launch (prompt chunks) runs"""
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, meta, launch, heads) -> None:
@@ -186,7 +190,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
         G_PAD=heads.g_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HEAD_DIM=heads.head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size,
         SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=use_pdl,
-        num_warps=8 if large else 4, num_stages=2 if large else 3, launch_pdl=use_pdl)
+        **(LARGE_TILE_LAUNCH if large else SMALL_TILE_LAUNCH), launch_pdl=use_pdl)
     if split:
         _combine_kernel[(tiles, heads.n_q)](
             out, part_o, part_lse, meta.query_start, launch.tile_seq, launch.tile_q0, launch.splits,

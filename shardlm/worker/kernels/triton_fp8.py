@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..layers.fp8 import SMALL_M, WIDE_N
 from . import pdl
@@ -111,6 +112,30 @@ def _fp8_dot_kernel(X, W, S, XS, B, Y, WS, CNT, M, N, K, stride_xm, stride_ym, S
 
 
 @triton.jit
+def _fp8_tma_kernel(XD, WD, S, XS, B, Y, WS, CNT, M, N, K, stride_ym, SPLIT_K, HAS_BIAS: tl.constexpr,
+                    SWAP: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """_fp8_dot_kernel on e4m3 activations with both operands' tiles fetched by the Tensor Memory Accelerator
+    (XD, WD: tensor descriptors of x [M, K] and w [N, K]; rows and columns past their ends read as zeros): the
+    copy engine, not the warps' address arithmetic, streams the weights into shared memory"""
+    n0 = tl.program_id(0) * BLOCK_N
+    lo, steps = _k_range(K, SPLIT_K, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), tl.float32)
+    pdl_start(PDL)  # x (and the workspace) only once the kernel before has finished
+    for i in range(0, steps):
+        x = XD.load([0, lo + i * BLOCK_K])
+        w = WD.load([n0, lo + i * BLOCK_K])
+        if SWAP:
+            acc += tl.dot(w, tl.trans(x))
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if SWAP:
+        acc = tl.trans(acc)
+    _epilogue(acc, tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N), M, N, Y, stride_ym, S, XS, B, WS, CNT,
+              SPLIT_K, HAS_BIAS, True)
+
+
+@triton.jit
 def _gemv_products(w, X, kk, K, stride_xm, acc0, acc1, acc2, acc3, M: tl.constexpr):
     """one [BLOCK_N, BLOCK_K] e4m3 weight tile times up to 4 rows of x at columns kk, added to acc0..acc3"""
     w = w.to(tl.float32)
@@ -168,6 +193,7 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     swap: bool = False  # tensor-core kernel: the weights as the MMA's first operand (y^T = w x^T)
+    tma: bool = False  # tensor-core kernel on e4m3 activations: tiles fetched by TMA (_fp8_tma_kernel)
 
 
 def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> Config:
@@ -215,6 +241,12 @@ def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _WORKSPACES[device]
 
 
+def tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether TMA can fetch e4m3 x [m, k] and w [n, k]: 16-byte aligned bases and rows (k a multiple of 16)"""
+    return (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 and w.shape[1] % 16 == 0
+            and w.stride(0) == w.shape[1] and x.stride(1) == 1 and w.stride(1) == 1)
+
+
 def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                      config: Config | None = None) -> torch.Tensor:
@@ -239,6 +271,14 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
         _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, M=m,
                                HAS_BIAS=bias is not None, PDL=use_pdl, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+    elif a8 and cfg.tma and tma_ok(x, w):
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        xd = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, cfg.block_k])
+        wd = TensorDescriptor(w, [n, k], [k, 1], [cfg.block_n, cfg.block_k])
+        _fp8_tma_kernel[grid](xd, wd, scale, x_scale, b, y, ws, cnt, m, n, k, y.stride(0), cfg.split_k,
+                              HAS_BIAS=bias is not None, SWAP=cfg.swap, PDL=use_pdl, BLOCK_M=block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                              num_stages=cfg.num_stages, launch_pdl=use_pdl)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         _fp8_dot_kernel[grid](x, w, scale, x_scale if a8 else scale, b, y, ws, cnt, m, n, k, x.stride(0),
