@@ -198,18 +198,29 @@ class Config(NamedTuple):
 
 def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> Config:
     """The configuration a decode GEMM of m rows (<= SMALL_M) of [n, k] e4m3 weights runs with (a8: e4m3
-    activations), from scripts/fp8_gemm_bench.py --tune on an H200: one row on the CUDA cores, more on the
-    tensor cores (e4m3 activations at up to 16 rows with swapped operands); split-K until the output blocks
-    times the pieces keep every SM (sms of them) streaming, each piece at least 4 K blocks long."""
+    activations), from scripts/fp8_gemm_bench.py --tune on an H200 (docs/PERFORMANCE.md, sessions 15 and 18):
+    weight-only, one row on the CUDA cores and more on the tensor cores; on e4m3 activations the TMA-fed
+    kernel, the weights the MMA's 64-row side up to 32 rows and for a wide matrix or a long K (down_proj), and
+    for the other matrices at 33-64 rows x the MMA's 64-row side on narrow weight tiles. Split-K until the
+    output blocks times the pieces keep every SM streaming (`programs` of them), each piece at least 4 K blocks
+    long."""
     wide = n >= WIDE_N  # (gate_up: enough output blocks without split, wider tiles read faster)
+    long_k = k >= 3 * n  # (down_proj)
     if m == 1 and not a8:  # (the engine runs a wide matrix's one-row step on e4m3 activations: layers/fp8.py)
         cfg, programs = Config(True, 32 if wide else 16, 256 if wide else 512, 1, 8, 4), 2 * sms
     elif not a8:
         cfg, programs = Config(False, 32, 128 if m <= 4 else 256, 1, 4, 4), 4 * sms
-    elif m <= 16:  # e4m3 activations, few rows: the weights the MMA's 64-row side, the rows its narrow one
-        cfg, programs = Config(False, 128 if wide else 64, 128, 1, 4, 4, swap=True), 3 * sms // 2
-    else:  # 17-64 rows: long-K shapes (down_proj) on wider tiles in more pieces
-        cfg, programs = Config(False, 128 if wide else 64 if k >= 3 * n else 32, 128, 1, 4, 4), 3 * sms // 2
+    elif wide:
+        cfg, programs = Config(False, 128, 128, 1, 4, 4, swap=True, tma=True), sms
+    elif m <= 16:
+        cfg = Config(False, 64, 256 if long_k else 128, 1, 4, 3 if long_k else 4, swap=True, tma=True)
+        programs = 3 * sms // 2
+    elif m <= 32:
+        cfg, programs = Config(False, 64, 256, 1, 8, 3, swap=True, tma=True), sms
+    elif long_k:
+        cfg, programs = Config(False, 64, 128, 1, 4, 6, swap=True, tma=True), 3 * sms // 2
+    else:  # 33-64 rows of qkv, o_proj: narrow weight tiles, many of them, no split
+        cfg, programs = Config(False, 16 if n <= k else 32, 256 if n <= k else 128, 1, 4, 5, tma=True), 0
     blocks, split = triton.cdiv(n, cfg.block_n), 1
     while blocks * split < programs and k >= 8 * split * cfg.block_k:
         split *= 2
