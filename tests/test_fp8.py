@@ -304,3 +304,19 @@ def test_the_grouped_fp8_expert_gemm_takes_the_experts_as_stored():
     assert fp8_grouped_mm(act, torch.empty(rows, device=meta), w2, s2, offs, torch.bfloat16).shape == (rows, h)
     with pytest.raises(RuntimeError, match="scale_b"):
         fp8_grouped_mm(x, torch.empty(rows, device=meta), w13, torch.empty(E, h, device=meta), offs, torch.bfloat16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_step_profile_counts_every_fp8_gemm_kernel_as_gemm():
+    """profile_step's split of a step's GPU time (gemm, attention, other) knows every FP8 GEMM kernel by its
+    name; the activation quantisation is other"""
+    import triton
+
+    from shardlm.worker.kernels import triton_fp8
+    from shardlm.worker.profiling import _kernel_kind
+
+    launched = [name for name, f in vars(triton_fp8).items() if isinstance(f, triton.JITFunction)
+                and name.endswith("_kernel")]
+    assert len(launched) >= 4, launched
+    for name in launched:
+        assert _kernel_kind(name) == ("other" if "quantize" in name else "gemm"), name

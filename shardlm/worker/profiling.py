@@ -114,7 +114,8 @@ def _kernel_kind(name: str) -> str:
         return "communication"
     if any(k in name for k in ("attention", "fmha", "flash", "softmax")):  # before gemm: fmha_cutlass...
         return "attention"
-    if any(k in name for k in ("gemm", "gemv", "fp8_dot", "nvjet", "cutlass", "matmul", "sm90")):  # (fp8: ours)
+    if any(k in name for k in ("gemm", "gemv", "fp8_dot", "fp8_tma", "nvjet", "cutlass", "matmul",
+                                 "sm90")):  # (fp8_*: ours)
         return "gemm"
     return "other"
 

@@ -39,8 +39,12 @@ MAX_SPLITS = 64
 SPLIT_ROWS = 2048
 """the partials' workspace holds this many (part, token) rows of every query head: a step of T tokens can
 be split into at most SPLIT_ROWS // T parts"""
-BLOCK_N = 64
-"""key positions per inner iteration of the kernel"""
+BLOCK_N = 128
+"""key positions per inner iteration of the small tiles' launch (decodes, short chunks; a split part is a whole
+number of them): on an H200 decode attention at 128 took 0.86-0.91x the time it took at 64 (batch 64 x 256
+positions to 32 x 8k; scripts/attention_bench.py --sweep, docs/PERFORMANCE.md session 18)"""
+LARGE_BLOCK_N = 64
+"""key positions per inner iteration of the large tiles' launch (prompt chunks)"""
 
 
 class HeadLayout:

@@ -3,9 +3,9 @@
 `_attention_kernel`: one program per (tile, KV head, split). A tile is up to BLOCK_M query rows of one
 sequence: BLOCK_M / G_PAD consecutive new tokens x the G_PAD query heads its KV head serves (GQA: each
 K/V block is loaded once for the whole group; the head map allows an uneven group from a TP split). The
-program walks the keys [0, start + q0 + tokens of the tile) in blocks of BLOCK_N positions, each block's
-slots read through the sequence's block table: first the keys every row of the tile sees (no mask),
-then the causal edge. Online softmax in float32 with exp2; float32 inputs multiply in full precision
+program walks the keys [0, start + q0 + tokens of the tile) in blocks of BLOCK_N positions (paged_attention's
+BLOCK_N for the small tiles, LARGE_BLOCK_N for the large), each block's slots read through the sequence's
+block table: first the keys every row of the tile sees (no mask), then the causal edge. Online softmax in float32 with exp2; float32 inputs multiply in full precision
 (no TF32), so the tiny float32 checkpoints match Hugging Face.
 
 Split-KV (flash-decoding): with SPLIT the context is cut into parts of `split_len` positions, one
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .paged_attention import BLOCK_N, SMALL_M
+from .paged_attention import BLOCK_N, LARGE_BLOCK_N, SMALL_M
 from .triton_pdl import pdl_start
 
 
@@ -161,7 +161,7 @@ def _combine_kernel(O, PART_O, PART_LSE, Q_START, TILE_SEQ, TILE_Q0, splits,
 
 
 LOG2E = 1.4426950408889634
-SMALL_TILE_LAUNCH = {"num_warps": 4, "num_stages": 3}
+SMALL_TILE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 """how the small tiles' launch (decodes, short chunks) runs (scripts/attention_bench.py --sweep tries others)"""
 LARGE_TILE_LAUNCH = {"num_warps": 8, "num_stages": 2}
 """how the large tiles' launch (prompt chunks) runs"""
@@ -187,7 +187,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), meta.block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        G_PAD=heads.g_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HEAD_DIM=heads.head_dim, BLOCK_D=block_d,
+        G_PAD=heads.g_pad, BLOCK_M=block_m, BLOCK_N=LARGE_BLOCK_N if large else BLOCK_N, HEAD_DIM=heads.head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size,
         SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=use_pdl,
         **(LARGE_TILE_LAUNCH if large else SMALL_TILE_LAUNCH), launch_pdl=use_pdl)
