@@ -320,3 +320,51 @@ def test_the_step_profile_counts_every_fp8_gemm_kernel_as_gemm():
     assert len(launched) >= 4, launched
     for name in launched:
         assert _kernel_kind(name) == ("other" if "quantize" in name else "gemm"), name
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_norms_and_silu_hand_fp8_layers_their_input_quantised(rows, monkeypatch):
+    """Where an FP8 layer runs on e4m3 activations (layers/fp8.py takes_e4m3: the GPU path, emulated here by
+    the reference arithmetic with per-token activation quantisation), the RMSNorm before qkv_proj and
+    gate_up_proj and the SiLU x up before down_proj hand it E4M3Rows: a decoder layer's output is bitwise the
+    one it gives when every layer quantises its own input, and o_proj (after attention) gets a tensor; one
+    row (narrower than WIDE_N) is multiplied weight-only, and nothing is handed over quantised"""
+    import dataclasses
+
+    from shardlm.common.layout import ParallelLayout
+    from shardlm.common.presets import preset
+    from shardlm.worker.distributed import ParallelContext
+    from shardlm.worker.layers import fp8, linear
+    from shardlm.worker.models.llama import LlamaDecoderLayer
+    from shardlm.worker.weights import RandomReader
+
+    arrived = []
+
+    def emulated(x, weight, scale, bias=None):
+        arrived.append((weight.shape, type(x).__name__))
+        if not isinstance(x, fp8.E4M3Rows) and fp8.e4m3_activations(x.shape[0], weight.shape[0]):
+            x = fp8.quantize_activations_torch(x)
+        return fp8.fp8_linear_torch(x, weight, scale, bias)
+
+    monkeypatch.setattr(linear, "fp8_path", lambda device: emulated)
+    monkeypatch.setattr(fp8, "fp8_linear_kernels", emulated)  # (what takes_e4m3 recognises)
+    cfg = dataclasses.replace(preset("tiny-llama"), quantization="fp8")
+    ctx = ParallelContext(ParallelLayout(), 0, torch.device("cpu"), None, (0, 1))
+    layer = LlamaDecoderLayer(0, cfg, ctx, torch.float32)
+    for module in layer.modules():
+        if module is not layer and hasattr(module, "load"):
+            module.load(RandomReader(0))
+    monkeypatch.setattr(layer.self_attn.attn, "forward", lambda rope, q, k, v, meta: q.reshape(q.shape[0], -1))
+    gen = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(rows, cfg.hidden_size, generator=gen) for _ in range(2))
+    fused = layer(None, x, residual, None)
+    handed = arrived[:]
+    arrived.clear()
+    monkeypatch.setattr(linear, "takes_e4m3", lambda *a: False)
+    alone = layer(None, x, residual, None)
+    assert all(torch.equal(a, b) for a, b in zip(fused, alone))
+    q, kv, d, h, f = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
+                      cfg.intermediate_size)
+    kind = "E4M3Rows" if rows > 1 else "Tensor"
+    assert handed == [(((q + 2 * kv) * d, h), kind), ((h, q * d), "Tensor"), ((2 * f, h), kind), ((h, f), kind)]
+    assert all(k == "Tensor" for _, k in arrived)

@@ -171,20 +171,31 @@ def _cycled_us(call, operands: list, device: torch.device, calls: int) -> float:
     return _graph_timed(one_round, device, max(1, calls // len(operands))) / len(operands) * 1e6
 
 
-def _gemm_times(device: torch.device, rows: int, fp8: bool,
-                shapes: list[tuple[int, int]] = GEMV_SHAPES) -> list[list[float]]:
+def _gemm_times(device: torch.device, rows: int, fp8: bool, shapes: list[tuple[int, int]] = GEMV_SHAPES,
+                handed: tuple[bool, ...] = ()) -> list[list[float]]:
     """[weight bytes, us] of a [rows, in] x [in, out] GEMM per [out, in] weight shape (GEMV_SHAPES by
     default), replayed in a CUDA graph past the L2 cache: bf16 through F.linear (cuBLAS, as the layers run
-    it), or FP8 through the engine's FP8 path (layers/fp8.py fp8_linear_kernels). A decode step's GEMMs at its
-    batch: the planner reads a layer's weights at the time of its GEMMs' size and rows."""
-    from .layers.fp8 import fp8_linear_kernels, quantize_rows
+    it), or FP8 through the engine's FP8 path (layers/fp8.py fp8_linear_kernels; its activation quantisation
+    included, but for the shapes `handed` marks, whose input the kernel before quantises where the engine's
+    does: the fused norm or SiLU x up, takes_e4m3). A decode step's GEMMs at its batch: the planner reads a
+    layer's weights at the time of its GEMMs' size and rows."""
+    from .layers.fp8 import (
+        E4M3Rows,
+        e4m3_activations,
+        fp8_linear_kernels,
+        quantize_rows,
+    )
 
     out = []
-    for n, k in shapes:
+    for i, (n, k) in enumerate(shapes):
         nbytes = n * k * (1 if fp8 else 2)
         copies = _stream_copies(nbytes)
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         if fp8:
+            if i < len(handed) and handed[i] and e4m3_activations(rows, n):
+                from .kernels.triton_fp8 import quantize_activations
+
+                x = E4M3Rows(*quantize_activations(x), x.dtype)
             ws = [quantize_rows(torch.randn(n, k, device=device) * 0.02) for _ in range(copies)]
             out.append([nbytes, _cycled_us(lambda w, s: fp8_linear_kernels(x, w, s), ws, device, 64)])
         else:
@@ -206,6 +217,11 @@ LAYER_GEMM_ROWS = (1, 8, 32, 64, 128)
 """decode batches (and short prefills) at which `probe --model` times a dense layer's own GEMMs"""
 
 
+LAYER_HANDED = (True, False, True, True)
+"""of layer_gemm_shapes' qkv, o, gate_up and down: whose FP8 input the kernel before quantises (the norms, SiLU x
+up; o_proj's input comes from attention: it quantises its own)"""
+
+
 def layer_gemm_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
     """[out, in] of this rank's qkv, o, gate_up and down weights in the first decoder layer with a dense
     (gated) MLP; [] if the stage has none (MoE layers only)."""
@@ -221,7 +237,7 @@ def layer_gemm_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
 def layer_gemm_times(runner: ModelRunner) -> dict[str, dict[str, float]]:
     """{"bf16": {rows: us}, "fp8": {rows: us}}: one dense layer's four GEMMs (this model's own shapes on this
     rank) at LAYER_GEMM_ROWS rows, as _gemm_times runs them (bf16 through F.linear; on a GPU with FP8 tensor
-    cores the FP8 path too); {} off a GPU, without a dense layer, or where the weights' copies do not fit
+    cores the FP8 path too, the inputs LAYER_HANDED marks quantised before); {} off a GPU, without a dense layer, or where the weights' copies do not fit
     beside the engine (the planner keeps the weight-size curves then)."""
     from .layers.fp8 import scaled_mm_ok
 
@@ -231,8 +247,8 @@ def layer_gemm_times(runner: ModelRunner) -> dict[str, dict[str, float]]:
         return {}
     formats = [("bf16", False)] + ([("fp8", True)] if scaled_mm_ok(dev) else [])
     try:
-        return {name: {str(m): sum(us for _, us in _gemm_times(dev, m, fp8, shapes)) for m in LAYER_GEMM_ROWS}
-                for name, fp8 in formats}
+        return {name: {str(m): sum(us for _, us in _gemm_times(dev, m, fp8, shapes, LAYER_HANDED))
+                       for m in LAYER_GEMM_ROWS} for name, fp8 in formats}
     except torch.cuda.OutOfMemoryError:
         return {}
     finally:

@@ -19,6 +19,8 @@ weight is quantised here as it is loaded, so the bf16 copy of a layer never outl
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -44,9 +46,30 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.float() * scale[:, None]).to(dtype)
 
 
-def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+class E4M3Rows(NamedTuple):
+    """Activations already quantised per token by the kernel that made them (the fused RMSNorm or SiLU x up,
+    kernels/norm_act.py), for an FP8 layer on e4m3 activations (`takes_e4m3`): x ~ q * scale, each row's max
+    |x| at 448, exactly as the layer would have quantised x itself."""
+
+    q: torch.Tensor
+    """float8_e4m3fn [rows, k]"""
+    scale: torch.Tensor
+    """float32 [rows, 1]"""
+    dtype: torch.dtype
+    """the dtype x had, and the layer's output has"""
+
+
+def quantize_activations_torch(x: torch.Tensor) -> E4M3Rows:
+    """x [rows, k] -> its E4M3Rows (quantize_rows' arithmetic; the reference of the fused kernels)"""
+    q, scale = quantize_rows(x)
+    return E4M3Rows(q, scale[:, None], x.dtype)
+
+
+def fp8_linear_torch(x: torch.Tensor | E4M3Rows, weight: torch.Tensor, scale: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference: x times the dequantised weights, in x's dtype."""
+    """The reference: x times the dequantised weights, in x's dtype (E4M3Rows: dequantised first)."""
+    if isinstance(x, E4M3Rows):
+        x = (x.q.float() * x.scale).to(x.dtype)
     return F.linear(x, dequantize_rows(weight, scale, x.dtype), bias)
 
 
@@ -67,30 +90,41 @@ def e4m3_activations(rows: int, n: int) -> bool:
     return rows > A8_ABOVE or n >= WIDE_N
 
 
-def fp8_linear_kernels(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+def takes_e4m3(fp8_linear, rows: int, n: int) -> bool:
+    """Whether a layer running `fp8_linear` (fp8_path's choice; None: not FP8) multiplies a step of `rows` rows
+    through its n output rows on e4m3 activations, so that the kernel before it may hand it E4M3Rows: the
+    GPU path, where e4m3_activations says so (the reference multiplies the activations as they are)."""
+    return fp8_linear is fp8_linear_kernels and e4m3_activations(rows, n)
+
+
+def fp8_linear_kernels(x: torch.Tensor | E4M3Rows, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): up to A8_ABOVE rows of a matrix narrower than
     WIDE_N through the weight-only Triton kernel, other steps of up to SMALL_M rows through the Triton kernel
     on e4m3 activations (per-token scales), more through torch._scaled_mm with the same activation scales
     (both dimensions of W multiples of 16; else the Triton kernel, SMALL_M rows at a time: e.g. an LM head
-    shard of a vocabulary the TP degree cuts into rows no multiple of 16)."""
+    shard of a vocabulary the TP degree cuts into rows no multiple of 16). x may come quantised already
+    (E4M3Rows: where takes_e4m3 says this path quantises it)."""
     from ..kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
 
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    if not e4m3_activations(rows, weight.shape[0]):
-        return fp8_gemm_small_m(x2, weight, scale, bias).reshape(*shape[:-1], weight.shape[0])
-    xq, x_scale = quantize_activations(x2)
+    if isinstance(x, E4M3Rows):  # quantised by the kernel before (rows [rows, k])
+        (xq, x_scale, dtype), shape = x, x.q.shape
+    else:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if not e4m3_activations(x2.shape[0], weight.shape[0]):
+            return fp8_gemm_small_m(x2, weight, scale, bias).reshape(*shape[:-1], weight.shape[0])
+        xq, x_scale = quantize_activations(x2)
+    rows = xq.shape[0]
     if rows > SMALL_M and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=dtype)
         if bias is not None:
             y = y + bias
     else:
         parts = [fp8_gemm_small_m(xq[i:i + SMALL_M], weight, scale, bias, x_scale=x_scale[i:i + SMALL_M],
-                                  out_dtype=x.dtype) for i in range(0, rows, SMALL_M)]
+                                  out_dtype=dtype) for i in range(0, rows, SMALL_M)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
     return y.reshape(*shape[:-1], weight.shape[0])
 

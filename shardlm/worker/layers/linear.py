@@ -13,7 +13,7 @@ from ...common.layout import split_evenly
 from ..distributed import ParallelContext
 from ..kernels.norm_act import PATHS
 from ..weights import Reader, WeightError
-from .fp8 import FP8, fp8_path, quantize_rows
+from .fp8 import FP8, E4M3Rows, fp8_path, quantize_rows, takes_e4m3
 
 
 def _weight(rows: int, cols: int, ctx: ParallelContext, dtype: torch.dtype, fp8: bool) -> nn.Parameter:
@@ -102,7 +102,11 @@ class ColumnParallelLinear(nn.Module):
                 self.bias.data[row:row + p.size].copy_(b)
             row += p.size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_e4m3(self, rows: int) -> bool:
+        """Whether a step of `rows` rows may come as E4M3Rows (layers/fp8.py takes_e4m3)"""
+        return takes_e4m3(self._fp8_linear, rows, self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor | E4M3Rows) -> torch.Tensor:
         if self._fp8_linear is not None:
             return self._fp8_linear(x, self.weight, self.weight_scale, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -141,7 +145,11 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.data.copy_(reader.read(f"{self.name}.bias", (self.out_features,), None, 0, 0, dev, self.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_e4m3(self, rows: int) -> bool:
+        """Whether a step of `rows` rows may come as E4M3Rows (layers/fp8.py takes_e4m3)"""
+        return takes_e4m3(self._fp8_linear, rows, self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor | E4M3Rows) -> torch.Tensor:
         y = self._fp8_linear(x, self.weight, self.weight_scale) if self._fp8_linear is not None else F.linear(x, self.weight)
         if not self.reduce:
             return y
@@ -165,7 +173,12 @@ class GatedMLP(nn.Module):
 
     def use(self, backend: str) -> None:
         """SiLU(gate) x up on this path from now on ('torch' or 'triton': one kernel, kernels/norm_act.py)."""
-        self._silu_mul = PATHS[backend][1]
+        self._paths = PATHS[backend]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._silu_mul(self.gate_up_proj(x)))  # all-reduce inside down_proj (unless reduce=False)
+    def forward(self, x: torch.Tensor | E4M3Rows) -> torch.Tensor:
+        """x [tokens, h], or E4M3Rows where gate_up_proj.takes_e4m3; SiLU x up hands down_proj its input
+        quantised already where it takes e4m3. The all-reduce is inside down_proj (unless reduce=False)."""
+        gate_up = self.gate_up_proj(x)
+        if self.down_proj.takes_e4m3(gate_up.shape[0]):
+            return self.down_proj(self._paths.silu_mul_e4m3(gate_up))
+        return self.down_proj(self._paths.silu_mul(gate_up))

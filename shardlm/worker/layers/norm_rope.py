@@ -11,6 +11,7 @@ from torch import nn
 
 from ..kernels.norm_act import PATHS
 from ..weights import Reader
+from .fp8 import E4M3Rows
 
 
 class RMSNorm(nn.Module):
@@ -25,11 +26,14 @@ class RMSNorm(nn.Module):
 
     def use(self, backend: str) -> None:
         """Run add_norm on this path from now on ('torch' or 'triton')."""
-        self._add_rms_norm = PATHS[backend][0]
+        self._paths = PATHS[backend]
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normed x + residual, x + residual) for rows [tokens, hidden]; residual None: x alone."""
-        return self._add_rms_norm(x, residual, self.weight, self.eps)
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, e4m3: bool = False
+                 ) -> tuple[torch.Tensor | E4M3Rows, torch.Tensor]:
+        """(normed x + residual, x + residual) for rows [tokens, hidden]; residual None: x alone. e4m3: the
+        normed rows quantised per token for the FP8 layer after the norm (takes_e4m3), as E4M3Rows."""
+        fn = self._paths.add_rms_norm_e4m3 if e4m3 else self._paths.add_rms_norm
+        return fn(x, residual, self.weight, self.eps)
 
     def load(self, reader: Reader) -> None:
         self.weight.data.copy_(reader.read(f"{self.name}.weight", (self.hidden,), None, 0, 0,

@@ -17,6 +17,7 @@ from ...common.config import ModelConfig
 from ...common.layout import shard_heads
 from ..distributed import ParallelContext
 from ..layers.attention import AttentionMetadata, PagedAttention
+from ..layers.fp8 import E4M3Rows
 from ..layers.linear import ColumnParallelLinear, GatedMLP, RowParallelLinear, RowSlice
 from ..layers.moe import SparseMoE
 from ..layers.norm_rope import RMSNorm, RotaryEmbedding
@@ -87,16 +88,23 @@ class LlamaDecoderLayer(nn.Module):
         rank's share of it if x_partial; residual: the stream's sum before it. Returns this layer's MLP output
         (a share if mlp_partial) and the sum before it: the residual adds are fused into the norms (HF's
         x + attn(norm(x)), then + mlp(norm(..)), same values)."""
-        h, residual = add_norm(self.ctx, self.input_layernorm, x, residual, x_partial)
+        rows = x.shape[0]
+        h, residual = add_norm(self.ctx, self.input_layernorm, x, residual, x_partial,
+                               self.self_attn.qkv_proj.takes_e4m3(rows))
         h, residual = add_norm(self.ctx, self.post_attention_layernorm, self.self_attn(rope, h, meta), residual,
-                               self.self_attn.partial)
+                               self.self_attn.partial,
+                               isinstance(self.mlp, GatedMLP) and self.mlp.gate_up_proj.takes_e4m3(rows))
         return self.mlp(h), residual
 
 
-def add_norm(ctx: ParallelContext, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, partial: bool
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """norm.add_norm(x, residual), x first summed over the TP group when it is this rank's share (partial)."""
-    return ctx.all_reduce_add_norm(x, residual, norm) if partial else norm.add_norm(x, residual)
+def add_norm(ctx: ParallelContext, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, partial: bool,
+             e4m3: bool = False) -> tuple[torch.Tensor | E4M3Rows, torch.Tensor]:
+    """norm.add_norm(x, residual, e4m3), x first summed over the TP group when it is this rank's share
+    (partial). e4m3: the FP8 layer after the norm takes its input quantised (E4M3Rows), from the norm's kernel
+    (where the all-reduce kernel carries the norm, that output comes in the model dtype)."""
+    if partial:
+        return ctx.all_reduce_add_norm(x, residual, norm, e4m3)
+    return norm.add_norm(x, residual, e4m3)
 
 
 class LlamaModel(nn.Module):
