@@ -37,7 +37,7 @@ if [[ $STAGES == *check* ]]; then
 fi
 if [[ $STAGES == *latency* ]]; then
   # fp8kv: FP8 weights and KV cache; fp8head: the LM head in FP8 too; fp8nopdl, bf16nopdl: without programmatic
-  # dependent launch
+  # dependent launch; fp8nofuse: the FP8 layers quantising their own input (SHARDLM_NO_FP8_FUSION)
   for q in ${VARIANTS:-bf16 fp8 fp8kv}; do
     flag="--quantization fp8"; env=()
     case $q in
@@ -46,8 +46,9 @@ if [[ $STAGES == *latency* ]]; then
       fp8kv) flag="--quantization fp8 --kv-cache-dtype fp8" ;;
       fp8head) flag="--quantization fp8 --fp8-lm-head" ;;
       fp8nopdl) env=(SHARDLM_NO_PDL=1) ;;
+      fp8nofuse) env=(SHARDLM_NO_FP8_FUSION=1) ;;
       fp8) ;;
-      *) echo "unknown variant $q (bf16, bf16nopdl, fp8, fp8kv, fp8head, fp8nopdl)"; continue ;;
+      *) echo "unknown variant $q (bf16, bf16nopdl, fp8, fp8kv, fp8head, fp8nopdl, fp8nofuse)"; continue ;;
     esac
     env "${env[@]}" timeout 200 python3 -m shardlm.entrypoints.cli bench latency --model "$MODEL" $flag --batch-sizes ${BATCHES:-1,64} \
       --input-len 128 --output-len 128 ${LATENCY_FLAGS---profile-step} --json "$OUT/latency-$q.json" > "$OUT/latency-$q.log" 2>&1

@@ -296,25 +296,32 @@ for n in (72, 4096):
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
     gu = torch.randn(5, 2 * n)
     assert torch.allclose(norm_act.silu_mul_torch(gu), norm_act.silu_mul_triton(gu), atol=1e-6)
-check_e4m3(torch.float32, torch.device("cpu"), (72, 4096), (72, 5000), interpreted=True)
+check_e4m3(torch.float32, torch.device("cpu"), (72, 4096), (72, 5000, 17000), interpreted=True)
 print("interpreted kernels agree")
 """
 
 
 def check_e4m3(dtype, dev, norm_widths, silu_widths, interpreted=False):
-    """The e4m3 norm and SiLU x up kernels (for an FP8 layer on e4m3 activations) give bitwise what the plain
-    kernel and then the activation quantisation kernel give (triton_fp8.quantize_activations), and within
+    """The e4m3 norm and SiLU x up kernels (for an FP8 layer on e4m3 activations) give what the plain kernel
+    and then the activation quantisation kernel give (triton_fp8.quantize_activations): bitwise in the
+    interpreter; on a GPU the scales within 1e-5 and at most 0.1% of the e4m3 values one step apart (a float32
+    sum of squares may come out an ulp apart between two compilations: a float32 row keeps it), and within
     e4m3's rounding of the plain output (not checked where `interpreted`: this Triton's interpreter rounds
-    some values to e4m3 wrongly, e.g. -127.6 to -64, in every kernel alike); 5000 features: SiLU x up's row
-    in two pieces"""
+    some values to e4m3 wrongly, e.g. -127.6 to -64, in every kernel alike); past SILU_E4M3_ROW features
+    (17000, 20000) SiLU x up reads its row in pieces"""
     from shardlm.worker.kernels import norm_act
     from shardlm.worker.kernels.triton_fp8 import quantize_activations
 
     def same(e, plain):
         q, s = quantize_activations(plain)
-        assert e.dtype == plain.dtype and torch.equal(e.scale, s) and torch.equal(e.q.view(torch.uint8),
-                                                                                   q.view(torch.uint8))
-        assert interpreted or ((e.q.float() * e.scale - plain.float()).norm() / plain.float().norm()).item() < 0.05
+        assert e.dtype == plain.dtype and e.q.shape == q.shape
+        if interpreted:
+            assert torch.equal(e.scale, s) and torch.equal(e.q.view(torch.uint8), q.view(torch.uint8))
+        else:
+            assert torch.allclose(e.scale, s, rtol=1e-5, atol=0)
+            apart = (e.q.view(torch.uint8).int() - q.view(torch.uint8).int()).abs()
+            assert apart.max() <= 1 and (apart > 0).float().mean() <= 1e-3
+            assert ((e.q.float() * e.scale - plain.float()).norm() / plain.float().norm()).item() < 0.05
 
     gen = torch.Generator(device=dev).manual_seed(1)
     for n in norm_widths:
@@ -355,7 +362,7 @@ def test_gpu_add_norm_and_silu_mul_match_the_reference(dtype):
             assert torch.allclose(a.float(), b.float(), **tol)
     gu = torch.randn(37, 2 * 14336, device=dev).to(dtype)
     assert torch.allclose(norm_act.silu_mul_torch(gu).float(), norm_act.silu_mul_triton(gu).float(), **tol)
-    check_e4m3(dtype, dev, (4096, 8192), (14336, 3584))
+    check_e4m3(dtype, dev, (4096, 8192), (14336, 3584, 20000))
 
 
 def test_programmatic_dependent_launch_only_within_pdl_launches(monkeypatch):

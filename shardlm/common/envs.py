@@ -11,6 +11,7 @@ processes) inherit the driver's environment.
 | SHARDLM_GPU_WORKER_THREADS | worker | torch intra-op threads of a GPU worker (default 1; 0: torch's default) |
 | SHARDLM_UNFUSED | worker | 1: with the Triton attention kernels, keep the residual add + RMSNorm and SiLU x up on their unfused torch ops (measuring the fusions) |
 | SHARDLM_FP8_REFERENCE | worker | 1: FP8 linear layers on a GPU multiply by their dequantised weights (the reference path) instead of the FP8 kernels (checking the kernels' accuracy) |
+| SHARDLM_NO_FP8_FUSION | worker | 1: FP8 layers on e4m3 activations quantise their own input (the RMSNorm and SiLU x up before them hand it over in the model dtype; measuring the fusion, layers/fp8.py `takes_e4m3`) |
 | SHARDLM_NO_PDL | worker | 1: launch the Triton kernels without programmatic dependent launch (measuring it; kernels/__init__.py's `pdl`) |
 | SHARDLM_NO_MOE_GRAPHS | worker | 1: MoE models' steps run eagerly (no CUDA graphs for them; measuring the graphs) |
 | SHARDLM_NO_STEP_GRAPHS | worker | 1: steps with prompt chunks run eagerly (no mixed-step CUDA graphs; measuring them) |
@@ -92,6 +93,11 @@ def slowdown(rank: int) -> int:
 
 def fp8_reference() -> bool:
     return _flag("SHARDLM_FP8_REFERENCE")
+
+
+def no_fp8_fusion() -> bool:
+    """SHARDLM_NO_FP8_FUSION=1."""
+    return _flag("SHARDLM_NO_FP8_FUSION")
 
 
 def no_pdl() -> bool:

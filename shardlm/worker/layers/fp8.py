@@ -93,8 +93,11 @@ def e4m3_activations(rows: int, n: int) -> bool:
 def takes_e4m3(fp8_linear, rows: int, n: int) -> bool:
     """Whether a layer running `fp8_linear` (fp8_path's choice; None: not FP8) multiplies a step of `rows` rows
     through its n output rows on e4m3 activations, so that the kernel before it may hand it E4M3Rows: the
-    GPU path, where e4m3_activations says so (the reference multiplies the activations as they are)."""
-    return fp8_linear is fp8_linear_kernels and e4m3_activations(rows, n)
+    GPU path, where e4m3_activations says so (the reference multiplies the activations as they are), unless
+    SHARDLM_NO_FP8_FUSION=1."""
+    from ...common import envs
+
+    return fp8_linear is fp8_linear_kernels and e4m3_activations(rows, n) and not envs.no_fp8_fusion()
 
 
 def fp8_linear_kernels(x: torch.Tensor | E4M3Rows, weight: torch.Tensor, scale: torch.Tensor,
