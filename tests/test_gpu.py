@@ -288,18 +288,27 @@ def test_gpu_the_probe_times_decode_attention_and_a_layers_gemms():
     """Probe(model_kernels=True): one layer's decode attention on the rank's heads (worker/probe.py), per batch
     a curve over the contexts, and a dense layer's four GEMMs on the rank's shards per rows, bf16 and (FP8
     tensor cores) FP8, in the shapes planner/profile.py reads; a longer context, and more rows, take no less
-    time"""
+    time. Probe(graph_times=True): the engine's decode graphs replayed per batch"""
     from shardlm.common.messages import Probe
-    from shardlm.planner.profile import _curves_by_rows, _layer_gemms
+    from shardlm.planner.profile import _curves_by_rows, _graph_lines, _layer_gemms
     from shardlm.worker.layers.fp8 import scaled_mm_ok
     from shardlm.worker.probe import (
         ATTENTION_BATCHES,
         ATTENTION_CONTEXTS,
+        GRAPH_BATCHES,
         LAYER_GEMM_ROWS,
     )
 
     with LLM("random:tiny-llama", device="cuda", kv_cache_memory_bytes=256 << 20) as llm:
         got = llm.engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
+        graphs = llm.engine.executor.call(Probe([], 1, False, graph_times=True))[0]["decode_graph_us"]
+        after = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, temperature=0))
+    # the decode graphs replayed at GRAPH_BATCHES (the tiny model's default max_num_seqs captures them all),
+    # in the shape planner/profile.py reads; the engine serves as before after them
+    lines = _graph_lines({"1": {"2": graphs, "3": graphs}}, "probe", "graph_us")[1]
+    assert sorted(lines) == list(GRAPH_BATCHES) and all(line.zero_layers_us > 0 for line in lines.values())
+    assert graphs[str(GRAPH_BATCHES[-1])] >= 0.9 * graphs["1"]
+    assert len(after[0].outputs[0].token_ids) == 4
     curves = _curves_by_rows(got["attention"], "probe", "attention_us")
     assert sorted(curves) == list(ATTENTION_BATCHES)
     for curve in curves.values():

@@ -754,6 +754,38 @@ def test_timed_model_layers_reproduce_the_measured_line(graphs):
     assert _step(only_tp1, TINY, 1) == _step(timed, TINY, 1)
 
 
+def test_replayed_decode_graphs_correct_a_graph_layer_at_each_batch():
+    """model_layers.graph_us (the engine's decode graphs replayed alone at a few batches, two depths): a graph
+    layer's correction is found at each replayed batch, so a layer at that batch with one key of context (as
+    the replays ran; their attention stays in the correction) costs the replayed per-layer time; between the
+    batches it is interpolated, past the last held; the host term, prefill and eager steps keep the
+    batch-1 calibration; without graph_us nothing changes"""
+    base = {**HOST, "engine": {"cuda_graphs": True}, "allreduce_graph": HOST["allreduce"]}
+    # per layer: 300 us at batch 1, 500 at batch 8 (2 and 6 layers)
+    graphs = {"1": {"2": {"1": 1000.0, "8": 1300.0}, "6": {"1": 2200.0, "8": 3300.0}}}
+    replayed = {**base, "model_layers": {**TIMED, "graph_us": graphs}}
+    with_graphs = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile(replayed))
+    plain = CostModel(TINY, make_cluster("h100-80gb", 1), load_profile({**base, "model_layers": TIMED}))
+    lay = ParallelLayout(tp=1)
+    sh = stage_shards(TINY, lay)[0]
+    for batch, per_layer in ((1, 300e-6), (8, 500e-6)):
+        layer = replace(with_graphs._work(lay, sh, batch, 1.0, False, 1, True)[0], attention_s=0.0)
+        floor = with_graphs.calibrated(1, False, True, batch=batch)[0]
+        assert floor + with_graphs._gpu_s(layer, False) + layer.comm_s == pytest.approx(per_layer, rel=1e-9)
+    f1, f4, f8, f64 = (with_graphs.calibrated(1, False, True, batch=b)[0] for b in (1, 4, 8, 64))
+    assert f4 == pytest.approx(f1 + (f8 - f1) * 3 / 7) and f64 == f8 and f8 > f1
+    assert with_graphs.calibrated(1, False, True, batch=8)[1:] == plain.calibrated(1, False, True, batch=8)[1:]
+    assert with_graphs.calibrated(1, True, False) == plain.calibrated(1, True, False)
+    assert plain.calibrated(1, False, True, batch=8) == plain.calibrated(1, False, True)
+    # a decode step at batch 8 grows by the layers' corrections
+    grow = _step(replayed, TINY, 1, tokens=8) - _step({**base, "model_layers": TIMED}, TINY, 1, tokens=8)
+    assert grow == pytest.approx(TINY.n_layers * (f8 - plain.calibrated(1, False, True)[0]), rel=1e-6)
+    plan = make_plan(TINY, make_cluster("h100-80gb", 1), Workload(150, 50, 100), load_profile(replayed))
+    assert "(decode graphs replayed at batch 1, 8: a graph layer's correction taken at its batch)" in " ".join(plan.notes)
+    eager = {**HOST, "engine": {"cuda_graphs": False}, "model_layers": {**TIMED, "graph_us": graphs}}
+    assert _step(eager, TINY, 1, tokens=8) == _step({**eager, "model_layers": TIMED}, TINY, 1, tokens=8)
+
+
 def test_timed_attention_takes_the_place_of_the_kv_read_and_the_attention_math():
     """model_layers' attention_us (the engine's decode attention on one rank's heads, per batch, against
     context): a dense layer's decode attention takes the curves' time, interpolated between the measured
@@ -886,6 +918,11 @@ def test_timed_layers_faster_than_predicted_correct_the_gpu_work():
     ({"times_ms": {"1": TIMED["times_ms"]["1"], " 1": TIMED["times_ms"]["1"]}}, "field 'model_layers.times_ms. 1'"),
     ({"shape": {**TIMED["shape"], "hidden": "64"}}, "field 'model_layers.shape.hidden'"),
     ({"shape": {**TIMED["shape"], "qk_norm": 0}}, "field 'model_layers.shape.qk_norm'"),
+    ({"graph_us": {"1": {"2": {"1": 900.0}}}}, "field 'model_layers.graph_us.1'"),  # one depth
+    ({"graph_us": {"1": {"2": {"1": 900.0}, "6": {"8": 1000.0}}}}, "field 'model_layers.graph_us.1'"),
+    ({"graph_us": {"1": {"2": {"1": -1.0}, "6": {"1": 1000.0}}}}, "field 'model_layers.graph_us.1.2.1'"),
+    ({"graph_us": {"1": {"2": {"0": 1.0}, "6": {"0": 1000.0}}}}, "field 'model_layers.graph_us.1.2.0'"),
+    ({"graph_us": [900.0]}, "field 'model_layers.graph_us'"),
 ])
 def test_malformed_model_layers_name_the_field(patch, msg):
     layers = {k: v for k, v in {**TIMED, **patch}.items() if v is not None}

@@ -142,7 +142,7 @@ def test_probe_out_folder_must_exist(tmp_path):
 def test_a_layers_gemm_shapes_are_the_models_own():
     """worker/probe.py layer_gemm_shapes: [out, in] of qkv, o, gate_up and down of the first dense layer on
     this rank (what `probe --model` times on a GPU); none for an MoE stage. On the CPU the probe times none
-    (Probe(model_kernels=True) answers empty tables)"""
+    (Probe(model_kernels=True, graph_times=True) answers empty tables: no kernels, no decode graphs)"""
     import torch
 
     from shardlm.common.messages import Probe
@@ -159,5 +159,5 @@ def test_a_layers_gemm_shapes_are_the_models_own():
     assert layer_gemm_shapes(model) == [((q + 2 * kv) * d, h), (h, q * d), (2 * f, h), (h, f)]
     assert layer_gemm_shapes(LlamaForCausalLM(preset("tiny-mixtral"), ctx, torch.float32, max_positions=64)) == []
     with LLM("random:tiny-llama", device="cpu", max_model_len=128) as llm:
-        got = llm.engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
-    assert got["attention"] == {} and got["layer_gemms"] == {}
+        got = llm.engine.executor.call(Probe([], 1, False, model_kernels=True, graph_times=True))[0]
+    assert got["attention"] == {} and got["layer_gemms"] == {} and got["decode_graph_us"] == {}

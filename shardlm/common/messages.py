@@ -402,13 +402,15 @@ class Stats(Command):
 @dataclass
 class Probe(Command):
     """Time collectives of `sizes` bytes (and, on rank 0, the device's rates; with `model_kernels`, every
-    rank's decode attention on its heads and a dense layer's GEMMs on its shards)."""
+    rank's decode attention on its heads and a dense layer's GEMMs on its shards; with `graph_times`, the
+    engine's decode graphs replayed at a few batches, worker/probe.py decode_graph_times)."""
 
     name: ClassVar[str] = "probe"
     sizes: list[int]
     iters: int
     device_rates: bool
     model_kernels: bool = False
+    graph_times: bool = False
 
 
 @dataclass

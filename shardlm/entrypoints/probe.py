@@ -109,7 +109,8 @@ def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: 
     """Host times of `models` (one model at different depths) at each depth; with `measure`, the
     collective/device measurements and a wide batch on the first model (with `model_kernels`, its decode
     attention on rank 0's heads and a dense layer's GEMMs on rank 0's shards: worker/probe.py
-    attention_times, layer_gemm_times); and how the engines ran (the profile's "engine": CUDA graphs for
+    attention_times, layer_gemm_times; and every model's decode graphs replayed, decode_graph_times, by
+    depth); and how the engines ran (the profile's "engine": CUDA graphs for
     decode, the attention path).
 
     The depths stay up side by side and take turns, `rounds` times; each number is the median over
@@ -124,6 +125,11 @@ def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: 
         if model_kernels:
             rank0 = llms[0].engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
             measured.update(attention=rank0["attention"], layer_gemms=rank0["layer_gemms"])
+            graphs = {str(llm.engine.source.config.num_hidden_layers):
+                      llm.engine.executor.call(Probe([], 1, False, graph_times=True))[0]["decode_graph_us"]
+                      for llm in llms}
+            if all(graphs.values()):  # (every depth's graphs: two points per batch)
+                measured["decode_graph_us"] = graphs
         samples: dict[int, list[tuple[float, float, float]]] = {}
         for r in range(rounds):
             for i, llm in enumerate(llms):
@@ -241,7 +247,8 @@ def _without_empty_model_layers(profile: dict[str, Any]) -> dict[str, Any]:
 def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str, Any], log) -> None:
     """Time `spec`'s layers at TP size n into layers["times_ms"][str(n)] and, where the engine runs the
     attention kernels, its decode attention into layers["attention_us"][str(n)] and a dense layer's GEMMs
-    into layers["gemm_us"][str(n)]; a size the model cannot run at is left out."""
+    into layers["gemm_us"][str(n)]; where it replays decode graphs, each depth's graphs at a few batches into
+    layers["graph_us"][str(n)]; a size the model cannot run at is left out."""
     try:
         depths = model_depths(spec.config.num_hidden_layers, device)
         times, measured, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in depths], measure=False,
@@ -254,6 +261,8 @@ def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str,
         layers.setdefault("attention_us", {})[str(n)] = measured["attention"]
     if measured.get("layer_gemms"):
         layers.setdefault("gemm_us", {})[str(n)] = measured["layer_gemms"]
+    if measured.get("decode_graph_us"):
+        layers.setdefault("graph_us", {})[str(n)] = measured["decode_graph_us"]
     (d1, (s1, f1, _)), (d2, (s2, f2, _)) = sorted(times.items())
     decode, prefill = (LayerLine.through(d1, a * 1e6, d2, b * 1e6) for a, b in ((s1, s2), (f1, f2)))
     log(f"probe: {spec.name} at TP={n}: decode {decode.per_layer_us:.0f} us a layer, prefill of "

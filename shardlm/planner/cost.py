@@ -49,7 +49,7 @@ from ..common.graph_shapes import GRAPH_TOKENS, graph_pairs, padded_shape
 from ..common.layout import ParallelLayout, shard_heads, split_evenly
 from .hardware import Cluster
 from .models import ModelSpec
-from .profile import Profile, curves_at
+from .profile import Profile, around, curves_at
 
 ACT_BYTES = 2  # activations travel in bf16
 
@@ -317,7 +317,8 @@ class CostModel:
         self.async_scheduling = async_scheduling
         self.eff = eff or Efficiency()
         self.kv_bytes = kv_bytes
-        self._calibrations: dict[tuple[int, bool, bool], tuple[float, float, float]] = {}
+        self._calibrations: dict[tuple[int, bool, bool, str], tuple[float, float, float]] = {}
+        self._graph_corrections: dict[tuple[int, str], dict[int, float]] = {}
         if profile is not None:
             self.hbm_bps = profile.hbm_gbps * 1e9 * self.eff.hbm_measured
             self.flops_ps = profile.gemm_tflops * 1e12 * self.eff.flops_measured
@@ -595,7 +596,7 @@ class CostModel:
             return w
         return replace(w, timed_gemm_s=0.0) if pricing == "curves" else replace(w, timed_gemm_s=0.0, rows=0.0)
 
-    def calibrated(self, tp: int, prefill: bool, graphed: bool, pricing: str = "curves"
+    def calibrated(self, tp: int, prefill: bool, graphed: bool, pricing: str = "curves", batch: float = 1.0
                    ) -> tuple[float, float, float] | None:
         """(per-layer floor, per-layer GPU correction, step overhead), seconds, from the profile's timed layers
         of this model at `tp` (profile.py, model_layers); None where it has none: another shape, a TP size
@@ -611,7 +612,10 @@ class CostModel:
         at least 0. The probe times the model in its own dtype: for FP8 weights or KV c comes from that
         model's predicted work (`_as_timed`), and an eager floor is lowered by the GPU work FP8 saves. The
         timed shape is priced as the corrected step is (`pricing`, _pricing): a correction found where the
-        curves or timed GEMMs price a layer is not one for a step the roofline prices."""
+        curves or timed GEMMs price a layer is not one for a step the roofline prices. Where the probe also
+        replayed the decode graphs at several batches (model_layers.graph_us), a graph-replayed layer's
+        correction is found at each of those batches instead (`_graph_missed`) and taken at `batch`,
+        interpolated linearly between them (held past the ends)."""
         ml = self.profile.model_layers if self.model_layers_apply else None
         if ml is None or tp not in ml.decode or (not prefill and graphed != (self.profile.cuda_graphs is not False)):
             return None
@@ -641,7 +645,30 @@ class CostModel:
                 saved = max(0.0, layer_s - self._gpu_s(own, prefill) - own.comm_s)
             floor, gpu_fix = (missed, 0.0) if graphed else (per_layer - saved, min(0.0, missed))
             self._calibrations[key] = (floor, gpu_fix, max(0.0, line.zero_layers_us * 1e-6 - rest_s))
-        return self._calibrations[key]
+        floor, gpu_fix, host = self._calibrations[key]
+        if graphed and not prefill and tp in (ml.graphs or {}):
+            missed = self._graph_missed(tp, pricing)
+            lo, hi, frac = around(missed, batch)
+            floor = missed[lo] + (missed[hi] - missed[lo]) * frac
+        return floor, gpu_fix, host
+
+    def _graph_missed(self, tp: int, pricing: str) -> dict[int, float]:
+        """Per batch the probe replayed the decode graphs at (model_layers.graph_us): what a layer of the graph
+        took (the line through the two depths) less its predicted GPU work and collectives at that batch with
+        one key of context, as the replays ran, for the model as timed (`calibrated`), seconds. The replays'
+        attention over one key stays in the correction (priced at 0 here: the timed attention curves start at
+        128 keys, and taking theirs would take 128 keys' time off every layer)."""
+        key = (tp, pricing)
+        if key not in self._graph_corrections:
+            timed, lay = self._as_timed(), ParallelLayout(tp=tp)
+            sh = stage_shards(timed.model, lay)[0]
+            missed = {}
+            for batch, line in self.profile.model_layers.graphs[tp].items():
+                layer = replace(self._priced_as(timed._work(lay, sh, batch, 1.0, False, 1, True)[0], pricing),
+                                attention_s=0.0)
+                missed[batch] = line.per_layer_us * 1e-6 - timed._gpu_s(layer, False) - layer.comm_s
+            self._graph_corrections[key] = missed
+        return self._graph_corrections[key]
 
     def step_overhead_per_seq_s(self, tp: int) -> float:
         """Host time each further sequence adds to a decode step (measured, else 0)."""
@@ -716,7 +743,7 @@ class CostModel:
             return StepCost(compute * slow, comm, nbytes, flops, act_bytes=act)
         # a profile of an eager engine measured its decode floor eagerly; one with graphs, the graph floor
         graph_floor = graphed and self.profile.cuda_graphs is not False
-        calibrated = self.calibrated(layout.tp, prefill, graphed, self._pricing(work[0], prefill))
+        calibrated = self.calibrated(layout.tp, prefill, graphed, self._pricing(work[0], prefill), tokens)
         if calibrated is not None:  # this model's own layers were timed
             floor, gpu_fix, host = calibrated
         else:

@@ -359,6 +359,11 @@ def model_layers_note(cm: CostModel, tps: set[int]) -> str | None:
     others = sorted(t for t in tps if t not in ml.decode)
     text = f"layers of this shape timed by the probe ({ml.model})"
     text += f", used at tp={','.join(map(str, timed))}" if timed else ""
+    replayed = sorted(t for t in timed if t in (ml.graphs or {}))
+    if replayed and cm.profile.cuda_graphs is not False:
+        batches = sorted(set().union(*(ml.graphs[t] for t in replayed)))
+        text += (f" (decode graphs replayed at batch {', '.join(map(str, batches))}: a graph layer's correction "
+                 f"taken at its batch)")
     return text + (f"; tp={','.join(map(str, others))} not timed: the tiny model's floor" if others else "")
 
 

@@ -102,6 +102,13 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             shapes on one rank) streamed past the L2 cache in a CUDA graph,
                                             us: a decode step (or a prefill no longer than the most rows)
                                             takes this instead of the weight-size curves
+          "graph_us": {"1": {"2": {"1": 900.0, "8": 950.0, ...}, "8": {...}}, "2": ...}
+                                            optional: per TP size, per depth (the two of times_ms), per
+                                            decode batch, the engine's own decode CUDA graph replayed back
+                                            to back (GPU time: every layer's kernels and collectives, the
+                                            LM head; attention over one key; no host work, no sampler), us:
+                                            what a graph-replayed layer holds beyond the formulas is then
+                                            found per batch, not at batch 1 alone
       }
     }
 
@@ -258,6 +265,9 @@ class ModelLayers:
     """TP size -> decode batch -> one layer's decode attention time against context, if measured."""
     gemms: dict[int, dict[str, dict[int, float]]] | None = None
     """TP size -> "bf16" / "fp8" -> rows -> one dense layer's four GEMMs, us, if measured."""
+    graphs: dict[int, dict[int, LayerLine]] | None = None
+    """TP size -> decode batch -> the engine's decode graph replayed alone (GPU time, attention over one key)
+    against depth, if measured."""
 
     def gemm_us(self, tp: int, rows: float, fp8: bool) -> float | None:
         """One dense layer's four GEMMs at `tp` over `rows` rows as timed, in FP8 or the model dtype: linear
@@ -266,7 +276,7 @@ class ModelLayers:
         times = ((self.gemms or {}).get(tp) or {}).get("fp8" if fp8 else "bf16")
         if not times or rows > max(times):
             return None
-        lo, hi, frac = _around(times, rows)
+        lo, hi, frac = around(times, rows)
         return times[lo] + (times[hi] - times[lo]) * frac
 
     def attention_us(self, tp: int, batch: float, context: float) -> float | None:
@@ -280,7 +290,7 @@ class ModelLayers:
         return curves_at(curves, batch, context) * (batch / most if batch > most else 1.0)
 
 
-def _around(measured: dict[int, Any], key: float) -> tuple[int, int, float]:
+def around(measured: dict[int, Any], key: float) -> tuple[int, int, float]:
     """The measured keys (rows, a batch) around `key` and how far key lies from the lower to the upper (0..1;
     below the smallest: the smallest alone, above the largest: the largest alone)."""
     keys = sorted(measured)
@@ -292,7 +302,7 @@ def _around(measured: dict[int, Any], key: float) -> tuple[int, int, float]:
 def curves_at(curves: dict[int, Curve], key: float, x: float) -> float:
     """Curves measured at some keys (rows, a batch): their time at x, interpolated linearly between the two
     measured keys around `key` (below the smallest: its curve; above the largest: its curve)."""
-    lo, hi, frac = _around(curves, key)
+    lo, hi, frac = around(curves, key)
     t = curves[lo].time_us(x)
     return t + (curves[hi].time_us(x) - t) * frac if frac else t
 
@@ -559,10 +569,46 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
     gemms = None
     if "gemm_us" in value:
         gemms = _layer_gemms(value["gemm_us"], source, f"{where}.gemm_us")
+    graphs = None
+    if "graph_us" in value:
+        graphs = _graph_lines(value["graph_us"], source, f"{where}.graph_us")
     return ModelLayers(model=str(value["model"]), shape=tuple((k, shape[k]) for k in LAYER_SHAPE_KEYS),
                        decode_context=_number(value["decode_context"], source, f"{where}.decode_context"),
                        prompt_len=prompt_len, decode=lines["decode_step"], prefill=lines["ttft"],
-                       attention=attention, gemms=gemms)
+                       attention=attention, gemms=gemms, graphs=graphs)
+
+
+def _graph_lines(value: Any, source: str, where: str) -> dict[int, dict[int, LayerLine]]:
+    """model_layers.graph_us: {TP size: {depth: {batch: us > 0}}}, exactly two depths with the same batches:
+    per TP size and batch, the line through the two depths"""
+    if not isinstance(value, dict):
+        raise _bad(source, where, 'must map TP size ("1", "2", ...) to {depth: {batch: us}}', value)
+    out: dict[int, dict[int, LayerLine]] = {}
+    for tp_key, depths in value.items():
+        tp = _size_key(tp_key, 1, "TP size", source, where)
+        at = f"{where}.{tp_key}"
+        if tp in out:
+            raise _bad(source, at, "names a TP size twice", tp_key)
+        if not isinstance(depths, dict) or len(depths) != 2:
+            raise _bad(source, at, "must map exactly two depths (layer counts) to {batch: us}", depths)
+        points: dict[int, dict[int, float]] = {}
+        for d, times in depths.items():
+            layers = _size_key(d, 1, "layer count", source, at)
+            if layers in points:
+                raise _bad(source, f"{at}.{d}", "names a depth twice; give two different layer counts", d)
+            if not isinstance(times, dict) or not times:
+                raise _bad(source, f"{at}.{d}", "must map decode batches (1, 8, ...) to a step's time, us", times)
+            points[layers] = {}
+            for b, us in times.items():
+                batch = _size_key(b, 1, "batch", source, f"{at}.{d}")
+                if batch in points[layers]:
+                    raise _bad(source, f"{at}.{d}.{b}", "names a batch twice", b)
+                points[layers][batch] = _positive(us, source, f"{at}.{d}.{b}")
+        (d1, t1), (d2, t2) = sorted(points.items())
+        if set(t1) != set(t2):
+            raise _bad(source, at, "must time the same batches at both depths", depths)
+        out[tp] = {b: LayerLine.through(d1, t1[b], d2, t2[b]) for b in t1}
+    return out
 
 
 def _layer_gemms(value: Any, source: str, where: str) -> dict[int, dict[str, dict[int, float]]]:

@@ -141,6 +141,22 @@ class DecodeGraphs:
             self._forward(shape)
         return self.out[:n]
 
+    def replay_us(self, shape: tuple[int, int], iters: int) -> float:
+        """GPU microseconds of one replay of `shape`'s captured graph on its warm-up inputs (every row decoding
+        at position 0 into the scratch block: attention over one key), the mean of `iters` replays back to back
+        (no host work between them). Every rank of a TP group must call it together: the graph holds the
+        group's all-reduces. Leaves the engine's state as a step would (the output buffer, the scratch block)."""
+        self._prepare_warm_up(shape)
+        graph = self.graphs[shape]
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / iters
+
     def _warm_up_plan(self, b: int) -> StepPlan:
         """A decode step of b sequences that all write the scratch block: what a capture runs first."""
         return StepPlan([SeqPlan(-1 - i, [0], 0, [self.runner.scratch_block], sample=True) for i in range(b)])

@@ -207,6 +207,8 @@ class Worker:
         if cmd.model_kernels:
             result["attention"] = probe.attention_times(self.runner)
             result["layer_gemms"] = probe.layer_gemm_times(self.runner)
+        if cmd.graph_times:
+            result["decode_graph_us"] = probe.decode_graph_times(self.runner)
         self.reply(cmd.name, **result)
 
     def profile_step(self, cmd: ProfileStep) -> None:

@@ -255,6 +255,28 @@ def layer_gemm_times(runner: ModelRunner) -> dict[str, dict[str, float]]:
         torch.cuda.empty_cache()
 
 
+GRAPH_BATCHES = (1, 8, 32, 128)
+"""decode batches at which `probe --model` replays the engine's own decode graphs (decode_graph_times)"""
+
+
+def decode_graph_times(runner: ModelRunner, iters: int = 20) -> dict[str, float]:
+    """{batch: us}: one decode step of the engine's captured CUDA graph at each of GRAPH_BATCHES sequences (the
+    graph of that batch with the least context), on its warm-up inputs: every row at position 0, so attention
+    reads one key (attention_times times it on its own); the layers' GEMMs, small kernels and collectives and
+    the LM head at that batch, replayed back to back: GPU time, no host work, no sampler. {} without captured
+    decode graphs (CPU, eager engines, a pipeline stage's graphs differ in nothing here). Every rank of the
+    group calls it (the graphs hold the TP all-reduces); rank 0's answer is the one read."""
+    graphs = runner.graphs
+    if graphs is None or not graphs.graphs:
+        return {}
+    out = {}
+    for b in GRAPH_BATCHES:
+        shapes = [shape for shape in graphs.graphs if shape[0] == b]
+        if shapes:
+            out[str(b)] = graphs.replay_us(min(shapes, key=lambda shape: shape[1]), iters)
+    return out
+
+
 ATTENTION_BATCHES = (1, 8, 32, 128)
 ATTENTION_CONTEXTS = (128, 512, 2048, 8192)
 ATTENTION_MAX_BYTES = 4 << 30
