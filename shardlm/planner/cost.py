@@ -36,7 +36,8 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
   model layers  where the profile timed this model's own layers (`shardlm probe --model`), each layer
                 adds (graphs) or is floored at (eager) what the timed layer held beyond these formulas,
                 and the step overhead is the timed step's at zero layers less its predicted non-layer
-                work (`CostModel.calibrated`).
+                work (`CostModel.calibrated`); where the probe replayed the decode graphs at several
+                batches (graph_us), a graph layer's addition is found at each and taken at the step's.
 """
 
 from __future__ import annotations
