@@ -284,7 +284,7 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
         _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, M=m,
                                HAS_BIAS=bias is not None, PDL=use_pdl, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
-    elif a8 and cfg.tma and tma_ok(x, w):
+    elif a8 and cfg.tma and max(cfg.block_n, cfg.block_k) <= 256 and tma_ok(x, w):  # (a TMA tile: <= 256 a side)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         xd = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, cfg.block_k])
         wd = TensorDescriptor(w, [n, k], [k, 1], [cfg.block_n, cfg.block_k])
