@@ -68,10 +68,7 @@ def _silu_mul_e4m3_kernel(GU, Q, S, stride_gu, f, PDL: tl.constexpr, BLOCK: tl.c
     gu = GU + row * stride_gu
     if f <= BLOCK:
         cols = tl.arange(0, BLOCK)
-        y = _silu_mul_piece(gu, cols, f)
-        scale = tl.maximum(tl.max(tl.abs(y), 0) / 448.0, 1e-12)
-        tl.store(Q + row * f + cols, tl.minimum(tl.maximum(y / scale, -448.0), 448.0).to(Q.dtype.element_ty),
-                 mask=cols < f)
+        _store_e4m3(_silu_mul_piece(gu, cols, f), row, cols, cols < f, Q, S, f)
     else:
         top = tl.zeros([BLOCK], tl.float32)
         for c in range(0, f, BLOCK):
@@ -82,7 +79,7 @@ def _silu_mul_e4m3_kernel(GU, Q, S, stride_gu, f, PDL: tl.constexpr, BLOCK: tl.c
             y = _silu_mul_piece(gu, cols, f)
             tl.store(Q + row * f + cols, tl.minimum(tl.maximum(y / scale, -448.0), 448.0).to(Q.dtype.element_ty),
                      mask=cols < f)
-    tl.store(S + row, scale)
+        tl.store(S + row, scale)
 
 
 @triton.jit
