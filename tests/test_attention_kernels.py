@@ -384,3 +384,12 @@ def test_programmatic_dependent_launch_only_within_pdl_launches(monkeypatch):
         assert not kernels.pdl(gpu)
     monkeypatch.delenv("SHARDLM_NO_PDL")
     assert not kernels.pdl(gpu)
+
+
+def test_warm_up_decodes_at_a_context_split_kv_cuts():
+    """warm_up compiles both small-tile variants before the first request: its decode at WARM_UP_CONTEXT (as a
+    cache of that many slots allows) is cut into parts where SMs are plenty, and not where there is one"""
+    cpu = torch.device("cpu")
+    split = pa.plan_launches([1], 4, pa.WARM_UP_CONTEXT, 8, cpu, 1 << 20)[0]
+    assert split.splits >= 2 and split.split_len % pa.BLOCK_N == 0
+    assert pa.plan_launches([1], 4, pa.WARM_UP_CONTEXT, 8, cpu, 1)[0].splits == 1

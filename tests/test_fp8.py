@@ -242,9 +242,16 @@ def test_an_fp8_kv_cache_holds_four_times_the_float32_tokens_and_stays_close(lay
 
 KERNELS = """
 import torch
+from shardlm.worker.kernels import triton_fp8
 from shardlm.worker.kernels.triton_fp8 import Config, fp8_gemm_small_m, quantize_activations, workspace
 from shardlm.worker.layers.fp8 import fp8_linear_kernels, fp8_linear_torch, quantize_rows
 torch.manual_seed(0)
+tma_launches, tma_kernel = [], triton_fp8._fp8_tma_kernel
+class Counted:  # (the TMA configurations below must run the TMA kernel, not fall back to pointer loads)
+    def __getitem__(self, grid):
+        tma_launches.append(grid)
+        return tma_kernel[grid]
+triton_fp8._fp8_tma_kernel = Counted()
 for m, n, k, cfg in [(1, 40, 96, Config(True, 16, 32, 3, 4, 2)), (3, 33, 100, Config(True, 16, 32, 2, 4, 2)),
                      (4, 64, 128, Config(True, 16, 32, 1, 4, 2)), (5, 40, 96, Config(False, 16, 32, 2, 4, 2)),
                      (17, 48, 80, Config(False, 32, 16, 4, 4, 2)), (64, 32, 64, Config(False, 16, 16, 1, 4, 2)),
@@ -265,6 +272,7 @@ for m, n, k, cfg in [(1, 40, 96, Config(True, 16, 32, 3, 4, 2)), (3, 33, 100, Co
         got = fp8_gemm_small_m(xq, w, s, bias, x_scale=xs, out_dtype=torch.float16, config=cfg).float()
         assert ((got - want).norm() / want.norm()).item() < 6e-2, (m, "a8")
     assert not workspace(torch.device("cpu"))[1].any(), "split-K left a counter set"
+assert len(tma_launches) == 2, tma_launches  # (the two tma=True cases' e4m3 runs)
 # more rows than SMALL_M through a matrix torch._scaled_mm does not take (40 rows: no multiple of 16): the
 # Triton kernel, SMALL_M rows at a time
 x, (w, s) = torch.randn(70, 96).to(torch.float16), quantize_rows(torch.randn(40, 96) * 0.02)

@@ -299,16 +299,18 @@ def test_gpu_the_probe_times_decode_attention_and_a_layers_gemms():
         LAYER_GEMM_ROWS,
     )
 
+    prompt, greedy = [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     with LLM("random:tiny-llama", device="cuda", kv_cache_memory_bytes=256 << 20) as llm:
+        before = llm.generate(prompt, greedy)[0].outputs[0].token_ids
         got = llm.engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
         graphs = llm.engine.executor.call(Probe([], 1, False, graph_times=True))[0]["decode_graph_us"]
-        after = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, temperature=0))
+        after = llm.generate(prompt, greedy)[0].outputs[0].token_ids
     # the decode graphs replayed at GRAPH_BATCHES (the tiny model's default max_num_seqs captures them all),
     # in the shape planner/profile.py reads; the engine serves as before after them
     lines = _graph_lines({"1": {"2": graphs, "3": graphs}}, "probe", "graph_us")[1]
     assert sorted(lines) == list(GRAPH_BATCHES) and all(line.zero_layers_us > 0 for line in lines.values())
     assert graphs[str(GRAPH_BATCHES[-1])] >= 0.9 * graphs["1"]
-    assert len(after[0].outputs[0].token_ids) == 4
+    assert after == before and len(after) == 8
     curves = _curves_by_rows(got["attention"], "probe", "attention_us")
     assert sorted(curves) == list(ATTENTION_BATCHES)
     for curve in curves.values():

@@ -161,3 +161,29 @@ def test_a_layers_gemm_shapes_are_the_models_own():
     with LLM("random:tiny-llama", device="cpu", max_model_len=128) as llm:
         got = llm.engine.executor.call(Probe([], 1, False, model_kernels=True, graph_times=True))[0]
     assert got["attention"] == {} and got["layer_gemms"] == {} and got["decode_graph_us"] == {}
+
+
+def test_the_probe_feeds_fp8_gemms_e4m3_rows_where_the_engine_hands_them_over():
+    """worker/probe.py layer_handed: qkv and gate_up get their input quantised by the norm before them, down by
+    SiLU x up, o_proj never; where the TP all-reduce kernel carries the norm, qkv and gate_up quantise their
+    own"""
+    from types import SimpleNamespace
+
+    import torch
+
+    from shardlm.common.presets import preset
+    from shardlm.worker.distributed import ParallelContext
+    from shardlm.worker.probe import layer_handed
+
+    cpu, cfg = torch.device("cpu"), preset("tiny-llama")
+    runner = SimpleNamespace(ctx=ParallelContext(ParallelLayout(), 0, cpu, None, (0, 2)),
+                             source=SimpleNamespace(config=cfg), dtype=torch.float32)
+    assert layer_handed(runner, 8) == (True, False, True, True)
+    seen = []
+
+    def in_kernel(x):
+        seen.append(tuple(x.shape))
+        return True
+
+    runner.ctx = SimpleNamespace(device=cpu, norm_in_all_reduce=in_kernel)
+    assert layer_handed(runner, 8) == (False, False, False, True) and seen == [(8, cfg.hidden_size)]

@@ -116,10 +116,14 @@ class ParallelContext:
         """norm.add_norm(x summed over the TP group, residual, e4m3): one kernel where the one-shot path takes x
         (it reads the peers' rows, adds the residual, normalises; its output is never e4m3: the FP8 layer after
         it quantises it itself), else the all-reduce and then the norm."""
-        if (self.fuse_norm and x.dim() == 2 and x.shape[1] <= 16384 and self.tp_group is not None
-                and self.reduce_path(x) == ONE_SHOT):
+        if self.norm_in_all_reduce(x):
             return self.peer.all_reduce_add_rms_norm(x, residual, norm.weight, norm.eps)
         return norm.add_norm(self.all_reduce(x), residual, e4m3)
+
+    def norm_in_all_reduce(self, x: torch.Tensor) -> bool:
+        """Whether all_reduce_add_norm sums x [rows, hidden] and normalises it in the one-shot kernel."""
+        return (self.fuse_norm and x.dim() == 2 and x.shape[1] <= 16384 and self.tp_group is not None
+                and self.reduce_path(x) == ONE_SHOT)
 
     def all_gather_last_dim(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate each TP rank's x along the last dim; rank i contributes sizes[i] columns."""

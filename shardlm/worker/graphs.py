@@ -145,16 +145,21 @@ class DecodeGraphs:
         """GPU microseconds of one replay of `shape`'s captured graph on its warm-up inputs (every row decoding
         at position 0 into the scratch block: attention over one key), the mean of `iters` replays back to back
         (no host work between them). Every rank of a TP group must call it together: the graph holds the
-        group's all-reduces. Leaves the engine's state as a step would (the output buffer, the scratch block)."""
+        group's all-reduces. Leaves the engine's state as a step would (the output buffer, the scratch block),
+        an MoE model's expert statistics as they were (the rows routed here are dummies)."""
         self._prepare_warm_up(shape)
         graph = self.graphs[shape]
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
+        saved = self.runner.save_expert_stats()
+        try:
             graph.replay()
-        end.record()
-        end.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                graph.replay()
+            end.record()
+            end.synchronize()
+        finally:
+            self.runner.restore_expert_stats(saved)
         return start.elapsed_time(end) * 1e3 / iters
 
     def _warm_up_plan(self, b: int) -> StepPlan:

@@ -179,12 +179,7 @@ def _gemm_times(device: torch.device, rows: int, fp8: bool, shapes: list[tuple[i
     included, but for the shapes `handed` marks, whose input the kernel before quantises where the engine's
     does: the fused norm or SiLU x up, takes_e4m3). A decode step's GEMMs at its batch: the planner reads a
     layer's weights at the time of its GEMMs' size and rows."""
-    from .layers.fp8 import (
-        E4M3Rows,
-        e4m3_activations,
-        fp8_linear_kernels,
-        quantize_rows,
-    )
+    from .layers.fp8 import E4M3Rows, fp8_linear_kernels, quantize_rows, takes_e4m3
 
     out = []
     for i, (n, k) in enumerate(shapes):
@@ -192,7 +187,7 @@ def _gemm_times(device: torch.device, rows: int, fp8: bool, shapes: list[tuple[i
         copies = _stream_copies(nbytes)
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         if fp8:
-            if i < len(handed) and handed[i] and e4m3_activations(rows, n):
+            if i < len(handed) and handed[i] and takes_e4m3(fp8_linear_kernels, rows, n):
                 from .kernels.triton_fp8 import quantize_activations
 
                 x = E4M3Rows(*quantize_activations(x), x.dtype)
@@ -217,9 +212,15 @@ LAYER_GEMM_ROWS = (1, 8, 32, 64, 128)
 """decode batches (and short prefills) at which `probe --model` times a dense layer's own GEMMs"""
 
 
-LAYER_HANDED = (True, False, True, True)
-"""of layer_gemm_shapes' qkv, o, gate_up and down: whose FP8 input the kernel before quantises (the norms, SiLU x
-up; o_proj's input comes from attention: it quantises its own)"""
+def layer_handed(runner: ModelRunner, rows: int) -> tuple[bool, bool, bool, bool]:
+    """Of layer_gemm_shapes' qkv, o, gate_up and down at `rows` rows: whose FP8 input the kernel before
+    quantises. SiLU x up's for down; the norms' for qkv and gate_up, unless the TP all-reduce kernel carries
+    them (distributed.py norm_in_all_reduce: its output comes in the model dtype); o_proj's input comes from
+    attention: it quantises its own."""
+    ctx = runner.ctx
+    x = torch.empty(rows, runner.source.config.hidden_size, dtype=runner.dtype, device=ctx.device)
+    norm = not ctx.norm_in_all_reduce(x)
+    return norm, False, norm, True
 
 
 def layer_gemm_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
@@ -237,7 +238,7 @@ def layer_gemm_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
 def layer_gemm_times(runner: ModelRunner) -> dict[str, dict[str, float]]:
     """{"bf16": {rows: us}, "fp8": {rows: us}}: one dense layer's four GEMMs (this model's own shapes on this
     rank) at LAYER_GEMM_ROWS rows, as _gemm_times runs them (bf16 through F.linear; on a GPU with FP8 tensor
-    cores the FP8 path too, the inputs LAYER_HANDED marks quantised before); {} off a GPU, without a dense layer, or where the weights' copies do not fit
+    cores the FP8 path too, the inputs layer_handed marks quantised before); {} off a GPU, without a dense layer, or where the weights' copies do not fit
     beside the engine (the planner keeps the weight-size curves then)."""
     from .layers.fp8 import scaled_mm_ok
 
@@ -247,7 +248,7 @@ def layer_gemm_times(runner: ModelRunner) -> dict[str, dict[str, float]]:
         return {}
     formats = [("bf16", False)] + ([("fp8", True)] if scaled_mm_ok(dev) else [])
     try:
-        return {name: {str(m): sum(us for _, us in _gemm_times(dev, m, fp8, shapes, LAYER_HANDED))
+        return {name: {str(m): sum(us for _, us in _gemm_times(dev, m, fp8, shapes, layer_handed(runner, m)))
                        for m in LAYER_GEMM_ROWS} for name, fp8 in formats}
     except torch.cuda.OutOfMemoryError:
         return {}

@@ -8,7 +8,8 @@ Two paths with one signature each:
   (chunk views are free: silu, mul).
 - `add_rms_norm_e4m3_*`, `silu_mul_e4m3_*`: the same, their output handed to an FP8 layer on e4m3 activations
   already quantised per token (layers/fp8.py E4M3Rows, takes_e4m3): the output rounded to the model dtype
-  first, then quantised exactly as the layer would (the torch path: the two steps one after the other).
+  first, then quantised exactly as the layer would (the torch path: the two steps one after the other, on a
+  GPU the layer's own quantisation kernel).
 - `*_triton`: one kernel each (triton_norm_act.py), the same arithmetic (float32 inside, each result rounded
   once to the model dtype where HF rounds); the e4m3 ones write the e4m3 rows and their scales, not the
   model-dtype output.
@@ -36,14 +37,25 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _quantised(x: torch.Tensor) -> E4M3Rows:
+    """x per token in e4m3 as the FP8 layer would have quantised it itself: on a GPU its Triton kernel (the
+    torch path's norm and SiLU on a GPU, SHARDLM_UNFUSED or the torch attention backend, keep the layer's one
+    kernel), elsewhere the reference arithmetic"""
+    if x.is_cuda:
+        from .triton_fp8 import quantize_activations
+
+        return E4M3Rows(*quantize_activations(x), x.dtype)
+    return quantize_activations_torch(x)
+
+
 def add_rms_norm_e4m3_torch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
                             ) -> tuple[E4M3Rows, torch.Tensor]:
     normed, residual = add_rms_norm_torch(x, residual, weight, eps)
-    return quantize_activations_torch(normed), residual
+    return _quantised(normed), residual
 
 
 def silu_mul_e4m3_torch(gate_up: torch.Tensor) -> E4M3Rows:
-    return quantize_activations_torch(silu_mul_torch(gate_up))
+    return _quantised(silu_mul_torch(gate_up))
 
 
 def add_rms_norm_triton(x, residual, weight, eps):

@@ -328,6 +328,10 @@ def decode_launch(b: int, heads: HeadLayout, context: int, device: torch.device,
     return launch
 
 
+WARM_UP_CONTEXT = 16 * BLOCK_N
+"""the context warm_up decodes at: long enough that split-KV cuts it (parts of >= 8 key blocks)"""
+
+
 def warm_up(heads: HeadLayout, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
             workspace: SplitWorkspace, dtype: torch.dtype) -> None:
     """Compile every kernel variant a step can launch before the first request: rotary + cache write, a
@@ -340,9 +344,9 @@ def warm_up(heads: HeadLayout, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     rope = (torch.ones(1, 1, heads.head_dim, dtype=dtype, device=dev),) * 2
     rope_and_cache_triton(rope, one[:, : heads.n_q], one[:, heads.n_q: heads.n_q + heads.n_kv],
                           one[:, heads.n_q + heads.n_kv:], k_cache, v_cache, torch.zeros(1, dtype=torch.long, device=dev))
-    ctx = min(k_cache.shape[0], 4 * BLOCK_N)
+    ctx = min(k_cache.shape[0], WARM_UP_CONTEXT)
     table = [list(range(-(-ctx // block_size)))]
-    # (sms: 1 lets no split pay, a huge count makes one)
+    # (sms: 1 lets no split pay, a huge count makes one where the cache holds WARM_UP_CONTEXT slots)
     for q_len, sms in ((1, 1), (1, 1 << 20), (min(ctx, LARGE_M), 1)):
         meta = build_metadata([ctx - q_len], [q_len], table, block_size, dev, dtype, "triton", heads, sms)
         meta.workspace = workspace

@@ -4,8 +4,8 @@
 sequence: BLOCK_M / G_PAD consecutive new tokens x the G_PAD query heads its KV head serves (GQA: each
 K/V block is loaded once for the whole group; the head map allows an uneven group from a TP split). The
 program walks the keys [0, start + q0 + tokens of the tile) in blocks of BLOCK_N positions (paged_attention's
-BLOCK_N for the small tiles, LARGE_BLOCK_N for the large), each block's slots read through the sequence's
-block table: first the keys every row of the tile sees (no mask), then the causal edge. Online softmax in float32 with exp2; float32 inputs multiply in full precision
+BLOCK_N for the small tiles, LARGE_BLOCK_N for the large and for float32), each block's slots read through the
+sequence's block table: first the keys every row of the tile sees (no mask), then the causal edge. Online softmax in float32 with exp2; float32 inputs multiply in full precision
 (no TF32), so the tiny float32 checkpoints match Hugging Face.
 
 Split-KV (flash-decoding): with SPLIT the context is cut into parts of `split_len` positions, one
@@ -162,9 +162,14 @@ def _combine_kernel(O, PART_O, PART_LSE, Q_START, TILE_SEQ, TILE_Q0, splits,
 
 LOG2E = 1.4426950408889634
 SMALL_TILE_LAUNCH = {"num_warps": 4, "num_stages": 2}
-"""how the small tiles' launch (decodes, short chunks) runs (scripts/attention_bench.py --sweep tries others)"""
+"""how the small tiles' launch (decodes, short chunks) runs, BLOCK_N keys a step (scripts/attention_bench.py
+--sweep tries others)"""
+FLOAT32_SMALL_TILE_LAUNCH = {"num_warps": 4, "num_stages": 3}
+"""the small tiles' launch on float32 inputs, LARGE_BLOCK_N keys a step: 128 float32 keys in two stages need
+147 KB of shared memory at head_dim 128, past the ~99 KB of Ada and consumer cards (a split part, a whole
+number of BLOCK_N keys, is one of LARGE_BLOCK_N keys too)"""
 LARGE_TILE_LAUNCH = {"num_warps": 8, "num_stages": 2}
-"""how the large tiles' launch (prompt chunks) runs"""
+"""how the large tiles' launch (prompt chunks) runs, LARGE_BLOCK_N keys a step"""
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, meta, launch, heads) -> None:
@@ -179,6 +184,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
     part_o, part_lse = ws.parts(launch.splits) if split else (out, out)  # (not read without SPLIT)
     block_m = launch.block_m
     large = block_m > SMALL_M
+    if large:
+        block_n, options = LARGE_BLOCK_N, LARGE_TILE_LAUNCH
+    elif q.dtype == torch.float32:
+        block_n, options = LARGE_BLOCK_N, FLOAT32_SMALL_TILE_LAUNCH
+    else:
+        block_n, options = BLOCK_N, SMALL_TILE_LAUNCH
     block_d = max(16, triton.next_power_of_2(heads.head_dim))
     use_pdl = pdl(q.device)
     _attention_kernel[(tiles, heads.n_kv, launch.splits)](
@@ -187,10 +198,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), meta.block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        G_PAD=heads.g_pad, BLOCK_M=block_m, BLOCK_N=LARGE_BLOCK_N if large else BLOCK_N, HEAD_DIM=heads.head_dim, BLOCK_D=block_d,
+        G_PAD=heads.g_pad, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=heads.head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size,
         SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=use_pdl,
-        **(LARGE_TILE_LAUNCH if large else SMALL_TILE_LAUNCH), launch_pdl=use_pdl)
+        **options, launch_pdl=use_pdl)
     if split:
         _combine_kernel[(tiles, heads.n_q)](
             out, part_o, part_lse, meta.query_start, launch.tile_seq, launch.tile_q0, launch.splits,
