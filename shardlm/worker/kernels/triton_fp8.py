@@ -8,9 +8,10 @@
   `_fp8_dot_kernel` (tensor cores, float32 accumulation, operands loaded through pointers; `swap` makes the
   weights the MMA's 64-row side and the few rows of x its narrow one) and `_fp8_tma_kernel` (the same on
   e4m3 activations, both operands' tiles fetched by the Tensor Memory Accelerator: Config.tma, what the
-  engine runs on e4m3 activations wherever `tma_ok`; 8B's layer at 64 rows 82 us against 88.6, session 18). Widening e4m3 weights costs the CUDA cores more than reading
-  them at 2-16 rows (tuned on an H200: 95 us a Llama-3-8B layer weight-only at 16 rows, 80 on e4m3
-  activations, their quantisation included), so the engine runs e4m3 activations from two rows up.
+  engine runs on e4m3 activations wherever `tma_ok`; 8B's layer at 64 rows 82 us against 88.6, session 18).
+  Widening e4m3 weights costs the CUDA cores more than reading them at 2-16 rows (tuned on an H200: 95 us a
+  Llama-3-8B layer weight-only at 16 rows, 80 on e4m3 activations, their quantisation included), so the
+  engine runs e4m3 activations from two rows up.
 - Split-K: a decode GEMM with few output blocks (o_proj, down_proj: 4096 features) would leave most SMs idle
   and the HBM under-read, so its K range is cut in `split_k` pieces run by separate programs. Each stores
   its partial sums in its own slice of a float32 workspace (plain stores: an atomic add of the tensor-core
@@ -202,8 +203,8 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> 
     """The configuration a decode GEMM of m rows (<= SMALL_M) of [n, k] e4m3 weights runs with (a8: e4m3
     activations), from scripts/fp8_gemm_bench.py --tune on an H200 (docs/PERFORMANCE.md, sessions 15 and 18):
     weight-only, one row on the CUDA cores and more on the tensor cores; on e4m3 activations the TMA-fed
-    kernel, the weights the MMA's 64-row side up to 32 rows and for a wide matrix or a long K (down_proj), and
-    for the other matrices at 33-64 rows x the MMA's 64-row side on narrow weight tiles. Split-K until the
+    kernel, the weights the MMA's 64-row side up to 32 rows and for a wide matrix or a long K (down_proj), the
+    rows of x that side for the other matrices at 33-64 rows, on narrow weight tiles. Split-K until the
     output blocks times the pieces keep every SM streaming (`programs` of them), each piece at least 4 K blocks
     long."""
     wide = n >= WIDE_N  # (gate_up: enough output blocks without split, wider tiles read faster)
