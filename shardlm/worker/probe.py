@@ -238,8 +238,9 @@ def layer_gemm_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
 def layer_gemm_times(runner: ModelRunner) -> dict[str, dict[str, float]]:
     """{"bf16": {rows: us}, "fp8": {rows: us}}: one dense layer's four GEMMs (this model's own shapes on this
     rank) at LAYER_GEMM_ROWS rows, as _gemm_times runs them (bf16 through F.linear; on a GPU with FP8 tensor
-    cores the FP8 path too, the inputs layer_handed marks quantised before); {} off a GPU, without a dense layer, or where the weights' copies do not fit
-    beside the engine (the planner keeps the weight-size curves then)."""
+    cores the FP8 path too, the inputs layer_handed marks quantised before); {} off a GPU, without a dense
+    layer, or where the weights' copies do not fit beside the engine (the planner keeps the weight-size curves
+    then)."""
     from .layers.fp8 import scaled_mm_ok
 
     dev = runner.ctx.device

@@ -5,8 +5,9 @@ sequence: BLOCK_M / G_PAD consecutive new tokens x the G_PAD query heads its KV 
 K/V block is loaded once for the whole group; the head map allows an uneven group from a TP split). The
 program walks the keys [0, start + q0 + tokens of the tile) in blocks of BLOCK_N positions (paged_attention's
 BLOCK_N for the small tiles, LARGE_BLOCK_N for the large and for float32), each block's slots read through the
-sequence's block table: first the keys every row of the tile sees (no mask), then the causal edge. Online softmax in float32 with exp2; float32 inputs multiply in full precision
-(no TF32), so the tiny float32 checkpoints match Hugging Face.
+sequence's block table: first the keys every row of the tile sees (no mask), then the causal edge. Online
+softmax in float32 with exp2; float32 inputs multiply in full precision (no TF32), so the tiny float32
+checkpoints match Hugging Face.
 
 Split-KV (flash-decoding): with SPLIT the context is cut into parts of `split_len` positions, one
 program each; they write normalised partial outputs and their log-sum-exps, and `_combine_kernel`

@@ -280,13 +280,13 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
     ws, cnt = workspace(x.device)
     b = bias if bias is not None else scale
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64  # (the tensor-core kernels' rows of x: the MMA's 16 or more)
     use_pdl = pdl(x.device)
     if cfg.gemv:
         _fp8_gemv_kernel[grid](x, w, scale, b, y, ws, cnt, n, k, x.stride(0), y.stride(0), cfg.split_k, M=m,
                                HAS_BIAS=bias is not None, PDL=use_pdl, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
     elif a8 and cfg.tma and max(cfg.block_n, cfg.block_k) <= 256 and tma_ok(x, w):  # (a TMA tile: <= 256 a side)
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         xd = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, cfg.block_k])
         wd = TensorDescriptor(w, [n, k], [k, 1], [cfg.block_n, cfg.block_k])
         _fp8_tma_kernel[grid](xd, wd, scale, x_scale, b, y, ws, cnt, m, n, k, y.stride(0), cfg.split_k,
@@ -294,7 +294,6 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
                               num_stages=cfg.num_stages, launch_pdl=use_pdl)
     else:
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         _fp8_dot_kernel[grid](x, w, scale, x_scale if a8 else scale, b, y, ws, cnt, m, n, k, x.stride(0),
                               y.stride(0), cfg.split_k, HAS_BIAS=bias is not None, A8=a8, SWAP=cfg.swap, PDL=use_pdl,
                               BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -303,15 +302,34 @@ def fp8_gemm_small_m(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
 
 
 @triton.jit
+def e4m3_scale(absmax):
+    """a row's scale from its largest |value| (layers/fp8.py quantize_rows' arithmetic: that value maps to 448,
+    the largest e4m3; at least 1e-12)"""
+    return tl.maximum(absmax / 448.0, 1e-12)
+
+
+@triton.jit
+def store_e4m3(Q, y, scale, mask):
+    """float32 values y divided by their row's scale, clamped to e4m3's range, stored in e4m3 at Q"""
+    tl.store(Q, tl.minimum(tl.maximum(y / scale, -448.0), 448.0).to(Q.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_e4m3_row(y, row, cols, ok, Q, S, n):
+    """one whole row y (float32 at columns cols, 0 where not ok) quantised per token into row `row` of e4m3 Q
+    [rows, n], its scale into S[row]: the activation quantisation every e4m3 kernel shares"""
+    scale = e4m3_scale(tl.max(tl.abs(y), 0))
+    store_e4m3(Q + row * n + cols, y, scale, ok)
+    tl.store(S + row, scale)
+
+
+@triton.jit
 def _quantize_activations_kernel(X, Q, S, K, stride_x, PDL: tl.constexpr, BLOCK_K: tl.constexpr):
     pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
-    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-    tl.store(Q + row * K + cols, q.to(Q.dtype.element_ty), mask=cols < K)
-    tl.store(S + row, scale)
+    store_e4m3_row(x, row, cols, cols < K, Q, S, K)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

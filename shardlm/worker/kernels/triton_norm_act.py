@@ -11,15 +11,8 @@ import triton.language as tl
 
 from ..layers.fp8 import FP8, E4M3Rows
 from . import pdl
+from .triton_fp8 import e4m3_scale, store_e4m3, store_e4m3_row
 from .triton_pdl import pdl_start
-
-
-@triton.jit
-def _store_e4m3(y, row, cols, ok, Q, S, n):
-    """one row y (float32, masked columns 0) quantised per token: layers/fp8.py quantize_rows' arithmetic"""
-    scale = tl.maximum(tl.max(tl.abs(y), 0) / 448.0, 1e-12)
-    tl.store(Q + row * n + cols, tl.minimum(tl.maximum(y / scale, -448.0), 448.0).to(Q.dtype.element_ty), mask=ok)
-    tl.store(S + row, scale)
 
 
 @triton.jit
@@ -41,7 +34,7 @@ def _add_rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, st
     w = tl.load(W + cols, mask=ok, other=0.0)
     out = (w.to(tl.float32) * y.to(tl.float32)).to(X.dtype.element_ty)
     if E4M3:
-        _store_e4m3(out.to(tl.float32), row, cols, ok, OUT, S, n)
+        store_e4m3_row(out.to(tl.float32), row, cols, ok, OUT, S, n)
     else:
         tl.store(OUT + row * stride_o + cols, out, mask=ok)
 
@@ -68,17 +61,15 @@ def _silu_mul_e4m3_kernel(GU, Q, S, stride_gu, f, PDL: tl.constexpr, BLOCK: tl.c
     gu = GU + row * stride_gu
     if f <= BLOCK:
         cols = tl.arange(0, BLOCK)
-        _store_e4m3(_silu_mul_piece(gu, cols, f), row, cols, cols < f, Q, S, f)
+        store_e4m3_row(_silu_mul_piece(gu, cols, f), row, cols, cols < f, Q, S, f)
     else:
         top = tl.zeros([BLOCK], tl.float32)
         for c in range(0, f, BLOCK):
             top = tl.maximum(top, tl.abs(_silu_mul_piece(gu, c + tl.arange(0, BLOCK), f)))
-        scale = tl.maximum(tl.max(top, 0) / 448.0, 1e-12)
+        scale = e4m3_scale(tl.max(top, 0))
         for c in range(0, f, BLOCK):
             cols = c + tl.arange(0, BLOCK)
-            y = _silu_mul_piece(gu, cols, f)
-            tl.store(Q + row * f + cols, tl.minimum(tl.maximum(y / scale, -448.0), 448.0).to(Q.dtype.element_ty),
-                     mask=cols < f)
+            store_e4m3(Q + row * f + cols, _silu_mul_piece(gu, cols, f), scale, cols < f)
         tl.store(S + row, scale)
 
 
