@@ -23,7 +23,8 @@ import sys
 import time
 
 SHAPES = {"8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
-          "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}}
+          "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)},
+          "8b-head": {"lm_head": (128256, 4096)}}  # (--fp8-lm-head's GEMM; not in the defaults)
 SPACE = {"tma": (False, True), "swap": (False, True), "split_k": (1, 2, 4, 8, 16), "block_n": (8, 16, 32, 64, 128),
          "block_k": (64, 128, 256, 512, 1024), "num_stages": (2, 3, 4, 5, 6), "num_warps": (2, 4, 8)}
 

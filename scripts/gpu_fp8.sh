@@ -7,6 +7,7 @@
 # scripts/fp8_gemm_bench.py --tune (the small-batch kernels' configurations, TUNE_BUDGET seconds, batches
 # TUNE_BATCHES, more flags TUNE_ARGS e.g. --tma-only); gemm: the kernels as the engine runs them, 8B and 70B shapes; big: BIG_MODEL (default
 # random:llama-3-70b) in FP8 weights and KV on this GPU (BIG_FLAGS: more bench flags, e.g. "-tp 2").
+# TEST_FILES: the test files of the tests stage (default tests/test_gpu.py), TESTS_K their -k filter.
 # LATENCY_FLAGS: the latency benches' further flags (default --profile-step; e.g. "--repeats 3").
 # Results under $OUT.
 set -u
@@ -21,7 +22,7 @@ if [[ $STAGES == *tune* ]]; then
   tail -20 "$OUT/fp8_tune.txt"
 fi
 if [[ $STAGES == *tests* ]]; then
-  timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py -k "${TESTS_K:-fp8}" -p no:cacheprovider --tb=short -rs \
+  timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m "gpu or not gpu" ${TEST_FILES:-tests/test_gpu.py} -k "${TESTS_K:-fp8}" -p no:cacheprovider --tb=short -rs \
     > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | tail -5
 fi

@@ -786,6 +786,35 @@ def test_replayed_decode_graphs_correct_a_graph_layer_at_each_batch():
     assert _step(eager, TINY, 1, tokens=8) == _step({**eager, "model_layers": TIMED}, TINY, 1, tokens=8)
 
 
+def test_fp8_decode_graphs_correct_an_fp8_layer():
+    """model_layers.graph_us_fp8 (the decode graphs of the model with FP8 weights): an FP8 model's graph
+    layer costs the FP8 replay's per-layer time at its batch (whatever its KV cache and LM head: a layer's
+    correction), not the bf16 replay's correction on FP8 work; a bf16 model ignores them"""
+    base = {**HOST, "engine": {"cuda_graphs": True}, "allreduce_graph": HOST["allreduce"]}
+    graphs = {"1": {"2": {"1": 1000.0, "8": 1300.0}, "6": {"1": 2200.0, "8": 3300.0}}}  # 300 / 500 us a layer
+    fp8_graphs = {"1": {"2": {"1": 800.0, "8": 1000.0}, "6": {"1": 1600.0, "8": 2200.0}}}  # 200 / 300 us
+    both = load_profile({**base, "model_layers": {**TIMED, "graph_us": graphs, "graph_us_fp8": fp8_graphs}})
+    bf16_only = load_profile({**base, "model_layers": {**TIMED, "graph_us": graphs}})
+    lay = ParallelLayout(tp=1)
+    fp8 = replace(TINY, quantization="fp8")
+    for model, kv in ((fp8, 2), (fp8, 1), (replace(fp8, fp8_lm_head=True), 2)):
+        cm = CostModel(model, make_cluster("h100-80gb", 1), both, kv_bytes=kv)
+        own = CostModel(replace(model, fp8_lm_head=False), make_cluster("h100-80gb", 1), both)
+        sh = stage_shards(fp8, lay)[0]
+        for batch, per_layer in ((1, 200e-6), (8, 300e-6)):
+            layer = replace(own._work(lay, sh, batch, 1.0, False, 1, True)[0], attention_s=0.0)
+            floor = cm.calibrated(1, False, True, batch=batch)[0]
+            assert floor + own._gpu_s(layer, False) + layer.comm_s == pytest.approx(per_layer, rel=1e-9)
+        old = CostModel(model, make_cluster("h100-80gb", 1), bf16_only, kv_bytes=kv)
+        assert cm.calibrated(1, False, True, batch=8)[0] != old.calibrated(1, False, True, batch=8)[0]
+    assert (CostModel(TINY, make_cluster("h100-80gb", 1), both).calibrated(1, False, True, batch=8)
+            == CostModel(TINY, make_cluster("h100-80gb", 1), bf16_only).calibrated(1, False, True, batch=8))
+    plan = make_plan(fp8, make_cluster("h100-80gb", 1), Workload(150, 50, 100), both)
+    assert "(decode graphs replayed at batch 1, 8 and in FP8: a graph layer's correction" in " ".join(plan.notes)
+    with pytest.raises(PlanError, match="graph_us_fp8"):
+        load_profile({**base, "model_layers": {**TIMED, "graph_us_fp8": {"1": {"2": {"1": 800.0}}}}})
+
+
 def test_timed_attention_takes_the_place_of_the_kv_read_and_the_attention_math():
     """model_layers' attention_us (the engine's decode attention on one rank's heads, per batch, against
     context): a dense layer's decode attention takes the curves' time, interpolated between the measured

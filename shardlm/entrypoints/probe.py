@@ -248,7 +248,8 @@ def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str,
     """Time `spec`'s layers at TP size n into layers["times_ms"][str(n)] and, where the engine runs the
     attention kernels, its decode attention into layers["attention_us"][str(n)] and a dense layer's GEMMs
     into layers["gemm_us"][str(n)]; where it replays decode graphs, each depth's graphs at a few batches into
-    layers["graph_us"][str(n)]; a size the model cannot run at is left out."""
+    layers["graph_us"][str(n)] (and with FP8 weights, on a GPU with FP8 tensor cores, into
+    layers["graph_us_fp8"][str(n)]); a size the model cannot run at is left out."""
     try:
         depths = model_depths(spec.config.num_hidden_layers, device)
         times, measured, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in depths], measure=False,
@@ -263,10 +264,35 @@ def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str,
         layers.setdefault("gemm_us", {})[str(n)] = measured["layer_gemms"]
     if measured.get("decode_graph_us"):
         layers.setdefault("graph_us", {})[str(n)] = measured["decode_graph_us"]
+        fp8 = _fp8_graph_times(n, device, [with_random_layers(spec, d) for d in depths], log)
+        if fp8:
+            layers.setdefault("graph_us_fp8", {})[str(n)] = fp8
     (d1, (s1, f1, _)), (d2, (s2, f2, _)) = sorted(times.items())
     decode, prefill = (LayerLine.through(d1, a * 1e6, d2, b * 1e6) for a, b in ((s1, s2), (f1, f2)))
     log(f"probe: {spec.name} at TP={n}: decode {decode.per_layer_us:.0f} us a layer, prefill of "
         f"{PROMPT_LEN} tokens {prefill.per_layer_us:.0f} us a layer")
+
+
+def _fp8_graph_times(n: int, device: str, models: list[ModelSource], log) -> dict[str, dict[str, float]]:
+    """{depth: {batch: us}}: the decode graphs of `models` (one model at two depths) with FP8 weights
+    (quantization="fp8"; the KV cache and the LM head in the model dtype), replayed as decode_graph_times does;
+    {} where the engine cannot run them (a GPU without FP8 tensor cores: its error is logged). The planner takes an FP8 layer's
+    correction from these (the FP8 GEMMs timed alone, layer_gemm_times, are not the engine's step: session 19
+    timed them 11-14 us a layer longer at 1 and 8 rows than the engine's graphs ran them)."""
+    if device != "cuda":
+        return {}
+    out = {}
+    try:
+        for m in models:  # (one at a time: an FP8 copy beside the other depth's would need the memory of both)
+            with LLM(m, tensor_parallel_size=n, device=device, dtype=DTYPES[device][0], quantization="fp8",
+                     max_model_len=512, kv_cache_memory_bytes=256 << 20) as llm:
+                out[str(m.config.num_hidden_layers)] = llm.engine.executor.call(
+                    Probe([], 1, False, graph_times=True))[0]["decode_graph_us"]
+    except (ConfigError, LayoutError, RuntimeError, OSError) as exc:
+        log(f"probe: {models[0].name} in FP8 at TP={n}: decode graphs not replayed: "
+            f"{(str(exc).splitlines() or [type(exc).__name__])[0]}")
+        return {}
+    return out if all(out.values()) else {}
 
 
 def _points_ms(times: dict[int, tuple[float, float, float]]) -> dict[str, dict[str, float]]:

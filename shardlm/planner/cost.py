@@ -37,7 +37,8 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
                 adds (graphs) or is floored at (eager) what the timed layer held beyond these formulas,
                 and the step overhead is the timed step's at zero layers less its predicted non-layer
                 work (`CostModel.calibrated`); where the probe replayed the decode graphs at several
-                batches (graph_us), a graph layer's addition is found at each and taken at the step's.
+                batches (graph_us; graph_us_fp8 for FP8 weights), a graph layer's addition is found at
+                each and taken at the step's.
 """
 
 from __future__ import annotations
@@ -319,7 +320,7 @@ class CostModel:
         self.eff = eff or Efficiency()
         self.kv_bytes = kv_bytes
         self._calibrations: dict[tuple[int, bool, bool, str], tuple[float, float, float]] = {}
-        self._graph_corrections: dict[tuple[int, str], dict[int, float]] = {}
+        self._graph_corrections: dict[tuple[int, str, bool], dict[int, float]] = {}
         if profile is not None:
             self.hbm_bps = profile.hbm_gbps * 1e9 * self.eff.hbm_measured
             self.flops_ps = profile.gemm_tflops * 1e12 * self.eff.flops_measured
@@ -614,9 +615,9 @@ class CostModel:
         model's predicted work (`_as_timed`), and an eager floor is lowered by the GPU work FP8 saves. The
         timed shape is priced as the corrected step is (`pricing`, _pricing): a correction found where the
         curves or timed GEMMs price a layer is not one for a step the roofline prices. Where the probe also
-        replayed the decode graphs at several batches (model_layers.graph_us), a graph-replayed layer's
-        correction is found at each of those batches instead (`_graph_missed`) and taken at `batch`,
-        interpolated linearly between them (held past the ends)."""
+        replayed the decode graphs at several batches (model_layers.graph_us; graph_us_fp8, FP8 weights,
+        for an FP8 model), a graph-replayed layer's correction is found at each of those batches instead
+        (`_graph_missed`) and taken at `batch`, interpolated linearly between them (held past the ends)."""
         ml = self.profile.model_layers if self.model_layers_apply else None
         if ml is None or tp not in ml.decode or (not prefill and graphed != (self.profile.cuda_graphs is not False)):
             return None
@@ -647,24 +648,32 @@ class CostModel:
             floor, gpu_fix = (missed, 0.0) if graphed else (per_layer - saved, min(0.0, missed))
             self._calibrations[key] = (floor, gpu_fix, max(0.0, line.zero_layers_us * 1e-6 - rest_s))
         floor, gpu_fix, host = self._calibrations[key]
-        if graphed and not prefill and tp in (ml.graphs or {}):
-            missed = self._graph_missed(tp, pricing)
+        fp8 = self.model.quantization == "fp8" and tp in (ml.graphs_fp8 or {})
+        if graphed and not prefill and (fp8 or tp in (ml.graphs or {})):
+            missed = self._graph_missed(tp, pricing, fp8)
             lo, hi, frac = around(missed, batch)
             floor = missed[lo] + (missed[hi] - missed[lo]) * frac
         return floor, gpu_fix, host
 
-    def _graph_missed(self, tp: int, pricing: str) -> dict[int, float]:
+    def _graph_missed(self, tp: int, pricing: str, fp8: bool = False) -> dict[int, float]:
         """Per batch the probe replayed the decode graphs at (model_layers.graph_us): what a layer of the graph
         took (the line through the two depths) less its predicted GPU work and collectives at that batch with
-        one key of context, as the replays ran, for the model as timed (`calibrated`), seconds. The replays'
-        attention over one key stays in the correction (priced at 0 here: the timed attention curves start at
-        128 keys, and taking theirs would take 128 keys' time off every layer)."""
-        key = (tp, pricing)
+        one key of context, as the replays ran, for the model as timed (`calibrated`), seconds. With `fp8`,
+        from the graphs of the model with FP8 weights (graph_us_fp8) against this model's FP8 layer (its
+        KV and LM head as the probe ran them: the correction is a layer's, and one key of KV is nothing). The
+        replays' attention over one key stays in the correction (priced at 0 here: the timed attention curves
+        start at 128 keys, and taking theirs would take 128 keys' time off every layer)."""
+        key = (tp, pricing, fp8)
         if key not in self._graph_corrections:
             timed, lay = self._as_timed(), ParallelLayout(tp=tp)
+            ml = self.profile.model_layers
+            if fp8:
+                timed = CostModel(replace(self.model, fp8_lm_head=False), self.cluster, self.profile, self.eff,
+                                  self.model.bytes_per_param, self._cuda_graphs, self._attention_backend,
+                                  self.async_scheduling)
             sh = stage_shards(timed.model, lay)[0]
             missed = {}
-            for batch, line in self.profile.model_layers.graphs[tp].items():
+            for batch, line in (ml.graphs_fp8 if fp8 else ml.graphs)[tp].items():
                 layer = replace(self._priced_as(timed._work(lay, sh, batch, 1.0, False, 1, True)[0], pricing),
                                 attention_s=0.0)
                 missed[batch] = line.per_layer_us * 1e-6 - timed._gpu_s(layer, False) - layer.comm_s

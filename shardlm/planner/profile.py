@@ -109,6 +109,9 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             LM head; attention over one key; no host work, no sampler), us:
                                             what a graph-replayed layer holds beyond the formulas is then
                                             found per batch, not at batch 1 alone
+          "graph_us_fp8": {...}             optional: as graph_us, the same model with FP8 weights (the KV
+                                            cache and the LM head in the model dtype): an FP8 layer's
+                                            correction comes from these
       }
     }
 
@@ -268,6 +271,8 @@ class ModelLayers:
     graphs: dict[int, dict[int, LayerLine]] | None = None
     """TP size -> decode batch -> the engine's decode graph replayed alone (GPU time, attention over one key)
     against depth, if measured."""
+    graphs_fp8: dict[int, dict[int, LayerLine]] | None = None
+    """As graphs, the model with FP8 weights, if measured."""
 
     def gemm_us(self, tp: int, rows: float, fp8: bool) -> float | None:
         """One dense layer's four GEMMs at `tp` over `rows` rows as timed, in FP8 or the model dtype: linear
@@ -569,17 +574,16 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
     gemms = None
     if "gemm_us" in value:
         gemms = _layer_gemms(value["gemm_us"], source, f"{where}.gemm_us")
-    graphs = None
-    if "graph_us" in value:
-        graphs = _graph_lines(value["graph_us"], source, f"{where}.graph_us")
+    graphs, graphs_fp8 = (_graph_lines(value[key], source, f"{where}.{key}") if key in value else None
+                          for key in ("graph_us", "graph_us_fp8"))
     return ModelLayers(model=str(value["model"]), shape=tuple((k, shape[k]) for k in LAYER_SHAPE_KEYS),
                        decode_context=_number(value["decode_context"], source, f"{where}.decode_context"),
                        prompt_len=prompt_len, decode=lines["decode_step"], prefill=lines["ttft"],
-                       attention=attention, gemms=gemms, graphs=graphs)
+                       attention=attention, gemms=gemms, graphs=graphs, graphs_fp8=graphs_fp8)
 
 
 def _graph_lines(value: Any, source: str, where: str) -> dict[int, dict[int, LayerLine]]:
-    """model_layers.graph_us: {TP size: {depth: {batch: us > 0}}}, exactly two depths with the same batches:
+    """model_layers.graph_us (or graph_us_fp8): {TP size: {depth: {batch: us > 0}}}, exactly two depths with the same batches:
     per TP size and batch, the line through the two depths"""
     if not isinstance(value, dict):
         raise _bad(source, where, 'must map TP size ("1", "2", ...) to {depth: {batch: us}}', value)
