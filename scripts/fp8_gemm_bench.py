@@ -92,7 +92,7 @@ def main() -> int:
     models = (a.models or ("8b" if a.tune else "8b,70b")).split(",")
     shapes = [(model, name, n, k) for model in models for name, (n, k) in SHAPES[model].items()]
     deadline = time.monotonic() + a.budget
-    problems = sum(1 + (not e4m3_activations(m, n)) for _, _, n, _ in shapes for m in batches)
+    problems = sum(1 + (not e4m3_activations(m, n, k)) for _, _, n, k in shapes for m in batches)
     per_problem = a.budget / max(1, problems)
     for model, name, n, k in shapes:
         wb = [(torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
@@ -101,7 +101,7 @@ def main() -> int:
         for m in batches:
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
             # as the engine runs it (layers/fp8.py e4m3_activations); tuning, e4m3 activations at fewer rows too
-            engine_a8 = e4m3_activations(m, n)
+            engine_a8 = e4m3_activations(m, n, k)
             for a8 in [engine_a8] + ([True] if a.tune and not engine_a8 else []):
                 want = fp8_linear_torch(x, *w8[0]).float()
 

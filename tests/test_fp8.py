@@ -330,13 +330,14 @@ def test_the_step_profile_counts_every_fp8_gemm_kernel_as_gemm():
         assert _kernel_kind(name) == ("other" if "quantize" in name else "gemm"), name
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_the_norms_and_silu_hand_fp8_layers_their_input_quantised(rows, monkeypatch):
+@pytest.mark.parametrize("rows, large", [(1, False), (3, False), (1, True)])
+def test_the_norms_and_silu_hand_fp8_layers_their_input_quantised(rows, large, monkeypatch):
     """Where an FP8 layer runs on e4m3 activations (layers/fp8.py takes_e4m3: the GPU path, emulated here by
     the reference arithmetic with per-token activation quantisation), the RMSNorm before qkv_proj and
     gate_up_proj and the SiLU x up before down_proj hand it E4M3Rows: a decoder layer's output is bitwise the
     one it gives when every layer quantises its own input, and o_proj (after attention) gets a tensor; one
-    row (narrower than WIDE_N) is multiplied weight-only, and nothing is handed over quantised"""
+    row (narrower than WIDE_N, smaller than LARGE_BYTES) is multiplied weight-only, and nothing is handed over
+    quantised; one row of matrices past LARGE_BYTES (70B's) is handed over as more rows are"""
     import dataclasses
 
     from shardlm.common.layout import ParallelLayout
@@ -350,12 +351,14 @@ def test_the_norms_and_silu_hand_fp8_layers_their_input_quantised(rows, monkeypa
 
     def emulated(x, weight, scale, bias=None):
         arrived.append((weight.shape, type(x).__name__))
-        if not isinstance(x, fp8.E4M3Rows) and fp8.e4m3_activations(x.shape[0], weight.shape[0]):
+        if not isinstance(x, fp8.E4M3Rows) and fp8.e4m3_activations(x.shape[0], *weight.shape):
             x = fp8.quantize_activations_torch(x)
         return fp8.fp8_linear_torch(x, weight, scale, bias)
 
     monkeypatch.setattr(linear, "fp8_path", lambda device: emulated)
     monkeypatch.setattr(fp8, "fp8_linear_kernels", emulated)  # (what takes_e4m3 recognises)
+    if large:
+        monkeypatch.setattr(fp8, "LARGE_BYTES", 1)
     cfg = dataclasses.replace(preset("tiny-llama"), quantization="fp8")
     ctx = ParallelContext(ParallelLayout(), 0, torch.device("cpu"), None, (0, 1))
     layer = LlamaDecoderLayer(0, cfg, ctx, torch.float32)
@@ -373,6 +376,6 @@ def test_the_norms_and_silu_hand_fp8_layers_their_input_quantised(rows, monkeypa
     assert all(torch.equal(a, b) for a, b in zip(fused, alone))
     q, kv, d, h, f = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
                       cfg.intermediate_size)
-    kind = "E4M3Rows" if rows > 1 else "Tensor"
+    kind = "E4M3Rows" if rows > 1 or large else "Tensor"
     assert handed == [(((q + 2 * kv) * d, h), kind), ((h, q * d), "Tensor"), ((2 * f, h), kind), ((h, f), kind)]
     assert all(k == "Tensor" for _, k in arrived)

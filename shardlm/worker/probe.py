@@ -187,7 +187,7 @@ def _gemm_times(device: torch.device, rows: int, fp8: bool, shapes: list[tuple[i
         copies = _stream_copies(nbytes)
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         if fp8:
-            if i < len(handed) and handed[i] and takes_e4m3(fp8_linear_kernels, rows, n):
+            if i < len(handed) and handed[i] and takes_e4m3(fp8_linear_kernels, rows, n, k):
                 from .kernels.triton_fp8 import quantize_activations
 
                 x = E4M3Rows(*quantize_activations(x), x.dtype)

@@ -83,21 +83,25 @@ WIDE_N = 16384
 blocks without split-K, so its one-row step also runs on e4m3 activations, where the tensor-core kernel (the
 weights as the MMA's 64-row side, fed by cp.async) reads it faster than the weight-only GEMV, the
 activations' quantisation included (8B gate_up at one row on an H200: 31.9 us against 33-35, session 16)"""
+LARGE_BYTES = 64 << 20
+"""a matrix of at least this many e4m3 weights runs its one-row step on e4m3 activations too: the swapped TMA
+kernel read Llama-3-70B's qkv, o and down at 2 rows in 25.6 / 22.2 / 60.2 us where the weight-only GEMV took
+28.2 / 26.6 / 83.6 at one (H200, session 19); below it (8B's qkv, o, down: 25-59 MB) the GEMV is faster"""
 
 
-def e4m3_activations(rows: int, n: int) -> bool:
-    """Whether a step of `rows` rows through an FP8 matrix of n output rows quantises its activations."""
-    return rows > A8_ABOVE or n >= WIDE_N
+def e4m3_activations(rows: int, n: int, k: int) -> bool:
+    """Whether a step of `rows` rows through an FP8 matrix [n, k] quantises its activations."""
+    return rows > A8_ABOVE or n >= WIDE_N or n * k >= LARGE_BYTES
 
 
-def takes_e4m3(fp8_linear, rows: int, n: int) -> bool:
+def takes_e4m3(fp8_linear, rows: int, n: int, k: int) -> bool:
     """Whether a layer running `fp8_linear` (fp8_path's choice; None: not FP8) multiplies a step of `rows` rows
-    through its n output rows on e4m3 activations, so that the kernel before it may hand it E4M3Rows: the
+    through its [n, k] weights on e4m3 activations, so that the kernel before it may hand it E4M3Rows: the
     GPU path, where e4m3_activations says so (the reference multiplies the activations as they are), unless
     SHARDLM_NO_FP8_FUSION=1."""
     from ...common import envs
 
-    return fp8_linear is fp8_linear_kernels and e4m3_activations(rows, n) and not envs.no_fp8_fusion()
+    return fp8_linear is fp8_linear_kernels and e4m3_activations(rows, n, k) and not envs.no_fp8_fusion()
 
 
 def fp8_linear_kernels(x: torch.Tensor | E4M3Rows, weight: torch.Tensor, scale: torch.Tensor,
@@ -117,7 +121,7 @@ def fp8_linear_kernels(x: torch.Tensor | E4M3Rows, weight: torch.Tensor, scale: 
         x2 = x.reshape(-1, shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        if not e4m3_activations(x2.shape[0], weight.shape[0]):
+        if not e4m3_activations(x2.shape[0], *weight.shape):
             return fp8_gemm_small_m(x2, weight, scale, bias).reshape(*shape[:-1], weight.shape[0])
         xq, x_scale = quantize_activations(x2)
     rows = xq.shape[0]

@@ -104,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
 
     def takes_e4m3(self, rows: int) -> bool:
         """Whether a step of `rows` rows may come as E4M3Rows (layers/fp8.py takes_e4m3)"""
-        return takes_e4m3(self._fp8_linear, rows, self.weight.shape[0])
+        return takes_e4m3(self._fp8_linear, rows, *self.weight.shape)
 
     def forward(self, x: torch.Tensor | E4M3Rows) -> torch.Tensor:
         if self._fp8_linear is not None:
@@ -147,7 +147,7 @@ class RowParallelLinear(nn.Module):
 
     def takes_e4m3(self, rows: int) -> bool:
         """Whether a step of `rows` rows may come as E4M3Rows (layers/fp8.py takes_e4m3)"""
-        return takes_e4m3(self._fp8_linear, rows, self.weight.shape[0])
+        return takes_e4m3(self._fp8_linear, rows, *self.weight.shape)
 
     def forward(self, x: torch.Tensor | E4M3Rows) -> torch.Tensor:
         y = self._fp8_linear(x, self.weight, self.weight_scale) if self._fp8_linear is not None else F.linear(x, self.weight)
