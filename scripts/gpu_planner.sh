@@ -21,7 +21,10 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then  # the engine against HF on the GPU first (te
 fi
 pm=${PROBE_MODEL-random:llama-3-8b}
 if [ "${PROBE:-1}" = 1 ]; then
-  timeout 400 python3 -m shardlm.entrypoints.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} 2>&1 \
+  # (--serving: the server's own overhead on a request's first token, where the web stack is installed: carry
+  # .wheels, installed here as gpu_serve.sh does)
+  [ -d .wheels ] && python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
+  timeout 460 python3 -m shardlm.entrypoints.cli probe --out "$OUT/probe.json" ${pm:+--model "$pm"} --serving 2>&1 \
     | grep -v -E "it/s\]|_warn_once|warn\(" | tail -12
 fi
 IFS=';' read -ra layouts <<< "${LAYOUTS-tp1:-tp 1;tp2:-tp 2;tp4:-tp 4}"

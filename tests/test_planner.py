@@ -1435,6 +1435,25 @@ def test_async_scheduling_plans_a_step_ahead_of_the_requests_that_arrive():
     assert simulate(cm, lay, reqs, 8, 1024, async_scheduling=True)[1].ttft_s == pytest.approx(prefill / 2 + prefill)
 
 
+def test_the_probes_serving_overhead_adds_to_each_served_requests_ttft_and_e2e():
+    """profile serving_overhead_us (`probe --serving`): every simulated request's TTFT and E2E grow by it, its
+    TPOT and the engine's own TTFT do not; a bad value is named"""
+    from shardlm.planner.serving import Request, simulate
+
+    base = {**HOST, "engine": {"cuda_graphs": True}}
+    model, lay = load_model("llama-3-8b"), ParallelLayout(tp=1)
+    reqs = [Request(0.0, 300, 20), Request(0.01, 500, 30), Request(0.02, 100, 10)]
+    plain, slow = (simulate(CostModel(model, make_cluster("h200", 1), load_profile(p)), lay, reqs, 8, 1024,
+                            async_scheduling=True)
+                   for p in (base, {**base, "serving_overhead_us": 4000.0}))
+    for a, b in zip(plain, slow):
+        assert b.ttft_s == pytest.approx(a.ttft_s + 4e-3) and b.e2e_s == pytest.approx(a.e2e_s + 4e-3)
+        assert b.tpot_s == pytest.approx(a.tpot_s) and b.engine_ttft_s == a.engine_ttft_s
+    for bad in (-1.0, "4 ms"):
+        with pytest.raises(PlanError, match="serving_overhead_us"):
+            load_profile({**base, "serving_overhead_us": bad})
+
+
 def _serve_file(tmp_path, **engine):
     requests = [{"sent_s": 0.05 * i, "prompt": 100 + 10 * i, "tokens": 16, "ttft": 0.01, "tpot": 0.005,
                  "e2e": 0.1, "ok": True} for i in range(20)]

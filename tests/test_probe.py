@@ -187,3 +187,29 @@ def test_the_probe_feeds_fp8_gemms_e4m3_rows_where_the_engine_hands_them_over():
 
     runner.ctx = SimpleNamespace(device=cpu, norm_in_all_reduce=in_kernel)
     assert layer_handed(runner, 8) == (False, False, False, True) and seen == [(8, cfg.hidden_size)]
+
+
+def test_probe_serving_times_what_a_served_request_waits_beyond_the_engine(monkeypatch):
+    """`probe --serving`: `shardlm serve` on the tiny model (its own process, CPU here), requests one at a time
+    through bench serve's client: the client's TTFT less the engine's own, >= 0;
+    without the web stack it says what to install and measures nothing"""
+    import builtins
+
+    from shardlm.entrypoints import probe
+
+    said = []
+    overhead = probe.serving_overhead_us("cpu", said.append)
+    assert overhead is not None and overhead >= 0, said
+    assert "ms of serving overhead" in said[-1]
+    real_import = builtins.__import__
+
+    def no_uvicorn(name, *args, **kw):
+        if name == "uvicorn":
+            raise ImportError("no uvicorn", name="uvicorn")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_uvicorn)
+    said.clear()
+    assert probe.serving_overhead_us("cpu", said.append) is None
+    assert said == ["probe: serving overhead not measured: uvicorn is not installed (pip install fastapi uvicorn "
+                    "httpx prometheus-client)"]

@@ -166,9 +166,10 @@ def _model_to_time(model: str, device: str) -> tuple[ModelSource, dict[str, Any]
 
 
 def run_probe(device: str = "auto", max_group: int | None = None, log=print, model: str | None = None,
-              save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              save: Callable[[dict[str, Any]], None] | None = None, serving: bool = False) -> dict[str, Any]:
     """The profile of this machine; `save` gets the profile so far after each group size (a probe cut
-    short, say by a time limit, still leaves the sizes it finished)."""
+    short, say by a time limit, still leaves the sizes it finished). serving: also the server's overhead on
+    a request's first token (serving_overhead_us), measured last."""
     from ..engine.llm_engine import resolve_device
 
     device = resolve_device(device)
@@ -234,6 +235,12 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
             _time_model_layers(spec, n, device, profile["model_layers"], log)
         if save is not None:
             save(_without_empty_model_layers(profile))
+    if serving:
+        overhead = serving_overhead_us(device, log)
+        if overhead is not None:
+            profile["serving_overhead_us"] = overhead
+            if save is not None:
+                save(_without_empty_model_layers(profile))
     return _without_empty_model_layers(profile)
 
 
@@ -295,6 +302,84 @@ def _fp8_graph_times(n: int, device: str, models: list[ModelSource], log) -> dic
     return out if all(out.values()) else {}
 
 
+SERVING_MODEL = "random:probe-tiny-shallow"
+"""the model `probe --serving` serves: its steps are short, so what the client waits beyond the engine is
+the server's own (HTTP, the hand-over to the engine thread, streaming) and the client's"""
+SERVING_REQUESTS = (4, 24)
+"""`probe --serving`: requests sent first (start-up: compilation, first allocations), then those timed"""
+
+
+def serving_overhead_us(device: str, log) -> float | None:
+    """What a served request's time to its first token holds beyond the engine's own, us: `shardlm serve`
+    started on SERVING_MODEL (its own process, on `device`), SERVING_REQUESTS of 128 prompt tokens sent one at
+    a time by bench serve's client, the client's mean TTFT less the server's (from when its engine thread
+    took a request in: the /metrics histogram bench serve reads). None, said in the log, where the web stack
+    is not installed or the server did not come up."""
+    import asyncio
+    import os
+    import socket
+    import tempfile
+    import time
+
+    try:
+        import fastapi  # noqa: F401  (what `shardlm serve` needs)
+        import httpx
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        log(f"probe: serving overhead not measured: {exc.name} is not installed (pip install fastapi uvicorn "
+            f"httpx prometheus-client)")
+        return None
+    from .bench_serve import make_workload, run, server_counters, server_view
+
+    with socket.socket() as s:  # a free port (released for the server to bind)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as server_log:
+        proc = subprocess.Popen([sys.executable, "-m", "shardlm.entrypoints.cli", "serve", SERVING_MODEL, "--port",
+                                 str(port), "--device", device, "--max-model-len", "512"],
+                                stdout=server_log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    server_log.seek(0)
+                    tail = server_log.read().strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                    log(f"probe: serving overhead not measured: the server exited ({tail[0]})")
+                    return None
+                try:
+                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    log("probe: serving overhead not measured: the server was not ready after 300 s")
+                    return None
+                time.sleep(0.5)
+            warm, timed = SERVING_REQUESTS
+            asyncio.run(run(url, SERVING_MODEL, 0, make_workload(warm, 128, 8, 0, 1000, 1), None, 1, 1))
+            before = asyncio.run(server_counters(url, None))
+            result = asyncio.run(run(url, SERVING_MODEL, 0, make_workload(timed, 128, 8, 0, 1000, 2), None, 2, 1))
+            after = asyncio.run(server_counters(url, None))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if result["failed"] or before is None or after is None:
+        log(f"probe: serving overhead not measured: {result['failed']} of {timed} requests failed "
+            f"{result.get('errors') or ''}".rstrip())
+        return None
+    engine_ms = server_view(before, after)["engine_ms"]["ttft_mean"]
+    overhead = max(0.0, result["ttft_ms"]["mean"] - engine_ms) * 1e3
+    log(f"probe: a served request's first token: {result['ttft_ms']['mean']:.1f} ms at the client, "
+        f"{engine_ms:.1f} in the engine: {overhead / 1e3:.1f} ms of serving overhead")
+    return overhead
+
+
 def _points_ms(times: dict[int, tuple[float, float, float]]) -> dict[str, dict[str, float]]:
     """_depth_times' seconds per depth as {depth: {"decode_step": ms, "ttft": ms}}."""
     return {str(d): {"decode_step": step * 1e3, "ttft": ttft * 1e3} for d, (step, ttft, _) in times.items()}
@@ -309,6 +394,10 @@ def add_probe_parser(sub) -> None:
                    help="also time this dense model's own layers, with random weights: random:<preset>, a Hugging "
                         "Face config.json (or its folder), or any model the engine loads; `plan --profile` then "
                         "uses the times for models of that shape")
+    p.add_argument("--serving", action="store_true",
+                   help="also start `shardlm serve` on a tiny model and time what a request's first token waits "
+                        "beyond the engine (HTTP, streaming): plan --validate adds it to served requests' TTFT "
+                        "(needs fastapi, uvicorn, httpx, prometheus-client)")
 
 
 def run_probe_cli(args) -> int:
@@ -326,7 +415,7 @@ def run_probe_cli(args) -> int:
         part.replace(out)
         log(f"probe: saved groups {sorted(profile['layer_floor_us'], key=int)} to {out}")
 
-    profile = run_probe(args.device, args.max_group, log=log, model=args.model, save=save)
+    profile = run_probe(args.device, args.max_group, log=log, model=args.model, save=save, serving=args.serving)
     print(f"wrote {args.out}: {profile['device']}, copy {profile['hbm_gbps']:.0f} GB/s, "
           f"GEMM {profile['gemm_tflops']:.1f} TFLOP/s, groups {sorted(profile['layer_floor_us'], key=int)}")
     if args.model is not None and "model_layers" not in profile:

@@ -79,6 +79,10 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
                                             the engine's default on GPU. "attention_backend": "triton"
                                             (the paged attention kernels) or "torch" (gather + SDPA);
                                             absent: "torch", what profiles before the kernels measured
+      "serving_overhead_us": 4200.0,        optional (`shardlm probe --serving`): what a served request's
+                                            first token waits beyond the engine's own time (HTTP, the
+                                            hand-over to the engine thread, streaming, the client), us >= 0:
+                                            the serving simulation adds it to TTFT and end-to-end latency
       "model_layers": {                     optional (`shardlm probe --model`): one model's own decoder
                                             layers, timed like the tiny model's at two depths. Needs
                                             "step_overhead_us" and "layer_floor_us".
@@ -363,6 +367,8 @@ class Profile:
     """One model's own layers timed at two depths, if measured."""
     gpu_gemv_gbps: dict[int, float] | None = None
     """Each GPU's start-up GEMV rate (GPU index -> GB/s), if measured."""
+    serving_overhead_us: float | None = None
+    """What a served request's first token waits beyond the engine (us), if measured."""
     source: str = "<profile>"
     """Where the profile came from."""
 
@@ -663,6 +669,8 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         memory_gib=_positive(data["memory_gib"], source, "memory_gib") if "memory_gib" in data else None,
         gpu_count=gpu_count,
         gpu_gemv_gbps=_gpu_rates(data["gpu_gemv_gbps"], source) if "gpu_gemv_gbps" in data else None,
+        serving_overhead_us=(_number(data["serving_overhead_us"], source, "serving_overhead_us")
+                             if "serving_overhead_us" in data else None),
         source=source,
         **_host_fields(data, source),
     )

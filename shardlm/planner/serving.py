@@ -90,10 +90,12 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
              token_budget: int, replicas: int = 1, async_scheduling: bool = False) -> list[Served]:
     """Each request's TTFT, TPOT ((E2E - TTFT) / (tokens - 1)) and E2E, in the order given, on `replicas`
     engines of `layout` (the server's data parallelism; async_scheduling: each step planned as the one before
-    it starts)."""
+    it starts). TTFT and E2E hold the server's own overhead where the profile measured it
+    (serving_overhead_us: HTTP and streaming, a constant a request; engine_ttft_s does not)."""
     if max_num_seqs < 1 or token_budget < 1:
         raise ValueError(f"max_num_seqs and token_budget must be >= 1, got {max_num_seqs}, {token_budget}")
     shards = stage_shards(cm.model, layout)
+    overhead = (cm.profile.serving_overhead_us or 0.0) * 1e-6 if cm.profile is not None else 0.0
     step_cache: dict[tuple[int, int, int, int], float] = {}
 
     def step_s(decodes: int, context: float, prompt_tokens: int, prompts: int) -> float:
@@ -162,8 +164,8 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
                 rep.running.append(seq)
         for seq in [s for s in rep.running if s.generated >= s.req.output]:
             rep.running.remove(seq)
-            ttft = seq.first_s - seq.req.sent_s
-            e2e = now - seq.req.sent_s
+            ttft = seq.first_s - seq.req.sent_s + overhead
+            e2e = now - seq.req.sent_s + overhead
             tokens = seq.req.output
             out[seq.index] = Served(ttft, (e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0, e2e,
                                     seq.first_s - seq.taken_s)

@@ -512,7 +512,10 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
                              f"{sim_engine:.1f} simulated ({_err(sim_engine, f.engine_ttft_ms):+.0f}%). The rest, "
                              f"{f.client_ttft_ms - f.engine_ttft_ms:.1f} ms measured against "
                              f"{sim - sim_engine:.1f} simulated, is the wait for the engine's step under way "
-                             "(simulated) and HTTP, the server's own work and streaming (not simulated)")
+                             "(simulated) and HTTP, the server's own work and streaming"
+                             + (f" (the probe's serving overhead, {profile.serving_overhead_us / 1e3:.1f} ms)"
+                                if profile is not None and profile.serving_overhead_us is not None
+                                else " (not simulated: `shardlm probe --serving` measures it)"))
             for key in ("ttft", "tpot"):
                 meas = f.measured_ms[f"{key}_ms"]
                 serving.append(ServingRow(
