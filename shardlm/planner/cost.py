@@ -574,13 +574,16 @@ class CostModel:
         ml = self.profile.model_layers if self.host_calibrated else None
         return ml is not None and not self.model.is_moe and ml.shape == self.model.layer_shape
 
-    def _as_timed(self) -> CostModel:
-        """This cost model for the model as the probe times it: weights, LM head and KV cache in the model dtype"""
-        if (self.model.quantization is None and not self.model.fp8_lm_head
+    def _as_timed(self, fp8: bool = False) -> CostModel:
+        """This cost model for the model as the probe times it: weights (FP8 with `fp8`, as its FP8 graph
+        replays ran them), LM head and KV cache in the model dtype"""
+        quantization = self.model.quantization if fp8 else None
+        if (self.model.quantization == quantization and not self.model.fp8_lm_head
                 and self.kv_bytes == self.model.bytes_per_param):
             return self
-        return CostModel(replace(self.model, quantization=None, fp8_lm_head=False), self.cluster, self.profile, self.eff,
-                         self.model.bytes_per_param, self._cuda_graphs, self._attention_backend, self.async_scheduling)
+        return CostModel(replace(self.model, quantization=quantization, fp8_lm_head=False), self.cluster, self.profile,
+                         self.eff, self.model.bytes_per_param, self._cuda_graphs, self._attention_backend,
+                         self.async_scheduling)
 
     def _pricing(self, w: _Work, prefill: bool) -> str:
         """How _gemm_s prices w's weight GEMMs: "timed" (this model's own, timed_gemm_s), "curves" (the
@@ -665,12 +668,7 @@ class CostModel:
         start at 128 keys, and taking theirs would take 128 keys' time off every layer)."""
         key = (tp, pricing, fp8)
         if key not in self._graph_corrections:
-            timed, lay = self._as_timed(), ParallelLayout(tp=tp)
-            ml = self.profile.model_layers
-            if fp8:
-                timed = CostModel(replace(self.model, fp8_lm_head=False), self.cluster, self.profile, self.eff,
-                                  self.model.bytes_per_param, self._cuda_graphs, self._attention_backend,
-                                  self.async_scheduling)
+            timed, lay, ml = self._as_timed(fp8), ParallelLayout(tp=tp), self.profile.model_layers
             sh = stage_shards(timed.model, lay)[0]
             missed = {}
             for batch, line in (ml.graphs_fp8 if fp8 else ml.graphs)[tp].items():
