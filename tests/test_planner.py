@@ -150,10 +150,15 @@ def test_prefill_and_decode_flops(l70):
     n_matmul = 80 * (8192 * 128 * 144 + 3 * 8192 * 28672) + 128256 * 8192
     assert prefill_flops(l70, 1000) == 2 * n_matmul * 1000 + 2 * 80 * 64 * 128 * 1000**2
     assert decode_flops_per_token(l70, 500) == 2 * n_matmul + 4 * 80 * 64 * 128 * 500
-    cm = CostModel(l70, make_cluster("h100-80gb", 1))
     lay = ParallelLayout()
-    step = cm.stage_pass(lay, stage_shards(l70, lay)[0], 1000, 0, prefill=True)
+    eager = CostModel(l70, make_cluster("h100-80gb", 1), cuda_graphs=False)
+    step = eager.stage_pass(lay, stage_shards(l70, lay)[0], 1000, 0, prefill=True)
     assert step.flops == pytest.approx(prefill_flops(l70, 1000, logits_tokens=1))
+    # replayed as the mixed-step graph of 1024 tokens: the layers' GEMMs over 1024 rows, attention over the
+    # prompt's own 1000, a logits row for each of its 256 sequence slots
+    step = CostModel(l70, make_cluster("h100-80gb", 1)).stage_pass(lay, stage_shards(l70, lay)[0], 1000, 0, prefill=True)
+    layers = 80 * (8192 * 128 * 144 + 3 * 8192 * 28672)
+    assert step.flops == pytest.approx(2 * layers * 1024 + 2 * 80 * 64 * 128 * 1000**2 + 2 * 256 * 128256 * 8192)
 
 
 def test_decode_step_is_roofline_plus_allreduces(l70):
@@ -880,9 +885,12 @@ def test_timed_layer_gemms_take_the_place_of_the_weight_curves():
     assert dense[0].timed_gemm_s == pytest.approx(140e-6) and old[0].timed_gemm_s == 0.0
     # (without curves the untimed layer's GEMMs grow by their FLOPs: 7 rows x 2 x 36,864 weights)
     assert grow - grow_untimed == pytest.approx(4 * (40e-6 - 7 * 2 * 36864 / cm.flops_ps), rel=1e-6)
-    # a prefill of 8 tokens: its layers' GEMMs as timed at 8 rows; of 9 (past the most rows): as before
-    assert cm._work(lay, shards[0], 8, 0, prefill=True, prompts=1)[0].timed_gemm_s == pytest.approx(140e-6)
-    assert cm._work(lay, shards[0], 9, 0, prefill=True, prompts=1)[0].timed_gemm_s == 0.0
+    # a prefill of 8 tokens run eagerly: its layers' GEMMs as timed at 8 rows; of 9 (past the most rows): as
+    # before; replayed as a mixed-step graph, 8 tokens run at 16 rows, past the most too
+    eager = CostModel(model, one_gpu, load_profile(timed), cuda_graphs=False)
+    assert eager._work(lay, shards[0], 8, 0, prefill=True, prompts=1)[0].timed_gemm_s == pytest.approx(140e-6)
+    assert eager._work(lay, shards[0], 9, 0, prefill=True, prompts=1)[0].timed_gemm_s == 0.0
+    assert cm._work(lay, shards[0], 8, 0, prefill=True, prompts=1)[0].timed_gemm_s == 0.0
     fp8 = CostModel(replace(model, quantization="fp8"), one_gpu, load_profile(timed))
     assert fp8._work(lay, shards[0], 1, 100, prefill=False, prompts=1)[0].timed_gemm_s == pytest.approx(60e-6)
     for bad, message in (({"1": {"int4": {"1": 1.0}}}, '"bf16" and/or "fp8"'), ({"1": {"bf16": {}}}, "map rows"),
@@ -1433,6 +1441,30 @@ def test_async_scheduling_plans_a_step_ahead_of_the_requests_that_arrive():
     # A done with its first token: nothing was planned ahead, so B's prompt runs next, as without async
     reqs = [Request(0.0, 100, 1), Request(prefill / 2, 100, 10)]
     assert simulate(cm, lay, reqs, 8, 1024, async_scheduling=True)[1].ttft_s == pytest.approx(prefill / 2 + prefill)
+
+
+def test_a_step_with_prompt_chunks_runs_at_its_mixed_graphs_padded_rows():
+    """The engine replays steps with prompt chunks as CUDA graphs of MIXED_SIZES tokens (worker/step_graphs.py):
+    a step of 300 tokens runs its GEMMs, elementwise kernels and all-reduces over 512 rows, its attention and
+    K/V writes over its own 300, and takes a logits row per sequence slot (min(512, MAX_NUM_SEQS)); eagerly
+    (no graphs, the torch attention path, MoE, past the largest size) as it is"""
+    model, lay = load_model("llama-3-8b"), ParallelLayout(tp=2)
+    cm = CostModel(model, make_cluster("h200", 2))
+    assert cm.mixed_rows(300) == (512.0, 256.0) and cm.mixed_rows(16) == (16.0, 16.0)
+    assert cm.mixed_rows(2048) == (2048.0, 256.0) and cm.mixed_rows(2049) == (2049, None)
+    for eager in (CostModel(model, make_cluster("h200", 2), cuda_graphs=False),
+                  CostModel(model, make_cluster("h200", 2), attention_backend="torch"),
+                  CostModel(load_model("mixtral-8x7b"), make_cluster("h200", 2))):
+        assert eager.mixed_rows(300) == (300, None)
+    sh = stage_shards(model, lay)[0]
+    (w300, head300), (w512, _) = ((w[0], w[-1]) for w in (cm._work(lay, sh, t, 0, True, 1) for t in (300, 512)))
+    assert w300.gemm_flops == w512.gemm_flops and w300.act_bytes == w512.act_bytes and w300.comm_s == w512.comm_s
+    assert w300.kv_bytes == pytest.approx(w512.kv_bytes * 300 / 512) and w300.flops < w512.flops
+    assert head300.gemm_flops == 2 * 256 * sh.head_rows * model.hidden
+    eager = CostModel(model, make_cluster("h200", 2), cuda_graphs=False)
+    e300 = eager._work(lay, sh, 300, 0, True, 1)
+    assert e300[0].gemm_flops == w512.gemm_flops * 300 / 512 and e300[-1].gemm_flops == 2 * sh.head_rows * model.hidden
+    assert cm.prefill_step(lay, [sh], 256)[0] < cm.prefill_step(lay, [sh], 300)[0] < cm.prefill_step(lay, [sh], 512)[0]
 
 
 def test_the_probes_serving_overhead_adds_to_each_served_requests_ttft_and_e2e():

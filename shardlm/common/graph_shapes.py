@@ -45,6 +45,20 @@ def graph_pairs(max_num_seqs: int, max_context: int, paged_kernels: bool = False
                   if b * c <= GRAPH_TOKENS)
 
 
+MIXED_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+"""token counts the steps with prompt chunks are captured at (worker/step_graphs.py, the attention kernels' path,
+up to the step budget); a step of more tokens runs eagerly"""
+MIXED_MAX_CONTEXT = 16384
+"""longest context a mixed-step graph serves (its block tables are this wide, copied every step)"""
+
+
+def mixed_size(tokens: int) -> int | None:
+    """The token count a step with prompt chunks of `tokens` tokens runs at: the smallest of MIXED_SIZES that
+    holds it (its GEMMs and elementwise kernels run over every row of it; the attention tiles and the K/V
+    written are the real tokens'), None past the largest (eager)."""
+    return next((t for t in MIXED_SIZES if t >= tokens), None)
+
+
 def padded_shape(pairs: list[tuple[int, int]], n_seqs: int, max_context: int) -> tuple[int, int] | None:
     """The pair a decode step of n_seqs sequences of up to max_context tokens runs at: the smallest context
     that holds it, then the smallest batch (None: no pair holds it, the step runs eagerly)."""

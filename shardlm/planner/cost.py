@@ -32,7 +32,10 @@ p = PP, e = EP; see shared/seed/CORRECTIONS.md):
                 kernels between the GEMMs run one after another) and its step overhead.
   CUDA graphs   unless the profile says the engine ran eagerly, a decode step runs at its graph's
                 padded shape (graph_shapes.py): batch up to the next captured size, every sequence's
-                context gathered to the next captured length (the mean context stands for the longest).
+                context gathered to the next captured length (the mean context stands for the longest);
+                with the attention kernels a step with prompt chunks runs at its mixed-step graph's
+                token count (`mixed_rows`: GEMMs, elementwise kernels and all-reduces over the padded
+                rows, a logits row per sequence slot; attention and K/V over the real tokens).
   model layers  where the profile timed this model's own layers (`shardlm probe --model`), each layer
                 adds (graphs) or is floored at (eager) what the timed layer held beyond these formulas,
                 and the step overhead is the timed step's at zero layers less its predicted non-layer
@@ -47,7 +50,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ..common.defaults import MAX_NUM_SEQS, MAX_SEQ_LEN_TO_CAPTURE
-from ..common.graph_shapes import GRAPH_TOKENS, graph_pairs, padded_shape
+from ..common.graph_shapes import GRAPH_TOKENS, graph_pairs, mixed_size, padded_shape
 from ..common.layout import ParallelLayout, shard_heads, split_evenly
 from .hardware import Cluster
 from .models import ModelSpec
@@ -374,6 +377,18 @@ class CostModel:
             return self.profile.attention_backend == "triton"
         return True
 
+    def mixed_rows(self, tokens: float) -> tuple[float, float | None]:
+        """(rows its GEMMs and elementwise kernels run over, logits rows or None: the sampled ones) of a step
+        with prompt chunks of `tokens` tokens: where the engine replays such steps as CUDA graphs (graphs,
+        the attention kernels, a dense model: worker/step_graphs.py) its graph's padded token count and the
+        graph's sequence slots, min(size, MAX_NUM_SEQS), every one of which gets a logits row; else as it
+        is (past the largest graph, eagerly)."""
+        if self.graph_decode and self.paged_kernels and not self.model.is_moe:
+            size = mixed_size(math.ceil(tokens))
+            if size is not None:
+                return float(size), float(min(size, MAX_NUM_SEQS))
+        return tokens, None
+
     def decode_shape(self, batch: float, context: float) -> tuple[float, float, bool]:
         """(rows, context positions, replayed as a graph) of a decode step of `batch` sequences at `context`
         tokens each: its graph's padded shape, or as it is when no graph holds it (or the model is MoE: the
@@ -455,10 +470,12 @@ class CostModel:
         """The stage's work split into its dense layers, its MoE layers and the non-layer part."""
         m, b, lb = self.model, self.model.bytes_per_param, self.model.linear_bytes
         lin_f = FP8_GEMM_TIME if m.quantization == "fp8" else 1.0
-        rows = tokens  # (a dense layer's GEMMs; prefill MoE experts and the head keep the roofline)
+        # a dense layer's GEMMs (prefill MoE experts and the head keep the roofline), elementwise kernels and
+        # all-reduces: a step with prompt chunks runs at its graph's padded rows (mixed_rows)
+        rows, logits_rows = self.mixed_rows(tokens) if prefill else (tokens, None)
         fp8_rows = rows if m.quantization == "fp8" else 0.0
         attn_s = 0.0 if prefill else self.timed_attention_s(layout.tp, tokens, context)
-        gemm_s = self.timed_gemm_s(layout.tp, tokens, m.quantization == "fp8")
+        gemm_s = self.timed_gemm_s(layout.tp, rows, m.quantization == "fp8")
         d, n_dense = m.head_dim, sh.n_layers - sh.n_moe
         kv_layer = 2 * sh.kv_heads * d * self.kv_bytes  # per token
         if prefill:  # `prompts` prompts of tokens/prompts tokens: KV written once, causal attention
@@ -474,12 +491,12 @@ class CostModel:
         ar = act = 0.0
         if layout.tp > 1:
             tp_ranks = layout.tp_groups()[sh.stage]  # dp replica 0; the others are alike
-            act = tokens * m.hidden * ACT_BYTES
+            act = rows * m.hidden * ACT_BYTES
             ar = 2 * self.allreduce(tp_ranks, act, graphed)
         out = []
         if n_dense:
-            act_b = tokens * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden), paged) + gather
-            gemm_f = lin_f * 2 * tokens * (sh.attn + sh.mlp)
+            act_b = rows * elementwise_bytes(m.hidden, q_dims, kv_dims, sh.mlp / (3 * m.hidden), paged) + gather
+            gemm_f = lin_f * 2 * rows * (sh.attn + sh.mlp)
             out.append(_Work(n_dense, lb * (sh.attn + sh.mlp) + b * sh.norms + kv_b, gemm_f + attn_f, ar, act_b,
                              kv_b, gemms=4, fp8_rows=fp8_rows, rows=rows, gemm_flops=gemm_f,
                              attention_s=attn_s, timed_gemm_s=gemm_s))  # qkv o gate_up down
@@ -505,7 +522,8 @@ class CostModel:
             out.append(_Work(sh.n_moe, lb * (sh.attn + sh.shared_router + touched * sh.expert) + b * sh.norms + kv_b,
                              gemm_f + attn_f, ar + a2a, act_b, kv_b, gemms=4, fp8_rows=0.0 if prefill else fp8_rows,
                              rows=0.0 if prefill else rows, gemm_flops=gemm_f))  # qkv, o, router, experts
-        logits_tokens = prompts if prefill else tokens  # prefill samples only each prompt's last token
+        # prefill samples only each prompt's last token (a mixed graph takes a row per sequence slot)
+        logits_tokens = (logits_rows or prompts) if prefill else tokens
         head_comm = 0.0
         if layout.tp > 1:
             if sh.stage == 0:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common.graph_shapes import MIXED_MAX_CONTEXT, MIXED_SIZES
 from ..common.messages import SeqPlan, StepPlan
 from .graphs import allows, padded_tokens
 from .kernels.paged_attention import (
@@ -44,11 +45,6 @@ from .kernels.paged_attention import (
     split_parts,
     tile_tables,
 )
-
-MIXED_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
-"""token counts of the captured mixed steps, up to the step budget (larger steps run eagerly)"""
-MAX_CONTEXT = 16384
-"""longest context a mixed graph serves (its block tables are this wide, copied every step)"""
 
 
 def _r4(n: int) -> int:
@@ -68,7 +64,7 @@ class StepGraphs:
         self.first, self.last = ctx.is_first_stage, ctx.is_last_stage
         self.block_size = runner.block_size
         self.max_num_seqs = max_num_seqs
-        self.max_context = min(runner.max_model_len, MAX_CONTEXT)
+        self.max_context = min(runner.max_model_len, MIXED_MAX_CONTEXT)
         # up to the first size that holds the step budget (a step never has more tokens), and no size whose
         # tokens its sequence slots cannot hold at the longest context
         sizes = [t for t in MIXED_SIZES if t < max_tokens] + [t for t in MIXED_SIZES if t >= max_tokens][:1]
