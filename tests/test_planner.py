@@ -815,7 +815,8 @@ def test_fp8_decode_graphs_correct_an_fp8_layer():
     assert (CostModel(TINY, make_cluster("h100-80gb", 1), both).calibrated(1, False, True, batch=8)
             == CostModel(TINY, make_cluster("h100-80gb", 1), bf16_only).calibrated(1, False, True, batch=8))
     plan = make_plan(fp8, make_cluster("h100-80gb", 1), Workload(150, 50, 100), both)
-    assert "(decode graphs replayed at batch 1, 8 and in FP8: a graph layer's correction" in " ".join(plan.notes)
+    assert ("(decode graphs replayed at batch 1, 8, bf16 and FP8 weights: a graph layer's correction"
+            in " ".join(plan.notes))
     with pytest.raises(PlanError, match="graph_us_fp8"):
         load_profile({**base, "model_layers": {**TIMED, "graph_us_fp8": {"1": {"2": {"1": 800.0}}}}})
 

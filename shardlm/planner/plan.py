@@ -362,7 +362,7 @@ def model_layers_note(cm: CostModel, tps: set[int]) -> str | None:
     replayed = sorted(t for t in timed if t in (ml.graphs or {}))
     if replayed and cm.profile.cuda_graphs is not False:
         batches = sorted(set().union(*(ml.graphs[t] for t in replayed)))
-        fp8 = " and in FP8" if cm.model.quantization == "fp8" and any(t in (ml.graphs_fp8 or {}) for t in replayed) else ""
+        fp8 = ", bf16 and FP8 weights" if any(t in (ml.graphs_fp8 or {}) for t in replayed) else ""
         text += (f" (decode graphs replayed at batch {', '.join(map(str, batches))}{fp8}: a graph layer's "
                  f"correction taken at its batch)")
     return text + (f"; tp={','.join(map(str, others))} not timed: the tiny model's floor" if others else "")
