@@ -589,8 +589,8 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
 
 
 def _graph_lines(value: Any, source: str, where: str) -> dict[int, dict[int, LayerLine]]:
-    """model_layers.graph_us (or graph_us_fp8): {TP size: {depth: {batch: us > 0}}}, exactly two depths with the same batches:
-    per TP size and batch, the line through the two depths"""
+    """model_layers.graph_us (or graph_us_fp8): {TP size: {depth: {batch: us > 0}}}, exactly two depths with
+    the same batches: per TP size and batch, the line through the two depths"""
     if not isinstance(value, dict):
         raise _bad(source, where, 'must map TP size ("1", "2", ...) to {depth: {batch: us}}', value)
     out: dict[int, dict[int, LayerLine]] = {}
