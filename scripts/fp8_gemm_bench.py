@@ -6,11 +6,12 @@ tensor cores): microseconds per call and the weight bytes per second they stream
 
 Each timed graph cycles through enough copies of the weights (>= 256 MB) that they come from HBM, not from
 the 50 MB L2. Columns: bf16 (F.linear: cuBLAS), fp8 (layers/fp8.py's fp8_linear_kernels, as the engine runs
-it: weight-only up to A8_ABOVE rows of a matrix narrower than WIDE_N, e4m3 activations otherwise),
+it: weight-only up to A8_ABOVE rows of a matrix narrower than WIDE_N and smaller than LARGE_BYTES, e4m3
+activations otherwise),
 fp8-scaled_mm (the activations quantised per token, then torch._scaled_mm). Every result is checked against the dequantising reference first. --tune:
 coordinate descent over fp8_gemm_small_m's tiles, split, warps, operand order and loads (TMA or not) from
 small_m_config's choice (and from the other kernel's, swapped, with the other loads), printing the best configuration found beside it; where
-the engine runs weight-only (up to A8_ABOVE rows of a matrix narrower than WIDE_N) both weight-only and on
+the engine runs weight-only (layers/fp8.py e4m3_activations) both weight-only and on
 e4m3 activations (rows marked a8).
 """
 

@@ -379,3 +379,14 @@ def test_the_norms_and_silu_hand_fp8_layers_their_input_quantised(rows, large, m
     kind = "E4M3Rows" if rows > 1 or large else "Tensor"
     assert handed == [(((q + 2 * kv) * d, h), kind), ((h, q * d), "Tensor"), ((2 * f, h), kind), ((h, f), kind)]
     assert all(k == "Tensor" for _, k in arrived)
+
+
+def test_which_one_row_steps_run_on_e4m3_activations():
+    """e4m3_activations: more than A8_ABOVE rows always; one row for a wide matrix (WIDE_N: 8B's gate_up) or a
+    large one (LARGE_BYTES: 70B's qkv, o, down at TP=1), not for 8B's qkv, o, down or 70B's qkv at TP=2"""
+    from shardlm.worker.layers.fp8 import e4m3_activations
+
+    for n, k, a8 in ((28672, 4096, True), (10240, 8192, True), (8192, 8192, True), (8192, 28672, True),
+                     (6144, 4096, False), (4096, 4096, False), (4096, 14336, False), (5120, 8192, False)):
+        assert e4m3_activations(1, n, k) == a8, (n, k)
+        assert e4m3_activations(2, n, k)

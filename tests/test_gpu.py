@@ -213,6 +213,7 @@ def same_tokens_but_near_ties(tok_a, tok_b, logits_a, logits_b, tol):
 
 def test_gpu_fp8_linear_matches_its_reference():
     """the FP8 kernels against the dequantising reference: up to A8_ABOVE rows of a matrix narrower than WIDE_N
+    and smaller than LARGE_BYTES
     the weight-only Triton kernels (within bf16 rounding) with the tuned configurations and with split-K forced
     on both kernels (and the operands swapped); above, and for a wide matrix, the activations in e4m3 too (the
     Triton kernel up to SMALL_M rows, swapped operands and TMA loads too; torch._scaled_mm above, or the Triton kernel 64

@@ -1453,6 +1453,8 @@ def test_a_step_with_prompt_chunks_runs_at_its_mixed_graphs_padded_rows():
     cm = CostModel(model, make_cluster("h200", 2))
     assert cm.mixed_rows(300) == (512.0, 256.0) and cm.mixed_rows(16) == (16.0, 16.0)
     assert cm.mixed_rows(2048) == (2048.0, 256.0) and cm.mixed_rows(2049) == (2049, None)
+    assert cm.mixed_rows(300, context=20000) == (300, None)  # a sequence past MIXED_MAX_CONTEXT: eager
+    assert CostModel(model, make_cluster("h200", 2), max_num_seqs=8).mixed_rows(300) == (512.0, 8.0)
     for eager in (CostModel(model, make_cluster("h200", 2), cuda_graphs=False),
                   CostModel(model, make_cluster("h200", 2), attention_backend="torch"),
                   CostModel(load_model("mixtral-8x7b"), make_cluster("h200", 2))):
@@ -1460,6 +1462,12 @@ def test_a_step_with_prompt_chunks_runs_at_its_mixed_graphs_padded_rows():
     sh = stage_shards(model, lay)[0]
     (w300, head300), (w512, _) = ((w[0], w[-1]) for w in (cm._work(lay, sh, t, 0, True, 1) for t in (300, 512)))
     assert w300.gemm_flops == w512.gemm_flops and w300.act_bytes == w512.act_bytes and w300.comm_s == w512.comm_s
+    # its all-reduces run inside the graph: the profile's in-graph sweep prices them
+    graph_sweep = {**HOST, "engine": {"cuda_graphs": True, "attention_backend": "triton"},
+                   "allreduce_graph": {"2": [[1024, 3.0], [1 << 30, 7.0]]}}
+    timed = CostModel(model, make_cluster("h200", 2), load_profile(graph_sweep))
+    ar = [timed.allreduce(lay.tp_groups()[0], 512 * model.hidden * 2, graphed=g) for g in (True, False)]
+    assert ar[0] != ar[1] and timed._work(lay, sh, 300, 0, True, 1)[0].comm_s == pytest.approx(2 * ar[0])
     assert w300.kv_bytes == pytest.approx(w512.kv_bytes * 300 / 512) and w300.flops < w512.flops
     assert head300.gemm_flops == 2 * 256 * sh.head_rows * model.hidden
     eager = CostModel(model, make_cluster("h200", 2), cuda_graphs=False)
@@ -1485,6 +1493,12 @@ def test_the_probes_serving_overhead_adds_to_each_served_requests_ttft_and_e2e()
     for bad in (-1.0, "4 ms"):
         with pytest.raises(PlanError, match="serving_overhead_us"):
             load_profile({**base, "serving_overhead_us": bad})
+    # `plan`'s TTFT (and its TTFT SLO) is a served request's too
+    plans = [make_plan(model, make_cluster("h200", 1), Workload(150, 50, 100), load_profile(p))
+             for p in (base, {**base, "serving_overhead_us": 4000.0})]
+    (a, b) = (next(r for r in p.results if r.tp == 1 and not r.reasons) for p in plans)
+    assert b.ttft_ms_b1 == pytest.approx(a.ttft_ms_b1 + 4.0) and b.tpot_ms_b1 == a.tpot_ms_b1
+    assert "TTFT holds 4.0 ms of the server's own" in " ".join(plans[1].notes)
 
 
 def _serve_file(tmp_path, **engine):

@@ -115,3 +115,22 @@ def test_every_size_captures_with_valid_indices(max_model_len):
         assert all(s.context_len <= g.max_context for s in plan)
         g._fill(t, plan)
         assert set(field(g, t, "slots", t)) <= set(range(99 * BS, 100 * BS))
+
+
+def test_the_planner_pads_a_step_as_the_engine_runs_it():
+    """The planner's mixed-step sizes (common/graph_shapes.py mixed_size, CostModel.mixed_rows) against the
+    engine's choice (StepGraphs.size_for): one prompt of any length runs at the same size, past the largest
+    eagerly; a sequence longer than MIXED_MAX_CONTEXT makes the step eager in both"""
+    from shardlm.common.graph_shapes import MIXED_MAX_CONTEXT, mixed_size
+    from shardlm.planner import load_model, make_cluster
+    from shardlm.planner.cost import CostModel
+
+    g = graphs(max_num_seqs=256, max_model_len=2 * MIXED_MAX_CONTEXT)
+    cm = CostModel(load_model("llama-3-8b"), make_cluster("h200", 1))
+    for t in (1, 15, 16, 17, 300, 513, 1024, 2048, 2049, 5000):
+        plan = StepPlan([SeqPlan(0, [1] * t, 0, [0] * -(-t // BS), True)])
+        assert g.size_for(plan) == mixed_size(t), t
+        assert cm.mixed_rows(t, t)[0] == (g.size_for(plan) or t), t
+    ctx = MIXED_MAX_CONTEXT + 1
+    long = StepPlan([SeqPlan(0, [1], ctx - 1, [0] * -(-ctx // BS), True), SeqPlan(1, [1] * 100, 0, [0] * 7, True)])
+    assert g.size_for(long) is None and cm.mixed_rows(101, ctx) == (101, None)

@@ -55,7 +55,8 @@ MIXED_MAX_CONTEXT = 16384
 def mixed_size(tokens: int) -> int | None:
     """The token count a step with prompt chunks of `tokens` tokens runs at: the smallest of MIXED_SIZES that
     holds it (its GEMMs and elementwise kernels run over every row of it; the attention tiles and the K/V
-    written are the real tokens'), None past the largest (eager)."""
+    written are the real tokens'), None past the largest (eager; so is a step past the step budget's size, with
+    a context past MIXED_MAX_CONTEXT or max_model_len, or asking for prompt logprobs: StepGraphs.size_for)."""
     return next((t for t in MIXED_SIZES if t >= tokens), None)
 
 

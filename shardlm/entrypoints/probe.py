@@ -197,7 +197,7 @@ def run_probe(device: str = "auto", max_group: int | None = None, log=print, mod
                         f"{c.peers_gbps:,.0f} on the other GPUs; the planner paces groups that hold it by it")
         # the same engine at two depths: a step grows by each added layer's floor (tiny layers: the host
         # launching their kernels, or with CUDA graphs the replayed kernels themselves); the intercept is
-        # the step's own overhead. Prefill steps run eagerly: their line is fitted on its own.
+        # the step's own overhead. Prefill steps (eager, or mixed-step graphs) have a line of their own.
         (l1, (step1, ttft1, wide1)), (l2, (step2, ttft2, _)) = sorted(times.items())
         profile.setdefault("depth_times_ms", {})[str(n)] = _points_ms(times)  # informational: the lines' points
         profile["depth_times_ms"][str(n)][str(l1)][f"decode_step_b{WIDE_BATCH}"] = wide1 * 1e3
@@ -295,11 +295,14 @@ def _fp8_graph_times(n: int, device: str, models: list[ModelSource], log) -> dic
                      max_model_len=512, kv_cache_memory_bytes=256 << 20) as llm:
                 out[str(m.config.num_hidden_layers)] = llm.engine.executor.call(
                     Probe([], 1, False, graph_times=True))[0]["decode_graph_us"]
-    except (ConfigError, LayoutError, RuntimeError, OSError) as exc:
+    except (ConfigError, LayoutError, RuntimeError, OSError, ValueError) as exc:
         log(f"probe: {models[0].name} in FP8 at TP={n}: decode graphs not replayed: "
             f"{(str(exc).splitlines() or [type(exc).__name__])[0]}")
         return {}
-    return out if all(out.values()) else {}
+    if not all(out.values()):
+        log(f"probe: {models[0].name} in FP8 at TP={n}: the engine captured no decode graphs to replay")
+        return {}
+    return out
 
 
 SERVING_MODEL = "random:probe-tiny-shallow"
@@ -307,6 +310,8 @@ SERVING_MODEL = "random:probe-tiny-shallow"
 the server's own (HTTP, the hand-over to the engine thread, streaming) and the client's"""
 SERVING_REQUESTS = (4, 24)
 """`probe --serving`: requests sent first (start-up: compilation, first allocations), then those timed"""
+SERVING_TIMEOUT_S = 120
+"""`probe --serving`: the longest either round of requests may take (a stuck stream is not waited for)"""
 
 
 def serving_overhead_us(device: str, log) -> float | None:
@@ -314,7 +319,7 @@ def serving_overhead_us(device: str, log) -> float | None:
     started on SERVING_MODEL (its own process, on `device`), SERVING_REQUESTS of 128 prompt tokens sent one at
     a time by bench serve's client, the client's mean TTFT less the server's (from when its engine thread
     took a request in: the /metrics histogram bench serve reads). None, said in the log, where the web stack
-    is not installed or the server did not come up."""
+    is not installed, the server did not come up or the requests failed: the rest of the profile stands."""
     import asyncio
     import os
     import socket
@@ -338,7 +343,8 @@ def serving_overhead_us(device: str, log) -> float | None:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as server_log:
         proc = subprocess.Popen([sys.executable, "-m", "shardlm.entrypoints.cli", "serve", SERVING_MODEL, "--port",
-                                 str(port), "--device", device, "--max-model-len", "512"],
+                                 str(port), "--device", device, "--max-model-len", "512",
+                                 "--kv-cache-memory-bytes", str(256 << 20)],
                                 stdout=server_log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             deadline = time.monotonic() + 300
@@ -358,10 +364,19 @@ def serving_overhead_us(device: str, log) -> float | None:
                     return None
                 time.sleep(0.5)
             warm, timed = SERVING_REQUESTS
-            asyncio.run(run(url, SERVING_MODEL, 0, make_workload(warm, 128, 8, 0, 1000, 1), None, 1, 1))
+
+            def one_at_a_time(n: int, seed: int) -> dict[str, Any]:
+                return asyncio.run(asyncio.wait_for(
+                    run(url, SERVING_MODEL, 0, make_workload(n, 128, 8, 0, 1000, seed), None, seed, 1),
+                    SERVING_TIMEOUT_S))
+
+            one_at_a_time(warm, 1)
             before = asyncio.run(server_counters(url, None))
-            result = asyncio.run(run(url, SERVING_MODEL, 0, make_workload(timed, 128, 8, 0, 1000, 2), None, 2, 1))
+            result = one_at_a_time(timed, 2)
             after = asyncio.run(server_counters(url, None))
+        except Exception as exc:  # (a stuck stream, the server gone mid-run: the profile keeps the rest)
+            log(f"probe: serving overhead not measured: {type(exc).__name__}: {exc}")
+            return None
         finally:
             proc.terminate()
             try:
@@ -369,9 +384,12 @@ def serving_overhead_us(device: str, log) -> float | None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    if result["failed"] or before is None or after is None:
+    if result["failed"]:
         log(f"probe: serving overhead not measured: {result['failed']} of {timed} requests failed "
             f"{result.get('errors') or ''}".rstrip())
+        return None
+    if before is None or after is None:
+        log("probe: serving overhead not measured: the server's /metrics lacks the engine's TTFT histogram")
         return None
     engine_ms = server_view(before, after)["engine_ms"]["ttft_mean"]
     overhead = max(0.0, result["ttft_ms"]["mean"] - engine_ms) * 1e3

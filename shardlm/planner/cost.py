@@ -50,7 +50,13 @@ import math
 from dataclasses import dataclass, replace
 
 from ..common.defaults import MAX_NUM_SEQS, MAX_SEQ_LEN_TO_CAPTURE
-from ..common.graph_shapes import GRAPH_TOKENS, graph_pairs, mixed_size, padded_shape
+from ..common.graph_shapes import (
+    GRAPH_TOKENS,
+    MIXED_MAX_CONTEXT,
+    graph_pairs,
+    mixed_size,
+    padded_shape,
+)
 from ..common.layout import ParallelLayout, shard_heads, split_evenly
 from .hardware import Cluster
 from .models import ModelSpec
@@ -314,8 +320,10 @@ class CostModel:
 
     def __init__(self, model: ModelSpec, cluster: Cluster, profile: Profile | None = None,
                  eff: Efficiency | None = None, kv_bytes: int = 2, cuda_graphs: bool | None = None,
-                 attention_backend: str | None = None, async_scheduling: bool = True):
+                 attention_backend: str | None = None, async_scheduling: bool = True,
+                 max_num_seqs: int = MAX_NUM_SEQS):
         self.model, self.cluster, self.profile = model, cluster, profile
+        self.max_num_seqs = max_num_seqs  # the engine's: its graphs' batch sizes and sequence slots
         self._cuda_graphs = cuda_graphs  # how the predicted engine runs decode, if not as the profile's did
         self._attention_backend = attention_backend  # likewise its attention path ('triton' or 'torch')
         # whether the engine overlaps a step's host work with the previous step (one stage; its default)
@@ -377,16 +385,18 @@ class CostModel:
             return self.profile.attention_backend == "triton"
         return True
 
-    def mixed_rows(self, tokens: float) -> tuple[float, float | None]:
-        """(rows its GEMMs and elementwise kernels run over, logits rows or None: the sampled ones) of a step
-        with prompt chunks of `tokens` tokens: where the engine replays such steps as CUDA graphs (graphs,
-        the attention kernels, a dense model: worker/step_graphs.py) its graph's padded token count and the
-        graph's sequence slots, min(size, MAX_NUM_SEQS), every one of which gets a logits row; else as it
-        is (past the largest graph, eagerly)."""
-        if self.graph_decode and self.paged_kernels and not self.model.is_moe:
+    def mixed_rows(self, tokens: float, context: float = 0.0) -> tuple[float, float | None]:
+        """(rows its GEMMs, elementwise kernels and all-reduces run over, logits rows or None: the sampled
+        ones) of a step with prompt chunks of `tokens` tokens whose longest sequence holds `context` tokens:
+        where the engine replays such steps as CUDA graphs (graphs, the attention kernels, a dense model,
+        contexts up to MIXED_MAX_CONTEXT: worker/step_graphs.py) its graph's padded token count and its
+        sequence slots, min(size, max_num_seqs), every one of which gets a logits row; else as it is
+        (eagerly: past the largest graph, a longer context). (The engine also replays MoE models' mixed steps
+        where its grouped expert GEMM allows: the planner prices those eagerly, as it does their decode.)"""
+        if self.graph_decode and self.paged_kernels and not self.model.is_moe and context <= MIXED_MAX_CONTEXT:
             size = mixed_size(math.ceil(tokens))
             if size is not None:
-                return float(size), float(min(size, MAX_NUM_SEQS))
+                return float(size), float(min(size, self.max_num_seqs))
         return tokens, None
 
     def decode_shape(self, batch: float, context: float) -> tuple[float, float, bool]:
@@ -397,7 +407,7 @@ class CostModel:
         if self.graph_decode and not self.model.is_moe:
             n = math.ceil(batch)
             max_ctx = max(math.ceil(context), MAX_SEQ_LEN_TO_CAPTURE) if self.paged_kernels else MAX_SEQ_LEN_TO_CAPTURE
-            pairs = graph_pairs(max(n, MAX_NUM_SEQS), max_ctx, self.paged_kernels)
+            pairs = graph_pairs(max(n, self.max_num_seqs), max_ctx, self.paged_kernels)
             shape = padded_shape(pairs, n, math.ceil(context))
             if shape is not None:
                 return shape[0], context if self.paged_kernels else shape[1], True
@@ -472,7 +482,8 @@ class CostModel:
         lin_f = FP8_GEMM_TIME if m.quantization == "fp8" else 1.0
         # a dense layer's GEMMs (prefill MoE experts and the head keep the roofline), elementwise kernels and
         # all-reduces: a step with prompt chunks runs at its graph's padded rows (mixed_rows)
-        rows, logits_rows = self.mixed_rows(tokens) if prefill else (tokens, None)
+        rows, logits_rows = self.mixed_rows(tokens, context) if prefill else (tokens, None)
+        graphed = graphed or logits_rows is not None  # (the all-reduces of a replayed mixed step)
         fp8_rows = rows if m.quantization == "fp8" else 0.0
         attn_s = 0.0 if prefill else self.timed_attention_s(layout.tp, tokens, context)
         gemm_s = self.timed_gemm_s(layout.tp, rows, m.quantization == "fp8")
@@ -601,7 +612,7 @@ class CostModel:
             return self
         return CostModel(replace(self.model, quantization=quantization, fp8_lm_head=False), self.cluster, self.profile,
                          self.eff, self.model.bytes_per_param, self._cuda_graphs, self._attention_backend,
-                         self.async_scheduling)
+                         self.async_scheduling, self.max_num_seqs)
 
     def _pricing(self, w: _Work, prefill: bool) -> str:
         """How _gemm_s prices w's weight GEMMs: "timed" (this model's own, timed_gemm_s), "curves" (the
@@ -834,8 +845,9 @@ class CostModel:
         return period, (p * slow.comm_s + (p - 1) * xfer) / period, pipeline_bubble(p, m), m
 
     def prefill_step(self, layout: ParallelLayout, shards: list[StageShard], tokens: int,
-                     prompts: int = 1) -> tuple[float, float]:
-        """Prefill of `prompts` prompts arriving together, `tokens` tokens in all: (TTFT seconds: until
+                     prompts: int = 1, context: float = 0.0) -> tuple[float, float]:
+        """Prefill of `prompts` prompts arriving together, `tokens` tokens in all (the step's longest sequence
+        `context` tokens long, where longer than a prompt: decodes or chunks beside it): (TTFT seconds: until
         the last of them has its first token, slowest stage's seconds: what a pipeline of many prefills
         costs). One stage: one step. With p stages the engine cuts them, like decode, into m <= p
         micro-batches of ceil(prompts / p) prompts: the first passes every stage in turn with the
@@ -844,7 +856,7 @@ class CostModel:
         p = layout.pp
         per = math.ceil(prompts / p) if p > 1 else prompts
         m, part = math.ceil(prompts / per), tokens * per / prompts
-        passes = [self.stage_pass(layout, sh, part, 0, prefill=True, prompts=per) for sh in shards]
+        passes = [self.stage_pass(layout, sh, part, context, prefill=True, prompts=per) for sh in shards]
         extra = 0.0 if self.host_calibrated else self.step_overhead_s(layout.tp)
         beat = max(x.total_s for x in passes)
         ttft = sum(x.total_s for x in passes) + (m - 1) * beat + (p - 1) * self.transfer(layout, part) + extra

@@ -207,8 +207,11 @@ class _Evaluator:
     def __init__(self, cm: CostModel, lay: ParallelLayout, shards: list[StageShard], wl: Workload):
         self.cm, self.lay, self.shards, self.wl = cm, lay, shards, wl
         self._cache: dict[int, tuple[float, float, float, int]] = {}
-        # prefills of many requests pipeline: they cost the slowest stage each
+        # prefills of many requests pipeline: they cost the slowest stage each; a served request's first token
+        # also waits on the server (the probe's serving_overhead_us, where measured)
         self.ttft_s, self.prefill_cost_s = cm.prefill_step(lay, shards, wl.input_len)
+        if cm.profile is not None and cm.profile.serving_overhead_us is not None:
+            self.ttft_s += cm.profile.serving_overhead_us * 1e-6
 
     def decode(self, batch: int) -> tuple[float, float, float, int]:
         """(TPOT s, comm share, bubble share, micro-batches) at `batch` sequences per replica."""
@@ -383,6 +386,9 @@ def _host_notes(cm: CostModel, layouts: list[ParallelLayout], cluster: Cluster) 
         timed = model_layers_note(cm, {lay.tp for lay in layouts})
         if timed:
             notes.append(timed)
+        if prof.serving_overhead_us is not None:
+            notes.append(f"TTFT holds {prof.serving_overhead_us / 1e3:.1f} ms of the server's own (HTTP, streaming: "
+                         "the profile's serving_overhead_us)")
     else:
         e = cm.eff
         notes.append(f"no measured host time: assumes graph-captured decode ({e.layer_floor_us:g} us floor per "
@@ -413,14 +419,15 @@ def make_plan(model: ModelSpec, cluster: Cluster, workload: Workload | None = No
     layout also with FP8 weights (ModelSpec.quantization), rows of their own that may be recommended."""
     wl = (workload or Workload()).resolved()
     degrees = check_degrees(degrees)
-    cm = CostModel(model, cluster, profile, eff, kv_bytes=wl.kv_bytes)
+    cm = CostModel(model, cluster, profile, eff, kv_bytes=wl.kv_bytes, max_num_seqs=wl.max_num_seqs)
     layouts = candidate_layouts(model, cluster.n_gpus, degrees, fewer_gpus)
     if not layouts:
         raise PlanError(f"no layout of {cluster.n_gpus} GPUs uses only {', '.join(degrees) or 'no'} parallelism; "
                         "allow more degrees or change the GPU count")
     results = [evaluate(cm, lay, wl) for lay in layouts]
     if allow_fp8 and model.quantization != "fp8":
-        cm_fp8 = CostModel(replace(model, quantization="fp8"), cluster, profile, eff, kv_bytes=wl.kv_bytes)
+        cm_fp8 = CostModel(replace(model, quantization="fp8"), cluster, profile, eff, kv_bytes=wl.kv_bytes,
+                           max_num_seqs=wl.max_num_seqs)
         results += [evaluate(cm_fp8, lay, wl) for lay in layouts]
     notes = list(model.notes)
     if model.max_position and wl.max_model_len > model.max_position:

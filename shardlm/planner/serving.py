@@ -98,13 +98,18 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
     overhead = (cm.profile.serving_overhead_us or 0.0) * 1e-6 if cm.profile is not None else 0.0
     step_cache: dict[tuple[int, int, int, int], float] = {}
 
-    def step_s(decodes: int, context: float, prompt_tokens: int, prompts: int) -> float:
-        key = (decodes, round(context, -1) if decodes else 0, prompt_tokens, prompts)  # (contexts to 10 tokens)
+    def step_s(decodes: int, context: float, prompt_tokens: int, prompts: int, longest: int) -> float:
+        """a step's time: `decodes` decodes at `context` tokens on average, `prompts` prompt chunks of
+        `prompt_tokens` tokens in all, the longest sequence `longest` tokens (a mixed step's graph: cost.py
+        mixed_rows)"""
+        key = (decodes, round(context, -1) if decodes else 0, prompt_tokens, prompts,  # (contexts to 10 tokens)
+               cm.mixed_rows(prompt_tokens + decodes, longest) if prompt_tokens else None)
         if key not in step_cache:
             if not prompt_tokens:
                 step_cache[key] = cm.decode_step(layout, shards, decodes, key[1])[0]
             else:
-                t = cm.prefill_step(layout, shards, prompt_tokens + decodes, prompts=prompts + decodes)[0]
+                t = cm.prefill_step(layout, shards, prompt_tokens + decodes, prompts=prompts + decodes,
+                                    context=longest)[0]
                 step_cache[key] = t + cm.decode_attention_s(layout, shards, decodes, key[1])
         return step_cache[key]
 
@@ -145,8 +150,10 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
             return
         rep.planned_s = now
         context = statistics.mean(s.req.prompt + s.generated for s in decodes) if decodes else 0.0
+        longest = max([s.req.prompt + s.generated for s in decodes] + [s.done_prompt + t for s, t in chunks])
         rep.step = (decodes, chunks)
-        heapq.heappush(events, (now + step_s(len(decodes), context, sum(t for _, t in chunks), len(chunks)), 0, r))
+        heapq.heappush(events, (now + step_s(len(decodes), context, sum(t for _, t in chunks), len(chunks), longest),
+                                0, r))
 
     def end_step(r: int, now: float) -> None:
         rep = engines[r]

@@ -35,6 +35,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..common.defaults import MAX_NUM_SEQS
 from ..common.layout import ParallelLayout
 from . import PlanError, read_json
 from .cost import CostModel, stage_shards
@@ -485,7 +486,7 @@ def validate_files(paths: list[str], gpu: str = "h100-80gb", interconnect: str |
         # weights' and KV cache's formats
         cm = CostModel(spec, make_cluster(gpu, lay.world_size, interconnect), profile, cuda_graphs=mf.cuda_graphs,
                        kv_bytes=1 if mf.kv_fp8 else mf.bytes_per_param, attention_backend=mf.attention_backend,
-                       async_scheduling=mf.async_scheduling)
+                       async_scheduling=mf.async_scheduling, max_num_seqs=mf.max_num_seqs or MAX_NUM_SEQS)
         if profile is not None and None not in (mf.cuda_graphs, profile.cuda_graphs) and mf.cuda_graphs != profile.cuda_graphs:
             notes.append(f"{mf.path} ran {'with' if mf.cuda_graphs else 'without'} CUDA graphs, the profile's engine "
                          f"{'with' if profile.cuda_graphs else 'without'}: its measured floors fit the other mode")

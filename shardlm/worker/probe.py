@@ -202,8 +202,8 @@ def _gemm_times(device: torch.device, rows: int, fp8: bool, shapes: list[tuple[i
 GEMM_ROWS = (8, 32, 128)
 """decode batches at which the probe times the bf16 GEMMs beside the one-row GEMV ("gemv_rows")"""
 FP8_GEMV_ROWS = (1, 8, 32, 64, 128)
-"""decode batches at which the probe times the FP8 path (one row: the weight-only GEMV, a wide matrix's on e4m3
-activations (layers/fp8.py e4m3_activations); 8: e4m3 activations on
+"""decode batches at which the probe times the FP8 path (one row: the weight-only GEMV, a wide or large matrix's
+on e4m3 activations (layers/fp8.py e4m3_activations); 8: e4m3 activations on
 the swapped-operand tensor-core kernel; 32 and 64 (SMALL_M, the last on it): e4m3 activations, unswapped;
 128: torch._scaled_mm, slower a row: a curve from 32 to 128 alone over-priced 64 rows by ~20%)"""
 

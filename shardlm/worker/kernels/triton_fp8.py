@@ -209,7 +209,7 @@ def small_m_config(m: int, n: int, k: int, sms: int = 132, a8: bool = False) -> 
     long."""
     wide = n >= WIDE_N  # (gate_up: enough output blocks without split, wider tiles read faster)
     long_k = k >= 3 * n  # (down_proj)
-    if m == 1 and not a8:  # (the engine runs a wide matrix's one-row step on e4m3 activations: layers/fp8.py)
+    if m == 1 and not a8:  # (a wide or large matrix's one-row step runs on e4m3 activations: layers/fp8.py)
         cfg, programs = Config(True, 32 if wide else 16, 256 if wide else 512, 1, 8, 4), 2 * sms
     elif not a8:
         cfg, programs = Config(False, 32, 128 if m <= 4 else 256, 1, 4, 4), 4 * sms

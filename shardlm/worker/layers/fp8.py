@@ -3,7 +3,8 @@
 A linear layer in FP8 holds `weight` as float8_e4m3fn [out, in] and `weight_scale` float32 [out]: row o of
 the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (compute capability 8.9+:
 Ada, Hopper and later) `fp8_linear_kernels` runs one-row steps through a weight-only Triton kernel (the
-e4m3 weights widened in registers, the activations left in bf16; a wide matrix excepted, WIDE_N) and larger
+e4m3 weights widened in registers, the activations left in bf16; a wide or large matrix excepted, WIDE_N and
+LARGE_BYTES) and larger
 ones with the activations quantised per token too (each row's absolute maximum maps to the e4m3 maximum,
 448): up to SMALL_M rows through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm
 (rowwise scaling).
@@ -107,7 +108,7 @@ def takes_e4m3(fp8_linear, rows: int, n: int, k: int) -> bool:
 def fp8_linear_kernels(x: torch.Tensor | E4M3Rows, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): up to A8_ABOVE rows of a matrix narrower than
-    WIDE_N through the weight-only Triton kernel, other steps of up to SMALL_M rows through the Triton kernel
+    WIDE_N and smaller than LARGE_BYTES through the weight-only Triton kernel, other steps of up to SMALL_M rows through the Triton kernel
     on e4m3 activations (per-token scales), more through torch._scaled_mm with the same activation scales
     (both dimensions of W multiples of 16; else the Triton kernel, SMALL_M rows at a time: e.g. an LM head
     shard of a vocabulary the TP degree cuts into rows no multiple of 16). x may come quantised already
