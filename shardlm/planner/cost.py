@@ -707,6 +707,12 @@ class CostModel:
             self._graph_corrections[key] = missed
         return self._graph_corrections[key]
 
+    @property
+    def serving_overhead_s(self) -> float:
+        """What a served request's first token waits beyond the engine (HTTP, streaming): the profile's
+        serving_overhead_us (`probe --serving`), else 0"""
+        return (self.profile.serving_overhead_us or 0.0) * 1e-6 if self.profile is not None else 0.0
+
     def step_overhead_per_seq_s(self, tp: int) -> float:
         """Host time each further sequence adds to a decode step (measured, else 0)."""
         if self.host_calibrated and self.profile.step_overhead_per_seq is not None:

@@ -209,9 +209,8 @@ class _Evaluator:
         self._cache: dict[int, tuple[float, float, float, int]] = {}
         # prefills of many requests pipeline: they cost the slowest stage each; a served request's first token
         # also waits on the server (the probe's serving_overhead_us, where measured)
-        self.ttft_s, self.prefill_cost_s = cm.prefill_step(lay, shards, wl.input_len)
-        if cm.profile is not None and cm.profile.serving_overhead_us is not None:
-            self.ttft_s += cm.profile.serving_overhead_us * 1e-6
+        ttft_s, self.prefill_cost_s = cm.prefill_step(lay, shards, wl.input_len)
+        self.ttft_s = ttft_s + cm.serving_overhead_s
 
     def decode(self, batch: int) -> tuple[float, float, float, int]:
         """(TPOT s, comm share, bubble share, micro-batches) at `batch` sequences per replica."""

@@ -95,8 +95,8 @@ def simulate(cm: CostModel, layout: ParallelLayout, requests: list[Request], max
     if max_num_seqs < 1 or token_budget < 1:
         raise ValueError(f"max_num_seqs and token_budget must be >= 1, got {max_num_seqs}, {token_budget}")
     shards = stage_shards(cm.model, layout)
-    overhead = (cm.profile.serving_overhead_us or 0.0) * 1e-6 if cm.profile is not None else 0.0
-    step_cache: dict[tuple[int, int, int, int], float] = {}
+    overhead = cm.serving_overhead_s
+    step_cache: dict[tuple, float] = {}
 
     def step_s(decodes: int, context: float, prompt_tokens: int, prompts: int, longest: int) -> float:
         """a step's time: `decodes` decodes at `context` tokens on average, `prompts` prompt chunks of
