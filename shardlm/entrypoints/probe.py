@@ -103,6 +103,18 @@ def _host_times(llm: LLM, wide: bool, seed: int) -> tuple[float, float, float]:
     return step / 1e3, ttft / 1e3, step_wide / 1e3
 
 
+def _probe_llm(model: str | ModelSource, n: int, device: str, **kwargs: Any) -> LLM:
+    """An engine the probe times: TP size n, the device's probe dtype, short sequences, a small KV cache."""
+    return LLM(model, tensor_parallel_size=n, device=device, dtype=DTYPES[device][0], max_model_len=512,
+               kv_cache_memory_bytes=256 << 20, **kwargs)
+
+
+def _decode_graph_us(llm: LLM) -> dict[str, float]:
+    """The engine's decode graphs replayed at a few batches, rank 0's answer (worker/probe.py
+    decode_graph_times; {} without captured graphs)"""
+    return llm.engine.executor.call(Probe([], 1, False, graph_times=True))[0]["decode_graph_us"]
+
+
 def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: bool, rounds: int = 3,
                  model_kernels: bool = False
                  ) -> tuple[dict[int, tuple[float, float, float]], dict[str, Any], dict[str, Any]]:
@@ -118,16 +130,13 @@ def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: 
     """
     sizes, iters = (GPU_SIZES, 50) if device == "cuda" else (CPU_SIZES, 10)
     with contextlib.ExitStack() as stack:
-        llms = [stack.enter_context(LLM(m, tensor_parallel_size=n, device=device, dtype=DTYPES[device][0],
-                                        max_model_len=512, kv_cache_memory_bytes=256 << 20)) for m in models]
+        llms = [stack.enter_context(_probe_llm(m, n, device)) for m in models]
         measured = (llms[0].engine.executor.call(Probe(sizes if n > 1 else [], iters, device_rates=n == 1))[0]
                     if measure else {})
         if model_kernels:
             rank0 = llms[0].engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
             measured.update(attention=rank0["attention"], layer_gemms=rank0["layer_gemms"])
-            graphs = {str(llm.engine.source.config.num_hidden_layers):
-                      llm.engine.executor.call(Probe([], 1, False, graph_times=True))[0]["decode_graph_us"]
-                      for llm in llms}
+            graphs = {str(llm.engine.source.config.num_hidden_layers): _decode_graph_us(llm) for llm in llms}
             if all(graphs.values()):  # (every depth's graphs: two points per batch)
                 measured["decode_graph_us"] = graphs
         samples: dict[int, list[tuple[float, float, float]]] = {}
@@ -283,18 +292,17 @@ def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str,
 def _fp8_graph_times(n: int, device: str, models: list[ModelSource], log) -> dict[str, dict[str, float]]:
     """{depth: {batch: us}}: the decode graphs of `models` (one model at two depths) with FP8 weights
     (quantization="fp8"; the KV cache and the LM head in the model dtype), replayed as decode_graph_times does;
-    {} where the engine cannot run them (a GPU without FP8 tensor cores: its error is logged). The planner takes an FP8 layer's
-    correction from these (the FP8 GEMMs timed alone, layer_gemm_times, are not the engine's step: session 19
-    timed them 11-14 us a layer longer at 1 and 8 rows than the engine's graphs ran them)."""
+    {} where the engine cannot run them (a GPU without FP8 tensor cores: its error is logged). The planner
+    takes an FP8 layer's correction from these (the FP8 GEMMs timed alone, layer_gemm_times, are not the
+    engine's step: session 19 timed them 11-14 us a layer longer at 1 and 8 rows than the engine's graphs ran
+    them)."""
     if device != "cuda":
         return {}
     out = {}
     try:
         for m in models:  # (one at a time: an FP8 copy beside the other depth's would need the memory of both)
-            with LLM(m, tensor_parallel_size=n, device=device, dtype=DTYPES[device][0], quantization="fp8",
-                     max_model_len=512, kv_cache_memory_bytes=256 << 20) as llm:
-                out[str(m.config.num_hidden_layers)] = llm.engine.executor.call(
-                    Probe([], 1, False, graph_times=True))[0]["decode_graph_us"]
+            with _probe_llm(m, n, device, quantization="fp8") as llm:
+                out[str(m.config.num_hidden_layers)] = _decode_graph_us(llm)
     except (ConfigError, LayoutError, RuntimeError, OSError, ValueError) as exc:
         log(f"probe: {models[0].name} in FP8 at TP={n}: decode graphs not replayed: "
             f"{(str(exc).splitlines() or [type(exc).__name__])[0]}")
