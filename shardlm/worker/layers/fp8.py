@@ -4,10 +4,9 @@ A linear layer in FP8 holds `weight` as float8_e4m3fn [out, in] and `weight_scal
 the real matrix is weight[o] * weight_scale[o]. On a GPU with FP8 tensor cores (compute capability 8.9+:
 Ada, Hopper and later) `fp8_linear_kernels` runs one-row steps through a weight-only Triton kernel (the
 e4m3 weights widened in registers, the activations left in bf16; a wide or large matrix excepted, WIDE_N and
-LARGE_BYTES) and larger
-ones with the activations quantised per token too (each row's absolute maximum maps to the e4m3 maximum,
-448): up to SMALL_M rows through a Triton kernel on the FP8 tensor cores, above through torch._scaled_mm
-(rowwise scaling).
+LARGE_BYTES) and larger ones with the activations quantised per token too (each row's absolute maximum maps to
+the e4m3 maximum, 448): up to SMALL_M rows through a Triton kernel on the FP8 tensor cores, above through
+torch._scaled_mm (rowwise scaling).
 Everywhere else, and as the reference the GPU path is tested against, `fp8_linear_torch` multiplies by the
 dequantised weights in the activations' dtype (on the CPU, float32: exactly the model a float32 checkpoint
 of the dequantised weights gives). `fp8_path(device)` picks one.
@@ -108,11 +107,11 @@ def takes_e4m3(fp8_linear, rows: int, n: int, k: int) -> bool:
 def fp8_linear_kernels(x: torch.Tensor | E4M3Rows, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """The GPU path (FP8 tensor cores, kernels/triton_fp8.py): up to A8_ABOVE rows of a matrix narrower than
-    WIDE_N and smaller than LARGE_BYTES through the weight-only Triton kernel, other steps of up to SMALL_M rows through the Triton kernel
-    on e4m3 activations (per-token scales), more through torch._scaled_mm with the same activation scales
-    (both dimensions of W multiples of 16; else the Triton kernel, SMALL_M rows at a time: e.g. an LM head
-    shard of a vocabulary the TP degree cuts into rows no multiple of 16). x may come quantised already
-    (E4M3Rows: where takes_e4m3 says this path quantises it)."""
+    WIDE_N and smaller than LARGE_BYTES through the weight-only Triton kernel, other steps of up to SMALL_M rows
+    through the Triton kernel on e4m3 activations (per-token scales), more through torch._scaled_mm with the
+    same activation scales (both dimensions of W multiples of 16; else the Triton kernel, SMALL_M rows at a
+    time: e.g. an LM head shard of a vocabulary the TP degree cuts into rows no multiple of 16). x may come
+    quantised already (E4M3Rows: where takes_e4m3 says this path quantises it)."""
     from ..kernels.triton_fp8 import fp8_gemm_small_m, quantize_activations
 
     if isinstance(x, E4M3Rows):  # quantised by the kernel before (rows [rows, k])
