@@ -40,15 +40,23 @@ def _add_rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, st
 
 
 @triton.jit
+def _silu_mul_piece(GU, cols, f):
+    """SiLU(gate) x up at columns cols of one row in the model dtype, rounded as the torch path rounds (0 past
+    f)"""
+    ok = cols < f
+    g = tl.load(GU + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(GU + f + cols, mask=ok, other=0.0)
+    s = (g / (1.0 + tl.exp(-g))).to(u.dtype)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(u.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(GU, OUT, stride_gu, stride_o, f, PDL: tl.constexpr, BLOCK: tl.constexpr):
     pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < f
-    g = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(GU + row * stride_gu + f + cols, mask=ok, other=0.0)
-    s = (g / (1.0 + tl.exp(-g))).to(u.dtype)
-    tl.store(OUT + row * stride_o + cols, (s.to(tl.float32) * u.to(tl.float32)).to(OUT.dtype.element_ty), mask=ok)
+    y = _silu_mul_piece(GU + row * stride_gu, cols, f)
+    tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=cols < f)
 
 
 @triton.jit
@@ -61,27 +69,16 @@ def _silu_mul_e4m3_kernel(GU, Q, S, stride_gu, f, PDL: tl.constexpr, BLOCK: tl.c
     gu = GU + row * stride_gu
     if f <= BLOCK:
         cols = tl.arange(0, BLOCK)
-        store_e4m3_row(_silu_mul_piece(gu, cols, f), row, cols, cols < f, Q, S, f)
+        store_e4m3_row(_silu_mul_piece(gu, cols, f).to(tl.float32), row, cols, cols < f, Q, S, f)
     else:
         top = tl.zeros([BLOCK], tl.float32)
         for c in range(0, f, BLOCK):
-            top = tl.maximum(top, tl.abs(_silu_mul_piece(gu, c + tl.arange(0, BLOCK), f)))
+            top = tl.maximum(top, tl.abs(_silu_mul_piece(gu, c + tl.arange(0, BLOCK), f).to(tl.float32)))
         scale = e4m3_scale(tl.max(top, 0))
         for c in range(0, f, BLOCK):
             cols = c + tl.arange(0, BLOCK)
-            store_e4m3(Q + row * f + cols, _silu_mul_piece(gu, cols, f), scale, cols < f)
+            store_e4m3(Q + row * f + cols, _silu_mul_piece(gu, cols, f).to(tl.float32), scale, cols < f)
         tl.store(S + row, scale)
-
-
-@triton.jit
-def _silu_mul_piece(GU, cols, f):
-    """SiLU(gate) x up at columns cols of one row, rounded to the model dtype as silu_mul's, as float32
-    (0 past f)"""
-    ok = cols < f
-    g = tl.load(GU + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(GU + f + cols, mask=ok, other=0.0)
-    s = (g / (1.0 + tl.exp(-g))).to(u.dtype)
-    return (s.to(tl.float32) * u.to(tl.float32)).to(u.dtype).to(tl.float32)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
