@@ -287,7 +287,7 @@ def test_gpu_the_probe_times_the_decode_gemms_per_weight_size_and_rows():
 
 def test_gpu_the_probe_times_decode_attention_and_a_layers_gemms():
     """Probe(model_kernels=True): one layer's decode attention on the rank's heads (worker/probe.py), per batch
-    a curve over the contexts, and a dense layer's four GEMMs on the rank's shards per rows, bf16 and (FP8
+    a curve over the contexts (and with an FP8 KV cache where the GPU has FP8 tensor cores), and a dense layer's four GEMMs on the rank's shards per rows, bf16 and (FP8
     tensor cores) FP8, in the shapes planner/profile.py reads; a longer context, and more rows, take no less
     time. Probe(graph_times=True): the engine's decode graphs replayed per batch"""
     from shardlm.common.messages import Probe
@@ -312,11 +312,14 @@ def test_gpu_the_probe_times_decode_attention_and_a_layers_gemms():
     assert sorted(lines) == list(GRAPH_BATCHES) and all(line.zero_layers_us > 0 for line in lines.values())
     assert graphs[str(GRAPH_BATCHES[-1])] >= 0.9 * graphs["1"]
     assert after == before and len(after) == 8
-    curves = _curves_by_rows(got["attention"], "probe", "attention_us")
-    assert sorted(curves) == list(ATTENTION_BATCHES)
-    for curve in curves.values():
-        assert [c for c, _ in curve.points] == list(ATTENTION_CONTEXTS)
-        assert curve.points[-1][1] >= 0.9 * curve.points[0][1]
+    fp8 = scaled_mm_ok(torch.device("cuda"))  # (and with an FP8 KV cache on a GPU with FP8 tensor cores)
+    assert ("attention_fp8" in got) == fp8
+    for key in ["attention"] + (["attention_fp8"] if fp8 else []):
+        curves = _curves_by_rows(got[key], "probe", key)
+        assert sorted(curves) == list(ATTENTION_BATCHES)
+        for curve in curves.values():
+            assert [c for c, _ in curve.points] == list(ATTENTION_CONTEXTS)
+            assert curve.points[-1][1] >= 0.9 * curve.points[0][1]
     gemms = _layer_gemms({"1": got["layer_gemms"]}, "probe", "gemm_us")[1]
     assert sorted(gemms) == (["bf16", "fp8"] if scaled_mm_ok(torch.device("cuda")) else ["bf16"])
     for times in gemms.values():

@@ -825,8 +825,8 @@ def test_timed_attention_takes_the_place_of_the_kv_read_and_the_attention_math()
     """model_layers' attention_us (the engine's decode attention on one rank's heads, per batch, against
     context): a dense layer's decode attention takes the curves' time, interpolated between the measured
     batches, instead of its KV read and attention FLOPs; the timed line is still reproduced at its own shape
-    (the correction takes the curve in); an FP8 KV cache, the torch attention path and untimed TP sizes keep
-    the formula"""
+    (the correction takes the curve in); an FP8 KV cache takes attention_us_fp8 (timed with an FP8 cache);
+    without those, the torch attention path and untimed TP sizes keep the formula"""
     attn = {"1": {"1": [[100, 10.0], [1000, 40.0]], "4": [[100, 20.0], [1000, 100.0]]}}
     base = {**HOST, "engine": {"cuda_graphs": True, "attention_backend": "triton"},
             "allreduce_graph": HOST["allreduce"], "model_layers": TIMED}
@@ -841,6 +841,11 @@ def test_timed_attention_takes_the_place_of_the_kv_read_and_the_attention_math()
     assert CostModel(TINY, one_gpu, prof).timed_attention_s(1, 1, 550) == pytest.approx(25e-6)
     assert CostModel(TINY, one_gpu, prof, kv_bytes=1).timed_attention_s(1, 1, 550) == 0.0
     assert CostModel(TINY, one_gpu, prof, attention_backend="torch").timed_attention_s(1, 1, 550) == 0.0
+    fp8_attn = {"1": {"1": [[100, 12.0], [1000, 30.0]]}}
+    with_fp8 = load_profile({**base, "model_layers": {**TIMED, "attention_us": attn, "attention_us_fp8": fp8_attn}})
+    assert with_fp8.model_layers.attention_us(1, 1, 550, fp8=True) == pytest.approx(21.0)
+    assert CostModel(TINY, one_gpu, with_fp8, kv_bytes=1).timed_attention_s(1, 1, 550) == pytest.approx(21e-6)
+    assert CostModel(TINY, one_gpu, with_fp8).timed_attention_s(1, 1, 550) == pytest.approx(25e-6)
     # a mixed step's decodes (the serving simulation) take the same curve over every layer, else their KV read
     lay, shards = ParallelLayout(tp=1), stage_shards(TINY, ParallelLayout(tp=1))
     layers = sum(sh.n_layers for sh in shards)
@@ -857,6 +862,8 @@ def test_timed_attention_takes_the_place_of_the_kv_read_and_the_attention_math()
     assert grow == pytest.approx(4 * (115.2 + 4 * 4 * 16 * 900 / 1e6) * 1e-6, rel=1e-9)
     with pytest.raises(PlanError, match="attention_us"):
         load_profile({**base, "model_layers": {**TIMED, "attention_us": {"1": {"0": [[100, 1.0]]}}}})
+    with pytest.raises(PlanError, match="attention_us_fp8"):
+        load_profile({**base, "model_layers": {**TIMED, "attention_us_fp8": [[100, 1.0]]}})
 
 
 def test_timed_layer_gemms_take_the_place_of_the_weight_curves():

@@ -402,7 +402,8 @@ class Stats(Command):
 @dataclass
 class Probe(Command):
     """Time collectives of `sizes` bytes (and, on rank 0, the device's rates; with `model_kernels`, every
-    rank's decode attention on its heads and a dense layer's GEMMs on its shards; with `graph_times`, the
+    rank's decode attention on its heads (with the KV cache's dtype, and on a GPU with FP8 tensor cores with an
+    FP8 cache too) and a dense layer's GEMMs on its shards; with `graph_times`, the
     engine's decode graphs replayed at a few batches, worker/probe.py decode_graph_times)."""
 
     name: ClassVar[str] = "probe"

@@ -135,7 +135,8 @@ def _depth_times(n: int, device: str, models: list[str | ModelSource], measure: 
                     if measure else {})
         if model_kernels:
             rank0 = llms[0].engine.executor.call(Probe([], 1, False, model_kernels=True))[0]
-            measured.update(attention=rank0["attention"], layer_gemms=rank0["layer_gemms"])
+            measured.update(attention=rank0["attention"], attention_fp8=rank0.get("attention_fp8"),
+                            layer_gemms=rank0["layer_gemms"])
             graphs = {str(llm.engine.source.config.num_hidden_layers): _decode_graph_us(llm) for llm in llms}
             if all(graphs.values()):  # (every depth's graphs: two points per batch)
                 measured["decode_graph_us"] = graphs
@@ -262,7 +263,8 @@ def _without_empty_model_layers(profile: dict[str, Any]) -> dict[str, Any]:
 
 def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str, Any], log) -> None:
     """Time `spec`'s layers at TP size n into layers["times_ms"][str(n)] and, where the engine runs the
-    attention kernels, its decode attention into layers["attention_us"][str(n)] and a dense layer's GEMMs
+    attention kernels, its decode attention into layers["attention_us"][str(n)] (with an FP8 KV cache, on a GPU
+    with FP8 tensor cores, into layers["attention_us_fp8"][str(n)]) and a dense layer's GEMMs
     into layers["gemm_us"][str(n)]; where it replays decode graphs, each depth's graphs at a few batches into
     layers["graph_us"][str(n)] (and with FP8 weights, on a GPU with FP8 tensor cores, into
     layers["graph_us_fp8"][str(n)]); a size the model cannot run at is left out."""
@@ -274,8 +276,9 @@ def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str,
         log(f"probe: {spec.name} at TP={n} not timed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
         return
     layers["times_ms"][str(n)] = _points_ms(times)
-    if measured.get("attention"):
-        layers.setdefault("attention_us", {})[str(n)] = measured["attention"]
+    for key, name in (("attention", "attention_us"), ("attention_fp8", "attention_us_fp8")):
+        if measured.get(key):
+            layers.setdefault(name, {})[str(n)] = measured[key]
     if measured.get("layer_gemms"):
         layers.setdefault("gemm_us", {})[str(n)] = measured["layer_gemms"]
     if measured.get("decode_graph_us"):

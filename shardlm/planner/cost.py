@@ -565,11 +565,12 @@ class CostModel:
     def timed_attention_s(self, tp: int, batch: float, context: float) -> float:
         """One dense layer's decode attention for `batch` sequences of `context` tokens as the profile timed
         it for this model (model_layers' attention_us at tp, the engine's kernels, the KV cache in the
-        timed model's dtype); 0 where it has none."""
+        timed model's dtype; attention_us_fp8 for an FP8 cache); 0 where it has none."""
         ml = self.profile.model_layers if self.model_layers_apply else None
-        if ml is None or not self.paged_kernels or self.kv_bytes != self.model.bytes_per_param:
+        fp8 = self.kv_bytes == 1
+        if ml is None or not self.paged_kernels or (self.kv_bytes != self.model.bytes_per_param and not fp8):
             return 0.0
-        us = ml.attention_us(tp, batch, context)
+        us = ml.attention_us(tp, batch, context, fp8)
         return 0.0 if us is None else us * 1e-6
 
     def timed_gemm_s(self, tp: int, rows: float, fp8: bool) -> float:

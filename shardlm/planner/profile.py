@@ -116,6 +116,8 @@ numbers instead of datasheet ones. Schema (JSON object, version 1):
           "graph_us_fp8": {...}             optional: as graph_us, the same model with FP8 weights (the KV
                                             cache and the LM head in the model dtype): an FP8 layer's
                                             correction comes from these
+          "attention_us_fp8": {...}         optional: as attention_us, the KV in FP8 (e4m3): a model
+                                            with an FP8 KV cache takes its decode attention from these
       }
     }
 
@@ -277,6 +279,8 @@ class ModelLayers:
     against depth, if measured."""
     graphs_fp8: dict[int, dict[int, LayerLine]] | None = None
     """As graphs, the model with FP8 weights, if measured."""
+    attention_fp8: dict[int, dict[int, Curve]] | None = None
+    """As attention, with an FP8 KV cache, if measured."""
 
     def gemm_us(self, tp: int, rows: float, fp8: bool) -> float | None:
         """One dense layer's four GEMMs at `tp` over `rows` rows as timed, in FP8 or the model dtype: linear
@@ -288,11 +292,12 @@ class ModelLayers:
         lo, hi, frac = around(times, rows)
         return times[lo] + (times[hi] - times[lo]) * frac
 
-    def attention_us(self, tp: int, batch: float, context: float) -> float | None:
-        """One layer's decode attention at `tp` for `batch` sequences of `context` tokens: each measured
-        batch's curve at the context, interpolated linearly between the measured batches (fewer than the
-        fewest: theirs; more than the most: theirs scaled by the batch); None where not measured at tp."""
-        curves = (self.attention or {}).get(tp)
+    def attention_us(self, tp: int, batch: float, context: float, fp8: bool = False) -> float | None:
+        """One layer's decode attention at `tp` for `batch` sequences of `context` tokens, the KV cache in the
+        model dtype or FP8: each measured batch's curve at the context, interpolated linearly between the
+        measured batches (fewer than the fewest: theirs; more than the most: theirs scaled by the batch); None
+        where not measured at tp."""
+        curves = ((self.attention_fp8 if fp8 else self.attention) or {}).get(tp)
         if not curves:
             return None
         most = max(curves)
@@ -569,14 +574,8 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
             (d1, t1), (d2, t2) = [(d, _number(points[d].get(kind), source, f"{at}.{d}.{kind}",
                                               "must be a time in ms >= 0") * 1e3) for d in sorted(points)]
             fitted[tp] = LayerLine.through(d1, t1, d2, t2)
-    attention = None
-    if "attention_us" in value:
-        at = f"{where}.attention_us"
-        if not isinstance(value["attention_us"], dict):
-            raise _bad(source, at, 'must map TP size ("1", "2", ...) to {batch: [[context, us], ...]}',
-                       value["attention_us"])
-        attention = {_size_key(tp, 1, "TP size", source, at): _curves_by_rows(curves, source, f"{at}.{tp}")
-                     for tp, curves in value["attention_us"].items()}
+    attention, attention_fp8 = (_attention_curves(value[key], source, f"{where}.{key}") if key in value else None
+                                for key in ("attention_us", "attention_us_fp8"))
     gemms = None
     if "gemm_us" in value:
         gemms = _layer_gemms(value["gemm_us"], source, f"{where}.gemm_us")
@@ -585,7 +584,16 @@ def _model_layers(value: Any, source: str) -> ModelLayers:
     return ModelLayers(model=str(value["model"]), shape=tuple((k, shape[k]) for k in LAYER_SHAPE_KEYS),
                        decode_context=_number(value["decode_context"], source, f"{where}.decode_context"),
                        prompt_len=prompt_len, decode=lines["decode_step"], prefill=lines["ttft"],
-                       attention=attention, gemms=gemms, graphs=graphs, graphs_fp8=graphs_fp8)
+                       attention=attention, gemms=gemms, graphs=graphs, graphs_fp8=graphs_fp8,
+                       attention_fp8=attention_fp8)
+
+
+def _attention_curves(value: Any, source: str, where: str) -> dict[int, dict[int, Curve]]:
+    """model_layers.attention_us (or attention_us_fp8): {TP size: {batch: [[context, us], ...]}}"""
+    if not isinstance(value, dict):
+        raise _bad(source, where, 'must map TP size ("1", "2", ...) to {batch: [[context, us], ...]}', value)
+    return {_size_key(tp, 1, "TP size", source, where): _curves_by_rows(curves, source, f"{where}.{tp}")
+            for tp, curves in value.items()}
 
 
 def _graph_lines(value: Any, source: str, where: str) -> dict[int, dict[int, LayerLine]]:

@@ -199,13 +199,18 @@ class Worker:
         self.reply(cmd.name, **reply)
 
     def probe(self, cmd: Probe) -> None:
+        import torch
+
         from . import probe
+        from .layers.fp8 import scaled_mm_ok
 
         result = probe.collectives(self.runner, cmd.sizes, cmd.iters)
         if cmd.device_rates and self.ctx.rank == 0:
             result.update(probe.device_rates(self.ctx.device))
         if cmd.model_kernels:
             result["attention"] = probe.attention_times(self.runner)
+            if scaled_mm_ok(self.ctx.device) and self.runner.kv_dtype != torch.float8_e4m3fn:
+                result["attention_fp8"] = probe.attention_times(self.runner, torch.float8_e4m3fn)  # an FP8 cache's
             result["layer_gemms"] = probe.layer_gemm_times(self.runner)
         if cmd.graph_times:
             result["decode_graph_us"] = probe.decode_graph_times(self.runner)

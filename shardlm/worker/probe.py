@@ -285,9 +285,10 @@ ATTENTION_MAX_BYTES = 4 << 30
 """the K and V of one timed shape at most (a batch of 128 at 8k tokens of Llama-3-8B's heads is past it)"""
 
 
-def attention_times(runner: ModelRunner) -> dict[str, list[list[float]]]:
+def attention_times(runner: ModelRunner, kv_dtype: torch.dtype | None = None) -> dict[str, list[list[float]]]:
     """{batch: [[context, us], ...]}: one layer's decode attention on this rank's heads (the engine's Triton
-    kernels, split-KV as a step plans it, the KV in the cache's dtype) for ATTENTION_BATCHES sequences of
+    kernels, split-KV as a step plans it, the KV in `kv_dtype`: the cache's by default, float8_e4m3fn for what
+    an FP8 cache would take) for ATTENTION_BATCHES sequences of
     ATTENTION_CONTEXTS tokens each, replayed in a CUDA graph over enough copies of the K/V that they come from
     HBM, as a step's layers read theirs (one copy replayed can stay in the L2 cache: with one copy, batch 64
     interpolated 16% under the engine's profiled attention, session 17); {} where the engine's attention is
@@ -297,17 +298,18 @@ def attention_times(runner: ModelRunner) -> dict[str, list[list[float]]]:
     if runner.attention_backend != "triton":
         return {}
     dev, heads, bs = runner.ctx.device, runner.heads, runner.block_size
+    kv_dtype = kv_dtype or runner.kv_dtype
     out: dict[str, list[list[float]]] = {}
     for b in ATTENTION_BATCHES:
         points = []
         for c in ATTENTION_CONTEXTS:
             blocks = -(-c // bs)
             shape = (b * blocks * bs, heads.n_kv, heads.head_dim)
-            kv_bytes = 2 * math.prod(shape) * runner.kv_dtype.itemsize
+            kv_bytes = 2 * math.prod(shape) * kv_dtype.itemsize
             if kv_bytes > ATTENTION_MAX_BYTES:
                 continue
             try:
-                kvs = [[torch.randn(shape, device=dev, dtype=runner.dtype).to(runner.kv_dtype) for _ in range(2)]
+                kvs = [[torch.randn(shape, device=dev, dtype=runner.dtype).to(kv_dtype) for _ in range(2)]
                        for _ in range(_stream_copies(kv_bytes))]
             except torch.cuda.OutOfMemoryError:  # (beside the engine's own memory: the shapes that fit)
                 torch.cuda.empty_cache()
