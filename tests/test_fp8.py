@@ -207,6 +207,15 @@ def test_unsupported_quantization_is_refused_naming_it(tiny_models, tmp_path):
         LLM(str(folder), quantization="int4")
 
 
+@pytest.mark.parametrize("name", ["qwen2-bias-untied", "mistral", "qwen3", "qwen3-moe"])
+def test_every_architecture_in_fp8_is_its_dequantised_model(name, tiny_models):
+    """the architectures the tests above leave out, at TP=2: a biased qkv (the bias added after the scales),
+    a sliding window, Qwen3's q/k norms after an FP8 qkv, Qwen3-MoE's experts"""
+    folder, model = tiny_models[name]
+    with LLM(str(folder), quantization="fp8", block_size=8, tensor_parallel_size=2) as llm:
+        check_against_hf(llm, refs_of(dequantised_model(model)))
+
+
 @pytest.mark.parametrize("name, layout", [
     ("qwen2-moe", dict()), ("qwen2-moe", dict(tensor_parallel_size=2)),
     ("qwen2-moe", dict(tensor_parallel_size=2, enable_expert_parallel=True)),
