@@ -287,9 +287,10 @@ def test_gpu_the_probe_times_the_decode_gemms_per_weight_size_and_rows():
 
 def test_gpu_the_probe_times_decode_attention_and_a_layers_gemms():
     """Probe(model_kernels=True): one layer's decode attention on the rank's heads (worker/probe.py), per batch
-    a curve over the contexts (and with an FP8 KV cache where the GPU has FP8 tensor cores), and a dense layer's four GEMMs on the rank's shards per rows, bf16 and (FP8
-    tensor cores) FP8, in the shapes planner/profile.py reads; a longer context, and more rows, take no less
-    time. Probe(graph_times=True): the engine's decode graphs replayed per batch"""
+    a curve over the contexts (with an FP8 KV cache too where the GPU has FP8 tensor cores), and a dense
+    layer's four GEMMs on the rank's shards per rows, bf16 and (FP8 tensor cores) FP8, in the shapes
+    planner/profile.py reads; a longer context, and more rows, take no less time. Probe(graph_times=True): the
+    engine's decode graphs replayed per batch"""
     from shardlm.common.messages import Probe
     from shardlm.planner.profile import _curves_by_rows, _graph_lines, _layer_gemms
     from shardlm.worker.layers.fp8 import scaled_mm_ok
