@@ -261,6 +261,11 @@ def _without_empty_model_layers(profile: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in profile.items() if k != "model_layers"}
 
 
+def _reason(exc: BaseException) -> str:
+    """An error's first line for the probe's log (its type where it has no message)"""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str, Any], log) -> None:
     """Time `spec`'s layers at TP size n into layers["times_ms"][str(n)] and, where the engine runs the
     attention kernels, its decode attention into layers["attention_us"][str(n)] (with an FP8 KV cache, on a GPU
@@ -273,7 +278,7 @@ def _time_model_layers(spec: ModelSource, n: int, device: str, layers: dict[str,
         times, measured, _ = _depth_times(n, device, [with_random_layers(spec, d) for d in depths], measure=False,
                                           model_kernels=device == "cuda")
     except (ConfigError, LayoutError, RuntimeError, OSError) as exc:  # heads not divisible, out of memory, ...
-        log(f"probe: {spec.name} at TP={n} not timed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
+        log(f"probe: {spec.name} at TP={n} not timed: {_reason(exc)}")
         return
     layers["times_ms"][str(n)] = _points_ms(times)
     for key, name in (("attention", "attention_us"), ("attention_fp8", "attention_us_fp8")):
@@ -307,8 +312,7 @@ def _fp8_graph_times(n: int, device: str, models: list[ModelSource], log) -> dic
             with _probe_llm(m, n, device, quantization="fp8") as llm:
                 out[str(m.config.num_hidden_layers)] = _decode_graph_us(llm)
     except (ConfigError, LayoutError, RuntimeError, OSError, ValueError) as exc:
-        log(f"probe: {models[0].name} in FP8 at TP={n}: decode graphs not replayed: "
-            f"{(str(exc).splitlines() or [type(exc).__name__])[0]}")
+        log(f"probe: {models[0].name} in FP8 at TP={n}: decode graphs not replayed: {_reason(exc)}")
         return {}
     if not all(out.values()):
         log(f"probe: {models[0].name} in FP8 at TP={n}: the engine captured no decode graphs to replay")
